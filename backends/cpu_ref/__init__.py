@@ -1,0 +1,35 @@
+"""cpu_ref: the reference backend. Plain torch, float32 (or float64 on request), slow, obviously right."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from glm52_backends.ops import OP_NAMES
+
+from . import ops as _ops
+
+
+class CpuRefBackend:
+    """Every op of the contract, computed in `compute_dtype` by the reference functions."""
+
+    name = "cpu_ref"
+    priority = 0  # `auto` prefers any other available backend
+
+    def __init__(self, compute_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        if compute_dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"cpu_ref computes in float32 or float64, not {compute_dtype}")
+        self.compute_dtype = compute_dtype
+        self.device = torch.device(device)
+        self.capabilities = {"dtypes": [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+                             "devices": ["cpu"], "fp8": False, "max_topk": None}
+        for op in OP_NAMES:
+            setattr(self, op, functools.partial(getattr(_ops, op), cdt=compute_dtype))
+
+    def __repr__(self) -> str:
+        return f"CpuRefBackend(compute_dtype={self.compute_dtype})"
+
+
+def create(**kwargs) -> CpuRefBackend:
+    return CpuRefBackend(**kwargs)

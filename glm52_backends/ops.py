@@ -37,11 +37,13 @@ OP_DOCS = {
     returns  [T, topk] int32 positions: score[t,s] = sum_h w[t,h] * relu(q[t,h] . k[s]) over
              s <= pos(t); the min(topk, pos+1) best positions first (any order, ties any way),
              -1 after.""",
-    "sparse_mla": """sparse_mla(q, kv_cache, idx, block_table, seq_lens, cu_seqlens_q, scale) -> (out, lse)
+    "sparse_mla": """sparse_mla(q, kv_cache, idx, block_table, seq_lens, cu_seqlens_q, scale, v_dim=512)
+                  -> (out, lse)
     q        [T, H, Dl+Dr]  absorbed query: q_lat (W_UK^T q_nope) || q_pe (RoPE applied)
     kv_cache [NB, BS, Dl+Dr] paged latent cache: c (post-norm) || k_pe (post-RoPE)
     idx      [T, topk] int32 positions to attend (-1 = none); positions > pos(t) are a contract
              violation of the caller, entries equal to -1 are skipped
+    v_dim    Dl, the latent width (kv_lora_rank): values are the first Dl columns of the cache
     returns  out [T, H, Dl] (q.dtype) = sum_s softmax_s(scale * q.kv[s]) * kv[s, :Dl],
              lse [T, H] f32 (natural log-sum-exp of the scaled scores); a row with no valid
              index gives out = 0, lse = -inf.""",

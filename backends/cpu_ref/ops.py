@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from glm52_backends.sampling import probs_from_logits, sample_from
+
 
 def _request_of_tokens(cu_seqlens_q: torch.Tensor) -> tuple[list[int], list[int]]:
     cu = cu_seqlens_q.tolist()
@@ -133,25 +135,6 @@ def mlp(x, w13, w2, *, cdt=torch.float32):
     return linear((F.silu(h[..., :I]) * h[..., I:]).to(x.dtype), w2, cdt=cdt)
 
 
-def _probs(logits, temperature, top_p, cdt):
-    """softmax(logits / temperature), restricted to the smallest top-p nucleus, renormalised."""
-    p = torch.softmax(logits.to(cdt) / temperature, dim=-1)
-    if top_p < 1.0:
-        sp, si = p.sort(dim=-1, descending=True)
-        before = sp.cumsum(-1) - sp                                              # mass strictly before
-        sp = sp.masked_fill(before >= top_p, 0.0)
-        p = torch.zeros_like(p).scatter_(-1, si, sp)
-        p = p / p.sum(-1, keepdim=True)
-    return p
-
-
-def sample_from(p, u):
-    """Inverse-CDF draw: the first index whose cumulative mass exceeds u * total. p [N, V], u [N]."""
-    c = p.cumsum(-1)
-    i = torch.searchsorted(c, (u.to(c.dtype) * c[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
-    return i.clamp(max=p.shape[-1] - 1)
-
-
 def mtp_verify(draft, target_logits, draft_probs=None, temperature=0.0, top_p=1.0, uniforms=None,
                *, cdt=torch.float32):
     B, k = draft.shape
@@ -170,7 +153,7 @@ def mtp_verify(draft, target_logits, draft_probs=None, temperature=0.0, top_p=1.
         return accepted, tokens
     if uniforms is None:
         raise ValueError("mtp_verify: sampling (temperature > 0) needs the supplied uniforms [B, k+1]")
-    p = _probs(target_logits, temperature, top_p, cdt)                            # [B, k+1, V]
+    p = probs_from_logits(target_logits, temperature, top_p, cdt)                            # [B, k+1, V]
     if draft_probs is None:
         q = F.one_hot(draft.long(), V).to(cdt)                                    # deterministic draft
     else:

@@ -216,7 +216,9 @@ class GLM52:
 
     # ---- forward ----------------------------------------------------------------------------------
     def _attention(self, l: int, L: Layer, x: torch.Tensor, st: Step, cache: PagedCache,
-                   prev_idx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                   prev_idx: torch.Tensor | None, share: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """MLA over the selected positions. A layer with an indexer runs it unless `share`;
+        otherwise it reuses `prev_idx` (IndexShare)."""
         cfg, ops = self.cfg, self.ops
         T = x.shape[0]
         H, dn, dr, C = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
@@ -228,7 +230,7 @@ class GLM52:
         k_pe = ops.rope(kva[:, C:], st.positions, cfg.rope_theta)
         PagedCache.write(cache.latent[l], st.slots, torch.cat([c, k_pe], dim=-1))
 
-        if L.indexer is not None:
+        if L.indexer is not None and not share:
             idx = self._indexer(l, L.indexer, x, qr, st, cache)
         elif prev_idx is None:
             raise RuntimeError(f"layer {l} is 'shared' but no earlier full layer produced top-k indices")
@@ -265,9 +267,9 @@ class GLM52:
             y = y + ops.mlp(x, L.s_w13, L.s_w2)
         return y
 
-    def _layer(self, l: int, L: Layer, h, st: Step, cache: PagedCache, prev_idx):
+    def _layer(self, l: int, L: Layer, h, st: Step, cache: PagedCache, prev_idx, share: bool = False):
         ops, eps = self.ops, self.cfg.rms_norm_eps
-        a, idx = self._attention(l, L, ops.rms_norm(h, L.in_norm, eps), st, cache, prev_idx)
+        a, idx = self._attention(l, L, ops.rms_norm(h, L.in_norm, eps), st, cache, prev_idx, share)
         h = h + a
         h = h + self._ffn(l, L, ops.rms_norm(h, L.post_norm, eps))
         return h, idx
@@ -279,6 +281,35 @@ class GLM52:
         for l, L in enumerate(self.layers):
             h, idx = self._layer(l, L, h, st, cache, idx)
         return self.ops.rms_norm(h, self.final_norm, self.cfg.rms_norm_eps)
+
+    def run(self, cache: PagedCache, chunks: dict[Any, Sequence[int]]) -> tuple[Step, torch.Tensor]:
+        """Append tokens to requests; returns the step and the final-normed hidden states [T, Hd]."""
+        st = self._plan_step(cache, chunks)
+        return st, self._forward(st, cache)
+
+    def run_mtp(self, cache: PagedCache, chunks: dict[Any, Sequence[int]], hidden: torch.Tensor,
+                shared_idx: torch.Tensor | None = None) -> tuple[Step, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The MTP (nextn) layer over one step (spec §8, vLLM's convention).
+
+        Input at position i: `hidden[i]` (the target's final-normed hidden at i, or the MTP's own
+        output when drafting further) and `chunks` token i+1. Returns (step, output hidden [T, Hd]
+        fed to the next draft step, logits [T, V] predicting token i+2, top-k indices used).
+        `shared_idx` skips the MTP indexer and attends to those positions instead
+        (`index_share_for_mtp_iteration`).
+        """
+        if self.mtp is None:
+            raise RuntimeError("this checkpoint has no MTP layer (num_nextn_predict_layers = 0 or "
+                               "layer tensors missing); speculative decoding needs it")
+        cfg, ops, M = self.cfg, self.ops, self.mtp
+        l = cfg.num_hidden_layers
+        st = self._plan_step(cache, chunks)
+        e = self.embed[st.ids]
+        e = torch.where((st.positions == 0)[:, None], torch.zeros_like(e), e)  # vLLM zeroes position 0
+        e = ops.rms_norm(e, M.enorm, cfg.rms_norm_eps)
+        u = ops.linear(torch.cat([e, ops.rms_norm(hidden, M.hnorm, cfg.rms_norm_eps)], -1), M.eh_proj)
+        z, idx = self._layer(l, M, u, st, cache, shared_idx, share=shared_idx is not None)
+        logits = self.logits(ops.rms_norm(z, M.head_norm, cfg.rms_norm_eps))
+        return st, z, logits, idx
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.ops.linear(h, self.lm_head).float()
@@ -292,8 +323,7 @@ class GLM52:
         `last_only`). The cache advances; a bad token, an over-long context or a full cache raises
         before anything is written.
         """
-        st = self._plan_step(cache, chunks)
-        h = self._forward(st, cache)
+        st, h = self.run(cache, chunks)
         cu = st.cu_seqlens_q.tolist()
         if last_only:
             rows = torch.tensor([e - 1 for e in cu[1:]], device=h.device)

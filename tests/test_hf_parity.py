@@ -24,7 +24,7 @@ def _hf_config(**kw):
     base = dict(vocab_size=160, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
                 num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,
                 num_experts_per_tok=2, kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=8, v_head_dim=24,
-                qk_nope_head_dim=16, index_topk=TOPK, index_head_dim=16, index_n_heads=8,
+                qk_nope_head_dim=16, index_topk=TOPK, index_head_dim=16, index_n_heads=32,  # the real head count: exact-0 ties rare
                 first_k_dense_replace=2, rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
                 index_topk_freq=2, index_skip_topk_offset=2, max_position_embeddings=512,
                 eos_token_id=None, pad_token_id=None, bos_token_id=None)

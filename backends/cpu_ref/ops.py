@@ -40,7 +40,9 @@ def indexer_topk(q, w, k_cache, block_table, seq_lens, cu_seqlens_q, topk, *, cd
         causal = torch.arange(L, device=q.device)[None, :] <= pos[:, None]       # [q, L]
         score = score.masked_fill(~causal, float("-inf"))
         n = min(topk, L)
-        top = score.topk(n, dim=-1).indices                                      # [q, n]
+        # stable sort: exact ties (ReLU zeros are common) go to the earlier position, whatever
+        # the row length, so decode, chunked prefill and verify steps select the same set
+        top = score.sort(dim=-1, descending=True, stable=True).indices[:, :n]    # [q, n]
         n_valid = (pos + 1).clamp(max=topk)                                      # min(topk, pos+1)
         keep = torch.arange(n, device=q.device)[None, :] < n_valid[:, None]
         idx[t0:t1, :n] = torch.where(keep, top, -1).to(torch.int32)

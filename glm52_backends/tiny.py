@@ -1,0 +1,250 @@
+"""Write small random checkpoints in the real GLM-5.2 format (HF `config.json` + safetensors,
+BF16 or block-FP8, optionally sharded, optionally with the MTP layer) for demos and tests.
+
+`make_tiny_checkpoint` writes names, shapes, dtypes and config fields exactly as the real
+`zai-org/GLM-5.2[-FP8]` checkpoint does (spec §1, §2, §10), only with tiny dimensions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+
+import torch
+from safetensors.torch import save_file
+
+from .config import ModelConfig, indexshare_schedule
+from .loader import DEFAULT_FP8_BLOCK, INDEX_FILE, SCALE_SUFFIX, SINGLE_FILE, dequantize_fp8
+from .weights import expected_tensors, float32_tensor, is_fp8_weight
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+TINY_DEFAULTS = dict(
+    hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_attention_heads=4,
+    q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=24,
+    index_n_heads=4, index_head_dim=16, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+    n_group=1, topk_group=1, first_k_dense_replace=1, max_position_embeddings=4096, rope_theta=10000.0,
+)
+TINY_INDEX_FREQ, TINY_INDEX_OFFSET = 2, 1  # F S F S ...: shared layers exist at tiny depth
+
+
+# ---- config ----------------------------------------------------------------------------------
+
+def tiny_config(*, fp8: bool = False, mtp: bool = False, layers: int = 4, vocab_size: int = 256,
+                index_topk: int = 8, **overrides) -> tuple[ModelConfig, dict]:
+    """The tiny `ModelConfig` and the `config.json` dict that describes it.
+
+    `overrides`: any ModelConfig field, plus `fp8_block=(b0, b1)` and the HF schedule keys
+    `index_topk_freq`, `index_skip_topk_offset`, `index_topk_pattern`.
+    """
+    block = tuple(overrides.pop("fp8_block", DEFAULT_FP8_BLOCK))
+    freq = overrides.pop("index_topk_freq", TINY_INDEX_FREQ)
+    offset = overrides.pop("index_skip_topk_offset", TINY_INDEX_OFFSET)
+    pattern = overrides.pop("index_topk_pattern", None)
+    kw = {**TINY_DEFAULTS, "num_hidden_layers": layers, "vocab_size": vocab_size, "index_topk": index_topk,
+          "num_nextn_predict_layers": 1 if mtp else 0, "eos_token_id": [vocab_size - 1]}
+    if fp8:
+        kw["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": list(block)}
+    kw.update(overrides)
+    if "indexer_types" not in kw:
+        kw["indexer_types"] = indexshare_schedule(kw["num_hidden_layers"], pattern, freq, offset)
+    cfg = ModelConfig(**kw)
+    d = cfg.to_hf_dict()
+    d.update(index_topk_freq=freq, index_skip_topk_offset=offset, index_topk_pattern=pattern)
+    return cfg, d
+
+
+# ---- weights ---------------------------------------------------------------------------------
+
+def _init_tensor(name: str, shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
+    """float32 values with O(1) activations: norms ~1, small biases, linears std ~0.02-0.1."""
+    if name.endswith("e_score_correction_bias"):
+        return torch.rand(shape, generator=g) * 0.1  # uniform 0..0.1: routing depends on it
+    if name.endswith("k_norm.bias"):
+        return torch.randn(shape, generator=g) * 0.02
+    if len(shape) == 1:  # RMSNorm / LayerNorm weights
+        return 1.0 + torch.randn(shape, generator=g) * 0.05
+    if name == "model.embed_tokens.weight":
+        return torch.randn(shape, generator=g)  # [V, Hd]: unit-scale embeddings
+    std = min(0.1, max(0.02, 1.0 / math.sqrt(shape[1])))  # linear [out, in]
+    return torch.randn(shape, generator=g) * std
+
+
+def quantize_fp8(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """float `[out, in]` -> (`float8_e4m3fn [out, in]`, F32 `scale_inv [ceil(out/b0), ceil(in/b1)]`),
+    one scale per block (amax / 448), partial last blocks included."""
+    rows, cols = w.shape
+    b0, b1 = block
+    nb0, nb1 = -(-rows // b0), -(-cols // b1)
+    padded = torch.zeros(nb0 * b0, nb1 * b1)
+    padded[:rows, :cols] = w.float()
+    amax = padded.view(nb0, b0, nb1, b1).abs().amax(dim=(1, 3))  # [nb0, nb1]
+    scale_inv = (amax / FP8_MAX).clamp(min=1e-12)
+    s = scale_inv.repeat_interleave(b0, 0)[:rows].repeat_interleave(b1, 1)[:, :cols]
+    q = (w.float() / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q, scale_inv.float()
+
+
+def tiny_tensors(cfg: ModelConfig, *, fp8: bool, seed: int,
+                 include_mtp: bool | None = None) -> dict[str, torch.Tensor]:
+    """Every checkpoint tensor in its stored dtype (BF16; F32 router bias; FP8 + scale when fp8)."""
+    g = torch.Generator().manual_seed(seed)
+    block = cfg.fp8_block or DEFAULT_FP8_BLOCK
+    out: dict[str, torch.Tensor] = {}
+    for name, shape in expected_tensors(cfg, include_mtp=include_mtp).items():
+        w = _init_tensor(name, shape, g)
+        if float32_tensor(name):
+            out[name] = w.float()
+        elif fp8 and is_fp8_weight(name):
+            out[name], out[name + SCALE_SUFFIX] = quantize_fp8(w, block)
+        else:
+            out[name] = w.to(torch.bfloat16)
+    return out
+
+
+def random_state_dict(cfg: ModelConfig, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+                      include_mtp: bool | None = None) -> dict[str, torch.Tensor]:
+    """Random weights in the real layout, as `load_checkpoint` would return them: equal to loading
+    `make_tiny_checkpoint(..., seed=seed)` of the same config (values rounded through BF16, the
+    stored dtype), converted to `dtype` (router bias float32)."""
+    raw = tiny_tensors(cfg, fp8=False, seed=seed, include_mtp=include_mtp)
+    return {k: v.to(torch.float32 if float32_tensor(k) else dtype) for k, v in raw.items()}
+
+
+# ---- files -----------------------------------------------------------------------------------
+
+def _shard_names(names: list[str], shards: int) -> list[list[str]]:
+    """Split names into `shards` contiguous groups, an FP8 weight and its scale kept together."""
+    groups = [[n] + ([n + SCALE_SUFFIX] if n + SCALE_SUFFIX in names else [])
+              for n in names if not n.endswith(SCALE_SUFFIX)]
+    if shards > len(groups):
+        raise ValueError(f"shards={shards} exceeds the number of weights ({len(groups)})")
+    per = -(-len(groups) // shards)
+    return [sum(groups[k * per:(k + 1) * per], []) for k in range(shards) if groups[k * per:(k + 1) * per]]
+
+
+def write_safetensors(path: str, tensors: dict[str, torch.Tensor], shards: int = 1) -> None:
+    """`model.safetensors`, or `model-0000k-of-0000N.safetensors` + `model.safetensors.index.json`."""
+    meta = {"format": "pt"}
+    if shards <= 1:
+        save_file(tensors, os.path.join(path, SINGLE_FILE), metadata=meta)
+        return
+    groups = _shard_names(list(tensors), shards)
+    weight_map, total = {}, 0
+    for k, names in enumerate(groups, start=1):
+        fname = f"model-{k:05d}-of-{len(groups):05d}.safetensors"
+        save_file({n: tensors[n] for n in names}, os.path.join(path, fname), metadata=meta)
+        for n in names:
+            weight_map[n] = fname
+            total += tensors[n].numel() * tensors[n].element_size()
+    with open(os.path.join(path, INDEX_FILE), "w", encoding="utf-8") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+def _write_config(path: str, d: dict) -> None:
+    with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(d, f, indent=2)
+
+
+def make_tiny_checkpoint(path: str | os.PathLike, *, fp8: bool = False, mtp: bool = False, layers: int = 4,
+                         seed: int = 0, shards: int = 1, vocab_size: int = 256, index_topk: int = 8,
+                         **overrides) -> str:
+    """Write a random GLM-5.2-format checkpoint to folder `path` (created) and return its path.
+
+    `fp8=True`: block-FP8 weights (`weight_block_size` from `fp8_block=(b0, b1)`, default 128).
+    `mtp=True`: `num_nextn_predict_layers=1` and layer `layers` (the MTP layer) is written.
+    `shards>1`: a sharded set with `model.safetensors.index.json`. Also writes a byte-level
+    `tokenizer.json` when `vocab_size >= 256` and the `tokenizers` package is installed.
+    """
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    cfg, cfg_dict = tiny_config(fp8=fp8, mtp=mtp, layers=layers, vocab_size=vocab_size,
+                                index_topk=index_topk, **overrides)
+    _write_config(path, cfg_dict)
+    write_safetensors(path, tiny_tensors(cfg, fp8=fp8, seed=seed), shards)
+    write_tiny_tokenizer(path, cfg.vocab_size)
+    return path
+
+
+# ---- dequantised twin ------------------------------------------------------------------------
+
+def _read_raw(path: str) -> dict[str, torch.Tensor]:
+    """Every stored tensor of a checkpoint folder, as stored (no validation, no conversion)."""
+    from safetensors import safe_open
+    index = os.path.join(path, INDEX_FILE)
+    if os.path.isfile(os.path.join(path, SINGLE_FILE)):
+        files = [os.path.join(path, SINGLE_FILE)]
+    else:
+        with open(index, encoding="utf-8") as f:
+            files = [os.path.join(path, s) for s in dict.fromkeys(json.load(f)["weight_map"].values())]
+    out = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+def dequantized_twin(path_fp8: str | os.PathLike, out_path: str | os.PathLike) -> str:
+    """Write the unquantised twin of an FP8 checkpoint: every FP8 weight dequantised to F32 (exact),
+    scales dropped, every other tensor copied as stored, no `quantization_config`. Returns out_path."""
+    src, dst = os.fspath(path_fp8), os.fspath(out_path)
+    with open(os.path.join(src, "config.json"), encoding="utf-8") as f:
+        d = json.load(f)
+    q = d.pop("quantization_config", None) or {}
+    block = tuple(q.get("weight_block_size", DEFAULT_FP8_BLOCK))
+    raw = _read_raw(src)
+    out = {}
+    for name, t in raw.items():
+        if name.endswith(SCALE_SUFFIX):
+            continue
+        out[name] = dequantize_fp8(t, raw[name + SCALE_SUFFIX], block) if t.dtype == torch.float8_e4m3fn else t
+    os.makedirs(dst, exist_ok=True)
+    _write_config(dst, d)
+    write_safetensors(dst, out)
+    if os.path.isfile(os.path.join(src, "tokenizer.json")):
+        shutil.copyfile(os.path.join(src, "tokenizer.json"), os.path.join(dst, "tokenizer.json"))
+    return dst
+
+
+# ---- tokenizer -------------------------------------------------------------------------------
+
+EOS_TOKEN = "<|endoftext|>"
+
+
+def _byte_chars() -> list[str]:
+    """The printable stand-in character of each byte 0..255 (the GPT-2 byte-level alphabet)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+def write_tiny_tokenizer(path: str, vocab_size: int) -> bool:
+    """Byte-level `tokenizer.json`: ids 0..254 = bytes 0x00..0xFE (0xFF never occurs in UTF-8),
+    ids 255..V-2 reserved, id V-1 = `<|endoftext|>` (the tiny eos). False if not written."""
+    if vocab_size < 256:
+        return False
+    try:
+        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    except ImportError:
+        return False
+    vocab = {c: i for i, c in enumerate(_byte_chars()[:255])}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = [f"<|reserved_{i}|>" for i in range(vocab_size - 256)] + [EOS_TOKEN]
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    tok.save(os.path.join(path, "tokenizer.json"))
+    return True
+
+
+__all__ = ["make_tiny_checkpoint", "tiny_config", "tiny_tensors", "random_state_dict", "quantize_fp8", "dequantized_twin",
+           "write_safetensors", "write_tiny_tokenizer"]

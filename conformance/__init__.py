@@ -1,0 +1,14 @@
+"""The conformance suite: every backend against the reference on identical inputs (DESIGN §5).
+
+    from glm52_backends.conformance import run
+    report = run("cuda", quick=False)          # or a backend object registered at run time
+    report.passed, report.failures, report.to_json(), report.to_markdown()
+
+`cases.py` is the catalogue, `tolerances.py` the one tolerance table, `judges.py` how outputs are
+judged, `runner.py` runs them, `report.py` prints them; `glm52 conformance` is the command line.
+"""
+
+from .report import CaseResult, Report
+from .runner import run
+
+__all__ = ["run", "Report", "CaseResult"]

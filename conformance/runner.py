@@ -1,0 +1,146 @@
+"""Run a backend's ops on the catalogue's inputs and judge them against the reference.
+
+For each case and dtype: the inputs are built once on the CPU from the case's seed, handed to the
+backend in the dtype under test on its device, and to the reference (cpu_ref computing in float64,
+on the CPU) as the same dtype-rounded values in float64. The backend's output is judged by the
+case's judge with the dtype's row of the tolerance table. Whether the op ran natively or fell back
+to the reference is read from the bound backend's call counters.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from typing import Any, Iterable
+
+import torch
+
+from glm52_backends.backends.cpu_ref import CpuRefBackend
+from glm52_backends.registry import BoundBackend, get_backend
+
+from . import judges
+from .cases import CASES, Case, indexer_scores, selection_scores
+from .report import CaseResult, Report
+from .tolerances import tolerance
+
+REFERENCE = CpuRefBackend(torch.float64)
+
+
+def _sync(device: torch.device) -> None:
+    mod = getattr(torch, device.type, None)
+    if device.type != "cpu" and mod is not None and hasattr(mod, "synchronize"):
+        mod.synchronize()
+
+
+def _poison_allocator(device: torch.device, nbytes: int = 64 << 20) -> None:
+    """Fill memory the device's caching allocator will hand out next with NaN, so an output a kernel
+    allocates with `empty` and leaves partly unwritten shows NaN instead of stale zeros."""
+    if device.type == "cpu":
+        return  # the CPU allocator returns fresh pages; unwritten outputs are caught by shape checks
+    try:
+        torch.full((nbytes // 4,), float("nan"), device=device)
+    except Exception:  # noqa: BLE001 - poisoning is best effort, never a reason to fail a case
+        pass
+
+
+def _to_cpu(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu()
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to_cpu(v) for v in x)
+    return x
+
+
+def judge_case(case: Case, out: Any, inputs, dtype: torch.dtype) -> judges.Verdict:
+    """Compute the reference and judge `out` (already on the CPU)."""
+    tol = tolerance(dtype).tol
+    ref_args = inputs.for_reference(dtype)
+    if case.judge == "topk":
+        batch = inputs.meta["batch"]
+        return judges.topk_validity(out, indexer_scores(ref_args, batch), batch.positions, ref_args[-1], tol)
+    ref = getattr(REFERENCE, case.op)(*ref_args)
+    if case.judge == "close":
+        return judges.close(out, ref, tol, dtype=dtype)
+    if case.judge == "mla":
+        if not (isinstance(out, (tuple, list)) and len(out) == 2):
+            return judges.Verdict(False, detail="sparse_mla must return (out, lse)")
+        return judges.close_lse(out[0], out[1], ref[0], ref[1], tol, dtype)
+    if case.judge == "route":
+        if not (isinstance(out, (tuple, list)) and len(out) == 2):
+            return judges.Verdict(False, detail="moe_route must return (topk_ids, topk_weights)")
+        choice = selection_scores(ref_args)
+        return judges.route(out[0], out[1], ref[0], ref[1], choice, tol)
+    if case.judge == "exact":
+        if not (isinstance(out, (tuple, list)) and len(out) == 2):
+            return judges.Verdict(False, detail=f"{case.op} must return two tensors")
+        v = judges.exact(tuple(out), tuple(ref), ("accepted", "tokens"))
+        if v.passed and out[0].dtype != torch.int32:
+            return judges.Verdict(False, detail=f"accepted: dtype {out[0].dtype}, expected int32")
+        return v
+    raise AssertionError(case.judge)
+
+
+def run_case(bound: BoundBackend, case: Case, dtype: torch.dtype, scale: str, device: torch.device,
+             inputs=None) -> CaseResult:
+    res = CaseResult(op=case.op, case=case.name, dtype=str(dtype).removeprefix("torch."), about=case.about)
+    try:
+        inputs = inputs or case.build(scale)
+        args = inputs.for_backend(dtype, device)
+        before = dict(bound.calls[case.op])
+        _poison_allocator(device)
+        _sync(device)
+        t0 = time.perf_counter()
+        out = getattr(bound, case.op)(*args)
+        _sync(device)
+        res.time_ms = (time.perf_counter() - t0) * 1e3
+        after = bound.calls[case.op]
+        res.path = "native" if after["native"] > before["native"] else "fallback"
+        v = judge_case(case, _to_cpu(out), inputs, dtype)
+    except Exception as e:  # noqa: BLE001 - a crashing op is a failed case, reported with its cause
+        res.passed, res.detail = False, f"{type(e).__name__}: {e}"
+        res.traceback = traceback.format_exc(limit=4)
+        return res
+    res.passed, res.max_abs, res.rel, res.detail = v.passed, v.max_abs, v.rel, v.detail
+    return res
+
+
+def run(backend: Any = "cpu_ref", quick: bool = False, *, dtypes: Iterable[torch.dtype] | None = None,
+        ops: Iterable[str] | None = None, model: bool = True, progress: bool = False) -> Report:
+    """Check `backend` (a registered name, a backend object or a `BoundBackend`) against the reference.
+
+    `dtypes`: the dtypes to test in (default: the backend's `capabilities["default_dtype"]`, or
+    float32). `ops`: restrict to these ops. `model`: also run the model-level case (logits and
+    greedy tokens of a tiny checkpoint against cpu_ref). Returns a `Report`.
+    """
+    bound = get_backend(backend)
+    device = torch.device(getattr(bound.backend, "device", None) or "cpu")
+    caps = bound.capabilities
+    if dtypes is None:
+        dtypes = [caps.get("default_dtype") or torch.float32]
+    dtypes = list(dtypes)
+    scale = "quick" if quick else "full"
+    report = Report(backend=bound.name, scale=scale, device=str(device), dtypes=[str(d).removeprefix("torch.")
+                                                                                for d in dtypes])
+    wanted = set(ops) if ops is not None else None
+    t_start = time.perf_counter()
+    for case in CASES:
+        if wanted is not None and case.op not in wanted:
+            continue
+        inputs = None
+        for dtype in dtypes:
+            try:
+                inputs = inputs or case.build(scale)
+            except Exception:  # noqa: BLE001 - run_case reports it
+                inputs = None
+            r = run_case(bound, case, dtype, scale, device, inputs)
+            report.results.append(r)
+            if progress:
+                print(r.line(), flush=True)
+    if model and (wanted is None or "model" in wanted):
+        from .model_case import run_model_case
+        for r in run_model_case(bound, quick=quick):
+            report.results.append(r)
+            if progress:
+                print(r.line(), flush=True)
+    report.seconds = time.perf_counter() - t_start
+    return report

@@ -1,0 +1,82 @@
+"""The one tolerance table: one row per dtype a backend is tested in, each with its reason.
+
+Errors are measured relative to the largest reference magnitude of the output:
+
+    rel_err = max|out - ref| / max|ref|        (ref computed in float64 on the CPU)
+
+which is the natural unit for matmul / attention outputs (an element near zero carries the
+absolute error of its large neighbours) and makes one number per dtype meaningful across ops.
+The reference sees the very same dtype-rounded inputs as the backend, so the table budgets only
+for the backend's own arithmetic (accumulation order, intermediate roundings, output rounding),
+never for input quantisation.
+
+Never widen a row to make one backend pass: a real precision bug hides exactly that way. A
+backend that cannot meet a row has a bug or must not declare that dtype (TF32 matmuls, for
+example, do not meet the float32 row; such a backend should declare bfloat16 instead).
+
+Integer outputs (top-k positions, routing ids, accepted drafts and tokens) are judged exactly or
+by validity (see `judges.py`); their score checks use the row of the dtype they ran in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    dtype: torch.dtype
+    mantissa_bits: int  # explicit significand bits
+    tol: float          # bound on max|out - ref| / max|ref|
+    reason: str
+
+    @property
+    def name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+
+_U32, _U16, _UBF16 = 2.0 ** -24, 2.0 ** -11, 2.0 ** -8  # unit roundoff of float32, float16, bfloat16
+
+TOLERANCES: dict[torch.dtype, Tolerance] = {
+    torch.float32: Tolerance(
+        torch.float32, 23, 256 * 2 * _U32,  # 3.05e-5
+        "eps32 * sqrt(65536): random-walk rounding of the longest float32 reductions in the contract "
+        "(hidden 6144, 32 heads x 128, 2048-key softmax, vocab softmax) with margin; exp/log ulp "
+        "errors are far below it"),
+    torch.float16: Tolerance(
+        torch.float16, 10, 4 * _U16,  # 1.95e-3
+        "four float16 roundings (u = 2^-11) along an op: intermediates a fused kernel keeps in "
+        "float16 (normalised activations, softmax probabilities, SiLU*up) plus the output"),
+    torch.bfloat16: Tolerance(
+        torch.bfloat16, 7, 4 * _UBF16,  # 1.56e-2
+        "four bfloat16 roundings (u = 2^-8) along an op, as for float16; matches the 1.6e-2 "
+        "relative tolerance used across vLLM kernel tests"),
+}
+
+MODEL_DTYPES = tuple(TOLERANCES)  # the dtypes a backend can be tested in (float64 is the reference's)
+
+
+def tolerance(dtype: torch.dtype) -> Tolerance:
+    if dtype not in TOLERANCES:
+        raise KeyError(f"no tolerance row for {dtype}; rows: {', '.join(t.name for t in TOLERANCES.values())}")
+    return TOLERANCES[dtype]
+
+
+def parse_dtype(d: str | torch.dtype) -> torch.dtype:
+    """'bfloat16' | 'bf16' | torch.bfloat16 -> torch.bfloat16."""
+    if isinstance(d, torch.dtype):
+        return d
+    aliases = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16", "f16": "float16",
+               "half": "float16", "float": "float32", "fp64": "float64", "f64": "float64", "double": "float64"}
+    name = str(d).removeprefix("torch.")
+    dt = getattr(torch, aliases.get(name, name), None)
+    if not isinstance(dt, torch.dtype):
+        raise ValueError(f"unknown dtype {d!r}")
+    return dt
+
+
+def table_rows() -> list[dict]:
+    return [{"dtype": t.name, "mantissa_bits": t.mantissa_bits, "tol": t.tol, "reason": t.reason}
+            for t in TOLERANCES.values()]

@@ -1,0 +1,226 @@
+"""The conformance suite itself: cpu_ref passes, and every deliberately wrong backend is caught.
+
+Each planted backend is cpu_ref with one op changed the way real kernels go wrong; conformance must
+report a failure in exactly that op.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from glm52_backends.backends.cpu_ref import CpuRefBackend
+from glm52_backends.backends.cpu_ref import ops as R
+from glm52_backends.cli import main as cli_main
+from glm52_backends.conformance import run
+from glm52_backends.conformance.cases import CASES
+from glm52_backends.registry import register_backend, unregister_backend
+
+
+def test_cpu_ref_quick_passes_and_reports():
+    rep = run("cpu_ref", quick=True)
+    assert rep.passed, "\n".join(r.line() for r in rep.failures)
+    assert {r.op for r in rep.results} >= {"indexer_topk", "sparse_mla", "moe_experts", "mtp_verify", "model"}
+    assert all(r.path == "native" for r in rep.results)
+    d = json.loads(rep.to_json())
+    assert d["passed"] and len(d["results"]) == len(rep.results) and d["tolerances"]
+    assert "| indexer_topk | decode |" in rep.to_markdown()
+
+
+def test_catalogue_covers_every_hot_op_with_edge_cases():
+    names = {(c.op, c.name) for c in CASES}
+    for op in ("indexer_topk", "sparse_mla", "moe_experts", "mtp_verify"):
+        assert sum(o == op for o, _ in names) >= 4, op
+    assert {("indexer_topk", "relu-ties"), ("sparse_mla", "padding"), ("moe_experts", "empty-experts"),
+            ("moe_experts", "one-expert")} <= names
+
+
+class Planted(CpuRefBackend):
+    """cpu_ref with one op replaced."""
+
+    def __init__(self, name: str, **ops):
+        super().__init__()
+        self.name = name
+        for op, fn in ops.items():
+            setattr(self, op, fn)
+
+
+# ---- the wrong ops ---------------------------------------------------------------------------------
+
+def rope_half_split(x, positions, theta):  # NeoX (DeepSeek-V3.2 indexer) instead of GLM's interleaved pairs
+    Dr = x.shape[-1]
+    inv = 1.0 / (theta ** (torch.arange(0, Dr, 2, dtype=torch.float32) / Dr))
+    ang = positions.float()[:, None] * inv[None, :]
+    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (Dr // 2,)
+    c, s = ang.cos().view(shape), ang.sin().view(shape)
+    a, b = x[..., : Dr // 2].float(), x[..., Dr // 2:].float()
+    return torch.cat([a * c - b * s, b * c + a * s], -1).to(x.dtype)
+
+
+def route_without_scaling(logits, bias, top_k, n_group=1, topk_group=1, norm=True, rsf=1.0):
+    return R.moe_route(logits, bias, top_k, n_group, topk_group, norm, 1.0)
+
+
+def indexer_off_by_one(q, w, k_cache, block_table, seq_lens, cu_seqlens_q, topk):
+    """Lets each query see one position past itself (s <= pos + 1)."""
+    T = q.shape[0]
+    idx = torch.full((T, topk), -1, dtype=torch.int32)
+    cu = cu_seqlens_q.tolist()
+    for b in range(len(cu) - 1):
+        t0, t1 = cu[b], cu[b + 1]
+        L = int(seq_lens[b])
+        k = R.gather_paged(k_cache, block_table[b], L).float()
+        s = torch.einsum("th,ths->ts", w[t0:t1].float(), torch.relu(torch.einsum("thd,sd->ths", q[t0:t1].float(), k)))
+        pos = torch.arange(L - (t1 - t0), L)
+        s = s.masked_fill(torch.arange(L)[None, :] > pos[:, None] + 1, float("-inf"))
+        for i in range(t1 - t0):
+            n = min(topk, int(pos[i]) + 1)
+            idx[t0 + i, :n] = s[i].topk(n).indices.to(torch.int32)
+    return idx
+
+
+def indexer_drops_a_winner(*args):
+    idx = R.indexer_topk(*args)
+    full = (idx >= 0).all(-1)                           # rows with topk valid entries
+    idx[full, 0] = idx[full, 1]                          # the best one replaced by a duplicate of another
+    idx[full, 1] = -1
+    return idx.sort(dim=-1, descending=True).values     # and hidden among the others
+
+
+def mla_attends_padding(q, kv_cache, idx, block_table, seq_lens, cu_seqlens_q, scale, v_dim=512):
+    """Gathers -1 like a Python index: the request's last position."""
+    idx = idx.clone()
+    cu = cu_seqlens_q.tolist()
+    for b in range(len(cu) - 1):
+        rows = idx[cu[b]:cu[b + 1]]
+        rows[rows < 0] = int(seq_lens[b]) - 1
+    return R.sparse_mla(q, kv_cache, idx, block_table, seq_lens, cu_seqlens_q, scale, v_dim)
+
+
+def verify_accepts_one_more(draft, target_logits, draft_probs=None, temperature=0.0, top_p=1.0, uniforms=None):
+    acc, tok = R.mtp_verify(draft, target_logits, draft_probs, temperature, top_p, uniforms)
+    k = draft.shape[1]
+    for b in range(draft.shape[0]):
+        n = int(acc[b])
+        if n < k:                                       # accept the draft the target rejected
+            tok[b, n] = draft[b, n]
+            acc[b] = n + 1
+            tok[b, n + 1] = target_logits[b, n + 1].argmax()
+    return acc, tok
+
+
+def experts_gate_up_swapped(x, w13, w2, topk_ids, topk_weights):
+    I = w2.shape[-1]
+    return R.moe_experts(x, torch.cat([w13[:, I:], w13[:, :I]], 1), w2, topk_ids, topk_weights)
+
+
+def mla_leaves_rows_unwritten(*args, **kw):
+    out, lse = R.sparse_mla(*args, **kw)
+    out[out.shape[0] // 2:] = float("nan")               # what torch.empty + a short grid leaves
+    return out, lse
+
+
+def mla_dense(q, kv_cache, idx, block_table, seq_lens, cu_seqlens_q, scale, v_dim=512):
+    """Ignores the selection and attends to every causal position (a dense fallback)."""
+    dense = torch.full_like(idx, -1)
+    cu = cu_seqlens_q.tolist()
+    for b in range(len(cu) - 1):
+        L, n = int(seq_lens[b]), cu[b + 1] - cu[b]
+        for i in range(n):
+            pos = L - n + i
+            dense[cu[b] + i, :min(pos + 1, idx.shape[1])] = torch.arange(min(pos + 1, idx.shape[1]))
+    return R.sparse_mla(q, kv_cache, dense, block_table, seq_lens, cu_seqlens_q, scale, v_dim)
+
+
+PLANTED = [
+    ("half-split-rope", {"rope": rope_half_split}, "rope"),
+    ("no-routed-scaling", {"moe_route": route_without_scaling}, "moe_route"),
+    ("indexer-off-by-one", {"indexer_topk": indexer_off_by_one}, "indexer_topk"),
+    ("indexer-drops-winner", {"indexer_topk": indexer_drops_a_winner}, "indexer_topk"),
+    ("mla-attends-padding", {"sparse_mla": mla_attends_padding}, "sparse_mla"),
+    ("verify-accepts-extra", {"mtp_verify": verify_accepts_one_more}, "mtp_verify"),
+    ("experts-gate-up-swapped", {"moe_experts": experts_gate_up_swapped}, "moe_experts"),
+    ("mla-unwritten-rows", {"sparse_mla": mla_leaves_rows_unwritten}, "sparse_mla"),
+    ("mla-ignores-selection", {"sparse_mla": mla_dense}, "sparse_mla"),
+]
+
+
+@pytest.mark.parametrize("name,ops,op", PLANTED, ids=[p[0] for p in PLANTED])
+def test_planted_wrong_backend_is_caught(name, ops, op):
+    register_backend(name, lambda: Planted(name, **ops))
+    try:
+        rep = run(name, quick=True, ops=[op], model=False)
+    finally:
+        unregister_backend(name)
+    assert not rep.passed, f"{name}: conformance did not notice\n{rep}"
+    assert {r.op for r in rep.failures} == {op}
+    assert all(r.path == "native" for r in rep.results)
+
+
+def test_wrong_indexer_rope_is_caught_at_model_level():
+    """Half-split RoPE on the indexer's queries only (the tiny model's indexer has 32 heads, its MLA 4,
+    so the call is recognised by shape): the rope op cases cannot see it, the model case must."""
+    calls = []
+
+    def rope(x, positions, theta):
+        calls.append(x.shape)
+        return rope_half_split(x, positions, theta) if x.dim() == 3 and x.shape[1] == 32 else R.rope(x, positions, theta)
+
+    rep_ok = run(Planted("indexer-rope-ok", rope=lambda x, p, t: R.rope(x, p, t)), quick=True, ops=["model"])
+    assert rep_ok.passed, str(rep_ok)
+    rep = run(Planted("indexer-rope-neox", rope=rope), quick=True, ops=["model"])
+    assert any(s[1] == 32 for s in calls if len(s) == 3), "the indexer's rope was never called"
+    assert not rep.passed and {r.case for r in rep.failures} >= {"logits"}
+
+
+def test_missing_op_falls_back_and_is_reported():
+    class Partial:
+        name = "partial"
+
+        def rms_norm(self, x, weight, eps):
+            return R.rms_norm(x, weight, eps)
+
+    with pytest.warns(RuntimeWarning, match="falls back"):
+        rep = run(Partial(), quick=True, ops=["rms_norm", "linear"], model=False)
+    assert rep.passed
+    assert {r.op: r.path for r in rep.results} == {"rms_norm": "native", "linear": "fallback"}
+
+
+def test_crashing_op_is_a_failure_not_an_error():
+    def boom(*a, **k):
+        raise IndexError("kernel launch failed")
+
+    rep = run(Planted("crash", linear=boom), quick=True, ops=["linear"], model=False)
+    assert not rep.passed and "IndexError: kernel launch failed" in rep.failures[0].detail
+
+
+def test_cli_exit_status_and_reports(tmp_path):
+    register_backend("bad-rope", lambda: Planted("bad-rope", rope=rope_half_split))
+    try:
+        assert cli_main(["conformance", "--backend", "bad-rope", "--quick", "--op", "rope", "--no-model",
+                         "--json", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md")]) == 1
+    finally:
+        unregister_backend("bad-rope")
+    assert json.loads((tmp_path / "r.json").read_text())[0]["passed"] is False
+    assert "**FAIL**" in (tmp_path / "r.md").read_text()
+    assert cli_main(["conformance", "--backend", "cpu_ref", "--quick", "--op", "rope", "--no-model"]) == 0
+    assert cli_main(["conformance", "--backend", "no-such-backend", "--quick"]) == 2
+
+
+def test_nan_never_passes():
+    def nan_linear(x, w):
+        y = R.linear(x, w)
+        y[0, 0] = float("nan")
+        return y
+
+    rep = run(Planted("nan", linear=nan_linear), quick=True, ops=["linear"], model=False)
+    assert not rep.passed and "non-finite" in rep.failures[0].detail
+
+
+def test_bfloat16_row_is_used_for_bfloat16():
+    rep = run("cpu_ref", quick=True, dtypes=[torch.bfloat16], ops=["sparse_mla", "moe_experts"], model=False)
+    assert rep.passed, str(rep)
+    assert all(r.dtype == "bfloat16" for r in rep.results)
+    assert all(0 < r.rel for r in rep.results)  # bf16 arithmetic really differs from the float64 reference

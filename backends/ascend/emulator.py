@@ -1,0 +1,620 @@
+"""A CPU emulator of the torch_npu fused ops that the Ascend backend calls.
+
+`NpuEmulator()` has the attributes of `torch_npu` that `backend.py` uses, with the same argument
+names, defaults and keyword-only markers, the same layouts (BSND, TND with prefix-sum lengths,
+PA_BSND with block tables), the argument checks the documentation states, the documented math
+(in float32), and output shapes and dtypes that agree with the wheel's meta registrations. It
+exists so the backend's own code (layouts, lengths, block tables, routing bookkeeping) runs and is
+checked numerically on machines without an NPU; it is used only when asked (GLM52_ASCEND_EMULATE=1).
+
+Sources, read from the torch-npu 2.14.0 wheel (PyPI) without installing it:
+  schema  torch_npu/csrc/aten/npu_native_functions_by_codegen.yaml     (names, defaults)
+  docs    torch_npu/_op_plugin_docs.py, and the fuller pages it is generated from,
+          Ascend/op-plugin docs/zh/custom_APIs/torch_npu/torch_npu-<op>.md   (checks, math)
+  shapes  torch_npu/op_plugin/meta/_meta_registrations.py              (output shapes, dtypes)
+Section names in comments are the doc pages' own: 参数说明 (parameters), 约束说明 (constraints),
+功能说明 (function / formula), 等价计算逻辑 (equivalent numpy code), 返回值说明 (outputs).
+
+Where the documents describe several chips, the emulator follows Atlas A2/A3 (910B/910C).
+What it cannot reproduce is listed in backends/ascend/README.md ("The emulator"); in short:
+float32 accepted by the two attention ops (`allow_float32`, an emulation convenience), values the
+device leaves undefined (filled with -1 / 0 here), tie order, bf16 rounding inside kernels, and the
+quantised / hash / drop-pad variants the backend never calls (rejected as "not emulated").
+
+In this class the instance is called `emu`: torch_npu itself names some tensor arguments `self`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+INT64_MAX = 9223372036854775807  # default of pre_tokens / next_tokens in every schema
+HALF = (torch.float16, torch.bfloat16)
+FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+
+# npu_lightning_indexer, 参数说明 sparse_count: [1, 2048] and these
+LI_SPARSE_COUNTS_LARGE = (3072, 4096, 5120, 6144, 7168, 8192)
+# npu_sparse_flash_attention, 参数说明 query: N1 on Atlas A2/A3
+SFA_HEADS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class NpuOpError(RuntimeError):
+    """An argument the real op would reject (torch_npu raises RuntimeError for these too)."""
+
+
+def _check(cond: bool, op: str, msg: str) -> None:
+    if not cond:
+        raise NpuOpError(f"{op}: {msg}")
+
+
+def _not_emulated(op: str, what: str) -> NpuOpError:
+    return NpuOpError(f"{op}: {what} is not emulated (the Ascend backend never uses it)")
+
+
+def _contiguous(op: str, **tensors) -> None:
+    for name, t in tensors.items():
+        if t is not None:
+            _check(t.is_contiguous(), op, f"{name} must be contiguous (不支持非连续)")
+
+
+def _int32_vector(op: str, name: str, t: torch.Tensor) -> list[int]:
+    _check(t.dtype == torch.int32, op, f"{name} must be int32, got {t.dtype}")
+    _check(t.dim() == 1, op, f"{name} must be 1-D, got shape {tuple(t.shape)}")
+    return [int(v) for v in t.tolist()]
+
+
+def _prefix_sums(op: str, name: str, t: torch.Tensor, total: int) -> list[tuple[int, int]]:
+    """TND lengths are prefix sums (参数说明: 前缀和): element b ends batch b; returns [start, end)."""
+    ends = _int32_vector(op, name, t)
+    _check(len(ends) > 0, op, f"{name} must hold one entry per batch")
+    starts = [0] + ends[:-1]
+    _check(all(e >= s for s, e in zip(starts, ends)) and ends[0] >= 0, op,
+           f"{name} is a prefix sum for TND: non-negative and non-decreasing, got {ends}")
+    _check(ends[-1] <= total, op, f"{name} ends at {ends[-1]} but the tensor holds {total} tokens")
+    return list(zip(starts, ends))
+
+
+def _queries(op: str, query: torch.Tensor, layout: str, act: torch.Tensor | None):
+    """Per batch: (index of its rows in a [B,S,...] or [T,...] output, its query [Lq, N, D])."""
+    if layout == "TND":
+        _check(act is not None, op, "actual_seq_lengths_query is required when layout_query is TND")
+        return [(slice(s, e), query[s:e]) for s, e in _prefix_sums(op, "actual_seq_lengths_query", act,
+                                                                     query.shape[0])]
+    B, S = query.shape[0], query.shape[1]
+    lens = [S] * B if act is None else _int32_vector(op, "actual_seq_lengths_query", act)
+    _check(len(lens) == B, op, f"actual_seq_lengths_query has {len(lens)} entries for batch {B}")
+    _check(all(0 <= n <= S for n in lens), op, f"actual_seq_lengths_query must lie in [0, S1={S}], got {lens}")
+    return [((b, slice(0, n)), query[b, :n]) for b, n in enumerate(lens)]
+
+
+def _keys(op: str, key: torch.Tensor, layout: str, act: torch.Tensor | None, block_table: torch.Tensor | None,
+          B: int, act_name: str):
+    """Per batch: a function returning its keys [Lk, N2, D] in position order."""
+    if layout == "TND":
+        _check(act is not None, op, f"{act_name} is required when the key layout is TND")
+        spans = _prefix_sums(op, act_name, act, key.shape[0])
+        _check(len(spans) == B, op, f"{act_name} has {len(spans)} entries for batch {B}")
+        return [lambda s=s, e=e: key[s:e] for s, e in spans]
+    if layout == "BSND":
+        S = key.shape[1]
+        _check(key.shape[0] == B, op, f"key batch {key.shape[0]} != query batch {B}")
+        lens = [S] * B if act is None else _int32_vector(op, act_name, act)
+        _check(len(lens) == B and all(0 <= n <= S for n in lens), op, f"{act_name} must give B={B} lengths in [0, {S}]")
+        return [lambda b=b, n=n: key[b, :n] for b, n in enumerate(lens)]
+    # PA_BSND: key [block_count, block_size, N2, D] addressed through block_table [B, max_blocks]
+    _check(act is not None, op, f"{act_name} is required when the key layout is PA_BSND")
+    _check(block_table is not None, op, "block_table is required when the key layout is PA_BSND")
+    lens = _int32_vector(op, act_name, act)
+    _check(len(lens) == B and all(n >= 0 for n in lens), op, f"{act_name} must give B={B} non-negative lengths")
+    _check(block_table.dtype == torch.int32 and block_table.dim() == 2, op,
+           f"block_table must be a 2-D int32 tensor, got {block_table.dtype} {tuple(block_table.shape)}")
+    nblk, bs = key.shape[0], key.shape[1]
+    need = max([-(-n // bs) for n in lens] + [0])
+    _check(block_table.shape[0] == B, op, f"block_table has {block_table.shape[0]} rows for batch {B}")
+    _check(block_table.shape[1] >= need, op,
+           f"block_table has {block_table.shape[1]} columns, fewer than maxBlockNumPerSeq={need}")
+
+    def gather(b: int, n: int) -> torch.Tensor:
+        pos = torch.arange(n)
+        blocks = block_table[b, pos // bs].long()
+        _check(bool(((blocks >= 0) & (blocks < nblk)).all()), op,
+               f"block_table row {b} points outside the {nblk} cache blocks")
+        return key[blocks, pos % bs]
+    return [lambda b=b, n=n: gather(b, n) for b, n in enumerate(lens)]
+
+
+def _right_down_causal(Lq: int, Lk: int) -> torch.Tensor:
+    """sparse_mode=3: query i of a batch may see key j iff j <= (Lk - Lq) + i.  -> [Lq, Lk] bool"""
+    return torch.arange(Lk)[None, :] <= (Lk - Lq) + torch.arange(Lq)[:, None]
+
+
+class NpuEmulator:
+    """The torch_npu ops used by the Ascend backend, on the CPU. `allow_float32` lets the two
+    attention ops (documented for bfloat16/float16 only) take float32 inputs."""
+
+    emulated = True
+
+    def __init__(emu, *, allow_float32: bool = True):
+        emu.allow_float32 = allow_float32
+        emu.attention_dtypes = FLOATS if allow_float32 else HALF
+
+    def __repr__(emu) -> str:
+        return f"NpuEmulator(allow_float32={emu.allow_float32})"
+
+    # ---- hot op 1: npu_lightning_indexer ------------------------------------------------------
+    def npu_lightning_indexer(emu, query, key, weights, *, actual_seq_lengths_query=None,
+                              actual_seq_lengths_key=None, block_table=None, layout_query="BSND",
+                              layout_key="BSND", sparse_count=2048, sparse_mode=3, pre_tokens=INT64_MAX,
+                              next_tokens=INT64_MAX, return_value=False):
+        op = "npu_lightning_indexer"
+        # 参数说明 / 约束说明 (torch_npu-npu_lightning_indexer.md)
+        for name, t in (("query", query), ("key", key), ("weights", weights)):
+            _check(t is not None and t.numel() > 0, op, f"{name} must be a non-empty tensor")
+        _contiguous(op, query=query, key=key, weights=weights)
+        _check(layout_query in ("BSND", "TND"), op, f"layout_query must be BSND or TND, got {layout_query!r}")
+        _check(layout_key in ("PA_BSND", "BSND", "TND"), op,
+               f"layout_key must be PA_BSND, BSND or TND, got {layout_key!r}")
+        _check(layout_key == "PA_BSND" or layout_key == layout_query, op,
+               f"without PageAttention layout_key must equal layout_query ({layout_key} != {layout_query})")
+        _check(query.dtype in emu.attention_dtypes, op, f"query must be bfloat16 or float16, got {query.dtype}")
+        _check(key.dtype == query.dtype, op, f"key dtype {key.dtype} must equal query dtype {query.dtype}")
+        _check(weights.dtype in FLOATS, op, f"weights must be bfloat16, float16 or float32, got {weights.dtype}")
+        _check(weights.dtype in (torch.float32, query.dtype), op,
+               f"weights that are not float32 must have the query dtype ({weights.dtype} != {query.dtype})")
+        _check(query.dim() == (4 if layout_query == "BSND" else 3), op,
+               f"query must be {'[B,S1,N1,D]' if layout_query == 'BSND' else '[T1,N1,D]'}, got {tuple(query.shape)}")
+        key_dims = {"PA_BSND": 4, "BSND": 4, "TND": 3}[layout_key]
+        _check(key.dim() == key_dims, op, f"key must be {key_dims}-D for {layout_key}, got {tuple(key.shape)}")
+        N1, D = query.shape[-2], query.shape[-1]
+        _check(N1 <= 64, op, f"query N1 must be <= 64, got {N1}")
+        _check(D == 128 and key.shape[-1] == 128, op, f"query and key D must be 128, got {D} and {key.shape[-1]}")
+        _check(key.shape[-2] == 1, op, f"key N2 must be 1, got {key.shape[-2]}")
+        if layout_key == "PA_BSND":
+            bs = key.shape[1]
+            _check(bs % 16 == 0 and 0 < bs <= 1024, op, f"block_size must be a multiple of 16 up to 1024, got {bs}")
+        _check(tuple(weights.shape) == tuple(query.shape[:-1]), op,
+               f"weights must be {tuple(query.shape[:-1])} ([B,S1,N1] or [T,N1]), got {tuple(weights.shape)}")
+        _check(1 <= sparse_count <= 2048 or sparse_count in LI_SPARSE_COUNTS_LARGE, op,
+               f"sparse_count must be in [1, 2048] or {LI_SPARSE_COUNTS_LARGE}, got {sparse_count}")
+        _check(sparse_mode in (0, 3), op, f"sparse_mode must be 0 or 3, got {sparse_mode}")
+        _check(pre_tokens == INT64_MAX and next_tokens == INT64_MAX, op,
+               "pre_tokens and next_tokens support only their default 2^63-1")
+        _check(not (return_value and layout_key == "PA_BSND"), op,
+               "return_value is supported only in training and not with layout_key PA_BSND")
+
+        batches = _queries(op, query, layout_query, actual_seq_lengths_query)
+        keys = _keys(op, key, layout_key, actual_seq_lengths_key, block_table, len(batches), "actual_seq_lengths_key")
+
+        # 返回值说明 + meta: [B,S1,N2,sparse_count] or [T1,N2,sparse_count] int32; values [0] unless asked
+        out_shape = (*query.shape[:-2], 1, sparse_count)
+        indices = torch.full(out_shape, -1, dtype=torch.int32)     # -1 where the device leaves no index
+        values = torch.full(out_shape, float("-inf"), dtype=query.dtype) if return_value else \
+            torch.empty(0, dtype=query.dtype)
+        # 功能说明: Indices = Top-k over S_k of  sum_g W_g * ReLU(Q_g . K)
+        for (where, q), get_k in zip(batches, keys):
+            k = get_k()[:, 0].float()                                               # [Lk, D]
+            Lq, Lk = q.shape[0], k.shape[0]
+            if Lq == 0 or Lk == 0:
+                continue
+            score = torch.einsum("qh,qhs->qs", weights[where].float(),
+                                 torch.relu(torch.einsum("qhd,sd->qhs", q.float(), k)))   # [Lq, Lk]
+            if sparse_mode == 3:
+                score = score.masked_fill(~_right_down_causal(Lq, Lk), float("-inf"))
+            n = min(sparse_count, Lk)
+            # best first; the device's tie order is unspecified, here exact ties go to the earlier key
+            top_v, top_i = score.sort(dim=-1, descending=True, stable=True)
+            top_v, top_i = top_v[:, :n], top_i[:, :n]
+            valid = top_v > float("-inf")
+            indices[where][..., 0, :n] = torch.where(valid, top_i, -1).to(torch.int32)
+            if return_value:
+                values[where][..., 0, :n] = top_v.to(query.dtype)
+        return indices, values
+
+    # ---- hot op 2: npu_sparse_flash_attention -------------------------------------------------
+    def npu_sparse_flash_attention(emu, query, key, value, sparse_indices, scale_value, *, block_table=None,
+                                   actual_seq_lengths_query=None, actual_seq_lengths_kv=None, query_rope=None,
+                                   key_rope=None, sparse_block_size=1, layout_query="BSND", layout_kv="BSND",
+                                   sparse_mode=3, pre_tokens=INT64_MAX, next_tokens=INT64_MAX, attention_mode=0,
+                                   return_softmax_lse=False, sinks=None):
+        op = "npu_sparse_flash_attention"
+        # 参数说明 / 约束说明 (torch_npu-npu_sparse_flash_attention.md); meta for the empty checks
+        for name, t in (("query", query), ("key", key), ("sparse_indices", sparse_indices)):
+            _check(t is not None and t.numel() > 0, op, f"{name} must be a non-empty tensor")
+        _check(value is not None, op, "value=None is only supported with CANN >= 9.2.0 (meta registration)")
+        _check(value.numel() > 0, op, "value must be a non-empty tensor")
+        _check(attention_mode == 2, op, f"attention_mode supports only 2 (MLA-absorb), got {attention_mode}")
+        _check(query_rope is not None and key_rope is not None, op,
+               "attention_mode=2 concatenates query_rope/key_rope to query/key: both are required")
+        _check(sinks is None, op, "sinks (aclnnSparseFlashAttentionV2) is not supported on Atlas A2/A3")
+        _contiguous(op, query=query, key=key, value=value, sparse_indices=sparse_indices,
+                    query_rope=query_rope, key_rope=key_rope)
+        _check(layout_query in ("BSND", "TND"), op, f"layout_query must be BSND or TND, got {layout_query!r}")
+        _check(layout_kv in ("TND", "BSND", "PA_BSND"), op,
+               f"layout_kv must be TND, BSND or PA_BSND, got {layout_kv!r}")
+        _check(layout_kv == "PA_BSND" or layout_kv == layout_query, op,
+               f"layout_kv {layout_kv} must equal layout_query {layout_query} unless it is PA_BSND")
+        _check(query.dtype in emu.attention_dtypes, op, f"query must be bfloat16 or float16, got {query.dtype}")
+        _check(key.dtype == query.dtype and value.dtype == query.dtype, op,
+               f"query, key and value dtypes must agree ({query.dtype}, {key.dtype}, {value.dtype})")
+        _check(query_rope.dtype == query.dtype and key_rope.dtype == query.dtype, op,
+               "query_rope and key_rope must have the query dtype")
+        _check(tuple(value.shape) == tuple(key.shape), op,
+               f"value shape {tuple(value.shape)} != key shape {tuple(key.shape)}")
+        qdims = 4 if layout_query == "BSND" else 3
+        kdims = 3 if layout_kv == "TND" else 4
+        _check(query.dim() == qdims and query_rope.dim() == qdims, op,
+               f"query/query_rope must be {qdims}-D for {layout_query}, got {tuple(query.shape)}")
+        _check(key.dim() == kdims and key_rope.dim() == kdims, op,
+               f"key/key_rope must be {kdims}-D for {layout_kv}, got {tuple(key.shape)}")
+        N1 = query.shape[-2]
+        _check(N1 in SFA_HEADS, op, f"query N1 must be one of {SFA_HEADS}, got {N1}")
+        _check(key.shape[-2] == 1, op, f"KV_N must be 1, got {key.shape[-2]}")
+        _check(query.shape[-1] == 512 and key.shape[-1] == 512, op,
+               f"D of query/key/value must be 512, got {query.shape[-1]} and {key.shape[-1]}")
+        _check(query_rope.shape[-1] == 64 and key_rope.shape[-1] == 64, op,
+               f"D of query_rope/key_rope must be 64, got {query_rope.shape[-1]} and {key_rope.shape[-1]}")
+        _check(tuple(query_rope.shape[:-1]) == tuple(query.shape[:-1]) and
+               tuple(key_rope.shape[:-1]) == tuple(key.shape[:-1]), op, "rope tensors must match query/key but for D")
+        _check(sparse_indices.dtype == torch.int32, op, f"sparse_indices must be int32, got {sparse_indices.dtype}")
+        _check(tuple(sparse_indices.shape[:-1]) == (*query.shape[:-2], 1), op,
+               f"sparse_indices must be {(*query.shape[:-2], 1, 'sparse_size')}, got {tuple(sparse_indices.shape)}")
+        sbs = sparse_block_size
+        _check(1 <= sbs <= 128 and sbs & (sbs - 1) == 0, op,
+               f"sparse_block_size must be a power of 2 in [1, 128], got {sbs}")
+        if layout_kv == "PA_BSND":
+            bs = key.shape[1]
+            _check(bs % 16 == 0 and 0 < bs <= 1024, op, f"block_size must be a multiple of 16 up to 1024, got {bs}")
+            _check(bs % sbs == 0, op, f"sparse_block_size {sbs} must divide block_size {bs}")
+        _check(sparse_mode in (0, 3), op, f"sparse_mode must be 0 or 3, got {sparse_mode}")
+        _check(pre_tokens == INT64_MAX and next_tokens == INT64_MAX, op,
+               "pre_tokens and next_tokens support only their default 2^63-1")
+        _check(not (return_softmax_lse and layout_kv == "PA_BSND"), op,
+               "return_softmax_lse is supported only in training and not with layout_kv PA_BSND")
+        # "每行有效值均在前半部分，无效值均在后半部分": once a row turns invalid (< 0) it stays invalid
+        invalid = (sparse_indices < 0).int()
+        _check(bool((invalid.cummax(-1).values == invalid).all()), op,
+               "sparse_indices rows must hold their valid entries first and the invalid (-1) ones after")
+
+        batches = _queries(op, query, layout_query, actual_seq_lengths_query)
+        B = len(batches)
+        gathers = [_keys(op, t, layout_kv, actual_seq_lengths_kv, block_table, B, "actual_seq_lengths_kv")
+                   for t in (key, key_rope, value)]
+        kvs = [lambda fs=fs: torch.cat([f() for f in fs], -1) for fs in zip(*gathers)]   # [Lkv, 1, 512+64+512]
+        if layout_query == "BSND":
+            rope_q = [query_rope[b, :q.shape[0]] for (b, _), q in batches]
+            idx_rows = [sparse_indices[b, :q.shape[0], 0] for (b, _), q in batches]
+        else:
+            rope_q = [query_rope[where] for where, _ in batches]
+            idx_rows = [sparse_indices[where, 0] for where, _ in batches]
+
+        out = torch.zeros(query.shape, dtype=query.dtype)           # rows no batch claims stay 0
+        lse_shape = (1, query.shape[0], N1) if layout_query == "TND" else (query.shape[0], 1, query.shape[1], N1)
+        smax = torch.full(lse_shape, float("-inf")) if return_softmax_lse else torch.empty(0)
+        ssum = torch.zeros(lse_shape) if return_softmax_lse else torch.empty(0)
+        # 功能说明: softmax(Q K~^T * scale) V~, K~/V~ gathered by sparse_indices: index b selects tokens
+        # b*sparse_block_size .. +sparse_block_size-1; mode 3 also keeps only j <= (Lkv - Lq) + i.
+        for (where, q), qr, sel, get_kv in zip(batches, rope_q, idx_rows, kvs):
+            kv = get_kv()[:, 0].float()                                   # [Lkv, 512 + 64 + 512]
+            Lq, Lkv = q.shape[0], kv.shape[0]
+            if Lq == 0:
+                continue
+            pos = (sel.long()[..., None] * sbs + torch.arange(sbs)).flatten(1)    # [Lq, S * sbs]
+            ok = (sel[..., None] >= 0).expand(-1, -1, sbs).flatten(1) & (pos < Lkv)
+            if sparse_mode == 3:
+                ok &= pos <= (Lkv - Lq) + torch.arange(Lq)[:, None]
+            g = kv[pos.clamp(0, max(Lkv - 1, 0))] if Lkv else torch.zeros(*pos.shape, kv.shape[-1])
+            k_cat, v = g[..., :576], g[..., 576:]                         # [Lq, S*sbs, 576], [.., 512]
+            q_cat = torch.cat([q, qr], -1).float()                        # [Lq, N1, 576]
+            s = torch.einsum("qnd,qsd->qns", q_cat, k_cat) * scale_value
+            s = s.masked_fill(~ok[:, None, :], float("-inf"))
+            m = s.amax(-1)                                                # [Lq, N1]
+            e = torch.exp(s - m[..., None]).nan_to_num(0.0)               # rows without keys -> 0
+            den = e.sum(-1)
+            o = torch.einsum("qns,qsd->qnd", e, v) / den.clamp(min=1e-30)[..., None]
+            out[where] = o.to(query.dtype)
+            if return_softmax_lse:
+                if layout_query == "TND":
+                    smax[0, where], ssum[0, where] = m, den
+                else:
+                    b, rows = where
+                    smax[b, 0, rows], ssum[b, 0, rows] = m, den
+        return out, smax, ssum
+
+    # ---- hot op 3: routing and grouped GEMM ---------------------------------------------------
+    def npu_moe_gating_top_k(emu, x, k, *, bias=None, input_ids=None, tid2eid=None, k_group=1, group_count=1,
+                             group_select_mode=0, renorm=0, norm_type=0, out_flag=False, routed_scaling_factor=1.0,
+                             eps=1e-20):
+        op = "npu_moe_gating_top_k"
+        # 参数说明 (torch_npu-npu_moe_gating_top_k.md)
+        _check(x.dim() == 2, op, f"x must be 2-D, got shape {tuple(x.shape)}")
+        _check(x.dtype in FLOATS, op, f"x must be float16, bfloat16 or float32, got {x.dtype}")
+        E = x.shape[-1]
+        _check(E <= 2048, op, f"the expert count (x's last dim) must be <= 2048, got {E}")
+        if bias is not None:
+            _check(bias.dim() == 1 and bias.shape[0] == E, op, f"bias must be 1-D [{E}], got {tuple(bias.shape)}")
+            _check(bias.dtype == x.dtype, op, f"bias dtype {bias.dtype} must equal x dtype {x.dtype}")
+        _check((input_ids is None) == (tid2eid is None), op,
+               "input_ids and tid2eid must be both provided or both omitted")
+        if input_ids is not None:
+            raise _not_emulated(op, "hash mode (input_ids / tid2eid)")
+        _check(group_count > 0 and E % group_count == 0 and E // group_count > 2, op,
+               f"x's last dim ({E}) must divide into group_count={group_count} groups of more than 2 experts")
+        _check(-(-(E // group_count) // 32) * 32 * group_count <= 2048, op,
+               "the group size aligned up to 32, times group_count, must be <= 2048")
+        _check(1 <= k_group <= group_count, op, f"k_group must be in [1, group_count={group_count}], got {k_group}")
+        _check(1 <= k <= E // group_count * k_group, op,
+               f"k must be in [1, x_shape[-1] / group_count * k_group = {E // group_count * k_group}], got {k}")
+        _check(group_select_mode in (0, 1), op, f"group_select_mode must be 0 or 1, got {group_select_mode}")
+        _check(renorm == 0, op, f"renorm supports only 0 (norm before top-k), got {renorm}")
+        _check(norm_type in (0, 1), op, f"norm_type must be 0 (softmax) or 1 (sigmoid), got {norm_type}")
+
+        # 等价计算逻辑 (the doc's numpy golden), in float32; sorts are stable like numpy's kind='stable'
+        xf = x.float()
+        normed = torch.softmax(xf, -1) if norm_type == 0 else torch.sigmoid(xf)        # normOut [T, E]
+        choice = normed + bias.float() if bias is not None else normed.clone()
+        T = x.shape[0]
+        if group_count > 1:
+            grouped = choice.view(T, group_count, E // group_count)
+            if group_select_mode == 0:
+                score = grouped.amax(-1)
+            else:
+                score = grouped.sort(dim=-1, descending=True).values[..., :2].sum(-1)
+            keep = score.sort(dim=-1, descending=True, stable=True).indices[:, :k_group]   # [T, k_group]
+            mask = torch.ones(T, group_count, dtype=torch.bool).scatter_(1, keep, False)
+            choice = grouped.masked_fill(mask[..., None], float("-inf")).view(T, E)
+        idx = choice.sort(dim=-1, descending=True, stable=True).indices[:, :k]            # [T, k]
+        y = normed.gather(1, idx)
+        if norm_type == 1:
+            y = y / (y.sum(-1, keepdim=True) + eps)
+        y = y * routed_scaling_factor
+        # meta: (y [T,k] x.dtype, expert_idx [T,k] int32, norm_out [T,E] float32)
+        return y.to(x.dtype), idx.to(torch.int32), normed
+
+    def npu_moe_init_routing_v2(emu, x, expert_idx, *, scale=None, offset=None, active_num=-1, expert_capacity=-1,
+                                expert_num=-1, drop_pad_mode=0, expert_tokens_num_type=0,
+                                expert_tokens_num_flag=False, quant_mode=-1, active_expert_range=[],  # noqa: B006
+                                row_idx_type=0, x_dtype=None):
+        op = "npu_moe_init_routing_v2"
+        # 参数说明 (torch_npu-npu_moe_init_routing_v2.md) and the meta registration's checks
+        _check(x.dim() == 2, op, f"the x shape support only 2d, got {tuple(x.shape)}")
+        _check(expert_idx.dim() == 2, op, f"the expert_idx shape support only 2d, got {tuple(expert_idx.shape)}")
+        _check(x.shape[0] == expert_idx.shape[0], op, "the first dim of expert_idx and x should be the same")
+        _check(x.dtype in FLOATS + (torch.int8,), op, f"x must be float16, bfloat16, float32 or int8, got {x.dtype}")
+        _check(expert_idx.dtype == torch.int32, op, f"expert_idx must be int32, got {expert_idx.dtype}")
+        _check(drop_pad_mode in (0, 1), op, f"drop_pad_mode must be in [0, 1], got {drop_pad_mode}")
+        _check(expert_tokens_num_type in (0, 1, 2), op,
+               f"expert_tokens_num_type must be in [0, 1, 2], got {expert_tokens_num_type}")
+        _check(row_idx_type in (0, 1), op, f"row_idx_type must be in [0, 1], got {row_idx_type}")
+        _check(active_num >= -1, op, f"active_num must be >= 0 (or the default -1), got {active_num}")
+        limit = 5120 if expert_tokens_num_type == 2 else 10240
+        _check(-1 <= expert_num <= limit, op, f"expert_num must be in [0, {limit}], got {expert_num}")
+        if len(active_expert_range):
+            _check(len(active_expert_range) == 2, op, "active_expert_range must be int[2]")
+            start, end = int(active_expert_range[0]), int(active_expert_range[1])
+            _check(end > start, op, "active_expert_range must be increasing")
+            _check(start >= 0 and end <= 10240, op, "active_expert_range must be within [0, 10240]")
+            _check(expert_num < 0 or end <= expert_num, op,
+                   f"active_expert_range end {end} exceeds expert_num {expert_num}")
+        else:
+            start, end = 0, expert_num if expert_num > 0 else None
+        if expert_num > 0:
+            _check(bool((expert_idx < expert_num).all()), op, f"expert ids must not exceed expert_num={expert_num}")
+        if quant_mode != -1 or x_dtype is not None:
+            raise _not_emulated(op, f"quant_mode={quant_mode} / x_dtype={x_dtype}")
+        if drop_pad_mode == 1:
+            raise _not_emulated(op, "drop_pad_mode=1")
+        if scale is not None:
+            _check(scale.dim() == 1 and scale.shape[0] == x.shape[0], op,
+                   "the scale shape support only 1D (bs,) in no quant mode")
+
+        # 功能说明 1-6 and 等价计算逻辑 (dropless, no quantisation)
+        NUM_ROWS, K = expert_idx.shape
+        flat = expert_idx.flatten().long()
+        in_range = (flat >= start) & (flat < end if end is not None else torch.ones_like(flat, dtype=torch.bool))
+        sort_key = torch.where(flat < start, torch.iinfo(torch.int32).max, flat)      # ids below the range go last
+        order = sort_key.sort(stable=True).indices                                   # sortedRowIdx
+        available = int(in_range.sum())
+        if row_idx_type == 1:
+            expanded_row_idx = order.to(torch.int32)                                 # scatter index
+        else:
+            expanded_row_idx = torch.full((NUM_ROWS * K,), -1, dtype=torch.int32)    # gather index
+            expanded_row_idx[order[:available]] = torch.arange(available, dtype=torch.int32)
+        n_out = NUM_ROWS * K if active_num <= 0 else min(active_num, NUM_ROWS * K)   # meta: rows of expanded_x
+        expanded_x = torch.zeros(n_out, x.shape[1], dtype=x.dtype)                   # rows past the valid ones: 0
+        n_valid = min(available, n_out)
+        expanded_x[:n_valid] = x[order[:n_valid] // K]
+        expanded_scale = torch.zeros(n_out, dtype=torch.float32)
+        if scale is not None:
+            expanded_scale[:n_valid] = scale[order[:n_valid] // K].float()
+        if not expert_tokens_num_flag:
+            counts = torch.zeros((), dtype=torch.int64)                              # meta: shape []
+        else:
+            width = (end if end is not None else int(flat.max()) + 1) - start
+            hist = torch.bincount(flat[in_range] - start, minlength=width)[:width]
+            if expert_tokens_num_type == 0:
+                counts = hist.cumsum(0)
+            elif expert_tokens_num_type == 1:
+                counts = hist
+            else:                                                                    # key_value: non-zero experts first
+                _check(expert_num > 0, op, "expert_tokens_num_type=2 needs expert_num")
+                counts = torch.zeros(expert_num, 2, dtype=torch.int64)
+                nz = hist.nonzero().flatten()
+                counts[:len(nz), 0], counts[:len(nz), 1] = nz + start, hist[nz]
+            counts = counts.to(torch.int64)
+        return expanded_x, expanded_row_idx, counts, expanded_scale
+
+    def npu_grouped_matmul(emu, x, weight, *, bias=None, scale=None, offset=None, antiquant_scale=None,
+                           antiquant_offset=None, per_token_scale=None, group_list=None, activation_input=None,
+                           activation_quant_scale=None, activation_quant_offset=None, split_item=0, group_type=None,
+                           group_list_type=0, act_type=0, tuning_config=None, output_dtype=None, x_dtype=None,
+                           weight_dtype=None, scale_dtype=None, per_token_scale_dtype=None):
+        op = "npu_grouped_matmul"
+        # 参数说明 / 约束说明 (torch_npu-npu_grouped_matmul.md), non-quantised float path of Atlas A2/A3
+        _check(isinstance(x, (list, tuple)) and isinstance(weight, (list, tuple)), op,
+               "x and weight are lists of tensors")
+        _check(0 < len(x) <= 128 and 0 < len(weight) <= 128, op, "x and weight hold 1..128 tensors")
+        quantised = (scale, offset, antiquant_scale, antiquant_offset, per_token_scale, x_dtype, weight_dtype,
+                     scale_dtype, per_token_scale_dtype)
+        if any(a is not None for a in quantised):
+            raise _not_emulated(op, "quantised / pseudo-quantised matmul")
+        _check(activation_input is None and activation_quant_scale is None and activation_quant_offset is None, op,
+               "activation_input / activation_quant_scale / activation_quant_offset only support None")
+        _check(act_type == 0, op, "activation functions are computed only in the per-token quantised case")
+        if group_type == 2:
+            raise _not_emulated(op, "group_type=2 (groups along K)")
+        _check(group_type in (-1, 0), op, f"group_type supports -1, 0 and 2 on Atlas A2/A3, got {group_type}")
+        _check(split_item in (0, 1, 2, 3), op, f"split_item must be 0..3, got {split_item}")
+        dt = x[0].dtype
+        for t in (*x, *weight):
+            _check(t.dtype in FLOATS and t.dtype == dt, op, f"x and weight must share one float dtype, got {t.dtype}")
+        _check(output_dtype in (None, dt), op, f"output_dtype must be None or {dt} without quantisation")
+        for i, t in enumerate(x):
+            _check(t.is_contiguous(), op, f"x[{i}] must not be transposed (x不支持转置)")
+            _check(t.shape[-1] < 65536, op, f"x[{i}]'s last dim must be < 65536 (InnerLimit)")
+        transposed = [w.dim() >= 2 and not w.is_contiguous() and w.transpose(-1, -2).is_contiguous() for w in weight]
+        for i, w in enumerate(weight):
+            _check(w.is_contiguous() or transposed[i], op, f"weight[{i}] must be contiguous or a transposed view")
+            _check((w.shape[-2] if transposed[i] else w.shape[-1]) < 65536, op,
+                   f"weight[{i}]'s last dim must be < 65536 (InnerLimit)")
+        _check(len(set(transposed)) == 1, op, "weights must all be transposed or all not")
+        if bias is not None:
+            _check(group_type == -1 and len(bias) == len(weight), op, "bias is emulated for group_type=-1 only")
+
+        if group_type == -1:                                    # 多多多: independent matmuls, no group_list
+            _check(split_item in (0, 1) and group_list is None and len(x) == len(weight), op,
+                   "group_type=-1 needs split_item 0/1, no group_list and as many x as weight tensors")
+            out = []
+            for i, (xi, wi) in enumerate(zip(x, weight)):
+                _check(wi.dim() == 2 and xi.shape[-1] == wi.shape[0], op, f"x[{i}] and weight[{i}] do not chain")
+                yi = xi.float() @ wi.float() + (bias[i].float() if bias is not None else 0.0)
+                out.append(yi.to(dt))
+            return out
+
+        # group_type=0: groups along M. 单单单 (one x, one 3-D weight [E, K, N]) or 单多单 (one x, E 2-D weights)
+        _check(split_item in (2, 3), op, "group_type=0 supports only split_item 2 or 3 (one output tensor)")
+        _check(len(x) == 1 and x[0].dim() == 2, op, "group_type=0 is emulated with a single 2-D x")
+        single = len(weight) == 1 and weight[0].dim() == 3
+        _check(single or all(w.dim() == 2 for w in weight), op, "weight is one 3-D tensor or a list of 2-D tensors")
+        ws = list(weight[0]) if single else list(weight)
+        E, (M, Kd) = len(ws), x[0].shape
+        _check(all(w.shape[0] == Kd for w in ws), op, "every weight's K must equal x's last dim")
+        _check(len({w.shape[1] for w in ws}) == 1, op, "every weight must have the same N")
+        _check(isinstance(group_list, torch.Tensor), op, "group_list must be given (an int64 tensor)")
+        _check(group_list.dtype == torch.int64 and group_list.dim() == 1, op, "group_list must be a 1-D int64 tensor")
+        _check(group_list.shape[0] == E, op, f"group_list has {group_list.shape[0]} entries for {E} weights")
+        _check(E <= (1024 if single else 128), op, f"at most {1024 if single else 128} groups, got {E}")
+        _check(group_list_type in (0, 1), op,
+               f"group_list_type must be 0 (cumsum) or 1 (counts), got {group_list_type}")
+        gl = [int(v) for v in group_list.tolist()]
+        if group_list_type == 0:
+            _check(all(v >= 0 for v in gl) and all(b >= a for a, b in zip(gl, gl[1:])), op,
+                   "with group_list_type=0 group_list must be non-negative and non-decreasing")
+            _check(gl[-1] == M, op, f"group_list's last value ({gl[-1]}) must equal x's first dim ({M})")
+            ends = gl
+        else:
+            _check(all(v >= 0 for v in gl) and len(gl) != 1, op,
+                   "with group_list_type=1 group_list must be non-negative and not of length 1")
+            _check(sum(gl) == M, op, f"group_list sums to {sum(gl)} but x has {M} rows")
+            ends = torch.tensor(gl).cumsum(0).tolist()
+        # 计算公式 (公式1): y_i = x_i @ weight_i for the rows of group i
+        y = torch.empty(M, ws[0].shape[1], dtype=dt)
+        for w, s, e in zip(ws, [0] + ends[:-1], ends):
+            y[s:e] = (x[0][s:e].float() @ w.float()).to(dt)
+        return [y]
+
+    def npu_swiglu(emu, self, dim=-1):
+        op = "npu_swiglu"
+        # 功能描述: out = swish(A) * B = A * sigmoid(A) * B, A/B the halves of self along dim
+        _check(self.dtype in FLOATS, op, f"self must be float32, float16 or bfloat16, got {self.dtype}")
+        _check(1 <= self.dim() <= 8, op, f"self must have 1-8 dims, got {self.dim()}")
+        _check(self.shape[dim] % 2 == 0, op, f"the split dim must be even, got {self.shape[dim]}")
+        a, b = self.float().chunk(2, dim=dim)
+        return (a * torch.sigmoid(a) * b).to(self.dtype)
+
+    def npu_moe_token_unpermute(emu, permuted_tokens, sorted_indices, probs=None, padded_mode=False,
+                                restore_shape=None):
+        op = "npu_moe_token_unpermute"
+        # 参数说明 / 约束说明 (torch_npu-npu_moe_token_unpermute.md) and the meta registration
+        _check(permuted_tokens.dim() == 2, op, f"permuted_tokens must be 2-D, got {permuted_tokens.dim()}-D")
+        _check(sorted_indices.dim() == 1, op, f"sorted_indices must be 1-D, got {sorted_indices.dim()}-D")
+        _check(permuted_tokens.dtype in FLOATS, op, f"permuted_tokens must be float16/bfloat16/float32")
+        _check(sorted_indices.dtype == torch.int32, op, f"sorted_indices must be int32, got {sorted_indices.dtype}")
+        _check(not padded_mode and restore_shape is None, op,
+               "padded_mode supports only False, restore_shape only None")
+        topk = 1
+        if probs is not None:
+            _check(probs.dim() == 2, op, f"probs must be 2-D, got {probs.dim()}-D")
+            _check(probs.dtype in FLOATS, op, f"probs must be float16/bfloat16/float32, got {probs.dtype}")
+            topk = probs.shape[1]
+        _check(topk <= 512, op, f"topK_num must be <= 512 on Atlas A2/A3, got {topk}")
+        NK = sorted_indices.shape[0]
+        _check(NK % topk == 0, op, f"sorted_indices length {NK} is not tokens_num * topK_num ({topk})")
+        tokens = NK // topk
+        if probs is not None:
+            _check(probs.shape[0] == tokens, op, f"probs must be [{tokens}, {topk}], got {tuple(probs.shape)}")
+        s = sorted_indices.long()
+        _check(bool(((s >= 0) & (s < NK)).all()), op, f"sorted_indices must lie in [0, {NK - 1}]")
+        _check(s.unique().numel() == NK, op, "sorted_indices must not repeat an index")
+        _check(permuted_tokens.shape[0] >= NK, op, f"permuted_tokens has {permuted_tokens.shape[0]} rows, needs {NK}")
+        # 计算公式: O[i] = sum_{j<topK} T[S[i*topK + j]] * P[i][j]
+        rows = permuted_tokens[s].float().view(tokens, topk, -1)
+        if probs is not None:
+            rows = rows * probs.float()[..., None]
+        return rows.sum(1).to(permuted_tokens.dtype)
+
+    # ---- supporting ops ---------------------------------------------------------------------------
+    def npu_rms_norm(emu, self, gamma, epsilon=1e-06):
+        op = "npu_rms_norm"
+        # 参数说明: self/gamma float16, bfloat16 or float32 of one dtype, 2-8 dims; gamma the trailing dims
+        _check(self.dtype in FLOATS, op, f"self must be float16, bfloat16 or float32, got {self.dtype}")
+        _check(gamma.dtype == self.dtype, op, f"gamma dtype {gamma.dtype} must equal self dtype {self.dtype}")
+        _check(2 <= self.dim() <= 8, op, f"self must have 2-8 dims, got {self.dim()}")
+        _check(gamma.dim() <= self.dim() and tuple(self.shape[self.dim() - gamma.dim():]) == tuple(gamma.shape), op,
+               f"gamma {tuple(gamma.shape)} must match the trailing dims of self {tuple(self.shape)}")
+        red = tuple(range(self.dim() - gamma.dim(), self.dim()))
+        xf = self.float()
+        rstd = torch.rsqrt(xf.pow(2).mean(red, keepdim=True) + epsilon)      # meta: [..., 1, ..., 1] float32
+        return (xf * rstd * gamma.float()).to(self.dtype), rstd
+
+    def npu_rotary_mul(emu, input, r1, r2, rotary_mode="half", rotate=None):  # noqa: A002 - the doc's name
+        op = "npu_rotary_mul"
+        # 功能描述 / 约束说明 (jit_compile=False): 4-D input, D even and < 896, r1/r2 broadcast layouts
+        _check(input.dim() == 4 and r1.dim() == 4 and r2.dim() == 4, op, "input, r1 and r2 must be 4-D")
+        _check(input.dtype in FLOATS and r1.dtype == input.dtype and r2.dtype == input.dtype, op,
+               f"input, r1, r2 must share one of float16/bfloat16/float32, got {input.dtype}, {r1.dtype}, {r2.dtype}")
+        _check(rotary_mode in ("half", "interleave"), op,
+               f"rotary_mode must be 'half' or 'interleave', got {rotary_mode!r}")
+        D = input.shape[-1]
+        _check(D % 2 == 0 and D < 896, op, f"D must be even and < 896, got {D}")
+        _check(tuple(r1.shape) == tuple(r2.shape) and r1.shape[-1] == D, op, "r1 and r2 must agree, with D last")
+        _check(bool((r1.abs() <= 1).all() and (r2.abs() <= 1).all()), op,
+               "r1 and r2 must lie in [-1, 1] (数据范围)")
+        a, b, c = input.shape[:3]
+        if rotary_mode == "interleave":     # r1 is 11SD (BNSD), 1S1D (BSND) or S11D (SBND); B * N < 1000
+            layouts = {(1, 1, c): a * b, (1, b, 1): a * c, (a, 1, 1): b * c}
+            _check(tuple(r1.shape[:3]) in layouts, op,
+                   f"interleave mode needs r1 of layout 11SD, 1S1D or S11D for input {tuple(input.shape)}, "
+                   f"got {tuple(r1.shape)}")
+            _check(layouts[tuple(r1.shape[:3])] < 1000, op, "interleave mode needs B * N < 1000")
+        else:
+            _check(all(r in (1, s) for r, s in zip(r1.shape[:3], input.shape[:3])), op,
+                   f"r1 {tuple(r1.shape)} must broadcast to input {tuple(input.shape)}")
+        x = input.float()
+        if rotate is not None:
+            _check(rotate.dim() == 2 and tuple(rotate.shape) == (D, D), op, f"rotate must be [{D}, {D}]")
+            x_new = x @ rotate.float()
+        elif rotary_mode == "half":
+            x1, x2 = x.chunk(2, -1)
+            x_new = torch.cat([-x2, x1], -1)
+        else:
+            x_new = torch.stack([-x[..., 1::2], x[..., 0::2]], -1).flatten(-2)
+        return (r1.float() * x + r2.float() * x_new).to(input.dtype)
+
+
+def describe() -> str:
+    """One line for reports: what is emulated, on which chip's documented limits."""
+    return (f"torch_npu op emulator (CPU, float32 math; Atlas A2/A3 limits; "
+            f"ops: {', '.join(n for n in dir(NpuEmulator) if n.startswith('npu_'))})")
+
+
+__all__ = ["NpuEmulator", "NpuOpError", "INT64_MAX", "describe"]

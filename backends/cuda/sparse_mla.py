@@ -1,0 +1,198 @@
+"""sparse_mla: attention of absorbed MLA queries over the top-k selected latent rows (Triton).
+
+Kernel versions and their idea:
+  _partial_kernel  one program per (query token, split of the top-k list, BLOCK_H heads). It walks
+                   its share of the selected positions in BLOCK_N steps: positions -> cache slots
+                   through the block table, gathers the rows [BLOCK_N, Dl] and [BLOCK_N, Dr] once
+                   for all BLOCK_H heads, scores = q_lat.c + q_pe.k_pe, online softmax (base 2),
+                   acc += p @ c. `-1` entries are masked (their rows are never read).
+                   With one split (prefill: T x heads programs fill the GPU) it normalises and
+                   writes out/lse itself; with several (decode: T is small, so the 2048 rows are
+                   split across SMs) it writes an unnormalised partial and its log-sum-exp.
+  _combine_kernel  merges the splits of one (token, head block) by log-sum-exp.
+Rows with no valid index: out 0, lse -inf (as the reference).
+
+Constants: BLOCK_N 32 rows per step, BLOCK_H up to 32 heads (acc [32, 512] f32 over 8 warps),
+splits chosen so that programs ~ 2 x the SM count. Not tuned on a GPU yet.
+"""
+
+from __future__ import annotations
+
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import capturing, check_batch, check_float, check_shape, dot_in_f32, need, pow2, token_metadata
+
+BLOCK_N = 32
+MAX_BLOCK_H = 32
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _partial_kernel(q_ptr, kv_ptr, idx_ptr, bt_ptr, req_ptr, seqlen_ptr, out_ptr, lse_ptr, po_ptr, pl_ptr,
+                    H, Dl, Dr, BS, topk, chunk, n_splits, scale_log2,
+                    sq0, sq1, sq2, skv0, skv1, skv2, si0, si1, sbt0, so0, so1, so2,
+                    BLOCK_H: tl.constexpr, DL_P: tl.constexpr, DR_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                    DIRECT: tl.constexpr, DOT_F32: tl.constexpr):
+    t = tl.program_id(0)
+    split = tl.program_id(1)
+    hb = tl.program_id(2)
+    b = tl.load(req_ptr + t)
+    L = tl.load(seqlen_ptr + b)
+    h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_ok = h < H
+    dl = tl.arange(0, DL_P)
+    dr = tl.arange(0, DR_P)
+    q_row = q_ptr + t.to(tl.int64) * sq0 + h[:, None] * sq1
+    q_lat = tl.load(q_row + dl[None, :] * sq2, mask=h_ok[:, None] & (dl[None, :] < Dl), other=0.0)
+    q_pe = tl.load(q_row + (Dl + dr[None, :]) * sq2, mask=h_ok[:, None] & (dr[None, :] < Dr), other=0.0)
+    if DOT_F32:
+        q_lat = q_lat.to(tl.float32)
+        q_pe = q_pe.to(tl.float32)
+
+    m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_H, DL_P), dtype=tl.float32)
+    j0 = split * chunk
+    j1 = tl.minimum(j0 + chunk, topk)
+    for j in range(j0, j1, BLOCK_N):
+        jj = j + tl.arange(0, BLOCK_N)
+        pos = tl.load(idx_ptr + t.to(tl.int64) * si0 + jj * si1, mask=jj < j1, other=-1)
+        ok = (pos >= 0) & (pos < L)
+        blk = tl.load(bt_ptr + b.to(tl.int64) * sbt0 + pos // BS, mask=ok, other=0)
+        row = kv_ptr + blk.to(tl.int64) * skv0 + (pos % BS) * skv1
+        c = tl.load(row[:, None] + dl[None, :] * skv2, mask=ok[:, None] & (dl[None, :] < Dl), other=0.0)
+        pe = tl.load(row[:, None] + (Dl + dr[None, :]) * skv2, mask=ok[:, None] & (dr[None, :] < Dr), other=0.0)
+        if DOT_F32:
+            c = c.to(tl.float32)
+            pe = pe.to(tl.float32)
+            s = tl.dot(q_lat, tl.trans(c), input_precision="ieee")
+            s = tl.dot(q_pe, tl.trans(pe), acc=s, input_precision="ieee")
+        else:
+            s = tl.dot(q_lat, tl.trans(c))
+            s = tl.dot(q_pe, tl.trans(pe), acc=s)
+        s = tl.where(ok[None, :], s * scale_log2, float("-inf"))                 # [BLOCK_H, BLOCK_N]
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)                    # all masked so far
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if DOT_F32:
+            acc = tl.dot(p, c, acc=acc * alpha[:, None], input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(c.dtype), c, acc=acc * alpha[:, None])
+        m_i = m_new
+
+    empty = l_i == 0.0
+    lse2 = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))   # base 2
+    o = acc / tl.where(empty, 1.0, l_i)[:, None]
+    if DIRECT:
+        tl.store(out_ptr + t.to(tl.int64) * so0 + h[:, None] * so1 + dl[None, :] * so2,
+                 o.to(out_ptr.dtype.element_ty), mask=h_ok[:, None] & (dl[None, :] < Dl))
+        tl.store(lse_ptr + t.to(tl.int64) * H + h, lse2 / 1.4426950408889634, mask=h_ok)
+    else:
+        base = (t.to(tl.int64) * n_splits + split) * H
+        tl.store(po_ptr + (base + h[:, None]) * Dl + dl[None, :], o, mask=h_ok[:, None] & (dl[None, :] < Dl))
+        tl.store(pl_ptr + base + h, lse2, mask=h_ok)
+
+
+@triton.jit
+def _combine_kernel(po_ptr, pl_ptr, out_ptr, lse_ptr, H, Dl, n_splits, so0, so1, so2,
+                    BLOCK_H: tl.constexpr, DL_P: tl.constexpr):
+    t = tl.program_id(0)
+    hb = tl.program_id(1)
+    h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_ok = h < H
+    dl = tl.arange(0, DL_P)
+    m = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
+    for s in range(0, n_splits):
+        m = tl.maximum(m, tl.load(pl_ptr + (t.to(tl.int64) * n_splits + s) * H + h, mask=h_ok, other=float("-inf")))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    tot = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_H, DL_P), dtype=tl.float32)
+    for s in range(0, n_splits):
+        base = (t.to(tl.int64) * n_splits + s) * H
+        wgt = tl.exp2(tl.load(pl_ptr + base + h, mask=h_ok, other=float("-inf")) - m_safe)   # 0 for empty splits
+        o = tl.load(po_ptr + (base + h[:, None]) * Dl + dl[None, :], mask=h_ok[:, None] & (dl[None, :] < Dl), other=0.0)
+        acc += wgt[:, None] * o
+        tot += wgt
+    empty = tot == 0.0
+    out = acc / tl.where(empty, 1.0, tot)[:, None]
+    tl.store(out_ptr + t.to(tl.int64) * so0 + h[:, None] * so1 + dl[None, :] * so2,
+             out.to(out_ptr.dtype.element_ty), mask=h_ok[:, None] & (dl[None, :] < Dl))
+    lse = tl.where(empty, float("-inf"), (m + tl.log2(tl.where(empty, 1.0, tot))) / 1.4426950408889634)
+    tl.store(lse_ptr + t.to(tl.int64) * H + h, lse, mask=h_ok)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: a few splits, so the merge path is exercised on small cases
+
+
+def sparse_mla(q, kv_cache, idx, block_table, seq_lens, cu_seqlens_q, scale, v_dim=512, *, n_splits=None):
+    """Contract: glm52_backends/ops.py. q [T, H, Dl+Dr], kv_cache [NB, BS, Dl+Dr] (q's dtype), idx
+    [T, topk] int (-1 = none) -> (out [T, H, Dl] q.dtype, lse [T, H] f32). `n_splits` forces the
+    number of top-k splits (tests, benchmarks); default: enough programs for ~2 waves of SMs."""
+    op = "sparse_mla"
+    check_float(op, q=q, kv_cache=kv_cache)
+    need(q.dtype == kv_cache.dtype, op, f"q is {q.dtype} but kv_cache is {kv_cache.dtype} "
+                                        "(an FP8 latent cache is not implemented in these kernels)")
+    if q.dim() != 3:
+        raise ValueError(f"{op}: q must be [T, H, Dl+Dr], got shape {list(q.shape)}")
+    T, H, D = q.shape
+    check_shape(op, "kv_cache", kv_cache, (None, None, D))
+    check_shape(op, "idx", idx, (T, None))
+    if not 0 < v_dim <= D:
+        raise ValueError(f"{op}: v_dim={v_dim} must be in 1..{D} (the latent width inside Dl+Dr)")
+    need(idx.dtype in (torch.int32, torch.int64), op, f"idx has dtype {idx.dtype}, kernels take int32/int64")
+    NB, BS, _ = kv_cache.shape
+    check_batch(op, T, block_table, seq_lens, cu_seqlens_q, BS)
+    Dl, Dr = v_dim, D - v_dim
+    need(Dl <= 1024 and Dr <= 256, op, f"Dl={Dl}, Dr={Dr}: kernels take Dl <= 1024, Dr <= 256")
+    topk = idx.shape[1]
+    device = q.device
+    out = torch.empty(T, H, Dl, dtype=q.dtype, device=device)
+    lse = torch.empty(T, H, dtype=torch.float32, device=device)
+    if T == 0:
+        return out, lse
+    if topk == 0:
+        return out.zero_(), lse.fill_(float("-inf"))
+    bt = block_table.to(torch.int32)
+    lens = seq_lens.to(torch.int32)
+    req, pos = token_metadata(cu_seqlens_q, lens, T)
+    if not capturing():
+        bad = (idx.long() > pos[:, None].long()).nonzero()
+        if bad.numel():
+            t, j = bad[0].tolist()
+            raise ValueError(f"{op}: idx[{t}, {j}] = {int(idx[t, j])} is beyond the token's position "
+                             f"{int(pos[t])} (positions must be causal; -1 marks none)")
+
+    BLOCK_H = min(pow2(H, 16), MAX_BLOCK_H)
+    DL_P, DR_P = pow2(Dl, 16), pow2(Dr, 16)
+    n_hb = triton.cdiv(H, BLOCK_H)
+    if n_splits is None:
+        want = 2 * _num_sms(device)
+        n_splits = max(1, min(triton.cdiv(topk, 4 * BLOCK_N), want // (T * n_hb)))
+    chunk = triton.cdiv(triton.cdiv(topk, n_splits), BLOCK_N) * BLOCK_N
+    n_splits = triton.cdiv(topk, chunk)
+    direct = n_splits == 1
+    if direct:
+        po = pl = lse  # unused
+    else:
+        po = torch.empty(T, n_splits, H, Dl, dtype=torch.float32, device=device)
+        pl = torch.empty(T, n_splits, H, dtype=torch.float32, device=device)
+    warps = 8 if Dl * BLOCK_H >= 8192 else 4
+    _partial_kernel[(T, n_splits, n_hb)](
+        q, kv_cache, idx, bt, req, lens, out, lse, po, pl,
+        H, Dl, Dr, BS, topk, chunk, n_splits, float(scale) * LOG2E,
+        q.stride(0), q.stride(1), q.stride(2), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
+        idx.stride(0), idx.stride(1), bt.stride(0), out.stride(0), out.stride(1), out.stride(2),
+        BLOCK_H=BLOCK_H, DL_P=DL_P, DR_P=DR_P, BLOCK_N=BLOCK_N, DIRECT=direct,
+        DOT_F32=dot_in_f32(q.dtype), num_warps=warps)
+    if not direct:
+        _combine_kernel[(T, n_hb)](po, pl, out, lse, H, Dl, n_splits, out.stride(0), out.stride(1), out.stride(2),
+                                   BLOCK_H=BLOCK_H, DL_P=DL_P, num_warps=4)
+    return out, lse

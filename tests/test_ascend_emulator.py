@@ -1,0 +1,617 @@
+"""The CPU emulator of the torch_npu ops, against the examples and constraints of their documentation
+(torch_npu/_op_plugin_docs.py and the op-plugin API pages) and against independent float64
+formulations written here. Output shapes follow the wheel's meta registrations."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from glm52_backends.backends.ascend.emulator import NpuEmulator, NpuOpError
+
+emu = NpuEmulator(allow_float32=False)   # the documented dtypes only
+emu32 = NpuEmulator(allow_float32=True)
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def uniform(g, lo, hi, *shape, dtype=torch.float32):
+    return (torch.rand(*shape, generator=g, dtype=torch.float64) * (hi - lo) + lo).to(dtype)
+
+
+def paged(dense_rows, bs, g, extra_blocks=3):
+    """Scatter per-request rows [L_b, ...] into a shuffled PA_BSND cache -> (cache, block_table)."""
+    need = [-(-len(r) // bs) for r in dense_rows]
+    nblk = sum(need) + extra_blocks
+    perm = torch.randperm(nblk, generator=g)
+    tail = dense_rows[0].shape[1:]
+    cache = torch.full((nblk, bs, *tail), float("nan"), dtype=dense_rows[0].dtype)  # unowned: NaN
+    table = torch.zeros(len(dense_rows), max(need), dtype=torch.int32)
+    used = 0
+    for b, rows in enumerate(dense_rows):
+        blocks = perm[used:used + need[b]]
+        used += need[b]
+        table[b, :need[b]] = blocks.int()
+        for p in range(len(rows)):
+            cache[blocks[p // bs], p % bs] = rows[p]
+    return cache, table
+
+
+# ---- npu_lightning_indexer ---------------------------------------------------------------------
+
+def li_scores(q, k, w):
+    """float64 sum_h w[h] relu(q[h] . k[s]) -> [Lq, Lk]; q [Lq, N, D], k [Lk, D], w [Lq, N]."""
+    return torch.einsum("qh,qhs->qs", w.double(), torch.relu(torch.einsum("qhd,sd->qhs", q.double(), k.double())))
+
+
+def check_topk(idx, score, n_valid, tol):
+    """idx [count]: n_valid distinct allowed positions first (scores >= k-th best - tol), -1 after."""
+    valid, rest = idx[:n_valid], idx[n_valid:]
+    assert bool((rest == -1).all()), f"-1 expected after {n_valid} entries: {idx.tolist()}"
+    assert bool((valid >= 0).all()) and len(set(valid.tolist())) == n_valid
+    assert bool(torch.isfinite(score[valid.long()]).all()), "a masked (non-causal) position was selected"
+    kth = score.sort(descending=True).values[n_valid - 1]
+    assert float(score[valid.long()].min()) >= float(kth) - tol
+
+
+def test_lightning_indexer_doc_example():
+    """The doc's single-operator example (BSND query, PA_BSND key of identity block table, 64 heads,
+    bf16), with s2 cut from 8192 to 4096 to keep CI quick: [B,S1,N2,2048] int32 of the top-2048 keys."""
+    g = gen(0)
+    b, s1, s2, n1, d, block_size = 1, 1, 4096, 64, 128, 256
+    query = uniform(g, -10, 10, b, s1, n1, d, dtype=torch.bfloat16)
+    key = uniform(g, -10, 10, b * (s2 // block_size), block_size, 1, d, dtype=torch.bfloat16)
+    weights = uniform(g, -1, 1, b, s1, n1, dtype=torch.bfloat16)
+    act_q = torch.full((b,), s1, dtype=torch.int32)
+    act_k = torch.full((b,), s2, dtype=torch.int32)
+    block_table = torch.arange(b * s2 // block_size, dtype=torch.int32).reshape(b, -1)
+    idx, values = emu.npu_lightning_indexer(query, key, weights, actual_seq_lengths_query=act_q,
+                                            actual_seq_lengths_key=act_k, block_table=block_table,
+                                            layout_query="BSND", layout_key="PA_BSND", sparse_count=2048,
+                                            sparse_mode=3)
+    assert idx.shape == (1, 1, 1, 2048) and idx.dtype == torch.int32
+    assert values.numel() == 0 and values.dtype == torch.bfloat16           # meta: [0] unless return_value
+    score = li_scores(query[0], key.reshape(-1, d), weights[0])[0]          # [s2]
+    check_topk(idx[0, 0, 0], score, 2048, tol=1e-3 * float(score.abs().max()))
+
+
+@pytest.mark.parametrize("bs", [16, 32])
+def test_lightning_indexer_tnd_paged_matches_dense_formulation(bs):
+    """TND query (prefix-sum lengths) over a shuffled PA_BSND cache, mixed requests, sparse_mode=3."""
+    g = gen(bs)
+    reqs = [(1, 1), (3, 40), (5, 5), (2, 70), (0, 9)]            # (q_len, kv_len): decode, chunks, empty
+    N1, D, count = 7, 128, 24
+    keys = [uniform(g, -1, 1, L, D) for _, L in reqs]
+    cache, table = paged([k[:, None, :] for k in keys], bs, g)  # [nblk, bs, 1, D]
+    T = sum(q for q, _ in reqs)
+    query, weights = uniform(g, -1, 1, T, N1, D), uniform(g, -1, 1, T, N1)
+    cu = torch.tensor(np.cumsum([q for q, _ in reqs]), dtype=torch.int32)
+    act_k = torch.tensor([L for _, L in reqs], dtype=torch.int32)
+    idx, _ = emu32.npu_lightning_indexer(query, cache, weights, actual_seq_lengths_query=cu,
+                                         actual_seq_lengths_key=act_k, block_table=table, layout_query="TND",
+                                         layout_key="PA_BSND", sparse_count=count, sparse_mode=3)
+    assert idx.shape == (T, 1, count) and idx.dtype == torch.int32
+    t = 0
+    for (Lq, Lk), k in zip(reqs, keys):
+        score = li_scores(query[t:t + Lq], k, weights[t:t + Lq])
+        for i in range(Lq):
+            pos = Lk - Lq + i                                        # right-down causal
+            s = score[i].masked_fill(torch.arange(Lk) > pos, float("-inf"))
+            check_topk(idx[t + i, 0], s, min(count, pos + 1), tol=1e-5)
+        t += Lq
+
+
+def test_lightning_indexer_layouts_agree():
+    """The same data as BSND/BSND, TND/TND and TND/PA_BSND selects the same positions."""
+    g = gen(5)
+    B, S, N1, D, count = 2, 20, 4, 128, 8
+    q, k, w = uniform(g, -1, 1, B, S, N1, D), uniform(g, -1, 1, B, S, 1, D), uniform(g, -1, 1, B, S, N1)
+    lens = torch.tensor([S, S], dtype=torch.int32)
+    bsnd, _ = emu32.npu_lightning_indexer(q, k, w, actual_seq_lengths_query=lens, actual_seq_lengths_key=lens,
+                                          sparse_count=count)
+    cu = torch.tensor([S, 2 * S], dtype=torch.int32)
+    tnd, _ = emu32.npu_lightning_indexer(q.reshape(B * S, N1, D), k.reshape(B * S, 1, D), w.reshape(B * S, N1),
+                                         actual_seq_lengths_query=cu, actual_seq_lengths_key=cu,
+                                         layout_query="TND", layout_key="TND", sparse_count=count)
+    pa_key = torch.cat([k.flip(0), torch.zeros(B, 12, 1, D)], 1).reshape(B * 2, 16, 1, D)  # requests' blocks swapped
+    pa, _ = emu32.npu_lightning_indexer(q.reshape(B * S, N1, D), pa_key, w.reshape(B * S, N1),
+                                        actual_seq_lengths_query=cu, actual_seq_lengths_key=lens,
+                                        block_table=torch.tensor([[2, 3], [0, 1]], dtype=torch.int32),
+                                        layout_query="TND", layout_key="PA_BSND", sparse_count=count)
+    for other in (tnd, pa):
+        assert torch.equal(bsnd.reshape(B * S, 1, count).sort(-1).values, other.sort(-1).values)
+
+
+def _li_args(**over):
+    g = gen(9)
+    a = dict(query=uniform(g, -1, 1, 3, 4, 128, dtype=torch.bfloat16),
+             key=uniform(g, -1, 1, 2, 16, 1, 128, dtype=torch.bfloat16),
+             weights=uniform(g, -1, 1, 3, 4), actual_seq_lengths_query=torch.tensor([3], dtype=torch.int32),
+             actual_seq_lengths_key=torch.tensor([20], dtype=torch.int32),
+             block_table=torch.tensor([[1, 0]], dtype=torch.int32), layout_query="TND", layout_key="PA_BSND",
+             sparse_count=8, sparse_mode=3)
+    a.update(over)
+    return a
+
+
+LI_REJECTED = {
+    "head dim 64": dict(query=torch.zeros(3, 4, 64, dtype=torch.bfloat16),
+                        key=torch.zeros(2, 16, 1, 64, dtype=torch.bfloat16)),
+    "65 heads": dict(query=torch.zeros(3, 65, 128, dtype=torch.bfloat16), weights=torch.zeros(3, 65)),
+    "N2 = 2": dict(key=torch.zeros(2, 16, 2, 128, dtype=torch.bfloat16)),
+    "block 24": dict(key=torch.zeros(2, 24, 1, 128, dtype=torch.bfloat16)),
+    "block 2048": dict(key=torch.zeros(1, 2048, 1, 128, dtype=torch.bfloat16)),
+    "sparse_count 0": dict(sparse_count=0),
+    "sparse_count 2049": dict(sparse_count=2049),
+    "sparse_mode 1": dict(sparse_mode=1),
+    "float32 query": dict(query=torch.zeros(3, 4, 128), key=torch.zeros(2, 16, 1, 128)),
+    "fp16 weights, bf16 query": dict(weights=torch.zeros(3, 4, dtype=torch.float16)),
+    "key dtype": dict(key=torch.zeros(2, 16, 1, 128, dtype=torch.float16)),
+    "key layout TND for BSND query": dict(layout_query="BSND", layout_key="TND"),
+    "no key lengths with PA": dict(actual_seq_lengths_key=None),
+    "no block table with PA": dict(block_table=None),
+    "narrow block table": dict(actual_seq_lengths_key=torch.tensor([40], dtype=torch.int32)),
+    "TND without query lengths": dict(actual_seq_lengths_query=None),
+    "decreasing prefix sums": dict(actual_seq_lengths_query=torch.tensor([2, 1], dtype=torch.int32),
+                                   actual_seq_lengths_key=torch.tensor([5, 5], dtype=torch.int32),
+                                   block_table=torch.tensor([[0], [1]], dtype=torch.int32)),
+    "int64 lengths": dict(actual_seq_lengths_key=torch.tensor([20])),
+    "return_value with PA": dict(return_value=True),
+    "pre_tokens": dict(pre_tokens=100),
+    "non-contiguous query": dict(query=torch.zeros(4, 3, 128, dtype=torch.bfloat16).transpose(0, 1)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LI_REJECTED))
+def test_lightning_indexer_rejects(case):
+    with pytest.raises(NpuOpError, match="npu_lightning_indexer"):
+        emu.npu_lightning_indexer(**_li_args(**LI_REJECTED[case]))
+
+
+def test_lightning_indexer_accepts_the_base_arguments():
+    idx, _ = emu.npu_lightning_indexer(**_li_args())
+    assert idx.shape == (3, 1, 8)
+
+
+# ---- npu_sparse_flash_attention -----------------------------------------------------------------
+
+def sfa_dense(q, qr, k, kr, v, sel, scale, Lkv, sbs=1, causal=True):
+    """float64: one batch. q [Lq,N,512], qr [Lq,N,64], k/kr/v [Lkv,*], sel [Lq,S] block ids (-1 skip)."""
+    Lq = q.shape[0]
+    out = torch.zeros(Lq, q.shape[1], v.shape[-1], dtype=torch.float64)
+    lse = torch.full((Lq, q.shape[1]), float("-inf"), dtype=torch.float64)
+    for i in range(Lq):
+        toks = sorted({int(b) * sbs + j for b in sel[i].tolist() if b >= 0 for j in range(sbs)})
+        toks = [t for t in toks if t < Lkv and (not causal or t <= Lkv - Lq + i)]
+        if not toks:
+            continue
+        kk = torch.cat([k[toks], kr[toks]], -1).double()
+        s = torch.cat([q[i], qr[i]], -1).double() @ kk.T * scale           # [N, n]
+        lse[i] = torch.logsumexp(s, -1)
+        out[i] = torch.softmax(s, -1) @ v[toks].double()
+    return out, lse
+
+
+def test_sparse_flash_attention_doc_example_scaled():
+    """The doc's example (BSND query and key, key = value, 2 heads of rope, random distinct indices
+    below s2_act - s1 + 1, fp16), shrunk: b=4, s1=1, n1=16, s2=512, s2_act=256, 64 indices."""
+    g = gen(1)
+    b, s1, n1, dn, dr, s2, s2_act, count, scale = 4, 1, 16, 512, 64, 512, 256, 64, 0.041666666666666664
+    query = uniform(g, -10, 10, b, s1, n1, dn, dtype=torch.float16)
+    key = uniform(g, -5, 10, b, s2, 1, dn, dtype=torch.float16)
+    value = key.clone()
+    idxs = torch.randperm(s2_act - s1 + 1, generator=g)[:count]
+    sparse_indices = idxs.repeat(b * s1).reshape(b, s1, 1, count).int()
+    query_rope = uniform(g, -10, 10, b, s1, n1, dr, dtype=torch.float16)
+    key_rope = uniform(g, -10, 10, b, s2, 1, dr, dtype=torch.float16)
+    act_q = torch.full((b,), s1, dtype=torch.int32)
+    act_kv = torch.full((b,), s2_act, dtype=torch.int32)
+    out, smax, ssum = emu.npu_sparse_flash_attention(
+        query, key, value, sparse_indices, scale, block_table=None, actual_seq_lengths_query=act_q,
+        actual_seq_lengths_kv=act_kv, query_rope=query_rope, key_rope=key_rope, sparse_block_size=1,
+        layout_query="BSND", layout_kv="BSND", sparse_mode=3, pre_tokens=(1 << 63) - 1,
+        next_tokens=(1 << 63) - 1, attention_mode=2, return_softmax_lse=False)
+    assert out.shape == (b, s1, n1, dn) and out.dtype == torch.float16
+    assert smax.shape == (0,) and ssum.shape == (0,) and smax.dtype == torch.float32       # meta
+    for i in range(b):
+        ref, _ = sfa_dense(query[i], query_rope[i], key[i, :, 0], key_rope[i, :, 0], value[i, :, 0],
+                           sparse_indices[i, :, 0], scale, s2_act)
+        err = (out[i].double() - ref).abs().max() / ref.abs().max()
+        assert err < 2e-3, err                                   # fp16 output rounding
+
+
+def test_sparse_flash_attention_softmax_lse_bsnd():
+    """return_softmax_lse (allowed without PA_BSND): [B, N2, S1, N1/N2] max and sum, lse = max + log(sum)."""
+    g = gen(2)
+    B, S1, N1, S2 = 2, 3, 4, 32
+    bf = torch.bfloat16
+    q, qr = uniform(g, -1, 1, B, S1, N1, 512, dtype=bf), uniform(g, -1, 1, B, S1, N1, 64, dtype=bf)
+    k, kr = uniform(g, -1, 1, B, S2, 1, 512, dtype=bf), uniform(g, -1, 1, B, S2, 1, 64, dtype=bf)
+    sel = torch.stack([torch.randperm(S2 - S1 + 1, generator=g)[:6] for _ in range(B * S1)]).view(B, S1, 1, 6).int()
+    out, smax, ssum = emu.npu_sparse_flash_attention(q, k, k, sel, 0.1, query_rope=qr, key_rope=kr,
+                                                     attention_mode=2, return_softmax_lse=True)
+    assert smax.shape == ssum.shape == (B, 1, S1, N1)
+    for b in range(B):
+        ref, lse = sfa_dense(q[b], qr[b], k[b, :, 0], kr[b, :, 0], k[b, :, 0], sel[b, :, 0], 0.1, S2)
+        assert torch.allclose((smax[b, 0] + ssum[b, 0].log()).double(), lse, atol=1e-4)
+        assert (out[b].double() - ref).abs().max() < 2e-2 * ref.abs().max()
+
+
+@pytest.mark.parametrize("sbs", [1, 4])
+def test_sparse_flash_attention_tnd_paged(sbs):
+    """TND query, shuffled PA_BSND cache, -1 padding, a row with no index, block-wise selection."""
+    g = gen(10 + sbs)
+    reqs = [(1, 37), (4, 20), (2, 2), (3, 64)]
+    N1, S, bs, scale = 8, 6, 16, 0.07
+    lat = [uniform(g, -1, 1, L, 1, 512) for _, L in reqs]
+    rope = [uniform(g, -1, 1, L, 1, 64) for _, L in reqs]
+    kc, table = paged(lat, bs, gen(3))
+    krc, table2 = paged(rope, bs, gen(3))
+    assert torch.equal(table, table2)
+    T = sum(q for q, _ in reqs)
+    q, qr = uniform(g, -1, 1, T, N1, 512), uniform(g, -1, 1, T, N1, 64)
+    sel = torch.full((T, 1, S), -1, dtype=torch.int32)
+    t = 0
+    for Lq, L in reqs:
+        for i in range(Lq):
+            nblk = -(-(L - Lq + i + 1) // sbs)
+            n = min(S, nblk) if (t + i) % 5 else 0                    # every 5th row: no index at all
+            sel[t + i, 0, :n] = torch.randperm(nblk, generator=g)[:n].int()
+        t += Lq
+    cu = torch.tensor(np.cumsum([q for q, _ in reqs]), dtype=torch.int32)
+    lens = torch.tensor([L for _, L in reqs], dtype=torch.int32)
+    out, _, _ = emu32.npu_sparse_flash_attention(
+        q, kc, kc, sel, scale, block_table=table, actual_seq_lengths_query=cu, actual_seq_lengths_kv=lens,
+        query_rope=qr, key_rope=krc, sparse_block_size=sbs, layout_query="TND", layout_kv="PA_BSND",
+        attention_mode=2)
+    assert out.shape == (T, N1, 512)
+    t = 0
+    for (Lq, L), k, kr in zip(reqs, lat, rope):
+        ref, _ = sfa_dense(q[t:t + Lq], qr[t:t + Lq], k[:, 0], kr[:, 0], k[:, 0], sel[t:t + Lq, 0], scale, L, sbs)
+        assert torch.allclose(out[t:t + Lq].double(), ref, atol=2e-6), (Lq, L)
+        t += Lq
+    assert bool(torch.isfinite(out).all())                            # NaN blocks were never read
+
+
+def _sfa_args(**over):
+    g = gen(4)
+    a = dict(query=uniform(g, -1, 1, 2, 4, 512, dtype=torch.bfloat16),
+             key=uniform(g, -1, 1, 2, 16, 1, 512, dtype=torch.bfloat16),
+             sparse_indices=torch.tensor([[[0, 1, -1]], [[2, -1, -1]]], dtype=torch.int32), scale_value=0.1,
+             block_table=torch.tensor([[1, 0]], dtype=torch.int32),
+             actual_seq_lengths_query=torch.tensor([2], dtype=torch.int32),
+             actual_seq_lengths_kv=torch.tensor([20], dtype=torch.int32),
+             query_rope=uniform(g, -1, 1, 2, 4, 64, dtype=torch.bfloat16),
+             key_rope=uniform(g, -1, 1, 2, 16, 1, 64, dtype=torch.bfloat16),
+             layout_query="TND", layout_kv="PA_BSND", sparse_mode=3, attention_mode=2)
+    a.update(over)
+    a.setdefault("value", a["key"])
+    return a
+
+
+def bz(*shape):
+    return torch.zeros(*shape, dtype=torch.bfloat16)
+
+
+SFA_REJECTED = {
+    "attention_mode 0": dict(attention_mode=0),
+    "latent 256": dict(query=bz(2, 4, 256), key=bz(2, 16, 1, 256)),
+    "rope 32": dict(query_rope=torch.zeros(2, 4, 32, dtype=torch.bfloat16)),
+    "no key_rope": dict(key_rope=None),
+    "3 heads": dict(query=bz(2, 3, 512), query_rope=bz(2, 3, 64)),
+    "KV_N 2": dict(key=bz(2, 16, 2, 512), key_rope=bz(2, 16, 2, 64)),
+    "block 8": dict(key=bz(4, 8, 1, 512), key_rope=bz(4, 8, 1, 64)),
+    "sparse_block_size 3": dict(sparse_block_size=3),
+    "sparse_block_size 256": dict(sparse_block_size=256),
+    "invalid before valid": dict(sparse_indices=torch.tensor([[[0, -1, 1]], [[2, -1, -1]]], dtype=torch.int32)),
+    "int64 indices": dict(sparse_indices=torch.tensor([[[0, 1, -1]], [[2, -1, -1]]])),
+    "lse with PA": dict(return_softmax_lse=True),
+    "BSND kv for TND query": dict(layout_kv="BSND"),
+    "sinks": dict(sinks=torch.zeros(4)),
+    "value None": dict(value=None),
+    "float32 query": dict(query=torch.zeros(2, 4, 512)),
+    "value shape": dict(value=torch.zeros(2, 16, 1, 256, dtype=torch.bfloat16)),
+    "sparse_mode 1": dict(sparse_mode=1),
+    "no kv lengths with PA": dict(actual_seq_lengths_kv=None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SFA_REJECTED))
+def test_sparse_flash_attention_rejects(case):
+    with pytest.raises(NpuOpError, match="npu_sparse_flash_attention"):
+        emu.npu_sparse_flash_attention(**_sfa_args(**SFA_REJECTED[case]))
+
+
+def test_sparse_flash_attention_accepts_the_base_arguments():
+    out, _, _ = emu.npu_sparse_flash_attention(**_sfa_args())
+    assert out.shape == (2, 4, 512) and out.dtype == torch.bfloat16
+
+
+# ---- npu_moe_gating_top_k -----------------------------------------------------------------------
+
+def gating_numpy(x, k, bias, k_group, group_count, group_select_mode, norm_type, scale, eps):
+    """The documented golden logic (等价计算逻辑), in numpy, float64."""
+    x = x.astype(np.float64)
+    p = np.exp(x - x.max(-1, keepdims=True)) / np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True) \
+        if norm_type == 0 else 1 / (1 + np.exp(-x))
+    c = p + bias
+    T, E = c.shape
+    if group_count > 1:
+        gc = c.reshape(T, group_count, -1)
+        gs = gc.max(-1) if group_select_mode == 0 else np.sort(gc, -1)[..., -2:].sum(-1)
+        keep = np.argsort(-gs, -1, kind="stable")[:, :k_group]
+        drop = np.ones((T, group_count), bool)
+        drop[np.arange(T)[:, None], keep] = False
+        c = np.where(drop[..., None], -np.inf, gc).reshape(T, E)
+    ids = np.argsort(-c, -1, kind="stable")[:, :k]
+    y = np.take_along_axis(p, ids, 1)
+    if norm_type == 1:
+        y = y / (y.sum(-1, keepdims=True) + eps)
+    return y * scale, ids
+
+
+@pytest.mark.parametrize("mode,norm_type", [(1, 1), (0, 1), (1, 0)])
+def test_moe_gating_top_k_doc_example(mode, norm_type):
+    """The doc's example: x (8, 256) ~ U(-2, 2), bias ~ U(-2, 2), k=6, k_group=4, group_count=8."""
+    rng = np.random.default_rng(mode * 2 + norm_type)
+    x = rng.uniform(-2, 2, (8, 256)).astype(np.float32)
+    bias = rng.uniform(-2, 2, (256,)).astype(np.float32)
+    y, ids, norm = emu.npu_moe_gating_top_k(torch.tensor(x), 6, bias=torch.tensor(bias), k_group=4, group_count=8,
+                                            group_select_mode=mode, renorm=0, norm_type=norm_type,
+                                            routed_scaling_factor=2.5, eps=1e-20)
+    assert y.shape == ids.shape == (8, 6) and ids.dtype == torch.int32 and y.dtype == torch.float32
+    assert norm.shape == (8, 256) and norm.dtype == torch.float32                     # meta: normOut
+    y_ref, ids_ref = gating_numpy(x, 6, bias, 4, 8, mode, norm_type, 2.5, 1e-20)
+    assert np.array_equal(ids.numpy(), ids_ref)
+    assert np.allclose(y.numpy(), y_ref, rtol=1e-5)
+
+
+def test_moe_gating_top_k_one_group_and_half_precision():
+    rng = np.random.default_rng(7)
+    x = rng.uniform(0, 2, (16, 64)).astype(np.float16)
+    bias = rng.uniform(0, 2, (64,)).astype(np.float16)
+    y, ids, _ = emu.npu_moe_gating_top_k(torch.tensor(x), 4, bias=torch.tensor(bias), norm_type=1)
+    assert y.dtype == torch.float16
+    y_ref, ids_ref = gating_numpy(x.astype(np.float32), 4, bias.astype(np.float32), 1, 1, 0, 1, 1.0, 1e-20)
+    assert np.array_equal(np.sort(ids.numpy(), -1), np.sort(ids_ref, -1))
+    assert np.allclose(y.float().numpy(), y_ref, rtol=2e-3)
+
+
+GATING_REJECTED = {
+    "renorm 1": dict(renorm=1),
+    "k too large": dict(k=65, k_group=1, group_count=2),
+    "groups of 2": dict(group_count=32, k_group=1, k=2),
+    "group count does not divide": dict(group_count=3),
+    "k_group > group_count": dict(k_group=5, group_count=4),
+    "bias dtype": dict(bias=torch.zeros(64, dtype=torch.float16)),
+    "bias shape": dict(bias=torch.zeros(63)),
+    "3-D x": dict(x=torch.zeros(2, 4, 64)),
+    "2049 experts": dict(x=torch.zeros(2, 2049), bias=None),
+    "input_ids without tid2eid": dict(input_ids=torch.zeros(4, dtype=torch.int32)),
+    "norm_type 2": dict(norm_type=2),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GATING_REJECTED))
+def test_moe_gating_top_k_rejects(case):
+    a = dict(x=torch.zeros(4, 64), k=4, bias=torch.zeros(64), k_group=1, group_count=1)
+    a.update(GATING_REJECTED[case])
+    with pytest.raises(NpuOpError, match="npu_moe_gating_top_k"):
+        emu.npu_moe_gating_top_k(a.pop("x"), a.pop("k"), **a)
+
+
+# ---- npu_moe_init_routing_v2 ----------------------------------------------------------------------
+
+def test_moe_init_routing_v2_doc_example():
+    """The doc's example: bs=1, h=613, k=475, 226 experts, active range [23, 35), count mode."""
+    g = gen(3)
+    bs, h, k, E, rng = 1, 613, 475, 226, [23, 35]
+    x = torch.randn(bs, h, generator=g)
+    expert_idx = torch.randint(0, E, (bs, k), generator=g, dtype=torch.int32)
+    scale = torch.randn(bs, generator=g)
+    ex, row, counts, ex_scale = emu.npu_moe_init_routing_v2(
+        x, expert_idx, scale=scale, offset=None, active_num=475, expert_capacity=-1, expert_num=E,
+        drop_pad_mode=0, expert_tokens_num_type=1, expert_tokens_num_flag=True, active_expert_range=rng,
+        quant_mode=-1, row_idx_type=0)
+    flat = expert_idx.flatten()
+    inside = (flat >= 23) & (flat < 35)
+    n = int(inside.sum())
+    # meta shapes: [min(active_num, bs*k), h], [bs*k], [end - start], [bs*k]
+    assert ex.shape == (475, h) and row.shape == (475,) and counts.shape == (12,) and ex_scale.shape == (475,)
+    assert row.dtype == torch.int32 and counts.dtype == torch.int64
+    assert torch.equal(counts, torch.bincount(flat[inside].long() - 23, minlength=12))
+    # gather index: in-range slots get their row in the expert-sorted order (stable), others -1
+    assert bool((row[~inside] == -1).all())
+    order = sorted(range(k), key=lambda i: (int(flat[i]), i))
+    order = [i for i in order if inside[i]]
+    assert [int(row[i]) for i in order] == list(range(n))
+    assert torch.equal(ex[:n], x[[i // k for i in order]])
+    assert torch.equal(ex_scale[:n], scale[[i // k for i in order]])
+
+
+def test_moe_init_routing_v2_scatter_index_and_key_value_counts():
+    g = gen(4)
+    x = torch.randn(6, 5, generator=g)
+    ids = torch.tensor([[3, 0], [3, 1], [0, 2], [5, 3], [1, 0], [3, 5]], dtype=torch.int32)
+    ex, row, kv, _ = emu.npu_moe_init_routing_v2(x, ids, expert_num=8, expert_tokens_num_type=2,
+                                                 expert_tokens_num_flag=True, row_idx_type=1)
+    flat = ids.flatten().tolist()
+    order = sorted(range(12), key=lambda i: (flat[i], i))
+    assert row.tolist() == order                                            # scatter: row i <- slot order[i]
+    assert torch.equal(ex, x[[i // 2 for i in order]])
+    assert kv.shape == (8, 2)                                               # meta: [expert_num, 2]
+    assert kv[:5].tolist() == [[0, 3], [1, 2], [2, 1], [3, 4], [5, 2]] and kv[5:].abs().sum() == 0
+
+
+ROUTING_REJECTED = {
+    "int64 ids": dict(expert_idx=torch.zeros(4, 2, dtype=torch.int64)),
+    "3-D x": dict(x=torch.zeros(4, 2, 8)),
+    "row mismatch": dict(expert_idx=torch.zeros(3, 2, dtype=torch.int32)),
+    "drop_pad_mode 2": dict(drop_pad_mode=2),
+    "row_idx_type 2": dict(row_idx_type=2),
+    "expert_tokens_num_type 3": dict(expert_tokens_num_type=3),
+    "decreasing range": dict(active_expert_range=[5, 2]),
+    "range beyond expert_num": dict(active_expert_range=[0, 9]),
+    "id beyond expert_num": dict(expert_idx=torch.full((4, 2), 8, dtype=torch.int32)),
+    "active_num -2": dict(active_num=-2),
+    "quantised (not emulated)": dict(quant_mode=1),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ROUTING_REJECTED))
+def test_moe_init_routing_v2_rejects(case):
+    a = dict(x=torch.zeros(4, 8), expert_idx=torch.zeros(4, 2, dtype=torch.int32), expert_num=8,
+             expert_tokens_num_type=1, expert_tokens_num_flag=True)
+    a.update(ROUTING_REJECTED[case])
+    with pytest.raises(NpuOpError, match="npu_moe_init_routing_v2"):
+        emu.npu_moe_init_routing_v2(a.pop("x"), a.pop("expert_idx"), **a)
+
+
+# ---- npu_grouped_matmul / npu_swiglu / npu_moe_token_unpermute --------------------------------------
+
+@pytest.mark.parametrize("list_type", [0, 1])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_grouped_matmul_single_weight_groups_along_m(list_type, transposed):
+    g = gen(list_type * 2 + transposed)
+    E, K, N = 5, 12, 7
+    sizes = [3, 0, 6, 1, 0]                                               # empty groups included
+    M = sum(sizes)
+    x = torch.randn(M, K, generator=g, dtype=torch.float64).float()
+    w = torch.randn(E, K, N, generator=g)
+    weight = w.transpose(1, 2).contiguous().transpose(1, 2) if transposed else w   # a transposed view
+    gl = torch.tensor(np.cumsum(sizes) if list_type == 0 else sizes, dtype=torch.int64)
+    y = emu.npu_grouped_matmul([x], [weight], group_list=gl, split_item=3, group_type=0,
+                               group_list_type=list_type)
+    assert len(y) == 1 and y[0].shape == (M, N)
+    ref = torch.cat([x[s:s + n].double() @ w[e].double() for e, (s, n) in
+                     enumerate(zip(np.cumsum([0] + sizes[:-1]), sizes))])
+    assert torch.allclose(y[0].double(), ref, atol=1e-5)
+
+
+def test_grouped_matmul_weight_list_and_ungrouped():
+    g = gen(8)
+    x = torch.randn(6, 4, generator=g)
+    ws = [torch.randn(4, 3, generator=g) for _ in range(2)]
+    y = emu.npu_grouped_matmul([x], ws, group_list=torch.tensor([2, 6]), split_item=2, group_type=0)[0]
+    assert torch.allclose(y, torch.cat([x[:2] @ ws[0], x[2:] @ ws[1]]), atol=1e-6)
+    xs = [torch.randn(2, 4, generator=g), torch.randn(5, 4, generator=g)]
+    bias = [torch.randn(3, generator=g), torch.randn(3, generator=g)]
+    ys = emu.npu_grouped_matmul(xs, ws, bias=bias, split_item=0, group_type=-1)
+    for xi, wi, bi, yi in zip(xs, ws, bias, ys):
+        assert torch.allclose(yi, xi @ wi + bi, atol=1e-6)
+
+
+GMM_REJECTED = {
+    "cumsum short of M": dict(group_list=torch.tensor([2, 3, 5])),
+    "cumsum decreasing": dict(group_list=torch.tensor([4, 2, 6])),
+    "counts do not sum to M": dict(group_list=torch.tensor([1, 1, 1]), group_list_type=1),
+    "group_list length": dict(group_list=torch.tensor([3, 6])),
+    "group_list int32": dict(group_list=torch.tensor([2, 4, 6], dtype=torch.int32)),
+    "split_item 0 for group_type 0": dict(split_item=0),
+    "group_type 1": dict(group_type=1),
+    "transposed x": dict(x=[torch.zeros(4, 6).t()]),
+    "act_type silu": dict(act_type=5),
+    "dtype mismatch": dict(weight=[torch.zeros(3, 4, 5, dtype=torch.float16)]),
+    "quantised (not emulated)": dict(scale=[torch.ones(5)]),
+    "group_list_type 2": dict(group_list_type=2),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GMM_REJECTED))
+def test_grouped_matmul_rejects(case):
+    a = dict(x=[torch.zeros(6, 4)], weight=[torch.zeros(3, 4, 5)], group_list=torch.tensor([2, 4, 6]),
+             split_item=2, group_type=0, group_list_type=0)
+    a.update(GMM_REJECTED[case])
+    with pytest.raises(NpuOpError, match="npu_grouped_matmul"):
+        emu.npu_grouped_matmul(a.pop("x"), a.pop("weight"), **a)
+
+
+def test_swiglu():
+    x = torch.randn(5, 2, 12, generator=gen(9))
+    a, b = x.chunk(2, -1)
+    assert torch.allclose(emu.npu_swiglu(x), F.silu(a) * b, atol=1e-6)
+    a, b = x[:4].chunk(2, 0)
+    assert torch.allclose(emu.npu_swiglu(x[:4], dim=0), F.silu(a) * b, atol=1e-6)
+    assert emu.npu_swiglu(x.bfloat16()).shape == (5, 2, 6)                  # meta: split dim halves
+    with pytest.raises(NpuOpError, match="npu_swiglu"):
+        emu.npu_swiglu(torch.zeros(3, 5))
+
+
+def test_moe_token_unpermute_doc_examples():
+    permuted = torch.tensor([[1, 1], [2, 2], [3, 3], [4, 4], [1, 1], [2, 2], [3, 3], [4, 4]], dtype=torch.float16)
+    sorted_indices = torch.tensor([0, 4, 5, 1, 2, 6, 7, 3], dtype=torch.int32)
+    probs = torch.ones((4, 2), dtype=torch.float16) / 2
+    out = emu.npu_moe_token_unpermute(permuted, sorted_indices, probs=probs)
+    assert out.dtype == torch.float16
+    assert out.tolist() == [[1, 1], [2, 2], [3, 3], [4, 4]]
+    out = emu.npu_moe_token_unpermute(permuted[:4], torch.tensor([0, 1, 2, 3], dtype=torch.int32))
+    assert out.tolist() == [[1, 1], [2, 2], [3, 3], [4, 4]]
+
+
+def test_moe_token_unpermute_random_and_rejects():
+    g = gen(11)
+    T, K, H = 5, 3, 4
+    perm = torch.randn(T * K, H, generator=g)
+    s = torch.randperm(T * K, generator=g).int()
+    p = torch.rand(T, K, generator=g)
+    out = emu.npu_moe_token_unpermute(perm, s, probs=p)
+    ref = torch.stack([sum(perm[s[i * K + j]] * p[i, j] for j in range(K)) for i in range(T)])
+    assert torch.allclose(out, ref, atol=1e-6)
+    bad = {"repeated index": dict(sorted_indices=torch.zeros(T * K, dtype=torch.int32)),
+           "out of range": dict(sorted_indices=s + 1),
+           "int64": dict(sorted_indices=s.long()),
+           "padded_mode": dict(padded_mode=True),
+           "topk 513": dict(permuted_tokens=torch.zeros(513, H), sorted_indices=torch.arange(513, dtype=torch.int32),
+                            probs=torch.ones(1, 513))}
+    for case, over in bad.items():
+        a = dict(permuted_tokens=perm, sorted_indices=s, probs=p)
+        a.update(over)
+        with pytest.raises(NpuOpError, match="npu_moe_token_unpermute"):
+            emu.npu_moe_token_unpermute(**a)
+
+
+# ---- npu_rms_norm / npu_rotary_mul ----------------------------------------------------------------
+
+def test_rms_norm_doc_example_shape_and_formula():
+    g = gen(12)
+    x, w = torch.randn(24, 1, 128, generator=g), torch.randn(128, generator=g)
+    y, rstd = emu.npu_rms_norm(x, w, epsilon=1e-5)
+    assert y.shape == x.shape and rstd.shape == (24, 1, 1) and rstd.dtype == torch.float32   # meta
+    xd = x.double()
+    ref = xd / torch.sqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5) * w.double()
+    assert torch.allclose(y.double(), ref, atol=1e-5)
+    for bad in (dict(gamma=w.half()), dict(self=torch.zeros(128), gamma=w), dict(gamma=torch.zeros(64))):
+        a = dict(self=x, gamma=w)
+        a.update(bad)
+        with pytest.raises(NpuOpError, match="npu_rms_norm"):
+            emu.npu_rms_norm(a["self"], a["gamma"])
+
+
+@pytest.mark.parametrize("mode", ["half", "interleave"])
+def test_rotary_mul_against_complex_rotation(mode):
+    g = gen(13)
+    S, B, N, D = 5, 1, 3, 16
+    x = torch.randn(S, B, N, D, generator=g)                          # SBND, r1/r2 S11D
+    ang = torch.rand(S, 1, 1, D // 2, generator=g) * 6
+    rep = (lambda t: t.repeat_interleave(2, -1)) if mode == "interleave" else (lambda t: torch.cat([t, t], -1))
+    y = emu.npu_rotary_mul(x, rep(ang.cos()), rep(ang.sin()), rotary_mode=mode)
+    xd = x.double()
+    if mode == "interleave":
+        z = torch.view_as_complex(xd.view(S, B, N, D // 2, 2).contiguous())
+        ref = torch.view_as_real(z * torch.polar(torch.ones_like(ang.double()), ang.double())).flatten(-2)
+    else:
+        z = torch.complex(xd[..., :D // 2], xd[..., D // 2:]) * torch.polar(torch.ones_like(ang.double()), ang.double())
+        ref = torch.cat([z.real, z.imag], -1)
+    assert torch.allclose(y.double(), ref, atol=1e-5)
+
+
+def test_rotary_mul_rejects():
+    x, r = torch.zeros(2, 1, 3, 8), torch.zeros(2, 1, 1, 8)
+    for a in (dict(input=x[0], r1=r[0], r2=r[0]), dict(input=torch.zeros(2, 1, 3, 7), r1=r[..., :7], r2=r[..., :7]),
+              dict(input=x, r1=r + 2, r2=r), dict(input=x, r1=torch.zeros(2, 1, 3, 8), r2=torch.zeros(2, 1, 3, 8),
+                                                  rotary_mode="interleave"),
+              dict(input=x, r1=r, r2=r, rotary_mode="full")):
+        with pytest.raises(NpuOpError, match="npu_rotary_mul"):
+            emu.npu_rotary_mul(**a)

@@ -85,12 +85,16 @@ def cmd_generate(args) -> int:
         g = torch.Generator().manual_seed(args.seed)
         prompts = [torch.randint(0, model.cfg.vocab_size, (int(n),), generator=g).tolist()
                    for n in (torch.arange(args.batch) * 7 % 23 + args.prompt_len)]
-    res = model.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                         top_p=args.top_p, seed=args.seed, speculative=args.speculative,
-                         prefill_chunk=args.prefill_chunk, stop_at_eos=not args.ignore_eos)
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+              prefill_chunk=args.prefill_chunk, stop_at_eos=not args.ignore_eos)
+    plain = model.generate(prompts, **kw) if args.speculative else None  # baseline for the speed-up
+    res = model.generate(prompts, speculative=args.speculative, **kw)
     s = res.stats
     if args.json:
-        print(json.dumps({"tokens": res.tokens, "text": res.text, "stats": s, "load_s": load_s}, default=str))
+        d = {"tokens": res.tokens, "text": res.text, "stats": s, "load_s": load_s}
+        if plain is not None:
+            d["plain_stats"] = plain.stats
+        print(json.dumps(d, default=str))
         return 0
     native = [op for op, how in s["ops"].items() if how == "native"]
     fallback = [op for op, how in s["ops"].items() if how in ("fallback", "mixed")]
@@ -104,11 +108,22 @@ def cmd_generate(args) -> int:
         rows.append([str(i), str(len(p) if not isinstance(p, str) else len(model.tokenizer.encode(p))),
                      str(len(toks)), shown])
     print(_table(rows, ["req", "prompt", "new", "generated tokens"]))
-    line = (f"{s['new_tokens']} new tokens in {s['prefill_s'] + s['decode_s']:.3f} s: {s['tokens_per_s']:.1f} tok/s "
-            f"(prefill {s['prefill_s'] * 1e3:.1f} ms, decode {s['decode_tokens_per_s']:.1f} tok/s); load {load_s:.2f} s")
-    if "mean_acceptance_length" in s:
-        line += f"; mean acceptance length {s['mean_acceptance_length']:.2f} (k={args.speculative})"
-    print(line)
+    def speed(st) -> str:
+        return (f"{st['new_tokens']} new tokens in {st['prefill_s'] + st['decode_s']:.3f} s: "
+                f"{st['tokens_per_s']:.1f} tok/s (prefill {st['prefill_s'] * 1e3:.1f} ms, "
+                f"decode {st['decode_tokens_per_s']:.1f} tok/s)")
+
+    if plain is None:
+        print(f"{speed(s)}; load {load_s:.2f} s")
+        return 0
+    print(f"with speculation (k={args.speculative}): {speed(s)}; {s['verify_steps']} verify steps")
+    print(f"without speculation   : {speed(plain.stats)}")
+    print(f"mean acceptance length: {s['mean_acceptance_length']:.2f} tokens per verify step (bonus token "
+          f"counted; 1.00 = no draft accepted, {args.speculative + 1} = all)")
+    print(f"speed-up              : {s['tokens_per_s'] / plain.stats['tokens_per_s']:.2f}x end to end, "
+          f"{s['decode_tokens_per_s'] / plain.stats['decode_tokens_per_s']:.2f}x decode; load {load_s:.2f} s")
+    if args.temperature == 0.0:
+        print(f"same tokens as plain greedy: {'yes' if res.tokens == plain.tokens else 'NO'}")
     return 0
 
 
@@ -148,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--speculative", type=int, default=0, metavar="K", help="MTP draft tokens per step (1..5)")
+    g.add_argument("--speculative", type=int, default=0, metavar="K",
+                   help="MTP draft tokens per verify step (GLM-5.2 recipes: 1..5); also runs plain decoding "
+                        "and prints both speeds and the mean acceptance length")
     g.add_argument("--prefill-chunk", type=int, help="chunked prefill size in tokens")
     g.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS")
     g.add_argument("--json", action="store_true", help="print a JSON object instead of tables")

@@ -388,11 +388,15 @@ class GLM52:
         prompts: list of token-id lists (or strings with a tokenizer), or a `[B, T]` tensor.
         Returns `.tokens` (new ids per prompt) and `.stats` (prefill/decode time, tokens/s,
         which ops ran natively). `prefill_chunk` splits prompts into chunks of that many tokens.
+        `speculative=k` drafts k tokens per step with the MTP layer and verifies them in one target
+        step (greedy: the same tokens as plain decoding; sampling: the same distribution); stats
+        then add `mean_acceptance_length` and `verify_steps`.
         """
         if speculative:
             from .speculative import generate_speculative
             return generate_speculative(self, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                                        top_p=top_p, seed=seed, k=speculative, stop_at_eos=stop_at_eos)
+                                        top_p=top_p, seed=seed, k=speculative, stop_at_eos=stop_at_eos,
+                                        prefill_chunk=prefill_chunk, cache_tokens=cache_tokens)
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if prefill_chunk is not None and prefill_chunk <= 0:

@@ -31,4 +31,6 @@ def sample_from(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     c = p.cumsum(-1)
     target = (u.to(c.dtype) * c[:, -1]).unsqueeze(-1)
     i = torch.searchsorted(c.contiguous(), target.contiguous(), right=True).squeeze(-1)
-    return i.clamp(max=p.shape[-1] - 1)
+    # u * total can round up to the total: never step past the last token that has any mass
+    last = p.shape[-1] - 1 - (p > 0).flip(-1).int().argmax(-1)
+    return torch.minimum(i, last)

@@ -197,3 +197,13 @@ def test_mtp_verify_sampling_preserves_the_target_distribution():
     # the test has power: the drafts themselves (law q, what accepting everything would emit) are rejected
     chi2_wrong = float(((torch.bincount(draft, minlength=V).double() - N * p) ** 2 / (N * p)).sum())
     assert chi2_wrong > 20.52
+
+
+def test_sample_from_never_returns_a_token_without_mass():
+    from glm52_backends.sampling import sample_from
+    p = torch.tensor([[0.3, 0.7, 0.0, 0.0], [0.0, 0.5, 0.5, 0.0]])
+    top = torch.tensor([1 - 1e-9, 1 - 1e-9], dtype=torch.float64)      # rounds to 1.0 in float32
+    assert sample_from(p, top).tolist() == [1, 2]
+    assert sample_from(p, torch.tensor([0.0, 0.0])).tolist() == [0, 1]
+    assert sample_from(p, torch.tensor([0.29, 0.49])).tolist() == [0, 1]
+    assert sample_from(p, torch.tensor([0.31, 0.51])).tolist() == [1, 2]

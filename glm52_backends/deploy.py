@@ -1,0 +1,458 @@
+"""Deployment configs (DESIGN §6): one YAML says which chip, how many, which dtypes and layout.
+
+    cfg = load_deployment("ascend-910c")            # a bundled name, or a path to a YAML file
+    plan(cfg).fits                                  # glm52_backends.planner
+    GLM52.from_deployment("cpu-tiny")               # model + backend + device from the YAML
+
+Every key is checked on load: an unknown or duplicate key, a wrong type, a parallel layout that
+does not fit the devices or does not divide heads/experts, a dtype the chip lacks (by its own
+`capabilities`, and by `CHIP_LACKS`, facts a YAML cannot overrule, e.g. no FP8 on 910B/910C), a
+built-in backend on a device it does not run on -> one `DeploymentError` (a `ConfigError`) whose
+message starts with the file and the offending key, e.g.
+`ascend-910b.yaml: 'dtypes.weights': 'fp8' is not supported by Huawei Ascend 910B (...)`.
+Whether the named backend is installed is checked when the model is built, not on load, so any
+YAML can be planned on any machine.
+
+Schema (types; defaults for optional keys):
+
+    vendor: str                 chip: str                   description: str = ""
+    device_type: str            torch device type: cpu cuda npu mlu musa xpu supa mps hpu
+    backend: str                a registered backend name or "auto"
+    dtypes: {weights: fp32|bf16|fp8|w8a8|w4a8, kv_cache: fp32|bf16|fp8|int8,
+             index_cache: same choices, default = kv_cache}
+    memory_per_device_gb: number    devices_per_node: int    nodes: int
+    memory_utilization: number = 0.9   fraction of device memory the engine may use
+    runtime_reserve_gb: number = 2.0   non-tensor memory: runtime context, collective buffers
+    collective: str             nccl hccl cncl bkcl rccl mccl sccl gloo
+    parallel: {tp: int, ep: int = 1, dp: int = 1, dcp: int = 1}
+    model: str                  "tiny" | "glm-5.2" (the real architecture, planning only) | checkpoint folder
+    mtp_draft_tokens: int = 0   max_context: int    max_batch: int   (requests per DP replica)
+    max_batched_tokens: int = 8192   tokens per forward step (prefill chunk)
+    capabilities: {weight_dtypes: [str], kv_cache_dtypes: [str],
+                   hbm_tbs: number|null, bf16_tflops: number|null, fp8_tflops: number|null}
+
+Units: `memory_per_device_gb` is the capacity the vendor quotes; HBM capacities are binary, so the
+planner reads it as GiB (2**30 bytes).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import GLM52_CONFIG, ConfigError, ModelConfig
+
+WEIGHT_DTYPES = ("fp32", "bf16", "fp8", "w8a8", "w4a8")
+CACHE_DTYPES = ("fp32", "bf16", "fp8", "int8")
+DEVICE_TYPES = ("cpu", "cuda", "npu", "mlu", "musa", "xpu", "supa", "mps", "hpu")
+COLLECTIVES = ("nccl", "hccl", "cncl", "bkcl", "rccl", "mccl", "sccl", "gloo")
+ARCH_MODELS = ("tiny", "glm-5.2")
+
+# Formats a chip's software stack lacks, whatever a YAML's `capabilities` claims: (substring of
+# "vendor chip", lowercased) -> (formats, source). spec/ascend-and-chips.md §4, §6.
+CHIP_LACKS: dict[str, tuple[tuple[str, ...], str]] = {
+    "910b": (("fp8",), "torch_npu op docs: no fp8 on Atlas A2; int8 W8A8/W4A8 and C8 caches instead"),
+    "910c": (("fp8",), "torch_npu op docs: Atlas A3 excludes fp8/hif8; int8 W8A8/W4A8 and C8 caches instead"),
+    "p800": (("fp8",), "vLLM-Kunlun accepts fp32/fp16/bf16/int8 only"),
+    "biren": (("fp8",), "SGLang's supa platform: supports_fp8=False"),
+}
+# Built-in backends and the device types they run on (vendor plugins and `torch` run anywhere).
+BACKEND_DEVICES = {"cpu_ref": ("cpu",), "cuda": ("cuda",), "ascend": ("npu",)}
+
+
+def chip_lacks(vendor: str, chip: str) -> tuple[tuple[str, ...], str]:
+    """(formats the chip lacks, source) from `CHIP_LACKS`; ((), "") for chips with no entry."""
+    key = f"{vendor} {chip}".lower()
+    for part, facts in CHIP_LACKS.items():
+        if part in key:
+            return facts
+    return (), ""
+
+
+class DeploymentError(ConfigError):
+    """A deployment YAML that cannot describe a valid deployment; `.key` names the culprit."""
+
+    def __init__(self, where: str, key: str, msg: str):
+        self.where, self.key = where, key
+        super().__init__(f"{where}: '{key}': {msg}")
+
+
+# ---- schema ---------------------------------------------------------------------------------------
+_REQUIRED = object()
+# key -> (type name, default). Type names: str, int, number, dict, strlist, number|null.
+_TOP: dict[str, tuple[str, Any]] = {
+    "vendor": ("str", _REQUIRED),
+    "chip": ("str", _REQUIRED),
+    "description": ("str", ""),
+    "device_type": ("str", _REQUIRED),
+    "backend": ("str", _REQUIRED),
+    "dtypes": ("dict", _REQUIRED),
+    "memory_per_device_gb": ("number", _REQUIRED),
+    "memory_utilization": ("number", 0.9),
+    "runtime_reserve_gb": ("number", 2.0),
+    "devices_per_node": ("int", _REQUIRED),
+    "nodes": ("int", _REQUIRED),
+    "collective": ("str", _REQUIRED),
+    "parallel": ("dict", _REQUIRED),
+    "model": ("str", _REQUIRED),
+    "mtp_draft_tokens": ("int", 0),
+    "max_context": ("int", _REQUIRED),
+    "max_batch": ("int", _REQUIRED),
+    "max_batched_tokens": ("int", 8192),
+    "capabilities": ("dict", _REQUIRED),
+}
+_DTYPES = {"weights": ("str", _REQUIRED), "kv_cache": ("str", _REQUIRED), "index_cache": ("str", None)}
+_PARALLEL = {"tp": ("int", _REQUIRED), "ep": ("int", 1), "dp": ("int", 1), "dcp": ("int", 1)}
+_CAPS = {"weight_dtypes": ("strlist", _REQUIRED), "kv_cache_dtypes": ("strlist", _REQUIRED),
+         "hbm_tbs": ("number|null", None), "bf16_tflops": ("number|null", None),
+         "fp8_tflops": ("number|null", None)}
+
+
+@dataclass(frozen=True)
+class DeploymentConfig:
+    """A validated deployment YAML. Build variants with `cfg.replace(**{"dtypes.weights": "bf16"})`."""
+
+    name: str
+    vendor: str
+    chip: str
+    device_type: str
+    backend: str
+    weights_dtype: str
+    kv_cache_dtype: str
+    index_cache_dtype: str
+    memory_per_device_gb: float
+    memory_utilization: float
+    runtime_reserve_gb: float
+    devices_per_node: int
+    nodes: int
+    collective: str
+    tp: int
+    ep: int
+    dp: int
+    dcp: int
+    model: str
+    mtp_draft_tokens: int
+    max_context: int
+    max_batch: int
+    max_batched_tokens: int
+    weight_dtypes: tuple[str, ...]
+    kv_cache_dtypes: tuple[str, ...]
+    description: str = ""
+    hbm_tbs: float | None = None
+    bf16_tflops: float | None = None
+    fp8_tflops: float | None = None
+    source: str = "<dict>"
+    raw: dict = field(default_factory=dict, repr=False, compare=False)
+
+    # ---- derived -----------------------------------------------------------------------------
+    @property
+    def world_size(self) -> int:
+        return self.devices_per_node * self.nodes
+
+    @property
+    def expert_shards(self) -> int:
+        """Ranks the routed experts are split over: EP when enabled, else TP-sharded experts (vLLM)."""
+        return self.ep if self.ep > 1 else self.tp
+
+    @property
+    def torch_dtype(self):
+        """Compute dtype of the engine: fp32 stays fp32; every other format computes in bf16."""
+        import torch
+        return torch.float32 if self.weights_dtype == "fp32" else torch.bfloat16
+
+    def model_config(self) -> ModelConfig:
+        return resolve_model_config(self.model)
+
+    def replace(self, **changes: Any) -> "DeploymentConfig":
+        """A re-validated copy with dotted keys changed, e.g. `replace(nodes=2, **{"parallel.dp": 4})`."""
+        raw = _deepcopy(self.raw)
+        for dotted, value in changes.items():
+            node = raw
+            *parents, leaf = dotted.split(".")
+            for p in parents:
+                node = node.setdefault(p, {})
+                if not isinstance(node, dict):
+                    raise DeploymentError(self.source, dotted, f"'{p}' is not a mapping")
+            node[leaf] = value
+        return from_dict(raw, source=self.source, name=self.name)
+
+    # ---- building ----------------------------------------------------------------------------
+    def build_model(self, **overrides: Any):
+        """`GLM52` on this deployment's backend and device. Overrides: model, backend, device, dtype,
+        and any other `GLM52` keyword. Runs on one process: the parallel layout is for planning."""
+        from .model import GLM52
+        from .registry import get_backend
+
+        src = overrides.pop("model", None) or self.model
+        device = overrides.pop("device", None) or self.device_type
+        backend = overrides.pop("backend", None) or self.backend
+        dtype = overrides.pop("dtype", None) or self.torch_dtype
+        # MTP drafting wants the MTP layer when the checkpoint has one; without drafting skip it
+        overrides.setdefault("include_mtp", None if self.mtp_draft_tokens > 0 else False)
+        if src == "glm-5.2":
+            raise DeploymentError(self.source, "model",
+                                  "'glm-5.2' names the published architecture, for planning only (its weights "
+                                  "are 1.5 TB); point 'model' at a checkpoint folder, or pass model=PATH")
+        if isinstance(backend, str) and backend in ("torch", "cpu_ref"):
+            backend = get_backend(backend, device=device)  # these two run on any device they are given
+        model_arg = tiny_checkpoint() if src == "tiny" else src
+        return GLM52(model_arg, backend=backend, device=device, dtype=dtype, **overrides)
+
+
+# ---- model resolution -------------------------------------------------------------------------------
+def tiny_model_config() -> ModelConfig:
+    """The config of the embedded tiny checkpoint (`glm52 generate`'s default: 4 layers + MTP)."""
+    from .tiny import tiny_config
+    return tiny_config(mtp=True, layers=4)[0]
+
+
+def tiny_checkpoint() -> str:
+    """The embedded tiny random checkpoint in the real format, written once (see `glm52 generate`)."""
+    from . import cli
+    return cli.ensure_default_checkpoint(cli.DEFAULT_TINY)  # looked up now: GLM52_CACHE / tests may move it
+
+
+def resolve_model_config(model: str) -> ModelConfig:
+    if model == "glm-5.2":
+        return GLM52_CONFIG
+    if model == "tiny":
+        return tiny_model_config()
+    return ModelConfig.from_file(model)
+
+
+# ---- loading --------------------------------------------------------------------------------------
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (PyYAML silently keeps the last one)."""
+
+
+def _no_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise DeploymentError(loader.name, str(key), f"duplicate key (line {key_node.start_mark.line + 1})")
+        seen.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
+
+
+def bundled_names() -> list[str]:
+    from glm52_backends.configs import bundled_configs
+    return list(bundled_configs())
+
+
+def find_config(path_or_name: str | os.PathLike) -> Path:
+    """A YAML path: an existing file, or a bundled config named by its stem ("ascend-910c")."""
+    p = Path(path_or_name)
+    if p.is_file():
+        return p
+    from glm52_backends.configs import bundled_configs
+    bundled = bundled_configs()
+    stem = p.name[: -len(".yaml")] if p.name.endswith(".yaml") else p.name
+    if p.parent == Path(".") and stem in bundled:
+        return bundled[stem]
+    raise ConfigError(f"{os.fspath(path_or_name)}: no such deployment file; bundled configs: "
+                      f"{', '.join(bundled) or 'none'}")
+
+
+def load_deployment(path_or_name: "str | os.PathLike | dict | DeploymentConfig") -> DeploymentConfig:
+    """Load and validate a deployment YAML (a path, a bundled name, a dict, or a loaded config)."""
+    if isinstance(path_or_name, DeploymentConfig):
+        return path_or_name
+    if isinstance(path_or_name, dict):
+        return from_dict(path_or_name)
+    path = find_config(path_or_name)
+    where = path.name
+    try:
+        with open(path, encoding="utf-8") as f:
+            loader = _StrictLoader(f)
+            loader.name = where
+            try:
+                raw = loader.get_single_data()
+            finally:
+                loader.dispose()
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: malformed YAML ({e})") from None
+    return from_dict(raw, source=str(path), name=path.stem, where=where)
+
+
+def _type_ok(kind: str, v: Any) -> bool:
+    if kind == "str":
+        return isinstance(v, str) and v != ""
+    if kind == "int":
+        return isinstance(v, int) and not isinstance(v, bool)
+    if kind in ("number", "number|null"):
+        return (v is None and kind == "number|null") or (isinstance(v, (int, float)) and not isinstance(v, bool))
+    if kind == "dict":
+        return isinstance(v, dict)
+    if kind == "strlist":
+        return isinstance(v, list) and all(isinstance(x, str) for x in v)
+    raise AssertionError(kind)
+
+
+_KIND_WORDS = {"str": "a non-empty string", "int": "an integer", "number": "a number",
+               "number|null": "a number or null", "dict": "a mapping", "strlist": "a list of strings"}
+
+
+def _section(where: str, d: Any, schema: dict, prefix: str) -> dict[str, Any]:
+    """Check one mapping against its schema: unknown keys, missing keys, types; fill defaults."""
+    if not isinstance(d, dict):
+        raise DeploymentError(where, prefix.rstrip(".") or "<top level>", f"must be a mapping, got {d!r}")
+    for k in d:
+        if k not in schema:
+            raise DeploymentError(where, f"{prefix}{k}", f"unknown key; known keys here: {', '.join(schema)}")
+    out = {}
+    for k, (kind, default) in schema.items():
+        if k not in d:
+            if default is _REQUIRED:
+                raise DeploymentError(where, f"{prefix}{k}", "missing (required)")
+            out[k] = default
+            continue
+        if not _type_ok(kind, d[k]):
+            raise DeploymentError(where, f"{prefix}{k}", f"must be {_KIND_WORDS[kind]}, got {d[k]!r}")
+        out[k] = d[k]
+    return out
+
+
+def from_dict(raw: dict, *, source: str = "<dict>", name: str | None = None,
+              where: str | None = None) -> DeploymentConfig:
+    """Validate a parsed YAML mapping (see the module docstring for the schema)."""
+    where = where or os.path.basename(source)
+    top = _section(where, raw, _TOP, "")
+    dt = _section(where, top["dtypes"], _DTYPES, "dtypes.")
+    par = _section(where, top["parallel"], _PARALLEL, "parallel.")
+    caps = _section(where, top["capabilities"], _CAPS, "capabilities.")
+
+    def bad(key: str, msg: str) -> DeploymentError:
+        return DeploymentError(where, key, msg)
+
+    # scalar ranges
+    for k in ("devices_per_node", "nodes", "max_context", "max_batch", "max_batched_tokens"):
+        if top[k] <= 0:
+            raise bad(k, f"must be a positive integer, got {top[k]}")
+    for k in ("tp", "ep", "dp", "dcp"):
+        if par[k] <= 0:
+            raise bad(f"parallel.{k}", f"must be a positive integer, got {par[k]}")
+    if top["mtp_draft_tokens"] < 0:
+        raise bad("mtp_draft_tokens", f"must be >= 0, got {top['mtp_draft_tokens']}")
+    if top["memory_per_device_gb"] <= 0:
+        raise bad("memory_per_device_gb", f"must be > 0, got {top['memory_per_device_gb']}")
+    if not 0 < top["memory_utilization"] <= 1:
+        raise bad("memory_utilization", f"must be in (0, 1], got {top['memory_utilization']}")
+    if top["runtime_reserve_gb"] < 0:
+        raise bad("runtime_reserve_gb", f"must be >= 0, got {top['runtime_reserve_gb']}")
+    for k, v in caps.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v <= 0:
+            raise bad(f"capabilities.{k}", f"must be > 0 or null, got {v}")
+
+    # enumerations
+    if top["device_type"] not in DEVICE_TYPES:
+        raise bad("device_type", f"{top['device_type']!r} is not a torch device type this project knows "
+                                 f"({', '.join(DEVICE_TYPES)})")
+    if top["collective"] not in COLLECTIVES:
+        raise bad("collective", f"{top['collective']!r} is not a known collective backend ({', '.join(COLLECTIVES)})")
+    for k, allowed in (("weight_dtypes", WEIGHT_DTYPES), ("kv_cache_dtypes", CACHE_DTYPES)):
+        for v in caps[k]:
+            if v not in allowed:
+                raise bad(f"capabilities.{k}", f"{v!r} is not one of {', '.join(allowed)}")
+    dt["index_cache"] = dt["index_cache"] or dt["kv_cache"]
+    chip = f"{top['vendor']} {top['chip']}"
+    lacks, why = chip_lacks(top["vendor"], top["chip"])
+    for k, allowed, supported in (("weights", WEIGHT_DTYPES, caps["weight_dtypes"]),
+                                  ("kv_cache", CACHE_DTYPES, caps["kv_cache_dtypes"]),
+                                  ("index_cache", CACHE_DTYPES, caps["kv_cache_dtypes"])):
+        if dt[k] not in allowed:
+            raise bad(f"dtypes.{k}", f"{dt[k]!r} is not one of {', '.join(allowed)}")
+        if dt[k] in lacks:
+            raise bad(f"dtypes.{k}", f"{dt[k]!r} is not supported by {chip} ({why})")
+        if dt[k] not in supported:
+            caps_key = "weight_dtypes" if k == "weights" else "kv_cache_dtypes"
+            raise bad(f"dtypes.{k}", f"{dt[k]!r} is not supported by {chip} "
+                                     f"(capabilities.{caps_key}: {', '.join(supported)})")
+    for k in ("weight_dtypes", "kv_cache_dtypes"):
+        for v in caps[k]:
+            if v in lacks:
+                raise bad(f"capabilities.{k}", f"lists {v!r}, which {chip} does not have ({why})")
+    runs_on = BACKEND_DEVICES.get(top["backend"])
+    if runs_on and top["device_type"] not in runs_on:
+        raise bad("backend", f"backend {top['backend']!r} runs on {'/'.join(runs_on)}, not on device_type "
+                             f"{top['device_type']!r} (the 'torch' backend runs on any torch device)")
+
+    # the model: needed to check the parallel layout against heads and experts
+    model = top["model"]
+    if model not in ARCH_MODELS:
+        p = Path(model).expanduser()
+        if not p.is_absolute() and not p.exists() and source not in ("<dict>",):
+            beside = Path(source).parent / p   # relative paths may be relative to the YAML
+            p = beside if beside.exists() else p
+        if not (p / "config.json").is_file():
+            raise bad("model", f"{model!r} is neither 'tiny', 'glm-5.2' nor a checkpoint folder with a "
+                               f"config.json")
+        model = str(p)
+    try:
+        mcfg = resolve_model_config(model)
+    except ConfigError as e:
+        raise bad("model", str(e)) from None
+
+    tp, ep, dp, dcp = par["tp"], par["ep"], par["dp"], par["dcp"]
+    world = top["devices_per_node"] * top["nodes"]
+    if tp * dp != world:
+        raise bad("parallel", f"tp x dp = {tp} x {dp} = {tp * dp} must equal the devices "
+                              f"(devices_per_node x nodes = {top['devices_per_node']} x {top['nodes']} = {world})")
+    if mcfg.num_attention_heads % tp:
+        raise bad("parallel.tp", f"tp={tp} does not divide the {mcfg.num_attention_heads} attention heads")
+    if mcfg.n_routed_experts % ep:
+        raise bad("parallel.ep", f"ep={ep} does not divide the {mcfg.n_routed_experts} routed experts")
+    if ep == 1 and mcfg.moe_intermediate_size % tp:
+        raise bad("parallel.tp", f"without expert parallelism each expert is split by tp; tp={tp} does not "
+                                 f"divide moe_intermediate_size {mcfg.moe_intermediate_size}")
+    if mcfg.intermediate_size % tp:
+        raise bad("parallel.tp", f"tp={tp} does not divide the dense MLP width {mcfg.intermediate_size}")
+    if world % ep:
+        raise bad("parallel.ep", f"ep={ep} does not divide the {world} devices (tp x dp)")
+    if tp % dcp:
+        raise bad("parallel.dcp", f"dcp={dcp} must divide tp={tp}: decode context parallelism shards "
+                                  f"the cache inside the TP group")
+    if top["max_context"] > mcfg.max_position_embeddings:
+        raise bad("max_context", f"{top['max_context']} exceeds the model's max_position_embeddings "
+                                 f"({mcfg.max_position_embeddings})")
+    if top["mtp_draft_tokens"] and not mcfg.num_nextn_predict_layers:
+        raise bad("mtp_draft_tokens", f"{top['mtp_draft_tokens']} draft tokens need an MTP layer; "
+                                      f"the model has num_nextn_predict_layers = 0")
+
+    return DeploymentConfig(
+        name=name or os.path.splitext(os.path.basename(source))[0],
+        vendor=top["vendor"], chip=top["chip"], description=top["description"],
+        device_type=top["device_type"], backend=top["backend"],
+        weights_dtype=dt["weights"], kv_cache_dtype=dt["kv_cache"], index_cache_dtype=dt["index_cache"],
+        memory_per_device_gb=float(top["memory_per_device_gb"]),
+        memory_utilization=float(top["memory_utilization"]),
+        runtime_reserve_gb=float(top["runtime_reserve_gb"]),
+        devices_per_node=top["devices_per_node"], nodes=top["nodes"], collective=top["collective"],
+        tp=tp, ep=ep, dp=dp, dcp=dcp, model=model, mtp_draft_tokens=top["mtp_draft_tokens"],
+        max_context=top["max_context"], max_batch=top["max_batch"],
+        max_batched_tokens=top["max_batched_tokens"],
+        weight_dtypes=tuple(caps["weight_dtypes"]), kv_cache_dtypes=tuple(caps["kv_cache_dtypes"]),
+        hbm_tbs=caps["hbm_tbs"], bf16_tflops=caps["bf16_tflops"], fp8_tflops=caps["fp8_tflops"],
+        source=source, raw=_deepcopy(raw),
+    )
+
+
+def _deepcopy(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _deepcopy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deepcopy(v) for v in d]
+    return d
+
+
+__all__ = ["DeploymentConfig", "DeploymentError", "load_deployment", "from_dict", "find_config", "chip_lacks",
+           "bundled_names", "resolve_model_config", "tiny_model_config", "tiny_checkpoint", "WEIGHT_DTYPES",
+           "CACHE_DTYPES"]
+

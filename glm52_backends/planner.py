@@ -1,0 +1,504 @@
+"""Memory planner: does a deployment fit, and how much context x batch does it leave? (DESIGN §6)
+
+    glm52 plan ascend-910c            # one config: table, exit status 1 when it does not fit
+    glm52 plan --all                  # one line per bundled config
+    glm52 plan --all --markdown benchmarks/results/plan-all.md
+    plan(load_deployment("nvidia-h200")).max_context_at_batch
+
+Everything is per device and in bytes; tables print GiB (2**30). Parameter counts come from the
+checkpoint inventory (`weights.expected_tensors`), so the planner counts exactly the tensors the
+loader loads (GLM-5.2: 753.3B parameters with the MTP layer, 743.4B without).
+
+Assumptions (each one is also in `Plan.assumptions`):
+
+Sharding, following vLLM's DeepSeek-V2/V3.2 model code (`vllm/model_executor/models/deepseek_v2.py`):
+  * split by TP: embed_tokens and lm_head (vocab-parallel), q_b_proj, kv_b_proj, o_proj, the dense
+    MLPs of layers 0-2, the shared experts;
+  * replicated on every device: q_a_proj and kv_a_proj_with_mqa (`ReplicatedLinear`), the whole
+    DSA indexer ("no tensor parallel, just replicated"), all norms, the router and its bias, the
+    MTP layer's enorm/hnorm/eh_proj;
+  * routed experts split over `ep` ranks when expert parallelism is on (ep > 1), else every
+    expert is split over the TP group (vLLM without --enable-expert-parallel).
+Bytes per weight by `dtypes.weights`; only the linear weights that the FP8 checkpoint quantizes
+(`weights.is_fp8_weight`) change format, everything else stays BF16 (e_score_correction_bias F32),
+as in spec/glm52-model.md §10:
+  * fp8:  1 B + one F32 scale per 128x128 block (the checkpoint's `weight_scale_inv`);
+  * w8a8: 1 B (int8) + F32 scale and offset per output channel (estimate: msModelSlim-style
+          per-channel W8A8 as used by vllm-ascend's `--quantization ascend`);
+  * w4a8: routed experts 0.5 B + one F32 scale per 128 inputs (estimate); the other quantized
+          linears (attention, dense, shared experts) 8-bit as in w8a8;
+  * bf16 / fp32: 2 B / 4 B everywhere.
+Caches, per token and layer (spec §4.3, §5): latent = kv_lora_rank + qk_rope_head_dim values on
+every layer; index keys = index_head_dim values only on IndexShare "full" layers; the MTP layer
+adds one of each when MTP drafting is on. 8-bit caches use the FlashMLA/C8 layout: 8-bit values
+plus one F32 scale per 128, the rope part in BF16 (latent 656 B, index key 132 B). The latent
+cache is replicated on every TP rank (MLA has one KV head) unless decode context parallelism
+(`parallel.dcp`) stripes it over dcp ranks of the TP group. `max_batch` requests of
+`max_context` tokens are held per DP replica.
+Activations: see `activation_bytes_per_token`; the context workspace is vLLM's sparse-MLA/indexer
+prefill gather buffer, 5 x max_context latent rows in BF16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import ModelConfig
+from .deploy import DeploymentConfig, load_deployment
+from .weights import expected_tensors, float32_tensor, fp8_scale_shape, is_fp8_weight
+
+GiB = 2 ** 30
+QUANT_GROUP = 128  # values per scale in 8-bit caches and FP8 weight blocks (spec §4.3, §5, §10)
+# vLLM sizes the sparse-MLA prefill workspace as 5 * max_model_len rows of 576 BF16 values and fits
+# the indexer's prefill gather buffer (40 * max_model_len * 132 B) inside it.
+# source: vllm/v1/attention/backends/mla/indexer.py, get_max_prefill_buffer_size() comment
+WORKSPACE_ROWS_PER_CONTEXT_TOKEN = 5
+
+COMPONENTS = ("embeddings + lm_head", "attention + indexer", "dense MLP + shared experts", "routed experts",
+              "norms + router", "MTP layer")
+
+
+# ---- weights -----------------------------------------------------------------------------------
+def _split(name: str) -> str:
+    """'tp' | 'ep' | 'rep': how a tensor is laid out over devices (module docstring)."""
+    if ".mlp.experts." in name:
+        return "ep"
+    replicated = (".self_attn.q_a_proj.", ".self_attn.kv_a_proj_with_mqa.", ".self_attn.indexer.",
+                  ".mlp.gate.", "norm.weight", "norm.bias", ".eh_proj.")
+    if any(s in name for s in replicated) or name.endswith("layernorm.weight"):
+        return "rep"
+    return "tp"
+
+
+def _component(name: str, cfg: ModelConfig) -> str:
+    if name.startswith(f"model.layers.{cfg.num_hidden_layers}."):
+        return "MTP layer"
+    if name in ("model.embed_tokens.weight", "lm_head.weight"):
+        return "embeddings + lm_head"
+    if ".mlp.experts." in name:
+        return "routed experts"
+    if ".self_attn." in name and "layernorm" not in name and "k_norm" not in name:
+        return "attention + indexer"
+    if ".mlp." in name and ".mlp.gate." not in name:
+        return "dense MLP + shared experts"
+    return "norms + router"
+
+
+def tensor_bytes(name: str, shape: tuple[int, ...], weights_dtype: str) -> float:
+    """Bytes of one checkpoint tensor stored in `weights_dtype` (scales included)."""
+    n = math.prod(shape)
+    if float32_tensor(name) or weights_dtype == "fp32":
+        return 4.0 * n
+    if weights_dtype == "bf16" or not is_fp8_weight(name):
+        return 2.0 * n
+    out, inp = shape
+    if weights_dtype == "fp8":
+        return n + 4.0 * math.prod(fp8_scale_shape(shape, (QUANT_GROUP, QUANT_GROUP)))
+    if weights_dtype == "w4a8" and ".mlp.experts." in name:
+        return 0.5 * n + 4.0 * out * math.ceil(inp / QUANT_GROUP)
+    if weights_dtype in ("w8a8", "w4a8"):
+        return n + 8.0 * out
+    raise ValueError(f"unknown weights dtype {weights_dtype!r}")
+
+
+_WEIGHT_TABLES: dict[tuple[str, str, bool], tuple[dict, dict]] = {}
+
+
+def _weight_table(cfg: ModelConfig, weights_dtype: str, include_mtp: bool
+                  ) -> tuple[dict[tuple[str, str], float], dict[str, int]]:
+    """(component, split) -> bytes over the whole model, and component -> parameter count."""
+    key = (repr(cfg), weights_dtype, include_mtp)  # ModelConfig is unhashable; its repr is complete
+    if key not in _WEIGHT_TABLES:
+        _WEIGHT_TABLES[key] = _count_weights(cfg, weights_dtype, include_mtp)
+    return _WEIGHT_TABLES[key]
+
+
+def _count_weights(cfg: ModelConfig, weights_dtype: str, include_mtp: bool
+                   ) -> tuple[dict[tuple[str, str], float], dict[str, int]]:
+    by: dict[tuple[str, str], float] = {}
+    params: dict[str, int] = {c: 0 for c in COMPONENTS}
+    for name, shape in expected_tensors(cfg, include_mtp=include_mtp).items():
+        comp = _component(name, cfg)
+        key = (comp, _split(name))
+        by[key] = by.get(key, 0.0) + tensor_bytes(name, shape, weights_dtype)
+        params[comp] += math.prod(shape)
+    return by, params
+
+
+# ---- caches and activations -------------------------------------------------------------------------
+def _quantized_row_bytes(values: int, bf16_tail: int = 0) -> int:
+    """8-bit values + one F32 scale per QUANT_GROUP + a BF16 tail (the latent's rope part)."""
+    return values + 4 * math.ceil(values / QUANT_GROUP) + 2 * bf16_tail
+
+
+def latent_bytes_per_token_layer(cfg: ModelConfig, dtype: str) -> int:
+    """One token's latent cache row in one layer: c (kv_lora_rank) || k_pe (qk_rope_head_dim)."""
+    if dtype in ("fp8", "int8"):
+        return _quantized_row_bytes(cfg.kv_lora_rank, bf16_tail=cfg.qk_rope_head_dim)  # GLM-5.2: 656
+    return {"bf16": 2, "fp32": 4}[dtype] * cfg.latent_dim
+
+
+def index_bytes_per_token_layer(cfg: ModelConfig, dtype: str) -> int:
+    """One token's index key in one full layer (index_head_dim values)."""
+    if dtype in ("fp8", "int8"):
+        return _quantized_row_bytes(cfg.index_head_dim)  # GLM-5.2: 132
+    return {"bf16": 2, "fp32": 4}[dtype] * cfg.index_head_dim
+
+
+def activation_bytes_per_token(cfg: ModelConfig, d: DeploymentConfig) -> float:
+    """Peak live activations per step token on one device, BF16, one layer at a time (estimate).
+
+    hidden   4 Hd                      residual, normed input, attention output, FFN output
+    attn     q_lora + (C + Dr)         q_a / kv_a outputs (replicated projections)
+             + H/tp (dq + (C+Dr) + C + dv)   per-head q, absorbed q, latent output, value output
+             + Hi Di + 2 topk          indexer queries; int32 top-k ids (2 BF16 slots each)
+    ffn      max(dense 3 I/tp,  MoE: router 2 E (F32) + shared 3 Is/tp + routed copies)
+             routed copies with EP: K/ep (2 Hd + 3 I) (balanced routing: dispatched input,
+             gate|up, silu product, output); without EP: K 3 I/tp + Hd
+    The MTP layer runs after the main model on the same step, so it adds no peak of its own.
+    """
+    Hd, H, tp = cfg.hidden_size, cfg.num_attention_heads, d.tp
+    C, Dr = cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    hidden = 4 * Hd
+    attn = (cfg.q_lora_rank + C + Dr + (H // tp) * (cfg.qk_head_dim + (C + Dr) + C + cfg.v_head_dim)
+            + cfg.index_n_heads * cfg.index_head_dim + 2 * cfg.index_topk)
+    dense = 3 * cfg.intermediate_size / tp
+    K, I, E = cfg.num_experts_per_tok, cfg.moe_intermediate_size, cfg.n_routed_experts
+    routed = K / d.ep * (2 * Hd + 3 * I) if d.ep > 1 else K * 3 * I / tp + Hd
+    moe = 2 * E + 3 * I * cfg.n_shared_experts / tp + routed
+    return 2.0 * (hidden + attn + max(dense, moe))
+
+
+# ---- the plan -------------------------------------------------------------------------------------
+@dataclass
+class PlanRow:
+    component: str
+    bytes: float  # per device
+    how: str
+
+
+@dataclass
+class Plan:
+    deployment: DeploymentConfig
+    model_name: str
+    rows: list[PlanRow]
+    usable_bytes: float
+    need_bytes: float
+    fits: bool
+    total_params: int
+    params_without_mtp: int
+    full_layers: int
+    num_layers: int
+    latent_bytes_per_token: int      # whole model (all layers + MTP), before DCP striping
+    index_bytes_per_token: int
+    kv_bytes_per_token_device: float  # latent + index per token on one device (after DCP)
+    max_context_at_batch: int        # largest context for `max_batch` requests (capped at the model's)
+    max_batch_at_context: int        # most requests of `max_context` tokens
+    assumptions: list[str] = field(default_factory=list)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return self.latent_bytes_per_token + self.index_bytes_per_token
+
+    @property
+    def spare_bytes(self) -> float:
+        return self.usable_bytes - self.need_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.deployment
+        return {
+            "deployment": d.name, "vendor": d.vendor, "chip": d.chip, "model": self.model_name,
+            "devices": d.world_size, "memory_per_device_gib": d.memory_per_device_gb,
+            "layout": {"tp": d.tp, "ep": d.ep, "dp": d.dp, "dcp": d.dcp, "expert_shards": d.expert_shards},
+            "dtypes": {"weights": d.weights_dtype, "kv_cache": d.kv_cache_dtype, "index_cache": d.index_cache_dtype},
+            "mtp_draft_tokens": d.mtp_draft_tokens, "max_context": d.max_context, "max_batch": d.max_batch,
+            "per_device_bytes": {r.component: r.bytes for r in self.rows},
+            "usable_bytes": self.usable_bytes, "need_bytes": self.need_bytes, "fits": self.fits,
+            "total_params": self.total_params, "params_without_mtp": self.params_without_mtp,
+            "latent_bytes_per_token": self.latent_bytes_per_token,
+            "index_bytes_per_token": self.index_bytes_per_token,
+            "kv_bytes_per_token_device": self.kv_bytes_per_token_device,
+            "max_context_at_batch": self.max_context_at_batch,
+            "max_batch_at_context": self.max_batch_at_context,
+            "assumptions": list(self.assumptions),
+        }
+
+    def table(self) -> str:
+        d = self.deployment
+        g = lambda b: f"{b / GiB:9.2f}"  # noqa: E731
+        ep = f"EP{d.ep}" if d.ep > 1 else f"experts TP-split over {d.tp}"
+        lines = [
+            f"{self.model_name} on {d.vendor} {d.chip}  ({d.name})",
+            f"  devices   {d.world_size} x {d.memory_per_device_gb:g} GiB ({d.nodes} node(s) x {d.devices_per_node}); "
+            f"usable {d.memory_per_device_gb * d.memory_utilization:.1f} GiB each "
+            f"(memory_utilization {d.memory_utilization:g})",
+            f"  layout    TP{d.tp} x DP{d.dp}, {ep}, DCP{d.dcp}; collective {d.collective}; "
+            f"backend {d.backend} on {d.device_type}",
+            f"  dtypes    weights {d.weights_dtype}, latent cache {d.kv_cache_dtype}, index cache "
+            f"{d.index_cache_dtype}; MTP draft tokens {d.mtp_draft_tokens}",
+            f"  model     {_count(self.total_params)} parameters loaded "
+            f"({_count(self.params_without_mtp)} without MTP); IndexShare full layers "
+            f"{self.full_layers}/{self.num_layers}",
+            f"  request   {d.max_batch} x {d.max_context:,} tokens per DP replica; "
+            f"{d.max_batched_tokens:,} tokens per step",
+            "",
+            f"  {'per device':<30}{'GiB':>9}   how",
+        ]
+        for r in self.rows:
+            lines.append(f"  {r.component:<30}{g(r.bytes)}   {r.how}")
+        verdict = "FITS" if self.fits else "DOES NOT FIT"
+        lines += [
+            f"  {'total':<30}{g(self.need_bytes)}   of {self.usable_bytes / GiB:.2f} usable -> {verdict} "
+            f"({self.spare_bytes / GiB:+.2f} GiB)",
+            "",
+            f"  cache per token (whole model): latent {self.latent_bytes_per_token:,} B + index "
+            f"{self.index_bytes_per_token:,} B = {self.kv_bytes_per_token:,} B; per device "
+            f"{self.kv_bytes_per_token_device:,.0f} B (DCP{d.dcp})",
+            f"  largest context at batch {d.max_batch}: {self.max_context_at_batch:,} tokens; "
+            f"largest batch at context {d.max_context:,}: {self.max_batch_at_context}",
+        ]
+        return "\n".join(lines)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.1f}B" if n >= 1e8 else f"{n:,}"
+
+
+def plan(deploy_cfg: DeploymentConfig | str, model_cfg: ModelConfig | None = None) -> Plan:
+    """Per-device memory of `deploy_cfg` (a `DeploymentConfig`, a path or a bundled name)."""
+    d = load_deployment(deploy_cfg)
+    cfg = model_cfg or d.model_config()
+    mtp = d.mtp_draft_tokens > 0 and cfg.num_nextn_predict_layers > 0
+    wd = d.weights_dtype
+    by, params = _weight_table(cfg, wd, mtp)
+    divisor = {"tp": d.tp, "ep": d.expert_shards, "rep": 1}
+
+    def per_device(comp: str) -> float:
+        return sum(b / divisor[s] for (c, s), b in by.items() if c == comp)
+
+    quant = {"fp8": "FP8 + 128x128 block scales", "w8a8": "int8 + per-channel scales",
+             "w4a8": "int8 + per-channel scales", "bf16": "bf16", "fp32": "fp32"}[wd]
+    expert_fmt = "int4 + group scales" if wd == "w4a8" else quant
+    how = {
+        "embeddings + lm_head": f"{'fp32' if wd == 'fp32' else 'bf16'}, vocab split by TP{d.tp}",
+        "attention + indexer": f"{quant}; q_b/kv_b/o split by TP{d.tp}, q_a/kv_a/indexer replicated",
+        "dense MLP + shared experts": f"{quant}, split by TP{d.tp}",
+        "routed experts": f"{expert_fmt}, split over {d.expert_shards} ranks "
+                          f"({'EP' if d.ep > 1 else 'TP'})",
+        "norms + router": f"{'fp32' if wd == 'fp32' else 'bf16 (bias f32)'}, replicated",
+        "MTP layer": f"layer {cfg.num_hidden_layers} by the same rules" if mtp else "not loaded (mtp_draft_tokens = 0)",
+    }
+    rows = [PlanRow(c, per_device(c), how[c]) for c in COMPONENTS]
+    weights = sum(r.bytes for r in rows)
+
+    # caches
+    n_layers = cfg.num_hidden_layers + (1 if mtp else 0)
+    n_full = len(cfg.full_layers) + (1 if mtp else 0)
+    lat = latent_bytes_per_token_layer(cfg, d.kv_cache_dtype) * n_layers
+    idx = index_bytes_per_token_layer(cfg, d.index_cache_dtype) * n_full
+    kv_dev = (lat + idx) / d.dcp
+    ws_per_ctx = WORKSPACE_ROWS_PER_CONTEXT_TOKEN * cfg.latent_dim * 2
+    act_tok = activation_bytes_per_token(cfg, d)
+    reserve = d.runtime_reserve_gb * GiB
+    usable = d.memory_per_device_gb * GiB * d.memory_utilization
+    k = d.mtp_draft_tokens if mtp else 0
+
+    def logits_bytes(b: int) -> float:  # F32 logits + probabilities over the full vocabulary
+        return b * (1 + k) * cfg.vocab_size * 4 * 2
+
+    def step_tokens(c: int, b: int) -> int:
+        return max(min(d.max_batched_tokens, c * b), b * (1 + k))
+
+    def parts(c: int, b: int) -> dict[str, float]:
+        return {"latent": c * b * lat / d.dcp, "index": c * b * idx / d.dcp,
+                "act": step_tokens(c, b) * act_tok + logits_bytes(b), "ws": c * ws_per_ctx}
+
+    def need(c: int, b: int) -> float:
+        return weights + reserve + sum(parts(c, b).values())
+
+    p = parts(d.max_context, d.max_batch)
+    rows += [
+        PlanRow("latent cache", p["latent"],
+                f"{lat:,} B/token ({n_layers} layers x {latent_bytes_per_token_layer(cfg, d.kv_cache_dtype)} B "
+                f"{d.kv_cache_dtype}) / DCP{d.dcp}"),
+        PlanRow("index-key cache", p["index"],
+                f"{idx:,} B/token ({n_full} full layers x {index_bytes_per_token_layer(cfg, d.index_cache_dtype)} B "
+                f"{d.index_cache_dtype}) / DCP{d.dcp}"),
+        PlanRow("activations", p["act"],
+                f"{step_tokens(d.max_context, d.max_batch):,} step tokens x {act_tok / 1024:.1f} KiB + logits"),
+        PlanRow("context workspace", p["ws"], f"{WORKSPACE_ROWS_PER_CONTEXT_TOKEN} x context latent rows, bf16 (vLLM)"),
+        PlanRow("runtime reserve", reserve, "runtime context + collective buffers (runtime_reserve_gb)"),
+    ]
+    total = need(d.max_context, d.max_batch)
+
+    max_pos = cfg.max_position_embeddings
+    max_ctx = _largest(lambda c: need(c, d.max_batch) <= usable, max_pos)
+    max_b = _largest(lambda b: need(d.max_context, b) <= usable, 1 << 24)
+
+    n_mtp = sum(params.values())
+    without = n_mtp - params["MTP layer"]
+    assumptions = [
+        "vLLM-style sharding: embeddings/lm_head, q_b/kv_b/o_proj, dense MLP, shared experts split by TP; "
+        "q_a/kv_a, indexer, norms, router replicated; routed experts over ep ranks (TP-split when ep = 1)",
+        f"weights {wd}: only the linears the FP8 checkpoint quantizes change format; the rest stays bf16",
+        "latent cache replicated on each TP rank unless striped by DCP; index keys only on IndexShare full layers",
+        "max_batch requests of max_context tokens per DP replica",
+        "activations: one layer's live BF16 tensors for max_batched_tokens step tokens (estimate); "
+        "context workspace: vLLM's 5 x max_model_len latent-row prefill buffer",
+        f"runtime reserve {d.runtime_reserve_gb:g} GiB per device (estimate, from the YAML)",
+    ]
+    return Plan(deployment=d, model_name=_model_name(d), rows=rows, usable_bytes=usable, need_bytes=total,
+                fits=total <= usable, total_params=n_mtp if mtp else without,
+                params_without_mtp=without, full_layers=len(cfg.full_layers), num_layers=cfg.num_hidden_layers,
+                latent_bytes_per_token=lat, index_bytes_per_token=idx, kv_bytes_per_token_device=kv_dev,
+                max_context_at_batch=max_ctx, max_batch_at_context=max_b, assumptions=assumptions)
+
+
+def _model_name(d: DeploymentConfig) -> str:
+    return {"glm-5.2": "GLM-5.2", "tiny": "tiny GLM-5.x"}.get(d.model, d.model)
+
+
+def _largest(ok, hi: int) -> int:
+    """Largest n in [0, hi] with ok(n) (ok monotone decreasing); 0 when even ok(1) fails."""
+    if not ok(1):
+        return 0
+    lo = 1
+    if ok(hi):
+        return hi
+    while hi - lo > 1:  # invariant: ok(lo), not ok(hi)
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    return lo
+
+
+# ---- summaries and the CLI -----------------------------------------------------------------------------
+def all_plans(names: list[str] | None = None) -> list[Plan]:
+    from glm52_backends.configs import bundled_configs
+    return [plan(str(p)) for n, p in bundled_configs().items() if names is None or n in names]
+
+
+def all_plans_table(plans: list[Plan] | None = None) -> str:
+    """One line per bundled config: layout, dtypes, per-device need vs usable, largest context."""
+    plans = all_plans() if plans is None else plans
+    head = (f"{'config':<20}{'devices':>12}  {'layout':<20}{'weights':<8}{'kv':<6}"
+            f"{'need GiB':>9}{'usable':>8}  {'fits':<5}{'context x batch':>18}{'max ctx @batch':>16}")
+    lines = [head, "-" * len(head)]
+    for p in plans:
+        d = p.deployment
+        layout = f"TP{d.tp} DP{d.dp} EP{d.ep}" + (f" DCP{d.dcp}" if d.dcp > 1 else "")
+        lines.append(
+            f"{d.name:<20}{f'{d.world_size}x{d.memory_per_device_gb:g}G':>12}  {layout:<20}{d.weights_dtype:<8}"
+            f"{d.kv_cache_dtype:<6}{p.need_bytes / GiB:>9.1f}{p.usable_bytes / GiB:>8.1f}  "
+            f"{'yes' if p.fits else 'NO':<5}{f'{d.max_context:,} x {d.max_batch}':>18}"
+            f"{f'{p.max_context_at_batch:,}':>16}")
+    return "\n".join(lines)
+
+
+def plans_markdown(plans: list[Plan]) -> str:
+    """A markdown summary table (one row per plan) followed by each plan's full per-device table."""
+    g = lambda b: f"{b / GiB:.1f}"  # noqa: E731
+    out = ["| config | chip | devices | layout | weights / cache | weights GiB | latent + index GiB | "
+           "act + workspace GiB | reserve GiB | need / usable GiB | fits | context x batch | "
+           "max context @ batch | max batch @ context |",
+           "|---|---|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+    for p in plans:
+        d, by = p.deployment, {r.component: r.bytes for r in p.rows}
+        weights = sum(by[c] for c in COMPONENTS)
+        layout = f"TP{d.tp} DP{d.dp} EP{d.ep}" + (f" DCP{d.dcp}" if d.dcp > 1 else "")
+        out.append(
+            f"| {d.name} | {d.vendor} {d.chip} | {d.nodes} x {d.devices_per_node} x {d.memory_per_device_gb:g} GiB "
+            f"| {layout} | {d.weights_dtype} / {d.kv_cache_dtype} | {g(weights)} "
+            f"| {g(by['latent cache'] + by['index-key cache'])} | {g(by['activations'] + by['context workspace'])} "
+            f"| {g(by['runtime reserve'])} | {g(p.need_bytes)} / {g(p.usable_bytes)} | {'yes' if p.fits else '**no**'} "
+            f"| {d.max_context:,} x {d.max_batch} | {p.max_context_at_batch:,} | {p.max_batch_at_context} |")
+    for p in plans:
+        out += ["", f"### {p.deployment.name}", "", "```text", p.table(), "```"]
+    return "\n".join(out) + "\n"
+
+
+def _parse_value(text: str) -> Any:
+    import yaml
+    return yaml.safe_load(text)
+
+
+def plan_main(argv: list[str] | None = None) -> int:
+    """`glm52 plan CONFIG`: print the per-device memory plan; exit 0 if it fits, else 1."""
+    from .config import ConfigError
+
+    ap = argparse.ArgumentParser(
+        prog="glm52 plan",
+        description="Per-device memory plan of a deployment config: weights (split by TP/EP), latent and "
+                    "index-key caches, activations, runtime reserve; whether it fits and the largest "
+                    "context x batch that does. Exit status 1 when it does not fit, 2 on a config error.",
+        epilog="examples:\n  glm52 plan ascend-910c\n  glm52 plan nvidia-h100 --set dtypes.weights=bf16 --set nodes=1"
+               " --set parallel.dp=1\n  glm52 plan --all",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config", nargs="?", help="a deployment YAML path or a bundled name (see --list)")
+    ap.add_argument("--all", action="store_true", help="one summary line for every bundled config")
+    ap.add_argument("--list", action="store_true", help="list the bundled config names")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a key (dotted for nested keys, YAML value), e.g. --set parallel.dp=2")
+    ap.add_argument("--json", metavar="PATH", help="also write the plan(s) as JSON to PATH ('-' for stdout)")
+    ap.add_argument("--markdown", metavar="PATH", help="also write a markdown report (summary table + each plan's "
+                                                       "table) to PATH ('-' for stdout)")
+    args = ap.parse_args(argv)
+
+    from .deploy import bundled_names
+    if args.list:
+        print("\n".join(bundled_names()))
+        return 0
+    if not args.all and not args.config:
+        ap.error("give a CONFIG (a YAML path or one of: " + ", ".join(bundled_names()) + ") or --all")
+    try:
+        if args.all:
+            plans = all_plans()
+            if args.set:
+                plans = [plan(_apply_sets(p.deployment, args.set)) for p in plans]
+            print(all_plans_table(plans))
+        else:
+            d = _apply_sets(load_deployment(args.config), args.set)
+            plans = [plan(d)]
+            print(plans[0].table())
+    except ConfigError as e:
+        print(f"glm52 plan: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        payload: Any = [p.to_dict() for p in plans] if args.all else plans[0].to_dict()
+        _write(args.json, json.dumps(payload, indent=2) + "\n")
+    if args.markdown:
+        what = "--all" if args.all else args.config
+        sets = "".join(f" --set {s}" for s in args.set)
+        _write(args.markdown, f"# `glm52 plan {what}`\n\nReproduce: `glm52 plan {what}{sets} --markdown PATH`. "
+                              "Bytes per device, GiB = 2**30; assumptions in `glm52_backends/planner.py`.\n\n"
+               + plans_markdown(plans))
+    return 0 if all(p.fits for p in plans) else 1
+
+
+def _write(path: str, text: str) -> None:
+    if path == "-":
+        sys.stdout.write(text)
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def _apply_sets(d: DeploymentConfig, sets: list[str]) -> DeploymentConfig:
+    from .config import ConfigError
+    changes = {}
+    for s in sets:
+        key, eq, value = s.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"--set {s!r}: expected KEY=VALUE")
+        changes[key.strip()] = _parse_value(value)
+    return d.replace(**changes) if changes else d
+
+
+if __name__ == "__main__":
+    sys.exit(plan_main())

@@ -1,0 +1,196 @@
+"""Deployment YAMLs: every bundled config loads; broken variants fail naming the key; from_deployment."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import yaml
+
+from glm52_backends import cli
+from glm52_backends.config import GLM52_CONFIG, ConfigError
+from glm52_backends.configs import bundled_configs
+from glm52_backends.deploy import DeploymentError, chip_lacks, load_deployment
+from glm52_backends.model import GLM52
+from glm52_backends.registry import BackendUnavailable
+from glm52_backends.tiny import make_tiny_checkpoint
+
+BUNDLED = bundled_configs()
+VENDORS_IN_ISSUE = ("nvidia-h100", "nvidia-h200", "nvidia-h20", "ascend-910b", "ascend-910c", "ascend-950",
+                    "cambricon-mlu590", "kunlunxin-p800", "hygon-k100", "metax-c500", "mthreads-s4000",
+                    "biren-br100", "cpu-tiny")
+HARDWARE_KEYS = ("memory_per_device_gb", "devices_per_node", "hbm_tbs", "bf16_tflops", "fp8_tflops")
+
+
+def test_every_product_of_the_issue_has_a_config():
+    assert sorted(BUNDLED) == sorted(VENDORS_IN_ISSUE)
+
+
+@pytest.mark.parametrize("name", sorted(BUNDLED))
+def test_bundled_config_loads(name):
+    d = load_deployment(name)
+    assert d.name == name
+    assert d.tp * d.dp == d.world_size == d.devices_per_node * d.nodes
+    mcfg = d.model_config()
+    assert mcfg.num_attention_heads % d.tp == 0 and mcfg.n_routed_experts % d.ep == 0
+    assert d.weights_dtype in d.weight_dtypes and d.kv_cache_dtype in d.kv_cache_dtypes
+    lacks, _ = chip_lacks(d.vendor, d.chip)
+    assert not set(lacks) & {d.weights_dtype, d.kv_cache_dtype, *d.weight_dtypes, *d.kv_cache_dtypes}
+    # the same file by path, and `replace` with no change, give the same config
+    assert load_deployment(str(BUNDLED[name])) == d == d.replace()
+
+
+@pytest.mark.parametrize("name", sorted(n for n in BUNDLED if n != "cpu-tiny"))
+def test_hardware_figures_cite_a_source(name):
+    """Each non-null hardware figure has a comment with its source; third-party ones say `estimate`."""
+    for line in BUNDLED[name].read_text(encoding="utf-8").splitlines():
+        m = re.match(r"\s*(\w+):\s*([^#]*?)\s*(#.*)?$", line)
+        if not m or m.group(1) not in HARDWARE_KEYS or m.group(2) in ("null", ""):
+            continue
+        comment = (m.group(3) or "").lower()
+        assert "source" in comment, f"{name}: {m.group(1)} has no source comment"
+        if "third-party" in comment or "[s]" in comment:
+            assert "estimate" in comment, f"{name}: {m.group(1)} is third-party but not marked estimate"
+
+
+# ---- broken variants ---------------------------------------------------------------------------
+def _write_variant(tmp_path, base: str, edit) -> str:
+    raw = yaml.safe_load(BUNDLED[base].read_text(encoding="utf-8"))
+    edit(raw)
+    path = tmp_path / f"{base}-broken.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    return str(path)
+
+
+def _set(dotted: str, value):
+    def edit(raw):
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return edit
+
+
+def _many(*edits):
+    def edit(raw):
+        for e in edits:
+            e(raw)
+    return edit
+
+
+BROKEN = [
+    # (id, base config, edit, key named in the error)
+    ("unknown top-level key", "ascend-910c", _set("gpu_count", 16), "gpu_count"),
+    ("unknown nested key", "ascend-910c", _set("parallel.pp", 2), "parallel.pp"),
+    ("wrong type: string for a number", "nvidia-h200", _set("memory_per_device_gb", "141GB"), "memory_per_device_gb"),
+    ("wrong type: float for an int", "nvidia-h200", _set("parallel.tp", 8.0), "parallel.tp"),
+    ("wrong type: bool for an int", "nvidia-h200", _set("nodes", True), "nodes"),
+    ("wrong type: list for a mapping", "nvidia-h200", _set("parallel", [8, 8]), "parallel"),
+    ("missing required key", "nvidia-h200", lambda raw: raw.pop("collective"), "collective"),
+    ("tp does not divide the 64 heads", "ascend-910c",
+     _many(_set("devices_per_node", 12), _set("parallel.tp", 12), _set("parallel.dp", 1), _set("parallel.ep", 1)),
+     "parallel.tp"),
+    ("ep does not divide the 256 experts", "ascend-910c", _set("parallel.ep", 24), "parallel.ep"),
+    ("tp x dp is not the device count", "ascend-910c", _set("parallel.dp", 1), "parallel"),
+    ("fp8 weights on 910B", "ascend-910b", _set("dtypes.weights", "fp8"), "dtypes.weights"),
+    ("fp8 cache on 910C", "ascend-910c", _set("dtypes.kv_cache", "fp8"), "dtypes.kv_cache"),
+    ("910B capabilities claiming fp8", "ascend-910b",
+     _set("capabilities.weight_dtypes", ["bf16", "fp8", "w8a8"]), "capabilities.weight_dtypes"),
+    ("dtype the YAML's chip lacks", "kunlunxin-p800", _set("dtypes.weights", "w4a8"), "dtypes.weights"),
+    ("unknown dtype", "nvidia-h200", _set("dtypes.weights", "int3"), "dtypes.weights"),
+    ("context beyond the model", "nvidia-h200", _set("max_context", 2 * 1048576), "max_context"),
+    ("dcp not dividing tp", "nvidia-h200", _set("parallel.dcp", 3), "parallel.dcp"),
+    ("backend on the wrong device", "nvidia-h200", _set("device_type", "npu"), "backend"),
+    ("unknown device type", "cambricon-mlu590", _set("device_type", "gpu"), "device_type"),
+    ("model that is not a checkpoint", "cpu-tiny", _set("model", "no/such/folder"), "model"),
+    ("zero devices", "cpu-tiny", _set("devices_per_node", 0), "devices_per_node"),
+    ("utilization above 1", "cpu-tiny", _set("memory_utilization", 1.5), "memory_utilization"),
+]
+
+
+@pytest.mark.parametrize("base,edit,key", [b[1:] for b in BROKEN], ids=[b[0] for b in BROKEN])
+def test_broken_variant_names_the_key(tmp_path, base, edit, key):
+    path = _write_variant(tmp_path, base, edit)
+    with pytest.raises(DeploymentError) as e:
+        load_deployment(path)
+    assert e.value.key == key
+    assert str(e.value).startswith(f"{base}-broken.yaml: '{key}': ")
+
+
+def test_duplicate_key_is_an_error(tmp_path):
+    text = BUNDLED["cpu-tiny"].read_text(encoding="utf-8") + "\nnodes: 2\n"
+    path = tmp_path / "dup.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(DeploymentError, match="'nodes': duplicate key"):
+        load_deployment(str(path))
+
+
+def test_replace_revalidates_and_unknown_names_list_the_bundled():
+    d = load_deployment("ascend-910c")
+    with pytest.raises(DeploymentError) as e:
+        d.replace(**{"parallel.tp": 5})
+    assert e.value.key == "parallel"  # 5 x 2 != 16 devices
+    assert d.replace(nodes=2, **{"parallel.dp": 4, "parallel.ep": 32}).world_size == 32
+    with pytest.raises(ConfigError, match="bundled configs: .*ascend-910c"):
+        load_deployment("ascend-9999")
+
+
+# ---- building the model -------------------------------------------------------------------------
+def test_from_deployment_builds_the_tiny_model(tmp_path, monkeypatch):
+    monkeypatch.setattr(cli, "DEFAULT_TINY", str(tmp_path / "tiny-default"))
+    model = GLM52.from_deployment("cpu-tiny", progress=False)
+    d = load_deployment("cpu-tiny")
+    assert model.backend_name == d.backend == "cpu_ref"
+    assert model.device == torch.device("cpu") and model.dtype == torch.float32
+    assert model.has_mtp == (d.mtp_draft_tokens > 0)
+    assert model.cfg.num_hidden_layers == d.model_config().num_hidden_layers
+    # it is the embedded checkpoint: the same logits as loading that folder directly
+    ref = GLM52(str(tmp_path / "tiny-default"), backend="cpu_ref", progress=False)
+    ids = torch.tensor([[3, 17, 200, 5, 9, 41, 77]])
+    torch.testing.assert_close(model(ids), ref(ids), rtol=0, atol=0)
+    out = model.generate([[1, 2, 3]], max_new_tokens=3, speculative=d.mtp_draft_tokens)
+    assert len(out.tokens[0]) == 3
+
+
+def test_build_model_overrides_and_refuses_the_planning_only_model(tmp_path):
+    ckpt = make_tiny_checkpoint(str(tmp_path / "ck"), mtp=False, layers=2, seed=1)
+    model = load_deployment("cpu-tiny").build_model(model=ckpt, backend="torch", progress=False)
+    assert model.backend_name == "torch" and not model.has_mtp
+    with pytest.raises(DeploymentError) as e:
+        load_deployment("nvidia-h200").build_model()
+    assert e.value.key == "model"
+    assert load_deployment("nvidia-h200").model_config() is GLM52_CONFIG
+
+
+def test_yaml_model_path_is_resolved_beside_the_yaml(tmp_path):
+    make_tiny_checkpoint(str(tmp_path / "ck"), mtp=True, layers=2, seed=2)
+    raw = yaml.safe_load(BUNDLED["cpu-tiny"].read_text(encoding="utf-8"))
+    raw["model"] = "ck"
+    (tmp_path / "site.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
+    d = load_deployment(str(tmp_path / "site.yaml"))
+    assert d.model == str(tmp_path / "ck") and d.model_config().num_hidden_layers == 2
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    return make_tiny_checkpoint(str(tmp_path_factory.mktemp("ck") / "tiny"), mtp=True, layers=2, seed=3)
+
+
+TORCH_BACKEND_CONFIGS = sorted(n for n in BUNDLED if load_deployment(n).backend == "torch")
+
+
+@pytest.mark.parametrize("name", TORCH_BACKEND_CONFIGS)
+def test_vendor_yaml_runs_on_the_generic_backend(name, tiny_ckpt):
+    """A vendor YAML builds its model on the generic torch backend (here on the CPU, with a tiny checkpoint)."""
+    d = load_deployment(name)
+    model = d.build_model(model=tiny_ckpt, device="cpu", progress=False)
+    assert model.backend_name == "torch" and model.dtype == d.torch_dtype == torch.bfloat16
+    ids = torch.tensor([[4, 8, 15, 16, 23, 42]])
+    ref = GLM52(tiny_ckpt, backend="cpu_ref", dtype=torch.bfloat16, progress=False)
+    torch.testing.assert_close(model(ids), ref(ids), rtol=0, atol=0)
+    if d.device_type != "cpu" and not getattr(torch, d.device_type, None):
+        # the device itself is not here: building on it says which adapter is missing
+        with pytest.raises(BackendUnavailable, match="needs the torch_"):
+            d.build_model(model=tiny_ckpt, progress=False)

@@ -1,0 +1,139 @@
+"""The memory planner against published deployments and hand computations from the config."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from glm52_backends.configs import bundled_configs
+from glm52_backends.deploy import load_deployment
+from glm52_backends.planner import GiB, plan, plan_main
+
+A3 = "ascend-910c"    # one Atlas 800 A3 node: 16 x 64 GB
+A2 = "ascend-910b"    # Atlas 800 A2 nodes: 8 x 64 GB each
+
+
+def _nodes(name: str, nodes: int, *, weights: str, ep: int | None = None, ctx: int = 32768, batch: int = 1):
+    """`name` scaled to `nodes` nodes: TP8, DP over the rest, EP over all devices unless `ep` is given."""
+    d = load_deployment(name)
+    world = d.devices_per_node * nodes
+    return d.replace(nodes=nodes, max_context=ctx, max_batch=batch, **{
+        "dtypes.weights": weights, "parallel.tp": 8, "parallel.dp": world // 8, "parallel.ep": ep or world})
+
+
+# ---- published deployments (spec/ascend-and-chips.md §5, recipes.vllm.ai/zai-org/GLM-5.2) ----------
+def test_w8a8_fits_one_a3_node_dp2_tp8_ep():
+    d = load_deployment(A3)
+    assert (d.nodes, d.devices_per_node, d.tp, d.dp, d.ep, d.weights_dtype) == (1, 16, 8, 2, 16, "w8a8")
+    p = plan(d)
+    assert p.fits and p.need_bytes <= p.usable_bytes
+    assert p.max_context_at_batch >= d.max_context
+
+
+def test_bf16_needs_two_a3_nodes():
+    assert plan(_nodes(A3, 2, weights="bf16")).fits
+    one = plan(_nodes(A3, 1, weights="bf16"))
+    assert not one.fits and one.max_context_at_batch == 0  # not even one token of context fits
+
+
+def test_bf16_needs_four_a2_nodes():
+    assert plan(_nodes(A2, 4, weights="bf16")).fits
+    for nodes in (2, 3):  # 3 nodes = 24 devices: 256 experts do not split 24 ways, so EP8 (3 copies)
+        p = plan(_nodes(A2, nodes, weights="bf16", ep=8 if nodes == 3 else None))
+        assert not p.fits and p.max_context_at_batch == 0, nodes
+
+
+def test_fp8_on_8xh200_fits_1m_context_for_one_request():
+    d = load_deployment("nvidia-h200")
+    assert (d.world_size, d.weights_dtype, d.max_context, d.max_batch) == (8, "fp8", 1048576, 1)
+    p = plan(d)
+    assert p.fits and p.max_context_at_batch == 1048576
+    # it needs the latent cache striped over the TP group (DCP8): replicated per rank, 1M does not
+    # fit, as the vLLM recipe says (full 1M context only on 8 x B200)
+    replicated = plan(d.replace(**{"parallel.dcp": 1}))
+    assert not replicated.fits and 0 < replicated.max_context_at_batch < 1048576
+
+
+def test_bf16_on_one_8xh100_node_does_not_fit():
+    d = load_deployment("nvidia-h100").replace(nodes=1, **{"dtypes.weights": "bf16", "parallel.dp": 1,
+                                                            "parallel.ep": 8})
+    p = plan(d)
+    assert d.world_size == 8 and not p.fits and p.max_context_at_batch == 0
+    weights = sum(r.bytes for r in p.rows[:6])
+    assert weights > d.memory_per_device_gb * GiB  # the weights alone exceed the card
+
+
+# ---- hand computations ------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["ascend-910c", "nvidia-h200", "cpu-tiny"])
+def test_kv_cache_bytes_per_token_by_hand(name):
+    d = load_deployment(name)
+    cfg = d.model_config()
+    mtp = 1 if d.mtp_draft_tokens > 0 else 0
+    layers = cfg.num_hidden_layers + mtp                                    # the MTP layer has its own caches
+    full = sum(t == "full" for t in cfg.indexer_types) + mtp                 # index keys: full layers only
+    if d.kv_cache_dtype == "fp8":   # FlashMLA layout: 512 fp8 + one f32 scale per 128 + 64 bf16 rope values
+        latent = cfg.kv_lora_rank + 4 * (cfg.kv_lora_rank // 128) + 2 * cfg.qk_rope_head_dim
+        index = cfg.index_head_dim + 4 * (cfg.index_head_dim // 128)
+    else:
+        size = {"bf16": 2, "fp32": 4}[d.kv_cache_dtype]
+        latent = size * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+        index = size * cfg.index_head_dim
+    p = plan(d)
+    assert p.latent_bytes_per_token == latent * layers
+    assert p.index_bytes_per_token == index * full
+    assert p.kv_bytes_per_token_device == (latent * layers + index * full) / d.dcp
+    rows = {r.component: r.bytes for r in p.rows}
+    assert rows["latent cache"] == d.max_context * d.max_batch * latent * layers / d.dcp
+    if name == "ascend-910c":  # GLM-5.2 numbers: 79 x 1152 B and 22 x 256 B
+        assert (p.latent_bytes_per_token, p.index_bytes_per_token) == (79 * 1152, 22 * 256)
+    if name == "nvidia-h200":
+        assert (p.latent_bytes_per_token, p.index_bytes_per_token) == (79 * 656, 22 * 132)
+
+
+def test_routed_expert_bytes_by_hand():
+    """BF16 experts, no MTP: 75 MoE layers x 256 experts x 3 matrices x I x Hd x 2 B, split by EP16."""
+    d = load_deployment(A3).replace(mtp_draft_tokens=0, **{"dtypes.weights": "bf16"})
+    cfg = d.model_config()
+    moe_layers = cfg.num_hidden_layers - cfg.first_k_dense_replace
+    expect = moe_layers * cfg.n_routed_experts * 3 * cfg.moe_intermediate_size * cfg.hidden_size * 2 / d.ep
+    rows = {r.component: r.bytes for r in plan(d).rows}
+    assert rows["routed experts"] == expect
+    assert rows["MTP layer"] == 0
+    # without EP the same bytes are split by TP instead
+    no_ep = plan(d.replace(**{"parallel.ep": 1}))
+    assert {r.component: r.bytes for r in no_ep.rows}["routed experts"] == expect * d.ep / d.tp
+
+
+def test_largest_context_is_the_boundary():
+    d = load_deployment("ascend-910b")
+    n = plan(d).max_context_at_batch
+    assert plan(d.replace(max_context=n)).fits
+    assert not plan(d.replace(max_context=n + 1)).fits
+
+
+def test_parameter_count_is_glm52():
+    p = plan(load_deployment("nvidia-h200"))
+    assert 740e9 < p.params_without_mtp < 745e9 and 750e9 < p.total_params < 756e9  # 743.4B / 753.3B
+
+
+# ---- the command ----------------------------------------------------------------------------------
+def test_plan_exit_status_and_json(tmp_path, capsys):
+    assert plan_main([A3]) == 0
+    assert "FITS" in capsys.readouterr().out
+    bf16 = ["nvidia-h100", "--set", "dtypes.weights=bf16", "--set", "nodes=1", "--set", "parallel.dp=1",
+            "--set", "parallel.ep=8", "--json", str(tmp_path / "p.json")]
+    assert plan_main(bf16) == 1
+    assert "DOES NOT FIT" in capsys.readouterr().out
+    assert json.loads((tmp_path / "p.json").read_text())["fits"] is False
+    assert plan_main([A2, "--set", "dtypes.weights=fp8"]) == 2
+    assert "'dtypes.weights'" in capsys.readouterr().err
+
+
+def test_plan_all_markdown_has_every_config(tmp_path, capsys):
+    out = tmp_path / "plan-all.md"
+    assert plan_main(["--all", "--markdown", str(out)]) == 0  # every bundled config fits as shipped
+    text = out.read_text()
+    for name in bundled_configs():
+        assert f"| {name} |" in text and f"### {name}" in text
+    assert len(capsys.readouterr().out.splitlines()) == len(bundled_configs()) + 2

@@ -19,20 +19,30 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join([line(header), line(["-" * x for x in w])] + [line(r) for r in rows])
 
 
+def _clip(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
 # ---- backends ------------------------------------------------------------------------------------
 def cmd_backends(args) -> int:
-    from .ops import OP_NAMES
+    from .ops import HOT_OPS, OP_NAMES
     from .registry import list_backends
-    rows = []
+    rows, notes = [], []
     for b in list_backends():
         if b.available:
-            native = [op for op in OP_NAMES if op in b.native_ops]
+            hot = [op for op in HOT_OPS if op in b.native_ops]
             fb = [op for op in OP_NAMES if op not in b.native_ops]
-            rows.append([b.name, "yes", str(b.priority), b.source, ", ".join(native) or "-",
-                         ", ".join(fb) or "-"])
+            rows.append([b.name, "yes", str(b.priority), b.label, f"{len(b.native_ops)}/{len(OP_NAMES)}",
+                         ", ".join(hot) or "-", ", ".join(fb) or "-"])
         else:
-            rows.append([b.name, "no", "", b.source, "-", b.reason])
-    print(_table(rows, ["backend", "available", "priority", "source", "native ops", "falls back / why not"]))
+            rows.append([b.name, "no", "", "", "", "", f"see note {len(notes) + 1}"])
+            notes.append(f"  {len(notes) + 1}. {b.name}: {b.reason}")
+    print(_table(rows, ["backend", "loads", "priority", "reports as", "native", "native hot ops",
+                        "falls back to reference"]))
+    if notes:
+        print("\nnot available here:")
+        print("\n".join(notes))
+    print("\n`--backend auto` picks the available backend with the highest priority.")
     return 0
 
 
@@ -104,10 +114,12 @@ def cmd_generate(args) -> int:
     print(f"fell back  : {', '.join(fallback) or '-'}")
     rows = []
     for i, (p, toks) in enumerate(zip(prompts, res.tokens)):
-        shown = res.text[i] if res.text else " ".join(map(str, toks))
-        rows.append([str(i), str(len(p) if not isinstance(p, str) else len(model.tokenizer.encode(p))),
-                     str(len(toks)), shown])
-    print(_table(rows, ["req", "prompt", "new", "generated tokens"]))
+        row = [str(i), str(len(p) if not isinstance(p, str) else len(model.tokenizer.encode(p))),
+               str(len(toks)), _clip(" ".join(map(str, toks)), 64)]
+        if res.text:  # escaped: a random checkpoint decodes to arbitrary bytes
+            row.append(_clip(repr(res.text[i]), 40))
+        rows.append(row)
+    print(_table(rows, ["req", "prompt", "new", "generated token ids"] + (["text"] if res.text else [])))
     def speed(st) -> str:
         return (f"{st['new_tokens']} new tokens in {st['prefill_s'] + st['decode_s']:.3f} s: "
                 f"{st['tokens_per_s']:.1f} tok/s (prefill {st['prefill_s'] * 1e3:.1f} ms, "

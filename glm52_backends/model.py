@@ -379,6 +379,17 @@ class GLM52:
             out.append(p)
         return out
 
+    def _generation_prompts(self, prompts, max_new_tokens: int, prefill_chunk: int | None) -> list[list[int]]:
+        """Check generate()'s arguments; prompts as validated token-id lists."""
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if prefill_chunk is not None and prefill_chunk <= 0:
+            raise ValueError(f"prefill_chunk must be positive, got {prefill_chunk}")
+        prompts = self._encode_prompts(prompts)
+        for i, p in enumerate(prompts):
+            self._check_tokens(p, f"prompt {i}")
+        return prompts
+
     @torch.inference_mode()
     def generate(self, prompts, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None, speculative: int = 0, prefill_chunk: int | None = None,
@@ -397,13 +408,7 @@ class GLM52:
             return generate_speculative(self, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                                         top_p=top_p, seed=seed, k=speculative, stop_at_eos=stop_at_eos,
                                         prefill_chunk=prefill_chunk, cache_tokens=cache_tokens)
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if prefill_chunk is not None and prefill_chunk <= 0:
-            raise ValueError(f"prefill_chunk must be positive, got {prefill_chunk}")
-        prompts = self._encode_prompts(prompts)
-        for i, p in enumerate(prompts):
-            self._check_tokens(p, f"prompt {i}")
+        prompts = self._generation_prompts(prompts, max_new_tokens, prefill_chunk)
         gen = torch.Generator().manual_seed(0 if seed is None else seed)
         B = len(prompts)
         need = cache_tokens or sum(len(p) + max_new_tokens + self.block_size for p in prompts)

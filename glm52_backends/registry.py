@@ -178,6 +178,7 @@ class BackendInfo:
     reason: str = ""
     native_ops: list[str] = field(default_factory=list)
     priority: int = 0
+    label: str = ""  # the name reports use, e.g. "ascend (emulated)"
 
 
 def list_backends() -> list[BackendInfo]:
@@ -190,5 +191,5 @@ def list_backends() -> list[BackendInfo]:
             out.append(BackendInfo(name, False, source, reason=str(e)))
             continue
         out.append(BackendInfo(name, True, source, native_ops=[op for op in OP_NAMES if callable(getattr(b, op, None))],
-                               priority=getattr(b, "priority", 0)))
+                               priority=getattr(b, "priority", 0), label=str(getattr(b, "name", name))))
     return out

@@ -198,13 +198,7 @@ def generate_speculative(model, prompts, *, max_new_tokens: int, k: int, tempera
     counted; 1.0 = no draft ever accepted), `verify_steps` and `speculative`."""
     from .model import GenerationResult
 
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if prefill_chunk is not None and prefill_chunk <= 0:
-        raise ValueError(f"prefill_chunk must be positive, got {prefill_chunk}")
-    prompts = model._encode_prompts(prompts)
-    for i, p in enumerate(prompts):
-        model._check_tokens(p, f"prompt {i}")
+    prompts = model._generation_prompts(prompts, max_new_tokens, prefill_chunk)
     B = len(prompts)
     # target: prompt + new + k drafts in flight; MTP: the same less two; a spare block per cache id
     need = cache_tokens or sum(2 * (len(p) + max_new_tokens + k + model.block_size) for p in prompts)

@@ -1,0 +1,48 @@
+"""The `glm52` command line: backends, make-tiny, generate (tables and JSON), errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from glm52_backends.cli import main
+from glm52_backends.loader import load_checkpoint
+
+
+def test_backends_table(capsys):
+    assert main(["backends"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("cpu_ref"))
+    assert "yes" in row and "10/10" in row and "indexer_topk" in row
+    assert "cuda" in out and "auto" in out
+
+
+def test_make_tiny_then_generate(tmp_path, capsys):
+    ckpt = str(tmp_path / "ck")
+    assert main(["make-tiny", ckpt, "--mtp", "--layers", "2", "--fp8"]) == 0
+    cfg, tensors = load_checkpoint(ckpt, progress=False)
+    assert cfg.num_hidden_layers == 2 and cfg.fp8_block == (128, 128) and cfg.mtp_layer == 2
+    capsys.readouterr()
+    assert main(["generate", ckpt, "--backend", "cpu_ref", "--batch", "2", "--max-new-tokens", "3", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "backend    : cpu_ref" in out and "native ops : " in out and "tok/s" in out
+    assert "generated token ids" in out
+    assert main(["generate", ckpt, "--backend", "cpu_ref", "--batch", "2", "--max-new-tokens", "3", "--quiet",
+                 "--json", "--ids", "1,2,3", "--ignore-eos"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert [len(t) for t in d["tokens"]] == [3, 3] and d["tokens"][0] == d["tokens"][1]  # same prompt, greedy
+    assert d["stats"]["backend"] == "cpu_ref" and d["stats"]["ops"]["sparse_mla"] == "native"
+
+
+def test_generate_errors_are_one_line(tmp_path, capsys):
+    assert main(["generate", str(tmp_path / "nothing-here"), "--backend", "cpu_ref", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("glm52: error:") and "config.json" in err
+    with pytest.raises(SystemExit):
+        main(["generate", "--dtype", "float8"])
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 1
+    assert "generate" in capsys.readouterr().out

@@ -260,3 +260,12 @@ def test_plugin_runs_the_model(plugin_installed, tmp_path):
     b = GLM52(ckpt, backend="cpu_ref", progress=False)
     torch.testing.assert_close(a(ids), b(ids), rtol=1e-5, atol=1e-5)
     assert a.ops.ran_natively()["moe_experts"] == "native"
+
+
+def test_plugin_passes_conformance(plugin_installed):
+    """A vendor package is covered by registering: the same suite as the built-ins, no extra code."""
+    from glm52_backends.conformance import run
+    rep = run("example_vendor", quick=True)
+    assert rep.passed, "\n".join(r.line() for r in rep.failures)
+    moe = [r for r in rep.results if r.op == "moe_experts"]
+    assert len(moe) >= 8 and all(r.path == "native" for r in moe)

@@ -17,8 +17,9 @@ Kernel versions and their idea:
                   then -1. Rows with pos + 1 <= k take every position without selecting.
 
 Constants: BLOCK_N 64 keys x Di 128 per score tile, BLOCK_M up to 4 query tokens (4 x 32 heads =
-128 rows), SELECT_BLOCK 1024 scores per select step. Chosen from the Triton MMA minimums and
-register budgets, not tuned on a GPU yet (no GPU was available while writing this).
+128 rows, at most 128 rows for wider indexers), SELECT_BLOCK 1024 scores per select step. Chosen
+from the Triton MMA minimums and register budgets and checked by an sm_90 ahead-of-time compile
+(tests/test_cuda_compile.py: shared memory, registers, spills); not tuned on a GPU yet.
 """
 
 from __future__ import annotations
@@ -29,8 +30,12 @@ import triton.language as tl
 
 from .common import check_batch, check_float, check_shape, dot_in_f32, need, pow2, token_metadata
 
+# BLOCK_N 64 keys: at Hi=32, Di=128 bf16 the [128, 128] query + [64, 128] key tiles compile to
+# 48 KB shared / 112 registers on sm_90 (no spills), so several programs fit per SM
 BLOCK_N = 64
-MAX_BLOCK_M = 4
+MAX_BLOCK_M = 4          # query tokens per tile: 4 x 32 heads = 128 MMA rows, every key row read once
+MAX_ROWS = 128           # query rows (tokens x heads) per tile: caps shared memory for wide indexers
+# select: 1024 scores per step on 8 warps = 4 per thread; histograms are 256 bins (8-bit digits)
 SELECT_BLOCK = 1024
 SELECT_WARPS = 8
 
@@ -102,8 +107,9 @@ def _radix_digit(s_row, n, prefix, k_rem, SHIFT: tl.constexpr, FIRST: tl.constex
             ok = ok & ((key >> (SHIFT + 8)) == (prefix >> (SHIFT + 8)))
         digit = ((key >> SHIFT) & 255).to(tl.int32)
         hist += tl.histogram(digit, 256, mask=ok)
-    # count_ge[b] = keys in the bucket whose digit >= b
-    count_ge = tl.sum(tl.where(bins[None, :] >= bins[:, None], hist[None, :], 0), axis=1)
+    # count_ge[b] = keys in the bucket whose digit >= b (a suffix sum: total - inclusive prefix
+    # + own bin; a [256, 256] compare-and-sum here took all 255 registers and spilled on sm_90)
+    count_ge = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist
     best = tl.max(tl.where(count_ge >= k_rem, bins, -1), axis=0)           # digit of the k_rem-th key
     above = tl.sum(tl.where(bins > best, hist, 0), axis=0)
     return prefix | (best.to(tl.uint32) << SHIFT), k_rem - above
@@ -179,7 +185,11 @@ def indexer_topk(q, w, k_cache, block_table, seq_lens, cu_seqlens_q, topk):
     _, pos = token_metadata(cu, lens, T)
 
     HI_P, DI_P = pow2(Hi), pow2(Di, 16)
-    BLOCK_M = min(pow2(T), MAX_BLOCK_M)
+    # BLOCK_M from T (a shape; per-request q_len would need a host sync): decode batches of
+    # 1-token requests get partly empty tiles, which only idles MMA rows of a memory-bound kernel.
+    # At most MAX_ROWS query rows per tile: Hi=32 -> 4 tokens; Hi=64/128 -> 2/1 (at Hi=128, Di=256
+    # a 4-token [512, 256] bf16 query operand alone is 256 KB, over H100's 227 KB shared memory).
+    BLOCK_M = min(pow2(T), MAX_BLOCK_M, max(1, MAX_ROWS // HI_P))
     BLOCK_M = max(BLOCK_M, pow2(16 // HI_P))          # tl.dot needs >= 16 rows
     # tiles: BLOCK_M consecutive tokens of one request; at most ceil(T / BLOCK_M) + B of them
     q_len = (cu[1:] - cu[:-1]).long()

@@ -9,11 +9,12 @@ Kernel versions and their idea:
                    With one split (prefill: T x heads programs fill the GPU) it normalises and
                    writes out/lse itself; with several (decode: T is small, so the 2048 rows are
                    split across SMs) it writes an unnormalised partial and its log-sum-exp.
-  _combine_kernel  merges the splits of one (token, head block) by log-sum-exp.
+  _combine_kernel  merges the splits of one (token, 16 heads, 128 latent values) by log-sum-exp.
 Rows with no valid index: out 0, lse -inf (as the reference).
 
 Constants: BLOCK_N 32 rows per step, BLOCK_H up to 32 heads (acc [32, 512] f32 over 8 warps),
-splits chosen so that programs ~ 2 x the SM count. Not tuned on a GPU yet.
+splits chosen so that programs ~ 2 x the SM count. Checked by an sm_90 ahead-of-time compile
+(tests/test_cuda_compile.py); not tuned on a GPU yet.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ import triton.language as tl
 
 from .common import capturing, check_batch, check_float, check_shape, dot_in_f32, need, pow2, token_metadata
 
+# BLOCK_N 32 rows x 576 bf16 = 36 KB per gathered tile; with BLOCK_H 32 heads the partial kernel
+# compiles on sm_90 to ~76 KB shared and ~192 registers on 8 warps (no spills): a [32, 512] f32
+# accumulator is 64 registers a thread. 64 heads or 64 rows would double both.
 BLOCK_N = 32
 MAX_BLOCK_H = 32
 LOG2E = 1.4426950408889634
@@ -100,18 +104,19 @@ def _partial_kernel(q_ptr, kv_ptr, idx_ptr, bt_ptr, req_ptr, seqlen_ptr, out_ptr
 
 @triton.jit
 def _combine_kernel(po_ptr, pl_ptr, out_ptr, lse_ptr, H, Dl, n_splits, so0, so1, so2,
-                    BLOCK_H: tl.constexpr, DL_P: tl.constexpr):
+                    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
     t = tl.program_id(0)
     hb = tl.program_id(1)
+    db = tl.program_id(2)
     h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = h < H
-    dl = tl.arange(0, DL_P)
+    dl = db * BLOCK_D + tl.arange(0, BLOCK_D)
     m = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
     for s in range(0, n_splits):
         m = tl.maximum(m, tl.load(pl_ptr + (t.to(tl.int64) * n_splits + s) * H + h, mask=h_ok, other=float("-inf")))
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     tot = tl.zeros((BLOCK_H,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_H, DL_P), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_H, BLOCK_D), dtype=tl.float32)
     for s in range(0, n_splits):
         base = (t.to(tl.int64) * n_splits + s) * H
         wgt = tl.exp2(tl.load(pl_ptr + base + h, mask=h_ok, other=float("-inf")) - m_safe)   # 0 for empty splits
@@ -122,8 +127,9 @@ def _combine_kernel(po_ptr, pl_ptr, out_ptr, lse_ptr, H, Dl, n_splits, so0, so1,
     out = acc / tl.where(empty, 1.0, tot)[:, None]
     tl.store(out_ptr + t.to(tl.int64) * so0 + h[:, None] * so1 + dl[None, :] * so2,
              out.to(out_ptr.dtype.element_ty), mask=h_ok[:, None] & (dl[None, :] < Dl))
-    lse = tl.where(empty, float("-inf"), (m + tl.log2(tl.where(empty, 1.0, tot))) / 1.4426950408889634)
-    tl.store(lse_ptr + t.to(tl.int64) * H + h, lse, mask=h_ok)
+    if db == 0:                                  # one value block per head block writes the lse
+        lse = tl.where(empty, float("-inf"), (m + tl.log2(tl.where(empty, 1.0, tot))) / 1.4426950408889634)
+        tl.store(lse_ptr + t.to(tl.int64) * H + h, lse, mask=h_ok)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -174,6 +180,8 @@ def sparse_mla(q, kv_cache, idx, block_table, seq_lens, cu_seqlens_q, scale, v_d
     DL_P, DR_P = pow2(Dl, 16), pow2(Dr, 16)
     n_hb = triton.cdiv(H, BLOCK_H)
     if n_splits is None:
+        # decode (T small): split the top-k list so ~2 waves of programs cover the SMs, but keep
+        # >= 4 BLOCK_N steps per split (each split costs a [H, Dl] f32 partial write + combine read)
         want = 2 * _num_sms(device)
         n_splits = max(1, min(triton.cdiv(topk, 4 * BLOCK_N), want // (T * n_hb)))
     chunk = triton.cdiv(triton.cdiv(topk, n_splits), BLOCK_N) * BLOCK_N
@@ -184,7 +192,7 @@ def sparse_mla(q, kv_cache, idx, block_table, seq_lens, cu_seqlens_q, scale, v_d
     else:
         po = torch.empty(T, n_splits, H, Dl, dtype=torch.float32, device=device)
         pl = torch.empty(T, n_splits, H, dtype=torch.float32, device=device)
-    warps = 8 if Dl * BLOCK_H >= 8192 else 4
+    warps = 8 if Dl * BLOCK_H >= 8192 else 4    # 8 warps once the f32 accumulator is >= 8192 values
     _partial_kernel[(T, n_splits, n_hb)](
         q, kv_cache, idx, bt, req, lens, out, lse, po, pl,
         H, Dl, Dr, BS, topk, chunk, n_splits, float(scale) * LOG2E,
@@ -193,6 +201,10 @@ def sparse_mla(q, kv_cache, idx, block_table, seq_lens, cu_seqlens_q, scale, v_d
         BLOCK_H=BLOCK_H, DL_P=DL_P, DR_P=DR_P, BLOCK_N=BLOCK_N, DIRECT=direct,
         DOT_F32=dot_in_f32(q.dtype), num_warps=warps)
     if not direct:
-        _combine_kernel[(T, n_hb)](po, pl, out, lse, H, Dl, n_splits, out.stride(0), out.stride(1), out.stride(2),
-                                   BLOCK_H=BLOCK_H, DL_P=DL_P, num_warps=4)
+        # [16 heads, 128 values] per program: a [32, 512] f32 accumulator on 4 warps (128 registers
+        # a thread for it alone) spilled on sm_90; smaller tiles also give decode (T=1) more programs
+        CB_H, CB_D = min(BLOCK_H, 16), min(DL_P, 128)
+        _combine_kernel[(T, triton.cdiv(H, CB_H), triton.cdiv(Dl, CB_D))](
+            po, pl, out, lse, H, Dl, n_splits, out.stride(0), out.stride(1), out.stride(2),
+            BLOCK_H=CB_H, BLOCK_D=CB_D, num_warps=4)
     return out, lse

@@ -76,6 +76,18 @@ def _row_stats(max_ptr, arg_ptr, sum_ptr, row, n_split, NS_P: tl.constexpr, SAMP
 
 
 @triton.jit
+def _p_q_chunk(base, qbase, offs, V, inv_temp, mx, tot, rej, d_rej, HAS_Q: tl.constexpr):
+    """One chunk of the target probabilities p and of the draft's q on the rejected row (0 elsewhere;
+    q = one-hot of the rejected draft when there are no draft_probs)."""
+    p = tl.exp(tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32) * inv_temp - mx) / tot
+    if HAS_Q:
+        q = tl.load(qbase + offs, mask=(offs < V) & (rej != 0), other=0.0).to(tl.float32)
+    else:
+        q = tl.where((offs == d_rej) & (rej != 0), 1.0, 0.0)
+    return p, q
+
+
+@triton.jit
 def _verify_kernel(logit_ptr, draft_ptr, dprob_ptr, u_ptr, max_ptr, arg_ptr, sum_ptr, acc_ptr, tok_ptr,
                    V, k, n_split, inv_temp, sd0, sd1,
                    NS_P: tl.constexpr, BLOCK: tl.constexpr, SAMPLE: tl.constexpr, HAS_Q: tl.constexpr):
@@ -113,11 +125,7 @@ def _verify_kernel(logit_ptr, draft_ptr, dprob_ptr, u_ptr, max_ptr, arg_ptr, sum
         rtot = tl.zeros((BLOCK,), dtype=tl.float32)
         for j in range(0, V, BLOCK):
             offs = j + tl.arange(0, BLOCK)
-            p = tl.exp(tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32) * inv_temp - mx) / tot
-            if HAS_Q:
-                q = tl.load(qbase + offs, mask=(offs < V) & (rej != 0), other=0.0).to(tl.float32)
-            else:
-                q = tl.where((offs == d_rej) & (rej != 0), 1.0, 0.0)
+            p, q = _p_q_chunk(base, qbase, offs, V, inv_temp, mx, tot, rej, d_rej, HAS_Q)
             rtot += tl.maximum(p - q, 0.0)
         total = tl.sum(rtot, axis=0)
         use_p = total <= 0.0
@@ -128,11 +136,7 @@ def _verify_kernel(logit_ptr, draft_ptr, dprob_ptr, u_ptr, max_ptr, arg_ptr, sum
         done = 0
         for j in range(0, V, BLOCK):
             offs = j + tl.arange(0, BLOCK)
-            p = tl.exp(tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32) * inv_temp - mx) / tot
-            if HAS_Q:
-                q = tl.load(qbase + offs, mask=(offs < V) & (rej != 0), other=0.0).to(tl.float32)
-            else:
-                q = tl.where((offs == d_rej) & (rej != 0), 1.0, 0.0)
+            p, q = _p_q_chunk(base, qbase, offs, V, inv_temp, mx, tot, rej, d_rej, HAS_Q)
             r = tl.where(use_p, p, tl.maximum(p - q, 0.0))
             c = run + tl.cumsum(r, axis=0)
             hit = tl.min(tl.where((c > target) & (offs < V), offs, 2147483647), axis=0)

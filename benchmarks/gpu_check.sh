@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# The cuda backend on a GPU machine, in one prepared run: install, GPU tests, conformance at the
+# real GLM-5.2 sizes (bfloat16 and float32), the benchmark table, a tiny-checkpoint model check.
+#
+#   benchmarks/gpu_check.sh OUTDIR [STAGE ...]      stages: env install tests conformance bench model
+#
+# Each stage runs under its own time limit and writes its files to OUTDIR as it goes, so a stage
+# that hangs or dies costs only itself. OUTDIR holds at most 8 files:
+#   summary.txt              one line per stage (exit status, seconds) + machine facts + install log tail
+#   tests.log                pytest of tests/test_cuda_gpu.py (the interpreter's checks on the GPU + graph replay)
+#   conformance.log          both conformance runs' output
+#   conformance-bf16.json    glm52 conformance --backend cuda --dtype bfloat16 --json
+#   conformance-f32.json     glm52 conformance --backend cuda --dtype float32 --json
+#   bench.log, bench.json    glm52 bench --backend cuda
+#   model.log                benchmarks/gpu_model_check.py (greedy/MTP vs cpu_ref; its JSON last)
+# Without a GPU (a rehearsal here) the same stages run on Triton's interpreter at small sizes
+# (conformance --quick; the interpreter test file), and the bench stage says it needs a GPU.
+# Environment: GPU_CHECK_REPS (bench repetitions, default 50), GPU_CHECK_OPS (bench --ops subset).
+set -u
+OUTDIR=${1:?usage: benchmarks/gpu_check.sh OUTDIR [STAGE ...]}
+shift
+STAGES=${*:-env install tests bench conformance model}
+mkdir -p "$OUTDIR"
+OUTDIR=$(cd "$OUTDIR" && pwd)
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+SUMMARY=$OUTDIR/summary.txt
+
+if $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    GPU=1
+    unset TRITON_INTERPRET
+else
+    GPU=0
+    export TRITON_INTERPRET=1
+    echo "no CUDA GPU here: rehearsal on Triton's interpreter (small sizes; bench skipped)" | tee -a "$SUMMARY"
+fi
+
+if [ $GPU = 1 ]; then L_TESTS=120 L_CONF=120 L_BENCH=240 L_MODEL=90; else L_TESTS=400 L_CONF=240 L_BENCH=0 L_MODEL=400; fi
+
+# stage NAME LIMIT_S LOG CMD...: run CMD under `timeout`, append its output to LOG, one line to SUMMARY
+stage() {
+    local name=$1 limit=$2 log=$3
+    shift 3
+    local t0=$SECONDS rc
+    echo "== $name: $*" >> "$log"
+    timeout -k 10 "$limit" "$@" >> "$log" 2>&1
+    rc=$?
+    local what="rc=$rc"
+    [ $rc -eq 124 ] || [ $rc -eq 137 ] && what="TIMED OUT after ${limit}s"
+    printf '%-18s %-26s %4ds  (%s)\n' "$name" "$what" $((SECONDS - t0)) "$(basename "$log")" | tee -a "$SUMMARY"
+    return $rc
+}
+
+for s in $STAGES; do
+    case $s in
+    env)
+        {
+            echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+            echo "git: $(git rev-parse --short HEAD 2>/dev/null) $(git status --porcelain 2>/dev/null | wc -l) changed files"
+            $PY -c "import torch, triton, platform; print('python', platform.python_version(), '| torch', torch.__version__, '| triton', triton.__version__, '| cuda', torch.version.cuda)"
+            if [ $GPU = 1 ]; then
+                nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv
+                $PY -c "import torch; p = torch.cuda.get_device_properties(0); print(p.name, p.multi_processor_count, 'SMs', round(p.total_memory / 2**30), 'GiB')"
+            fi
+        } >> "$SUMMARY" 2>&1
+        ;;
+    install)
+        # no dependencies: the machine's own torch/triton stay; no index is reachable there
+        stage install 120 "$OUTDIR/install.tmp" $PY -m pip install --no-deps --no-build-isolation -e . ||
+            stage install-plain 120 "$OUTDIR/install.tmp" $PY -m pip install --no-deps --no-build-isolation .
+        grep -vi "warning: running pip" "$OUTDIR/install.tmp" | tail -n 2 >> "$SUMMARY"
+        rm -f "$OUTDIR/install.tmp"
+        ;;
+    tests)
+        if [ $GPU = 1 ]; then
+            stage tests $L_TESTS "$OUTDIR/tests.log" $PY -m pytest -q -rA tests/test_cuda_gpu.py
+        else
+            stage tests $L_TESTS "$OUTDIR/tests.log" $PY -m pytest -q -rA tests/test_cuda_interpreter.py
+        fi
+        ;;
+    conformance)
+        q=""
+        [ $GPU = 1 ] || q="--quick"
+        stage conformance-bf16 $L_CONF "$OUTDIR/conformance.log" $PY -m glm52_backends.cli conformance --backend cuda $q --dtype bfloat16 \
+            --no-model --json "$OUTDIR/conformance-bf16.json"
+        # float32 (exact-IEEE dots) with the model-level case: logits + greedy tokens of a tiny checkpoint
+        stage conformance-f32 $L_CONF "$OUTDIR/conformance.log" $PY -m glm52_backends.cli conformance --backend cuda $q --dtype float32 \
+            --json "$OUTDIR/conformance-f32.json"
+        ;;
+    bench)
+        if [ $GPU = 1 ]; then
+            stage bench $L_BENCH "$OUTDIR/bench.log" $PY -m glm52_backends.cli bench --backend cuda --reps "${GPU_CHECK_REPS:-50}" \
+                --ops "${GPU_CHECK_OPS:-indexer_topk,sparse_mla,moe,mtp_verify,e2e}" --json "$OUTDIR/bench.json"
+        else
+            echo "bench              skipped: glm52 bench needs a CUDA GPU (its plan: glm52 bench --list)" | tee -a "$SUMMARY"
+            $PY -m glm52_backends.cli bench --list > "$OUTDIR/bench.log" 2>&1
+        fi
+        ;;
+    model)
+        stage model $L_MODEL "$OUTDIR/model.log" $PY benchmarks/gpu_model_check.py
+        ;;
+    *)
+        echo "unknown stage $s (stages: env install tests conformance bench model)" | tee -a "$SUMMARY"
+        exit 2
+        ;;
+    esac
+done
+echo "done; files in $OUTDIR:" $(ls "$OUTDIR") | tee -a "$SUMMARY"

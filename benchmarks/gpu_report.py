@@ -1,0 +1,116 @@
+"""Markdown tables from a `benchmarks/gpu_check.sh` results folder.
+
+    python benchmarks/gpu_report.py RESULTS_DIR [--title TEXT]
+
+Reads bench.json, conformance-*.json, summary.txt, tests.log and model.log where present and
+prints: the machine (device, torch, triton, date, the ceilings measured in the run), every bench
+row with its ratio to the floor and whether the issue's target is met, the end-to-end IndexShare
+rows, the conformance totals and failures per dtype, and the GPU test and model-check outcome.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+
+
+def _load(path):
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def target_met(row: dict) -> str:
+    """'yes' / 'no' / '-' for a bench row against its target text (e.g. '<= 2.0x floor', '<= 30 us',
+    '<= 1.0x torch._grouped_mm')."""
+    tgt = row.get("target") or ""
+    if "error" in row or "ms" not in row:
+        return "-"
+    m = re.match(r"<=\s*([\d.]+)\s*(x floor|us|x torch)", tgt)
+    if not m:
+        return "-"
+    lim, unit = float(m.group(1)), m.group(2)
+    val = {"x floor": row["ratio"], "us": row["ms"] * 1e3, "x torch": row["vs_baseline"]}[unit]
+    return "yes" if val <= lim else "no"
+
+
+def bench_tables(b: dict) -> list[str]:
+    out = [f"Ceilings measured in this run: device copy {b['bandwidth_Bps'] / 1e12:.2f} TB/s (read + write), "
+           f"bf16 matmul 8192^3 {b['peak_flops'] / 1e12:.0f} TFLOP/s; median of {b['reps']} runs per case "
+           f"(the reference baselines: a fifth of that, at least 5); L2 flushed before each run.", "",
+           "| op | shape | ours (us) | GB/s | TFLOP/s | floor (us) | ratio to floor | target | met | "
+           "torch baseline (us) | ours / torch | timing | check |",
+           "|---|---|---:|---:|---:|---:|---:|---|---|---:|---:|---|---|"]
+    e2e = []
+    for r in b["rows"]:
+        if r["op"] == "e2e":
+            e2e.append(r)
+            continue
+        if "error" in r:
+            out.append(f"| {r['op']} | {r['shape']} | error: {r['error'][:120]} | | | | | {r['target']} | - | | | | |")
+            continue
+        out.append(f"| {r['op']} | {r['shape']} | {r['ms'] * 1e3:.1f} | {r['GBps']:.0f} | {r['TFLOPs']:.1f} | "
+                   f"{r['floor_ms'] * 1e3:.1f} | {r['ratio']:.2f} | {r['target']} | {target_met(r)} | "
+                   f"{r['baseline_ms'] * 1e3:.1f} | {r['vs_baseline']:.2f} | {r['timing']} | {r['check']} |")
+    if e2e:
+        out += ["", "| end-to-end decode step | IndexShare (ms) | indexer in every layer (ms) | every / IndexShare | timing |",
+                "|---|---:|---:|---:|---|"]
+        for r in e2e:
+            if "error" in r:
+                out.append(f"| {r['shape']} | error: {r['error'][:120]} | | | |")
+            else:
+                out.append(f"| {r['shape']} | {r['indexshare_ms']:.3f} | {r['every_layer_ms']:.3f} | "
+                           f"{r['ratio']:.2f} | {r['timing']} |")
+    return out
+
+
+def conformance_lines(reports: list[dict], dtype: str) -> list[str]:
+    out = []
+    for rep in reports:
+        res = rep.get("results", [])
+        n_ok = sum(1 for r in res if r.get("passed"))
+        native = sum(1 for r in res if r.get("path") == "native")
+        out.append(f"- {rep.get('backend')} {rep.get('scale')} {dtype} on {rep.get('device')}: "
+                   f"{n_ok} passed, {len(res) - n_ok} failed of {len(res)} cases; {native} ran natively")
+        for r in res:
+            if not r.get("passed"):
+                out.append(f"  - FAIL {r.get('op')} {r.get('case')} {r.get('dtype')}: {r.get('detail')}")
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("results")
+    ap.add_argument("--title", default="")
+    args = ap.parse_args(argv)
+    d = args.results
+    lines = [f"### {args.title}" if args.title else ""]
+    summ = os.path.join(d, "summary.txt")
+    if os.path.exists(summ):
+        lines += ["", "```", open(summ).read().rstrip(), "```"]
+    b = _load(os.path.join(d, "bench.json"))
+    if b:
+        lines += ["", f"Bench: {b['device']}, torch {b['torch']}, backend {b['backend']}, {b['wall_s']:.0f} s.", ""]
+        lines += bench_tables(b)
+    for name in ("bf16", "f32"):
+        c = _load(os.path.join(d, f"conformance-{name}.json"))
+        if c:
+            lines += [""] + conformance_lines(c, name)
+    tl = os.path.join(d, "tests.log")
+    if os.path.exists(tl):
+        tail = [x for x in open(tl).read().splitlines() if re.search(r"\d+ (passed|failed)", x)]
+        lines += ["", f"GPU tests: {tail[-1].strip('= ') if tail else 'no summary line'}"]
+    ml = os.path.join(d, "model.log")
+    if os.path.exists(ml):
+        checks = [x for x in open(ml).read().splitlines() if x.startswith(("PASS", "FAIL", "INFO"))]
+        lines += ["", "Model check (benchmarks/gpu_model_check.py):", ""] + [f"- {x}" for x in checks]
+    print("\n".join(lines).strip())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,479 @@
+"""The cuda backend's checks, shared by the interpreter run and the GPU run.
+
+`tests/test_cuda_interpreter.py` runs every `check_*` here in a worker process with
+TRITON_INTERPRET=1 (CPU tensors; every tl.dot in float32, see backends/cuda/common.py);
+`tests/test_cuda_gpu.py` runs the same checks on a CUDA GPU, where float16/bfloat16 go through the
+tensor cores, plus the `gpu_check_*` ones that only mean something there (CUDA-graph capture and
+replay). Inputs are built on the CPU from seeded generators, small, odd-sized and paged with NaN in
+every slot a kernel must not read; the backend and the kernel functions are reached through
+`_setup()` and `_kernel()`, which move tensor arguments to the backend's device and results back to
+the CPU, so one check body serves both. The reference runs in float64 on the same dtype-rounded
+inputs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+
+TOL = {"float32": 3.05e-5, "float16": 1.95e-3, "bfloat16": 1.56e-2}  # conformance/tolerances.py rows
+
+
+def _device() -> str:
+    import torch
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return "cuda" if torch.cuda.is_available() and not interpreting else "cpu"
+
+
+DEVICE = _device()
+
+
+def _move(x, device):
+    import torch
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_move(v, device) for v in x)
+    if isinstance(x, dict):
+        return {k: _move(v, device) for k, v in x.items()}
+    return x
+
+
+def _on_device(fn):
+    """`fn` with tensor arguments moved to DEVICE and tensor results moved back to the CPU."""
+    def call(*args, **kwargs):
+        out = fn(*_move(args, DEVICE), **_move(kwargs, DEVICE))
+        if DEVICE != "cpu":
+            import torch
+            for t in (out if isinstance(out, (tuple, list)) else [out]):
+                if isinstance(t, torch.Tensor):
+                    assert t.device.type == DEVICE, f"{fn.__name__} returned a tensor on {t.device}"
+        return _move(out, "cpu")
+    call.__name__ = getattr(fn, "__name__", "op")
+    return call
+
+
+class _OnDevice:
+    """A backend whose ops take and return CPU tensors while running on DEVICE."""
+
+    def __init__(self, be):
+        self._be = be
+
+    def __getattr__(self, name):
+        attr = getattr(self._be, name)
+        return _on_device(attr) if callable(attr) and not name.startswith("_") else attr
+
+
+def _setup():
+    import torch
+    from glm52_backends.backends.cpu_ref import ops as ref
+    from glm52_backends.registry import get_backend
+    be = get_backend("cuda")
+    assert be.backend.device.type == DEVICE, (be.backend.device, DEVICE)
+    return torch, ref, _OnDevice(be)
+
+
+def _kernel(module: str, fn: str):
+    """A cuda-backend kernel wrapper function (e.g. sparse_mla with n_splits) on DEVICE."""
+    return _on_device(getattr(importlib.import_module(f"glm52_backends.backends.cuda.{module}"), fn))
+
+
+
+def _batch(torch, reqs):
+    cu = [0]
+    for q, _ in reqs:
+        cu.append(cu[-1] + q)
+    return torch.tensor(cu, dtype=torch.int32), torch.tensor([L for _, L in reqs], dtype=torch.int32)
+
+
+def _paged(torch, g, lens, bs, rows_of):
+    """Rows [L, D] per request -> NaN-poisoned shuffled paged cache + block table with a padded column."""
+    need = [-(-L // bs) for L in lens]
+    nb = sum(need) + 2
+    order = torch.randperm(nb, generator=g).tolist()
+    D = rows_of[0].shape[1]
+    cache = torch.full((nb, bs, D), float("nan"))
+    bt = torch.full((len(lens), max(need) + 1), order[-1], dtype=torch.int32)
+    j = 0
+    for b, L in enumerate(lens):
+        for i in range(need[b]):
+            bt[b, i] = order[j]
+            chunk = rows_of[b][i * bs:(i + 1) * bs]
+            cache[order[j], :chunk.shape[0]] = chunk
+            j += 1
+    return cache, bt
+
+
+def _positions(torch, cu, lens):
+    out = []
+    for b in range(len(lens)):
+        q = int(cu[b + 1] - cu[b])
+        out += list(range(int(lens[b]) - q, int(lens[b])))
+    return out
+
+
+def _ref_scores(torch, q, w, kc, bt, lens, cu):
+    """float64 index scores [T, Lmax] (-inf beyond the causal row)."""
+    from glm52_backends.backends.cpu_ref.ops import gather_paged
+    T = q.shape[0]
+    out = torch.full((T, int(lens.max())), float("-inf"), dtype=torch.float64)
+    pos = _positions(torch, cu, lens)
+    for b in range(len(lens)):
+        k = gather_paged(kc, bt[b], int(lens[b])).double()
+        for t in range(int(cu[b]), int(cu[b + 1])):
+            s = (w[t].double()[:, None] * torch.relu(q[t].double() @ k.T)).sum(0)
+            out[t, :pos[t] + 1] = s[:pos[t] + 1]
+    return out
+
+
+def _check_topk(torch, idx, scores, topk, pos, tol, exact_sets=None):
+    """Validity: per row, min(topk, pos+1) distinct causal positions first, -1 after, each with a
+    score >= the reference's k-th best minus tol * max|score|. `exact_sets`: also equal the set."""
+    for t in range(idx.shape[0]):
+        n = min(topk, pos[t] + 1)
+        row = idx[t].tolist()
+        assert all(v == -1 for v in row[n:]), f"token {t}: entries after the first {n} must be -1: {row}"
+        sel = row[:n]
+        assert len(set(sel)) == n and all(0 <= v <= pos[t] for v in sel), f"token {t}: {sel} (pos {pos[t]})"
+        s = scores[t, :pos[t] + 1]
+        kth = s.sort(descending=True).values[n - 1]
+        slack = tol * float(s.abs().max())
+        assert float(s[sel].min()) >= float(kth) - slack, f"token {t}: a selected score is below the k-th best"
+        if exact_sets is not None:
+            assert sorted(sel) == sorted(exact_sets[t].tolist()[:n]), f"token {t}: set differs from the reference"
+
+
+def check_indexer_mixed_batch():
+    """Decode, prefill, MTP-like and short requests in one batch; f32/f16/bf16; odd sizes."""
+    torch, ref, be = _setup()
+    g = torch.Generator().manual_seed(11)
+    reqs = [(1, 45), (6, 23), (3, 3), (4, 70), (1, 1)]         # contexts < = > topk, one token
+    Hi, Di, bs, topk = 5, 24, 16, 12                            # odd heads, Di not a power of 2
+    cu, lens = _batch(torch, reqs)
+    T = int(cu[-1])
+    kc, bt = _paged(torch, g, lens.tolist(), bs, [torch.randn(L, Di, generator=g) for L in lens.tolist()])
+    q, w = torch.randn(T, Hi, Di, generator=g), torch.randn(T, Hi, generator=g)
+    pos = _positions(torch, cu, lens)
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        qd, kd = q.to(dt), kc.to(dt)
+        idx = be.indexer_topk(qd, w, kd, bt, lens, cu, topk)
+        assert idx.dtype == torch.int32 and idx.shape == (T, topk)
+        scores = _ref_scores(torch, qd, w, kd, bt, lens, cu)
+        _check_topk(torch, idx, scores, topk, pos, TOL[str(dt)[6:]])
+        if dt == torch.float32:
+            want = ref.indexer_topk(qd.double(), w.double(), kd.double(), bt, lens, cu, topk, cdt=torch.float64)
+            _check_topk(torch, idx, scores, topk, pos, 0.0, exact_sets=want)
+    assert be.calls["indexer_topk"]["fallback"] == 0
+
+
+def check_indexer_concentrated_and_ties():
+    """Long rows (> 2 select blocks), scores concentrated on a few keys, most exactly 0 (ReLU),
+    so the k-th key sits inside a huge tie: the selected set must equal the reference's exactly
+    (ties to the earlier position), with no winner dropped."""
+    torch, ref, be = _setup()
+    g = torch.Generator().manual_seed(12)
+    reqs = [(2, 2600), (1, 700)]
+    Hi, Di, bs, topk = 8, 32, 64, 256
+    cu, lens = _batch(torch, reqs)
+    rows = []
+    for L in lens.tolist():
+        k = torch.rand(L, Di, generator=g)
+        k[:, 0] = torch.where(torch.rand(L, generator=g) < 0.04, 4.0, 0.01)  # ~4% strong keys
+        k[:5, 0] = 4.0                                                       # exact duplicates
+        k[5:9] = k[0]
+        rows.append(k)
+    kc, bt = _paged(torch, g, lens.tolist(), bs, rows)
+    T = int(cu[-1])
+    q = -torch.rand(T, Hi, Di, generator=g)
+    q[:, :, 0] = 6.0                                       # relu(6*k0 - rest): 0 unless k0 is strong
+    w = torch.rand(T, Hi, generator=g)
+    idx = be.indexer_topk(q, w, kc, bt, lens, cu, topk)
+    want = ref.indexer_topk(q.double(), w.double(), kc.double(), bt, lens, cu, topk, cdt=torch.float64)
+    scores = _ref_scores(torch, q, w, kc, bt, lens, cu)
+    pos = _positions(torch, cu, lens)
+    assert int((scores[0, :pos[0] + 1] == 0).sum()) > 2000          # the tie really is huge
+    _check_topk(torch, idx, scores, topk, pos, 0.0, exact_sets=want)
+
+
+def check_indexer_negative_weights_and_bad_input():
+    """Negative head weights (negative scores: the order-preserving key must handle the sign) and
+    loud errors on malformed input."""
+    torch, ref, be = _setup()
+    g = torch.Generator().manual_seed(13)
+    reqs = [(3, 300)]
+    Hi, Di, bs, topk = 4, 16, 32, 40
+    cu, lens = _batch(torch, reqs)
+    kc, bt = _paged(torch, g, [300], bs, [torch.randn(300, Di, generator=g)])
+    q, w = torch.randn(3, Hi, Di, generator=g), -torch.rand(3, Hi, generator=g)
+    idx = be.indexer_topk(q, w, kc, bt, lens, cu, topk)
+    want = ref.indexer_topk(q.double(), w.double(), kc.double(), bt, lens, cu, topk, cdt=torch.float64)
+    _check_topk(torch, idx, _ref_scores(torch, q, w, kc, bt, lens, cu), topk, _positions(torch, cu, lens), 0.0, want)
+    indexer_topk = _kernel("indexer", "indexer_topk")
+    with pytest.raises(ValueError, match="w must have shape"):
+        indexer_topk(q, w[:, :2], kc, bt, lens, cu, topk)
+    with pytest.raises(ValueError, match="seq_len 999"):
+        indexer_topk(q, w, kc, bt, torch.tensor([999], dtype=torch.int32), cu, topk)
+
+
+def _mla_inputs(torch, g, reqs, H, Dl, Dr, bs, topk, dt):
+    cu, lens = _batch(torch, reqs)
+    T = int(cu[-1])
+    kc, bt = _paged(torch, g, lens.tolist(), bs, [torch.randn(L, Dl + Dr, generator=g) for L in lens.tolist()])
+    q = torch.randn(T, H, Dl + Dr, generator=g)
+    pos = _positions(torch, cu, lens)
+    idx = torch.full((T, topk), -1, dtype=torch.int32)
+    for t in range(T):
+        n = min(topk, pos[t] + 1) - (t % 3)                     # some rows padded with -1 inside
+        if n > 0:
+            sel = torch.randperm(pos[t] + 1, generator=g)[:n].int()
+            idx[t, torch.randperm(topk, generator=g)[:n]] = sel
+    return q.to(dt), kc.to(dt), idx, bt, lens, cu
+
+
+def check_sparse_mla_splits_padding_empty_rows():
+    """Odd heads/dims, -1 anywhere in the row, an all -1 row, split-K with 1, 3 and 7 splits (the
+    LSE merge, including splits that hold only -1) against one pass; f32/f16/bf16."""
+    torch, ref, be = _setup()
+    sparse_mla = _kernel("sparse_mla", "sparse_mla")
+    g = torch.Generator().manual_seed(21)
+    reqs = [(1, 150), (4, 37), (2, 2), (1, 400)]
+    H, Dl, Dr, bs, topk, scale = 5, 40, 12, 16, 200, 0.17
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        q, kc, idx, bt, lens, cu = _mla_inputs(torch, g, reqs, H, Dl, Dr, bs, topk, dt)
+        idx[1] = -1
+        ro, rl = ref.sparse_mla(q.double(), kc.double(), idx, bt, lens, cu, scale, v_dim=Dl, cdt=torch.float64)
+        for splits in (1, 3, 7):
+            out, lse = sparse_mla(q, kc, idx, bt, lens, cu, scale, v_dim=Dl, n_splits=splits)
+            assert out.dtype == dt and out.shape == ro.shape and lse.dtype == torch.float32
+            err = float((out.double() - ro).abs().max() / ro.abs().max())
+            assert err <= TOL[str(dt)[6:]], f"{dt} splits={splits}: out rel err {err}"
+            fin = torch.isfinite(rl)
+            assert torch.equal(torch.isfinite(lse), fin) and bool((out[1] == 0).all())
+            assert float((lse.double() - rl)[fin].abs().max()) <= 1e-5 * float(rl[fin].abs().max())
+    out, lse = be.sparse_mla(q, kc, idx, bt, lens, cu, scale, Dl)        # through the backend
+    assert be.calls["sparse_mla"]["native"] == 1
+
+
+def check_sparse_mla_bad_input():
+    torch, ref, be = _setup()
+    sparse_mla = _kernel("sparse_mla", "sparse_mla")
+    from glm52_backends.ops import OpUnsupported
+    g = torch.Generator().manual_seed(22)
+    q, kc, idx, bt, lens, cu = _mla_inputs(torch, g, [(2, 20)], 4, 16, 8, 8, 8, torch.float32)
+    idx[0, 0] = 19                                                # beyond pos 18 of token 0
+    with pytest.raises(ValueError, match=r"idx\[0, 0\] = 19 is beyond"):
+        sparse_mla(q, kc, idx, bt, lens, cu, 0.1, v_dim=16)
+    with pytest.raises(OpUnsupported, match="q is torch.float32 but kv_cache is torch.float16"):
+        sparse_mla(q, kc.half(), idx, bt, lens, cu, 0.1, v_dim=16)
+
+
+def _moe_case(torch, g, T, Hd, I, E, K, dt, ids=None):
+    x = torch.randn(T, Hd, generator=g).to(dt)
+    w13 = (torch.randn(E, 2 * I, Hd, generator=g) * Hd ** -0.5).to(dt)
+    w2 = (torch.randn(E, Hd, I, generator=g) * I ** -0.5).to(dt)
+    if ids is None:
+        ids = torch.stack([torch.randperm(E - 1, generator=g)[:K] for _ in range(T)])   # expert E-1 empty
+    return x, w13, w2, ids, torch.rand(T, K, generator=g)
+
+
+def check_moe_experts_both_gemm_paths():
+    """Triton grouped GEMMs (fused SiLU*mul) and torch._grouped_mm: odd sizes, empty experts,
+    -1 slots, all tokens to one expert, one token; f32/f16/bf16."""
+    torch, ref, be = _setup()
+    moe_experts = _kernel("moe", "moe_experts")
+    g = torch.Generator().manual_seed(31)
+    cases = []
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        cases.append((dt, _moe_case(torch, g, 9, 40, 24, 7, 3, dt)))
+    x, w13, w2, ids, wts = _moe_case(torch, g, 21, 32, 16, 5, 2, torch.float32)
+    cases.append((torch.float32, (x, w13, w2, torch.full_like(ids, 3), wts)))         # one expert: 2 M-blocks+
+    x, w13, w2, ids, wts = _moe_case(torch, g, 1, 24, 8, 4, 2, torch.float32)
+    cases.append((torch.float32, (x, w13, w2, ids, wts)))                             # one token
+    for dt, (x, w13, w2, ids, wts) in cases:
+        ids = ids.clone()
+        ids[0, -1] = -1                                                               # unused slot
+        want = ref.moe_experts(x.double(), w13.double(), w2.double(), ids, wts.double(), cdt=torch.float64)
+        for gemm in ("triton", "grouped_mm"):
+            y = moe_experts(x, w13, w2, ids, wts, gemm=gemm)
+            err = float((y.double() - want).abs().max() / want.abs().max())
+            assert y.dtype == dt and err <= TOL[str(dt)[6:]], f"{dt} {gemm} T={x.shape[0]}: rel err {err}"
+
+
+def check_moe_route_and_fp8_decline():
+    torch, ref, be = _setup()
+    g = torch.Generator().manual_seed(32)
+    for E, K, ng, tg, norm in ((64, 8, 1, 1, True), (64, 6, 8, 3, True), (24, 3, 1, 1, False)):
+        lg, bias = torch.randn(11, E, generator=g), torch.rand(E, generator=g) * 0.1
+        ids, w = be.moe_route(lg, bias, K, ng, tg, norm, 2.5)
+        rids, rw = ref.moe_route(lg.double(), bias.double(), K, ng, tg, norm, 2.5, cdt=torch.float64)
+        assert ids.dtype == torch.int64 and torch.equal(ids, rids), (E, ng)
+        assert float((w.double() - rw).abs().max()) <= 1e-6 * float(rw.abs().max())
+    x, w13, w2, ids, wts = _moe_case(torch, g, 3, 16, 8, 4, 2, torch.float32)
+    moe_experts = _kernel("moe", "moe_experts")
+    from glm52_backends.ops import OpUnsupported
+    with pytest.raises(OpUnsupported, match="FP8"):
+        moe_experts(x, w13.to(torch.float8_e4m3fn), w2, ids, wts)
+    # through the registry: declined -> reference, with one warning, same result as the reference
+    with pytest.warns(RuntimeWarning, match="moe_experts falls back to the reference"):
+        y = be.moe_experts(x, w13.to(torch.float8_e4m3fn), w2.to(torch.float8_e4m3fn), ids, wts)
+    assert be.calls["moe_experts"]["fallback"] == 1 and y.shape == x.shape
+
+
+def check_mtp_verify_greedy_and_sampling():
+    """Greedy: accept/miss/bonus/argmax ties; sampling with one-hot and with draft probs, exact
+    equality with the reference on the same uniforms; k = 0; top_p < 1 declined."""
+    torch, ref, be = _setup()
+    mtp_verify = _kernel("mtp_verify", "mtp_verify")
+    from glm52_backends.ops import OpUnsupported
+    g = torch.Generator().manual_seed(41)
+    B, k, V = 6, 3, 9001                                       # V spans two stats splits
+    lg = torch.randn(B, k + 1, V, generator=g) * 4
+    best = lg.argmax(-1)
+    draft = best[:, :k].clone()
+    draft[1, 0] = (draft[1, 0] + 1) % V                        # miss at 0
+    draft[2, 2] = (draft[2, 2] + 7) % V                        # miss at 2; rows 0,3: all accepted
+    lg[4, 0, 8500] = lg[4, 0, 5] = lg[4, 0].max() + 1          # argmax tie across splits -> id 5
+    draft[4, 0] = 8500
+    lg[5] = lg[5].half().float()
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        x = lg.to(dt)
+        a, t = mtp_verify(draft, x)
+        ra, rt = ref.mtp_verify(draft, x)
+        assert torch.equal(a, ra) and torch.equal(t, rt), (dt, a, ra)
+        if dt == torch.float32:                                # (half rounding moves some argmaxes)
+            assert a.tolist()[:5] == [3, 0, 2, 3, 0] and t[4, 0] == 5
+    u = torch.rand(B, k + 1, generator=g)
+    peaked = lg * 3                                            # drafts = argmax get accepted often
+    dprobs = torch.softmax(torch.randn(B, k, V, generator=g), -1)
+    d2 = torch.multinomial(dprobs.view(-1, V), 1, generator=g).view(B, k)
+    n_acc = 0
+    for logits, d, q in ((peaked, draft, None), (lg, d2, dprobs)):
+        for temp in (0.6, 1.3):
+            a, t = mtp_verify(d, logits, q, temp, 1.0, u)
+            ra, rt = ref.mtp_verify(d, logits.double(), None if q is None else q.double(), temp, 1.0,
+                                    u.double(), cdt=torch.float64)
+            assert torch.equal(a, ra) and torch.equal(t, rt), (temp, a, ra, t, rt)
+            n_acc += int(a.sum())
+    assert n_acc > 0                                           # the accept branch ran
+    a, t = mtp_verify(draft[:, :0], lg[:, :1])                 # k = 0: just the bonus token
+    assert a.tolist() == [0] * B and torch.equal(t[:, 0], lg[:, 0].argmax(-1))
+    with pytest.raises(OpUnsupported, match="top_p"):
+        mtp_verify(draft, lg, None, 1.0, 0.9, u)
+
+
+def check_model_greedy_matches_cpu_ref():
+    """GLM52(tiny, backend='cuda'): same greedy tokens as cpu_ref, every hot op native."""
+    import tempfile
+    import torch
+    from glm52_backends import GLM52
+    from glm52_backends.tiny import make_tiny_checkpoint
+    with tempfile.TemporaryDirectory() as d:
+        path = make_tiny_checkpoint(d, layers=4, seed=3, index_topk=8)
+        m = GLM52(path, backend="cuda", dtype=torch.float32, progress=False)
+        r = GLM52(path, backend="cpu_ref", dtype=torch.float32, progress=False)
+    assert m.backend_name == ("cuda (triton interpreter)" if DEVICE == "cpu" else "cuda")
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, m.cfg.vocab_size, (n,), generator=g).tolist() for n in (13, 4)]
+    a = m.generate(prompts, max_new_tokens=3, stop_at_eos=False)
+    b = r.generate(prompts, max_new_tokens=3, stop_at_eos=False)
+    assert a.tokens == b.tokens
+    assert all(a.stats["ops"][op] == "native" for op in ("indexer_topk", "sparse_mla", "moe_experts", "moe_route"))
+
+
+def check_speculative_greedy_matches_plain():
+    """MTP speculation through the cuda backend: k=3, drafts right with probability 0.6 (a seeded
+    test draft source, so accepts, rejections and rollbacks all happen), same tokens as plain greedy."""
+    import tempfile
+    import torch
+    from glm52_backends import GLM52
+    from glm52_backends.speculative import generate_speculative
+    from glm52_backends.tiny import make_tiny_checkpoint
+    with tempfile.TemporaryDirectory() as d:
+        path = make_tiny_checkpoint(d, layers=2, seed=5, index_topk=8, mtp=True)
+        m = GLM52(path, backend="cuda", dtype=torch.float32, progress=False)
+        r = GLM52(path, backend="cpu_ref", dtype=torch.float32, progress=False)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, m.cfg.vocab_size, (n,), generator=g).tolist() for n in (11, 3)]
+    n_new = 12
+    plain = r.generate(prompts, max_new_tokens=n_new, stop_at_eos=False).tokens
+    seqs = [p + o for p, o in zip(prompts, plain)]
+    coins = torch.rand(2, 64, generator=g).tolist()
+
+    def drafts(i, pos, proposed):  # the plain-greedy token with probability 0.6, else a wrong one
+        if pos >= len(seqs[i]):
+            return proposed
+        right = seqs[i][pos]
+        return right if coins[i][pos] < 0.6 else (right + 1) % m.cfg.vocab_size
+
+    res, dec = generate_speculative(m, prompts, max_new_tokens=n_new, k=3, stop_at_eos=False,
+                                    draft_filter=drafts, return_decoder=True)
+    assert res.tokens == plain, (res.tokens, plain)
+    steps = [a for v in dec.accepted.values() for a in v]
+    assert 0 in steps and max(steps) >= 2, steps                 # rejections and multi-token accepts
+    assert res.stats["ops"]["mtp_verify"] == "native" and res.stats["ops"]["sparse_mla"] == "native"
+
+
+def gpu_check_graph_capture_and_replay():
+    """Decode-size calls of every hot op (bfloat16, the grouped_mm MoE path) captured in one CUDA
+    graph. After fresh values are copied into the static inputs, each replay must equal, bit for
+    bit, eager calls on those values: no host synchronisation inside the ops (capture would fail),
+    no value baked into the graph at capture time, nothing read from a stale buffer."""
+    import torch
+    from glm52_backends.registry import get_backend
+    be = get_backend("cuda")
+    dev, bf = torch.device(DEVICE), torch.bfloat16
+    g = torch.Generator().manual_seed(51)
+    B, bs, Hi, Di, topk = 3, 64, 8, 64, 128
+    H, Dl, Dr = 16, 64, 16
+    E, K, Hd, I = 16, 4, 64, 32
+    V, k = 3001, 3
+    lens = torch.tensor([700, 129, 400], dtype=torch.int32, device=dev)
+    cu = torch.arange(B + 1, dtype=torch.int32, device=dev)
+    nb = 12
+    bt = torch.randperm(B * nb, generator=g).view(B, nb).to(torch.int32).to(dev)
+
+    def fresh():
+        return dict(q=torch.randn(B, Hi, Di, generator=g).to(dev, bf), w=torch.randn(B, Hi, generator=g).to(dev),
+                    kc=torch.randn(B * nb, bs, Di, generator=g).to(dev, bf),
+                    qm=torch.randn(B, H, Dl + Dr, generator=g).to(dev, bf),
+                    kv=torch.randn(B * nb, bs, Dl + Dr, generator=g).to(dev, bf),
+                    lg=torch.randn(B, E, generator=g).to(dev), bias=(torch.rand(E, generator=g) * 0.1).to(dev),
+                    x=torch.randn(B, Hd, generator=g).to(dev, bf),
+                    w13=(torch.randn(E, 2 * I, Hd, generator=g) * Hd ** -0.5).to(dev, bf),
+                    w2=(torch.randn(E, Hd, I, generator=g) * I ** -0.5).to(dev, bf),
+                    vl=(torch.randn(B, k + 1, V, generator=g) * 3).to(dev),
+                    draft=torch.randint(0, V, (B, k), generator=g).to(dev))
+
+    static = fresh()
+
+    def step(s):
+        idx = be.indexer_topk(s["q"], s["w"], s["kc"], bt, lens, cu, topk)
+        o, lse = be.sparse_mla(s["qm"], s["kv"], idx, bt, lens, cu, 0.1, Dl)
+        ids, wts = be.moe_route(s["lg"], s["bias"], K, 1, 1, True, 2.5)
+        y = be.moe_experts(s["x"], s["w13"], s["w2"], ids, wts)
+        a, t = be.mtp_verify(s["draft"], s["vl"])
+        return idx, o, lse, ids, wts, y, a, t
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step(static)                                   # compile and warm up off the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step(static)
+    names = ("idx", "out", "lse", "ids", "weights", "y", "accepted", "tokens")
+    for trial in range(3):
+        new = fresh()
+        new["draft"][trial % B] = new["vl"][trial % B, :k].argmax(-1)       # one request accepts all
+        for key, v in new.items():
+            static[key].copy_(v)
+        graph.replay()
+        torch.cuda.synchronize()
+        want = step(new)
+        for name, got, ref in zip(names, outs, want):
+            assert torch.equal(got, ref), f"replay {trial}: {name} differs from an eager call on the same values"
+    assert all(be.calls[op]["fallback"] == 0 for op in ("indexer_topk", "sparse_mla", "moe_route",
+                                                        "moe_experts", "mtp_verify")), be.calls

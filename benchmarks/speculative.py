@@ -27,7 +27,7 @@ import time
 import torch
 
 from glm52_backends import GLM52
-from glm52_backends.speculative import generate_speculative
+from glm52_backends.engine.speculative import generate_speculative
 from glm52_backends.tiny import tiny_config
 
 # Model sizes: "tiny" is the embedded checkpoint's config; "small" makes the per-token math larger

@@ -156,17 +156,20 @@ def _random_topk(g, batch: Batch, topk: int, *, scatter_pad: bool = False, empty
     return idx
 
 
-def _mla_inputs(g, batch: Batch, s: dict, topk: int, bs: int, **kw) -> CaseInputs:
-    H, D = s["H"], s["Dl"] + s["Dr"]
+def _mla_inputs(g, batch: Batch, s: dict, topk: int, bs: int, *, lse: bool = False, **kw) -> CaseInputs:
+    """The latent cache as the two paged tensors of the contract, c [NB, BS, Dl] and k_pe [NB, BS, Dr],
+    NaN-poisoned in the same slots; `lse`: ask for the log-sum-exp too."""
+    H, Dl, D = s["H"], s["Dl"], s["Dl"] + s["Dr"]
     kv = [randn(g, L, D) for L in batch.seq_lens]
     cache, table = page(g, kv, bs)
     scale = (s.get("dn", 3 * s["Dr"]) + s["Dr"]) ** -0.5                           # (dn + dr)^-0.5
     return CaseInputs(
-        {"q": Arg(randn(g, batch.T, H, D), "act"), "kv_cache": Arg(cache, "act"),
+        {"q": Arg(randn(g, batch.T, H, D), "act"), "c_cache": Arg(cache[..., :Dl].contiguous(), "act"),
+         "kpe_cache": Arg(cache[..., Dl:].contiguous(), "act"),
          "idx": Arg(_random_topk(g, batch, topk, **kw), "int"), "block_table": Arg(table, "int"),
          "seq_lens": Arg(batch.seq_lens_t, "int"), "cu_seqlens_q": Arg(batch.cu_seqlens_q, "int"),
-         "scale": Arg(scale, "const"), "v_dim": Arg(s["Dl"], "const")},
-        meta={"batch": batch})
+         "scale": Arg(scale, "const")},
+        meta={"batch": batch}, kwargs={"return_lse": True} if lse else {})
 
 
 def _mla(kind: str):
@@ -178,10 +181,12 @@ def _mla(kind: str):
             return _mla_inputs(g, Batch([(1, 4 * K + 7), (1, K), (1, K // 3 + 1), (1, 1)]), s, K, s["BS"])
         if kind == "prefill":
             return _mla_inputs(g, Batch([(K // 32 + 3, K + K // 64 + 1)]), s, K, s["BS"])
-        if kind == "mixed":
-            return _mla_inputs(g, Batch([(4, 2 * K + 3), (1, 1), (3, K // 4 + 2), (1, 4 * K + 1)]), s, K, s["BS"])
+        if kind in ("mixed", "lse"):
+            return _mla_inputs(g, Batch([(4, 2 * K + 3), (1, 1), (3, K // 4 + 2), (1, 4 * K + 1)]), s, K, s["BS"],
+                               lse=kind == "lse")
         if kind == "padding":  # -1 scattered through the rows, and two rows with no valid index
-            return _mla_inputs(g, Batch([(3, K // 2 + 1), (2, 2 * K)]), s, K, s["BS"], scatter_pad=True, empty_rows=2)
+            return _mla_inputs(g, Batch([(3, K // 2 + 1), (2, 2 * K)]), s, K, s["BS"], scatter_pad=True, empty_rows=2,
+                               lse=True)
         raise KeyError(kind)
     return build
 
@@ -369,7 +374,8 @@ CASES: list[Case] = [
     Case("sparse_mla", "decode", _mla("decode"), "mla", "decode, contexts >=4x, =, < top-k and 1"),
     Case("sparse_mla", "prefill", _mla("prefill"), "mla", "causal prefill chunk"),
     Case("sparse_mla", "mixed", _mla("mixed"), "mla", "decode + verify + prefill in one step"),
-    Case("sparse_mla", "padding", _mla("padding"), "mla", "-1 scattered, two rows with no valid index"),
+    Case("sparse_mla", "padding", _mla("padding"), "mla", "-1 scattered, two rows with no valid index (+ lse)"),
+    Case("sparse_mla", "lse", _mla("lse"), "mla", "the mixed batch with return_lse=True: out and lse"),
     Case("sparse_mla", "odd", _mla_odd, "mla", "5 heads, latent 40+8, top-7, block size 3"),
     *[Case("moe_experts", f"T{T}", _moe_routing(T), "close", f"{T} tokens, 256 experts top-8 (small hidden)")
       for T in (1, 16, 128)],

@@ -149,6 +149,7 @@ class Arg:
 class CaseInputs:
     args: dict[str, Arg]                      # in the op's positional order
     meta: dict[str, Any] = field(default_factory=dict)  # what judges need besides the args
+    kwargs: dict[str, Any] = field(default_factory=dict)  # constant keyword arguments (e.g. return_lse)
 
     def for_backend(self, dtype: torch.dtype, device: torch.device) -> list[Any]:
         out = []

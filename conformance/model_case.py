@@ -34,7 +34,7 @@ def _tiny():
 @functools.lru_cache(maxsize=1)
 def _reference() -> tuple[list[list[int]], list[torch.Tensor], list[list[int]]]:
     """(prompts, float64 logits, greedy tokens) of the reference model: computed once per process."""
-    from glm52_backends.model import GLM52
+    from glm52_backends.engine import GLM52
     cfg, sd = _tiny()
     g = generator("model", "prompts")
     prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in PROMPT_LENGTHS]
@@ -48,7 +48,7 @@ def _path(ops: dict[str, str]) -> str:
 
 
 def run_model_case(bound, quick: bool = False) -> list[CaseResult]:
-    from glm52_backends.model import GLM52
+    from glm52_backends.engine import GLM52
     caps = bound.capabilities
     dtype = torch.float32 if torch.float32 in caps.get("dtypes", [torch.float32]) else caps.get("default_dtype")
     dname = str(dtype).removeprefix("torch.")

@@ -58,12 +58,16 @@ def judge_case(case: Case, out: Any, inputs, dtype: torch.dtype) -> judges.Verdi
     if case.judge == "topk":
         batch = inputs.meta["batch"]
         return judges.topk_validity(out, indexer_scores(ref_args, batch), batch.positions, ref_args[-1], tol)
-    ref = getattr(REFERENCE, case.op)(*ref_args)
+    ref = getattr(REFERENCE, case.op)(*ref_args, **inputs.kwargs)
     if case.judge == "close":
         return judges.close(out, ref, tol, dtype=dtype)
     if case.judge == "mla":
+        if not inputs.kwargs.get("return_lse"):
+            if isinstance(out, (tuple, list)):
+                return judges.Verdict(False, detail="sparse_mla must return out alone unless return_lse=True")
+            return judges.close(out, ref, tol, dtype=dtype)
         if not (isinstance(out, (tuple, list)) and len(out) == 2):
-            return judges.Verdict(False, detail="sparse_mla must return (out, lse)")
+            return judges.Verdict(False, detail="sparse_mla(..., return_lse=True) must return (out, lse)")
         return judges.close_lse(out[0], out[1], ref[0], ref[1], tol, dtype)
     if case.judge == "route":
         if not (isinstance(out, (tuple, list)) and len(out) == 2):
@@ -90,7 +94,7 @@ def run_case(bound: BoundBackend, case: Case, dtype: torch.dtype, scale: str, de
         _poison_allocator(device)
         _sync(device)
         t0 = time.perf_counter()
-        out = getattr(bound, case.op)(*args)
+        out = getattr(bound, case.op)(*args, **inputs.kwargs)
         _sync(device)
         res.time_ms = (time.perf_counter() - t0) * 1e3
         after = bound.calls[case.op]

@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name):  # the model pulls in torch-heavy modules; keep `import glm52_backends` light
     if name == "GLM52":
-        from .model import GLM52
+        from .engine import GLM52
         return GLM52
     if name == "ModelConfig":
         from .config import ModelConfig

@@ -1,6 +1,8 @@
 """Paged caches: the MLA latent cache (every layer) and the index-key cache (IndexShare full layers).
 
-Layout per layer: `[num_blocks, block_size, D]`. A request owns a list of blocks; position p of
+Layout per layer: `[num_blocks, block_size, D]`. The latent cache is two paged tensors per layer,
+`c` (kv_lora_rank values after kv_a_layernorm) and `k_pe` (qk_rope_head_dim values after RoPE),
+as vllm-ascend and Huawei's GLM-5.2 recipe keep them; `index_k` holds the indexer keys. A request owns a list of blocks; position p of
 request r lives in slot `blocks[r][p // bs] * bs + p % bs`. Blocks are reserved for a whole step
 before anything is written, so running out raises `CacheExhausted` with the cache unchanged.
 """
@@ -27,9 +29,10 @@ class PagedCache:
         self.device = torch.device(device)
         layers = list(range(cfg.num_hidden_layers)) + ([cfg.num_hidden_layers] if mtp else [])
         index_layers = cfg.full_layers + ([cfg.num_hidden_layers] if mtp else [])
-        # latent: c (kv_lora_rank, post-norm) || k_pe (qk_rope_head_dim, post-RoPE)
-        self.latent = {l: torch.zeros(num_blocks, block_size, cfg.latent_dim, dtype=dtype, device=device)
-                       for l in layers}
+        self.c = {l: torch.zeros(num_blocks, block_size, cfg.kv_lora_rank, dtype=dtype, device=device)
+                  for l in layers}
+        self.k_pe = {l: torch.zeros(num_blocks, block_size, cfg.qk_rope_head_dim, dtype=dtype, device=device)
+                     for l in layers}
         self.index_k = {l: torch.zeros(num_blocks, block_size, cfg.index_head_dim, dtype=dtype, device=device)
                         for l in index_layers}
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() hands out low blocks first

@@ -8,8 +8,8 @@ import os
 import sys
 import time
 
-DEFAULT_TINY = os.path.join(os.environ.get("GLM52_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "glm52_backends")),
-                            "tiny-default")
+from .tiny import tiny_default_dir
+
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -58,15 +58,6 @@ def cmd_make_tiny(args) -> int:
     return 0
 
 
-def ensure_default_checkpoint(path: str = DEFAULT_TINY) -> str:
-    """The embedded default: a tiny random checkpoint in the real format, made once."""
-    if not os.path.exists(os.path.join(path, "config.json")):
-        from .tiny import make_tiny_checkpoint
-        print(f"making the embedded tiny checkpoint at {path}", file=sys.stderr)
-        make_tiny_checkpoint(path, mtp=True, layers=4, seed=0)
-    return path
-
-
 # ---- generate --------------------------------------------------------------------------------------
 def _parse_dtype(name: str | None):
     import torch
@@ -81,7 +72,8 @@ def _parse_dtype(name: str | None):
 
 def cmd_generate(args) -> int:
     import torch
-    from .model import GLM52
+    from .engine import GLM52
+    from .tiny import ensure_default_checkpoint
     path = args.checkpoint or ensure_default_checkpoint()
     t0 = time.perf_counter()
     model = GLM52(path, backend=args.backend, dtype=_parse_dtype(args.dtype), progress=not args.quiet)
@@ -154,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     delegates = {"conformance": ("glm52_backends.conformance.cli", "conformance_main"),
                  "plan": ("glm52_backends.planner", "plan_main"),
-                 "bench": ("glm52_backends.bench", "bench_main")}
+                 "bench": ("glm52_backends.benchmarks.ops_bench", "bench_main")}
     if argv and argv[0] in delegates:
         return _delegate(*delegates[argv[0]], argv[1:])
 
@@ -164,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("backends", help="list backends: available here, native ops, why not").set_defaults(fn=cmd_backends)
 
     g = sub.add_parser("generate", help="generate from a checkpoint (default: the embedded tiny one)")
-    g.add_argument("checkpoint", nargs="?", help=f"HF-format GLM-5.x folder (default: a tiny random one at {DEFAULT_TINY})")
+    g.add_argument("checkpoint", nargs="?", help=f"HF-format GLM-5.x folder (default: a tiny random one at {tiny_default_dir()})")
     g.add_argument("--backend", default="auto", help="auto | cpu_ref | cuda | ascend | torch | <plugin> (default auto)")
     g.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: the backend's)")
     g.add_argument("--prompt", help="text prompt (needs tokenizer.json in the checkpoint)")

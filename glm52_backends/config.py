@@ -126,6 +126,11 @@ class ModelConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise bad(f"'{name}' must be a positive integer, got {v!r}")
+        for name in ("rope_interleave", "indexer_rope_interleave"):
+            if getattr(self, name) is not True:
+                raise bad(f"'{name}' is {getattr(self, name)!r}: only interleaved (GPT-J pair) RoPE is implemented, as "
+                          f"GLM-5.x checkpoints use (rope_interleave = indexer_rope_interleave = true); a half-split "
+                          f"(NeoX) RoPE would be computed wrongly, so the config is refused")
         n = self.num_hidden_layers
         if len(self.indexer_types) != n or any(t not in ("full", "shared") for t in self.indexer_types):
             raise bad(f"'indexer_types' must list 'full'/'shared' for each of the {n} layers, "

@@ -181,10 +181,10 @@ class DeploymentConfig:
         return from_dict(raw, source=self.source, name=self.name)
 
     # ---- building ----------------------------------------------------------------------------
-    def build_model(self, **overrides: Any):
-        """`GLM52` on this deployment's backend and device. Overrides: model, backend, device, dtype,
-        and any other `GLM52` keyword. Runs on one process: the parallel layout is for planning."""
-        from .model import GLM52
+    def model_arguments(self, **overrides: Any) -> tuple[Any, dict[str, Any]]:
+        """(model, keyword arguments) for `GLM52(model, **kwargs)` on this deployment's backend and
+        device (`GLM52.from_deployment` calls this). Overrides: model, backend, device, dtype, and any
+        other `GLM52` keyword."""
         from .registry import get_backend
 
         src = overrides.pop("model", None) or self.model
@@ -200,7 +200,7 @@ class DeploymentConfig:
         if isinstance(backend, str) and backend in ("torch", "cpu_ref"):
             backend = get_backend(backend, device=device)  # these two run on any device they are given
         model_arg = tiny_checkpoint() if src == "tiny" else src
-        return GLM52(model_arg, backend=backend, device=device, dtype=dtype, **overrides)
+        return model_arg, dict(backend=backend, device=device, dtype=dtype, **overrides)
 
 
 # ---- model resolution -------------------------------------------------------------------------------
@@ -212,8 +212,8 @@ def tiny_model_config() -> ModelConfig:
 
 def tiny_checkpoint() -> str:
     """The embedded tiny random checkpoint in the real format, written once (see `glm52 generate`)."""
-    from . import cli
-    return cli.ensure_default_checkpoint(cli.DEFAULT_TINY)  # looked up now: GLM52_CACHE / tests may move it
+    from . import tiny
+    return tiny.ensure_default_checkpoint(tiny.DEFAULT_TINY)  # looked up now: tests may move it
 
 
 def resolve_model_config(model: str) -> ModelConfig:

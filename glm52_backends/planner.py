@@ -51,7 +51,7 @@ from typing import Any
 
 from .config import ModelConfig
 from .deploy import DeploymentConfig, load_deployment
-from .weights import expected_tensors, float32_tensor, fp8_scale_shape, is_fp8_weight
+from .weights import COMPONENTS, expected_tensors, float32_tensor, fp8_scale_shape, is_fp8_weight, placement
 
 GiB = 2 ** 30
 QUANT_GROUP = 128  # values per scale in 8-bit caches and FP8 weight blocks (spec §4.3, §5, §10)
@@ -60,36 +60,9 @@ QUANT_GROUP = 128  # values per scale in 8-bit caches and FP8 weight blocks (spe
 # source: vllm/v1/attention/backends/mla/indexer.py, get_max_prefill_buffer_size() comment
 WORKSPACE_ROWS_PER_CONTEXT_TOKEN = 5
 
-COMPONENTS = ("embeddings + lm_head", "attention + indexer", "dense MLP + shared experts", "routed experts",
-              "norms + router", "MTP layer")
 
 
 # ---- weights -----------------------------------------------------------------------------------
-def _split(name: str) -> str:
-    """'tp' | 'ep' | 'rep': how a tensor is laid out over devices (module docstring)."""
-    if ".mlp.experts." in name:
-        return "ep"
-    replicated = (".self_attn.q_a_proj.", ".self_attn.kv_a_proj_with_mqa.", ".self_attn.indexer.",
-                  ".mlp.gate.", "norm.weight", "norm.bias", ".eh_proj.")
-    if any(s in name for s in replicated) or name.endswith("layernorm.weight"):
-        return "rep"
-    return "tp"
-
-
-def _component(name: str, cfg: ModelConfig) -> str:
-    if name.startswith(f"model.layers.{cfg.num_hidden_layers}."):
-        return "MTP layer"
-    if name in ("model.embed_tokens.weight", "lm_head.weight"):
-        return "embeddings + lm_head"
-    if ".mlp.experts." in name:
-        return "routed experts"
-    if ".self_attn." in name and "layernorm" not in name and "k_norm" not in name:
-        return "attention + indexer"
-    if ".mlp." in name and ".mlp.gate." not in name:
-        return "dense MLP + shared experts"
-    return "norms + router"
-
-
 def tensor_bytes(name: str, shape: tuple[int, ...], weights_dtype: str) -> float:
     """Bytes of one checkpoint tensor stored in `weights_dtype` (scales included)."""
     n = math.prod(shape)
@@ -124,8 +97,9 @@ def _count_weights(cfg: ModelConfig, weights_dtype: str, include_mtp: bool
     by: dict[tuple[str, str], float] = {}
     params: dict[str, int] = {c: 0 for c in COMPONENTS}
     for name, shape in expected_tensors(cfg, include_mtp=include_mtp).items():
-        comp = _component(name, cfg)
-        key = (comp, _split(name))
+        where = placement(name, cfg)                 # THE sharding table (weights.SHARDING)
+        comp = where.component
+        key = (comp, where.split)
         by[key] = by.get(key, 0.0) + tensor_bytes(name, shape, weights_dtype)
         params[comp] += math.prod(shape)
     return by, params

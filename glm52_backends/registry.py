@@ -1,7 +1,10 @@
 """Backend registry: entry points + run-time registration, lazy loading, per-op fallback.
 
 A backend is any object with one method per op it implements (names in `ops.OP_NAMES`), plus
-optional `name`, `priority` (higher wins under `auto`) and `capabilities`. Built-ins register
+optional `name`, `priority` (higher wins under `auto`), `capabilities` (`ops.Capabilities` or a
+dict), `prepare_step(meta)` and `comm` (see `ops/protocol.py`). Every native op's signature is
+checked against the contract (`ops.check_signature`) when the backend is bound: a backend whose op
+does not match is refused with the op and the difference named. Built-ins register
 through the `glm52_backends.backends` entry-point group exactly like a vendor package; nothing is
 imported until a backend is asked for, so `import glm52_backends` imports neither triton nor
 torch_npu.
@@ -15,7 +18,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, Callable
 
-from .ops import OP_NAMES, OpUnsupported
+from .ops import OP_NAMES, REFERENCES, Capabilities, OpUnsupported, check_signature, signature
 
 log = logging.getLogger("glm52_backends")
 
@@ -25,6 +28,24 @@ _RUNTIME: dict[str, Callable[..., Any]] = {}
 
 class BackendUnavailable(RuntimeError):
     """A backend asked for by name that cannot load here; the message says why and what to install."""
+
+
+class BackendContractError(BackendUnavailable):
+    """A backend whose op does not match the contract's signature (the message names op and difference)."""
+
+
+def check_backend(backend: Any) -> None:
+    """Raise `BackendContractError` naming every native op whose signature differs from the contract."""
+    name = getattr(backend, "name", type(backend).__name__)
+    bad = []
+    for op in OP_NAMES:
+        fn = getattr(backend, op, None)
+        if callable(fn):
+            why = check_signature(op, fn)
+            if why:
+                bad.append(f"{op}: {why} (contract: {op}{signature(op)})")
+    if bad:
+        raise BackendContractError(f"backend {name!r} does not match the op contract: " + "; ".join(bad))
 
 
 def register_backend(name: str, factory: Callable[..., Any], *, overwrite: bool = True) -> None:
@@ -76,7 +97,20 @@ def _instantiate(name: str, **kwargs) -> Any:
             backend.name = name
         except AttributeError:
             pass
+    check_backend(backend)
     return backend
+
+
+class _Reference:
+    """The reference ops in float32: the fallback of every backend (the core never imports a backend)."""
+    name = "reference"
+
+    def __init__(self):
+        import functools
+
+        import torch
+        for op, fn in REFERENCES.items():
+            setattr(self, op, functools.partial(fn, cdt=torch.float32))
 
 
 class BoundBackend:
@@ -88,9 +122,9 @@ class BoundBackend:
     """
 
     def __init__(self, backend: Any, reference: Any | None = None):
+        check_backend(backend)
         if reference is None:
-            from glm52_backends.backends.cpu_ref import CpuRefBackend
-            reference = CpuRefBackend()
+            reference = _Reference()
         self.backend = backend
         self.reference = reference
         self.name: str = getattr(backend, "name", type(backend).__name__)
@@ -131,8 +165,19 @@ class BoundBackend:
         return call
 
     @property
-    def capabilities(self) -> dict:
-        return dict(getattr(self.backend, "capabilities", {}) or {})
+    def capabilities(self) -> Capabilities:
+        return Capabilities.coerce(getattr(self.backend, "capabilities", None))
+
+    @property
+    def comm(self):
+        """The backend's collectives if it brings its own, else torch.distributed's / one device's."""
+        from .ops.comm import default_collectives
+        return getattr(self.backend, "comm", None) or default_collectives()
+
+    def prepare_step(self, meta) -> None:
+        """Let the backend build its per-step data once (`meta.backend_data`)."""
+        hook = getattr(self.backend, "prepare_step", None)
+        meta.backend_data = hook(meta) if callable(hook) else None
 
     def ran_natively(self) -> dict[str, str]:
         """op -> 'native' | 'fallback' | 'mixed' | 'unused' for the calls made so far."""

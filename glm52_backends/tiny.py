@@ -248,3 +248,23 @@ def write_tiny_tokenizer(path: str, vocab_size: int) -> bool:
 
 __all__ = ["make_tiny_checkpoint", "tiny_config", "tiny_tensors", "random_state_dict", "quantize_fp8", "dequantized_twin",
            "write_safetensors", "write_tiny_tokenizer"]
+
+
+# ---- the embedded default ---------------------------------------------------------------------------
+def tiny_default_dir() -> str:
+    """Where the embedded default checkpoint lives: $GLM52_CACHE/tiny-default (default ~/.cache/glm52_backends)."""
+    root = os.environ.get("GLM52_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "glm52_backends"))
+    return os.path.join(root, "tiny-default")
+
+
+DEFAULT_TINY = tiny_default_dir()
+
+
+def ensure_default_checkpoint(path: str | None = None) -> str:
+    """The embedded default: a tiny random checkpoint in the real format, made once."""
+    path = path or DEFAULT_TINY
+    if not os.path.exists(os.path.join(path, "config.json")):
+        import sys
+        print(f"making the embedded tiny checkpoint at {path}", file=sys.stderr)
+        make_tiny_checkpoint(path, mtp=True, layers=4, seed=0)
+    return path

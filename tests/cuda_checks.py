@@ -5,9 +5,11 @@ TRITON_INTERPRET=1 (CPU tensors; every tl.dot in float32, see backends/cuda/comm
 `tests/test_cuda_gpu.py` runs the same checks on a CUDA GPU, where float16/bfloat16 go through the
 tensor cores, plus the `gpu_check_*` ones that only mean something there (CUDA-graph capture and
 replay). Inputs are built on the CPU from seeded generators, small, odd-sized and paged with NaN in
-every slot a kernel must not read; the backend and the kernel functions are reached through
-`_setup()` and `_kernel()`, which move tensor arguments to the backend's device and results back to
-the CPU, so one check body serves both. The reference runs in float64 on the same dtype-rounded
+every slot a kernel must not read (for sparse_mla: every c and k_pe row no token of the request
+selects); the backend and the kernel functions are reached through `_setup()` and `_kernel()`,
+which move tensor arguments to the backend's device and results back to the CPU, so one check body
+serves both; `_meta()` builds a StepMeta on the device and lets the backend prepare it, as the model
+does once per step. The references (glm52_backends/ops/) run in float64 on the same dtype-rounded
 inputs.
 """
 
@@ -32,7 +34,8 @@ DEVICE = _device()
 
 def _move(x, device):
     import torch
-    if isinstance(x, torch.Tensor):
+    from glm52_backends.weights import Weight
+    if isinstance(x, (torch.Tensor, Weight)):
         return x.to(device)
     if isinstance(x, (tuple, list)):
         return type(x)(_move(v, device) for v in x)
@@ -68,7 +71,7 @@ class _OnDevice:
 
 def _setup():
     import torch
-    from glm52_backends.backends.cpu_ref import ops as ref
+    from glm52_backends import ops as ref
     from glm52_backends.registry import get_backend
     be = get_backend("cuda")
     assert be.backend.device.type == DEVICE, (be.backend.device, DEVICE)
@@ -80,6 +83,16 @@ def _kernel(module: str, fn: str):
     return _on_device(getattr(importlib.import_module(f"glm52_backends.backends.cuda.{module}"), fn))
 
 
+def _meta(be, cu, lens, bt, bs):
+    """The step's StepMeta on DEVICE (from host lengths, validated there), prepared by the backend."""
+    from glm52_backends.step import StepMeta
+    cu_l, lens_l = cu.tolist(), lens.tolist()
+    meta = StepMeta.build([b - a for a, b in zip(cu_l, cu_l[1:])], lens_l, bt, bs, device=DEVICE)
+    be.prepare_step(meta)
+    from glm52_backends.backends.cuda.common import CudaStepData
+    assert isinstance(meta.backend_data, CudaStepData), type(meta.backend_data)
+    return meta
+
 
 def _batch(torch, reqs):
     cu = [0]
@@ -88,22 +101,23 @@ def _batch(torch, reqs):
     return torch.tensor(cu, dtype=torch.int32), torch.tensor([L for _, L in reqs], dtype=torch.int32)
 
 
-def _paged(torch, g, lens, bs, rows_of):
-    """Rows [L, D] per request -> NaN-poisoned shuffled paged cache + block table with a padded column."""
+def _paged(torch, g, lens, bs, *row_sets):
+    """Rows [L, D] per request, for one or more caches sharing a layout -> NaN-poisoned shuffled
+    paged caches (one per row set) + the block table, with a padded column."""
     need = [-(-L // bs) for L in lens]
     nb = sum(need) + 2
     order = torch.randperm(nb, generator=g).tolist()
-    D = rows_of[0].shape[1]
-    cache = torch.full((nb, bs, D), float("nan"))
+    caches = [torch.full((nb, bs, rows[0].shape[1]), float("nan")) for rows in row_sets]
     bt = torch.full((len(lens), max(need) + 1), order[-1], dtype=torch.int32)
     j = 0
     for b, L in enumerate(lens):
         for i in range(need[b]):
             bt[b, i] = order[j]
-            chunk = rows_of[b][i * bs:(i + 1) * bs]
-            cache[order[j], :chunk.shape[0]] = chunk
+            for cache, rows in zip(caches, row_sets):
+                chunk = rows[b][i * bs:(i + 1) * bs]
+                cache[order[j], :chunk.shape[0]] = chunk
             j += 1
-    return cache, bt
+    return (*caches, bt)
 
 
 def _positions(torch, cu, lens):
@@ -116,7 +130,7 @@ def _positions(torch, cu, lens):
 
 def _ref_scores(torch, q, w, kc, bt, lens, cu):
     """float64 index scores [T, Lmax] (-inf beyond the causal row)."""
-    from glm52_backends.backends.cpu_ref.ops import gather_paged
+    from glm52_backends.ops._paged import gather_paged
     T = q.shape[0]
     out = torch.full((T, int(lens.max())), float("-inf"), dtype=torch.float64)
     pos = _positions(torch, cu, lens)
@@ -146,7 +160,8 @@ def _check_topk(torch, idx, scores, topk, pos, tol, exact_sets=None):
 
 
 def check_indexer_mixed_batch():
-    """Decode, prefill, MTP-like and short requests in one batch; f32/f16/bf16; odd sizes."""
+    """Decode, prefill, MTP-like and short requests in one batch; f32/f16/bf16; odd sizes; the same
+    indices with a prepared StepMeta as without one."""
     torch, ref, be = _setup()
     g = torch.Generator().manual_seed(11)
     reqs = [(1, 45), (6, 23), (3, 3), (4, 70), (1, 1)]         # contexts < = > topk, one token
@@ -156,6 +171,7 @@ def check_indexer_mixed_batch():
     kc, bt = _paged(torch, g, lens.tolist(), bs, [torch.randn(L, Di, generator=g) for L in lens.tolist()])
     q, w = torch.randn(T, Hi, Di, generator=g), torch.randn(T, Hi, generator=g)
     pos = _positions(torch, cu, lens)
+    meta = _meta(be, cu, lens, bt, bs)
     for dt in (torch.float32, torch.float16, torch.bfloat16):
         qd, kd = q.to(dt), kc.to(dt)
         idx = be.indexer_topk(qd, w, kd, bt, lens, cu, topk)
@@ -165,7 +181,9 @@ def check_indexer_mixed_batch():
         if dt == torch.float32:
             want = ref.indexer_topk(qd.double(), w.double(), kd.double(), bt, lens, cu, topk, cdt=torch.float64)
             _check_topk(torch, idx, scores, topk, pos, 0.0, exact_sets=want)
-    assert be.calls["indexer_topk"]["fallback"] == 0
+        with_meta = be.indexer_topk(qd, w, kd, bt, lens, cu, topk, meta=meta)
+        assert torch.equal(with_meta, idx), f"{dt}: indices with a StepMeta differ from those without"
+    assert be.calls["indexer_topk"]["fallback"] == 0 and be.calls["indexer_topk"]["native"] == 6
 
 
 def check_indexer_concentrated_and_ties():
@@ -189,7 +207,7 @@ def check_indexer_concentrated_and_ties():
     q = -torch.rand(T, Hi, Di, generator=g)
     q[:, :, 0] = 6.0                                       # relu(6*k0 - rest): 0 unless k0 is strong
     w = torch.rand(T, Hi, generator=g)
-    idx = be.indexer_topk(q, w, kc, bt, lens, cu, topk)
+    idx = be.indexer_topk(q, w, kc, bt, lens, cu, topk, meta=_meta(be, cu, lens, bt, bs))
     want = ref.indexer_topk(q.double(), w.double(), kc.double(), bt, lens, cu, topk, cdt=torch.float64)
     scores = _ref_scores(torch, q, w, kc, bt, lens, cu)
     pos = _positions(torch, cu, lens)
@@ -199,7 +217,7 @@ def check_indexer_concentrated_and_ties():
 
 def check_indexer_negative_weights_and_bad_input():
     """Negative head weights (negative scores: the order-preserving key must handle the sign) and
-    loud errors on malformed input."""
+    loud errors on malformed input, with and without a meta."""
     torch, ref, be = _setup()
     g = torch.Generator().manual_seed(13)
     reqs = [(3, 300)]
@@ -210,17 +228,30 @@ def check_indexer_negative_weights_and_bad_input():
     idx = be.indexer_topk(q, w, kc, bt, lens, cu, topk)
     want = ref.indexer_topk(q.double(), w.double(), kc.double(), bt, lens, cu, topk, cdt=torch.float64)
     _check_topk(torch, idx, _ref_scores(torch, q, w, kc, bt, lens, cu), topk, _positions(torch, cu, lens), 0.0, want)
-    indexer_topk = _kernel("indexer", "indexer_topk")
+    indexer_topk = _kernel("indexer_topk", "indexer_topk")
     with pytest.raises(ValueError, match="w must have shape"):
         indexer_topk(q, w[:, :2], kc, bt, lens, cu, topk)
-    with pytest.raises(ValueError, match="seq_len 999"):
+    with pytest.raises(ValueError, match="indexer_topk: .*seq_len 999"):
         indexer_topk(q, w, kc, bt, torch.tensor([999], dtype=torch.int32), cu, topk)
+    with pytest.raises(ValueError, match="cu_seqlens_q ends at 2, but q has T=3"):
+        indexer_topk(q, w, kc, bt, lens, torch.tensor([0, 2], dtype=torch.int32), topk)
+    meta = _meta(be, cu, lens, bt, bs)
+    with pytest.raises(ValueError, match="meta is for 3 tokens of 1 requests, the inputs have T=2"):
+        indexer_topk(q[:2], w[:2], kc, bt, lens, cu, topk, meta=meta)
+    with pytest.raises(ValueError, match="meta has blocks of 32"):
+        indexer_topk(q, w, kc.view(-1, 16, Di), bt, lens, cu, topk, meta=meta)
 
 
 def _mla_inputs(torch, g, reqs, H, Dl, Dr, bs, topk, dt):
+    """q, c_cache, kpe_cache (a strided view into a wider buffer), idx, block table, lens, cu.
+    Every cache row no token of its request selects is NaN in c and inf in k_pe, as are the unused
+    slots: a kernel that reads one of them poisons the output. idx rows hold distinct positions
+    (the contract) scattered between -1 entries."""
     cu, lens = _batch(torch, reqs)
     T = int(cu[-1])
-    kc, bt = _paged(torch, g, lens.tolist(), bs, [torch.randn(L, Dl + Dr, generator=g) for L in lens.tolist()])
+    L_ = lens.tolist()
+    c, wide, bt = _paged(torch, g, L_, bs, [torch.randn(L, Dl, generator=g) for L in L_],
+                         [torch.randn(L, Dr + 5, generator=g) for L in L_])
     q = torch.randn(T, H, Dl + Dr, generator=g)
     pos = _positions(torch, cu, lens)
     idx = torch.full((T, topk), -1, dtype=torch.int32)
@@ -229,44 +260,76 @@ def _mla_inputs(torch, g, reqs, H, Dl, Dr, bs, topk, dt):
         if n > 0:
             sel = torch.randperm(pos[t] + 1, generator=g)[:n].int()
             idx[t, torch.randperm(topk, generator=g)[:n]] = sel
-    return q.to(dt), kc.to(dt), idx, bt, lens, cu
+    # poison every row its request never selects (position 0 too, what a -1 clamps to elsewhere)
+    for b in range(len(L_)):
+        chosen = set(idx[int(cu[b]):int(cu[b + 1])].flatten().tolist())
+        for p in range(L_[b]):
+            if p not in chosen:
+                blk, s = int(bt[b, p // bs]), p % bs
+                c[blk, s] = float("nan")
+                wide[blk, s] = float("inf")
+    kpe = wide.to(dt)[..., 2:2 + Dr]                             # own strides: a view, not contiguous
+    assert not kpe.is_contiguous()
+    return q.to(dt), c.to(dt), kpe, idx, bt, lens, cu
+
+
+def _mla_ref(torch, ref, q, c, kpe, idx, bt, lens, cu, scale):
+    return ref.sparse_mla(q.double(), c.double(), kpe.double(), idx, bt, lens, cu, scale, return_lse=True,
+                          cdt=torch.float64)
 
 
 def check_sparse_mla_splits_padding_empty_rows():
     """Odd heads/dims, -1 anywhere in the row, an all -1 row, split-K with 1, 3 and 7 splits (the
-    LSE merge, including splits that hold only -1) against one pass; f32/f16/bf16."""
+    LSE merge, including splits that hold only -1)
+    against one pass, with and without lse, with and without a meta; f32/f16/bf16."""
     torch, ref, be = _setup()
     sparse_mla = _kernel("sparse_mla", "sparse_mla")
     g = torch.Generator().manual_seed(21)
     reqs = [(1, 150), (4, 37), (2, 2), (1, 400)]
     H, Dl, Dr, bs, topk, scale = 5, 40, 12, 16, 200, 0.17
-    for dt in (torch.float32, torch.float16, torch.bfloat16):
-        q, kc, idx, bt, lens, cu = _mla_inputs(torch, g, reqs, H, Dl, Dr, bs, topk, dt)
+    for i, dt in enumerate((torch.float32, torch.float16, torch.bfloat16)):
+        q, c, kpe, idx, bt, lens, cu = _mla_inputs(torch, g, reqs, H, Dl, Dr, bs, topk, dt)
         idx[1] = -1
-        ro, rl = ref.sparse_mla(q.double(), kc.double(), idx, bt, lens, cu, scale, v_dim=Dl, cdt=torch.float64)
-        for splits in (1, 3, 7):
-            out, lse = sparse_mla(q, kc, idx, bt, lens, cu, scale, v_dim=Dl, n_splits=splits)
+        ro, rl = _mla_ref(torch, ref, q, c, kpe, idx, bt, lens, cu, scale)
+        assert bool(torch.isfinite(ro).all())
+        meta = _meta(be, cu, lens, bt, bs)
+        for j, splits in enumerate((1, 3, 7)):
+            m = meta if (i + j) % 2 else None                    # each split count with and without a meta
+            out, lse = sparse_mla(q, c, kpe, idx, bt, lens, cu, scale, return_lse=True, meta=m, n_splits=splits)
             assert out.dtype == dt and out.shape == ro.shape and lse.dtype == torch.float32
             err = float((out.double() - ro).abs().max() / ro.abs().max())
-            assert err <= TOL[str(dt)[6:]], f"{dt} splits={splits}: out rel err {err}"
+            assert err <= TOL[str(dt)[6:]], f"{dt} splits={splits} meta={m is not None}: out rel err {err}"
             fin = torch.isfinite(rl)
             assert torch.equal(torch.isfinite(lse), fin) and bool((out[1] == 0).all())
             assert float((lse.double() - rl)[fin].abs().max()) <= 1e-5 * float(rl[fin].abs().max())
-    out, lse = be.sparse_mla(q, kc, idx, bt, lens, cu, scale, Dl)        # through the backend
-    assert be.calls["sparse_mla"]["native"] == 1
+            if j == i:                                           # out only: 1 split (f32), 3 (f16), 7 (bf16)
+                only = sparse_mla(q, c, kpe, idx, bt, lens, cu, scale, meta=meta, n_splits=splits)
+                assert isinstance(only, torch.Tensor) and torch.equal(only, out), "return_lse=False changed out"
+    out = be.sparse_mla(q, c, kpe, idx, bt, lens, cu, scale)            # through the backend: out only
+    assert isinstance(out, torch.Tensor) and out.shape == ro.shape
+    out, lse = be.sparse_mla(q, c, kpe, idx, bt, lens, cu, scale, return_lse=True, meta=meta)
+    assert lse.shape == rl.shape and be.calls["sparse_mla"]["native"] == 2
 
 
 def check_sparse_mla_bad_input():
+    """Loud errors: a non-causal index (checked without a meta), dtype and shape mismatches."""
     torch, ref, be = _setup()
     sparse_mla = _kernel("sparse_mla", "sparse_mla")
     from glm52_backends.ops import OpUnsupported
     g = torch.Generator().manual_seed(22)
-    q, kc, idx, bt, lens, cu = _mla_inputs(torch, g, [(2, 20)], 4, 16, 8, 8, 8, torch.float32)
+    q, c, kpe, idx, bt, lens, cu = _mla_inputs(torch, g, [(2, 20)], 4, 16, 8, 8, 8, torch.float32)
     idx[0, 0] = 19                                                # beyond pos 18 of token 0
     with pytest.raises(ValueError, match=r"idx\[0, 0\] = 19 is beyond"):
-        sparse_mla(q, kc, idx, bt, lens, cu, 0.1, v_dim=16)
-    with pytest.raises(OpUnsupported, match="q is torch.float32 but kv_cache is torch.float16"):
-        sparse_mla(q, kc.half(), idx, bt, lens, cu, 0.1, v_dim=16)
+        sparse_mla(q, c, kpe, idx, bt, lens, cu, 0.1)
+    idx[0, 0] = -1
+    with pytest.raises(OpUnsupported, match="q is torch.float32, c_cache torch.float16"):
+        sparse_mla(q, c.half(), kpe, idx, bt, lens, cu, 0.1)
+    with pytest.raises(ValueError, match=r"kpe_cache must have shape \[.*, 8, 8\], got .*7\]"):
+        sparse_mla(q, c, kpe[..., :7], idx, bt, lens, cu, 0.1)
+    with pytest.raises(ValueError, match="Dl \\+ Dr"):
+        sparse_mla(q[..., :16], c, kpe, idx, bt, lens, cu, 0.1)
+    with pytest.raises(ValueError, match="sparse_mla: .*seq_len 99"):
+        sparse_mla(q, c, kpe, idx, bt, torch.tensor([99], dtype=torch.int32), cu, 0.1)
 
 
 def _moe_case(torch, g, T, Hd, I, E, K, dt, ids=None):
@@ -280,9 +343,10 @@ def _moe_case(torch, g, T, Hd, I, E, K, dt, ids=None):
 
 def check_moe_experts_both_gemm_paths():
     """Triton grouped GEMMs (fused SiLU*mul) and torch._grouped_mm: odd sizes, empty experts,
-    -1 slots, all tokens to one expert, one token; f32/f16/bf16."""
+    -1 slots, all tokens to one expert, one token; f32/f16/bf16; dense `Weight`s as tensors."""
     torch, ref, be = _setup()
-    moe_experts = _kernel("moe", "moe_experts")
+    from glm52_backends.weights import Weight
+    moe_experts = _kernel("moe_experts", "moe_experts")
     g = torch.Generator().manual_seed(31)
     cases = []
     for dt in (torch.float32, torch.float16, torch.bfloat16):
@@ -299,6 +363,18 @@ def check_moe_experts_both_gemm_paths():
             y = moe_experts(x, w13, w2, ids, wts, gemm=gemm)
             err = float((y.double() - want).abs().max() / want.abs().max())
             assert y.dtype == dt and err <= TOL[str(dt)[6:]], f"{dt} {gemm} T={x.shape[0]}: rel err {err}"
+        yw = be.moe_experts(x, Weight(w13), Weight(w2), ids, wts)                     # dense Weights, native
+        assert torch.equal(yw, be.moe_experts(x, w13, w2, ids, wts)), f"{dt}: a dense Weight changed the result"
+    assert be.calls["moe_experts"]["fallback"] == 0 and be.calls["moe_experts"]["native"] == 2 * len(cases)
+
+
+def _fp8_weight(torch, w):
+    """A block-FP8 `Weight` of w (per-matrix 128x128 block scales), and its dequantized value."""
+    from glm52_backends.weights import Weight, fp8_scale_shape
+    so, si = fp8_scale_shape(tuple(w.shape[-2:]), (128, 128))
+    scales = torch.full((*w.shape[:-2], so, si), 0.5)
+    fw = Weight((w.float() / 0.5).to(torch.float8_e4m3fn), scales, "fp8_block")
+    return fw, fw.dense()
 
 
 def check_moe_route_and_fp8_decline():
@@ -311,14 +387,65 @@ def check_moe_route_and_fp8_decline():
         assert ids.dtype == torch.int64 and torch.equal(ids, rids), (E, ng)
         assert float((w.double() - rw).abs().max()) <= 1e-6 * float(rw.abs().max())
     x, w13, w2, ids, wts = _moe_case(torch, g, 3, 16, 8, 4, 2, torch.float32)
-    moe_experts = _kernel("moe", "moe_experts")
+    moe_experts = _kernel("moe_experts", "moe_experts")
     from glm52_backends.ops import OpUnsupported
     with pytest.raises(OpUnsupported, match="FP8"):
         moe_experts(x, w13.to(torch.float8_e4m3fn), w2, ids, wts)
-    # through the registry: declined -> reference, with one warning, same result as the reference
+    f13, d13 = _fp8_weight(torch, w13)
+    f2, d2 = _fp8_weight(torch, w2)
+    with pytest.raises(OpUnsupported, match="w13 is a 'fp8_block' Weight"):
+        moe_experts(x, f13, f2, ids, wts)
+    # through the registry: declined -> reference, with one warning, the reference's result
     with pytest.warns(RuntimeWarning, match="moe_experts falls back to the reference"):
-        y = be.moe_experts(x, w13.to(torch.float8_e4m3fn), w2.to(torch.float8_e4m3fn), ids, wts)
+        y = be.moe_experts(x, f13, f2, ids, wts)
     assert be.calls["moe_experts"]["fallback"] == 1 and y.shape == x.shape
+    want = ref.moe_experts(x.double(), d13.double(), d2.double(), ids, wts.double(), cdt=torch.float64)
+    assert float((y.double() - want).abs().max() / want.abs().max()) <= TOL["float32"]
+
+
+def check_supporting_ops_take_weights():
+    """linear / mlp: tensors and dense `Weight`s natively (cuBLAS), block-FP8 `Weight`s and dtype
+    mismatches declined to the reference; rms_norm / layer_norm / rope: the contract's references."""
+    torch, ref, be = _setup()
+    from glm52_backends.weights import Weight
+    g = torch.Generator().manual_seed(33)
+    x = torch.randn(7, 40, generator=g)
+    w = torch.randn(24, 40, generator=g) * 40 ** -0.5
+    w13, w2 = torch.randn(2 * 12, 40, generator=g) * 40 ** -0.5, torch.randn(40, 12, generator=g) * 12 ** -0.5
+    want = ref.linear(x.double(), w.double(), cdt=torch.float64)
+    for weight in (w, Weight(w)):
+        y = be.linear(x, weight)
+        assert float((y.double() - want).abs().max() / want.abs().max()) <= TOL["float32"]
+    want = ref.mlp(x.double(), w13.double(), w2.double(), cdt=torch.float64)
+    y = be.mlp(x, Weight(w13), Weight(w2))
+    assert float((y.double() - want).abs().max() / want.abs().max()) <= TOL["float32"]
+    assert be.calls["linear"] == {"native": 2, "fallback": 0} and be.calls["mlp"] == {"native": 1, "fallback": 0}
+    fw, dw = _fp8_weight(torch, w)
+    with pytest.warns(RuntimeWarning, match="linear falls back to the reference"):
+        y = be.linear(x, fw)
+    assert torch.allclose(y, x @ dw.T, rtol=1e-5, atol=1e-5) and be.calls["linear"]["fallback"] == 1
+    with pytest.warns(RuntimeWarning, match="mlp falls back"):
+        be.mlp(x.half(), w13, w2)                                  # dtype mismatch: declined
+    assert be.calls["mlp"]["fallback"] == 1
+    n, nw, nb = torch.randn(5, 3, 16, generator=g), torch.rand(16, generator=g), torch.randn(16, generator=g)
+    pos = torch.tensor([0, 3, 9, 10, 200])
+    assert torch.equal(be.rms_norm(n, nw, 1e-6), ref.rms_norm(n, nw, 1e-6))
+    assert torch.equal(be.layer_norm(n, nw, nb, 1e-6), ref.layer_norm(n, nw, nb, 1e-6))
+    assert torch.equal(be.rope(n, pos, 10000.0), ref.rope(n, pos, 10000.0))
+
+
+def check_capabilities_and_contract():
+    """Typed capabilities, and every native op accepted by the registry's signature check."""
+    torch, ref, be = _setup()
+    from glm52_backends.ops import OP_NAMES, Capabilities, check_signature
+    caps = be.capabilities
+    assert isinstance(be._be.backend.capabilities, Capabilities)
+    assert caps.dtypes == (torch.bfloat16, torch.float16, torch.float32) and caps.weight_formats == ("dense",)
+    assert caps.default_dtype == (torch.float32 if DEVICE == "cpu" else torch.bfloat16)
+    assert caps.devices == (DEVICE,) and caps.get("moe_gemm") == "auto"
+    assert set(be.native_ops) == set(OP_NAMES)
+    bad = {op: check_signature(op, getattr(be._be.backend, op)) for op in OP_NAMES}
+    assert not any(bad.values()), bad
 
 
 def check_mtp_verify_greedy_and_sampling():
@@ -388,7 +515,7 @@ def check_speculative_greedy_matches_plain():
     import tempfile
     import torch
     from glm52_backends import GLM52
-    from glm52_backends.speculative import generate_speculative
+    from glm52_backends.engine.speculative import generate_speculative
     from glm52_backends.tiny import make_tiny_checkpoint
     with tempfile.TemporaryDirectory() as d:
         path = make_tiny_checkpoint(d, layers=2, seed=5, index_topk=8, mtp=True)
@@ -417,11 +544,15 @@ def check_speculative_greedy_matches_plain():
 
 def gpu_check_graph_capture_and_replay():
     """Decode-size calls of every hot op (bfloat16, the grouped_mm MoE path) captured in one CUDA
-    graph. After fresh values are copied into the static inputs, each replay must equal, bit for
-    bit, eager calls on those values: no host synchronisation inside the ops (capture would fail),
-    no value baked into the graph at capture time, nothing read from a stale buffer."""
+    graph, with a StepMeta whose tensors are static and whose per-step data (`prepare_step`) is
+    derived inside the graph, as a graph-replaying model would. Before each replay fresh values are
+    copied into the static inputs, the sequence lengths and positions included; each replay must
+    equal, bit for bit, eager calls on those values with a meta built for them: no host
+    synchronisation inside the ops (capture would fail), no value baked into the graph at capture
+    time, nothing read from a stale buffer."""
     import torch
     from glm52_backends.registry import get_backend
+    from glm52_backends.step import StepMeta
     be = get_backend("cuda")
     dev, bf = torch.device(DEVICE), torch.bfloat16
     g = torch.Generator().manual_seed(51)
@@ -429,16 +560,19 @@ def gpu_check_graph_capture_and_replay():
     H, Dl, Dr = 16, 64, 16
     E, K, Hd, I = 16, 4, 64, 32
     V, k = 3001, 3
-    lens = torch.tensor([700, 129, 400], dtype=torch.int32, device=dev)
-    cu = torch.arange(B + 1, dtype=torch.int32, device=dev)
     nb = 12
     bt = torch.randperm(B * nb, generator=g).view(B, nb).to(torch.int32).to(dev)
+
+    def fresh_meta(lens):
+        meta = StepMeta.build([1] * B, lens, bt, bs, device=dev)
+        return meta
 
     def fresh():
         return dict(q=torch.randn(B, Hi, Di, generator=g).to(dev, bf), w=torch.randn(B, Hi, generator=g).to(dev),
                     kc=torch.randn(B * nb, bs, Di, generator=g).to(dev, bf),
                     qm=torch.randn(B, H, Dl + Dr, generator=g).to(dev, bf),
-                    kv=torch.randn(B * nb, bs, Dl + Dr, generator=g).to(dev, bf),
+                    c=torch.randn(B * nb, bs, Dl, generator=g).to(dev, bf),
+                    kpe=torch.randn(B * nb, bs, Dr, generator=g).to(dev, bf),
                     lg=torch.randn(B, E, generator=g).to(dev), bias=(torch.rand(E, generator=g) * 0.1).to(dev),
                     x=torch.randn(B, Hd, generator=g).to(dev, bf),
                     w13=(torch.randn(E, 2 * I, Hd, generator=g) * Hd ** -0.5).to(dev, bf),
@@ -446,34 +580,50 @@ def gpu_check_graph_capture_and_replay():
                     vl=(torch.randn(B, k + 1, V, generator=g) * 3).to(dev),
                     draft=torch.randint(0, V, (B, k), generator=g).to(dev))
 
-    static = fresh()
+    static, meta = fresh(), fresh_meta([700, 129, 400])
 
-    def step(s):
-        idx = be.indexer_topk(s["q"], s["w"], s["kc"], bt, lens, cu, topk)
-        o, lse = be.sparse_mla(s["qm"], s["kv"], idx, bt, lens, cu, 0.1, Dl)
+    def step(s, m):
+        be.prepare_step(m)
+        idx = be.indexer_topk(s["q"], s["w"], s["kc"], m.block_table, m.seq_lens, m.cu_seqlens_q, topk, meta=m)
+        o, lse = be.sparse_mla(s["qm"], s["c"], s["kpe"], idx, m.block_table, m.seq_lens, m.cu_seqlens_q, 0.1,
+                               return_lse=True, meta=m)
+        o2 = be.sparse_mla(s["qm"], s["c"], s["kpe"], idx, m.block_table, m.seq_lens, m.cu_seqlens_q, 0.1, meta=m)
         ids, wts = be.moe_route(s["lg"], s["bias"], K, 1, 1, True, 2.5)
         y = be.moe_experts(s["x"], s["w13"], s["w2"], ids, wts)
         a, t = be.mtp_verify(s["draft"], s["vl"])
-        return idx, o, lse, ids, wts, y, a, t
+        return idx, o, lse, o2, ids, wts, y, a, t
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        step(static)                                   # compile and warm up off the capture
+        step(static, meta)                             # compile and warm up off the capture
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        outs = step(static)
-    names = ("idx", "out", "lse", "ids", "weights", "y", "accepted", "tokens")
+        outs = step(static, meta)
+    names = ("idx", "out", "lse", "out (no lse)", "ids", "weights", "y", "accepted", "tokens")
     for trial in range(3):
         new = fresh()
         new["draft"][trial % B] = new["vl"][trial % B, :k].argmax(-1)       # one request accepts all
+        lens = torch.randint(topk // 2, nb * bs + 1, (B,), generator=g).tolist()
+        new_meta = fresh_meta(lens)
         for key, v in new.items():
             static[key].copy_(v)
+        for f in ("cu_seqlens_q", "seq_lens", "block_table", "positions", "token_request"):
+            getattr(meta, f).copy_(getattr(new_meta, f))
         graph.replay()
         torch.cuda.synchronize()
-        want = step(new)
+        want = step(new, new_meta)
         for name, got, ref in zip(names, outs, want):
-            assert torch.equal(got, ref), f"replay {trial}: {name} differs from an eager call on the same values"
+            assert torch.equal(got, ref), f"replay {trial} (lens {lens}): {name} differs from an eager call"
     assert all(be.calls[op]["fallback"] == 0 for op in ("indexer_topk", "sparse_mla", "moe_route",
                                                         "moe_experts", "mtp_verify")), be.calls
+    m = fresh_meta([700, 129, 400])
+    with torch.cuda.graph(torch.cuda.CUDAGraph()):
+        try:                                           # without a meta inside a capture: a clear error
+            be.indexer_topk(static["q"], static["w"], static["kc"], bt, m.seq_lens, m.cu_seqlens_q, topk)
+        except ValueError as e:
+            err = str(e)
+        else:
+            err = ""
+    assert "without a meta while a CUDA graph is being captured" in err, err

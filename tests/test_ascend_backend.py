@@ -1,19 +1,29 @@
-"""The Ascend backend under its CPU emulator (GLM52_ASCEND_EMULATE=1): each op against the cpu_ref
-functions on fresh random inputs, documented limits falling back with a warning, the tiny model's
-greedy tokens, and the error without torch_npu and without emulation."""
+"""The Ascend backend under its CPU emulator (GLM52_ASCEND_EMULATE=1): each op against the float64
+reference on fresh random inputs (cache rows an op must not read poisoned with NaN), the attention
+op reading the caller's caches in place, no host synchronisation with a StepMeta, documented limits
+and other weight formats falling back with a warning, the tiny model's greedy tokens, and the error
+without torch_npu and without emulation."""
 
 import importlib.util
 import sys
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
-from glm52_backends import GLM52
+from glm52_backends import ops as ref
 from glm52_backends.backends.ascend import EMULATED_NAME, create
-from glm52_backends.backends.cpu_ref import ops as ref
+from glm52_backends.backends.ascend.backend import AscendBackend
+from glm52_backends.backends.ascend.common import AscendStep
+from glm52_backends.backends.ascend.emulator import NpuEmulator
+from glm52_backends.ops import OP_NAMES, Capabilities, OpUnsupported, check_signature
 from glm52_backends.registry import BackendUnavailable, BoundBackend, get_backend, list_backends
+from glm52_backends.step import StepMeta
 from glm52_backends.tiny import make_tiny_checkpoint
+from glm52_backends.weights import Weight
 
 F64 = torch.float64
 
@@ -37,28 +47,79 @@ def gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
-def batch(reqs, bs, g, D, dtype, n_extra=2):
-    """Paged cache [NB, BS, D] (unowned slots NaN), block table, seq_lens, cu_seqlens_q, and the dense rows."""
+def batch(reqs, bs, g, dims, dtype, n_extra=2):
+    """Paged caches [NB, BS, D] for each D in `dims`, sharing one shuffled block table (unowned
+    slots NaN); -> (caches, block table, seq_lens, cu_seqlens_q, dense rows per cache per request)."""
     need = [-(-L // bs) for _, L in reqs]
     NB = sum(need) + n_extra
     perm = torch.randperm(NB, generator=g)
-    cache = torch.full((NB, bs, D), float("nan"), dtype=dtype)
+    caches = [torch.full((NB, bs, D), float("nan"), dtype=dtype) for D in dims]
     table = torch.zeros(len(reqs), max(need), dtype=torch.int32)
-    dense, used = [], 0
+    dense = [[] for _ in dims]
+    used = 0
     for b, (_, L) in enumerate(reqs):
-        rows = torch.randn(L, D, generator=g).to(dtype)
         blocks = perm[used:used + need[b]]
         used += need[b]
         table[b, :need[b]] = blocks.int()
-        for p in range(L):
-            cache[blocks[p // bs], p % bs] = rows[p]
-        dense.append(rows)
+        pos = torch.arange(L)
+        for cache, rows_of in zip(caches, dense):
+            rows = torch.randn(L, cache.shape[-1], generator=g).to(dtype)
+            cache[blocks[pos // bs], pos % bs] = rows
+            rows_of.append(rows)
     cu = torch.zeros(len(reqs) + 1, dtype=torch.int32)
     cu[1:] = torch.tensor([q for q, _ in reqs]).cumsum(0)
-    return cache, table, torch.tensor([L for _, L in reqs], dtype=torch.int32), cu, dense
+    return caches, table, torch.tensor([L for _, L in reqs], dtype=torch.int32), cu, dense
 
 
 REQS = [(1, 1), (3, 40), (7, 7), (1, 100), (0, 5), (2, 19)]   # decode, chunk, prefill, long, empty, odd
+
+
+def sparse_indices(reqs, topk, g):
+    """[T, topk] int32 causal positions: -1 scattered anywhere, every 4th row without any index,
+    every 3rd row with a position listed twice."""
+    T = sum(q for q, _ in reqs)
+    idx = torch.full((T, topk), -1, dtype=torch.int32)
+    t = 0
+    for Lq, L in reqs:
+        for i in range(Lq):
+            pos = L - Lq + i
+            n = min(topk, pos + 1) if (t + i) % 4 else 0
+            sel = torch.randperm(pos + 1, generator=g)[:n].int()
+            slots = torch.randperm(topk, generator=g)[:n]              # not only at the front
+            idx[t + i, slots] = sel
+        t += Lq
+    return idx
+
+
+def poison_unselected(caches, table, reqs, idx, bs):
+    """NaN into every owned cache row that no query token of its request selects."""
+    t = 0
+    for b, (Lq, L) in enumerate(reqs):
+        chosen = set(idx[t:t + Lq].flatten().tolist()) - {-1}
+        for p in set(range(L)) - chosen:
+            for cache in caches:
+                cache[int(table[b, p // bs]), p % bs] = float("nan")
+        t += Lq
+
+
+def rel_err(got, want):
+    return float((got.double() - want.double()).abs().max()) / float(want.double().abs().max())
+
+
+# ---- the backend object ----------------------------------------------------------------------------------
+
+def test_backend_matches_the_contract_and_declares_typed_capabilities(asc):
+    for op in OP_NAMES:
+        assert callable(getattr(asc, op)), op
+        assert check_signature(op, getattr(asc, op)) is None, op
+    caps = asc.capabilities
+    assert isinstance(caps, Capabilities)
+    assert caps.weight_formats == ("dense",) and caps.cache_formats == ("dense",) and caps.devices == ("cpu",)
+    assert caps.max_topk == 8192 and 16 in caps.block_sizes and 1024 in caps.block_sizes
+    assert 8 not in caps.block_sizes and 24 not in caps.block_sizes and 1040 not in caps.block_sizes
+    assert caps.get("emulated") is True and BoundBackend(asc).capabilities.get("max_topk") == 8192
+    for mod in ("backend", "common", "indexer_topk", "sparse_mla"):        # StepMeta.positions replaced it
+        assert not hasattr(sys.modules[f"glm52_backends.backends.ascend.{mod}"], "token_positions"), mod
 
 
 # ---- indexer_topk ------------------------------------------------------------------------------------
@@ -68,11 +129,13 @@ def test_indexer_topk_valid_against_reference(asc, asc_strict, dtype, bs, topk):
     be = asc if dtype == torch.float32 else asc_strict
     g = gen(bs)
     Hi, Di = 5, 128
-    cache, table, lens, cu, dense = batch(REQS, bs, g, Di, dtype)
+    (cache,), table, lens, cu, (dense,) = batch(REQS, bs, g, (Di,), dtype)
     T = int(cu[-1])
     q = torch.randn(T, Hi, Di, generator=g).to(dtype)
     w = torch.randn(T, Hi, generator=g) * Hi ** -0.5 * Di ** -0.5
     idx = be.indexer_topk(q, w, cache, table, lens, cu, topk)
+    meta = StepMeta.from_tensors(table, lens, cu, bs)
+    assert torch.equal(be.indexer_topk(q, w, cache, table, lens, cu, topk, meta=meta), idx)
     want = ref.indexer_topk(q, w, cache, table, lens, cu, topk, cdt=F64)
     assert idx.shape == want.shape == (T, topk) and idx.dtype == torch.int32
     t = 0
@@ -98,28 +161,183 @@ def test_indexer_topk_valid_against_reference(asc, asc_strict, dtype, bs, topk):
 def test_sparse_mla_against_reference(asc, asc_strict, dtype, H):
     be = asc if dtype == torch.float32 else asc_strict
     g = gen(H)
-    cache, table, lens, cu, _ = batch(REQS, 16, g, 576, dtype)
-    T, topk = int(cu[-1]), 12
+    bs, topk = 16, 12
+    (c, kpe), table, lens, cu, _ = batch(REQS, bs, g, (512, 64), dtype)
+    T = int(cu[-1])
     q = torch.randn(T, H, 576, generator=g).to(dtype)
-    idx = torch.full((T, topk), -1, dtype=torch.int32)
-    t = 0
-    for Lq, L in REQS:
-        for i in range(Lq):
-            pos = L - Lq + i
-            n = min(topk, pos + 1) if (t + i) % 4 else 0               # every 4th row: no index
-            sel = torch.randperm(pos + 1, generator=g)[:n].int()
-            slots = torch.randperm(topk, generator=g)[:n]              # -1 scattered, not only at the end
-            idx[t + i, slots] = sel
-        t += Lq
+    idx = sparse_indices(REQS, topk, g)
+    poison_unselected((c, kpe), table, REQS, idx, bs)
     scale = 192 ** -0.5
-    out, lse = be.sparse_mla(q, cache, idx, table, lens, cu, scale, v_dim=512)
-    o_ref, lse_ref = ref.sparse_mla(q, cache, idx, table, lens, cu, scale, v_dim=512, cdt=F64)
-    assert out.shape == (T, H, 512) and out.dtype == dtype and lse.shape == (T, H) and lse.dtype == torch.float32
+    out = be.sparse_mla(q, c, kpe, idx, table, lens, cu, scale)
+    want = ref.sparse_mla(q, c, kpe, idx, table, lens, cu, scale, cdt=F64)
+    assert isinstance(out, torch.Tensor) and out.shape == (T, H, 512) and out.dtype == dtype
+    assert bool(torch.isfinite(out).all()), "a NaN row the op must not read reached the output"
     tol = 3e-5 if dtype == torch.float32 else 1.6e-2
-    assert float((out.double() - o_ref.double()).abs().max()) <= tol * float(o_ref.double().abs().max())
+    assert rel_err(out, want) <= tol
     empty = (idx < 0).all(-1)
-    assert bool((out[empty] == 0).all()) and bool(torch.isneginf(lse[empty]).all())
-    assert torch.allclose(lse[~empty].double(), lse_ref[~empty].double(), atol=1e-4, rtol=1e-4)
+    assert bool(empty.any()) and bool((out[empty] == 0).all())
+    meta = StepMeta.from_tensors(table, lens, cu, bs)
+    assert torch.equal(be.sparse_mla(q, c, kpe, idx, table, lens, cu, scale, meta=meta), out)
+
+
+def test_sparse_indices_valid_first():
+    """The op's index order: each row's positions first, in their order, -1 after."""
+    from glm52_backends.backends.ascend.sparse_mla import valid_first
+    idx = torch.tensor([[-1, 5, 2, -1, 7, 0], [-1, -1, -1, -1, -1, -1], [9, 8, 7, 6, 5, 4]], dtype=torch.int64)
+    assert valid_first(idx).tolist() == [[5, 2, 7, 0, -1, -1], [-1, -1, -1, -1, -1, -1], [9, 8, 7, 6, 5, 4]]
+    assert valid_first(idx).dtype == torch.int32
+
+
+class TracingNpu:
+    """The emulator, recording each torch_npu call; `inside` > 0 while one runs."""
+
+    def __init__(self, emu):
+        self._emu, self.inside, self.calls = emu, 0, []
+
+    def __getattr__(self, name):
+        attr = getattr(self._emu, name)
+        if not name.startswith("npu_"):
+            return attr
+
+        def call(*args, **kwargs):
+            self.calls.append(SimpleNamespace(name=name, args=args, kwargs=kwargs))
+            self.inside += 1
+            try:
+                return attr(*args, **kwargs)
+            finally:
+                self.inside -= 1
+        return call
+
+
+SYNC_OPS = ("_local_scalar_dense", "nonzero", "masked_select", "_unique", "unique_dim", "unique_consecutive")
+
+
+class BackendOps(TorchDispatchMode):
+    """Every aten op the backend's own code runs (not the emulated torch_npu ops'), and every
+    host read: aten ops that synchronise, and Tensor.tolist (which does not dispatch)."""
+
+    def __init__(self, npu, monkeypatch):
+        super().__init__()
+        self.npu, self.ops, self.syncs = npu, [], []
+        tolist = torch.Tensor.tolist
+
+        def spy(t):
+            if not self.npu.inside:
+                self.syncs.append("Tensor.tolist")
+            return tolist(t)
+        monkeypatch.setattr(torch.Tensor, "tolist", spy)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if not self.npu.inside:
+            self.ops.append((func, args, kwargs, out))
+            name = func.__name__.split(".")[0]
+            if name in SYNC_OPS or (name == "repeat_interleave" and kwargs.get("output_size") is None):
+                self.syncs.append(str(func))
+        return out
+
+
+def storage(t):
+    return t.untyped_storage().data_ptr()
+
+
+def tensors(tree):
+    return [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
+
+
+def test_sparse_mla_reads_the_callers_caches_in_place_and_computes_no_lse(monkeypatch):
+    """The emulated npu_sparse_flash_attention gets the caller's c / k_pe cache tensors themselves
+    (same storage, the real block table); outside the op the backend never reads a cache row (only
+    views of the caches), makes no logsumexp, and returns `out` alone."""
+    npu = TracingNpu(NpuEmulator())
+    be = AscendBackend(npu, name="traced", device=torch.device("cpu"), priority=0, default_dtype=torch.float32)
+    g = gen(11)
+    bs, topk, H = 16, 8, 4
+    (c, kpe), table, lens, cu, _ = batch(REQS, bs, g, (512, 64), torch.float32)
+    T = int(cu[-1])
+    q = torch.randn(T, H, 576, generator=g)
+    idx = sparse_indices(REQS, topk, g)
+    poison_unselected((c, kpe), table, REQS, idx, bs)
+    with BackendOps(npu, monkeypatch) as mode:
+        out = be.sparse_mla(q, c, kpe, idx, table, lens, cu, 0.1)
+    assert isinstance(out, torch.Tensor) and out.shape == (T, H, 512)
+    sfa = [call for call in npu.calls if call.name == "npu_sparse_flash_attention"]
+    assert len(sfa) == 1
+    key, value, kw = sfa[0].args[1], sfa[0].args[2], sfa[0].kwargs
+    assert storage(key) == storage(value) == storage(c) and storage(kw["key_rope"]) == storage(kpe)
+    assert key.shape == (*c.shape[:2], 1, 512) and kw["key_rope"].shape == (*kpe.shape[:2], 1, 64)
+    assert torch.equal(kw["block_table"], table) and kw["return_softmax_lse"] is False
+    cache_storages = {storage(c), storage(kpe)}
+    for func, args, kwargs, res in mode.ops:
+        reads = {storage(t) for t in tensors((args, kwargs))} & cache_storages
+        if reads:   # only views of a cache (same storage in and out) may touch it outside the op
+            assert all(storage(t) in reads for t in tensors(res)), f"{func} reads the cache outside the op"
+        assert "logsumexp" not in str(func), "lse computed with return_lse=False"
+    assert bool(torch.isfinite(out).all())
+    assert rel_err(out, ref.sparse_mla(q, c, kpe, idx, table, lens, cu, 0.1, cdt=F64)) <= 3e-5
+
+
+def test_sparse_mla_return_lse_declines_to_the_reference(asc, emulate):
+    g = gen(12)
+    (c, kpe), table, lens, cu, _ = batch([(2, 9), (1, 30)], 16, g, (512, 64), torch.float32)
+    q = torch.randn(3, 4, 576, generator=g)
+    idx = torch.tensor([[0, 3, -1], [8, 1, 2], [5, -1, 29]], dtype=torch.int32)
+    with pytest.raises(OpUnsupported, match="return_lse=True.*reference computes"):
+        asc.sparse_mla(q, c, kpe, idx, table, lens, cu, 0.1, return_lse=True)
+    bound = get_backend("ascend")
+    with pytest.warns(RuntimeWarning, match="sparse_mla falls back.*return_lse=True"):
+        out, lse = bound.sparse_mla(q, c, kpe, idx, table, lens, cu, 0.1, return_lse=True)
+    o_ref, lse_ref = ref.sparse_mla(q, c, kpe, idx, table, lens, cu, 0.1, return_lse=True)
+    assert torch.equal(out, o_ref) and torch.equal(lse, lse_ref)
+    assert bound.calls["sparse_mla"] == {"native": 0, "fallback": 1}
+    native = bound.sparse_mla(q, c, kpe, idx, table, lens, cu, 0.1)                 # the default: native
+    assert isinstance(native, torch.Tensor) and rel_err(native, out) <= 3e-5
+    assert bound.calls["sparse_mla"] == {"native": 1, "fallback": 1}
+
+
+def test_paged_ops_with_step_meta_use_prepared_data_and_make_no_host_sync(monkeypatch):
+    """With a StepMeta (and the per-step data prepare_step built once), indexer_topk and
+    sparse_mla read nothing back from the device outside the torch_npu calls, reuse the prepared
+    block table and lengths, and equal the results of calls without a meta."""
+    npu = TracingNpu(NpuEmulator())
+    be = AscendBackend(npu, name="traced", device=torch.device("cpu"), priority=0, default_dtype=torch.float32)
+    bound = BoundBackend(be)
+    g = gen(13)
+    bs, topk = 16, 8
+    (c, kpe, k_idx), table, lens, cu, _ = batch(REQS, bs, g, (512, 64, 128), torch.float32)
+    T = int(cu[-1])
+    q, qi = torch.randn(T, 4, 576, generator=g), torch.randn(T, 3, 128, generator=g)
+    w = torch.randn(T, 3, generator=g)
+    meta = StepMeta.from_tensors(table, lens, cu, bs)
+    with BackendOps(npu, monkeypatch) as mode:
+        bound.prepare_step(meta)
+        idx = bound.indexer_topk(qi, w, k_idx, table, lens, cu, topk, meta=meta)
+        out = bound.sparse_mla(q, c, kpe, idx, table, lens, cu, 0.1, meta=meta)
+    assert mode.syncs == []
+    assert bound.ran_natively()["indexer_topk"] == bound.ran_natively()["sparse_mla"] == "native"
+    st = meta.backend_data
+    assert isinstance(st, AscendStep)
+    for call in npu.calls:
+        if call.name in ("npu_lightning_indexer", "npu_sparse_flash_attention"):
+            assert call.kwargs["block_table"] is st.block_table and call.kwargs["actual_seq_lengths_query"] is st.act_q
+    assert torch.equal(st.act_q, cu[1:]) and torch.equal(st.act_kv, lens) and torch.equal(st.positions, meta.positions)
+    assert torch.equal(idx, be.indexer_topk(qi, w, k_idx, table, lens, cu, topk))
+    assert torch.equal(out, be.sparse_mla(q, c, kpe, idx, table, lens, cu, 0.1))
+
+
+def test_paged_ops_name_a_step_meta_that_contradicts_the_call(asc):
+    g = gen(14)
+    (c, kpe), table, lens, cu, _ = batch([(2, 9), (1, 30)], 16, g, (512, 64), torch.float32)
+    q = torch.randn(3, 4, 576, generator=g)
+    idx = torch.tensor([[0, 3, -1], [8, 1, 2], [5, -1, 29]], dtype=torch.int32)
+    other = StepMeta.from_tensors(table[:1], lens[:1], cu[:2], 16)
+    with pytest.raises(ValueError, match="sparse_mla: the step metadata has 2 query tokens, q has 3"):
+        asc.sparse_mla(q, c, kpe, idx, table, lens, cu, 0.1, meta=other)
+    with pytest.raises(ValueError, match="block size 32, the cache has 16"):
+        asc.sparse_mla(q, c, kpe, idx, table, lens, cu, 0.1, meta=StepMeta.from_tensors(table, lens, cu, 32))
+    with pytest.raises(ValueError, match="kpe_cache"):
+        asc.sparse_mla(q, c, kpe[:-1], idx, table, lens, cu, 0.1)
 
 
 # ---- moe_route / moe_experts -----------------------------------------------------------------------------
@@ -137,8 +355,9 @@ def test_moe_route_against_reference(asc, E, n_group, topk_group, K):
     assert torch.allclose(w.gather(1, o.indices).double(), w_r.gather(1, o_r.indices).double(), rtol=1e-5)
 
 
+@pytest.mark.parametrize("as_weight", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_moe_experts_against_reference(asc, dtype):
+def test_moe_experts_against_reference(asc, dtype, as_weight):
     g = gen(3)
     T, Hd, I, E, K = 9, 24, 10, 6, 3
     x = torch.randn(T, Hd, generator=g).to(dtype)
@@ -148,11 +367,38 @@ def test_moe_experts_against_reference(asc, dtype):
     ids[2, 1] = -1                                                                     # unused slots
     ids[5, 0] = -1
     wts = torch.rand(T, K, generator=g)
-    y = asc.moe_experts(x, w13, w2, ids, wts)
+    a13, a2 = (Weight(w13), Weight(w2)) if as_weight else (w13, w2)
+    y = asc.moe_experts(x, a13, a2, ids, wts)
     y_r = ref.moe_experts(x, w13, w2, ids, wts, cdt=F64)
     tol = 3e-5 if dtype == torch.float32 else 1.6e-2
     assert y.dtype == dtype and y.shape == (T, Hd)
-    assert float((y.double() - y_r.double()).abs().max()) <= tol * float(y_r.double().abs().max())
+    assert rel_err(y, y_r) <= tol
+
+
+def fp8(w):
+    """`w` as an fp8_block Weight (per-matrix 128x128 block scales)."""
+    s = torch.full((*w.shape[:-2], -(-w.shape[-2] // 128), -(-w.shape[-1] // 128)), 0.5)
+    return Weight((w / 0.5).to(torch.float8_e4m3fn), s, "fp8_block")
+
+
+def test_other_weight_formats_decline_to_the_reference(asc, emulate):
+    g = gen(4)
+    x = torch.randn(5, 16, generator=g)
+    w13, w2 = fp8(torch.randn(12, 16, generator=g)), fp8(torch.randn(16, 6, generator=g))
+    e13, e2 = fp8(torch.randn(3, 12, 16, generator=g)), fp8(torch.randn(3, 16, 6, generator=g))
+    ids, wts = torch.randint(0, 3, (5, 2), generator=g), torch.rand(5, 2, generator=g)
+    for call in (lambda b: b.linear(x, w13), lambda b: b.mlp(x, w13, w2),
+                 lambda b: b.moe_experts(x, e13, e2, ids, wts)):
+        with pytest.raises(OpUnsupported, match="format 'fp8_block'; this backend runs dense weights only"):
+            call(asc)
+    bound = get_backend("ascend")
+    with pytest.warns(RuntimeWarning, match="linear falls back.*fp8_block"):
+        assert torch.equal(bound.linear(x, w13), ref.linear(x, w13))
+    with pytest.warns(RuntimeWarning, match="mlp falls back"):
+        assert torch.equal(bound.mlp(x, w13, w2), ref.mlp(x, w13, w2))
+    with pytest.warns(RuntimeWarning, match="moe_experts falls back"):
+        assert torch.equal(bound.moe_experts(x, e13, e2, ids, wts), ref.moe_experts(x, e13, e2, ids, wts))
+    assert {bound.ran_natively()[op] for op in ("linear", "mlp", "moe_experts")} == {"fallback"}
 
 
 # ---- mtp_verify --------------------------------------------------------------------------------------------
@@ -181,15 +427,16 @@ def test_supporting_ops_against_reference(asc):
     g = gen(21)
     x = torch.randn(5, 3, 16, generator=g)
     w = 1 + 0.1 * torch.randn(16, generator=g)
-    assert torch.allclose(asc.rms_norm(x, w, 1e-6), ref.rms_norm(x, w, 1e-6), atol=1e-5)
+    assert torch.allclose(asc.rms_norm(x, w, 1e-6), ref.rms_norm(x, w, 1e-6, cdt=F64), atol=1e-5)
     pos = torch.tensor([0, 3, 17, 1000, 4095])
     for t in (x[..., :8], x[:, 0, :8]):                           # [T, H, Dr] slice and [T, Dr]
-        assert torch.allclose(asc.rope(t, pos, 10000.0), ref.rope(t, pos, 10000.0), atol=1e-5)
+        assert torch.allclose(asc.rope(t, pos, 10000.0), ref.rope(t, pos, 10000.0, cdt=F64), atol=1e-5)
     w13, w2 = torch.randn(12, 16, generator=g), torch.randn(16, 6, generator=g)
-    assert torch.allclose(asc.mlp(x, w13, w2), ref.mlp(x, w13, w2), atol=1e-4)
+    for a13, a2 in ((w13, w2), (Weight(w13), Weight(w2))):
+        assert torch.allclose(asc.mlp(x, a13, a2), ref.mlp(x, w13, w2, cdt=F64), atol=1e-4)
+        assert torch.allclose(asc.linear(x, a13), ref.linear(x, w13, cdt=F64), atol=1e-5)
     b = torch.randn(16, generator=g)
-    assert torch.allclose(asc.layer_norm(x, w, b, 1e-6), ref.layer_norm(x, w, b, 1e-6), atol=1e-5)
-    assert torch.allclose(asc.linear(x, w13), ref.linear(x, w13), atol=1e-5)
+    assert torch.allclose(asc.layer_norm(x, w, b, 1e-6), ref.layer_norm(x, w, b, 1e-6, cdt=F64), atol=1e-5)
 
 
 # ---- documented limits fall back with one warning ------------------------------------------------------------
@@ -198,17 +445,17 @@ def test_documented_limits_fall_back_to_the_reference(emulate):
     bound = get_backend("ascend")
     assert bound.name == EMULATED_NAME
     g = gen(5)
-    cache, table, lens, cu, _ = batch([(2, 9), (1, 4)], 8, g, 16, torch.float32)     # Di 16, block size 8
+    (cache,), table, lens, cu, _ = batch([(2, 9), (1, 4)], 8, g, (16,), torch.float32)   # Di 16, block size 8
     q, w = torch.randn(3, 4, 16, generator=g), torch.randn(3, 4, generator=g)
     with pytest.warns(RuntimeWarning, match="indexer_topk falls back.*index head dim 128"):
         idx = bound.indexer_topk(q, w, cache, table, lens, cu, 4)
     assert torch.equal(idx, ref.indexer_topk(q, w, cache, table, lens, cu, 4))
-    kv, table, lens, cu, _ = batch([(2, 9), (1, 4)], 8, g, 576, torch.float32)
+    (c, kpe), table, lens, cu, _ = batch([(2, 9), (1, 4)], 8, g, (512, 64), torch.float32)
     qa = torch.randn(3, 4, 576, generator=g)
     sel = torch.tensor([[0, 3, -1], [8, 1, 2], [0, -1, -1]], dtype=torch.int32)
     with pytest.warns(RuntimeWarning, match="sparse_mla falls back.*multiple of 16"):
-        out, _ = bound.sparse_mla(qa, kv, sel, table, lens, cu, 0.1)
-    assert torch.equal(out, ref.sparse_mla(qa, kv, sel, table, lens, cu, 0.1)[0])
+        out = bound.sparse_mla(qa, c, kpe, sel, table, lens, cu, 0.1)
+    assert torch.equal(out, ref.sparse_mla(qa, c, kpe, sel, table, lens, cu, 0.1))
     with pytest.warns(RuntimeWarning, match="moe_route falls back.*renormalises"):
         bound.moe_route(torch.randn(3, 8, generator=g), torch.zeros(8), 2, 1, 1, False, 1.0)
     calls = bound.ran_natively()
@@ -221,6 +468,11 @@ def test_documented_limits_fall_back_to_the_reference(emulate):
 
 # ---- the model ------------------------------------------------------------------------------------------------
 
+def _glm52():
+    from glm52_backends import GLM52
+    return GLM52
+
+
 def _prompts(V):
     g = gen(7)
     return [torch.randint(0, V, (n,), generator=g).tolist() for n in (11, 4, 17)]
@@ -231,6 +483,7 @@ def test_tiny_model_greedy_tokens_match_cpu_ref(emulate, tmp_path, dims):
     """'tiny': the default tiny checkpoint (index head dim 16, latent 32): the two attention ops fall
     back, the rest runs on the emulated torch_npu ops. 'attention-dims': the tiny model with the real
     attention widths (index head dim 128, latent 512 + rope 64), so every hot op runs natively."""
+    GLM52 = _glm52()
     over = {} if dims == "tiny" else dict(kv_lora_rank=512, qk_rope_head_dim=64, index_head_dim=128)
     path = make_tiny_checkpoint(tmp_path / dims, layers=2, seed=4, index_topk=8, **over)
     cpu = GLM52(path, backend="cpu_ref", progress=False)
@@ -254,6 +507,7 @@ def test_tiny_model_greedy_tokens_match_cpu_ref(emulate, tmp_path, dims):
 def test_tiny_model_bfloat16_documented_dtypes_all_native(tmp_path):
     """bfloat16 through the emulator restricted to the documented dtypes: every hot op native,
     greedy tokens equal to cpu_ref's in bfloat16, logits within the bfloat16 row (1.6e-2)."""
+    GLM52 = _glm52()
     path = make_tiny_checkpoint(tmp_path / "bf16", layers=2, seed=4, index_topk=8, kv_lora_rank=512,
                                 qk_rope_head_dim=64, index_head_dim=128)
     cpu = GLM52(path, backend="cpu_ref", dtype=torch.bfloat16, progress=False)
@@ -271,6 +525,7 @@ def test_tiny_model_bfloat16_documented_dtypes_all_native(tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("torch_npu") is not None, reason="torch_npu is installed here")
 def test_without_torch_npu_one_clear_error_and_others_keep_working(monkeypatch, tmp_path):
+    GLM52 = _glm52()
     monkeypatch.delenv("GLM52_ASCEND_EMULATE", raising=False)
     path = make_tiny_checkpoint(tmp_path / "t", layers=2, seed=1, index_topk=8)
     with pytest.raises(BackendUnavailable) as e:

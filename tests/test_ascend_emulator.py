@@ -241,7 +241,8 @@ def test_sparse_flash_attention_softmax_lse_bsnd():
 
 @pytest.mark.parametrize("sbs", [1, 4])
 def test_sparse_flash_attention_tnd_paged(sbs):
-    """TND query, shuffled PA_BSND cache, -1 padding, a row with no index, block-wise selection."""
+    """TND query, shuffled PA_BSND cache, -1 padding, a row with no index, block-wise selection;
+    every cache row no query token may read is NaN."""
     g = gen(10 + sbs)
     reqs = [(1, 37), (4, 20), (2, 2), (3, 64)]
     N1, S, bs, scale = 8, 6, 16, 0.07
@@ -260,6 +261,18 @@ def test_sparse_flash_attention_tnd_paged(sbs):
             n = min(S, nblk) if (t + i) % 5 else 0                    # every 5th row: no index at all
             sel[t + i, 0, :n] = torch.randperm(nblk, generator=g)[:n].int()
         t += Lq
+    # poison every owned row that no query token reads (unselected, or selected but past its
+    # causal limit), position 0 included: a -1 entry or a masked one must not read anything
+    t, poisoned = 0, set()
+    for b, (Lq, L) in enumerate(reqs):
+        read = {int(blk) * sbs + j for i in range(Lq) for blk in sel[t + i, 0].tolist() if blk >= 0
+                for j in range(sbs) if int(blk) * sbs + j <= L - Lq + i}
+        for p in set(range(L)) - read:
+            kc[int(table[b, p // bs]), p % bs] = float("nan")
+            krc[int(table[b, p // bs]), p % bs] = float("nan")
+            poisoned.add((b, p))
+        t += Lq
+    assert any(p == 0 for _, p in poisoned) and len(poisoned) > 40
     cu = torch.tensor(np.cumsum([q for q, _ in reqs]), dtype=torch.int32)
     lens = torch.tensor([L for _, L in reqs], dtype=torch.int32)
     out, _, _ = emu32.npu_sparse_flash_attention(
@@ -272,7 +285,7 @@ def test_sparse_flash_attention_tnd_paged(sbs):
         ref, _ = sfa_dense(q[t:t + Lq], qr[t:t + Lq], k[:, 0], kr[:, 0], k[:, 0], sel[t:t + Lq, 0], scale, L, sbs)
         assert torch.allclose(out[t:t + Lq].double(), ref, atol=2e-6), (Lq, L)
         t += Lq
-    assert bool(torch.isfinite(out).all())                            # NaN blocks were never read
+    assert bool(torch.isfinite(out).all())                            # NaN rows were never read
 
 
 def _sfa_args(**over):

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from glm52_backends.backends.cpu_ref import CpuRefBackend
-from glm52_backends.backends.cpu_ref import ops as R
+from glm52_backends import ops as R
+from glm52_backends.ops._paged import gather_paged
 from glm52_backends.cli import main as cli_main
 from glm52_backends.conformance import run
 from glm52_backends.conformance.cases import CASES
@@ -59,11 +60,12 @@ def rope_half_split(x, positions, theta):  # NeoX (DeepSeek-V3.2 indexer) instea
     return torch.cat([a * c - b * s, b * c + a * s], -1).to(x.dtype)
 
 
-def route_without_scaling(logits, bias, top_k, n_group=1, topk_group=1, norm=True, rsf=1.0):
-    return R.moe_route(logits, bias, top_k, n_group, topk_group, norm, 1.0)
+def route_without_scaling(router_logits, correction_bias, top_k, n_group=1, topk_group=1, norm_topk_prob=True,
+                          routed_scaling_factor=1.0):
+    return R.moe_route(router_logits, correction_bias, top_k, n_group, topk_group, norm_topk_prob, 1.0)
 
 
-def indexer_off_by_one(q, w, k_cache, block_table, seq_lens, cu_seqlens_q, topk):
+def indexer_off_by_one(q, w, k_cache, block_table, seq_lens, cu_seqlens_q, topk, *, meta=None):
     """Lets each query see one position past itself (s <= pos + 1)."""
     T = q.shape[0]
     idx = torch.full((T, topk), -1, dtype=torch.int32)
@@ -71,7 +73,7 @@ def indexer_off_by_one(q, w, k_cache, block_table, seq_lens, cu_seqlens_q, topk)
     for b in range(len(cu) - 1):
         t0, t1 = cu[b], cu[b + 1]
         L = int(seq_lens[b])
-        k = R.gather_paged(k_cache, block_table[b], L).float()
+        k = gather_paged(k_cache, block_table[b], L).float()
         s = torch.einsum("th,ths->ts", w[t0:t1].float(), torch.relu(torch.einsum("thd,sd->ths", q[t0:t1].float(), k)))
         pos = torch.arange(L - (t1 - t0), L)
         s = s.masked_fill(torch.arange(L)[None, :] > pos[:, None] + 1, float("-inf"))
@@ -81,22 +83,23 @@ def indexer_off_by_one(q, w, k_cache, block_table, seq_lens, cu_seqlens_q, topk)
     return idx
 
 
-def indexer_drops_a_winner(*args):
-    idx = R.indexer_topk(*args)
+def indexer_drops_a_winner(*args, **kw):
+    idx = R.indexer_topk(*args, **kw)
     full = (idx >= 0).all(-1)                           # rows with topk valid entries
     idx[full, 0] = idx[full, 1]                          # the best one replaced by a duplicate of another
     idx[full, 1] = -1
     return idx.sort(dim=-1, descending=True).values     # and hidden among the others
 
 
-def mla_attends_padding(q, kv_cache, idx, block_table, seq_lens, cu_seqlens_q, scale, v_dim=512):
+def mla_attends_padding(q, c_cache, kpe_cache, idx, block_table, seq_lens, cu_seqlens_q, scale, *,
+                        return_lse=False, meta=None):
     """Gathers -1 like a Python index: the request's last position."""
     idx = idx.clone()
     cu = cu_seqlens_q.tolist()
     for b in range(len(cu) - 1):
         rows = idx[cu[b]:cu[b + 1]]
         rows[rows < 0] = int(seq_lens[b]) - 1
-    return R.sparse_mla(q, kv_cache, idx, block_table, seq_lens, cu_seqlens_q, scale, v_dim)
+    return R.sparse_mla(q, c_cache, kpe_cache, idx, block_table, seq_lens, cu_seqlens_q, scale, return_lse=return_lse)
 
 
 def verify_accepts_one_more(draft, target_logits, draft_probs=None, temperature=0.0, top_p=1.0, uniforms=None):
@@ -117,12 +120,14 @@ def experts_gate_up_swapped(x, w13, w2, topk_ids, topk_weights):
 
 
 def mla_leaves_rows_unwritten(*args, **kw):
-    out, lse = R.sparse_mla(*args, **kw)
+    res = R.sparse_mla(*args, **kw)
+    out = res[0] if isinstance(res, tuple) else res
     out[out.shape[0] // 2:] = float("nan")               # what torch.empty + a short grid leaves
-    return out, lse
+    return res
 
 
-def mla_dense(q, kv_cache, idx, block_table, seq_lens, cu_seqlens_q, scale, v_dim=512):
+def mla_dense(q, c_cache, kpe_cache, idx, block_table, seq_lens, cu_seqlens_q, scale, *, return_lse=False,
+              meta=None):
     """Ignores the selection and attends to every causal position (a dense fallback)."""
     dense = torch.full_like(idx, -1)
     cu = cu_seqlens_q.tolist()
@@ -131,7 +136,8 @@ def mla_dense(q, kv_cache, idx, block_table, seq_lens, cu_seqlens_q, scale, v_di
         for i in range(n):
             pos = L - n + i
             dense[cu[b] + i, :min(pos + 1, idx.shape[1])] = torch.arange(min(pos + 1, idx.shape[1]))
-    return R.sparse_mla(q, kv_cache, dense, block_table, seq_lens, cu_seqlens_q, scale, v_dim)
+    return R.sparse_mla(q, c_cache, kpe_cache, dense, block_table, seq_lens, cu_seqlens_q, scale,
+                        return_lse=return_lse)
 
 
 PLANTED = [
@@ -168,7 +174,7 @@ def test_wrong_indexer_rope_is_caught_at_model_level():
         calls.append(x.shape)
         return rope_half_split(x, positions, theta) if x.dim() == 3 and x.shape[1] == 32 else R.rope(x, positions, theta)
 
-    rep_ok = run(Planted("indexer-rope-ok", rope=lambda x, p, t: R.rope(x, p, t)), quick=True, ops=["model"])
+    rep_ok = run(Planted("indexer-rope-ok", rope=lambda x, positions, theta: R.rope(x, positions, theta)), quick=True, ops=["model"])
     assert rep_ok.passed, str(rep_ok)
     rep = run(Planted("indexer-rope-neox", rope=rope), quick=True, ops=["model"])
     assert any(s[1] == 32 for s in calls if len(s) == 3), "the indexer's rope was never called"
@@ -210,8 +216,8 @@ def test_cli_exit_status_and_reports(tmp_path):
 
 
 def test_nan_never_passes():
-    def nan_linear(x, w):
-        y = R.linear(x, w)
+    def nan_linear(x, weight):
+        y = R.linear(x, weight)
         y[0, 0] = float("nan")
         return y
 

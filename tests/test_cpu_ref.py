@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from glm52_backends.backends.cpu_ref import ops as R
+from glm52_backends import ops as R
 from glm52_backends.conformance.inputs import Batch, generator, page
 
 D64 = torch.float64
@@ -54,7 +54,8 @@ def test_sparse_mla_equals_dense_masked_attention():
         n = min(topk, pos + 1)
         idx[t, torch.randperm(topk, generator=g)[:n]] = torch.randperm(pos + 1, generator=g)[:n].int()
     idx[-1] = -1                                                      # a row with nothing to attend
-    out, lse = R.sparse_mla(q, cache, idx, table, batch.seq_lens_t, batch.cu_seqlens_q, 0.3, v_dim=Dl, cdt=D64)
+    out, lse = R.sparse_mla(q, cache[..., :Dl], cache[..., Dl:], idx, table, batch.seq_lens_t, batch.cu_seqlens_q, 0.3,
+                            return_lse=True, cdt=D64)
     for t, b, pos in batch.tokens():
         kv = rows[b]                                                  # [L, Dl+Dr]
         mask = torch.zeros(kv.shape[0], dtype=torch.bool)
@@ -83,12 +84,11 @@ def test_absorbed_mla_equals_the_naive_per_head_form():
     q_nope = torch.randn(1, H, dn, generator=g, dtype=D64)
     q_pe = torch.randn(1, H, dr, generator=g, dtype=D64)
     scale = (dn + dr) ** -0.5
-    cache = torch.cat([c, k_pe], -1).view(1, L, C + dr)
     sel = torch.tensor([[0, 3, 6, -1]], dtype=torch.int32)
     q_lat = torch.einsum("thd,hdc->thc", q_nope, w_uk)
-    o_lat, _ = R.sparse_mla(torch.cat([q_lat, q_pe], -1), cache, sel, torch.zeros(1, 1, dtype=torch.int32),
-                            torch.tensor([L], dtype=torch.int32), torch.tensor([0, 1], dtype=torch.int32), scale,
-                            v_dim=C, cdt=D64)
+    o_lat = R.sparse_mla(torch.cat([q_lat, q_pe], -1), c.view(1, L, C), k_pe.view(1, L, dr), sel,
+                         torch.zeros(1, 1, dtype=torch.int32), torch.tensor([L], dtype=torch.int32),
+                         torch.tensor([0, 1], dtype=torch.int32), scale, cdt=D64)
     got = torch.einsum("thc,hvc->thv", o_lat, w_uv)[0]
     keep = [0, 3, 6]
     for h in range(H):

@@ -44,10 +44,11 @@ SCENARIOS = {
     "sparse_mla_decode": ["_partial_kernel", "_combine_kernel@sparse_mla"],
     "sparse_mla_prefill": ["_partial_kernel"],
     "sparse_mla_decode_f32": ["_partial_kernel", "_combine_kernel@sparse_mla"],
+    "sparse_mla_decode_lse": ["_partial_kernel", "_combine_kernel@sparse_mla"],   # the lse variant
     "moe_route": ["_route_kernel"],
-    "moe_experts_grouped_mm": ["_silu_mul_kernel", "_combine_kernel@moe"],
-    "moe_experts_triton_bf16": ["_gemm1_kernel", "_gemm2_kernel", "_combine_kernel@moe"],
-    "moe_experts_triton_f32": ["_gemm1_kernel", "_gemm2_kernel", "_combine_kernel@moe"],
+    "moe_experts_grouped_mm": ["_silu_mul_kernel", "_combine_kernel@moe_experts"],
+    "moe_experts_triton_bf16": ["_gemm1_kernel", "_gemm2_kernel", "_combine_kernel@moe_experts"],
+    "moe_experts_triton_f32": ["_gemm1_kernel", "_gemm2_kernel", "_combine_kernel@moe_experts"],
     "mtp_verify_greedy": ["_stats_kernel", "_verify_kernel"],
     "mtp_verify_sample": ["_stats_kernel", "_verify_kernel"],
     "mtp_verify_sample_q": ["_stats_kernel", "_verify_kernel"],
@@ -59,7 +60,9 @@ N_WORKERS = 2     # scenarios are dealt alternately; the two slow float32 compil
 def _scenario_inputs(name):
     """Build and run one op's wrapper at GLM-5.2 shapes (kernels are intercepted by the caller)."""
     import torch
-    from glm52_backends.backends.cuda import indexer, moe, mtp_verify, sparse_mla
+    from glm52_backends.backends.cuda import indexer_topk, moe_experts, moe_route, mtp_verify, sparse_mla
+    from glm52_backends.backends.cuda.common import prepare
+    from glm52_backends.step import StepMeta
     bf16 = torch.bfloat16
     dt = torch.float32 if name.endswith("f32") else bf16     # float32: the exact-dot (ieee) variants
     BS, LONG = 64, 131072                                # 64-token pages, 128K-token contexts
@@ -72,30 +75,35 @@ def _scenario_inputs(name):
         n_pages = max(-(-L // BS) for L in lens)
         # every request maps onto the same physical pages: real block-table values, small cache
         bt = torch.arange(n_pages, dtype=torch.int32)[None].repeat(len(reqs), 1)
-        return (torch.tensor(cu, dtype=torch.int32), torch.tensor(lens, dtype=torch.int32), bt, n_pages)
+        # the step's metadata as the model hands it over: built once, prepared by the backend
+        meta = StepMeta.build([q_len for q_len, _ in reqs], lens, bt, BS)
+        meta.backend_data = prepare(meta)
+        return (meta.cu_seqlens_q, meta.seq_lens, bt, n_pages, meta)
 
     if name.startswith("indexer"):
         reqs = {"indexer_decode_b1": [(1, LONG)], "indexer_decode_b2": [(1, LONG), (1, LONG // 2)],
                 "indexer_prefill": [(2048, LONG)], "indexer_prefill_f32": [(2048, LONG)],
                 "indexer_prefill_h64": [(2048, LONG)]}[name]
-        cu, lens, bt, n_pages = batch(reqs)
+        cu, lens, bt, n_pages, meta = batch(reqs)
         T = int(cu[-1])
         Hi = 64 if name.endswith("h64") else 32            # h64: DeepSeek-V3.2's indexer width
         q = torch.randn(T, Hi, 128).to(dt)
         w = torch.randn(T, Hi)
         kc = torch.empty(n_pages, BS, 128, dtype=dt)
-        indexer.indexer_topk(q, w, kc, bt, lens, cu, 2048)
+        indexer_topk.indexer_topk(q, w, kc, bt, lens, cu, 2048, meta=meta)
     elif name.startswith("sparse_mla"):
-        reqs = {"sparse_mla_decode": [(1, LONG)] * 4, "sparse_mla_prefill": [(512, LONG)],
-                "sparse_mla_decode_f32": [(1, LONG)] * 4}[name]
-        cu, lens, bt, n_pages = batch(reqs)
+        reqs = {"sparse_mla_decode": [(1, LONG)] * 4, "sparse_mla_decode_lse": [(1, LONG)] * 4,
+                "sparse_mla_prefill": [(512, LONG)], "sparse_mla_decode_f32": [(1, LONG)] * 4}[name]
+        cu, lens, bt, n_pages, meta = batch(reqs)
         T = int(cu[-1])
-        q = torch.randn(T, 64, 576).to(dt)
-        kv = torch.empty(n_pages, BS, 576, dtype=dt)
+        q = torch.randn(T, 64, 512 + 64).to(dt)
+        c = torch.empty(n_pages, BS, 512, dtype=dt)
+        kpe = torch.empty(n_pages, BS, 64, dtype=dt)
         idx = torch.randint(0, LONG - 1024, (T, 2048), dtype=torch.int32)
-        sparse_mla.sparse_mla(q, kv, idx, bt, lens, cu, 192 ** -0.5, 512)
+        sparse_mla.sparse_mla(q, c, kpe, idx, bt, lens, cu, 192 ** -0.5, return_lse=name.endswith("_lse"),
+                              meta=meta)
     elif name == "moe_route":
-        moe.moe_route(torch.randn(16, 256), torch.randn(256), 8, 1, 1, True, 2.5)
+        moe_route.moe_route(torch.randn(16, 256), torch.randn(256), 8, 1, 1, True, 2.5)
     elif name.startswith("moe_experts"):
         E, T, K, Hd, I = 8, 16, 8, 6144, 2048
         x = torch.randn(T, Hd).to(dt)
@@ -104,7 +112,7 @@ def _scenario_inputs(name):
         ids = torch.stack([torch.randperm(E)[:K] for _ in range(T)])
         wts = torch.rand(T, K)
         gemm = "grouped_mm" if name.endswith("grouped_mm") else "triton"
-        moe.moe_experts(x, w13, w2, ids, wts, gemm=gemm)
+        moe_experts.moe_experts(x, w13, w2, ids, wts, gemm=gemm)
     elif name.startswith("mtp_verify"):
         B, k, V = 8, 3, 154880
         draft = torch.randint(0, V, (B, k))
@@ -176,8 +184,9 @@ def _run_scenario(name):
     import io
     import time
 
-    from glm52_backends.backends.cuda import indexer, moe, mtp_verify, sparse_mla
-    modules = {"indexer": indexer, "sparse_mla": sparse_mla, "moe": moe, "mtp_verify": mtp_verify}
+    from glm52_backends.backends.cuda import indexer_topk, moe_experts, moe_route, mtp_verify, sparse_mla
+    modules = {"indexer_topk": indexer_topk, "sparse_mla": sparse_mla, "moe_route": moe_route,
+               "moe_experts": moe_experts, "mtp_verify": mtp_verify}
     records, saved = [], []
 
     class Intercept:

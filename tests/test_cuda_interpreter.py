@@ -1,4 +1,5 @@
-"""The cuda backend's Triton kernels under Triton's CPU interpreter, against the cpu_ref ops.
+"""The cuda backend's Triton kernels under Triton's CPU interpreter, against the contract's references
+(glm52_backends/ops/), with and without a prepared StepMeta.
 
 `triton.jit` reads TRITON_INTERPRET when it decorates, so the checks run in one worker process
 started with TRITON_INTERPRET=1 (this file, run as a script); the pytest process never sets it.

@@ -8,11 +8,11 @@ import pytest
 import torch
 import yaml
 
-from glm52_backends import cli
+from glm52_backends import cli, tiny
 from glm52_backends.config import GLM52_CONFIG, ConfigError
 from glm52_backends.configs import bundled_configs
 from glm52_backends.deploy import DeploymentError, chip_lacks, load_deployment
-from glm52_backends.model import GLM52
+from glm52_backends.engine import GLM52
 from glm52_backends.registry import BackendUnavailable
 from glm52_backends.tiny import make_tiny_checkpoint
 
@@ -139,7 +139,7 @@ def test_replace_revalidates_and_unknown_names_list_the_bundled():
 
 # ---- building the model -------------------------------------------------------------------------
 def test_from_deployment_builds_the_tiny_model(tmp_path, monkeypatch):
-    monkeypatch.setattr(cli, "DEFAULT_TINY", str(tmp_path / "tiny-default"))
+    monkeypatch.setattr(tiny, "DEFAULT_TINY", str(tmp_path / "tiny-default"))
     model = GLM52.from_deployment("cpu-tiny", progress=False)
     d = load_deployment("cpu-tiny")
     assert model.backend_name == d.backend == "cpu_ref"
@@ -154,12 +154,12 @@ def test_from_deployment_builds_the_tiny_model(tmp_path, monkeypatch):
     assert len(out.tokens[0]) == 3
 
 
-def test_build_model_overrides_and_refuses_the_planning_only_model(tmp_path):
+def test_from_deployment_overrides_and_refuses_the_planning_only_model(tmp_path):
     ckpt = make_tiny_checkpoint(str(tmp_path / "ck"), mtp=False, layers=2, seed=1)
-    model = load_deployment("cpu-tiny").build_model(model=ckpt, backend="torch", progress=False)
+    model = GLM52.from_deployment(load_deployment("cpu-tiny"), model=ckpt, backend="torch", progress=False)
     assert model.backend_name == "torch" and not model.has_mtp
     with pytest.raises(DeploymentError) as e:
-        load_deployment("nvidia-h200").build_model()
+        GLM52.from_deployment("nvidia-h200")
     assert e.value.key == "model"
     assert load_deployment("nvidia-h200").model_config() is GLM52_CONFIG
 
@@ -185,7 +185,7 @@ TORCH_BACKEND_CONFIGS = sorted(n for n in BUNDLED if load_deployment(n).backend 
 def test_vendor_yaml_runs_on_the_generic_backend(name, tiny_ckpt):
     """A vendor YAML builds its model on the generic torch backend (here on the CPU, with a tiny checkpoint)."""
     d = load_deployment(name)
-    model = d.build_model(model=tiny_ckpt, device="cpu", progress=False)
+    model = GLM52.from_deployment(d, model=tiny_ckpt, device="cpu", progress=False)
     assert model.backend_name == "torch" and model.dtype == d.torch_dtype == torch.bfloat16
     ids = torch.tensor([[4, 8, 15, 16, 23, 42]])
     ref = GLM52(tiny_ckpt, backend="cpu_ref", dtype=torch.bfloat16, progress=False)
@@ -193,4 +193,4 @@ def test_vendor_yaml_runs_on_the_generic_backend(name, tiny_ckpt):
     if d.device_type != "cpu" and not getattr(torch, d.device_type, None):
         # the device itself is not here: building on it says which adapter is missing
         with pytest.raises(BackendUnavailable, match="needs the torch_"):
-            d.build_model(model=tiny_ckpt, progress=False)
+            GLM52.from_deployment(d, model=tiny_ckpt, progress=False)

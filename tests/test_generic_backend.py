@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from glm52_backends.backends.cpu_ref import ops as ref
+from glm52_backends import ops as ref
+from glm52_backends.ops._paged import gather_paged
 from glm52_backends.backends.generic import TorchDeviceBackend, create
 from glm52_backends.ops import OP_NAMES
 from glm52_backends.registry import BackendUnavailable, get_backend, list_backends
@@ -82,7 +83,7 @@ def test_indexer_topk_is_valid_against_the_score_formula(generic, dtype):
     cu = bt["cu"].tolist()
     for b in range(len(bt["seq_lens"])):
         L = int(bt["seq_lens"][b])
-        k = ref.gather_paged(kc, bt["table"][b], L).to(F64)                       # [L, Di]
+        k = gather_paged(kc, bt["table"][b], L).to(F64)                       # [L, Di]
         for t in range(cu[b], cu[b + 1]):
             pos = int(bt["pos"][t])
             score = (w[t].to(F64)[:, None] * torch.relu(q[t].to(F64) @ k.T)).sum(0)[:pos + 1]   # [pos+1]
@@ -106,9 +107,11 @@ def test_sparse_mla_matches_float64_reference(generic, dtype):
         n = min(topk - 1, int(bt["pos"][t]) + 1)
         idx[t, :n] = torch.randperm(int(bt["pos"][t]) + 1, generator=g)[:n].to(torch.int32)
     idx[0] = -1                                                                # a row with nothing to attend
-    args = (idx, bt["table"], bt["seq_lens"], bt["cu"], (Dl + Dr) ** -0.5, Dl)
-    out, lse = generic.sparse_mla(q, kv, *args)
-    want, want_lse = ref.sparse_mla(q.to(F64), kv.to(F64), *args, cdt=F64)
+    args = (idx, bt["table"], bt["seq_lens"], bt["cu"], (Dl + Dr) ** -0.5)
+    c, kpe = kv[..., :Dl].contiguous(), kv[..., Dl:].contiguous()
+    out, lse = generic.sparse_mla(q, c, kpe, *args, return_lse=True)
+    want, want_lse = ref.sparse_mla(q.to(F64), c.to(F64), kpe.to(F64), *args, return_lse=True, cdt=F64)
+    assert torch.equal(generic.sparse_mla(q, c, kpe, *args), out)       # out alone unless lse is asked for
     assert out.dtype == dtype and out.shape == (T, H, Dl) and lse.dtype == torch.float32
     torch.testing.assert_close(out.to(F64), want, **TOL[dtype])
     torch.testing.assert_close(lse.to(F64), want_lse.to(F64), rtol=1e-5, atol=1e-5)
@@ -161,7 +164,7 @@ def test_moe_route_and_mtp_verify_match_the_reference(generic):
 
 def test_generic_model_matches_cpu_ref(tmp_path):
     ckpt = make_tiny_checkpoint(str(tmp_path / "ck"), mtp=True, layers=3, seed=5)
-    from glm52_backends.model import GLM52
+    from glm52_backends.engine import GLM52
     ids = torch.tensor([[5, 1, 99, 42, 7, 200, 3, 3, 18]])
     a = GLM52(ckpt, backend=create(device="cpu"), progress=False)
     b = GLM52(ckpt, backend="cpu_ref", progress=False)
@@ -253,7 +256,7 @@ def test_plugin_declines_float64_and_falls_back(plugin_installed):
 
 
 def test_plugin_runs_the_model(plugin_installed, tmp_path):
-    from glm52_backends.model import GLM52
+    from glm52_backends.engine import GLM52
     ckpt = make_tiny_checkpoint(str(tmp_path / "ck"), layers=3, seed=6)
     ids = torch.tensor([[9, 8, 7, 6, 5, 4, 3]])
     a = GLM52(ckpt, backend="example_vendor", progress=False)

@@ -89,11 +89,11 @@ def test_context_beyond_max_position(tiny):
 def test_cache_exhausted_leaves_no_partial_state(tiny):
     cache = tiny.new_cache(32, block_size=16)                # 2 blocks
     tiny.extend(cache, {"a": list(range(20))})               # takes both blocks
-    before = {l: c.clone() for l, c in cache.latent.items()}
+    before = {(kind, l): c.clone() for kind in ("c", "k_pe", "index_k") for l, c in getattr(cache, kind).items()}
     with pytest.raises(CacheExhausted, match="needs 2 more blocks"):
         tiny.extend(cache, {"a": list(range(13)), "b": [1]})
     assert cache.lens == {"a": 20} and cache.free_blocks == 0
-    assert all(torch.equal(before[l], cache.latent[l]) for l in before)
+    assert all(torch.equal(before[kind, l], getattr(cache, kind)[l]) for kind, l in before)
     cache.release("a")
     assert cache.free_blocks == 2
 

@@ -1,4 +1,4 @@
-"""MTP speculative decoding (glm52_backends.speculative) and the backends' `mtp_verify` op.
+"""MTP speculative decoding (glm52_backends.engine.speculative) and the backends' `mtp_verify` op.
 
 A random checkpoint's MTP drafts are almost never accepted, so the greedy and cache tests mix in a
 test draft source (`MixedDrafts`): at each (request, position) a seeded coin decides between the
@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from glm52_backends import GLM52
-from glm52_backends.backends.cpu_ref.ops import gather_paged
+from glm52_backends.ops._paged import gather_paged
 from glm52_backends.registry import get_backend
 from glm52_backends.sampling import probs_from_logits
-from glm52_backends.speculative import SpeculativeDecoder, generate_speculative
+from glm52_backends.engine.speculative import SpeculativeDecoder, generate_speculative
 from glm52_backends.tiny import make_tiny_checkpoint
 
 # every backend that runs on this machine: the Ascend backend through its CPU emulator of the
@@ -164,7 +164,7 @@ def _plain_caches(model, seq: list[int], P: int, L: int):
 
 def _assert_same_entries(got, ref, req_got, req_ref, n, what):
     bt_g, bt_r = got.block_table([req_got])[0], ref.block_table([req_ref])[0]
-    for kind in ("latent", "index_k"):
+    for kind in ("c", "k_pe", "index_k"):
         for l, c in getattr(got, kind).items():
             a, b = gather_paged(c, bt_g, n), gather_paged(getattr(ref, kind)[l], bt_r, n)
             err = (a - b).abs().max().item()
@@ -176,7 +176,7 @@ class _mtp_view:
 
     def __init__(self, cache, cfg):
         l = cfg.num_hidden_layers
-        self.latent, self.index_k = {l: cache.latent[l]}, {l: cache.index_k[l]}
+        self.c, self.k_pe, self.index_k = {l: cache.c[l]}, {l: cache.k_pe[l]}, {l: cache.index_k[l]}
         self.block_table = cache.block_table
 
 
@@ -190,7 +190,7 @@ def test_caches_after_rejection_equal_plain_decoding(ckpt, backend):
     k = 3
     drafts = MixedDrafts(ref_seq, [0.6, 0.3], cfg.vocab_size, seed=5)
     dec = SpeculativeDecoder(model, k, cache_tokens=400, draft_filter=drafts)
-    assert cfg.num_hidden_layers in dec.cache.latent and cfg.num_hidden_layers in dec.cache.index_k
+    assert cfg.num_hidden_layers in dec.cache.c and cfg.num_hidden_layers in dec.cache.index_k
     dec.prefill(prompts)
     rejected_rounds = 0
     for _ in range(5):

@@ -1,7 +1,7 @@
 """A CPU emulator of the torch_npu fused ops that the Ascend backend calls.
 
-`NpuEmulator()` has the attributes of `torch_npu` that `backend.py` uses, with the same argument
-names, defaults and keyword-only markers, the same layouts (BSND, TND with prefix-sum lengths,
+`NpuEmulator()` has the attributes of `torch_npu` that the backend's op files use, with the same
+argument names, defaults and keyword-only markers, the same layouts (BSND, TND with prefix-sum lengths,
 PA_BSND with block tables), the argument checks the documentation states, the documented math
 (in float32), and output shapes and dtypes that agree with the wheel's meta registrations. It
 exists so the backend's own code (layouts, lengths, block tables, routing bookkeeping) runs and is
@@ -303,6 +303,7 @@ class NpuEmulator:
             if sparse_mode == 3:
                 ok &= pos <= (Lkv - Lq) + torch.arange(Lq)[:, None]
             g = kv[pos.clamp(0, max(Lkv - 1, 0))] if Lkv else torch.zeros(*pos.shape, kv.shape[-1])
+            g = torch.where(ok[..., None], g, 0.0)       # entries it skips (-1, masked) are never read
             k_cat, v = g[..., :576], g[..., 576:]                         # [Lq, S*sbs, 576], [.., 512]
             q_cat = torch.cat([q, qr], -1).float()                        # [Lq, N1, 576]
             s = torch.einsum("qnd,qsd->qns", q_cat, k_cat) * scale_value

@@ -1,4 +1,7 @@
-"""cpu_ref: the reference backend. Plain torch, float32 (or float64 on request), slow, obviously right."""
+"""cpu_ref: the reference backend, a thin binding of the contract's references (glm52_backends/ops/).
+
+Plain torch, float32 (or float64 on request: the conformance oracle), slow, obviously right.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +9,7 @@ import functools
 
 import torch
 
-from glm52_backends.ops import OP_NAMES
-
-from . import ops as _ops
+from glm52_backends.ops import OP_NAMES, REFERENCES, Capabilities
 
 
 class CpuRefBackend:
@@ -22,10 +23,13 @@ class CpuRefBackend:
             raise ValueError(f"cpu_ref computes in float32 or float64, not {compute_dtype}")
         self.compute_dtype = compute_dtype
         self.device = torch.device(device)
-        self.capabilities = {"dtypes": [torch.float32, torch.float64, torch.bfloat16, torch.float16],
-                             "devices": ["cpu"], "fp8": False, "max_topk": None}
+        self.capabilities = Capabilities(
+            dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16), devices=("cpu",),
+            weight_formats=("dense", "fp8_block"))
         for op in OP_NAMES:
-            setattr(self, op, functools.partial(getattr(_ops, op), cdt=compute_dtype))
+            fn = functools.partial(REFERENCES[op], cdt=compute_dtype)
+            functools.update_wrapper(fn, REFERENCES[op])
+            setattr(self, op, fn)
 
     def __repr__(self) -> str:
         return f"CpuRefBackend(compute_dtype={self.compute_dtype})"

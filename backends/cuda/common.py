@@ -1,18 +1,31 @@
-"""Shared host-side helpers of the cuda backend: checks, token metadata, launch constants.
+"""Shared host-side helpers of the cuda backend: checks, the per-step device data, launch helpers.
 
-Everything here is torch on the tensors' own device, without a host synchronisation, so that the
-kernels' launches can be captured in a CUDA graph (the benchmark times decode sizes that way).
-Grid sizes come from tensor *shapes* only (T, topk, max_blocks * block_size), never from values.
+No kernels and no triton import here: the package imports this module before it knows whether
+Triton runs on a GPU or in its interpreter.
+
+Everything a kernel launch needs from the step comes from `CudaStepData`, built by
+`CudaBackend.prepare_step(meta)` once per step (torch on the device, no host synchronisation,
+capturable in a CUDA graph): int32 copies of the batch tensors, each query token's request and
+position, and memoised per-kernel tables (the indexer's query tiles). Grid sizes come from tensor
+*shapes* and host copies in the `StepMeta` only (T, B, topk, max_blocks * block_size), never from
+device values, so the launches can be captured and replayed.
+
+With a `StepMeta` the ops check shapes only: the meta's values were validated on the host when it
+was built. Without one (a direct op call) `step_data` builds it with `StepMeta.from_tensors`, which
+reads the lengths back once and validates them; that is the only host read of the no-meta path.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
-import triton
 
 from glm52_backends.ops import OpUnsupported
+from glm52_backends.step import StepMeta
+from glm52_backends.weights import Weight
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -33,12 +46,13 @@ def dot_in_f32(dtype: torch.dtype) -> bool:
 
 
 def capturing() -> bool:
-    """True while a CUDA graph is being captured: value checks (which synchronise) are skipped."""
+    """True while a CUDA graph is being captured (a host read would fail there)."""
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def pow2(n: int, lo: int = 1) -> int:
-    return max(lo, triton.next_power_of_2(max(int(n), 1)))
+    """The next power of two >= n (and >= lo); as triton.next_power_of_2, without importing triton."""
+    return max(lo, 1 << (max(int(n), 1) - 1).bit_length())
 
 
 def need(cond: bool, op: str, why: str) -> None:
@@ -52,12 +66,6 @@ def check_float(op: str, **tensors: torch.Tensor) -> None:
         need(t.dtype in FLOATS, op, f"{name} has dtype {t.dtype}; kernels take {', '.join(map(str, FLOATS))}")
 
 
-def check_same_device(op: str, device: torch.device, **tensors: torch.Tensor) -> None:
-    for name, t in tensors.items():
-        if t is not None and t.device.type != device.type:
-            raise ValueError(f"{op}: {name} is on {t.device}, the backend runs on {device}")
-
-
 def check_shape(op: str, name: str, t: torch.Tensor, shape: tuple) -> None:
     """`shape` entries that are None match anything."""
     ok = t.dim() == len(shape) and all(s is None or s == d for s, d in zip(shape, t.shape))
@@ -66,39 +74,84 @@ def check_shape(op: str, name: str, t: torch.Tensor, shape: tuple) -> None:
         raise ValueError(f"{op}: {name} must have shape {want}, got {list(t.shape)}")
 
 
-def token_metadata(cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, T: int
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(request of each query token [T] int32, its position [T] int32), on the device, no sync.
+def dense(op: str, name: str, w: Any) -> torch.Tensor:
+    """The tensor of a dense weight (a bare tensor or a `Weight` of format "dense"); other formats
+    are declined (OpUnsupported -> the reference dequantizes them)."""
+    if isinstance(w, Weight):
+        need(w.format == "dense", op, f"{name} is a {w.format!r} Weight; this backend runs dense weights only")
+        return w.data
+    return w
 
-    position of token i of request b = seq_lens[b] - q_len[b] + i (right-down causal).
+
+# ---- per-step device data -------------------------------------------------------------------------
+@dataclass
+class CudaStepData:
+    """What the kernels read about a step, on the ops' device (from `prepare_step`).
+
+    cu_seqlens_q [B+1], seq_lens [B], block_table [B, max_blocks] (contiguous): int32;
+    token_request [T] int32 and positions [T] int32: each query token's request and position;
+    num_tokens, num_requests, block_size: the meta's host values (for shape checks).
+    `memo(key, build)` keeps a table a kernel derives from these (built at its first call of the
+    step, e.g. the indexer's query tiles, whose tile size depends on the indexer's head count).
     """
-    cu = cu_seqlens_q.to(torch.int64)
-    t = torch.arange(T, device=cu.device)
-    req = torch.searchsorted(cu[1:].contiguous(), t, right=True)                    # [T]
-    req = req.clamp(max=max(seq_lens.shape[0] - 1, 0))
-    q_len = cu[1:] - cu[:-1]                                                         # [B]
-    pos = seq_lens.to(torch.int64)[req] - q_len[req] + (t - cu[req])
-    return req.to(torch.int32), pos.to(torch.int32)
+    cu_seqlens_q: torch.Tensor
+    seq_lens: torch.Tensor
+    block_table: torch.Tensor
+    token_request: torch.Tensor
+    positions: torch.Tensor
+    num_tokens: int
+    num_requests: int
+    block_size: int
+    _memo: dict = field(default_factory=dict, repr=False)
+
+    def memo(self, key: Any, build: Callable[[], Any]) -> Any:
+        if key not in self._memo:
+            self._memo[key] = build()
+        return self._memo[key]
 
 
-def check_batch(op: str, T: int, block_table: torch.Tensor, seq_lens: torch.Tensor,
-                cu_seqlens_q: torch.Tensor, block_size: int) -> None:
-    """Shape checks always; value checks (they synchronise) unless a CUDA graph is being captured."""
-    B = seq_lens.shape[0]
+def prepare(meta: StepMeta) -> CudaStepData:
+    """The step's device data, from a `StepMeta` (device ops only: no host synchronisation)."""
+    i32 = torch.int32
+    return CudaStepData(
+        cu_seqlens_q=meta.cu_seqlens_q.to(i32).contiguous(), seq_lens=meta.seq_lens.to(i32).contiguous(),
+        block_table=meta.block_table.to(i32).contiguous(), token_request=meta.token_request.to(i32).contiguous(),
+        positions=meta.positions.to(i32).contiguous(), num_tokens=meta.num_tokens,
+        num_requests=meta.num_requests, block_size=int(meta.block_size))
+
+
+def step_data(op: str, T: int, block_table: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
+              block_size: int, meta: StepMeta | None) -> CudaStepData:
+    """The step data for one op call: from `meta` (shape checks only, no host sync), or, without a
+    meta, from a `StepMeta` built here (`StepMeta.from_tensors`: one host read, values validated)."""
+    B = seq_lens.shape[0] if seq_lens.dim() == 1 else -1
     check_shape(op, "seq_lens", seq_lens, (B,))
     check_shape(op, "cu_seqlens_q", cu_seqlens_q, (B + 1,))
     check_shape(op, "block_table", block_table, (B, None))
     for name, t in (("seq_lens", seq_lens), ("cu_seqlens_q", cu_seqlens_q), ("block_table", block_table)):
         if t.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"{op}: {name} must be an integer tensor, got {t.dtype}")
-    if capturing():
-        return
-    cu = cu_seqlens_q.tolist()
-    if cu[0] != 0 or cu[-1] != T or any(b < a for a, b in zip(cu, cu[1:])):
-        raise ValueError(f"{op}: cu_seqlens_q must rise from 0 to T={T}, got {cu}")
-    lens = seq_lens.tolist()
-    cap = block_table.shape[1] * block_size
-    for b, L in enumerate(lens):
-        if not cu[b + 1] - cu[b] <= L <= cap:
-            raise ValueError(f"{op}: request {b} has seq_len {L}, but q_len {cu[b + 1] - cu[b]} and "
-                             f"{block_table.shape[1]} blocks of {block_size} allow {cu[b + 1] - cu[b]}..{cap}")
+    if meta is None:
+        if capturing():
+            raise ValueError(f"{op}: called without a meta while a CUDA graph is being captured; the lengths "
+                             f"would have to be read back. Build a StepMeta before the capture and pass meta=")
+        try:
+            meta = StepMeta.from_tensors(block_table, seq_lens, cu_seqlens_q, block_size)
+        except ValueError as e:
+            raise ValueError(f"{op}: {e}") from None
+        if meta.num_tokens != T:
+            raise ValueError(f"{op}: cu_seqlens_q ends at {meta.num_tokens}, but q has T={T} tokens")
+        return prepare(meta)
+    if meta.num_tokens != T or meta.num_requests != B:
+        raise ValueError(f"{op}: meta is for {meta.num_tokens} tokens of {meta.num_requests} requests, the "
+                         f"inputs have T={T} tokens of B={B} requests")
+    if meta.block_size != block_size or tuple(meta.block_table.shape) != tuple(block_table.shape):
+        raise ValueError(f"{op}: meta has blocks of {meta.block_size} and a block table of shape "
+                         f"{list(meta.block_table.shape)}; the inputs have blocks of {block_size} and "
+                         f"{list(block_table.shape)}")
+    data = meta.backend_data
+    if not isinstance(data, CudaStepData):        # a meta nobody prepared for this backend
+        data = prepare(meta)
+        if meta.backend_data is None:
+            meta.backend_data = data
+    return data

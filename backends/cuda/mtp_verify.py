@@ -151,7 +151,7 @@ def _verify_kernel(logit_ptr, draft_ptr, dprob_ptr, u_ptr, max_ptr, arg_ptr, sum
 
 
 def mtp_verify(draft, target_logits, draft_probs=None, temperature=0.0, top_p=1.0, uniforms=None):
-    """Contract: glm52_backends/ops.py. draft [B, k] int, target_logits [B, k+1, V] ->
+    """Contract: glm52_backends/ops/mtp_verify.py. draft [B, k] int, target_logits [B, k+1, V] ->
     (accepted [B] int32, tokens [B, k+1] int64, -1 after the emitted token)."""
     op = "mtp_verify"
     if draft.dim() != 2 or target_logits.dim() != 3:

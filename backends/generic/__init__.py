@@ -1,6 +1,6 @@
 """torch: the reference ops on whatever torch device a deployment names. The starting point for vendors.
 
-Every op of the contract runs the reference code (`backends/cpu_ref/ops.py`, plain device-agnostic
+Every op of the contract runs the reference code (`glm52_backends/ops/`, plain device-agnostic
 torch) on the backend's device: `mlu`, `musa`, `xpu`, `supa`, `npu` without its fused ops, or a
 CUDA-compatible stack. So every vendor YAML in `configs/` runs correctly, if slowly, before anyone
 writes a kernel, and the conformance suite passes by construction.
@@ -10,7 +10,7 @@ Writing a vendor backend starts here:
     class MyChipBackend(TorchDeviceBackend):
         name, priority = "mychip", 50
         def moe_experts(self, x, w13, w2, topk_ids, topk_weights):
-            if x.dtype not in (torch.bfloat16,):
+            if x.dtype not in (torch.bfloat16,) or weight_format(w13) != "dense":
                 raise OpUnsupported("grouped GEMM kernel is bf16 only")   # -> reference, one warning
             return my_kernels.grouped_moe(...)
 
@@ -29,8 +29,7 @@ import functools
 
 import torch
 
-from glm52_backends.backends.cpu_ref import ops as _ref
-from glm52_backends.ops import OP_NAMES
+from glm52_backends.ops import OP_NAMES, REFERENCES, Capabilities
 from glm52_backends.registry import BackendUnavailable
 
 from .device import resolve_device
@@ -59,12 +58,13 @@ class TorchDeviceBackend:
         on_cpu = self.device.type == "cpu"
         if not hasattr(type(self), "priority"):  # a subclass states its own
             self.priority = CPU_PRIORITY if on_cpu else ACCELERATOR_PRIORITY
-        dtypes = [torch.float32, torch.bfloat16, torch.float16] + ([] if self.device.type == "mps" else [torch.float64])
-        self.capabilities = {"dtypes": dtypes, "default_dtype": torch.float32 if on_cpu else torch.bfloat16,
-                             "devices": [self.device.type], "fp8": False, "max_topk": None}
+        dtypes = (torch.float32, torch.bfloat16, torch.float16) + (() if self.device.type == "mps" else (torch.float64,))
+        self.capabilities = Capabilities(dtypes=dtypes, default_dtype=torch.float32 if on_cpu else torch.bfloat16,
+                                         devices=(self.device.type,), weight_formats=("dense", "fp8_block"))
         for op in OP_NAMES:
             if not callable(getattr(type(self), op, None)):  # a subclass's own op wins
-                setattr(self, op, self._on_device(op, functools.partial(getattr(_ref, op), cdt=compute_dtype)))
+                ref = functools.update_wrapper(functools.partial(REFERENCES[op], cdt=compute_dtype), REFERENCES[op])
+                setattr(self, op, self._on_device(op, ref))
 
     def _on_device(self, op: str, fn):
         dev = self.device

@@ -11,6 +11,8 @@ its pyproject.toml; nothing in glm52_backends names it.
 from __future__ import annotations
 
 from glm52_backends.backends.generic import TorchDeviceBackend
+from glm52_backends.ops import OpUnsupported
+from glm52_backends.weights import Weight, weight_format
 
 from .moe import grouped_moe_experts
 
@@ -22,7 +24,10 @@ class ExampleVendorBackend(TorchDeviceBackend):
     priority = 5  # a real vendor backend would rank above the generic one on its own device
 
     def moe_experts(self, x, w13, w2, topk_ids, topk_weights):
-        return grouped_moe_experts(x, w13, w2, topk_ids, topk_weights)
+        if weight_format(w13) != "dense" or weight_format(w2) != "dense":
+            raise OpUnsupported("the example's grouped GEMM runs dense weights only")  # -> the reference
+        unwrap = lambda w: w.data if isinstance(w, Weight) else w  # noqa: E731
+        return grouped_moe_experts(x, unwrap(w13), unwrap(w2), topk_ids, topk_weights)
 
 
 def create(**kwargs) -> ExampleVendorBackend:

@@ -15,6 +15,10 @@ Kernel versions and their idea:
                   first (k - count_above) keys == tau in position order, i.e. ties go to the earlier
                   position, the same set the reference's stable sort picks. Valid entries first,
                   then -1. Rows with pos + 1 <= k take every position without selecting.
+Host wrapper: the step's int32 tensors and positions come from `CudaStepData` (prepare_step, once
+per step); the query-tile table (request and first token of each tile, over a bound that depends
+on shapes only) is built at the step's first indexer call and reused by every later layer. With a
+meta there is no host synchronisation; without one, `StepMeta.from_tensors` reads the lengths once.
 
 Constants: BLOCK_N 64 keys x Di 128 per score tile, BLOCK_M up to 4 query tokens (4 x 32 heads =
 128 rows, at most 128 rows for wider indexers), SELECT_BLOCK 1024 scores per select step. Chosen
@@ -28,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import check_batch, check_float, check_shape, dot_in_f32, need, pow2, token_metadata
+from .common import CudaStepData, check_float, check_shape, dot_in_f32, need, pow2, step_data
 
 # BLOCK_N 64 keys: at Hi=32, Di=128 bf16 the [128, 128] query + [64, 128] key tiles compile to
 # 48 KB shared / 112 registers on sm_90 (no spills), so several programs fit per SM
@@ -157,9 +161,24 @@ def _select_kernel(s_ptr, pos_ptr, idx_ptr, Lcap, K,
         n_eq += tl.sum(eq_i, axis=0)
 
 
-def indexer_topk(q, w, k_cache, block_table, seq_lens, cu_seqlens_q, topk):
-    """Contract: glm52_backends/ops.py. q [T, Hi, Di], w [T, Hi] f32, k_cache [NB, BS, Di] (same
-    dtype as q), any strides -> idx [T, topk] int32 on q's device."""
+def _tiles(data: CudaStepData, T: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Query tiles of <= block_m consecutive tokens of one request: (request of each tile or -1,
+    its first token, the number of tiles launched). At most ceil(T / block_m) + B tiles exist, a
+    bound from shapes, so the grid never depends on the lengths' values (no host read)."""
+    cu, B = data.cu_seqlens_q.long(), data.num_requests
+    n_tiles = (cu[1:] - cu[:-1] + block_m - 1) // block_m                                # [B]
+    cum = n_tiles.cumsum(0)
+    bound = triton.cdiv(T, block_m) + B
+    i = torch.arange(bound, device=cu.device)
+    tb = torch.searchsorted(cum, i, right=True).clamp(max=B - 1)                          # [bound]
+    start = cu[:-1][tb] + (i - (cum[tb] - n_tiles[tb])) * block_m
+    return torch.where(i < cum[-1], tb, -1).to(torch.int32), start.to(torch.int32), bound
+
+
+def indexer_topk(q, w, k_cache, block_table, seq_lens, cu_seqlens_q, topk, *, meta=None):
+    """Contract: glm52_backends/ops/indexer_topk.py. q [T, Hi, Di], w [T, Hi] f32, k_cache [NB, BS, Di]
+    (same dtype as q), any strides -> idx [T, topk] int32 on q's device. With `meta` (a StepMeta,
+    ideally prepared by CudaBackend.prepare_step) no host synchronisation."""
     op = "indexer_topk"
     check_float(op, q=q, k_cache=k_cache)
     need(q.dtype == k_cache.dtype, op, f"q is {q.dtype} but k_cache is {k_cache.dtype}")
@@ -171,18 +190,13 @@ def indexer_topk(q, w, k_cache, block_table, seq_lens, cu_seqlens_q, topk):
     if not isinstance(topk, int) or topk <= 0:
         raise ValueError(f"{op}: topk must be a positive int, got {topk!r}")
     NB, BS, _ = k_cache.shape
-    check_batch(op, T, block_table, seq_lens, cu_seqlens_q, BS)
+    data = step_data(op, T, block_table, seq_lens, cu_seqlens_q, BS, meta)
     need(Hi <= 128 and Di <= 256, op, f"Hi={Hi}, Di={Di}: kernels take Hi <= 128 and Di <= 256")
     device = q.device
     idx = torch.empty(T, topk, dtype=torch.int32, device=device)
-    B = seq_lens.shape[0]
     if T == 0:
         return idx
     w = w.float()
-    bt = block_table.to(torch.int32)
-    lens = seq_lens.to(torch.int32)
-    cu = cu_seqlens_q.to(torch.int32)
-    _, pos = token_metadata(cu, lens, T)
 
     HI_P, DI_P = pow2(Hi), pow2(Di, 16)
     # BLOCK_M from T (a shape; per-request q_len would need a host sync): decode batches of
@@ -191,25 +205,17 @@ def indexer_topk(q, w, k_cache, block_table, seq_lens, cu_seqlens_q, topk):
     # a 4-token [512, 256] bf16 query operand alone is 256 KB, over H100's 227 KB shared memory).
     BLOCK_M = min(pow2(T), MAX_BLOCK_M, max(1, MAX_ROWS // HI_P))
     BLOCK_M = max(BLOCK_M, pow2(16 // HI_P))          # tl.dot needs >= 16 rows
-    # tiles: BLOCK_M consecutive tokens of one request; at most ceil(T / BLOCK_M) + B of them
-    q_len = (cu[1:] - cu[:-1]).long()
-    n_tiles = (q_len + BLOCK_M - 1) // BLOCK_M                                         # [B]
-    cum = n_tiles.cumsum(0)
-    bound = triton.cdiv(T, BLOCK_M) + B
-    i = torch.arange(bound, device=device)
-    tb = torch.searchsorted(cum, i, right=True).clamp(max=B - 1)                        # [bound]
-    start = cu[:-1].long()[tb] + (i - (cum[tb] - n_tiles[tb])) * BLOCK_M
-    tile_req = torch.where(i < cum[-1], tb, -1).to(torch.int32)
-    tile_start = start.to(torch.int32)
+    tile_req, tile_start, bound = data.memo(("indexer_tiles", BLOCK_M), lambda: _tiles(data, T, BLOCK_M))
 
+    bt = data.block_table
     Lcap = bt.shape[1] * BS
     scores = torch.empty(T, Lcap, dtype=torch.float32, device=device)
     grid = (bound, triton.cdiv(Lcap, BLOCK_N))
-    _scores_kernel[grid](q, w, k_cache, bt, lens, cu, tile_req, tile_start, scores,
+    _scores_kernel[grid](q, w, k_cache, bt, data.seq_lens, data.cu_seqlens_q, tile_req, tile_start, scores,
                          Hi, Di, BS, Lcap,
                          q.stride(0), q.stride(1), q.stride(2), w.stride(0), w.stride(1),
                          k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), bt.stride(0),
                          BLOCK_M=BLOCK_M, HI_P=HI_P, DI_P=DI_P, BLOCK_N=BLOCK_N,
                          DOT_F32=dot_in_f32(q.dtype), num_warps=4)
-    _select_kernel[(T,)](scores, pos, idx, Lcap, topk, BLOCK=SELECT_BLOCK, num_warps=SELECT_WARPS)
+    _select_kernel[(T,)](scores, data.positions, idx, Lcap, topk, BLOCK=SELECT_BLOCK, num_warps=SELECT_WARPS)
     return idx

@@ -28,13 +28,13 @@ passed to `mtp_verify` as `draft_probs`.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .sampling import probs_from_logits, sample_from
+from ..sampling import probs_from_logits
+from .decoding import check_generation_args, pick, prefill_chunks, run_generation
 
 # draft_filter(request, position, proposed_token) -> token: replaces the MTP layer's token choice
 # (the MTP layer still runs), e.g. the benchmark's synthetic draft source with a set acceptance
@@ -57,6 +57,8 @@ class SpeculativeDecoder:
     prompt + emitted tokens; `cache` is the shared `PagedCache` (request i: target entries under
     id i, MTP entries under `("mtp", i)`).
     """
+
+    steps_stat = "verify_steps"
 
     def __init__(self, model, k: int, *, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                  cache_tokens: int, draft_filter: DraftFilter | None = None):
@@ -86,11 +88,7 @@ class SpeculativeDecoder:
     # ---- sampling ---------------------------------------------------------------------------------
     def _pick(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """logits [N, V] -> tokens [N] and, when sampling, the distribution they came from [N, V]."""
-        if not self.sampling:
-            return logits.argmax(-1), None
-        p = probs_from_logits(logits, self.temperature, self.top_p)
-        u = torch.rand(logits.shape[0], generator=self.gen).to(p.device)
-        return sample_from(p, u), p
+        return pick(logits, self.temperature, self.top_p, self.gen)
 
     # ---- prefill ----------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -100,18 +98,10 @@ class SpeculativeDecoder:
         m = self.model
         base = len(self.seq)
         reqs = list(range(base, base + len(prompts)))
-        done = {i: 0 for i in reqs}
         hidden: dict[int, list[torch.Tensor]] = {i: [] for i in reqs}
-        while any(done[i] < len(prompts[i - base]) for i in reqs):
-            chunks = {}
-            for i in reqs:
-                p = prompts[i - base]
-                n = len(p) - done[i] if prefill_chunk is None else min(prefill_chunk, len(p) - done[i])
-                if n > 0:
-                    chunks[i] = list(p[done[i]:done[i] + n])
-                    done[i] += n
+        for chunks in prefill_chunks({i: prompts[i - base] for i in reqs}, prefill_chunk):
             st, h = m.run(self.cache, chunks)
-            cu = st.cu_seqlens_q.tolist()
+            cu = st.meta.cu_host
             for b, i in enumerate(st.reqs):
                 hidden[i].append(h[cu[b]:cu[b + 1]])
         last = torch.stack([hidden[i][-1][-1] for i in reqs])                        # [B, Hd]
@@ -196,50 +186,16 @@ def generate_speculative(model, prompts, *, max_new_tokens: int, k: int, tempera
     """`GLM52.generate(..., speculative=k)`: same arguments and result as plain generation, plus
     stats `mean_acceptance_length` (tokens emitted per request per verify step, the bonus token
     counted; 1.0 = no draft ever accepted), `verify_steps` and `speculative`."""
-    from .model import GenerationResult
-
-    prompts = model._generation_prompts(prompts, max_new_tokens, prefill_chunk)
-    B = len(prompts)
+    check_generation_args(max_new_tokens, prefill_chunk)
+    prompts = model.encode_prompts(prompts)
     # target: prompt + new + k drafts in flight; MTP: the same less two; a spare block per cache id
     need = cache_tokens or sum(2 * (len(p) + max_new_tokens + k + model.block_size) for p in prompts)
     dec = SpeculativeDecoder(model, k, temperature=temperature, top_p=top_p, seed=seed, cache_tokens=need,
                              draft_filter=draft_filter)
-    eos = set(model.cfg.eos_token_id) if stop_at_eos else set()
-    out: list[list[int]] = [[] for _ in range(B)]
-
-    def emit(i: int, toks: list[int]) -> bool:
-        """Append up to max_new_tokens / the first eos; True while request i goes on."""
-        for t in toks:
-            out[i].append(t)
-            if len(out[i]) >= max_new_tokens or t in eos:
-                return False
-        return True
-
-    t0 = time.perf_counter()
-    active = []
-    if max_new_tokens > 0:
-        first = dec.prefill(prompts, prefill_chunk)
-        active = [i for i in range(B) if emit(i, [first[i]])]
-    t1 = time.perf_counter()
-    rounds = 0
-    while active:
-        rounds += 1
-        res = dec.step(active)
-        active = [i for i in active if emit(i, res[i][1])]
-    t2 = time.perf_counter()
-
-    n_new = sum(len(o) for o in out)
+    res = run_generation(model, dec, prompts, max_new_tokens=max_new_tokens, stop_at_eos=stop_at_eos,
+                         prefill_chunk=prefill_chunk, extra_stats={"speculative": k})
     lens = [a + 1 for acc in dec.accepted.values() for a in acc]   # tokens per verify step, bonus counted
-    stats = {
-        "backend": model.backend_name, "requests": B, "prompt_tokens": sum(map(len, prompts)),
-        "new_tokens": n_new, "prefill_s": t1 - t0, "decode_s": t2 - t1, "verify_steps": rounds,
-        "speculative": k, "tokens_per_s": n_new / (t2 - t0) if t2 > t0 else float("nan"),
-        "decode_tokens_per_s": (n_new - B) / (t2 - t1) if t2 > t1 and n_new > B else float("nan"),
-        "mean_acceptance_length": sum(lens) / len(lens) if lens else float("nan"),
-        "ops": model.ops.ran_natively(),
-    }
-    text = [model.tokenizer.decode(o) for o in out] if model.tokenizer is not None else None
-    res = GenerationResult(out, stats, text)
+    res.stats["mean_acceptance_length"] = sum(lens) / len(lens) if lens else float("nan")
     return (res, dec) if return_decoder else res
 
 

@@ -1,9 +1,6 @@
-"""moe_route + moe_experts: routing, permutation, grouped expert GEMMs, weighted combine.
+"""moe_experts: permutation, grouped expert GEMMs, weighted combine (routing: moe_route.py).
 
 Which implementation does what (and why):
-  routing        Triton `_route_kernel`, one program per token: sigmoid, correction bias,
-                 group-limited selection, top-K by K argmax rounds, renormalise, scale. Fusion wins:
-                 the torch version is ~10 small launches at decode sizes.
   permutation    torch (argsort by expert, scatter_add counts, cumsum): a few launches, no host
                  sync, graph-capturable. Rows are sorted by expert, `-1` slots last.
   expert GEMMs   two interchangeable paths, chosen by `gemm=` ("auto" | "grouped_mm" | "triton"):
@@ -19,7 +16,8 @@ Which implementation does what (and why):
                  under the interpreter.
   combine        Triton `_combine_kernel`: per token, the sum over its K expert outputs (a gather,
                  deterministic, no atomics), in float32, rounded once to x's dtype.
-FP8 block-scaled expert weights are declined (OpUnsupported): the reference runs them.
+Weights: bare tensors or `Weight`s of format "dense"; FP8 block-scaled expert weights (a "fp8_block"
+`Weight`, or float8 tensors) are declined (OpUnsupported): the reference runs them.
 Tiles: BLOCK_M 16 rows (decode: ~1 row per expert), BLOCK_N 64, BLOCK_K 64; checked by an sm_90
 ahead-of-time compile (tests/test_cuda_compile.py), not tuned on a GPU yet.
 """
@@ -30,81 +28,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import FLOATS, check_shape, dot_in_f32, interpreting, need, pow2
+from .common import FLOATS, check_shape, dense, dot_in_f32, interpreting, need
 
 # BLOCK_M 16: the tl.dot minimum, and decode rarely has more rows per expert (T*8/256); BLOCK_N/K
 # 64: gemm1 streams gate+up [64, 64] bf16 tiles (16 KB a stage), 36 KB shared at 3 stages on sm_90
 BLOCK_M, BLOCK_N, BLOCK_K = 16, 64, 64
 COMBINE_BLOCK = 256      # hidden values per combine program: 6144 / 256 = 24 programs per token
 SILU_BLOCK = 1024        # values per SiLU*mul program (grouped_mm path): 8 a thread on 4 warps
-
-
-# ---- routing -------------------------------------------------------------------------------------
-@triton.jit
-def _route_kernel(logit_ptr, bias_ptr, ids_ptr, w_ptr, E, s_l0, s_l1, scaling,
-                  E_P: tl.constexpr, G: tl.constexpr, EG: tl.constexpr, TOPK_GROUP: tl.constexpr,
-                  K: tl.constexpr, K_P: tl.constexpr, NORM: tl.constexpr):
-    t = tl.program_id(0)
-    e = tl.arange(0, E_P)
-    ok = e < E
-    x = tl.load(logit_ptr + t.to(tl.int64) * s_l0 + e * s_l1, mask=ok, other=0.0).to(tl.float32)
-    s = tl.sigmoid(x)                                                        # [E_P]
-    choice = tl.where(ok, s + tl.load(bias_ptr + e, mask=ok, other=0.0).to(tl.float32), float("-inf"))
-    if G > 1:
-        c2 = tl.reshape(choice, (G, EG))
-        j = tl.arange(0, EG)
-        a1 = tl.argmax(c2, axis=1)
-        m1 = tl.max(c2, axis=1)
-        m2 = tl.max(tl.where(j[None, :] == a1[:, None], float("-inf"), c2), axis=1)
-        gs = m1 + m2                                                         # top-2 sum per group
-        gi = tl.arange(0, G)
-        keep = gi < 0
-        for _ in tl.static_range(TOPK_GROUP):
-            best = tl.argmax(tl.where(keep, float("-inf"), gs), axis=0)
-            keep = keep | (gi == best)
-        keep_e = tl.reshape(tl.broadcast_to(keep[:, None], (G, EG)), (E_P,))
-        choice = tl.where(keep_e, choice, float("-inf"))
-    kk = tl.arange(0, K_P)
-    wsel = tl.zeros((K_P,), dtype=tl.float32)
-    isel = tl.zeros((K_P,), dtype=tl.int64)
-    for k in tl.static_range(K):
-        best = tl.argmax(choice, axis=0)
-        wsel = tl.where(kk == k, tl.sum(tl.where(e == best, s, 0.0), axis=0), wsel)
-        isel = tl.where(kk == k, best.to(tl.int64), isel)
-        choice = tl.where(e == best, float("-inf"), choice)
-    if NORM:
-        wsel = wsel / (tl.sum(wsel, axis=0) + 1e-20)
-    tl.store(ids_ptr + t.to(tl.int64) * K + kk, isel, mask=kk < K)
-    tl.store(w_ptr + t.to(tl.int64) * K + kk, wsel * scaling, mask=kk < K)
-
-
-def moe_route(router_logits, correction_bias, top_k, n_group=1, topk_group=1, norm_topk_prob=True,
-              routed_scaling_factor=1.0):
-    """Contract: glm52_backends/ops.py. router_logits [T, E] -> (ids [T, K] int64, weights [T, K] f32)."""
-    op = "moe_route"
-    if router_logits.dim() != 2:
-        raise ValueError(f"{op}: router_logits must be [T, E], got shape {list(router_logits.shape)}")
-    T, E = router_logits.shape
-    check_shape(op, "correction_bias", correction_bias, (E,))
-    if not 0 < top_k <= E:
-        raise ValueError(f"{op}: top_k={top_k} must be in 1..E={E}")
-    if n_group < 1 or E % n_group or not 0 < topk_group <= n_group:
-        raise ValueError(f"{op}: n_group={n_group} must divide E={E} and topk_group={topk_group} be in 1..n_group")
-    need(router_logits.dtype in FLOATS, op, f"router_logits has dtype {router_logits.dtype}")
-    need(E <= 4096 and top_k <= 64, op, f"E={E}, top_k={top_k}: kernel takes E <= 4096, top_k <= 64")
-    G = n_group if n_group > 1 else 1
-    need(G == 1 or (E & (E - 1) == 0 and G & (G - 1) == 0), op,
-         f"group-limited routing needs power-of-two E and n_group, got E={E}, n_group={n_group}")
-    ids = torch.empty(T, top_k, dtype=torch.int64, device=router_logits.device)
-    wts = torch.empty(T, top_k, dtype=torch.float32, device=router_logits.device)
-    if T == 0:
-        return ids, wts
-    bias = correction_bias.float().contiguous()
-    _route_kernel[(T,)](router_logits, bias, ids, wts, E, router_logits.stride(0), router_logits.stride(1),
-                        float(routed_scaling_factor), E_P=pow2(E), G=G, EG=pow2(E) // G,
-                        TOPK_GROUP=topk_group if G > 1 else 1, K=top_k, K_P=pow2(top_k),
-                        NORM=bool(norm_topk_prob), num_warps=4)
-    return ids, wts
 
 
 # ---- expert GEMMs (Triton path) ------------------------------------------------------------------
@@ -246,9 +176,10 @@ def _use_grouped_mm(gemm: str, x: torch.Tensor) -> bool:
 
 
 def moe_experts(x, w13, w2, topk_ids, topk_weights, *, gemm: str = "auto"):
-    """Contract: glm52_backends/ops.py. x [T, Hd]; w13 [E, 2I, Hd]; w2 [E, Hd, I]; topk_ids [T, K]
-    (-1 = unused); topk_weights [T, K] f32 -> y [T, Hd] in x's dtype."""
+    """Contract: glm52_backends/ops/moe_experts.py. x [T, Hd]; w13 [E, 2I, Hd]; w2 [E, Hd, I] (tensors
+    or dense `Weight`s); topk_ids [T, K] (-1 = unused); topk_weights [T, K] f32 -> y [T, Hd] in x's dtype."""
     op = "moe_experts"
+    w13, w2 = dense(op, "w13", w13), dense(op, "w2", w2)
     if x.dim() != 2 or w13.dim() != 3 or w2.dim() != 3:
         raise ValueError(f"{op}: need x [T, Hd], w13 [E, 2I, Hd], w2 [E, Hd, I]; got {list(x.shape)}, "
                          f"{list(w13.shape)}, {list(w2.shape)}")

@@ -1,0 +1,79 @@
+"""sparse_mla on Ascend: `npu_sparse_flash_attention` (doc page torch_npu-npu_sparse_flash_attention.md).
+
+    attention_mode=2 (MLA-absorb): query = q_lat [T, H, 512], query_rope = q_pe [T, H, 64] (TND);
+    key = value = the latent cache c_cache viewed as PA_BSND [NB, BS, 1, 512], key_rope = kpe_cache
+    viewed as [NB, BS, 1, 64]: the caller's cache tensors themselves (views, no copy), addressed by
+    the step's real block table; actual_seq_lengths_query = TND prefix sums, actual_seq_lengths_kv =
+    seq_lens; sparse_mode=3, sparse_block_size=1 (one index = one position).
+This is the call vllm-ascend's SFA path (sfa_v1.py) and Huawei's GLM-5.2 recipe make with their
+split `kv_cache[0]` / `kv_cache[1]` caches.
+
+Indices: the op wants each row's valid entries first and the -1 ones after; the contract allows -1
+anywhere (positions are distinct by contract), so the -1 entries move behind the positions with
+one stable sort of the rows' validity flags on the device.
+A row without any valid index gives 0 (the op leaves it unspecified).
+
+lse: `return_lse=False` (the default, and all the model asks for) returns `out` only and computes
+no lse. `return_lse=True` is DECLINED with OpUnsupported, so the registry's reference computes out
+and lse: the op returns softmax_max/softmax_sum only with return_softmax_lse=True, which the docs
+allow in training and never with PA_BSND, and computing lse here would need the [T, topk, 576]
+gather of the selected rows that this path exists to avoid.
+
+Declined as well (-> reference): latent != 512 or rope != 64, heads outside 1, 2, 4, ..., 128,
+float32 on the device, cache dtypes other than q's, block sizes not a multiple of 16 up to 1024,
+non-contiguous caches (the op reads them in place; a copy per call would cost the whole cache).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .common import SFA_HEADS, SFA_LATENT, SFA_ROPE, decline, paged_block_size, step_for
+
+def valid_first(idx: torch.Tensor) -> torch.Tensor:
+    """[T, K] positions (-1 = none, anywhere) -> [T, K] int32 with each row's positions first, in
+    their order, then -1: the order npu_sparse_flash_attention requires. On the device, no host read."""
+    order = (idx < 0).to(torch.int8).argsort(dim=-1, stable=True)
+    return idx.gather(-1, order).to(torch.int32)
+
+
+def sparse_mla(self, q, c_cache, kpe_cache, idx, block_table, seq_lens, cu_seqlens_q, scale, *, return_lse=False,
+               meta=None):
+    """A method of `AscendBackend` (`self.npu`: torch_npu or the emulator)."""
+    T, H, D = q.shape
+    NB, BS, Dl = c_cache.shape
+    Dr = kpe_cache.shape[-1]
+    if tuple(kpe_cache.shape[:2]) != (NB, BS):
+        raise ValueError(f"sparse_mla: c_cache {list(c_cache.shape)} and kpe_cache {list(kpe_cache.shape)} must "
+                         f"share [num_blocks, block_size]")
+    if D != Dl + Dr:
+        raise ValueError(f"sparse_mla: q's last dim {D} != latent {Dl} + rope {Dr} of the caches")
+    if idx.dim() != 2 or idx.shape[0] != T:
+        raise ValueError(f"sparse_mla: idx must be [T={T}, topk], got {list(idx.shape)}")
+    decline(not return_lse, "return_lse=True: npu_sparse_flash_attention returns softmax statistics only in "
+                            "training and never with PA_BSND; the reference computes out and lse")
+    decline(Dl == SFA_LATENT and Dr == SFA_ROPE,
+            f"npu_sparse_flash_attention (attention_mode=2) needs latent {SFA_LATENT} + rope {SFA_ROPE}, "
+            f"got {Dl} + {Dr}")
+    decline(H in SFA_HEADS, f"npu_sparse_flash_attention takes {SFA_HEADS} query heads, got {H}")
+    decline(q.dtype in self.attention_dtypes, f"npu_sparse_flash_attention takes bfloat16/float16, got {q.dtype}")
+    decline(c_cache.dtype == q.dtype and kpe_cache.dtype == q.dtype,
+            f"cache dtypes (c {c_cache.dtype}, k_pe {kpe_cache.dtype}) must equal the query dtype {q.dtype}")
+    decline(idx.shape[1] > 0, "npu_sparse_flash_attention needs at least one index per row")
+    paged_block_size(BS, "npu_sparse_flash_attention")
+    decline(c_cache.is_contiguous() and kpe_cache.is_contiguous(),
+            "npu_sparse_flash_attention reads the caches in place: c_cache and kpe_cache must be contiguous")
+    if T == 0:
+        return torch.zeros(0, H, Dl, dtype=q.dtype, device=q.device)
+    st = step_for(self, "sparse_mla", meta, T, block_table, seq_lens, cu_seqlens_q, BS)
+    sel = valid_first(idx)                                              # [T, topk] int32
+    latent = c_cache.unsqueeze(2)                                              # [NB, BS, 1, 512], a view
+    out, _, _ = self.npu.npu_sparse_flash_attention(
+        q[..., :Dl].contiguous(), latent, latent,          # key and value are the latent (mode 2)
+        sel.unsqueeze(1), scale,                           # [T, KV_N=1, topk]
+        block_table=st.block_table, actual_seq_lengths_query=st.act_q, actual_seq_lengths_kv=st.act_kv,
+        query_rope=q[..., Dl:].contiguous(), key_rope=kpe_cache.unsqueeze(2),
+        sparse_block_size=1, layout_query="TND", layout_kv="PA_BSND", sparse_mode=3, attention_mode=2,
+        return_softmax_lse=False)
+    # a row with no valid index: the contract says 0 (the op's value there is unspecified)
+    return torch.where((sel[:, :1] >= 0)[:, :, None], out, torch.zeros((), dtype=out.dtype, device=out.device))

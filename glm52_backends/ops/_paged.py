@@ -1,0 +1,34 @@
+"""Helpers the references share: which tokens belong to which request, paged-cache reads.
+
+Host-side facts come from a `StepMeta` when the caller has one (built once per step, no device
+read); a direct op call without one reads `cu_seqlens_q` / `seq_lens` once here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def request_spans(cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, meta=None
+                  ) -> list[tuple[int, int, int]]:
+    """[(t0, t1, seq_len)] per request: its query tokens t0:t1 and its total length."""
+    if meta is not None:
+        cu, lens = meta.cu_host, meta.seq_lens_host
+    else:
+        cu, lens = cu_seqlens_q.tolist(), seq_lens.tolist()
+    return [(cu[b], cu[b + 1], int(lens[b])) for b in range(len(lens))]
+
+
+def gather_paged(cache: torch.Tensor, block_table_row: torch.Tensor, n: int) -> torch.Tensor:
+    """Positions 0..n-1 of one request out of a paged cache `[NB, BS, D]` -> `[n, D]`."""
+    bs = cache.shape[1]
+    pos = torch.arange(n, device=cache.device)
+    blocks = block_table_row.long()[pos // bs]
+    return cache[blocks, pos % bs]
+
+
+def gather_positions(cache: torch.Tensor, block_table_row: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Rows at positions `pos` (any shape, all >= 0) of one request -> `[*pos.shape, D]`. Reads only those rows."""
+    bs = cache.shape[1]
+    blocks = block_table_row.long()[pos // bs]
+    return cache[blocks, pos % bs]

@@ -1,0 +1,39 @@
+"""indexer_topk: the lightning indexer's scores and the top-k positions each query token attends.
+
+    indexer_topk(q, w, k_cache, block_table, seq_lens, cu_seqlens_q, topk, *, meta=None) -> idx
+    q        [T, Hi, Di]   indexer queries, RoPE applied (interleaved, first Dr dims)
+    w        [T, Hi] f32   head weights with Hi^-0.5 * Di^-0.5 folded in
+    k_cache  [NB, BS, Di]  paged index keys (LayerNorm + RoPE applied), same dtype as q
+    meta     StepMeta | None   the step's metadata, built once per step (glm52_backends/step.py)
+    returns  [T, topk] int32 positions: score[t,s] = sum_h w[t,h] * relu(q[t,h] . k[s]) over
+             s <= pos(t); the min(topk, pos+1) best positions first (any order, ties any way),
+             -1 after. Cache rows outside 0..seq_len-1 are never read.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._paged import gather_paged, request_spans
+
+
+def indexer_topk(q, w, k_cache, block_table, seq_lens, cu_seqlens_q, topk, *, meta=None, cdt=torch.float32):
+    T = q.shape[0]
+    idx = torch.full((T, topk), -1, dtype=torch.int32, device=q.device)
+    for b, (t0, t1, L) in enumerate(request_spans(cu_seqlens_q, seq_lens, meta)):
+        if t1 == t0:
+            continue
+        k = gather_paged(k_cache, block_table[b], L).to(cdt)                    # [L, Di]
+        qb, wb = q[t0:t1].to(cdt), w[t0:t1].to(cdt)                             # [q, Hi, Di], [q, Hi]
+        score = torch.einsum("th,ths->ts", wb, torch.relu(torch.einsum("thd,sd->ths", qb, k)))
+        pos = torch.arange(L - (t1 - t0), L, device=q.device)                   # query positions
+        causal = torch.arange(L, device=q.device)[None, :] <= pos[:, None]       # [q, L]
+        score = score.masked_fill(~causal, float("-inf"))
+        n = min(topk, L)
+        # stable sort: exact ties (ReLU zeros are common) go to the earlier position, whatever
+        # the row length, so decode, chunked prefill and verify steps select the same set
+        top = score.sort(dim=-1, descending=True, stable=True).indices[:, :n]    # [q, n]
+        n_valid = (pos + 1).clamp(max=topk)                                      # min(topk, pos+1)
+        keep = torch.arange(n, device=q.device)[None, :] < n_valid[:, None]
+        idx[t0:t1, :n] = torch.where(keep, top, -1).to(torch.int32)
+    return idx

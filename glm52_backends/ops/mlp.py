@@ -1,0 +1,17 @@
+"""mlp(x, w13, w2) -> W2 (silu(W1 x) * W3 x): the dense MLP and the shared expert.
+
+    x [..., Hd]; w13 [2I, Hd] (gate rows then up rows); w2 [Hd, I]; tensors or `Weight`s.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .linear import linear
+
+
+def mlp(x, w13, w2, *, cdt=torch.float32):
+    I = w2.shape[-1]
+    h = linear(x, w13, cdt=cdt).to(cdt)
+    return linear((F.silu(h[..., :I]) * h[..., I:]).to(x.dtype), w2, cdt=cdt)

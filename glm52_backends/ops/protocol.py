@@ -1,0 +1,82 @@
+"""What a backend is: a plain object with the ops it implements, typed capabilities, a few hooks.
+
+    class MyBackend:                       # satisfies `Backend`
+        name = "mychip"                    # what reports print
+        priority = 10                      # higher wins under backend="auto"
+        capabilities = Capabilities(dtypes=(torch.bfloat16,), devices=("npu",), max_topk=2048)
+        device = torch.device("npu", 0)    # where the model puts weights and caches
+        def sparse_mla(self, q, c_cache, kpe_cache, idx, block_table, seq_lens, cu_seqlens_q, scale,
+                       *, return_lse=False, meta=None): ...
+        def prepare_step(self, meta): ...  # optional: per-step data, built once (meta.backend_data)
+        comm = None                        # optional: Collectives overriding ops/comm.py's
+
+An op the backend lacks, or an input it declines by raising `OpUnsupported`, runs the reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping, Protocol, runtime_checkable
+
+import torch
+
+
+class OpUnsupported(Exception):
+    """Raised by a backend op that declines these inputs; the caller falls back to the reference."""
+
+
+@dataclass
+class Capabilities:
+    """What a backend executes natively (everything else falls back to the reference).
+
+    dtypes          activation/cache dtypes its kernels take
+    default_dtype   the model dtype when the user names none (None: float32)
+    devices         torch device types it runs on ("cuda", "npu", "cpu", ...)
+    weight_formats  `Weight` formats its linear/mlp/moe ops execute (weights.WEIGHT_FORMATS)
+    cache_formats   paged-cache row formats its attention ops read ("dense" = the model dtype)
+    max_topk        the largest indexer top-k its kernels take (None: any)
+    block_sizes     paged-cache block sizes it supports (None: any)
+    extra           anything backend-specific (e.g. the CUDA backend's MoE GEMM choice)
+    """
+    dtypes: tuple[torch.dtype, ...] = (torch.float32,)
+    default_dtype: torch.dtype | None = None
+    devices: tuple[str, ...] = ("cpu",)
+    weight_formats: tuple[str, ...] = ("dense",)
+    cache_formats: tuple[str, ...] = ("dense",)
+    max_topk: int | None = None
+    block_sizes: tuple[int, ...] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def coerce(cls, caps: "Capabilities | Mapping[str, Any] | None") -> "Capabilities":
+        """A `Capabilities` from itself, None, or a plain dict (older plugins): known keys map onto
+        fields (`fp8: True` adds the fp8_block weight format), the rest go to `extra`."""
+        if isinstance(caps, Capabilities):
+            return caps
+        caps = dict(caps or {})
+        known = {f.name for f in fields(cls)} - {"extra"}
+        kw: dict[str, Any] = {}
+        extra = dict(caps.pop("extra", {}) or {})
+        for k, v in caps.items():
+            if k in known:
+                kw[k] = tuple(v) if isinstance(v, list) else v
+            elif k == "fp8":
+                if v:
+                    kw["weight_formats"] = tuple(kw.get("weight_formats", ("dense",))) + ("fp8_block",)
+            else:
+                extra[k] = v
+        return cls(**kw, extra=extra)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """Mapping-style read of a field or an `extra` entry."""
+        if key in self.extra:
+            return self.extra[key]
+        v = getattr(self, key, default)
+        return default if v is None else v
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """The attributes every backend has; ops, `priority`, `device`, `prepare_step` and `comm` are optional."""
+    name: str
+    capabilities: Capabilities | Mapping[str, Any]

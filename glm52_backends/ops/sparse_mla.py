@@ -1,0 +1,53 @@
+"""sparse_mla: absorbed MLA attention over the positions the indexer selected.
+
+    sparse_mla(q, c_cache, kpe_cache, idx, block_table, seq_lens, cu_seqlens_q, scale, *,
+               return_lse=False, meta=None) -> out   (or (out, lse) when return_lse)
+    q          [T, H, Dl+Dr]  absorbed query: q_lat (W_UK^T q_nope) || q_pe (RoPE applied)
+    c_cache    [NB, BS, Dl]   paged latent cache, c after kv_a_layernorm (the values, too)
+    kpe_cache  [NB, BS, Dr]   paged rope keys, k_pe after RoPE; same dtype as q and c_cache
+    idx        [T, topk] int32 distinct positions to attend, -1 = none (anywhere in the row); a
+               position > pos(t) or listed twice is a contract violation of the caller (the
+               indexer's output never has either), so kernels need not sort or deduplicate
+    scale      softmax scale on q . [c || k_pe]
+    returns    out [T, H, Dl] (q.dtype) = sum_s softmax_s(scale * q.[c||k_pe][s]) * c[s];
+               lse [T, H] f32, the natural log-sum-exp of the scaled scores, only when asked.
+               A row with no valid index gives out = 0, lse = -inf. Only the selected rows are
+               read: NaN or inf in any other cache row never reaches the output.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._paged import gather_positions, request_spans
+
+CHUNK = 64  # query tokens per gather: bounds the [chunk, topk, Dl] working set
+
+
+def sparse_mla(q, c_cache, kpe_cache, idx, block_table, seq_lens, cu_seqlens_q, scale, *, return_lse=False,
+               meta=None, cdt=torch.float32):
+    T, H, _ = q.shape
+    Dl = c_cache.shape[-1]
+    out = torch.zeros(T, H, Dl, dtype=cdt, device=q.device)
+    lse = torch.full((T, H), float("-inf"), dtype=torch.float32, device=q.device)
+    for b, (t0, t1, _) in enumerate(request_spans(cu_seqlens_q, seq_lens, meta)):
+        for a in range(t0, t1, CHUNK):
+            e = min(a + CHUNK, t1)
+            sel = idx[a:e].long()                                                    # [q, K]
+            keep = sel >= 0
+            pos = sel.clamp(min=0)
+            c = gather_positions(c_cache, block_table[b], pos).to(cdt)              # [q, K, Dl]
+            kpe = gather_positions(kpe_cache, block_table[b], pos).to(cdt)          # [q, K, Dr]
+            c = torch.where(keep[..., None], c, 0.0)            # rows of -1 entries: never used
+            kpe = torch.where(keep[..., None], kpe, 0.0)
+            qa = q[a:e].to(cdt)
+            score = (torch.einsum("thd,tkd->thk", qa[..., :Dl], c)
+                     + torch.einsum("thd,tkd->thk", qa[..., Dl:], kpe)) * scale       # [q, H, K]
+            score = score.masked_fill(~keep[:, None, :], float("-inf"))
+            m = torch.logsumexp(score, dim=-1)                                       # [q, H]
+            empty = (m == float("-inf"))[..., None]                                  # nothing selected
+            p = torch.where(empty, 0.0, torch.exp(score - torch.where(empty, 0.0, m[..., None])))
+            out[a:e] = torch.einsum("thk,tkc->thc", p, c)
+            lse[a:e] = m.float()
+    out = out.to(q.dtype)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,146 @@
+"""One step's batch metadata, derived once per step and handed to every op of the step.
+
+`StepMeta` is what the cache-reading ops (`indexer_topk`, `sparse_mla`) need besides their
+tensors: the request and position of each query token on the device, and host copies of the
+per-request lengths (torch_npu's fused ops take them as lists; kernels size grids from them), so
+no op has to read them back from the device: no host synchronisation on the decode path.
+A backend may add its own per-step data once through `prepare_step(meta)`, stored in
+`meta.backend_data` (vLLM's metadata builder).
+
+`Step` is the model's view of a step: request ids, token ids, cache slots and the `StepMeta`;
+`plan_step` validates the tokens and reserves cache room before anything is written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class StepMeta:
+    """cu_seqlens_q [B+1] int32, seq_lens [B] int32, block_table [B, max_blocks] int32,
+    positions [T] int64 and token_request [T] int32: on the ops' device. cu_host, seq_lens_host:
+    the same lengths as host tuples. block_size: tokens per cache block."""
+    cu_seqlens_q: torch.Tensor
+    seq_lens: torch.Tensor
+    block_table: torch.Tensor
+    positions: torch.Tensor
+    token_request: torch.Tensor
+    cu_host: tuple[int, ...]
+    seq_lens_host: tuple[int, ...]
+    block_size: int
+    backend_data: Any = field(default=None, repr=False)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.cu_host[-1]
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.seq_lens_host)
+
+    @property
+    def q_lens_host(self) -> tuple[int, ...]:
+        return tuple(b - a for a, b in zip(self.cu_host, self.cu_host[1:]))
+
+    @property
+    def max_q_len(self) -> int:
+        return max(self.q_lens_host, default=0)
+
+    @property
+    def max_seq_len(self) -> int:
+        return max(self.seq_lens_host, default=0)
+
+    @classmethod
+    def build(cls, q_lens: Sequence[int], seq_lens: Sequence[int], block_table: torch.Tensor,
+              block_size: int, device: torch.device | str | None = None) -> "StepMeta":
+        """From host lengths (validated here, once) and the block table; tensors land on `device`."""
+        q_lens, seq_lens = [int(n) for n in q_lens], [int(n) for n in seq_lens]
+        if len(q_lens) != len(seq_lens):
+            raise ValueError(f"step: {len(q_lens)} query lengths but {len(seq_lens)} sequence lengths")
+        if block_table.dim() != 2 or block_table.shape[0] != len(seq_lens):
+            raise ValueError(f"step: block_table must be [B={len(seq_lens)}, max_blocks], got {list(block_table.shape)}")
+        cap = block_table.shape[1] * block_size
+        for b, (q, L) in enumerate(zip(q_lens, seq_lens)):
+            if not 0 <= q <= L <= cap:
+                raise ValueError(f"step: request {b} has q_len {q} and seq_len {L}; need 0 <= q_len <= seq_len <= "
+                                 f"{cap} ({block_table.shape[1]} blocks of {block_size})")
+        cu = [0]
+        for q in q_lens:
+            cu.append(cu[-1] + q)
+        pos = [p for q, L in zip(q_lens, seq_lens) for p in range(L - q, L)]
+        req = [b for b, q in enumerate(q_lens) for _ in range(q)]
+        device = torch.device(device) if device is not None else block_table.device
+        return cls(torch.tensor(cu, dtype=torch.int32).to(device), torch.tensor(seq_lens, dtype=torch.int32).to(device),
+                   block_table.to(device=device, dtype=torch.int32), torch.tensor(pos, dtype=torch.int64).to(device),
+                   torch.tensor(req, dtype=torch.int32).to(device), tuple(cu), tuple(seq_lens), int(block_size))
+
+    @classmethod
+    def from_tensors(cls, block_table: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                     block_size: int) -> "StepMeta":
+        """For a direct op call without a step (tests, conformance): reads the lengths back once."""
+        cu = [int(v) for v in cu_seqlens_q.tolist()]
+        if not cu or cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])):
+            raise ValueError(f"cu_seqlens_q must rise from 0, got {cu}")
+        q_lens = [b - a for a, b in zip(cu, cu[1:])]
+        meta = cls.build(q_lens, seq_lens.tolist(), block_table, block_size, device=block_table.device)
+        # the caller's own tensors stay the ones the ops see
+        meta.cu_seqlens_q, meta.seq_lens, meta.block_table = cu_seqlens_q, seq_lens, block_table
+        return meta
+
+
+@dataclass
+class Step:
+    """The model's step: requests in batch order, token ids [T] int64 and cache slots [T] int64 on
+    the device, and the ops' metadata."""
+    reqs: list
+    ids: torch.Tensor
+    slots: torch.Tensor
+    meta: StepMeta
+
+    @property
+    def positions(self) -> torch.Tensor:
+        return self.meta.positions
+
+    @property
+    def cu_seqlens_q(self) -> torch.Tensor:
+        return self.meta.cu_seqlens_q
+
+    @property
+    def seq_lens(self) -> torch.Tensor:
+        return self.meta.seq_lens
+
+    @property
+    def block_table(self) -> torch.Tensor:
+        return self.meta.block_table
+
+
+def plan_step(cache, chunks: dict[Hashable, Sequence[int]], *, vocab_size: int, max_positions: int,
+              device: torch.device) -> Step:
+    """Validate `chunks[req]` (tokens to append to each request) and reserve their cache room.
+
+    Raises before anything is reserved or written: a token id outside the vocabulary, a context
+    over `max_positions`, or (from the cache) too few free blocks.
+    """
+    reqs = [r for r, c in chunks.items() if len(c)]
+    new_lens, start = {}, {}
+    for r in reqs:
+        for j, t in enumerate(chunks[r]):
+            if not 0 <= int(t) < vocab_size:
+                raise ValueError(f"request {r!r}: token id {int(t)} at position {j} is outside the vocabulary "
+                                 f"[0, {vocab_size})")
+        start[r] = cache.lens.get(r, 0)
+        new_lens[r] = start[r] + len(chunks[r])
+        if new_lens[r] > max_positions:
+            raise ValueError(f"request {r!r}: context of {new_lens[r]} tokens exceeds max_position_embeddings "
+                             f"({max_positions})")
+    cache.reserve(new_lens)  # all-or-nothing: raises CacheExhausted before any write
+    ids = torch.tensor([int(t) for r in reqs for t in chunks[r]], dtype=torch.long)
+    slots = torch.cat([cache.slots(r, start[r], new_lens[r]) for r in reqs]) if reqs else torch.zeros(0, dtype=torch.long)
+    meta = StepMeta.build([len(chunks[r]) for r in reqs], [new_lens[r] for r in reqs], cache.block_table(reqs),
+                          cache.block_size, device)
+    return Step(reqs, ids.to(device), slots.to(device), meta)

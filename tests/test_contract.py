@@ -1,0 +1,282 @@
+"""The op contract's own guarantees: signature checks at registration, references that never read
+unselected cache rows, Weight formats, typed capabilities, step metadata, collectives, RoPE mode."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from glm52_backends import ops as R
+from glm52_backends.config import ConfigError, ModelConfig
+from glm52_backends.ops import Capabilities, check_signature
+from glm52_backends.ops.comm import Collectives, default_collectives
+from glm52_backends.registry import (BackendContractError, BackendUnavailable, get_backend, list_backends,
+                                     register_backend, unregister_backend)
+from glm52_backends.step import StepMeta
+from glm52_backends.tiny import quantize_fp8
+from glm52_backends.weights import Weight
+
+F64 = torch.float64
+
+
+# ---- signatures -------------------------------------------------------------------------------------
+class OldSparseMla:
+    """A vendor backend written against the old contract (fused kv cache, v_dim)."""
+    name = "old-mla"
+
+    def sparse_mla(self, q, kv_cache, idx, block_table, seq_lens, cu_seqlens_q, scale, v_dim=512):
+        raise AssertionError("never called")
+
+
+class NoMetaIndexer:
+    name = "no-meta"
+
+    def indexer_topk(self, q, w, k_cache, block_table, seq_lens, cu_seqlens_q, topk):
+        raise AssertionError("never called")
+
+
+def test_wrong_signature_is_refused_by_name():
+    with pytest.raises(BackendContractError) as e:
+        get_backend(OldSparseMla())
+    msg = str(e.value)
+    assert "old-mla" in msg and "sparse_mla" in msg and "'kv_cache'" in msg and "'c_cache'" in msg
+    with pytest.raises(BackendContractError, match=r"indexer_topk: does not accept the keyword 'meta'"):
+        get_backend(NoMetaIndexer())
+    # through the registry: asking by name fails loudly, `auto` and the listing skip it with the reason
+    register_backend("old-mla", OldSparseMla)
+    try:
+        with pytest.raises(BackendUnavailable, match="does not match the op contract"):
+            get_backend("old-mla")
+        info = {b.name: b for b in list_backends()}["old-mla"]
+        assert not info.available and "sparse_mla" in info.reason
+        assert get_backend("auto").name != "old-mla"
+    finally:
+        unregister_backend("old-mla")
+
+
+def test_signature_rules():
+    ok = lambda q, c_cache, kpe_cache, idx, block_table, seq_lens, cu_seqlens_q, scale, *, return_lse=False, meta=None, n_splits=None: 0  # noqa: E731,E501
+    assert check_signature("sparse_mla", ok) is None
+    assert check_signature("sparse_mla", lambda *a, **k: 0) is None
+    assert "needs a default" in check_signature("sparse_mla", lambda q, c_cache, kpe_cache, idx, block_table, seq_lens,
+                                                cu_seqlens_q, scale, *, return_lse, meta=None: 0)
+    assert "required parameter 'extra'" in check_signature("rms_norm", lambda x, weight, eps, extra: 0)
+    assert "missing 'eps'" in check_signature("rms_norm", lambda x, weight: 0)
+    assert "needs a default" in check_signature("moe_route", lambda router_logits, correction_bias, top_k, n_group,
+                                                topk_group, norm_topk_prob, routed_scaling_factor: 0)
+
+
+def test_every_builtin_backend_matches_the_contract():
+    for b in list_backends():
+        assert "does not match the op contract" not in b.reason, (b.name, b.reason)
+
+
+# ---- references read only what the contract lets them read ---------------------------------------------
+def _paged_case(g, lens, bs, D, n_blocks_extra=3):
+    need = [-(-L // bs) for L in lens]
+    nb = sum(need) + n_blocks_extra
+    order = torch.randperm(nb, generator=g)
+    table = torch.full((len(lens), max(need) + 1), int(order[-1]), dtype=torch.int32)
+    j = 0
+    for b, n in enumerate(need):
+        table[b, :n] = order[j:j + n].int()
+        j += n
+    cache = torch.randn(nb, bs, D, generator=g, dtype=F64)
+    return cache, table
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), float("-inf")])
+def test_sparse_mla_never_reads_unselected_rows(poison):
+    g = torch.Generator().manual_seed(4)
+    lens, q_lens, bs, H, Dl, Dr, K = [37, 9, 64], [3, 1, 2], 8, 3, 16, 4, 6
+    c, table = _paged_case(g, lens, bs, Dl)
+    kpe = torch.randn(c.shape[0], bs, Dr, generator=g, dtype=F64)
+    cu = torch.tensor([0, 3, 4, 6], dtype=torch.int32)
+    seq = torch.tensor(lens, dtype=torch.int32)
+    T = 6
+    idx = torch.full((T, K), -1, dtype=torch.int32)
+    t = 0
+    for b, (L, q) in enumerate(zip(lens, q_lens)):
+        for i in range(q):
+            pos = L - q + i
+            n = min(K - 1, pos + 1)
+            idx[t, torch.randperm(K, generator=g)[:n]] = torch.randperm(pos + 1, generator=g)[:n].int()
+            t += 1
+    q = torch.randn(T, H, Dl + Dr, generator=g, dtype=F64)
+    want, want_lse = R.sparse_mla(q, c, kpe, idx, table, seq, cu, 0.3, return_lse=True, cdt=F64)
+    # poison every row no token selected, in both caches
+    sel = torch.zeros(c.shape[0] * bs, dtype=torch.bool)
+    t = 0
+    for b, q_len in enumerate(q_lens):
+        for _ in range(q_len):
+            for p in idx[t].tolist():
+                if p >= 0:
+                    sel[int(table[b, p // bs]) * bs + p % bs] = True
+            t += 1
+    c2, kpe2 = c.clone().view(-1, Dl), kpe.clone().view(-1, Dr)
+    c2[~sel], kpe2[~sel] = poison, poison
+    got, got_lse = R.sparse_mla(q, c2.view_as(c), kpe2.view_as(kpe), idx, table, seq, cu, 0.3, return_lse=True, cdt=F64)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(got_lse, want_lse, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+def test_indexer_topk_never_reads_outside_the_context(poison):
+    g = torch.Generator().manual_seed(5)
+    lens, q_lens, bs, Hi, Di, K = [30, 5, 70], [2, 1, 3], 8, 4, 12, 7
+    kc, table = _paged_case(g, lens, bs, Di)
+    cu = torch.tensor([0, 2, 3, 6], dtype=torch.int32)
+    seq = torch.tensor(lens, dtype=torch.int32)
+    q = torch.randn(6, Hi, Di, generator=g, dtype=F64)
+    w = torch.randn(6, Hi, generator=g, dtype=F64)
+    want = R.indexer_topk(q, w, kc, table, seq, cu, K, cdt=F64)
+    inside = torch.zeros(kc.shape[0] * bs, dtype=torch.bool)
+    for b, L in enumerate(lens):
+        for p in range(L):
+            inside[int(table[b, p // bs]) * bs + p % bs] = True
+    k2 = kc.clone().view(-1, Di)
+    k2[~inside] = poison
+    assert torch.equal(R.indexer_topk(q, w, k2.view_as(kc), table, seq, cu, K, cdt=F64), want)
+
+
+# ---- Weight -----------------------------------------------------------------------------------------
+def test_weight_formats_through_the_reference():
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(300, 200, generator=g)
+    q8, s = quantize_fp8(w, (128, 128))
+    fp8 = Weight(q8, s, "fp8_block")
+    dense = fp8.dense()
+    assert dense.shape == w.shape and (dense - w).abs().max() < 0.07 * w.abs().max()   # e4m3: 3 mantissa bits
+    x = torch.randn(5, 200, generator=g)
+    assert torch.equal(R.linear(x, fp8), R.linear(x, dense))
+    assert torch.equal(R.linear(x, Weight(w)), R.linear(x, w))
+    e13 = torch.randn(3, 2 * 8, 200, generator=g)
+    e2 = torch.randn(3, 200, 8, generator=g)
+    ids = torch.tensor([[0, 2], [1, 0]])
+    wt = torch.rand(2, 2, generator=g)
+    xx = x[:2]
+    assert torch.equal(R.moe_experts(xx, Weight(e13), Weight(e2), ids, wt), R.moe_experts(xx, e13, e2, ids, wt))
+    assert torch.equal(R.mlp(xx, Weight(e13[0]), Weight(e2[0])), R.mlp(xx, e13[0], e2[0]))
+    with pytest.raises(ValueError, match="unknown format 'int3'"):
+        Weight(w, format="int3")
+    with pytest.raises(ValueError, match="needs its block scales"):
+        Weight(q8, format="fp8_block")
+
+
+# ---- capabilities, step metadata ------------------------------------------------------------------------
+def test_capabilities_typed_and_from_old_dicts():
+    c = Capabilities.coerce({"dtypes": [torch.bfloat16], "fp8": True, "max_topk": 2048, "moe_gemm": "auto"})
+    assert c.dtypes == (torch.bfloat16,) and "fp8_block" in c.weight_formats and c.max_topk == 2048
+    assert c.extra == {"moe_gemm": "auto"} and c.get("moe_gemm") == "auto" and c.get("default_dtype", 7) == 7
+    assert get_backend("cpu_ref").capabilities.weight_formats == ("dense", "fp8_block")
+
+
+def test_step_meta_is_derived_once_and_validated():
+    bt = torch.tensor([[3, 1, 0], [2, 0, 0]], dtype=torch.int32)
+    m = StepMeta.build([3, 1], [5, 9], bt, 4)
+    assert m.cu_host == (0, 3, 4) and m.seq_lens_host == (5, 9) and m.num_tokens == 4 and m.max_q_len == 3
+    assert m.positions.tolist() == [2, 3, 4, 8] and m.token_request.tolist() == [0, 0, 0, 1]
+    with pytest.raises(ValueError, match="request 1 has q_len 1 and seq_len 13"):
+        StepMeta.build([3, 1], [5, 13], bt, 4)
+    with pytest.raises(ValueError, match="q_len 6 and seq_len 5"):
+        StepMeta.build([6, 1], [5, 9], bt, 4)
+    m2 = StepMeta.from_tensors(bt, torch.tensor([5, 9], dtype=torch.int32), torch.tensor([0, 3, 4], dtype=torch.int32), 4)
+    assert torch.equal(m2.positions, m.positions) and m2.cu_host == m.cu_host
+
+
+def test_model_builds_the_step_once_and_hands_it_to_the_backend(tmp_path):
+    from glm52_backends import GLM52
+    from glm52_backends.backends.cpu_ref import CpuRefBackend
+    from glm52_backends.tiny import make_tiny_checkpoint
+
+    seen = []
+
+    class Spy(CpuRefBackend):
+        name = "spy"
+
+        def prepare_step(self, meta):
+            seen.append(("prepare", meta.num_tokens))
+            return {"built": len(seen)}
+
+    spy = Spy()
+    orig = spy.sparse_mla
+
+    def sparse_mla(q, c_cache, kpe_cache, idx, block_table, seq_lens, cu_seqlens_q, scale, *, return_lse=False,
+                   meta=None):
+        assert meta is not None and meta.backend_data is not None and not return_lse
+        seen.append(("mla", meta.backend_data["built"]))
+        return orig(q, c_cache, kpe_cache, idx, block_table, seq_lens, cu_seqlens_q, scale, meta=meta)
+    spy.sparse_mla = sparse_mla
+    path = make_tiny_checkpoint(str(tmp_path / "t"), layers=3, seed=1, index_topk=4)
+    m = GLM52(path, backend=spy, progress=False)
+    cache = m.new_cache(64)
+    m.extend(cache, {0: [1, 2, 3, 4, 5], 1: [7]})
+    prepares = [s for s in seen if s[0] == "prepare"]
+    assert prepares == [("prepare", 6)]                               # once per step
+    assert [s for s in seen if s[0] == "mla"] == [("mla", 1)] * 3      # every layer got that step's data
+
+
+# ---- collectives -------------------------------------------------------------------------------------------
+def test_collectives_are_the_identity_on_one_device():
+    c = default_collectives()
+    assert type(c) is Collectives and c.world_size == 1
+    x = torch.randn(4, 6)
+    for y in (c.all_reduce(x), c.all_gather(x, 1), c.reduce_scatter(x), c.all_to_all(x), c.broadcast(x)):
+        assert y is x
+
+
+_DIST = r"""
+import json, os, sys, torch, torch.distributed as dist
+from glm52_backends.ops.comm import TorchDistributed, default_collectives
+dist.init_process_group("gloo", init_method=sys.argv[1], rank=int(sys.argv[2]), world_size=2)
+c = default_collectives()
+r = dist.get_rank()
+x = torch.arange(8.0).view(2, 4) + 10 * r
+out = {"type": type(c).__name__, "all_reduce": c.all_reduce(x.clone()).tolist(),
+       "all_gather": c.all_gather(x, dim=1).tolist(), "reduce_scatter": c.reduce_scatter(x.clone(), dim=1).tolist(),
+       "broadcast": c.broadcast(x.clone(), src=1).tolist(),
+       "all_to_all": c.all_to_all(torch.tensor([[1.0 + r], [2.0 + r], [3.0 + r]]), [1, 2] if r == 0 else [2, 1],
+                                  [1, 2] if r == 0 else [2, 1]).tolist()}
+print(json.dumps(out))
+dist.destroy_process_group()
+"""
+
+
+def test_torch_distributed_collectives_on_two_gloo_ranks(tmp_path):
+    init = f"file://{tmp_path / 'rdzv'}"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, "-c", _DIST, init, str(r)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for r in range(2)]
+    outs = []
+    for p in procs:
+        o, e = p.communicate(timeout=120)
+        assert p.returncode == 0, e
+        outs.append(json.loads(o.strip().splitlines()[-1]))
+    a = torch.arange(8.0).view(2, 4)
+    b = a + 10
+    for r, o in enumerate(outs):
+        assert o["type"] == "TorchDistributed"
+        assert o["all_reduce"] == (a + b).tolist()
+        assert o["all_gather"] == torch.cat([a, b], 1).tolist()
+        assert o["reduce_scatter"] == (a + b)[:, 2 * r:2 * r + 2].tolist()
+        assert o["broadcast"] == b.tolist()
+    # rank 0 sends its row 0 to itself and rows 1-2 to rank 1; rank 1 sends rows 0-1 to rank 0, row 2 to itself
+    assert outs[0]["all_to_all"] == [[1.0], [2.0], [3.0]] and outs[1]["all_to_all"] == [[2.0], [3.0], [4.0]]
+
+
+# ---- RoPE mode ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("key", ["rope_interleave", "indexer_rope_interleave"])
+def test_non_interleaved_rope_is_refused(tmp_path, key):
+    from glm52_backends.tiny import make_tiny_checkpoint
+    path = make_tiny_checkpoint(str(tmp_path / "t"), layers=2, seed=1)
+    cfg = json.loads(open(os.path.join(path, "config.json")).read())
+    cfg[key] = False
+    open(os.path.join(path, "config.json"), "w").write(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=f"'{key}' is False: only interleaved"):
+        ModelConfig.from_file(path)

@@ -74,7 +74,7 @@ for s in $STAGES; do
         ;;
     tests)
         if [ $GPU = 1 ]; then
-            stage tests $L_TESTS "$OUTDIR/tests.log" $PY -m pytest -q -rA tests/test_cuda_gpu.py
+            stage tests $L_TESTS "$OUTDIR/tests.log" $PY -m pytest -q -rA tests/test_cuda_gpu.py tests/test_cuda_host_sync.py
         else
             stage tests $L_TESTS "$OUTDIR/tests.log" $PY -m pytest -q -rA tests/test_cuda_interpreter.py
         fi

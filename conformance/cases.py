@@ -362,6 +362,39 @@ def _mlp(scale: str) -> CaseInputs:  # the shared expert: [2 x 2048, 6144], [614
                        "w2": Arg(randn(g, s["Hd"], s["I"], std=s["I"] ** -0.5), "weight")})
 
 
+# ---- the real attention head widths at short lengths ------------------------------------------------------
+# Fused attention ops take only the real head widths (Ascend's npu_lightning_indexer: index head dim
+# 128, at most 64 heads; npu_sparse_flash_attention: latent 512 + rope 64; npu_interleave_rope:
+# rotary width 64), which the quick scale shrinks. These cases keep GLM-5.2's widths (32 indexer
+# heads x 128, a 512 + 64 latent, the 64-wide rotary part) at a few tokens, short contexts and
+# top-16, so an emulator or interpreter in CI runs those ops natively, cheaply, at both scales.
+HEAD_DIMS = dict(Hi=32, Di=128, H=8, Dl=512, Dr=64, dn=192, K=16, BS=16)
+HEAD_DIMS_BATCH = [(1, 37), (3, 20), (2, 2), (4, 16)]   # decode past top-k, a chunk, a 2-token prefill, one block
+
+
+def _idx_head_dims(scale: str) -> CaseInputs:
+    s = HEAD_DIMS
+    g = _g("indexer_topk", "head-dims", scale)
+    return _indexer_inputs(g, Batch(HEAD_DIMS_BATCH), s["Hi"], s["Di"], s["K"], s["BS"])
+
+
+def _mla_head_dims(kind: str):
+    def build(scale: str) -> CaseInputs:
+        s = HEAD_DIMS
+        g = _g("sparse_mla", f"head-dims-{kind}", scale)
+        if kind == "padding":   # -1 scattered through the rows, one row with no valid index
+            return _mla_inputs(g, Batch(HEAD_DIMS_BATCH), s, s["K"], s["BS"], scatter_pad=True, empty_rows=1)
+        return _mla_inputs(g, Batch(HEAD_DIMS_BATCH), s, s["K"], s["BS"])
+    return build
+
+
+def _rope_head_dims(scale: str) -> CaseInputs:
+    g = _g("rope", "head-dims", scale)
+    x = randn(g, 9, HEAD_DIMS["H"], HEAD_DIMS["Dr"])
+    pos = torch.randint(0, 256, (9,), generator=g)
+    return CaseInputs({"x": Arg(x, "act"), "positions": Arg(pos, "int"), "theta": Arg(8e6, "const")})
+
+
 # ---- the catalogue -------------------------------------------------------------------------------------
 
 CASES: list[Case] = [
@@ -371,12 +404,16 @@ CASES: list[Case] = [
     Case("indexer_topk", "relu-ties", _idx_relu_ties, "topk", "exact ReLU-zero ties at the boundary"),
     Case("indexer_topk", "concentrated", _idx_concentrated, "topk", "real-like concentrated scores"),
     Case("indexer_topk", "odd", _idx_odd, "topk", "3 heads x 24, top-10, block size 5"),
+    Case("indexer_topk", "head-dims", _idx_head_dims, "topk", "32 heads x 128 at any scale, top-16, short"),
     Case("sparse_mla", "decode", _mla("decode"), "mla", "decode, contexts >=4x, =, < top-k and 1"),
     Case("sparse_mla", "prefill", _mla("prefill"), "mla", "causal prefill chunk"),
     Case("sparse_mla", "mixed", _mla("mixed"), "mla", "decode + verify + prefill in one step"),
     Case("sparse_mla", "padding", _mla("padding"), "mla", "-1 scattered, two rows with no valid index (+ lse)"),
     Case("sparse_mla", "lse", _mla("lse"), "mla", "the mixed batch with return_lse=True: out and lse"),
     Case("sparse_mla", "odd", _mla_odd, "mla", "5 heads, latent 40+8, top-7, block size 3"),
+    Case("sparse_mla", "head-dims", _mla_head_dims("plain"), "mla", "latent 512+64 at any scale, 8 heads, top-16"),
+    Case("sparse_mla", "head-dims-padding", _mla_head_dims("padding"), "mla",
+         "latent 512+64, -1 scattered, a row with no valid index"),
     *[Case("moe_experts", f"T{T}", _moe_routing(T), "close", f"{T} tokens, 256 experts top-8 (small hidden)")
       for T in (1, 16, 128)],
     Case("moe_experts", "real-width", _moe_real_width, "close", "hidden 6144 x width 2048, 4 experts"),
@@ -395,6 +432,7 @@ CASES: list[Case] = [
     Case("layer_norm", "index-key", _norm("layer_norm"), "close"),
     Case("rope", "heads", _rope("heads"), "close", "[T, H, 64]"),
     Case("rope", "shared-key", _rope("key"), "close", "[T, 64]"),
+    Case("rope", "head-dims", _rope_head_dims, "close", "[T, 8, 64] at any scale"),
     Case("linear", "kv_a", _linear, "close"),
     Case("mlp", "shared-expert", _mlp, "close"),
 ]

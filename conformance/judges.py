@@ -7,7 +7,9 @@ dtype and finiteness: NaN or inf never passes (the poison in `inputs.py` turns s
   close        floating outputs: max|out - ref| / max|ref| <= tol
   topk         indexer top-k by validity (DESIGN §5): per row the right count, every index distinct
                and causal, -1 after the valid ones, every chosen score >= the reference's k-th best
-               score minus tol * max|score of the row|
+               score minus tol * max|score of the row|, and every causal position left out scores
+               <= the k-th best plus the same margin (a dropped winner is caught even when the
+               loser that replaced it is close to the k-th best)
   route        routing ids as sets (selection scores checked like top-k), weights by `close`
   exact        integer outputs that must match exactly (mtp_verify: accepted counts and tokens)
 """
@@ -108,16 +110,38 @@ def topk_validity(idx, scores: torch.Tensor, positions: torch.Tensor, topk: int,
             return _fail(f"token {t} (pos {pos}): non-causal index {int(valid.max())}")
         if valid.unique().numel() != n:
             return _fail(f"token {t} (pos {pos}): duplicate indices")
-        s = scores[t, :pos + 1]
-        kth = s.topk(n).values[-1].item()
-        chosen = s[valid].min().item()
-        scale = s.abs().max().item()
-        short = (kth - chosen) / scale if scale > 0 else 0.0
-        worst = max(worst, short)
-        if chosen < kth - tol * scale:
-            return _fail(f"token {t} (pos {pos}): a chosen score {chosen:.6g} is below the k-th best "
-                         f"{kth:.6g} by {short:.2e} of max|score| (tol {tol:.2e})", rel=short)
+        if n == 0:  # topk == 0: nothing to choose
+            continue
+        v = _selection(scores[t, :pos + 1], valid, n, tol, f"token {t} (pos {pos})", "position")
+        if not v.passed:
+            return v
+        worst = max(worst, v.rel)
     return Verdict(True, rel=worst, detail="", extra={"worst_shortfall": worst})
+
+
+def _selection(s: torch.Tensor, chosen_ids: torch.Tensor, n: int, tol: float, where: str, what: str) -> Verdict:
+    """Is `chosen_ids` (n distinct indices into the finite-or--inf scores `s`) a top-n of `s` up to
+    tol * max|finite s|? Both directions: no chosen score below the n-th best by more than the
+    margin, no score left out above it by more than the margin. `rel`: the larger of the two, over
+    max|s|."""
+    finite = s[torch.isfinite(s)]
+    scale = finite.abs().max().item() if finite.numel() else 0.0
+    kth = s.topk(n).values[-1].item()
+    chosen = s[chosen_ids].min().item()
+    left = torch.ones_like(s, dtype=torch.bool)
+    left[chosen_ids] = False
+    loser_i = int(torch.where(left, s, float("-inf")).argmax()) if left.any() else -1
+    loser = s[loser_i].item() if loser_i >= 0 else float("-inf")
+    margin = tol * scale
+    short = (kth - chosen) / scale if scale > 0 else (0.0 if chosen >= kth else math.inf)
+    excess = (loser - kth) / scale if scale > 0 else (0.0 if loser <= kth else math.inf)
+    if loser > kth + margin:
+        return _fail(f"{where}: {what} {loser_i} was left out, but its score {loser:.6g} is above the k-th best "
+                     f"{kth:.6g} by {excess:.2e} of max|score| (tol {tol:.2e}): a winner is missing", rel=excess)
+    if chosen < kth - margin:
+        return _fail(f"{where}: a chosen score {chosen:.6g} is below the k-th best {kth:.6g} by {short:.2e} of "
+                     f"max|score| (tol {tol:.2e})", rel=short)
+    return Verdict(True, rel=max(short, excess, 0.0))
 
 
 def route(ids, weights, ref_ids, ref_weights, choice: torch.Tensor, tol: float) -> Verdict:
@@ -129,17 +153,23 @@ def route(ids, weights, ref_ids, ref_weights, choice: torch.Tensor, tol: float) 
     if ids.dtype not in (torch.int32, torch.int64):
         return _fail(f"topk_ids: dtype {ids.dtype}, expected int32 or int64")
     ids = ids.long()
+    worst = 0.0
     for t in range(T):
         if ids[t].unique().numel() != K or (ids[t] < 0).any() or (ids[t] >= choice.shape[1]).any():
             return _fail(f"token {t}: ids {ids[t].tolist()} are not {K} distinct experts")
-        kth = choice[t].topk(K).values[-1].item()
-        if choice[t, ids[t]].min().item() < kth - tol * choice[t][choice[t].isfinite()].abs().max().item():
-            return _fail(f"token {t}: expert chosen below the K-th best selection score")
+        if K == 0:
+            continue
+        v = _selection(choice[t], ids[t], K, tol, f"token {t}", "expert")
+        if not v.passed:
+            return v
+        worst = max(worst, v.rel)
     # compare weights by expert: scatter both into [T, E]
     E = choice.shape[1]
     w = torch.zeros(T, E, dtype=torch.float64).scatter_(1, ids, weights.double())
     r = torch.zeros(T, E, dtype=torch.float64).scatter_(1, ref_ids.long(), ref_weights.double())
-    return close(w, r, tol, name="topk_weights (by expert)")
+    v = close(w, r, tol, name="topk_weights (by expert)")
+    v.extra["worst_selection"] = worst
+    return v
 
 
 def exact(outs: tuple, refs: tuple, names: tuple[str, ...]) -> Verdict:

@@ -1,14 +1,99 @@
-"""`glm52` command line: backends, generate, make-tiny, conformance, plan, bench."""
+"""`glm52` command line: backends, generate, make-tiny, conformance, plan, bench.
+
+Exit status: 0 success; 1 a check failed (conformance found a difference, a plan does not fit);
+2 bad input or environment (an argument, a file, a checkpoint, a backend that cannot load or
+fails). A user error prints one line `glm52 COMMAND: error: ...`, never a traceback;
+GLM52_DEBUG=1 adds the traceback (and checks every op's output for NaN/inf). Ctrl-C exits 130.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
 
 from .tiny import tiny_default_dir
+
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+# ---- argument types: a bad value is an argparse error naming the option (exit 2) ---------------------
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"{v} must be >= {low}")
+        return v
+    parse.__name__ = "integer"
+    return parse
+
+
+def _float_in(low: float, high: float, *, low_open: bool = False):
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(v) or v < low or (low_open and v == low) or v > high:
+            raise argparse.ArgumentTypeError(f"{text} must be a finite number in {'(' if low_open else '['}{low:g}, "
+                                             f"{high:g}]")
+        return v
+    parse.__name__ = "number"
+    return parse
+
+
+def _token_ids(text: str) -> list[int]:
+    ids = []
+    for part in text.split(","):
+        try:
+            ids.append(int(part.strip()))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part.strip()!r} in {text!r} is not an integer token id") from None
+        if ids[-1] < 0:
+            raise argparse.ArgumentTypeError(f"token id {ids[-1]} is negative")
+    return ids
+
+
+_DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "float64")
+
+
+def _dtype_name(text: str) -> str:
+    if text not in _DTYPES:
+        raise argparse.ArgumentTypeError(f"unknown dtype {text!r}; choose from {', '.join(_DTYPES)}")
+    return text
+
+
+# ---- errors ------------------------------------------------------------------------------------------
+def _error_line(e: BaseException) -> str:
+    notes = [n for n in getattr(e, "__notes__", []) if n]
+    msg = str(e) or type(e).__name__
+    if isinstance(e, OSError) and e.filename and str(e.filename) not in msg:
+        msg = f"{e.filename}: {msg}"
+    if isinstance(e, (KeyError, TypeError, AttributeError, IndexError, AssertionError, NameError)):
+        msg = f"internal error ({type(e).__name__}: {msg}); set GLM52_DEBUG=1 for the traceback"
+    return msg + "".join(f" [{n}]" for n in notes)
+
+
+def guarded(prog: str, fn, *args) -> int:
+    """Run a command: its exit status, or 2 with one line for any error (130 on Ctrl-C)."""
+    try:
+        return fn(*args)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except SystemExit:
+        raise  # argparse's own errors and --help
+    except Exception as e:  # noqa: BLE001 - the one place a user error becomes a message
+        if os.environ.get("GLM52_DEBUG", "").strip().lower() not in ("", "0", "false", "no"):
+            raise
+        print(f"{prog}: error: {_error_line(e)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
 
 
 
@@ -65,9 +150,11 @@ def _parse_dtype(name: str | None):
         return None
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
-    if name not in table:
-        raise SystemExit(f"glm52: unknown --dtype {name!r}; choose from {', '.join(table)}")
-    return table[name]
+    return table[_dtype_name(name)]
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b and math.isfinite(a) and math.isfinite(b) and b > 0 else "n/a"
 
 
 def cmd_generate(args) -> int:
@@ -76,13 +163,19 @@ def cmd_generate(args) -> int:
     from .tiny import ensure_default_checkpoint
     path = args.checkpoint or ensure_default_checkpoint()
     t0 = time.perf_counter()
-    model = GLM52(path, backend=args.backend, dtype=_parse_dtype(args.dtype), progress=not args.quiet)
+    par = dict(tp=args.tp, dp=args.dp, ep=args.ep) if args.tp * args.dp > 1 else {}
+    if args.deployment:
+        model = GLM52.from_deployment(args.deployment, model=args.checkpoint or None, progress=not args.quiet,
+                                      **({"backend": args.backend} if args.backend != "auto" else {}),
+                                      **({"dtype": _parse_dtype(args.dtype)} if args.dtype else {}), **par)
+        path = model.path or path
+    else:
+        model = GLM52(path, backend=args.backend, dtype=_parse_dtype(args.dtype), progress=not args.quiet, **par)
     load_s = time.perf_counter() - t0
     if args.prompt is not None:
         prompts = [args.prompt] * args.batch
     elif args.ids:
-        ids = [int(t) for t in args.ids.split(",")]
-        prompts = [ids] * args.batch
+        prompts = [list(args.ids)] * args.batch
     else:  # random prompts of different lengths, like a mixed batch
         g = torch.Generator().manual_seed(args.seed)
         prompts = [torch.randint(0, model.cfg.vocab_size, (int(n),), generator=g).tolist()
@@ -91,9 +184,12 @@ def cmd_generate(args) -> int:
               prefill_chunk=args.prefill_chunk, stop_at_eos=not args.ignore_eos)
     plain = model.generate(prompts, **kw) if args.speculative else None  # baseline for the speed-up
     res = model.generate(prompts, speculative=args.speculative, **kw)
+    if model.layout is not None and model.layout.rank != 0:
+        return 0                          # many ranks: every one holds the result, rank 0 prints it
     s = res.stats
     if args.json:
-        d = {"tokens": res.tokens, "text": res.text, "stats": s, "load_s": load_s}
+        d = {"tokens": res.tokens, "finish_reasons": res.finish_reasons, "text": res.text, "stats": s,
+             "load_s": load_s}
         if plain is not None:
             d["plain_stats"] = plain.stats
         print(json.dumps(d, default=str))
@@ -107,39 +203,52 @@ def cmd_generate(args) -> int:
     rows = []
     for i, (p, toks) in enumerate(zip(prompts, res.tokens)):
         row = [str(i), str(len(p) if not isinstance(p, str) else len(model.tokenizer.encode(p))),
-               str(len(toks)), _clip(" ".join(map(str, toks)), 64)]
+               str(len(toks)), res.finish_reasons[i], _clip(" ".join(map(str, toks)), 64)]
         if res.text:  # escaped: a random checkpoint decodes to arbitrary bytes
             row.append(_clip(repr(res.text[i]), 40))
         rows.append(row)
-    print(_table(rows, ["req", "prompt", "new", "generated token ids"] + (["text"] if res.text else [])))
+    print(_table(rows, ["req", "prompt", "new", "stop", "generated token ids"] + (["text"] if res.text else [])))
+
     def speed(st) -> str:
+        rate = lambda v: f"{v:.1f} tok/s" if math.isfinite(v) else "n/a"  # noqa: E731
         return (f"{st['new_tokens']} new tokens in {st['prefill_s'] + st['decode_s']:.3f} s: "
-                f"{st['tokens_per_s']:.1f} tok/s (prefill {st['prefill_s'] * 1e3:.1f} ms, "
-                f"decode {st['decode_tokens_per_s']:.1f} tok/s)")
+                f"{rate(st['tokens_per_s'])} (prefill {st['prefill_s'] * 1e3:.1f} ms, "
+                f"decode {rate(st['decode_tokens_per_s'])})")
 
     if plain is None:
         print(f"{speed(s)}; load {load_s:.2f} s")
         return 0
     print(f"with speculation (k={args.speculative}): {speed(s)}; {s['verify_steps']} verify steps")
     print(f"without speculation   : {speed(plain.stats)}")
-    print(f"mean acceptance length: {s['mean_acceptance_length']:.2f} tokens per verify step (bonus token "
-          f"counted; 1.00 = no draft accepted, {args.speculative + 1} = all)")
-    print(f"speed-up              : {s['tokens_per_s'] / plain.stats['tokens_per_s']:.2f}x end to end, "
-          f"{s['decode_tokens_per_s'] / plain.stats['decode_tokens_per_s']:.2f}x decode; load {load_s:.2f} s")
+    mal = s["mean_acceptance_length"]
+    print(f"mean acceptance length: {f'{mal:.2f}' if math.isfinite(mal) else 'n/a (no verify step ran)'} tokens "
+          f"per verify step (bonus token counted; 1.00 = no draft accepted, {args.speculative + 1} = all)")
+    print(f"speed-up              : {_ratio(s['tokens_per_s'], plain.stats['tokens_per_s'])} end to end, "
+          f"{_ratio(s['decode_tokens_per_s'], plain.stats['decode_tokens_per_s'])} decode; load {load_s:.2f} s")
     if args.temperature == 0.0:
         print(f"same tokens as plain greedy: {'yes' if res.tokens == plain.tokens else 'NO'}")
     return 0
 
 
 # ---- delegates -------------------------------------------------------------------------------------
-def _delegate(module: str, func: str, argv: list[str]) -> int:
+def _delegate(name: str, module: str, func: str, argv: list[str]) -> int:
     import importlib
     try:
         mod = importlib.import_module(module)
     except ModuleNotFoundError as e:
-        print(f"glm52: this command is not available in this build ({e})", file=sys.stderr)
-        return 2
-    return getattr(mod, func)(argv)
+        print(f"glm52 {name}: this command is not available in this build ({e})", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return guarded(f"glm52 {name}", getattr(mod, func), argv)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+    try:
+        return version("glm52_backends")
+    except PackageNotFoundError:
+        return __version__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,43 +257,55 @@ def main(argv: list[str] | None = None) -> int:
                  "plan": ("glm52_backends.planner", "plan_main"),
                  "bench": ("glm52_backends.benchmarks.ops_bench", "bench_main")}
     if argv and argv[0] in delegates:
-        return _delegate(*delegates[argv[0]], argv[1:])
+        return _delegate(argv[0], *delegates[argv[0]], argv[1:])
 
     ap = argparse.ArgumentParser(prog="glm52", description="GLM-5.2 inference core with pluggable hardware backends.",
-                                 epilog="more: glm52 conformance --help | glm52 plan --help | glm52 bench --help")
+                                 epilog="exit status: 0 success, 1 a check failed (conformance, plan), 2 bad input "
+                                        "or environment. more: glm52 conformance --help | glm52 plan --help | "
+                                        "glm52 bench --help")
+    ap.add_argument("--version", action="version", version=f"glm52 {_version()}")
     sub = ap.add_subparsers(dest="cmd", metavar="COMMAND")
     sub.add_parser("backends", help="list backends: available here, native ops, why not").set_defaults(fn=cmd_backends)
 
     g = sub.add_parser("generate", help="generate from a checkpoint (default: the embedded tiny one)")
     g.add_argument("checkpoint", nargs="?", help=f"HF-format GLM-5.x folder (default: a tiny random one at {tiny_default_dir()})")
     g.add_argument("--backend", default="auto", help="auto | cpu_ref | cuda | ascend | torch | <plugin> (default auto)")
-    g.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: the backend's)")
+    g.add_argument("--dtype", type=_dtype_name, help="float32 | bfloat16 | float16 (default: the backend's)")
     g.add_argument("--prompt", help="text prompt (needs tokenizer.json in the checkpoint)")
-    g.add_argument("--ids", help="comma-separated prompt token ids")
-    g.add_argument("--batch", type=int, default=4, help="number of requests (default 4)")
-    g.add_argument("--prompt-len", type=int, default=9, help="random prompt base length (default 9)")
-    g.add_argument("--max-new-tokens", type=int, default=16)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--ids", type=_token_ids, help="comma-separated prompt token ids")
+    g.add_argument("--batch", type=_int_at_least(1), default=4, help="number of requests (default 4)")
+    g.add_argument("--prompt-len", type=_int_at_least(1), default=9, help="random prompt base length (default 9)")
+    g.add_argument("--max-new-tokens", type=_int_at_least(0), default=16,
+                   help="new tokens per request (default 16); a request stops earlier at EOS or at the end of "
+                        "the context (the 'stop' column says which)")
+    g.add_argument("--temperature", type=_float_in(0.0, math.inf), default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=_float_in(0.0, 1.0, low_open=True), default=1.0, help="nucleus, in (0, 1]")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--speculative", type=int, default=0, metavar="K",
+    g.add_argument("--speculative", type=_int_at_least(0), default=0, metavar="K",
                    help="MTP draft tokens per verify step (GLM-5.2 recipes: 1..5); also runs plain decoding "
                         "and prints both speeds and the mean acceptance length")
-    g.add_argument("--prefill-chunk", type=int, help="chunked prefill size in tokens")
+    g.add_argument("--prefill-chunk", type=_int_at_least(1), help="chunked prefill size in tokens")
     g.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS")
     g.add_argument("--json", action="store_true", help="print a JSON object instead of tables")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--tp", type=_int_at_least(1), default=1,
+                   help="tensor-parallel ranks (under torchrun: --nproc-per-node = tp x dp)")
+    g.add_argument("--dp", type=_int_at_least(1), default=1, help="data-parallel groups of tp ranks")
+    g.add_argument("--ep", type=_int_at_least(1), default=1,
+                   help="expert-parallel ranks: 1 (experts TP-split) or tp x dp")
+    g.add_argument("--deployment", metavar="YAML", help="a deployment config (configs/*.yaml or a bundled name): "
+                   "backend, device, dtype and, under torchrun, the parallel layout")
     g.set_defaults(fn=cmd_generate)
 
     m = sub.add_parser("make-tiny", help="write a small random checkpoint in the real GLM-5.2 format")
     m.add_argument("dir")
     m.add_argument("--fp8", action="store_true", help="block-FP8 weights (F8_E4M3 + weight_scale_inv)")
     m.add_argument("--mtp", action="store_true", help="include the MTP (nextn) layer")
-    m.add_argument("--layers", type=int, default=4)
+    m.add_argument("--layers", type=_int_at_least(1), default=4)
     m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--shards", type=int, default=1, help="safetensors shards (>1 writes an index.json)")
-    m.add_argument("--vocab-size", type=int, default=256)
-    m.add_argument("--index-topk", type=int)
+    m.add_argument("--shards", type=_int_at_least(1), default=1, help="safetensors shards (>1 writes an index.json)")
+    m.add_argument("--vocab-size", type=_int_at_least(2), default=256)
+    m.add_argument("--index-topk", type=_int_at_least(1))
     m.set_defaults(fn=cmd_make_tiny)
 
     for name, help_ in (("conformance", "check a backend against the reference"),
@@ -194,12 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not getattr(args, "fn", None):
         ap.print_help()
-        return 1
-    try:
-        return args.fn(args)
-    except (ValueError, RuntimeError, OSError) as e:
-        print(f"glm52: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+    return guarded(f"glm52 {args.cmd}", args.fn, args)
 
 
 if __name__ == "__main__":

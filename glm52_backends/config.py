@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,32 @@ from typing import Any
 
 class ConfigError(ValueError):
     """A `config.json` (or a deployment YAML) that cannot describe a valid model."""
+
+
+# Keys a config.json must list: every tensor shape depends on them, so a missing one is refused
+# (naming it) instead of silently taking GLM-5.2's value and failing later on dozens of shapes.
+# `n_routed_experts` may also be given as `num_local_experts`.
+REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+                 "num_attention_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                 "v_head_dim", "index_n_heads", "index_head_dim", "index_topk", "n_routed_experts",
+                 "num_experts_per_tok", "n_shared_experts", "first_k_dense_replace")
+
+_POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+                  "num_attention_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                  "v_head_dim", "index_n_heads", "index_head_dim", "index_topk", "max_position_embeddings",
+                  "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group", "moe_layer_freq")
+_NON_NEGATIVE_INTS = ("n_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers")
+_POSITIVE_FLOATS = ("rms_norm_eps", "latent_norm_eps", "indexer_norm_eps", "rope_theta", "routed_scaling_factor")
+_BOOLS = ("norm_topk_prob", "rope_interleave", "indexer_rope_interleave", "index_share_for_mtp_iteration",
+          "tie_word_embeddings")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 @dataclass
@@ -63,6 +90,9 @@ class ModelConfig:
     quantization_config: dict | None = None
 
     def __post_init__(self) -> None:
+        if _is_int(self.eos_token_id) or isinstance(self.eos_token_id, tuple):  # Python callers: 7 or (7, 8)
+            self.eos_token_id = [self.eos_token_id] if _is_int(self.eos_token_id) else list(self.eos_token_id)
+        self._validate_scalars()  # before deriving anything from them (moe_layer_freq 0 would divide by 0)
         n = self.num_hidden_layers
         if not self.indexer_types:
             self.indexer_types = ["full"] * n
@@ -115,17 +145,47 @@ class ModelConfig:
         return tuple(q.get("weight_block_size", (128, 128)))
 
     # ---- validation ------------------------------------------------------------------------
+    def _validate_scalars(self) -> None:
+        """Types and ranges of the scalar fields: integers, finite positive floats, booleans."""
+        def bad(msg: str) -> ConfigError:
+            return ConfigError(f"config.json: {msg}")
+
+        for name in _POSITIVE_INTS:
+            v = getattr(self, name)
+            if not _is_int(v) or v <= 0:
+                raise bad(f"'{name}' must be a positive integer, got {v!r}")
+        for name in _NON_NEGATIVE_INTS:
+            v = getattr(self, name)
+            if not _is_int(v) or v < 0:
+                raise bad(f"'{name}' must be an integer >= 0, got {v!r}")
+        for name in _POSITIVE_FLOATS:
+            v = getattr(self, name)
+            if not _is_number(v) or not math.isfinite(v) or v <= 0:
+                raise bad(f"'{name}' must be a positive finite number, got {v!r}")
+        for name in _BOOLS:
+            if not isinstance(getattr(self, name), bool):
+                raise bad(f"'{name}' must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.eos_token_id, list) or not all(_is_int(t) for t in self.eos_token_id):
+            raise bad(f"'eos_token_id' must be an integer or a list of integers, got {self.eos_token_id!r}")
+        for t in self.eos_token_id:
+            if not 0 <= t < self.vocab_size:
+                raise bad(f"'eos_token_id' {t} is outside the vocabulary [0, {self.vocab_size})")
+        if self.pad_token_id is not None and (not _is_int(self.pad_token_id)
+                                              or not 0 <= self.pad_token_id < self.vocab_size):
+            raise bad(f"'pad_token_id' must be null or a token id in [0, {self.vocab_size}), got {self.pad_token_id!r}")
+        for name in ("indexer_types", "mlp_layer_types"):
+            if not isinstance(getattr(self, name), list):
+                raise bad(f"'{name}' must be a list, got {getattr(self, name)!r}")
+        if not isinstance(self.hidden_act, str):
+            raise bad(f"'hidden_act' must be a string, got {self.hidden_act!r}")
+        if self.quantization_config is not None and not isinstance(self.quantization_config, dict):
+            raise bad(f"'quantization_config' must be an object, got {self.quantization_config!r}")
+
     def validate(self) -> None:
         def bad(msg: str) -> ConfigError:
             return ConfigError(f"config.json: {msg}")
 
-        positive = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "q_lora_rank",
-                    "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "index_n_heads",
-                    "index_head_dim", "index_topk", "max_position_embeddings"]
-        for name in positive:
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise bad(f"'{name}' must be a positive integer, got {v!r}")
+        self._validate_scalars()
         for name in ("rope_interleave", "indexer_rope_interleave"):
             if getattr(self, name) is not True:
                 raise bad(f"'{name}' is {getattr(self, name)!r}: only interleaved (GPT-J pair) RoPE is implemented, as "
@@ -167,11 +227,20 @@ class ModelConfig:
     # ---- HF config.json --------------------------------------------------------------------
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        """From an HF `config.json` object. Every key of `REQUIRED_KEYS` must be present (no
+        silent GLM-5.2 default for a shape); types are checked before anything is derived."""
         if not isinstance(d, dict):
             raise ConfigError("config.json: top level must be a JSON object")
         mt = d.get("model_type")
         if mt is not None and mt != "glm_moe_dsa":
             raise ConfigError(f"config.json: model_type {mt!r} is not 'glm_moe_dsa' (GLM-5.x)")
+        missing = [k for k in REQUIRED_KEYS if d.get(k) is None
+                   and not (k == "n_routed_experts" and d.get("num_local_experts") is not None)]
+        if missing:
+            raise ConfigError(f"config.json: required key{'s' if len(missing) > 1 else ''} "
+                              f"{', '.join(repr(k) for k in missing)} missing; every GLM-5.x config.json lists "
+                              f"{'them' if len(missing) > 1 else 'it'} and no default is assumed (tensor shapes "
+                              f"depend on {'them' if len(missing) > 1 else 'it'})")
         known = {f.name for f in dataclasses.fields(cls)}
         kw: dict[str, Any] = {k: d[k] for k in known if k in d and d[k] is not None}
         if "num_local_experts" in d and "n_routed_experts" not in d:
@@ -187,19 +256,27 @@ class ModelConfig:
         elif "rope_theta" in d:
             kw["rope_theta"] = d["rope_theta"]
         eos = d.get("eos_token_id")
-        kw["eos_token_id"] = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-        n = d.get("num_hidden_layers", cls.num_hidden_layers)
-        if not d.get("indexer_types"):
-            kw["indexer_types"] = indexshare_schedule(n, d.get("index_topk_pattern"),
-                                                      d.get("index_topk_freq", 1), d.get("index_skip_topk_offset", 2))
+        if eos is not None and not (_is_int(eos) or isinstance(eos, list)):
+            raise ConfigError(f"config.json: 'eos_token_id' must be an integer or a list of integers, got {eos!r}")
+        kw["eos_token_id"] = [] if eos is None else ([eos] if _is_int(eos) else list(eos))
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
         for k, v in list(kw.items()):
-            typ = {f.name: f.type for f in dataclasses.fields(cls)}[k]
-            if typ == "int" and (not isinstance(v, int) or isinstance(v, bool)):
+            typ = types[k]
+            if typ in ("int", "int | None") and not _is_int(v):
                 raise ConfigError(f"config.json: '{k}' must be an integer, got {v!r}")
-            if typ == "float" and (not isinstance(v, (int, float)) or isinstance(v, bool)):
-                raise ConfigError(f"config.json: '{k}' must be a number, got {v!r}")
+            if typ == "float" and (not _is_number(v) or not math.isfinite(v)):
+                raise ConfigError(f"config.json: '{k}' must be a finite number, got {v!r}")
             if typ == "bool" and not isinstance(v, bool):
                 raise ConfigError(f"config.json: '{k}' must be true/false, got {v!r}")
+            if typ == "str" and not isinstance(v, str):
+                raise ConfigError(f"config.json: '{k}' must be a string, got {v!r}")
+            if typ.startswith("list") and not isinstance(v, list):
+                raise ConfigError(f"config.json: '{k}' must be a list, got {v!r}")
+            if typ == "dict | None" and not isinstance(v, dict):
+                raise ConfigError(f"config.json: '{k}' must be an object, got {v!r}")
+        if not d.get("indexer_types"):
+            kw["indexer_types"] = indexshare_schedule(kw["num_hidden_layers"], d.get("index_topk_pattern"),
+                                                      d.get("index_topk_freq", 1), d.get("index_skip_topk_offset", 2))
         return cls(**kw)
 
     @classmethod
@@ -214,6 +291,12 @@ class ModelConfig:
             raise ConfigError(f"{path}: no config.json found") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: malformed JSON ({e})") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text ({e})") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: malformed JSON (nested too deeply)") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
         return cls.from_hf_dict(d)
 
     def to_hf_dict(self) -> dict[str, Any]:
@@ -238,13 +321,17 @@ class ModelConfig:
 
 def indexshare_schedule(num_layers: int, pattern=None, freq: int = 1, offset: int = 2) -> list[str]:
     """IndexShare layer types (spec §6): an F/S pattern wins, else HF/vLLM's freq/offset rule."""
+    if not _is_int(num_layers) or num_layers <= 0:
+        raise ConfigError(f"config.json: 'num_hidden_layers' must be a positive integer, got {num_layers!r}")
     if pattern is not None:
-        types = [{"F": "full", "S": "shared"}.get(c, c) for c in pattern]
+        if not isinstance(pattern, (str, list)):
+            raise ConfigError(f"config.json: 'index_topk_pattern' must be a string of F/S, got {pattern!r}")
+        types = [{"F": "full", "S": "shared"}.get(c, c) if isinstance(c, str) else c for c in pattern]
         if len(types) != num_layers or any(t not in ("full", "shared") for t in types):
             raise ConfigError(f"config.json: 'index_topk_pattern' must have one F/S per layer "
                               f"({num_layers}), got {pattern!r}")
         return types
-    if not isinstance(freq, int) or not isinstance(offset, int):
+    if not _is_int(freq) or not _is_int(offset):
         raise ConfigError(f"config.json: 'index_topk_freq'/'index_skip_topk_offset' must be integers, "
                           f"got {freq!r}/{offset!r}")
     freq = max(freq, 1)

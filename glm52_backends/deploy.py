@@ -28,6 +28,7 @@ Schema (types; defaults for optional keys):
     model: str                  "tiny" | "glm-5.2" (the real architecture, planning only) | checkpoint folder
     mtp_draft_tokens: int = 0   max_context: int    max_batch: int   (requests per DP replica)
     max_batched_tokens: int = 8192   tokens per forward step (prefill chunk)
+    cache_block_size: int|null = null   tokens per paged-cache block (null: the backend's default)
     capabilities: {weight_dtypes: [str], kv_cache_dtypes: [str],
                    hbm_tbs: number|null, bf16_tflops: number|null, fp8_tflops: number|null}
 
@@ -37,6 +38,7 @@ planner reads it as GiB (2**30 bytes).
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,6 +105,7 @@ _TOP: dict[str, tuple[str, Any]] = {
     "max_context": ("int", _REQUIRED),
     "max_batch": ("int", _REQUIRED),
     "max_batched_tokens": ("int", 8192),
+    "cache_block_size": ("int|null", None),
     "capabilities": ("dict", _REQUIRED),
 }
 _DTYPES = {"weights": ("str", _REQUIRED), "kv_cache": ("str", _REQUIRED), "index_cache": ("str", None)}
@@ -139,6 +142,7 @@ class DeploymentConfig:
     max_context: int
     max_batch: int
     max_batched_tokens: int
+    cache_block_size: int | None
     weight_dtypes: tuple[str, ...]
     kv_cache_dtypes: tuple[str, ...]
     description: str = ""
@@ -184,7 +188,8 @@ class DeploymentConfig:
     def model_arguments(self, **overrides: Any) -> tuple[Any, dict[str, Any]]:
         """(model, keyword arguments) for `GLM52(model, **kwargs)` on this deployment's backend and
         device (`GLM52.from_deployment` calls this). Overrides: model, backend, device, dtype, and any
-        other `GLM52` keyword."""
+        other `GLM52` keyword. Under torchrun (WORLD_SIZE > 1) the YAML's `parallel` layout and
+        `collective` apply; in one process the whole model runs there (the layout is for planning)."""
         from .registry import get_backend
 
         src = overrides.pop("model", None) or self.model
@@ -200,6 +205,13 @@ class DeploymentConfig:
         if isinstance(backend, str) and backend in ("torch", "cpu_ref"):
             backend = get_backend(backend, device=device)  # these two run on any device they are given
         model_arg = tiny_checkpoint() if src == "tiny" else src
+        if self.cache_block_size is not None:
+            overrides.setdefault("block_size", self.cache_block_size)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # under torchrun: the YAML's layout over the launched ranks (one process: the whole model)
+            for k in ("tp", "dp", "ep"):
+                overrides.setdefault(k, getattr(self, k))
+            overrides.setdefault("collective", self.collective)
         return model_arg, dict(backend=backend, device=device, dtype=dtype, **overrides)
 
 
@@ -267,6 +279,9 @@ def load_deployment(path_or_name: "str | os.PathLike | dict | DeploymentConfig")
         return path_or_name
     if isinstance(path_or_name, dict):
         return from_dict(path_or_name)
+    if not isinstance(path_or_name, (str, os.PathLike)):
+        raise ConfigError(f"a deployment is a YAML path, a bundled name, a dict or a DeploymentConfig; "
+                          f"got {type(path_or_name).__name__}")
     path = find_config(path_or_name)
     where = path.name
     try:
@@ -279,16 +294,23 @@ def load_deployment(path_or_name: "str | os.PathLike | dict | DeploymentConfig")
                 loader.dispose()
     except yaml.YAMLError as e:
         raise ConfigError(f"{where}: malformed YAML ({e})") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: malformed YAML (nested too deeply)") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{where}: not UTF-8 text ({e})") from None
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot read ({e.strerror or e})") from None
     return from_dict(raw, source=str(path), name=path.stem, where=where)
 
 
 def _type_ok(kind: str, v: Any) -> bool:
     if kind == "str":
         return isinstance(v, str) and v != ""
-    if kind == "int":
-        return isinstance(v, int) and not isinstance(v, bool)
-    if kind in ("number", "number|null"):
-        return (v is None and kind == "number|null") or (isinstance(v, (int, float)) and not isinstance(v, bool))
+    if kind in ("int", "int|null"):
+        return (v is None and kind == "int|null") or (isinstance(v, int) and not isinstance(v, bool))
+    if kind in ("number", "number|null"):  # finite: YAML's .nan / .inf are not a memory size
+        return (v is None and kind == "number|null") or \
+            (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
     if kind == "dict":
         return isinstance(v, dict)
     if kind == "strlist":
@@ -296,8 +318,9 @@ def _type_ok(kind: str, v: Any) -> bool:
     raise AssertionError(kind)
 
 
-_KIND_WORDS = {"str": "a non-empty string", "int": "an integer", "number": "a number",
-               "number|null": "a number or null", "dict": "a mapping", "strlist": "a list of strings"}
+_KIND_WORDS = {"str": "a non-empty string", "int": "an integer", "int|null": "an integer or null",
+               "number": "a finite number",
+               "number|null": "a finite number or null", "dict": "a mapping", "strlist": "a list of strings"}
 
 
 def _section(where: str, d: Any, schema: dict, prefix: str) -> dict[str, Any]:
@@ -341,6 +364,8 @@ def from_dict(raw: dict, *, source: str = "<dict>", name: str | None = None,
             raise bad(f"parallel.{k}", f"must be a positive integer, got {par[k]}")
     if top["mtp_draft_tokens"] < 0:
         raise bad("mtp_draft_tokens", f"must be >= 0, got {top['mtp_draft_tokens']}")
+    if top["cache_block_size"] is not None and top["cache_block_size"] <= 0:
+        raise bad("cache_block_size", f"must be a positive integer or null, got {top['cache_block_size']}")
     if top["memory_per_device_gb"] <= 0:
         raise bad("memory_per_device_gb", f"must be > 0, got {top['memory_per_device_gb']}")
     if not 0 < top["memory_utilization"] <= 1:
@@ -437,7 +462,7 @@ def from_dict(raw: dict, *, source: str = "<dict>", name: str | None = None,
         devices_per_node=top["devices_per_node"], nodes=top["nodes"], collective=top["collective"],
         tp=tp, ep=ep, dp=dp, dcp=dcp, model=model, mtp_draft_tokens=top["mtp_draft_tokens"],
         max_context=top["max_context"], max_batch=top["max_batch"],
-        max_batched_tokens=top["max_batched_tokens"],
+        max_batched_tokens=top["max_batched_tokens"], cache_block_size=top["cache_block_size"],
         weight_dtypes=tuple(caps["weight_dtypes"]), kv_cache_dtypes=tuple(caps["kv_cache_dtypes"]),
         hbm_tbs=caps["hbm_tbs"], bf16_tflops=caps["bf16_tflops"], fp8_tflops=caps["fp8_tflops"],
         source=source, raw=_deepcopy(raw),

@@ -62,8 +62,8 @@ def load_config(path: str | os.PathLike) -> ModelConfig:
             raise
         msg = msg.removeprefix("config.json: ")
         raise ConfigError(f"{cfg_path}: {msg}") from None
-    except (TypeError, ValueError, AttributeError, KeyError, OSError) as e:
-        # e.g. "num_hidden_layers": "4" fails inside the schedule before the type check sees it
+    except (TypeError, ValueError, AttributeError, KeyError, OSError, RecursionError) as e:
+        # a safety net: the config boundary (config.py) names the key for every case it knows
         raise ConfigError(f"{cfg_path}: invalid config ({type(e).__name__}: {e})") from None
 
 
@@ -190,7 +190,10 @@ def _sharded_entries(folder: str, index: str) -> dict[str, TensorEntry]:
         for name in names:
             if name not in header:
                 raise CheckpointError(f"{index}: tensor '{name}' is mapped to '{shard}', which does not hold it")
-        for name in header.keys() - set(names):
+        for name in sorted(header.keys() - set(names)):
+            if name in weight_map:  # listed, but for another shard: a duplicate, named with both shards
+                raise CheckpointError(f"{file}: tensor '{name}' is also stored in '{shard}', but {INDEX_FILE} maps "
+                                      f"it to '{weight_map[name]}'; each tensor must be stored once")
             raise CheckpointError(f"{file}: tensor '{name}' is not listed in {INDEX_FILE}")
         entries.update({name: header[name] for name in names})
     return entries
@@ -317,13 +320,30 @@ def _materialise(cfg: ModelConfig, entries: dict[str, TensorEntry], names: list[
 
 def _convert(f: Any, name: str, entries: dict[str, TensorEntry], block: tuple[int, int],
              dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
+    """One tensor in its compute dtype; NaN/inf (stored, from a scale, or by overflowing `dtype`) is
+    refused naming the tensor: a non-finite weight gives wrong tokens, never an error, later on."""
     t = f.get_tensor(name).to(device)  # compact dtype crosses to the device; convert there
     target = torch.float32 if float32_tensor(name) else dtype
+    raw = t
     if entries[name].dtype == FP8_DTYPE:
         scale = f.get_tensor(name + SCALE_SUFFIX) if entries[name + SCALE_SUFFIX].file == entries[name].file \
             else _read_one(entries[name + SCALE_SUFFIX])
-        t = dequantize_fp8(t, scale.to(device), block)
-    return t.to(target)
+        _refuse_non_finite(scale, entries[name + SCALE_SUFFIX], "")
+        raw = t = dequantize_fp8(t, scale.to(device), block)
+    out = t.to(target)
+    if not bool(torch.isfinite(out).all()):
+        _refuse_non_finite(raw, entries[name], "")
+        _refuse_non_finite(out, entries[name], f" after conversion to {str(target).removeprefix('torch.')} "
+                                               f"(a value overflows it; load in a wider dtype)")
+    return out
+
+
+def _refuse_non_finite(t: torch.Tensor, e: TensorEntry, how: str) -> None:
+    bad = ~torch.isfinite(t.float() if t.dtype == torch.float8_e4m3fn else t)
+    if bool(bad.any()):
+        first = [int(i) for i in bad.nonzero()[0].tolist()]
+        raise CheckpointError(f"{e.file}: tensor '{e.name}' holds {int(bad.sum())} NaN/inf value(s){how} "
+                              f"(first at index {first}); a checkpoint with non-finite weights is refused")
 
 
 def _read_one(e: TensorEntry) -> torch.Tensor:
@@ -344,6 +364,8 @@ def load_checkpoint(path: str | os.PathLike, cfg: ModelConfig | None = None, *, 
     `num_nextn_predict_layers=0`, so it always describes exactly the returned tensors.
     """
     folder = os.fspath(path)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"load_checkpoint: dtype must be a floating torch dtype, got {dtype!r}")
     if cfg is None:
         cfg = load_config(folder)
     entries, where = _weight_files(folder)
@@ -355,3 +377,102 @@ def load_checkpoint(path: str | os.PathLike, cfg: ModelConfig | None = None, *, 
     validate_entries(cfg, entries, where, include_mtp=use_mtp)
     names = [k for k in entries if not k.endswith(SCALE_SUFFIX)]
     return cfg, _materialise(cfg, entries, names, dtype, device, progress)
+
+
+# ---- rank-sharded loading (parallel.RankLayout) -------------------------------------------------------
+def load_checkpoint_shard(path: str | os.PathLike, layout, cfg: ModelConfig | None = None, *,
+                          dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                          include_mtp: bool | None = None, progress: bool = True,
+                          stats: dict | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """`load_checkpoint` for one rank of a parallel layout: validate the whole checkpoint (headers
+    only), then read only this rank's slices with `safe_open(...).get_slice` (`layout.slice_of`,
+    from THE sharding table); a block-FP8 weight's `weight_scale_inv` is sliced on the same dim in
+    whole blocks and the slice dequantised; routed experts of other ranks are never read.
+    `stats` (a dict) receives `bytes_read` (tensor data bytes this rank read) and `bytes_total`.
+    """
+    from safetensors import SafetensorError, safe_open
+    from tqdm import tqdm
+
+    folder = os.fspath(path)
+    if cfg is None:
+        cfg = load_config(folder)
+    entries, where = _weight_files(folder)
+    use_mtp = _resolve_mtp(cfg, entries, where, include_mtp)
+    if not use_mtp and cfg.num_nextn_predict_layers:
+        mtp = cfg.num_hidden_layers
+        entries = {k: v for k, v in entries.items() if _layer_of(k) != mtp}
+        cfg = dataclasses.replace(cfg, num_nextn_predict_layers=0)
+    validate_entries(cfg, entries, where, include_mtp=use_mtp)
+    block = cfg.fp8_block or DEFAULT_FP8_BLOCK
+    names = [k for k in entries if not k.endswith(SCALE_SUFFIX)]
+    plan = {n: layout.slice_of(n, tuple(entries[n].shape)) for n in names}
+    todo = [n for n in names if plan[n] is not None]
+    by_file: dict[str, list[str]] = {}
+    for n in todo:
+        by_file.setdefault(entries[n].file, []).append(n)
+    read = 0
+    total = sum(_entry_bytes(e) for e in entries.values())
+    out: dict[str, torch.Tensor] = {}
+    bar = tqdm(total=len(todo), desc=f"Loading rank {layout.rank}", unit="tensor", file=sys.stderr,
+               disable=None if progress else True, leave=False)
+    try:
+        for file, file_names in by_file.items():
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for n in file_names:
+                    t, nbytes = _read_slice(f, entries[n], plan[n])
+                    read += nbytes
+                    if entries[n].dtype == FP8_DTYPE:
+                        se = entries[n + SCALE_SUFFIX]
+                        s_slice = _scale_slice(plan[n], block, n)
+                        if se.file == file:
+                            s, sb = _read_slice(f, se, s_slice)
+                        else:
+                            with safe_open(se.file, framework="pt", device="cpu") as g:
+                                s, sb = _read_slice(g, se, s_slice)
+                        read += sb
+                        _refuse_non_finite(s, se, "")
+                        t = dequantize_fp8(t.to(device), s.to(device), block)
+                    target = torch.float32 if float32_tensor(n) else dtype
+                    out[n] = t.to(device=device, dtype=target)
+                    if not bool(torch.isfinite(out[n]).all()):       # the same rule as load_checkpoint
+                        _refuse_non_finite(t, entries[n], "")
+                        _refuse_non_finite(out[n], entries[n], f" after conversion to "
+                                                               f"{str(target).removeprefix('torch.')} (a value "
+                                                               f"overflows it; load in a wider dtype)")
+                    bar.update(1)
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"{file}: failed to read tensor data ({type(e).__name__}: {e})") from e
+    finally:
+        bar.close()
+    if stats is not None:
+        stats.update(bytes_read=read, bytes_total=total)
+    return cfg, out
+
+
+def _entry_bytes(e: TensorEntry) -> int:
+    n = 1
+    for d in e.shape:
+        n *= d
+    return n * _ITEMSIZE.get(e.dtype, 4)
+
+
+def _read_slice(f: Any, e: TensorEntry, where) -> tuple[torch.Tensor, int]:
+    """The tensor, or its (dim, start, stop) slice, read through `get_slice`; and the bytes read."""
+    if where == "all":
+        t = f.get_tensor(e.name)
+    else:
+        dim, a, b = where
+        sl = f.get_slice(e.name)
+        t = sl[a:b] if dim == 0 else sl[:, a:b]
+    return t, t.numel() * t.element_size()
+
+
+def _scale_slice(where, block: tuple[int, int], name: str):
+    """The scale grid's slice for a weight slice: whole blocks on the same dim."""
+    if where == "all":
+        return "all"
+    dim, a, b = where
+    bs = block[dim]
+    if a % bs:
+        raise CheckpointError(f"{name}: the rank's slice starts at {a}, inside a {bs}-wide FP8 block")
+    return dim, a // bs, -(-b // bs)

@@ -62,9 +62,12 @@ class Layer:
     head_norm: torch.Tensor | None = None
 
 
-def build_layers(cfg: ModelConfig, sd: dict[str, torch.Tensor], include_mtp: bool) -> list[Layer]:
-    """HF per-expert tensors -> compute layout. Pops from `sd` so memory is not held twice."""
-    H, dn, dv, C = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+def build_layers(cfg: ModelConfig, sd: dict[str, torch.Tensor], include_mtp: bool, tp: int = 1,
+                 experts: range | None = None) -> list[Layer]:
+    """HF per-expert tensors -> compute layout. Pops from `sd` so memory is not held twice.
+    `sd` holds one rank's slices (parallel.RankLayout): H / tp heads, and the routed `experts`."""
+    H, dn, dv, C = cfg.num_attention_heads // tp, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+    experts = experts if experts is not None else range(cfg.n_routed_experts)
     layers = []
     for i in range(cfg.num_hidden_layers + (1 if include_mtp else 0)):
         p = f"model.layers.{i}."
@@ -83,12 +86,11 @@ def build_layers(cfg: ModelConfig, sd: dict[str, torch.Tensor], include_mtp: boo
             kv_norm=g("self_attn.kv_a_layernorm.weight"), w_uk=kv_b[:, :dn].contiguous(),
             w_uv=kv_b[:, dn:].contiguous(), wo=W("self_attn.o_proj.weight"), indexer=indexer)
         if cfg.is_moe(i):
-            E = cfg.n_routed_experts
-            layer.gate = Weight(g("mlp.gate.weight").float())
+            layer.gate = Weight(g("mlp.gate.weight"))
             layer.gate_bias = g("mlp.gate.e_score_correction_bias")
             layer.e_w13 = Weight(torch.stack([torch.cat([g(f"mlp.experts.{e}.gate_proj.weight"),
-                                                         g(f"mlp.experts.{e}.up_proj.weight")]) for e in range(E)]))
-            layer.e_w2 = Weight(torch.stack([g(f"mlp.experts.{e}.down_proj.weight") for e in range(E)]))
+                                                         g(f"mlp.experts.{e}.up_proj.weight")]) for e in experts]))
+            layer.e_w2 = Weight(torch.stack([g(f"mlp.experts.{e}.down_proj.weight") for e in experts]))
             if cfg.n_shared_experts:
                 layer.s_w13 = Weight(torch.cat([g("mlp.shared_experts.gate_proj.weight"),
                                                 g("mlp.shared_experts.up_proj.weight")]))
@@ -105,16 +107,30 @@ def build_layers(cfg: ModelConfig, sd: dict[str, torch.Tensor], include_mtp: boo
 
 class Glm52Network:
     """The network over one process's weights. `run(cache, chunks)` appends tokens to requests and
-    returns their final-normed hidden states; `run_mtp` is the MTP layer; `logits` the lm_head."""
+    returns their final-normed hidden states; `run_mtp` is the MTP layer; `logits` the lm_head.
+
+    Over several ranks (`layout`, a parallel.RankLayout; `comm`, their collectives) `sd` holds this
+    rank's slices: H / tp heads in q_b, kv_b and o_proj (all-reduce after o_proj), the MLP widths
+    / tp (all-reduce after the FFN, the routed and shared experts summed first), the vocabulary / tp
+    in the embedding (masked lookup + all-reduce) and lm_head (logits all-gathered), the routed
+    experts of this rank (ep > 1: other experts' slots become -1) or every expert's width / tp.
+    """
 
     def __init__(self, cfg: ModelConfig, sd: dict[str, torch.Tensor], ops: BoundBackend, device: torch.device,
-                 include_mtp: bool):
+                 include_mtp: bool, layout=None, comm=None, dp_comm=None):
         self.cfg, self.ops, self.device = cfg, ops, device
-        self.comm = ops.comm
+        self.comm = comm if comm is not None else ops.comm                                # the tp group
+        self.dp_comm = dp_comm if layout is not None and layout.dispatch else None        # EP stage 2
+        self.dp_counts: list[int] | None = None      # this step's token count per dp group (dispatch)
+        tp = layout.plan.tp if layout is not None else 1
+        self.heads = cfg.num_attention_heads // tp                                        # local heads
+        self.vocab_range = layout.vocab_range(cfg.vocab_size) if layout is not None else (0, cfg.vocab_size)
+        e0, e1 = layout.expert_range if layout is not None else (0, cfg.n_routed_experts)
+        self.expert_range = (e0, e1) if (e0, e1) != (0, cfg.n_routed_experts) else None     # None: all local
         self.embed = sd.pop("model.embed_tokens.weight")
         self.final_norm = sd.pop("model.norm.weight")
         self.lm_head = Weight(sd.pop("lm_head.weight"))
-        self.layers = build_layers(cfg, sd, include_mtp)
+        self.layers = build_layers(cfg, sd, include_mtp, tp, range(e0, e1))
         self.mtp = self.layers.pop() if include_mtp else None
         if sd:
             raise RuntimeError(f"internal: tensors left unused after building the model: {sorted(sd)[:5]}")
@@ -125,7 +141,32 @@ class Glm52Network:
         st = plan_step(cache, chunks, vocab_size=self.cfg.vocab_size,
                        max_positions=self.cfg.max_position_embeddings, device=self.device)
         self.ops.prepare_step(st.meta)
+        if self.dp_comm is not None:     # one small exchange per step: every dp group's token count
+            self._exchange(st.meta.num_tokens, idle=False)
         return st
+
+    # ---- EP stage 2: dp groups step together -------------------------------------------------------
+    def _exchange(self, n_tokens: int, idle: bool) -> bool:
+        """Every dp group's token count for this step (`dp_counts`) and whether all of them are idle."""
+        mine = torch.tensor([n_tokens, int(idle)], dtype=torch.int64, device=self.device)
+        got = self.dp_comm.all_gather(mine[None], dim=0).tolist()                    # [dp, 2]
+        self.dp_counts = [int(n) for n, _ in got]
+        return all(i for _, i in got)
+
+    def serve_idle(self, cache: PagedCache) -> None:
+        """Join the other dp groups' steps with no tokens of this group's own until every group is idle.
+
+        With dp > 1 and ep = tp x dp every MoE layer gathers the tokens of all dp groups, so a group
+        whose requests are done (or that has none) still runs each step the others run, empty: the
+        "dummy forward". Each step starts with the token-count exchange, which also tells when all
+        groups have finished; then they return together. A no-op without dispatch."""
+        if self.dp_comm is None:
+            return
+        while not self._exchange(0, idle=True):
+            st = plan_step(cache, {}, vocab_size=self.cfg.vocab_size,
+                           max_positions=self.cfg.max_position_embeddings, device=self.device)
+            self.ops.prepare_step(st.meta)
+            self.forward(st, cache)
 
     def _attention(self, l: int, L: Layer, x: torch.Tensor, st: Step, cache: PagedCache,
                    prev_idx: torch.Tensor | None, share: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,7 +174,7 @@ class Glm52Network:
         otherwise it reuses `prev_idx` (IndexShare)."""
         cfg, ops, meta = self.cfg, self.ops, st.meta
         T = x.shape[0]
-        H, dn, dr, C = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
+        H, dn, dr, C = self.heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
         qr = ops.rms_norm(ops.linear(x, L.wq_a), L.q_norm, cfg.latent_norm_eps)          # [T, q_lora]
         q = ops.linear(qr, L.wq_b).view(T, H, dn + dr)
         q_pe = ops.rope(q[..., dn:], st.positions, cfg.rope_theta)                         # [T, H, dr]
@@ -163,31 +204,62 @@ class Glm52Network:
         ik = torch.cat([ops.rope(ik[:, :dr], st.positions, cfg.rope_theta), ik[:, dr:]], -1)
         PagedCache.write(cache.index_k[l], st.slots, ik)
         w = ops.linear(x, ix.w_proj).float() * (Hi ** -0.5 * Di ** -0.5)                 # [T, Hi] f32
-        return ops.indexer_topk(iq, w, cache.index_k[l], meta.block_table, meta.seq_lens, meta.cu_seqlens_q,
-                                cfg.index_topk, meta=meta)
+        idx = ops.indexer_topk(iq, w, cache.index_k[l], meta.block_table, meta.seq_lens, meta.cu_seqlens_q,
+                               cfg.index_topk, meta=meta)
+        if getattr(ops, "debug", False) and self.comm.world_size > 1:
+            # the indexer is replicated: every tp rank must select the same positions (ties decided
+            # the same way); compare with the group's first rank, as DeepSeek's reference does
+            first = self.comm.broadcast(idx.clone(), src=0)
+            if not torch.equal(first, idx):
+                raise RuntimeError(f"layer {l}: the indexer's top-k on tp rank {self.comm.rank} differs from tp rank "
+                                   f"0's ({int((first != idx).sum())} entries): the backend's top-k is not "
+                                   f"deterministic across ranks")
+        return idx
 
     def _ffn(self, L: Layer, x: torch.Tensor) -> torch.Tensor:
         cfg, ops = self.cfg, self.ops
         if L.gate is None:
             return self.comm.all_reduce(ops.mlp(x, L.w13, L.w2))                            # row-parallel seam
-        logits = ops.linear(x.float(), L.gate)                                             # fp32 router
+        logits = ops.linear(x.float(), Weight(L.gate.data.float()))                        # fp32 router
         ids, w = ops.moe_route(logits, L.gate_bias, cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group,
                                cfg.norm_topk_prob, cfg.routed_scaling_factor)
+        x_own = x
+        if self.dp_comm is not None:     # EP stage 2: every dp group's tokens meet here (all-gather dispatch)
+            counts = self.dp_counts
+            x, ids, w = (self.dp_comm.all_gather_rows(t, counts) for t in (x, ids, w))
+        if self.expert_range is not None:                    # EP: this rank's experts; the others' slots -1
+            e0, e1 = self.expert_range
+            ids = torch.where((ids >= e0) & (ids < e1), ids - e0, -1)
         y = ops.moe_experts(x, L.e_w13, L.e_w2, ids, w)
+        if self.dp_comm is not None:
+            start = sum(counts[:self.dp_comm.rank])
+            if L.s_w13 is not None:
+                y[start:start + x_own.shape[0]] += ops.mlp(x_own, L.s_w13, L.s_w2)
+            return self.dp_comm.reduce_scatter_rows(self.comm.all_reduce(y), counts)  # combine: own rows, summed
         if L.s_w13 is not None:
             y = y + ops.mlp(x, L.s_w13, L.s_w2)
         return self.comm.all_reduce(y)                                                     # EP/TP seam
 
     def _layer(self, l: int, L: Layer, h, st: Step, cache: PagedCache, prev_idx, share: bool = False):
         ops, eps = self.ops, self.cfg.rms_norm_eps
-        a, idx = self._attention(l, L, ops.rms_norm(h, L.in_norm, eps), st, cache, prev_idx, share)
-        h = h + a
-        h = h + self._ffn(L, ops.rms_norm(h, L.post_norm, eps))
+        with ops.at_layer(l):                                    # op errors name the layer
+            a, idx = self._attention(l, L, ops.rms_norm(h, L.in_norm, eps), st, cache, prev_idx, share)
+            h = h + a
+            h = h + self._ffn(L, ops.rms_norm(h, L.post_norm, eps))
         return h, idx
+
+    def embedding(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [T] -> [T, Hd]; vocabulary-parallel: rows outside this rank's range are zero, summed."""
+        v0, v1 = self.vocab_range
+        if (v0, v1) == (0, self.cfg.vocab_size):
+            return self.embed[ids]
+        mine = (ids >= v0) & (ids < v1)
+        e = self.embed[torch.where(mine, ids - v0, 0)] * mine[:, None].to(self.embed.dtype)
+        return self.comm.all_reduce(e)
 
     def forward(self, st: Step, cache: PagedCache) -> torch.Tensor:
         """One step through every layer; returns the final-normed hidden state [T, Hd]."""
-        h = self.embed[st.ids]
+        h = self.embedding(st.ids)
         idx = None
         for l, L in enumerate(self.layers):
             h, idx = self._layer(l, L, h, st, cache, idx)
@@ -211,9 +283,12 @@ class Glm52Network:
         if self.mtp is None:
             raise RuntimeError("this checkpoint has no MTP layer (num_nextn_predict_layers = 0 or "
                                "layer tensors missing); speculative decoding needs it")
+        if self.dp_comm is not None:
+            raise NotImplementedError("the MTP layer with dp > 1 and expert dispatch (ep = tp x dp) is not "
+                                      "implemented: use dp = 1, or ep = 1 (each dp group a full replica)")
         cfg, ops, M = self.cfg, self.ops, self.mtp
         st = self.plan(cache, chunks)
-        e = self.embed[st.ids]
+        e = self.embedding(st.ids)
         e = torch.where((st.positions == 0)[:, None], torch.zeros_like(e), e)  # vLLM zeroes position 0
         e = ops.rms_norm(e, M.enorm, cfg.rms_norm_eps)
         u = ops.linear(torch.cat([e, ops.rms_norm(hidden, M.hnorm, cfg.rms_norm_eps)], -1), M.eh_proj)

@@ -8,11 +8,24 @@ does not match is refused with the op and the difference named. Built-ins regist
 through the `glm52_backends.backends` entry-point group exactly like a vendor package; nothing is
 imported until a backend is asked for, so `import glm52_backends` imports neither triton nor
 torch_npu.
+
+This module is the boundary between the model and a backend, checked in both directions:
+  - what a factory returns must be a backend (None, a number, a string, ... are refused, naming
+    the factory); a factory that raises, or calls `sys.exit`, makes that backend unavailable, never
+    the process exit (`glm52 backends` lists it with the reason);
+  - every native op's output is checked against the contract (tuple arity, shape, dtype, device:
+    `_OUTPUT_CHECKS`; metadata only, always on) and an exception from inside an op gets a note
+    naming backend, op and layer; a wrong output raises `BackendOutputError` with the same names;
+  - with `GLM52_DEBUG=1` (or `BoundBackend(..., debug=True)`) every op's output, native or
+    fallback, is also checked for NaN/inf, which finds the first op that produced one.
+The layer in these messages comes from `BoundBackend.at_layer(l)`, which the network sets per
+layer; without it the messages say "layer unknown".
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -34,9 +47,38 @@ class BackendContractError(BackendUnavailable):
     """A backend whose op does not match the contract's signature (the message names op and difference)."""
 
 
-def check_backend(backend: Any) -> None:
-    """Raise `BackendContractError` naming every native op whose signature differs from the contract."""
+class BackendOutputError(RuntimeError):
+    """A backend op whose output breaks the contract (shape, dtype, device, NaN/inf in debug mode);
+    the message names the backend, the op and the layer."""
+
+
+_NOT_BACKENDS = (type(None), bool, int, float, complex, str, bytes, list, tuple, dict, set, frozenset)
+
+
+def _short(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 40 else r[:37] + "..."
+
+
+def check_backend(backend: Any, source: str = "") -> None:
+    """Raise `BackendContractError` for something that is not a backend (None, a number, a string,
+    a container, a class), a non-string `name`, capabilities that cannot be read, or a native op
+    whose signature differs from the contract (every such op named). `source` names where the
+    object came from, e.g. "the factory of backend 'x'"."""
+    if isinstance(backend, _NOT_BACKENDS) or isinstance(backend, type):
+        what = f"the class {backend.__name__} (pass an instance)" if isinstance(backend, type) else \
+            f"{type(backend).__name__} {_short(backend)}"
+        raise BackendContractError(f"{source + ' returned ' if source else ''}{what}, which is not a backend "
+                                   f"object: a backend has the contract's ops as methods (glm52_backends/ops/"
+                                   f"protocol.py)")
     name = getattr(backend, "name", type(backend).__name__)
+    if not isinstance(name, str) or not name:
+        raise BackendContractError(f"{source or 'a backend'}: its 'name' must be a non-empty string, got {name!r}")
+    try:
+        Capabilities.coerce(getattr(backend, "capabilities", None))
+    except Exception as e:  # noqa: BLE001 - any unreadable capabilities are named
+        raise BackendContractError(f"backend {name!r}: cannot read its capabilities "
+                                   f"({type(e).__name__}: {e})") from None
     bad = []
     for op in OP_NAMES:
         fn = getattr(backend, op, None)
@@ -89,15 +131,20 @@ def _instantiate(name: str, **kwargs) -> Any:
         backend = facs[name][1]()(**kwargs)
     except BackendUnavailable:
         raise
+    except SystemExit as e:  # a plugin must not end the process (`glm52 backends` lists the others)
+        raise BackendUnavailable(f"backend {name!r} cannot load: its factory or module called "
+                                 f"sys.exit({e.code!r})") from None
     except Exception as e:  # noqa: BLE001 - any failure to load is reported with its cause
         raise BackendUnavailable(f"backend {name!r} cannot load: {type(e).__name__}: {e}") from e
+    if backend is None:
+        raise BackendContractError(f"backend {name!r}: its factory returned None instead of a backend object")
     missing_name = getattr(backend, "name", None)
-    if missing_name is None:
+    if missing_name is None and not isinstance(backend, _NOT_BACKENDS):
         try:
             backend.name = name
         except AttributeError:
             pass
-    check_backend(backend)
+    check_backend(backend, f"the factory of backend {name!r}")
     return backend
 
 
@@ -113,15 +160,138 @@ class _Reference:
             setattr(self, op, functools.partial(fn, cdt=torch.float32))
 
 
+# ---- the output contract ---------------------------------------------------------------------------
+# op -> check(args, kwargs, out) -> what is wrong, or None. Metadata only (no device sync), so they
+# run on every native call. Expected shapes and dtypes are the contract's (glm52_backends/ops/<op>.py).
+def _arg(args: tuple, kwargs: dict, i: int, name: str, default: Any = None) -> Any:
+    return args[i] if len(args) > i else kwargs.get(name, default)
+
+
+def _tensor(what: str, t: Any, shape: tuple | None, dtypes: tuple, device) -> str | None:
+    import torch
+    if not isinstance(t, torch.Tensor):
+        return f"{what} is a {type(t).__name__}, expected a tensor"
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        return f"{what} has shape {list(t.shape)}, expected {list(shape)}"
+    if dtypes and t.dtype not in dtypes:
+        return f"{what} has dtype {t.dtype}, expected {' or '.join(str(d) for d in dtypes)}"
+    if device is not None and t.device != device:
+        return f"{what} is on {t.device}, expected {device} (where its inputs are)"
+    return None
+
+
+def _pair(out: Any, names: str) -> str | None:
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        return f"returned a {type(out).__name__}, expected the pair ({names})"
+    return None
+
+
+def _shape_of(w: Any) -> tuple:
+    return tuple(w.shape)  # a tensor or a weights.Weight
+
+
+def _check_same(args, kwargs, out):           # rms_norm, layer_norm, rope, moe_experts: x's shape and dtype
+    x = _arg(args, kwargs, 0, "x")
+    return _tensor("the output", out, x.shape, (x.dtype,), x.device)
+
+
+def _check_linear(args, kwargs, out):
+    x, w = _arg(args, kwargs, 0, "x"), _arg(args, kwargs, 1, "weight")
+    return _tensor("the output", out, (*x.shape[:-1], _shape_of(w)[-2]), (x.dtype,), x.device)
+
+
+def _check_mlp(args, kwargs, out):
+    x, w2 = _arg(args, kwargs, 0, "x"), _arg(args, kwargs, 2, "w2")
+    return _tensor("the output", out, (*x.shape[:-1], _shape_of(w2)[-2]), (x.dtype,), x.device)
+
+
+def _check_indexer_topk(args, kwargs, out):
+    import torch
+    q, topk = _arg(args, kwargs, 0, "q"), _arg(args, kwargs, 6, "topk")
+    return _tensor("idx", out, (q.shape[0], topk), (torch.int32,), q.device)
+
+
+def _check_sparse_mla(args, kwargs, out):
+    import torch
+    q, c = _arg(args, kwargs, 0, "q"), _arg(args, kwargs, 1, "c_cache")
+    want = (q.shape[0], q.shape[1], c.shape[-1])
+    if not kwargs.get("return_lse", False):
+        if isinstance(out, (tuple, list)):
+            return "returned a tuple, expected `out` alone (return_lse=False)"
+        return _tensor("out", out, want, (q.dtype,), q.device)
+    return (_pair(out, "out, lse") or _tensor("out", out[0], want, (q.dtype,), q.device)
+            or _tensor("lse", out[1], want[:2], (torch.float32,), q.device))
+
+
+def _check_moe_route(args, kwargs, out):
+    import torch
+    logits, k = _arg(args, kwargs, 0, "router_logits"), _arg(args, kwargs, 2, "top_k")
+    want = (logits.shape[0], k)
+    return (_pair(out, "topk_ids, topk_weights")
+            or _tensor("topk_ids", out[0], want, (torch.int64, torch.int32), logits.device)
+            or _tensor("topk_weights", out[1], want, (torch.float32,), logits.device))
+
+
+def _check_mtp_verify(args, kwargs, out):
+    import torch
+    draft = _arg(args, kwargs, 0, "draft")
+    B, k = draft.shape
+    return (_pair(out, "accepted, tokens") or _tensor("accepted", out[0], (B,), (torch.int32,), draft.device)
+            or _tensor("tokens", out[1], (B, k + 1), (torch.int64,), draft.device))
+
+
+_OUTPUT_CHECKS: dict[str, Callable[[tuple, dict, Any], str | None]] = {
+    "rms_norm": _check_same, "layer_norm": _check_same, "rope": _check_same, "moe_experts": _check_same,
+    "linear": _check_linear, "mlp": _check_mlp, "indexer_topk": _check_indexer_topk,
+    "sparse_mla": _check_sparse_mla, "moe_route": _check_moe_route, "mtp_verify": _check_mtp_verify,
+}
+
+
+def _non_finite(op: str, out: Any) -> str | None:
+    """NaN/inf in a float output (sparse_mla's lse may be -inf: a row with nothing to attend)."""
+    import torch
+    outs = list(out) if isinstance(out, (tuple, list)) else [out]
+    for i, t in enumerate(outs):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            continue
+        lse = op == "sparse_mla" and i == 1
+        bad = (torch.isnan(t) | torch.isposinf(t)) if lse else ~torch.isfinite(t)
+        n = int(bad.sum())
+        if n:
+            what = "lse" if lse else "the output" if len(outs) == 1 else f"output {i}"
+            return f"{what} holds {n} NaN/inf value(s) of {t.numel()}"
+    return None
+
+
+def debug_enabled() -> bool:
+    """GLM52_DEBUG set to anything but '', '0', 'false', 'no': finiteness after every op."""
+    return os.environ.get("GLM52_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+
+
+class _LayerScope:
+    """What `BoundBackend.at_layer` returns: usable as a plain call or as a `with` block."""
+
+    def __init__(self, bound: "BoundBackend", prev: Any):
+        self.bound, self.prev = bound, prev
+
+    def __enter__(self) -> "_LayerScope":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bound.layer = self.prev
+
+
 class BoundBackend:
     """A backend with every op of the contract: native where it has one, reference otherwise.
 
     A missing op, or a native op that raises `OpUnsupported` for some input, runs the reference
     on the same tensors with one warning per (backend, op). `calls` counts native and fallback
-    calls per op, which is what reports mean by "ran natively".
+    calls per op, which is what reports mean by "ran natively". Every native output is checked
+    against the contract (`BackendOutputError` naming backend, op and layer); `debug` (default:
+    the GLM52_DEBUG environment variable) also checks every output for NaN/inf.
     """
 
-    def __init__(self, backend: Any, reference: Any | None = None):
+    def __init__(self, backend: Any, reference: Any | None = None, *, debug: bool | None = None):
         check_backend(backend)
         if reference is None:
             reference = _Reference()
@@ -130,9 +300,28 @@ class BoundBackend:
         self.name: str = getattr(backend, "name", type(backend).__name__)
         self.native_ops = tuple(op for op in OP_NAMES if callable(getattr(backend, op, None)))
         self.calls: dict[str, dict[str, int]] = {op: {"native": 0, "fallback": 0} for op in OP_NAMES}
+        self.debug = debug_enabled() if debug is None else bool(debug)
+        self.layer: Any = None  # set per layer by the network (`at_layer`); None = unknown
         self._warned: set[str] = set()
         for op in OP_NAMES:
             setattr(self, op, self._make(op))
+        if not self.native_ops and not isinstance(backend, _Reference):
+            msg = (f"backend {self.name!r} implements none of the contract's ops: everything runs on the "
+                   f"reference (conformance fails such a backend: nothing of it would be tested)")
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            log.warning(msg)
+
+    def at_layer(self, layer: Any) -> _LayerScope:
+        """Name `layer` in the errors of the ops that follow: `ops.at_layer(l)`, or
+        `with ops.at_layer(l): ...` to restore the previous one afterwards."""
+        scope = _LayerScope(self, self.layer)
+        self.layer = layer
+        return scope
+
+    def where(self, op: str) -> str:
+        """'backend 'x', op linear, layer 3' for messages."""
+        layer = "layer unknown" if self.layer is None else f"layer {self.layer}"
+        return f"backend {self.name!r}, op {op}, {layer}"
 
     def _warn(self, op: str, why: str) -> None:
         if op not in self._warned:
@@ -141,24 +330,56 @@ class BoundBackend:
             warnings.warn(msg, RuntimeWarning, stacklevel=3)
             log.warning(msg)
 
+    def _note(self, e: BaseException, op: str, path: str) -> None:
+        note = f"raised in {self.where(op)} ({path})"
+        if hasattr(e, "add_note"):
+            e.add_note(note)
+        else:  # Python 3.10: kept where the CLI reads it
+            e.__notes__ = [*getattr(e, "__notes__", []), note]
+
+    def _check(self, op: str, args: tuple, kwargs: dict, out: Any, path: str) -> None:
+        why = None
+        if path == "native":
+            try:
+                why = _OUTPUT_CHECKS[op](args, kwargs, out)
+            except (AttributeError, TypeError, ValueError, IndexError):
+                why = None  # inputs outside the contract that the op accepted: nothing to compare against
+        if why is None and self.debug:
+            why = _non_finite(op, out)
+        if why is not None:
+            raise BackendOutputError(f"{self.where(op)} ({path}): {why} (the contract: glm52_backends/ops/{op}.py)")
+
     def _make(self, op: str) -> Callable[..., Any]:
         ref = getattr(self.reference, op)
         native = getattr(self.backend, op, None) if op in self.native_ops else None
         counts = self.calls[op]
 
+        def fallback(args, kwargs):
+            counts["fallback"] += 1
+            try:
+                out = ref(*args, **kwargs)
+            except Exception as e:
+                self._note(e, op, "reference fallback")
+                raise
+            if self.debug:
+                self._check(op, args, kwargs, out, "reference fallback")
+            return out
+
         if native is None:
             def call(*args, **kwargs):
                 self._warn(op, "not implemented by this backend")
-                counts["fallback"] += 1
-                return ref(*args, **kwargs)
+                return fallback(args, kwargs)
         else:
             def call(*args, **kwargs):
                 try:
                     out = native(*args, **kwargs)
                 except OpUnsupported as e:
                     self._warn(op, f"declined: {e}")
-                    counts["fallback"] += 1
-                    return ref(*args, **kwargs)
+                    return fallback(args, kwargs)
+                except Exception as e:
+                    self._note(e, op, "native")
+                    raise
+                self._check(op, args, kwargs, out, "native")
                 counts["native"] += 1
                 return out
         call.__name__ = op
@@ -196,7 +417,11 @@ def get_backend(name: str | Any = "auto", **kwargs) -> BoundBackend:
     if isinstance(name, BoundBackend):
         return name
     if not isinstance(name, str):
+        if name is None:
+            raise BackendContractError("backend=None: give a registered name, 'auto', or a backend object")
         return BoundBackend(name)
+    if not name:
+        raise BackendUnavailable("backend '': give a registered name or 'auto'")
     if name != "auto":
         return BoundBackend(_instantiate(name, **kwargs))
     candidates = []

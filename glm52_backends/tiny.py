@@ -3,14 +3,22 @@ BF16 or block-FP8, optionally sharded, optionally with the MTP layer) for demos 
 
 `make_tiny_checkpoint` writes names, shapes, dtypes and config fields exactly as the real
 `zai-org/GLM-5.2[-FP8]` checkpoint does (spec §1, §2, §10), only with tiny dimensions.
+
+Writing is all or nothing and never replaces a file that is already there: every argument is
+checked first, the whole checkpoint is written into a temporary folder beside the target and
+then moved into place (one atomic rename when the target does not exist yet), so a refused or
+killed run leaves the target as it was. The embedded default (`ensure_default_checkpoint`) is
+rebuilt when a previous run was killed while making it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
+import tempfile
 
 import torch
 from safetensors.torch import save_file
@@ -126,27 +134,112 @@ def _shard_names(names: list[str], shards: int) -> list[list[str]]:
     return [sum(groups[k * per:(k + 1) * per], []) for k in range(shards) if groups[k * per:(k + 1) * per]]
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _atomic(file: str) -> "contextlib.AbstractContextManager[str]":
+    """Yield a temporary name beside `file`; on success it is renamed to `file` (atomic), on
+    failure removed: a reader never sees a half-written file."""
+    @contextlib.contextmanager
+    def cm():
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(file) or ".", prefix="." + os.path.basename(file) + ".",
+                                   suffix=".tmp")
+        os.close(fd)
+        try:
+            yield tmp
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a plain open() would not
+            os.replace(tmp, file)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+    return cm()
+
+
+def _write_json(file: str, d: dict) -> None:
+    with _atomic(file) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(d, f, indent=2)
+
+
 def write_safetensors(path: str, tensors: dict[str, torch.Tensor], shards: int = 1) -> None:
-    """`model.safetensors`, or `model-0000k-of-0000N.safetensors` + `model.safetensors.index.json`."""
+    """`model.safetensors`, or `model-0000k-of-0000N.safetensors` + `model.safetensors.index.json`
+    (the index last). Each file is written under a temporary name and renamed into place."""
     meta = {"format": "pt"}
     if shards <= 1:
-        save_file(tensors, os.path.join(path, SINGLE_FILE), metadata=meta)
+        with _atomic(os.path.join(path, SINGLE_FILE)) as tmp:
+            save_file(tensors, tmp, metadata=meta)
         return
     groups = _shard_names(list(tensors), shards)
     weight_map, total = {}, 0
     for k, names in enumerate(groups, start=1):
         fname = f"model-{k:05d}-of-{len(groups):05d}.safetensors"
-        save_file({n: tensors[n] for n in names}, os.path.join(path, fname), metadata=meta)
+        with _atomic(os.path.join(path, fname)) as tmp:
+            save_file({n: tensors[n] for n in names}, tmp, metadata=meta)
         for n in names:
             weight_map[n] = fname
             total += tensors[n].numel() * tensors[n].element_size()
-    with open(os.path.join(path, INDEX_FILE), "w", encoding="utf-8") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    _write_json(os.path.join(path, INDEX_FILE), {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
 def _write_config(path: str, d: dict) -> None:
-    with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(d, f, indent=2)
+    _write_json(os.path.join(path, "config.json"), d)
+
+
+# ---- all-or-nothing checkpoint folders -----------------------------------------------------------
+def _ours(name: str) -> bool:
+    """A file name a checkpoint writer here produces (what make-tiny refuses to replace)."""
+    return name in ("config.json", "tokenizer.json", INDEX_FILE) or \
+        (name.startswith("model") and name.endswith(".safetensors"))
+
+
+def _refuse_existing(path: str) -> None:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise FileExistsError(f"{path} exists and is not a folder")
+    if os.path.isdir(path):
+        clash = sorted(n for n in os.listdir(path) if _ours(n))
+        if clash:
+            raise FileExistsError(f"{path} already holds {', '.join(clash)}; nothing was written (files are never "
+                                  f"replaced: choose a new or empty folder, or remove them first)")
+
+
+def _check_writable(path: str) -> str:
+    """The existing folder the checkpoint folder will be created in (or `path` itself)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    probe = path if os.path.isdir(path) else parent
+    while not os.path.exists(probe):  # os.makedirs will create the missing parents
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write a checkpoint to {path}: {probe} is not a writable folder")
+    return parent
+
+
+@contextlib.contextmanager
+def _staged(path: str):
+    """Yield a temporary folder beside `path`; on success its files end up in `path`: the folder is
+    renamed (atomic) when `path` does not exist, else each file is moved in (refusing any clash);
+    on failure (an exception, Ctrl-C) the temporary folder is removed and `path` is untouched."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix="." + os.path.basename(os.path.abspath(path)) + ".partial-")
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; os.makedirs would not
+    try:
+        yield tmp
+        try:
+            os.rename(tmp, path)  # atomic; fails if `path` exists (non-empty) or on some systems at all
+            return
+        except OSError:
+            if not os.path.isdir(path):
+                raise
+        _refuse_existing(path)  # another writer may have come first
+        names = sorted(os.listdir(tmp), key=lambda n: n == "config.json")  # config.json last
+        for n in names:
+            if os.path.exists(os.path.join(path, n)):
+                raise FileExistsError(f"{os.path.join(path, n)} appeared while writing; it was left as it is")
+            os.replace(os.path.join(tmp, n), os.path.join(path, n))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def make_tiny_checkpoint(path: str | os.PathLike, *, fp8: bool = False, mtp: bool = False, layers: int = 4,
@@ -158,14 +251,27 @@ def make_tiny_checkpoint(path: str | os.PathLike, *, fp8: bool = False, mtp: boo
     `mtp=True`: `num_nextn_predict_layers=1` and layer `layers` (the MTP layer) is written.
     `shards>1`: a sharded set with `model.safetensors.index.json`. Also writes a byte-level
     `tokenizer.json` when `vocab_size >= 256` and the `tokenizers` package is installed.
+    Refuses (before writing anything) a folder that already holds a config.json, tokenizer.json
+    or safetensors file; a failure part-way leaves `path` as it was.
     """
     path = os.fspath(path)
-    os.makedirs(path, exist_ok=True)
+    for name, v in (("layers", layers), ("vocab_size", vocab_size), ("index_topk", index_topk),
+                    ("shards", shards)):
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise ValueError(f"make_tiny_checkpoint: {name} must be a positive integer, got {v!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f"make_tiny_checkpoint: seed must be an integer, got {seed!r}")
     cfg, cfg_dict = tiny_config(fp8=fp8, mtp=mtp, layers=layers, vocab_size=vocab_size,
                                 index_topk=index_topk, **overrides)
-    _write_config(path, cfg_dict)
-    write_safetensors(path, tiny_tensors(cfg, fp8=fp8, seed=seed), shards)
-    write_tiny_tokenizer(path, cfg.vocab_size)
+    tensors = tiny_tensors(cfg, fp8=fp8, seed=seed)
+    if shards > 1:
+        _shard_names(list(tensors), shards)  # refuses too many shards before anything is written
+    _refuse_existing(path)
+    _check_writable(path)
+    with _staged(path) as tmp:
+        write_safetensors(tmp, tensors, shards)
+        write_tiny_tokenizer(tmp, cfg.vocab_size)
+        _write_config(tmp, cfg_dict)
     return path
 
 
@@ -201,11 +307,13 @@ def dequantized_twin(path_fp8: str | os.PathLike, out_path: str | os.PathLike) -
         if name.endswith(SCALE_SUFFIX):
             continue
         out[name] = dequantize_fp8(t, raw[name + SCALE_SUFFIX], block) if t.dtype == torch.float8_e4m3fn else t
-    os.makedirs(dst, exist_ok=True)
-    _write_config(dst, d)
-    write_safetensors(dst, out)
-    if os.path.isfile(os.path.join(src, "tokenizer.json")):
-        shutil.copyfile(os.path.join(src, "tokenizer.json"), os.path.join(dst, "tokenizer.json"))
+    _refuse_existing(dst)
+    _check_writable(dst)
+    with _staged(dst) as tmp:
+        write_safetensors(tmp, out)
+        if os.path.isfile(os.path.join(src, "tokenizer.json")):
+            shutil.copyfile(os.path.join(src, "tokenizer.json"), os.path.join(tmp, "tokenizer.json"))
+        _write_config(tmp, d)
     return dst
 
 
@@ -242,7 +350,8 @@ def write_tiny_tokenizer(path: str, vocab_size: int) -> bool:
     tok.decoder = decoders.ByteLevel()
     specials = [f"<|reserved_{i}|>" for i in range(vocab_size - 256)] + [EOS_TOKEN]
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
-    tok.save(os.path.join(path, "tokenizer.json"))
+    with _atomic(os.path.join(path, "tokenizer.json")) as tmp:
+        tok.save(tmp)
     return True
 
 
@@ -260,11 +369,37 @@ def tiny_default_dir() -> str:
 DEFAULT_TINY = tiny_default_dir()
 
 
+def _default_is_whole(path: str) -> str | None:
+    """None when the folder holds a readable checkpoint (headers checked, no tensor read); else why not."""
+    from .loader import load_config, validate_entries, _resolve_mtp, _weight_files
+    try:
+        cfg = load_config(path)
+        entries, where = _weight_files(path)
+        validate_entries(cfg, entries, where, include_mtp=_resolve_mtp(cfg, entries, where, None))
+    except (ValueError, OSError) as e:
+        return str(e).splitlines()[0]
+    return None
+
+
 def ensure_default_checkpoint(path: str | None = None) -> str:
-    """The embedded default: a tiny random checkpoint in the real format, made once."""
-    path = path or DEFAULT_TINY
-    if not os.path.exists(os.path.join(path, "config.json")):
-        import sys
-        print(f"making the embedded tiny checkpoint at {path}", file=sys.stderr)
+    """The embedded default: a tiny random checkpoint in the real format, made once (atomically:
+    it appears whole or not at all). A folder left broken by an older, killed run is rebuilt."""
+    import sys
+    path = os.fspath(path or DEFAULT_TINY)
+    if os.path.isdir(path):
+        why = _default_is_whole(path)
+        if why is None:
+            return path
+        stray = sorted(n for n in os.listdir(path) if not _ours(n))
+        if stray:  # not only what we write there: never delete someone's files
+            raise FileExistsError(f"the embedded default checkpoint at {path} is broken ({why}) and also holds "
+                                  f"{', '.join(stray[:5])}; remove the folder or set GLM52_CACHE elsewhere")
+        print(f"the embedded tiny checkpoint at {path} is incomplete ({why}); rebuilding it", file=sys.stderr)
+        shutil.rmtree(path)
+    print(f"making the embedded tiny checkpoint at {path}", file=sys.stderr)
+    try:
         make_tiny_checkpoint(path, mtp=True, layers=4, seed=0)
+    except FileExistsError:  # another process made it meanwhile
+        if _default_is_whole(path) is not None:
+            raise
     return path

@@ -35,7 +35,7 @@ def emulate(monkeypatch):
 
 @pytest.fixture(scope="module")
 def asc():
-    return create(emulate=True)                         # float32 allowed in the attention ops
+    return create(emulate=True)                         # float32 allowed in the half-only ops
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +117,10 @@ def test_backend_matches_the_contract_and_declares_typed_capabilities(asc):
     assert caps.weight_formats == ("dense",) and caps.cache_formats == ("dense",) and caps.devices == ("cpu",)
     assert caps.max_topk == 8192 and 16 in caps.block_sizes and 1024 in caps.block_sizes
     assert 8 not in caps.block_sizes and 24 not in caps.block_sizes and 1040 not in caps.block_sizes
+    # 128, the block size of vllm-ascend's SFA path and of Huawei's GLM-5.2 recipe, is the default
+    assert caps.block_sizes[0] == 128 == caps.get("default_block_size")
+    assert len(set(caps.block_sizes)) == len(caps.block_sizes) == 64
+    assert "CANN 9.1.0" in caps.get("cann") and "26.1.0" in caps.get("cann")
     assert caps.get("emulated") is True and BoundBackend(asc).capabilities.get("max_topk") == 8192
     for mod in ("backend", "common", "indexer_topk", "sparse_mla"):        # StepMeta.positions replaced it
         assert not hasattr(sys.modules[f"glm52_backends.backends.ascend.{mod}"], "token_positions"), mod
@@ -153,6 +157,98 @@ def test_indexer_topk_valid_against_reference(asc, asc_strict, dtype, bs, topk):
             # the valid count and the -1 tail agree exactly with the reference
             assert int((want[t + i] >= 0).sum()) == n
         t += Lq
+
+
+def traced(**emu_kw):
+    """A backend on the emulator whose torch_npu calls are recorded (`.npu.calls`)."""
+    npu = TracingNpu(NpuEmulator(**emu_kw))
+    return AscendBackend(npu, name="traced", device=torch.device("cpu"), priority=0, default_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("cann,Hi", [("8.5.0", 64), ("9.0.0", 32)])
+def test_indexer_weights_go_in_the_query_dtype(cann, Hi):
+    """Both hardware clients pass the head weights in the query dtype; the 7.3.0 line (CANN 8.5.0)
+    refuses float32 weights, so handing the contract's float32 weights through would fail there."""
+    be = traced(allow_float32=False, cann=cann)
+    g = gen(31)
+    bs, topk, Di = 16, 12, 128
+    (cache,), table, lens, cu, _ = batch(REQS, bs, g, (Di,), torch.bfloat16)
+    T = int(cu[-1])
+    q = torch.randn(T, Hi, Di, generator=g).bfloat16()
+    w = torch.randn(T, Hi, generator=g) * Hi ** -0.5 * Di ** -0.5                  # float32 (the contract)
+    idx = be.indexer_topk(q, w, cache, table, lens, cu, topk)
+    li = [c for c in be.npu.calls if c.name == "npu_lightning_indexer"]
+    assert len(li) == 1
+    weights = li[0].args[2]
+    assert weights.dtype == torch.bfloat16 and torch.equal(weights, w.bfloat16())
+    assert li[0].args[1].untyped_storage().data_ptr() == cache.untyped_storage().data_ptr()   # the cache itself
+    want = ref.indexer_topk(q, w, cache, table, lens, cu, topk, cdt=F64)
+    assert torch.equal((idx >= 0).sum(-1), (want >= 0).sum(-1))
+
+
+def test_installed_cann_line_decides_what_runs_natively(monkeypatch):
+    """The indexer limits of the CANN the backend runs on: on CANN 8.5.0 (torch_npu 7.3.0 line) only
+    64 index heads and top-k <= 2048, so GLM-5.2's 32-head indexer declines with a message naming
+    the version and the fix; from CANN 9.0.0 it runs. Before 8.5.0 neither attention op exists."""
+    monkeypatch.delenv("GLM52_ASCEND_CANN", raising=False)
+    g = gen(32)
+    bs, Di = 16, 128
+    (cache,), table, lens, cu, _ = batch([(2, 9), (1, 30)], bs, g, (Di,), torch.float32)
+    q32, q64 = torch.randn(3, 32, Di, generator=g), torch.randn(3, 64, Di, generator=g)
+    w32, w64 = torch.randn(3, 32, generator=g), torch.randn(3, 64, generator=g)
+    old, new = create(emulate=True, cann="8.5.0"), create(emulate=True, cann="9.0.0")
+    assert old.capabilities.max_topk == 2048 and new.capabilities.max_topk == 8192
+    with pytest.raises(OpUnsupported, match=r"CANN 8\.5\.0 .*7\.3\.0 doc line.*exactly 64 index heads, got 32; "
+                                            r"CANN >= 9\.0\.0"):
+        old.indexer_topk(q32, w32, cache, table, lens, cu, 8)
+    with pytest.raises(OpUnsupported, match=r"sparse_count must be in \[1, 2048\] on the installed CANN 8\.5\.0"):
+        old.indexer_topk(q64, w64, cache, table, lens, cu, 3072)
+    for be, q, w, k in ((old, q64, w64, 8), (new, q32, w32, 8), (new, q64, w64, 3072)):
+        idx = be.indexer_topk(q, w, cache, table, lens, cu, k)
+        assert torch.equal((idx >= 0).sum(-1), (ref.indexer_topk(q, w, cache, table, lens, cu, k) >= 0).sum(-1))
+    ancient = create(emulate=True, cann="8.3.RC1")
+    assert ancient.capabilities.max_topk == 0 and "older than" in ancient.capabilities.get("cann")
+    with pytest.raises(OpUnsupported, match=r"npu_lightning_indexer is not in torch_npu before .*CANN 8\.3\.RC1"):
+        ancient.indexer_topk(q32, w32, cache, table, lens, cu, 8)
+    (c, kpe), table2, lens2, cu2, _ = batch([(2, 9), (1, 30)], bs, g, (512, 64), torch.float32)
+    sel = torch.tensor([[0, 3, -1], [8, 1, 2], [5, -1, 29]], dtype=torch.int32)
+    with pytest.raises(OpUnsupported, match="npu_sparse_flash_attention is not in torch_npu before"):
+        ancient.sparse_mla(torch.randn(3, 4, 576, generator=g), c, kpe, sel, table2, lens2, cu2, 0.1)
+    # the model-facing path: one warning naming the version, then the reference
+    monkeypatch.setenv("GLM52_ASCEND_EMULATE", "1")
+    monkeypatch.setenv("GLM52_ASCEND_CANN", "8.5.0")
+    bound = get_backend("ascend")
+    with pytest.warns(RuntimeWarning, match="indexer_topk falls back.*CANN 8.5.0.*exactly 64"):
+        got = bound.indexer_topk(q32, w32, cache, table, lens, cu, 8)
+    assert torch.equal(got, ref.indexer_topk(q32, w32, cache, table, lens, cu, 8))
+
+
+def test_cann_version_detection(monkeypatch):
+    """torch.version.cann (torch_npu sets it) wins; GLM52_ASCEND_CANN declares it where it is unset;
+    neither: not determined, and the strictest line (7.3.0) applies."""
+    from glm52_backends.backends.ascend.versions import installed, line_for, parse_cann
+    assert parse_cann("8.5.0") == (8, 5, 0) and parse_cann("8.3.RC1") == (8, 3, 0)
+    assert parse_cann("CANN-9.1.0-b020") == (9, 1, 0) and parse_cann(None) is None and parse_cann("n/a") is None
+    assert line_for((8, 3, 0)) is None and line_for((8, 5, 1)).name == "7.3.0"
+    assert line_for((9, 0, 0)).name == "26.0.0" and line_for((9, 2, 0)).name == "26.1.0"
+    device = SimpleNamespace()                                     # torch_npu stands in: not emulated
+    monkeypatch.delenv("GLM52_ASCEND_CANN", raising=False)
+    monkeypatch.setattr(torch.version, "cann", "9.0.0", raising=False)
+    monkeypatch.setenv("GLM52_ASCEND_CANN", "8.5.0")
+    got = installed(device)
+    assert got.cann == (9, 0, 0) and got.line.name == "26.0.0" and got.source == "torch.version.cann"
+    monkeypatch.setattr(torch.version, "cann", None, raising=False)
+    got = installed(device)
+    assert got.cann == (8, 5, 0) and got.line.name == "7.3.0" and "GLM52_ASCEND_CANN" in got.source
+    monkeypatch.delenv("GLM52_ASCEND_CANN")
+    got = installed(device)
+    assert got.cann is None and got.line.name == "7.3.0" and "not determined" in got.describe()
+    monkeypatch.setenv("GLM52_ASCEND_CANN", "soon")
+    assert installed(device).cann is None and "'soon' is not a version" in installed(device).describe()
+    with pytest.raises(ValueError, match="not a CANN version"):
+        NpuEmulator(cann="latest")
+    with pytest.raises(TypeError, match="cann= declares the emulated CANN"):
+        create(emulate=False, cann="9.0.0")
 
 
 # ---- sparse_mla --------------------------------------------------------------------------------------
@@ -326,6 +422,105 @@ def test_paged_ops_with_step_meta_use_prepared_data_and_make_no_host_sync(monkey
     assert torch.equal(out, be.sparse_mla(q, c, kpe, idx, table, lens, cu, 0.1))
 
 
+def sorts(mode):
+    return [str(func) for func, *_ in mode.ops if "sort" in str(func)]
+
+
+def test_sparse_mla_takes_the_indexers_own_output_as_it_is(monkeypatch):
+    """The indexer's result (valid-first, no empty row) goes to npu_sparse_flash_attention as it is,
+    on its layer and on an IndexShare layer reusing it: no sort, no empty-row fix-up. The same
+    indices as a copy (unmarked) are reordered and give the same output."""
+    be = traced()
+    bound = BoundBackend(be)
+    g = gen(33)
+    bs, topk = 16, 8
+    (c, kpe, k_idx), table, lens, cu, _ = batch(REQS, bs, g, (512, 64, 128), torch.float32)
+    T = int(cu[-1])
+    qi, w = torch.randn(T, 3, 128, generator=g), torch.randn(T, 3, generator=g)
+    q1, q2 = torch.randn(T, 4, 576, generator=g), torch.randn(T, 4, 576, generator=g)
+    meta = StepMeta.from_tensors(table, lens, cu, bs)
+    bound.prepare_step(meta)
+    idx = bound.indexer_topk(qi, w, k_idx, table, lens, cu, topk, meta=meta)
+    with BackendOps(be.npu, monkeypatch) as mode:
+        outs = [bound.sparse_mla(q, c, kpe, idx, table, lens, cu, 0.1, meta=meta) for q in (q1, q2)]
+    sfa = [call for call in be.npu.calls if call.name == "npu_sparse_flash_attention"]
+    assert len(sfa) == 2 and all(storage(call.args[3]) == storage(idx) for call in sfa)
+    assert sorts(mode) == [] and not [f for f, *_ in mode.ops if "masked_fill" in str(f)]
+    with BackendOps(be.npu, monkeypatch) as mode:
+        again = bound.sparse_mla(q1, c, kpe, idx.clone(), table, lens, cu, 0.1, meta=meta)
+    assert sorts(mode) and torch.equal(again, outs[0])
+    for q, out in zip((q1, q2), outs):
+        assert rel_err(out, ref.sparse_mla(q, c, kpe, idx, table, lens, cu, 0.1, cdt=F64)) <= 3e-5
+
+
+def new_bytes(mode, keep=()):
+    """Bytes of the new storages that aten ops outside the torch_npu calls allocated (views and
+    in-place ops allocate none); `keep`: tensors that existed before."""
+    seen = {storage(t) for t in keep}
+    total = 0
+    for _, args, kwargs, out in mode.ops:
+        inputs = {storage(t) for t in tensors((args, kwargs))}
+        for t in tensors(out):
+            p = storage(t)
+            if p not in inputs and p not in seen and t.untyped_storage().nbytes():
+                seen.add(p)
+                total += t.untyped_storage().nbytes()
+    return total
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_glue_memory_per_call_is_bounded_and_the_caches_are_the_models(monkeypatch, dtype):
+    """README "Memory outside the fused ops": what the backend's own torch ops allocate around
+    npu_lightning_indexer and npu_sparse_flash_attention per call is bounded by the activations
+    (q, weights, indices), never by the cache; the caches handed to the ops are the caller's."""
+    be = traced(allow_float32=dtype == torch.float32)
+    g = gen(34)
+    bs, topk, H, Hi = 16, 16, 8, 32
+    reqs = [(1, 300), (5, 40), (2, 2), (6, 77)]
+    (c, kpe, k_idx), table, lens, cu, _ = batch(reqs, bs, g, (512, 64, 128), dtype, n_extra=200)
+    T, e = int(cu[-1]), c.element_size()
+    cache_bytes = sum(t.untyped_storage().nbytes() for t in (c, kpe, k_idx))
+    qi, w = torch.randn(T, Hi, 128, generator=g).to(dtype), torch.randn(T, Hi, generator=g)
+    q = torch.randn(T, H, 576, generator=g).to(dtype)
+    meta = StepMeta.from_tensors(table, lens, cu, bs)
+    be.prepare_step(meta)                                               # once per step, not per call
+    before = (c.clone(), kpe.clone(), k_idx.clone())
+    everything = (c, kpe, k_idx, qi, w, q, table, lens, cu)
+    with BackendOps(be.npu, monkeypatch) as mode:
+        idx = be.indexer_topk(qi, w, k_idx, table, lens, cu, topk, meta=meta)
+    li_bytes = new_bytes(mode, everything)
+    cast = T * Hi * e if dtype != torch.float32 else 0                  # the weights in the query dtype
+    assert li_bytes <= cast + 5 * T * topk + 8 * topk + 16, li_bytes          # 16: scalars
+    with BackendOps(be.npu, monkeypatch) as mode:
+        be.sparse_mla(q, c, kpe, idx, table, lens, cu, 0.1, meta=meta)
+    assert new_bytes(mode, everything + (idx,)) <= q.nbytes + 16, new_bytes(mode, everything + (idx,))
+    theirs = idx.clone()                                                # a caller's indices: reordered
+    with BackendOps(be.npu, monkeypatch) as mode:
+        be.sparse_mla(q, c, kpe, theirs, table, lens, cu, 0.1, meta=meta)
+    mla_bytes = new_bytes(mode, everything + (theirs,))
+    assert mla_bytes <= q.nbytes + 15 * T * topk + T + 16, mla_bytes
+    assert max(li_bytes, mla_bytes) < cache_bytes / 20                # a copy of any cache would not fit
+    for call in be.npu.calls:
+        if call.name == "npu_lightning_indexer":
+            assert storage(call.args[1]) == storage(k_idx)
+        if call.name == "npu_sparse_flash_attention":
+            assert storage(call.args[1]) == storage(call.args[2]) == storage(c)
+            assert storage(call.kwargs["key_rope"]) == storage(kpe)
+    for a, b in zip(before, (c, kpe, k_idx)):                            # nothing written into a cache
+        assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
+    # moe_experts: only [T, K] routing bookkeeping; the expert weights go in as transposed views
+    E, K, Hd, I = 6, 4, 32, 16
+    x = torch.randn(T, Hd, generator=g).to(dtype)
+    w13, w2 = torch.randn(E, 2 * I, Hd, generator=g).to(dtype), torch.randn(E, Hd, I, generator=g).to(dtype)
+    ids, wts = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]), torch.rand(T, K, generator=g)
+    ids[1, 2] = -1
+    with BackendOps(be.npu, monkeypatch) as mode:
+        be.moe_experts(x, w13, w2, ids, wts)
+    assert new_bytes(mode, (x, w13, w2, ids, wts)) <= 19 * T * K + 25 * T + 16
+    gmm = [call for call in be.npu.calls if call.name == "npu_grouped_matmul"]
+    assert [storage(call.args[1][0]) for call in gmm] == [storage(w13), storage(w2)]
+
+
 def test_paged_ops_name_a_step_meta_that_contradicts_the_call(asc):
     g = gen(14)
     (c, kpe), table, lens, cu, _ = batch([(2, 9), (1, 30)], 16, g, (512, 64), torch.float32)
@@ -373,6 +568,29 @@ def test_moe_experts_against_reference(asc, dtype, as_weight):
     tol = 3e-5 if dtype == torch.float32 else 1.6e-2
     assert y.dtype == dtype and y.shape == (T, Hd)
     assert rel_err(y, y_r) <= tol
+
+
+def test_moe_unused_slots_take_their_own_tokens_expert_not_a_fixed_one():
+    """-1 slots are routed to their own token's first used expert with weight 0 (never to expert 0):
+    an expert whose output overflows (here expert 0, inf weights) poisons only the tokens that use
+    it, as in the reference; a token with no used slot gets exactly 0."""
+    be = traced()
+    g = gen(35)
+    T, Hd, I, E, K = 6, 16, 8, 5, 3
+    x = torch.randn(T, Hd, generator=g)
+    w13 = torch.randn(E, 2 * I, Hd, generator=g) * 0.2
+    w2 = torch.randn(E, Hd, I, generator=g) * 0.2
+    w2[0] = float("inf")                                           # expert 0 overflows
+    ids = torch.tensor([[1, -1, 2], [-1, 3, -1], [0, 4, -1], [-1, -1, -1], [2, 3, 4], [4, -1, 1]])
+    wts = torch.rand(T, K, generator=g) + 0.1
+    y = be.moe_experts(x, w13, w2, ids, wts)
+    y_ref = ref.moe_experts(x, w13, w2, ids, wts, cdt=F64)
+    clean = torch.tensor([0, 1, 3, 4, 5])                          # tokens not using expert 0
+    assert bool(torch.isfinite(y[clean]).all()), "an unused slot reached another expert's overflow"
+    assert rel_err(y[clean], y_ref[clean]) <= 3e-5
+    assert bool((y[3] == 0).all()) and not bool(torch.isfinite(y[2]).all())   # as the reference: y_ref[2] inf
+    routed = [c for c in be.npu.calls if c.name == "npu_moe_init_routing_v2"][0].args[1]
+    assert routed.tolist() == [[1, 1, 2], [3, 3, 3], [0, 4, 0], [0, 0, 0], [2, 3, 4], [4, 4, 1]]
 
 
 def fp8(w):
@@ -428,15 +646,37 @@ def test_supporting_ops_against_reference(asc):
     x = torch.randn(5, 3, 16, generator=g)
     w = 1 + 0.1 * torch.randn(16, generator=g)
     assert torch.allclose(asc.rms_norm(x, w, 1e-6), ref.rms_norm(x, w, 1e-6, cdt=F64), atol=1e-5)
-    pos = torch.tensor([0, 3, 17, 1000, 4095])
-    for t in (x[..., :8], x[:, 0, :8]):                           # [T, H, Dr] slice and [T, Dr]
-        assert torch.allclose(asc.rope(t, pos, 10000.0), ref.rope(t, pos, 10000.0, cdt=F64), atol=1e-5)
     w13, w2 = torch.randn(12, 16, generator=g), torch.randn(16, 6, generator=g)
     for a13, a2 in ((w13, w2), (Weight(w13), Weight(w2))):
         assert torch.allclose(asc.mlp(x, a13, a2), ref.mlp(x, w13, w2, cdt=F64), atol=1e-4)
         assert torch.allclose(asc.linear(x, a13), ref.linear(x, w13, cdt=F64), atol=1e-5)
     b = torch.randn(16, generator=g)
     assert torch.allclose(asc.layer_norm(x, w, b, 1e-6), ref.layer_norm(x, w, b, 1e-6, cdt=F64), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_goes_through_npu_interleave_rope(dtype):
+    """rope -> npu_interleave_rope with x as [T, N, 1, 64] and cos/sin [T, 1, 1, 64] (the layout
+    vllm-ascend rotates q_pe in), the result back in GPT-J pairs: equal to the reference on the MLA
+    q_pe slice [T, H, 64] of a wider tensor and on the shared key [T, 64]; npu_rotary_mul unused."""
+    be = traced(allow_float32=dtype == torch.float32)
+    g = gen(36)
+    q = torch.randn(7, 5, 192 + 64, generator=g).to(dtype)
+    k = torch.randn(7, 64, generator=g).to(dtype)
+    pos = torch.tensor([0, 1, 17, 255, 1000, 4095, 70000])
+    tol = 1e-5 if dtype == torch.float32 else 1.6e-2
+    for x in (q[..., 192:], k):
+        y = be.rope(x, pos, 8e6 if x is k else 1e4)
+        want = ref.rope(x, pos, 8e6 if x is k else 1e4, cdt=F64)
+        assert y.shape == x.shape and y.dtype == dtype and rel_err(y, want) <= tol
+    names = [c.name for c in be.npu.calls]
+    assert names == ["npu_interleave_rope"] * 2
+    x_in, cos, sin = be.npu.calls[0].args
+    assert x_in.shape == (7, 5, 1, 64) and cos.shape == sin.shape == (7, 1, 1, 64) and cos.dtype == dtype
+    with pytest.raises(OpUnsupported, match="npu_interleave_rope needs a rotary width of 64, got 8"):
+        be.rope(q[..., :8], pos, 1e4)
+    with pytest.raises(OpUnsupported, match="npu_interleave_rope takes bfloat16/float16"):
+        traced(allow_float32=False).rope(k.float(), pos, 1e4)
 
 
 # ---- documented limits fall back with one warning ------------------------------------------------------------
@@ -480,28 +720,59 @@ def _prompts(V):
 
 @pytest.mark.parametrize("dims", ["tiny", "attention-dims"])
 def test_tiny_model_greedy_tokens_match_cpu_ref(emulate, tmp_path, dims):
-    """'tiny': the default tiny checkpoint (index head dim 16, latent 32): the two attention ops fall
-    back, the rest runs on the emulated torch_npu ops. 'attention-dims': the tiny model with the real
-    attention widths (index head dim 128, latent 512 + rope 64), so every hot op runs natively."""
+    """'tiny': the default tiny checkpoint (index head dim 16, latent 32, rotary width 8): the two
+    attention ops and rope fall back, the rest runs on the emulated torch_npu ops. 'attention-dims':
+    the tiny model with the real attention widths (index head dim 128, latent 512 + rope 64) and the
+    default block size 128, so every hot op runs natively."""
     GLM52 = _glm52()
     over = {} if dims == "tiny" else dict(kv_lora_rank=512, qk_rope_head_dim=64, index_head_dim=128)
     path = make_tiny_checkpoint(tmp_path / dims, layers=2, seed=4, index_topk=8, **over)
     cpu = GLM52(path, backend="cpu_ref", progress=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        npu = GLM52(path, backend="ascend", progress=False)
+        bs = get_backend("ascend").capabilities.get("default_block_size")        # 128
+        npu = GLM52(path, backend="ascend", progress=False, block_size=bs)
         prompts = _prompts(cpu.cfg.vocab_size)
         got = npu.generate(prompts, max_new_tokens=6, stop_at_eos=False, prefill_chunk=8)
     want = cpu.generate(prompts, max_new_tokens=6, stop_at_eos=False, prefill_chunk=8)
     assert got.tokens == want.tokens
     assert got.stats["backend"] == "ascend (emulated)"
     ops = got.stats["ops"]
-    assert ops["moe_experts"] == ops["moe_route"] == ops["rms_norm"] == ops["rope"] == "native"
+    assert ops["moe_experts"] == ops["moe_route"] == ops["rms_norm"] == "native"
     fell_back = {str(w.message) for w in caught if "falls back" in str(w.message)}
-    if dims == "tiny":
-        assert ops["indexer_topk"] == ops["sparse_mla"] == "fallback" and len(fell_back) == 2
+    if dims == "tiny":   # rotary width 8: npu_interleave_rope takes 64 only
+        assert ops["indexer_topk"] == ops["sparse_mla"] == ops["rope"] == "fallback" and len(fell_back) == 3
     else:
-        assert ops["indexer_topk"] == ops["sparse_mla"] == "native" and not fell_back
+        assert ops["indexer_topk"] == ops["sparse_mla"] == ops["rope"] == "native" and not fell_back
+
+
+def test_model_step_sorts_no_indices_and_shares_them(tmp_path, monkeypatch):
+    """A model step on the emulated backend: every layer's npu_sparse_flash_attention gets the
+    indices of the step's indexer call of its own full layer, IndexShare layers the same tensor,
+    and nothing in the step sorts indices (no per-layer reorder)."""
+    GLM52 = _glm52()
+    path = make_tiny_checkpoint(tmp_path / "share", layers=3, seed=5, index_topk=8, kv_lora_rank=512,
+                                qk_rope_head_dim=64, index_head_dim=128)
+    be = traced()
+    model = GLM52(path, backend=be, progress=False, block_size=128)
+    kinds = list(model.cfg.indexer_types)
+    assert "shared" in kinds and "full" in kinds
+    cache = model.new_cache(3 * 128)                                        # a block per request
+    prompts = _prompts(model.cfg.vocab_size)
+    for chunks in (dict(enumerate(prompts)), {0: [1], 1: [2], 2: [3]}):       # prefill, then decode
+        be.npu.calls.clear()
+        with BackendOps(be.npu, monkeypatch) as mode:
+            model.extend(cache, chunks)
+        li = [c for c in be.npu.calls if c.name == "npu_lightning_indexer"]
+        sfa = [c for c in be.npu.calls if c.name == "npu_sparse_flash_attention"]
+        assert len(li) == kinds.count("full") and len(sfa) == len(kinds)
+        owner = {}
+        for layer, (kind, call) in enumerate(zip(kinds, sfa)):
+            if kind == "full":
+                owner = storage(call.args[3])
+            assert storage(call.args[3]) == owner, f"layer {layer} ({kind}) got other indices"
+        assert len({storage(c.args[3]) for c in sfa}) == kinds.count("full")
+        assert sorts(mode) == [], sorts(mode)
 
 
 def test_tiny_model_bfloat16_documented_dtypes_all_native(tmp_path):

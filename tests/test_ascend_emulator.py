@@ -175,6 +175,43 @@ def test_lightning_indexer_accepts_the_base_arguments():
     assert idx.shape == (3, 1, 8)
 
 
+# the documentation line of the emulated CANN (Ascend/op-plugin branches 7.3.0 and 26.0.0)
+LI_BY_LINE = {   # case -> (over, accepted on the 7.3.0 line / CANN 8.5.0, accepted from 26.0.0 / CANN 9.0.0)
+    "64 heads (7.3.0: N1仅支持64)": (dict(query=torch.zeros(3, 64, 128, dtype=torch.bfloat16),
+                                         weights=torch.zeros(3, 64, dtype=torch.bfloat16)), True, True),
+    "32 heads (GLM-5.2)": (dict(query=torch.zeros(3, 32, 128, dtype=torch.bfloat16),
+                               weights=torch.zeros(3, 32, dtype=torch.bfloat16)), False, True),
+    "float32 weights": (dict(query=torch.zeros(3, 64, 128, dtype=torch.bfloat16), weights=torch.zeros(3, 64)),
+                        False, True),
+    "sparse_count 3072": (dict(query=torch.zeros(3, 64, 128, dtype=torch.bfloat16),
+                               weights=torch.zeros(3, 64, dtype=torch.bfloat16), sparse_count=3072), False, True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LI_BY_LINE))
+@pytest.mark.parametrize("cann", ["8.5.0", "9.0.0", "9.1.0"])
+def test_lightning_indexer_limits_follow_the_emulated_line(case, cann):
+    over, on_73, later = LI_BY_LINE[case]
+    e = NpuEmulator(allow_float32=False, cann=cann)
+    if (on_73 if cann == "8.5.0" else later):
+        idx, _ = e.npu_lightning_indexer(**_li_args(**over))
+        assert idx.shape == (3, 1, over.get("sparse_count", 8))
+    else:
+        with pytest.raises(NpuOpError, match="npu_lightning_indexer: .*7.3.0 line"):
+            e.npu_lightning_indexer(**_li_args(**over))
+
+
+def test_fused_attention_ops_absent_before_cann_8_5():
+    e = NpuEmulator(cann="8.3.RC1")
+    assert e.line is None
+    with pytest.raises(NpuOpError, match="npu_lightning_indexer: not in torch_npu before the 7.3.0 line"):
+        e.npu_lightning_indexer(**_li_args(query=torch.zeros(3, 64, 128, dtype=torch.bfloat16),
+                                           weights=torch.zeros(3, 64, dtype=torch.bfloat16)))
+    with pytest.raises(NpuOpError, match="npu_sparse_flash_attention: not in torch_npu before"):
+        e.npu_sparse_flash_attention(torch.zeros(1, 1, 1, 512), torch.zeros(1, 4, 1, 512), torch.zeros(1, 4, 1, 512),
+                                     torch.zeros(1, 1, 1, 1, dtype=torch.int32), 0.1, attention_mode=2)
+
+
 # ---- npu_sparse_flash_attention -----------------------------------------------------------------
 
 def sfa_dense(q, qr, k, kr, v, sel, scale, Lkv, sbs=1, causal=True):
@@ -342,6 +379,18 @@ def test_sparse_flash_attention_accepts_the_base_arguments():
     assert out.shape == (2, 4, 512) and out.dtype == torch.bfloat16
 
 
+def test_sparse_flash_attention_has_no_sinks_in_released_lines():
+    """`sinks` entered the schema after 26.1.0 (op-plugin master only); on Atlas A2/A3 it is refused anyway."""
+    g = gen(40)
+    q, qr = uniform(g, -1, 1, 1, 2, 4, 512, dtype=torch.bfloat16), uniform(g, -1, 1, 1, 2, 4, 64, dtype=torch.bfloat16)
+    k, kr = uniform(g, -1, 1, 1, 8, 1, 512, dtype=torch.bfloat16), uniform(g, -1, 1, 1, 8, 1, 64, dtype=torch.bfloat16)
+    sel = torch.tensor([[[[0, 1]], [[2, 0]]]], dtype=torch.int32)
+    for cann in ("8.5.0", "9.1.0"):
+        with pytest.raises(NpuOpError, match=r"sinks is not in the schema of the (7\.3\.0|26\.1\.0) line"):
+            NpuEmulator(allow_float32=False, cann=cann).npu_sparse_flash_attention(
+                q, k, k, sel, 0.1, query_rope=qr, key_rope=kr, attention_mode=2, sinks=torch.zeros(4))
+
+
 # ---- npu_moe_gating_top_k -----------------------------------------------------------------------
 
 def gating_numpy(x, k, bias, k_group, group_count, group_select_mode, norm_type, scale, eps):
@@ -458,7 +507,21 @@ def test_moe_init_routing_v2_scatter_index_and_key_value_counts():
     assert kv[:5].tolist() == [[0, 3], [1, 2], [2, 1], [3, 4], [5, 2]] and kv[5:].abs().sum() == 0
 
 
+def test_moe_init_routing_v2_ids_outside_the_range_and_unspecified_rows():
+    """ids below the active range (e.g. -1) sort last with gather index -1 and no count (the doc's
+    golden); expanded_x rows past the available ones are unspecified: NaN here."""
+    g = gen(5)
+    x = torch.randn(3, 4, generator=g)
+    ids = torch.tensor([[2, -1], [0, 2], [-1, 1]], dtype=torch.int32)
+    ex, row, counts, _ = emu.npu_moe_init_routing_v2(x, ids, expert_num=3, expert_tokens_num_type=1,
+                                                     expert_tokens_num_flag=True, active_expert_range=[0, 3])
+    assert row.tolist() == [2, -1, 0, 3, -1, 1] and counts.tolist() == [1, 1, 2]
+    assert torch.equal(ex[:4], x[[1, 2, 0, 1]]) and bool(ex[4:].isnan().all())
+
+
 ROUTING_REJECTED = {
+    "expert_num -1 with counts (cannot size them)": dict(expert_num=-1),
+    "expert_num -1 with a range": dict(expert_num=-1, expert_tokens_num_flag=False, active_expert_range=[0, 4]),
     "int64 ids": dict(expert_idx=torch.zeros(4, 2, dtype=torch.int64)),
     "3-D x": dict(x=torch.zeros(4, 2, 8)),
     "row mismatch": dict(expert_idx=torch.zeros(3, 2, dtype=torch.int32)),
@@ -471,6 +534,13 @@ ROUTING_REJECTED = {
     "active_num -2": dict(active_num=-2),
     "quantised (not emulated)": dict(quant_mode=1),
 }
+
+
+def test_moe_init_routing_v2_expert_num_default_without_counts():
+    """expert_num=-1 (the default) is fine when nothing has to be sized by it."""
+    x, ids = torch.randn(4, 8, generator=gen(6)), torch.tensor([[1, 0], [3, 1], [0, 0], [2, 3]], dtype=torch.int32)
+    ex, row, counts, _ = emu.npu_moe_init_routing_v2(x, ids)
+    assert ex.shape == (8, 8) and counts.shape == () and sorted(row.tolist()) == list(range(8))
 
 
 @pytest.mark.parametrize("case", sorted(ROUTING_REJECTED))
@@ -618,6 +688,51 @@ def test_rotary_mul_against_complex_rotation(mode):
         z = torch.complex(xd[..., :D // 2], xd[..., D // 2:]) * torch.polar(torch.ones_like(ang.double()), ang.double())
         ref = torch.cat([z.real, z.imag], -1)
     assert torch.allclose(y.double(), ref, atol=1e-5)
+
+
+def test_interleave_rope_against_complex_rotation():
+    """The doc's formula: pairs (2i, 2i+1) split into halves, rotated in rotate-half form with
+    cos/sin [B, 1, S, 64] holding each half-angle twice; the output keeps the half layout. Here:
+    pair i as the complex number x[2i] + j x[2i+1] times e^(j angle_i), real part -> out[i],
+    imaginary part -> out[32 + i]; cos/sin with S = 1 broadcast over x's S."""
+    g = gen(14)
+    for dtype, S, cos_s in ((torch.bfloat16, 1, 1), (torch.float16, 3, 3), (torch.bfloat16, 3, 1)):
+        B, N, D = 4, 5, 64
+        x = torch.randn(B, N, S, D, generator=g).to(dtype)
+        ang = torch.rand(B, 1, cos_s, D // 2, generator=g, dtype=torch.float64) * 6
+        cos, sin = ang.cos().repeat(1, 1, 1, 2).to(dtype), ang.sin().repeat(1, 1, 1, 2).to(dtype)
+        y = emu.npu_interleave_rope(x, cos, sin)
+        assert y.shape == x.shape and y.dtype == dtype
+        z = torch.complex(x[..., 0::2].double(), x[..., 1::2].double())
+        rot = z * torch.complex(cos[..., :32].double(), sin[..., :32].double())     # the rounded tables
+        want = torch.cat([rot.real, rot.imag], -1)
+        assert float((y.double() - want).abs().max()) <= 1e-2 * float(want.abs().max())
+
+
+def test_interleave_rope_doc_example_shapes_and_rejects():
+    x, c = torch.randn(32, 32, 1, 64).half(), torch.randn(32, 1, 1, 64).half()
+    assert emu.npu_interleave_rope(x, c, c).shape == (32, 32, 1, 64)
+    bad = {"D 32": dict(x=x[..., :32].contiguous(), cos=c[..., :32].contiguous(), sin=c[..., :32].contiguous()),
+           "cos N 2": dict(cos=torch.zeros(32, 2, 1, 64).half(), sin=torch.zeros(32, 2, 1, 64).half()),
+           "cos B 1": dict(cos=c[:1], sin=c[:1]),
+           "float32 on A2/A3": dict(x=x.float(), cos=c.float(), sin=c.float()),
+           "cos dtype": dict(cos=c.bfloat16(), sin=c.bfloat16()),
+           "sin shape": dict(sin=torch.zeros(16, 1, 1, 64).half()),
+           "non-contiguous x": dict(x=torch.randn(32, 32, 1, 128).half()[..., ::2]),
+           "3-D x": dict(x=x[:, :, 0])}
+    for case, over in bad.items():
+        a = dict(x=x, cos=c, sin=c)
+        a.update(over)
+        with pytest.raises(NpuOpError, match="npu_interleave_rope"):
+            emu.npu_interleave_rope(**a)
+    assert emu32.npu_interleave_rope(x.float(), c.float(), c.float()).dtype == torch.float32   # allow_float32
+
+
+def test_rotary_mul_rotate_matrix_only_from_26_0_0():
+    x, r = torch.zeros(2, 1, 3, 8), torch.zeros(2, 1, 1, 8)
+    with pytest.raises(NpuOpError, match="rotate is in the schema from the 26.0.0 line"):
+        NpuEmulator(cann="8.5.0").npu_rotary_mul(x, r, r, rotate=torch.eye(8))
+    assert NpuEmulator(cann="9.0.0").npu_rotary_mul(x, r, r, rotate=torch.eye(8)).shape == x.shape
 
 
 def test_rotary_mul_rejects():

@@ -38,11 +38,12 @@ def test_make_tiny_then_generate(tmp_path, capsys):
 def test_generate_errors_are_one_line(tmp_path, capsys):
     assert main(["generate", str(tmp_path / "nothing-here"), "--backend", "cpu_ref", "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("glm52: error:") and "config.json" in err
-    with pytest.raises(SystemExit):
+    assert err.startswith("glm52 generate: error:") and "config.json" in err
+    with pytest.raises(SystemExit) as e:
         main(["generate", "--dtype", "float8"])
+    assert e.value.code == 2 and "argument --dtype: unknown dtype 'float8'" in capsys.readouterr().err
 
 
 def test_no_command_prints_help(capsys):
-    assert main([]) == 1
+    assert main([]) == 2  # no command is bad input (exit 1 means a check failed)
     assert "generate" in capsys.readouterr().out

@@ -140,21 +140,22 @@ def mla_dense(q, c_cache, kpe_cache, idx, block_table, seq_lens, cu_seqlens_q, s
                         return_lse=return_lse)
 
 
+# (name, replaced ops, the op that must fail, the reason every failure must give)
 PLANTED = [
-    ("half-split-rope", {"rope": rope_half_split}, "rope"),
-    ("no-routed-scaling", {"moe_route": route_without_scaling}, "moe_route"),
-    ("indexer-off-by-one", {"indexer_topk": indexer_off_by_one}, "indexer_topk"),
-    ("indexer-drops-winner", {"indexer_topk": indexer_drops_a_winner}, "indexer_topk"),
-    ("mla-attends-padding", {"sparse_mla": mla_attends_padding}, "sparse_mla"),
-    ("verify-accepts-extra", {"mtp_verify": verify_accepts_one_more}, "mtp_verify"),
-    ("experts-gate-up-swapped", {"moe_experts": experts_gate_up_swapped}, "moe_experts"),
-    ("mla-unwritten-rows", {"sparse_mla": mla_leaves_rows_unwritten}, "sparse_mla"),
-    ("mla-ignores-selection", {"sparse_mla": mla_dense}, "sparse_mla"),
+    ("half-split-rope", {"rope": rope_half_split}, "rope", "out: relative error"),
+    ("no-routed-scaling", {"moe_route": route_without_scaling}, "moe_route", "topk_weights (by expert): relative error"),
+    ("indexer-off-by-one", {"indexer_topk": indexer_off_by_one}, "indexer_topk", "non-causal index"),
+    ("indexer-drops-winner", {"indexer_topk": indexer_drops_a_winner}, "indexer_topk", "(a winner is missing)"),
+    ("mla-attends-padding", {"sparse_mla": mla_attends_padding}, "sparse_mla", "out: relative error"),
+    ("verify-accepts-extra", {"mtp_verify": verify_accepts_one_more}, "mtp_verify", "accepted: differs from the reference"),
+    ("experts-gate-up-swapped", {"moe_experts": experts_gate_up_swapped}, "moe_experts", "out: relative error"),
+    ("mla-unwritten-rows", {"sparse_mla": mla_leaves_rows_unwritten}, "sparse_mla", "non-finite values"),
+    ("mla-ignores-selection", {"sparse_mla": mla_dense}, "sparse_mla", "out: relative error"),
 ]
 
 
-@pytest.mark.parametrize("name,ops,op", PLANTED, ids=[p[0] for p in PLANTED])
-def test_planted_wrong_backend_is_caught(name, ops, op):
+@pytest.mark.parametrize("name,ops,op,reason", PLANTED, ids=[p[0] for p in PLANTED])
+def test_planted_wrong_backend_is_caught(name, ops, op, reason):
     register_backend(name, lambda: Planted(name, **ops))
     try:
         rep = run(name, quick=True, ops=[op], model=False)
@@ -163,6 +164,8 @@ def test_planted_wrong_backend_is_caught(name, ops, op):
     assert not rep.passed, f"{name}: conformance did not notice\n{rep}"
     assert {r.op for r in rep.failures} == {op}
     assert all(r.path == "native" for r in rep.results)
+    for r in rep.failures:                              # caught for the planted reason, not by accident
+        assert reason in r.detail, r.line()
 
 
 def test_wrong_indexer_rope_is_caught_at_model_level():

@@ -194,3 +194,20 @@ def test_vendor_yaml_runs_on_the_generic_backend(name, tiny_ckpt):
         # the device itself is not here: building on it says which adapter is missing
         with pytest.raises(BackendUnavailable, match="needs the torch_"):
             GLM52.from_deployment(d, model=tiny_ckpt, progress=False)
+
+
+def test_ascend_yamls_pick_block_size_128_and_the_engine_defaults_to_the_backends(tmp_path, monkeypatch):
+    for name in ("ascend-910b", "ascend-910c", "ascend-950"):
+        d = load_deployment(name)
+        assert d.cache_block_size == 128
+        _, kw = d.model_arguments(model=str(tmp_path))
+        assert kw["block_size"] == 128
+    assert load_deployment("nvidia-h200").cache_block_size is None
+    with pytest.raises(DeploymentError, match="cache_block_size"):
+        load_deployment("cpu-tiny").replace(cache_block_size=0)
+    monkeypatch.setenv("GLM52_ASCEND_EMULATE", "1")
+    from glm52_backends.tiny import tiny_config
+    cfg, _ = tiny_config(layers=2)
+    assert GLM52(cfg, backend="ascend", progress=False).block_size == 128     # the backend's default
+    assert GLM52(cfg, backend="cpu_ref", progress=False).block_size == 16
+    assert GLM52(cfg, backend="ascend", block_size=32, progress=False).block_size == 32

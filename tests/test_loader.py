@@ -368,32 +368,38 @@ def test_no_tokenizer_json(tmp_path):
 
 # ---- IndexShare schedule (config.py) ---------------------------------------------------------
 
+def _hf(**keys):
+    """An HF config dict: GLM-5.2's required keys (config.REQUIRED_KEYS) plus `keys`."""
+    from glm52_backends.config import GLM52_CONFIG, REQUIRED_KEYS
+    return {**{k: getattr(GLM52_CONFIG, k) for k in REQUIRED_KEYS}, **keys}
+
+
 def test_glm52_indexshare_schedule():
     types = indexshare_schedule(78, freq=4, offset=3)
     full = [i for i, t in enumerate(types) if t == "full"]
     assert full == [0, 1, 2] + list(range(6, 75, 4))
     assert len(full) == 21 and full[-1] == 74
-    cfg = ModelConfig.from_hf_dict({"index_topk_freq": 4, "index_skip_topk_offset": 3})
+    cfg = ModelConfig.from_hf_dict(_hf(index_topk_freq=4, index_skip_topk_offset=3))
     assert cfg.full_layers == full
     assert cfg.index_source(5) == 2 and cfg.index_source(6) == 6 and cfg.index_source(77) == 74
 
 
 def test_hf_default_schedule_is_all_full():
-    assert ModelConfig.from_hf_dict({"num_hidden_layers": 6}).indexer_types == ["full"] * 6
+    assert ModelConfig.from_hf_dict(_hf(num_hidden_layers=6)).indexer_types == ["full"] * 6
 
 
 def test_index_topk_pattern_overrides_freq():
-    cfg = ModelConfig.from_hf_dict({"num_hidden_layers": 4, "index_topk_pattern": "FFSF",
-                                    "index_topk_freq": 2, "index_skip_topk_offset": 1})
+    cfg = ModelConfig.from_hf_dict(_hf(num_hidden_layers=4, index_topk_pattern="FFSF",
+                                       index_topk_freq=2, index_skip_topk_offset=1))
     assert cfg.indexer_types == ["full", "full", "shared", "full"]
     with pytest.raises(ConfigError, match="index_topk_pattern"):
-        ModelConfig.from_hf_dict({"num_hidden_layers": 4, "index_topk_pattern": "FFS"})
+        ModelConfig.from_hf_dict(_hf(num_hidden_layers=4, index_topk_pattern="FFS"))
 
 
 def test_explicit_indexer_types_override_everything():
     explicit = ["full", "shared", "shared", "full"]
-    cfg = ModelConfig.from_hf_dict({"num_hidden_layers": 4, "indexer_types": explicit, "index_topk_pattern": "FFFF",
-                                    "index_topk_freq": 2, "index_skip_topk_offset": 1})
+    cfg = ModelConfig.from_hf_dict(_hf(num_hidden_layers=4, indexer_types=explicit, index_topk_pattern="FFFF",
+                                       index_topk_freq=2, index_skip_topk_offset=1))
     assert cfg.indexer_types == explicit
 
 

@@ -8,6 +8,12 @@
     must be visible; the backend is named "ascend".
   - neither: `BackendUnavailable` saying what is missing and how to install it.
 
+The CANN version decides which documented limits apply (versions.py): torch_npu's
+`torch.version.cann`, or GLM52_ASCEND_CANN where that is unset; the emulator emulates the line of
+`create(emulate=True, cann=...)`, else GLM52_ASCEND_CANN, else versions.EMULATED_CANN. An op the
+installed line cannot run (e.g. GLM-5.2's 32-head indexer on CANN 8.5.0) falls back to the
+reference with a warning naming the version.
+
 torch_npu registers itself as a torch device backend, so once it is installed a plain
 `import torch` tries to load it (and fails without CANN); `TORCH_DEVICE_BACKEND_AUTOLOAD=0`
 turns that off, and this module then imports torch_npu itself.
@@ -62,9 +68,11 @@ def _import_torch_npu():
             f"torch_npu', export TORCH_DEVICE_BACKEND_AUTOLOAD=0. {_install_hint()}") from e
 
 
-def create(*, emulate: bool | None = None, allow_float32: bool = True, **kwargs):
+def create(*, emulate: bool | None = None, allow_float32: bool = True, cann: str | None = None, **kwargs):
     """The Ascend backend. `emulate`: None = follow GLM52_ASCEND_EMULATE. `allow_float32`: let the
-    emulated attention ops take float32 (the device takes bfloat16/float16 only)."""
+    emulated ops documented for bfloat16/float16 only take float32 too. `cann`: the CANN version
+    the emulator emulates (default GLM52_ASCEND_CANN, else versions.EMULATED_CANN); on a device the
+    installed version is read from torch_npu."""
     import torch
 
     from .backend import AscendBackend
@@ -74,8 +82,13 @@ def create(*, emulate: bool | None = None, allow_float32: bool = True, **kwargs)
         emulate = emulation_requested()
     if emulate:
         from .emulator import NpuEmulator
-        return AscendBackend(NpuEmulator(allow_float32=allow_float32), name=EMULATED_NAME,
+        from .versions import EMULATED_CANN, ENV_CANN
+        cann = cann or os.environ.get(ENV_CANN, "").strip() or EMULATED_CANN
+        return AscendBackend(NpuEmulator(allow_float32=allow_float32, cann=cann), name=EMULATED_NAME,
                              device=torch.device("cpu"), priority=-1, default_dtype=torch.float32)
+    if cann is not None:
+        raise TypeError("ascend backend: cann= declares the emulated CANN; on a device the installed one is "
+                        "read from torch_npu (declare it with GLM52_ASCEND_CANN where torch.version.cann is unset)")
     npu = _import_torch_npu()
     if not (hasattr(torch, "npu") and torch.npu.is_available()):
         raise BackendUnavailable("backend 'ascend': torch_npu imported but no NPU is visible (check `npu-smi info`, "

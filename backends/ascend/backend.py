@@ -10,11 +10,14 @@ and routing bookkeeping are the code that runs on an NPU and the code CI checks.
   moe_experts.py   npu_moe_init_routing_v2 + npu_grouped_matmul + npu_swiglu + npu_grouped_matmul
                    + npu_moe_token_unpermute
   mtp_verify.py    batched torch ops (torch_npu has no verify op)
-  supporting.py    rms_norm -> npu_rms_norm, rope -> npu_rotary_mul, mlp -> npu_swiglu; linear, layer_norm
+  supporting.py    rms_norm -> npu_rms_norm, rope -> npu_interleave_rope, mlp -> npu_swiglu; linear, layer_norm
   common.py        documented limits, declines, dense weights, the per-step data (`prepare_step`)
+  versions.py      the installed CANN and the torch_npu documentation line it belongs to
 
-Each op first checks the documented limits of its torch_npu op (Atlas A2/A3 columns of the docs);
-inputs outside them raise `OpUnsupported`, and the registry runs the reference with one warning.
+Each op first checks the documented limits of its torch_npu op (Atlas A2/A3 columns of the docs of
+the installed CANN's release line, `self.installed`); inputs outside them raise `OpUnsupported`,
+with the reason (and the version, where the limit is the version's), and the registry runs the
+reference with one warning.
 Shapes and semantics of the ops: glm52_backends/ops/<op>.py.
 """
 
@@ -30,7 +33,8 @@ from . import moe_route as _moe_route
 from . import mtp_verify as _mtp_verify
 from . import sparse_mla as _sparse_mla
 from . import supporting as _supporting
-from .common import BLOCK_SIZES, HALF, LI_MAX_TOPK, AscendStep, build_step
+from .common import BLOCK_SIZES, DEFAULT_BLOCK_SIZE, HALF, AscendStep, build_step, line_limits
+from .versions import installed
 
 
 class AscendBackend:
@@ -42,14 +46,18 @@ class AscendBackend:
         self.device = device
         self.priority = priority
         self.emulated = bool(getattr(npu, "emulated", False))
-        # the two attention ops take bfloat16/float16; the emulator may also accept float32
-        self.attention_dtypes = tuple(getattr(npu, "attention_dtypes", HALF))
+        # the ops documented for bfloat16/float16 only (the two attention ops, npu_interleave_rope);
+        # the emulator may also accept float32
+        self.half_op_dtypes = tuple(getattr(npu, "half_op_dtypes", HALF))
+        self.installed = installed(npu)                 # CANN version and torch_npu doc line
+        self.line_limits = line_limits(self.installed)  # None: no fused attention ops in that line
         self.capabilities = Capabilities(
             dtypes=(torch.bfloat16, torch.float16, torch.float32), default_dtype=default_dtype,
             devices=(device.type,), weight_formats=("dense",), cache_formats=("dense",),
-            max_topk=LI_MAX_TOPK, block_sizes=BLOCK_SIZES,
-            extra={"attention_dtypes": self.attention_dtypes, "emulated": self.emulated,
-                   "limits": "Atlas A2/A3 columns of the torch_npu op docs"})
+            max_topk=self.line_limits.max_topk if self.line_limits else 0, block_sizes=BLOCK_SIZES,
+            extra={"half_op_dtypes": self.half_op_dtypes, "emulated": self.emulated,
+                   "default_block_size": DEFAULT_BLOCK_SIZE, "cann": self.installed.describe(),
+                   "limits": f"Atlas A2/A3 columns of the torch_npu op docs ({self.installed.describe()})"})
 
     def __repr__(self) -> str:
         return f"AscendBackend({self.name!r}, device={self.device}, npu={self.npu!r})"

@@ -1,6 +1,7 @@
 """Shared pieces of the Ascend backend: documented limits, declines, dense weights, per-step data.
 
-Limits are the Atlas A2/A3 columns of the torch_npu op docs (section names: emulator.py). An input
+Limits are the Atlas A2/A3 columns of the torch_npu op docs (section names: emulator.py), of the
+release line the installed CANN belongs to where they differ between lines (versions.py). An input
 outside them raises `OpUnsupported` and the registry runs the reference with one warning; a caller
 error (shapes that contradict each other or the step metadata) raises ValueError naming it.
 
@@ -22,28 +23,77 @@ from glm52_backends.ops import OpUnsupported
 from glm52_backends.step import StepMeta
 from glm52_backends.weights import Weight, weight_format
 
+from .versions import OLDEST, Installed
+
 HALF = (torch.float16, torch.bfloat16)
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 # npu_lightning_indexer
 LI_HEAD_DIM = 128                       # D of query and key
-LI_MAX_HEADS = 64                       # N1 <= 64
-LI_SPARSE_COUNTS = frozenset(range(1, 2049)) | {3072, 4096, 5120, 6144, 7168, 8192}
+LI_MAX_HEADS = 64                       # N1 <= 64 (26.0.0 line on); exactly 64 on the 7.3.0 line
+LI_SPARSE_COUNTS_73 = frozenset(range(1, 2049))                                   # 7.3.0 line
+LI_SPARSE_COUNTS = LI_SPARSE_COUNTS_73 | {3072, 4096, 5120, 6144, 7168, 8192}     # 26.0.0 line on
 LI_MAX_TOPK = 8192
 # npu_sparse_flash_attention, attention_mode=2 (MLA-absorb)
 SFA_LATENT, SFA_ROPE = 512, 64
 SFA_HEADS = (1, 2, 4, 8, 16, 32, 64, 128)
-# PA_BSND caches of both attention ops: block_size a multiple of 16, at most 1024
+# PA_BSND caches of both attention ops: block_size a multiple of 16, at most 1024. 128 is the size
+# vllm-ascend's SFA path supports and Huawei's GLM-5.2 recipe uses: listed first, the default.
 MAX_BLOCK_SIZE = 1024
-BLOCK_SIZES = tuple(range(16, MAX_BLOCK_SIZE + 1, 16))
+DEFAULT_BLOCK_SIZE = 128
+BLOCK_SIZES = (DEFAULT_BLOCK_SIZE,) + tuple(b for b in range(16, MAX_BLOCK_SIZE + 1, 16) if b != DEFAULT_BLOCK_SIZE)
 # npu_moe_gating_top_k
 GATING_MAX_EXPERTS = 2048
 # npu_grouped_matmul (one 3-D weight, group_type=0) and npu_moe_token_unpermute
 GMM_MAX_GROUPS = 1024
 GMM_INNER_LIMIT = 65536                 # last dim of x and weight must stay below this
 UNPERMUTE_MAX_TOPK = 512
-# npu_rotary_mul: D even and < 896; B * N < 1000 in interleave mode
-ROPE_MAX_DIM = 896
+# npu_interleave_rope (Atlas A2/A3): D = 64
+IROPE_DIM = 64
+
+
+@dataclass(frozen=True)
+class LineLimits:
+    """The documented limits of the two fused attention ops that depend on the release line."""
+    li_heads: frozenset           # allowed N1 of npu_lightning_indexer
+    li_sparse_counts: frozenset   # allowed sparse_count
+    max_topk: int
+
+
+def line_limits(inst: Installed) -> LineLimits | None:
+    """The limits of `inst`'s line; None before the 7.3.0 line (the fused attention ops are absent)."""
+    if inst.line is None:
+        return None
+    if inst.line.name == "7.3.0":
+        return LineLimits(frozenset({64}), LI_SPARSE_COUNTS_73, 2048)
+    return LineLimits(frozenset(range(1, LI_MAX_HEADS + 1)), LI_SPARSE_COUNTS, LI_MAX_TOPK)
+
+
+def version_decline(backend, op: str) -> LineLimits:
+    """The line limits of `backend`'s CANN, declining `op` when its line lacks the fused attention ops."""
+    lim = backend.line_limits
+    decline(lim is not None, f"{op} is not in torch_npu before the {OLDEST}: {backend.installed.describe()}; "
+                             f"install CANN >= 8.5.0 (CANN >= 9.0.0 for GLM-5.2's 32 index heads)")
+    return lim
+
+
+# ---- indices the backend's own indexer produced -----------------------------------------------------
+# npu_sparse_flash_attention wants each row's valid indices first; the contract lets a caller put -1
+# anywhere, so sparse_mla reorders the rows, except for an index tensor this backend's indexer_topk
+# returned: those rows are valid-first with at least one valid entry (min(topk, pos+1) >= 1) by
+# construction. The mark travels with the tensor object (IndexShare layers pass the same object);
+# a slice or copy loses it and is reordered again. Editing a marked tensor in place between the two
+# calls would void the guarantee; the model never does.
+_VALID_FIRST = "_glm52_ascend_valid_first"
+
+
+def mark_valid_first(idx: torch.Tensor) -> torch.Tensor:
+    setattr(idx, _VALID_FIRST, (idx.data_ptr(), tuple(idx.shape), idx.dtype))
+    return idx
+
+
+def is_marked_valid_first(idx: torch.Tensor) -> bool:
+    return getattr(idx, _VALID_FIRST, None) == (idx.data_ptr(), tuple(idx.shape), idx.dtype)
 
 
 def decline(cond: bool, why: str) -> None:

@@ -15,11 +15,16 @@ Sources, read from the torch-npu 2.14.0 wheel (PyPI) without installing it:
 Section names in comments are the doc pages' own: 参数说明 (parameters), 约束说明 (constraints),
 功能说明 (function / formula), 等价计算逻辑 (equivalent numpy code), 返回值说明 (outputs).
 
-Where the documents describe several chips, the emulator follows Atlas A2/A3 (910B/910C).
+Where the documents describe several chips, the emulator follows Atlas A2/A3 (910B/910C). Where
+they differ between release lines it follows the line of its declared CANN (`NpuEmulator(cann=...)`,
+default versions.EMULATED_CANN; the lines and their differences: versions.py), read from that line's
+branch of Ascend/op-plugin: e.g. npu_lightning_indexer takes exactly 64 index heads and no float32
+weights on the 7.3.0 line (CANN 8.5.0), up to 64 heads and float32 weights from 26.0.0 (CANN 9.0.0).
 What it cannot reproduce is listed in backends/ascend/README.md ("The emulator"); in short:
-float32 accepted by the two attention ops (`allow_float32`, an emulation convenience), values the
-device leaves undefined (filled with -1 / 0 here), tie order, bf16 rounding inside kernels, and the
-quantised / hash / drop-pad variants the backend never calls (rejected as "not emulated").
+float32 accepted by the ops documented for bfloat16/float16 only on A2/A3 (the two attention ops and
+npu_interleave_rope; `allow_float32`, an emulation convenience), values the device leaves undefined
+(filled with -1 / 0 / NaN here), tie order, bf16 rounding inside kernels, and the quantised / hash /
+drop-pad variants the backend never calls (rejected as "not emulated").
 
 In this class the instance is called `emu`: torch_npu itself names some tensor arguments `self`.
 """
@@ -28,12 +33,16 @@ from __future__ import annotations
 
 import torch
 
+from .versions import EMULATED_CANN, line_for, parse_cann
+
 INT64_MAX = 9223372036854775807  # default of pre_tokens / next_tokens in every schema
 HALF = (torch.float16, torch.bfloat16)
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
-# npu_lightning_indexer, 参数说明 sparse_count: [1, 2048] and these
+# npu_lightning_indexer, 参数说明 sparse_count: [1, 2048] and, from the 26.0.0 line on, these
 LI_SPARSE_COUNTS_LARGE = (3072, 4096, 5120, 6144, 7168, 8192)
+# npu_interleave_rope, 约束说明 (Atlas A2/A3): D of x, cos and sin must be 64
+IROPE_DIM = 64
 # npu_sparse_flash_attention, 参数说明 query: N1 on Atlas A2/A3
 SFA_HEADS = (1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -129,17 +138,31 @@ def _right_down_causal(Lq: int, Lk: int) -> torch.Tensor:
 
 
 class NpuEmulator:
-    """The torch_npu ops used by the Ascend backend, on the CPU. `allow_float32` lets the two
-    attention ops (documented for bfloat16/float16 only) take float32 inputs."""
+    """The torch_npu ops used by the Ascend backend, on the CPU, as documented for the release line
+    of `cann` (a CANN version string; versions.py). `allow_float32` lets the ops documented for
+    bfloat16/float16 only on Atlas A2/A3 (npu_lightning_indexer, npu_sparse_flash_attention,
+    npu_interleave_rope) take float32 too, an emulation convenience."""
 
     emulated = True
 
-    def __init__(emu, *, allow_float32: bool = True):
+    def __init__(emu, *, allow_float32: bool = True, cann: str = EMULATED_CANN):
+        parsed = parse_cann(cann)
+        if parsed is None:
+            raise ValueError(f"NpuEmulator: cann={cann!r} is not a CANN version (e.g. '8.5.0', '9.1.0')")
         emu.allow_float32 = allow_float32
-        emu.attention_dtypes = FLOATS if allow_float32 else HALF
+        emu.half_op_dtypes = FLOATS if allow_float32 else HALF
+        emu.cann_version = str(cann)
+        emu.line = line_for(parsed)           # None: older than 8.5.0, no fused attention ops
 
     def __repr__(emu) -> str:
-        return f"NpuEmulator(allow_float32={emu.allow_float32})"
+        return f"NpuEmulator(allow_float32={emu.allow_float32}, cann={emu.cann_version!r})"
+
+    def _since_73(emu, op: str) -> str:
+        """The emulated line's name; NpuOpError when `op` is not in it (added in the 7.3.0 line)."""
+        if emu.line is None:
+            raise NpuOpError(f"{op}: not in torch_npu before the 7.3.0 line (CANN 8.5.0); the emulated CANN is "
+                             f"{emu.cann_version}")
+        return emu.line.name
 
     # ---- hot op 1: npu_lightning_indexer ------------------------------------------------------
     def npu_lightning_indexer(emu, query, key, weights, *, actual_seq_lengths_query=None,
@@ -147,7 +170,8 @@ class NpuEmulator:
                               layout_key="BSND", sparse_count=2048, sparse_mode=3, pre_tokens=INT64_MAX,
                               next_tokens=INT64_MAX, return_value=False):
         op = "npu_lightning_indexer"
-        # 参数说明 / 约束说明 (torch_npu-npu_lightning_indexer.md)
+        line = emu._since_73(op)
+        # 参数说明 / 约束说明 (torch_npu-npu_lightning_indexer.md of the emulated line)
         for name, t in (("query", query), ("key", key), ("weights", weights)):
             _check(t is not None and t.numel() > 0, op, f"{name} must be a non-empty tensor")
         _contiguous(op, query=query, key=key, weights=weights)
@@ -156,8 +180,12 @@ class NpuEmulator:
                f"layout_key must be PA_BSND, BSND or TND, got {layout_key!r}")
         _check(layout_key == "PA_BSND" or layout_key == layout_query, op,
                f"without PageAttention layout_key must equal layout_query ({layout_key} != {layout_query})")
-        _check(query.dtype in emu.attention_dtypes, op, f"query must be bfloat16 or float16, got {query.dtype}")
+        _check(query.dtype in emu.half_op_dtypes, op, f"query must be bfloat16 or float16, got {query.dtype}")
         _check(key.dtype == query.dtype, op, f"key dtype {key.dtype} must equal query dtype {query.dtype}")
+        if line == "7.3.0":   # 参数说明 weights: bfloat16/float16; 约束说明: query, key, weights of one dtype
+            _check(weights.dtype == query.dtype, op,
+                   f"weights must have the query dtype on the 7.3.0 line (CANN 8.5.0), got {weights.dtype} for "
+                   f"{query.dtype} queries (float32 weights are accepted from the 26.0.0 line on)")
         _check(weights.dtype in FLOATS, op, f"weights must be bfloat16, float16 or float32, got {weights.dtype}")
         _check(weights.dtype in (torch.float32, query.dtype), op,
                f"weights that are not float32 must have the query dtype ({weights.dtype} != {query.dtype})")
@@ -166,6 +194,9 @@ class NpuEmulator:
         key_dims = {"PA_BSND": 4, "BSND": 4, "TND": 3}[layout_key]
         _check(key.dim() == key_dims, op, f"key must be {key_dims}-D for {layout_key}, got {tuple(key.shape)}")
         N1, D = query.shape[-2], query.shape[-1]
+        if line == "7.3.0":   # 参数说明 query: "N1仅支持64"
+            _check(N1 == 64, op, f"query N1 must be 64 on the 7.3.0 line (CANN 8.5.0), got {N1} (the 26.0.0 line, "
+                                 f"CANN 9.0.0, takes N1 <= 64)")
         _check(N1 <= 64, op, f"query N1 must be <= 64, got {N1}")
         _check(D == 128 and key.shape[-1] == 128, op, f"query and key D must be 128, got {D} and {key.shape[-1]}")
         _check(key.shape[-2] == 1, op, f"key N2 must be 1, got {key.shape[-2]}")
@@ -174,8 +205,10 @@ class NpuEmulator:
             _check(bs % 16 == 0 and 0 < bs <= 1024, op, f"block_size must be a multiple of 16 up to 1024, got {bs}")
         _check(tuple(weights.shape) == tuple(query.shape[:-1]), op,
                f"weights must be {tuple(query.shape[:-1])} ([B,S1,N1] or [T,N1]), got {tuple(weights.shape)}")
-        _check(1 <= sparse_count <= 2048 or sparse_count in LI_SPARSE_COUNTS_LARGE, op,
-               f"sparse_count must be in [1, 2048] or {LI_SPARSE_COUNTS_LARGE}, got {sparse_count}")
+        large = LI_SPARSE_COUNTS_LARGE if line != "7.3.0" else ()
+        _check(1 <= sparse_count <= 2048 or sparse_count in large, op,
+               f"sparse_count must be in [1, 2048]{f' or {large}' if large else ' on the 7.3.0 line'}, "
+               f"got {sparse_count}")
         _check(sparse_mode in (0, 3), op, f"sparse_mode must be 0 or 3, got {sparse_mode}")
         _check(pre_tokens == INT64_MAX and next_tokens == INT64_MAX, op,
                "pre_tokens and next_tokens support only their default 2^63-1")
@@ -217,6 +250,7 @@ class NpuEmulator:
                                    sparse_mode=3, pre_tokens=INT64_MAX, next_tokens=INT64_MAX, attention_mode=0,
                                    return_softmax_lse=False, sinks=None):
         op = "npu_sparse_flash_attention"
+        line = emu._since_73(op)
         # 参数说明 / 约束说明 (torch_npu-npu_sparse_flash_attention.md); meta for the empty checks
         for name, t in (("query", query), ("key", key), ("sparse_indices", sparse_indices)):
             _check(t is not None and t.numel() > 0, op, f"{name} must be a non-empty tensor")
@@ -225,7 +259,8 @@ class NpuEmulator:
         _check(attention_mode == 2, op, f"attention_mode supports only 2 (MLA-absorb), got {attention_mode}")
         _check(query_rope is not None and key_rope is not None, op,
                "attention_mode=2 concatenates query_rope/key_rope to query/key: both are required")
-        _check(sinks is None, op, "sinks (aclnnSparseFlashAttentionV2) is not supported on Atlas A2/A3")
+        _check(sinks is None, op, f"sinks is not in the schema of the {line} line (it came after 26.1.0), and "
+                                  f"aclnnSparseFlashAttentionV2 is not supported on Atlas A2/A3")
         _contiguous(op, query=query, key=key, value=value, sparse_indices=sparse_indices,
                     query_rope=query_rope, key_rope=key_rope)
         _check(layout_query in ("BSND", "TND"), op, f"layout_query must be BSND or TND, got {layout_query!r}")
@@ -233,7 +268,7 @@ class NpuEmulator:
                f"layout_kv must be TND, BSND or PA_BSND, got {layout_kv!r}")
         _check(layout_kv == "PA_BSND" or layout_kv == layout_query, op,
                f"layout_kv {layout_kv} must equal layout_query {layout_query} unless it is PA_BSND")
-        _check(query.dtype in emu.attention_dtypes, op, f"query must be bfloat16 or float16, got {query.dtype}")
+        _check(query.dtype in emu.half_op_dtypes, op, f"query must be bfloat16 or float16, got {query.dtype}")
         _check(key.dtype == query.dtype and value.dtype == query.dtype, op,
                f"query, key and value dtypes must agree ({query.dtype}, {key.dtype}, {value.dtype})")
         _check(query_rope.dtype == query.dtype and key_rope.dtype == query.dtype, op,
@@ -389,15 +424,20 @@ class NpuEmulator:
         _check(active_num >= -1, op, f"active_num must be >= 0 (or the default -1), got {active_num}")
         limit = 5120 if expert_tokens_num_type == 2 else 10240
         _check(-1 <= expert_num <= limit, op, f"expert_num must be in [0, {limit}], got {expert_num}")
+        # 参数说明 active_expert_range: "传入默认值时，视为活跃的expert范围在0到expert_num之间", its end
+        # "不大于expert_num", and the count output is [expert_end - expert_start]: with the default
+        # expert_num=-1 there is no range and nothing to size that output by.
+        _check(expert_num >= 0 or not (expert_tokens_num_flag or len(active_expert_range)), op,
+               "expert_num=-1 (the default) leaves the active expert range [0, expert_num) and the "
+               "expert_token_cumsum_or_count output [expert_end - expert_start] unsized: pass expert_num")
         if len(active_expert_range):
             _check(len(active_expert_range) == 2, op, "active_expert_range must be int[2]")
             start, end = int(active_expert_range[0]), int(active_expert_range[1])
             _check(end > start, op, "active_expert_range must be increasing")
             _check(start >= 0 and end <= 10240, op, "active_expert_range must be within [0, 10240]")
-            _check(expert_num < 0 or end <= expert_num, op,
-                   f"active_expert_range end {end} exceeds expert_num {expert_num}")
+            _check(end <= expert_num, op, f"active_expert_range end {end} exceeds expert_num {expert_num}")
         else:
-            start, end = 0, expert_num if expert_num > 0 else None
+            start, end = 0, expert_num if expert_num >= 0 else None
         if expert_num > 0:
             _check(bool((expert_idx < expert_num).all()), op, f"expert ids must not exceed expert_num={expert_num}")
         if quant_mode != -1 or x_dtype is not None:
@@ -421,7 +461,8 @@ class NpuEmulator:
             expanded_row_idx = torch.full((NUM_ROWS * K,), -1, dtype=torch.int32)    # gather index
             expanded_row_idx[order[:available]] = torch.arange(available, dtype=torch.int32)
         n_out = NUM_ROWS * K if active_num <= 0 else min(active_num, NUM_ROWS * K)   # meta: rows of expanded_x
-        expanded_x = torch.zeros(n_out, x.shape[1], dtype=x.dtype)                   # rows past the valid ones: 0
+        # rows past the available ones are unspecified (返回值说明): NaN here, 0 for int8 x
+        expanded_x = torch.full((n_out, x.shape[1]), float("nan") if x.is_floating_point() else 0, dtype=x.dtype)
         n_valid = min(available, n_out)
         expanded_x[:n_valid] = x[order[:n_valid] // K]
         expanded_scale = torch.zeros(n_out, dtype=torch.float32)
@@ -430,7 +471,7 @@ class NpuEmulator:
         if not expert_tokens_num_flag:
             counts = torch.zeros((), dtype=torch.int64)                              # meta: shape []
         else:
-            width = (end if end is not None else int(flat.max()) + 1) - start
+            width = end - start                                                      # sized by the range
             hist = torch.bincount(flat[in_range] - start, minlength=width)[:width]
             if expert_tokens_num_type == 0:
                 counts = hist.cumsum(0)
@@ -602,6 +643,8 @@ class NpuEmulator:
                    f"r1 {tuple(r1.shape)} must broadcast to input {tuple(input.shape)}")
         x = input.float()
         if rotate is not None:
+            _check(emu.line is not None and emu.line.name != "7.3.0", op,
+                   "rotate is in the schema from the 26.0.0 line (CANN 9.0.0) on")
             _check(rotate.dim() == 2 and tuple(rotate.shape) == (D, D), op, f"rotate must be [{D}, {D}]")
             x_new = x @ rotate.float()
         elif rotary_mode == "half":
@@ -610,6 +653,27 @@ class NpuEmulator:
         else:
             x_new = torch.stack([-x[..., 1::2], x[..., 0::2]], -1).flatten(-2)
         return (r1.float() * x + r2.float() * x_new).to(input.dtype)
+
+    def npu_interleave_rope(emu, x, cos, sin):
+        op = "npu_interleave_rope"
+        # 参数说明 / 约束说明 (torch_npu-npu_interleave_rope.md, alike on every line since 7.0.0; A2/A3):
+        # x [B, N, S, D], cos/sin [B, 1, S or 1, D] of x's dtype (bfloat16/float16), contiguous, D = 64
+        _check(x.dim() == 4 and cos.dim() == 4 and sin.dim() == 4, op, "x, cos and sin must be 4-D [B, N, S, D]")
+        _check(x.dtype in emu.half_op_dtypes, op, f"x must be bfloat16 or float16, got {x.dtype}")
+        _check(cos.dtype == x.dtype and sin.dtype == x.dtype, op,
+               f"cos and sin must have x's dtype {x.dtype}, got {cos.dtype} and {sin.dtype}")
+        _contiguous(op, x=x, cos=cos, sin=sin)
+        B, N, S, D = x.shape
+        _check(D == IROPE_DIM and cos.shape[-1] == IROPE_DIM, op, f"D of x, cos and sin must be 64, got {D}")
+        _check(tuple(sin.shape) == tuple(cos.shape), op, f"sin {tuple(sin.shape)} must match cos {tuple(cos.shape)}")
+        _check(cos.shape[0] == B and cos.shape[1] == 1 and cos.shape[2] in (1, S), op,
+               f"cos/sin must be [B={B}, 1, 1 or S={S}, 64], got {tuple(cos.shape)}")
+        # 功能说明: q = reshape(x, [B,N,S,D/2,2]).transpose(-1,-2).reshape([B,N,S,D]) (the pairs split into
+        # halves), q_embed = q * cos + RotateHalf(q) * sin; the output stays in that half-split order
+        q = x.float().reshape(B, N, S, D // 2, 2).transpose(-1, -2).reshape(B, N, S, D)
+        q1, q2 = q.chunk(2, -1)
+        rotated = torch.cat([-q2, q1], -1)
+        return (q * cos.float() + rotated * sin.float()).to(x.dtype)
 
 
 def describe() -> str:

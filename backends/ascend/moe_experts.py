@@ -4,7 +4,14 @@
     dropless routing, expert_tokens_num_type=1 (counts per expert) -> group_list_type=1,
     group_type=0, split_item=2, weights as transposed views [E, Hd, 2I] / [E, I, Hd] (no copy);
     expanded_row_idx (gather form, row_idx_type=0) is the unpermute's sorted_indices.
-Slots with id -1 go to expert 0 with weight 0 (finite x, so they add 0).
+
+Unused slots (id -1; the model's router never leaves one, a caller may): the fused path sizes
+every buffer by T*K slots (npu_grouped_matmul wants the group sizes to sum to x's rows, and
+npu_moe_token_unpermute wants T*K distinct row indices), so a -1 slot still takes a row. It is
+routed to its own token's first used expert with weight 0, never to a fixed expert: the row is a
+duplicate of a row that token already adds with its own weight, so a non-finite expert output
+(0 * inf = NaN) can only reach a token whose result is non-finite already (as in the reference),
+never another token. A token with no used slot at all gets 0 (its row of the output set in place).
 
 Weights: bare tensors or dense `Weight`s. Declined (-> reference): other weight formats (the
 quantised grouped matmul is not wired), x and weights of different dtypes, fewer than 2 or more
@@ -33,9 +40,11 @@ def moe_experts(self, x, w13, w2, topk_ids, topk_weights):
     decline(K <= UNPERMUTE_MAX_TOPK, f"npu_moe_token_unpermute takes topK <= {UNPERMUTE_MAX_TOPK}, got {K}")
     if T == 0:
         return torch.zeros_like(x)
-    # contract: id -1 = slot unused. Route it to expert 0 with weight 0 (finite x -> adds 0).
-    unused = topk_ids < 0
-    ids = topk_ids.masked_fill(unused, 0).to(torch.int32).contiguous()                # [T, K]
+    # contract: id -1 = slot unused. It takes its token's first used expert with weight 0.
+    unused = topk_ids < 0                                                             # [T, K]
+    first = (~unused).to(torch.int8).argmax(1, keepdim=True)                          # first used slot (0: none)
+    own = topk_ids.gather(1, first).clamp(min=0)                                      # [T, 1]
+    ids = torch.where(unused, own, topk_ids).to(torch.int32).contiguous()             # [T, K]
     probs = topk_weights.float().masked_fill(unused, 0.0).contiguous()                # [T, K]
     # 1. sort the T*K (token, slot) rows by expert; counts per expert for the grouped GEMMs
     xs, row_of, counts, _ = self.npu.npu_moe_init_routing_v2(
@@ -48,4 +57,5 @@ def moe_experts(self, x, w13, w2, topk_ids, topk_weights):
     y = self.npu.npu_grouped_matmul([a], [w2.transpose(1, 2)], group_list=counts, split_item=2,
                                     group_type=0, group_list_type=1)[0]              # [T*K, Hd]
     # 3. back to token order, weighted sum over the K slots (row_of[t*K + k] = row of that slot)
-    return self.npu.npu_moe_token_unpermute(y, row_of, probs=probs)                  # [T, Hd]
+    out = self.npu.npu_moe_token_unpermute(y, row_of, probs=probs)                   # [T, Hd]
+    return out.masked_fill_(unused.all(1, keepdim=True), 0)                          # tokens with no expert

@@ -9,9 +9,12 @@ This is the call vllm-ascend's SFA path (sfa_v1.py) and Huawei's GLM-5.2 recipe 
 split `kv_cache[0]` / `kv_cache[1]` caches.
 
 Indices: the op wants each row's valid entries first and the -1 ones after; the contract allows -1
-anywhere (positions are distinct by contract), so the -1 entries move behind the positions with
-one stable sort of the rows' validity flags on the device.
-A row without any valid index gives 0 (the op leaves it unspecified).
+anywhere (positions are distinct by contract). An index tensor this backend's indexer_topk returned
+is valid-first with a valid entry in every row by construction and marked so: it goes to the op as
+it is, with no reorder and no empty-row fix-up, on its own layer and on every IndexShare layer that
+reuses the same tensor. Any other index tensor (a caller's, a slice, the reference indexer's) gets
+its -1 entries moved behind the positions with one stable sort of the rows' validity flags on the
+device, and a row without any valid index gives 0 (the op leaves it unspecified).
 
 lse: `return_lse=False` (the default, and all the model asks for) returns `out` only and computes
 no lse. `return_lse=True` is DECLINED with OpUnsupported, so the registry's reference computes out
@@ -19,16 +22,24 @@ and lse: the op returns softmax_max/softmax_sum only with return_softmax_lse=Tru
 allow in training and never with PA_BSND, and computing lse here would need the [T, topk, 576]
 gather of the selected rows that this path exists to avoid.
 
-Declined as well (-> reference): latent != 512 or rope != 64, heads outside 1, 2, 4, ..., 128,
-float32 on the device, cache dtypes other than q's, block sizes not a multiple of 16 up to 1024,
-non-contiguous caches (the op reads them in place; a copy per call would cost the whole cache).
+Declined as well (-> reference): a CANN older than 8.5.0 (no such op), latent != 512 or rope != 64,
+heads outside 1, 2, 4, ..., 128, float32 on the device, cache dtypes other than q's, block sizes
+not a multiple of 16 up to 1024, non-contiguous caches (the op reads them in place; a copy per call
+would cost the whole cache).
+
+Glue memory per call, outside the op (README "Memory outside the fused ops"): the query split into
+the op's two contiguous inputs (T*H*576 elements, the size of q) and, for an unmarked index tensor,
+the reordered indices (T*topk: int8 flags, int64 order, int32 result) and a [T] mask; the caches
+are handed over as views (no byte proportional to the cache), the output is fixed in place.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .common import SFA_HEADS, SFA_LATENT, SFA_ROPE, decline, paged_block_size, step_for
+from .common import (SFA_HEADS, SFA_LATENT, SFA_ROPE, decline, is_marked_valid_first, paged_block_size, step_for,
+                     version_decline)
+
 
 def valid_first(idx: torch.Tensor) -> torch.Tensor:
     """[T, K] positions (-1 = none, anywhere) -> [T, K] int32 with each row's positions first, in
@@ -52,11 +63,12 @@ def sparse_mla(self, q, c_cache, kpe_cache, idx, block_table, seq_lens, cu_seqle
         raise ValueError(f"sparse_mla: idx must be [T={T}, topk], got {list(idx.shape)}")
     decline(not return_lse, "return_lse=True: npu_sparse_flash_attention returns softmax statistics only in "
                             "training and never with PA_BSND; the reference computes out and lse")
+    version_decline(self, "npu_sparse_flash_attention")
     decline(Dl == SFA_LATENT and Dr == SFA_ROPE,
             f"npu_sparse_flash_attention (attention_mode=2) needs latent {SFA_LATENT} + rope {SFA_ROPE}, "
             f"got {Dl} + {Dr}")
     decline(H in SFA_HEADS, f"npu_sparse_flash_attention takes {SFA_HEADS} query heads, got {H}")
-    decline(q.dtype in self.attention_dtypes, f"npu_sparse_flash_attention takes bfloat16/float16, got {q.dtype}")
+    decline(q.dtype in self.half_op_dtypes, f"npu_sparse_flash_attention takes bfloat16/float16, got {q.dtype}")
     decline(c_cache.dtype == q.dtype and kpe_cache.dtype == q.dtype,
             f"cache dtypes (c {c_cache.dtype}, k_pe {kpe_cache.dtype}) must equal the query dtype {q.dtype}")
     decline(idx.shape[1] > 0, "npu_sparse_flash_attention needs at least one index per row")
@@ -66,8 +78,9 @@ def sparse_mla(self, q, c_cache, kpe_cache, idx, block_table, seq_lens, cu_seqle
     if T == 0:
         return torch.zeros(0, H, Dl, dtype=q.dtype, device=q.device)
     st = step_for(self, "sparse_mla", meta, T, block_table, seq_lens, cu_seqlens_q, BS)
-    sel = valid_first(idx)                                              # [T, topk] int32
-    latent = c_cache.unsqueeze(2)                                              # [NB, BS, 1, 512], a view
+    ours = is_marked_valid_first(idx) and idx.dtype == torch.int32 and idx.is_contiguous()
+    sel = idx if ours else valid_first(idx)                             # [T, topk] int32, valid first
+    latent = c_cache.unsqueeze(2)                                       # [NB, BS, 1, 512], a view
     out, _, _ = self.npu.npu_sparse_flash_attention(
         q[..., :Dl].contiguous(), latent, latent,          # key and value are the latent (mode 2)
         sel.unsqueeze(1), scale,                           # [T, KV_N=1, topk]
@@ -75,5 +88,6 @@ def sparse_mla(self, q, c_cache, kpe_cache, idx, block_table, seq_lens, cu_seqle
         query_rope=q[..., Dl:].contiguous(), key_rope=kpe_cache.unsqueeze(2),
         sparse_block_size=1, layout_query="TND", layout_kv="PA_BSND", sparse_mode=3, attention_mode=2,
         return_softmax_lse=False)
-    # a row with no valid index: the contract says 0 (the op's value there is unspecified)
-    return torch.where((sel[:, :1] >= 0)[:, :, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+    if not ours:   # a row with no valid index: the contract says 0 (the op's value there is unspecified)
+        out.masked_fill_((sel[:, 0] < 0)[:, None, None], 0)
+    return out

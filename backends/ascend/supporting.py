@@ -1,10 +1,18 @@
 """The supporting ops on Ascend.
 
     rms_norm   -> npu_rms_norm (gamma in x's dtype)
-    rope       -> npu_rotary_mul, rotary_mode="interleave", x as SBND [T, 1, N, Dr], cos/sin S11D
+    rope       -> npu_interleave_rope, as vllm-ascend and Huawei's GLM-5.2 recipe rotate q_pe
     mlp        -> npu_swiglu between two F.linear
     linear, layer_norm: plain torch (F.linear, F.layer_norm) on the device
 Weights of linear/mlp: bare tensors or dense `Weight`s; other formats are declined (-> reference).
+
+rope: npu_interleave_rope (doc page torch_npu-npu_interleave_rope.md, on every line since 7.0.0)
+takes x [B, N, S, 64] with GPT-J pairs (2i, 2i+1), splits the pairs into halves, rotates in
+rotate-half form with cos/sin [B, 1, S, 64] (each half-angle table twice) and returns the half
+layout. The contract keeps the pairs, so x goes in as [T, N, 1, 64] and the result is put back
+into pairs (one permuted copy of the output). npu_rotary_mul(rotary_mode="interleave"), the
+previous choice, is documented for the training products only. Declined (-> reference): a rotary
+width other than 64 (the op's only D), float32 on the device (bfloat16/float16 on Atlas A2/A3).
 """
 
 from __future__ import annotations
@@ -12,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import FLOATS, ROPE_MAX_DIM, decline, dense
+from .common import FLOATS, IROPE_DIM, decline, dense
 
 
 def rms_norm(self, x, weight, eps):
@@ -25,21 +33,20 @@ def rms_norm(self, x, weight, eps):
 
 
 def rope(self, x, positions, theta):
-    """Interleaved (GPT-J) RoPE through npu_rotary_mul, x viewed as SBND [T, 1, N, Dr]."""
+    """Interleaved (GPT-J) RoPE through npu_interleave_rope, x viewed as [B=T, N, S=1, 64]."""
     Dr = x.shape[-1]
     T = x.shape[0]
-    N = x[0].numel() // Dr if T else 1
-    decline(x.dtype in FLOATS, f"npu_rotary_mul: dtype {x.dtype}")
-    decline(Dr % 2 == 0 and Dr < ROPE_MAX_DIM, f"npu_rotary_mul needs D even and < {ROPE_MAX_DIM}, got {Dr}")
-    decline(N < 1000, f"npu_rotary_mul interleave mode needs B * N < 1000, got {N}")
+    decline(Dr == IROPE_DIM, f"npu_interleave_rope needs a rotary width of {IROPE_DIM}, got {Dr}")
+    decline(x.dtype in self.half_op_dtypes, f"npu_interleave_rope takes bfloat16/float16, got {x.dtype}")
     if T == 0:
         return x.clone()
+    N = x[0].numel() // Dr
     inv_freq = 1.0 / (theta ** (torch.arange(0, Dr, 2, dtype=torch.float32, device=x.device) / Dr))
     ang = positions.to(torch.float32)[:, None] * inv_freq[None, :]                   # [T, Dr/2]
-    cos = ang.cos().repeat_interleave(2, -1).to(x.dtype).view(T, 1, 1, Dr)          # S11D
-    sin = ang.sin().repeat_interleave(2, -1).to(x.dtype).view(T, 1, 1, Dr)
-    y = self.npu.npu_rotary_mul(x.reshape(T, 1, N, Dr), cos, sin, rotary_mode="interleave")
-    return y.view(x.shape)
+    cos = ang.cos().to(x.dtype).repeat(1, 2).view(T, 1, 1, Dr)                      # half layout, twice
+    sin = ang.sin().to(x.dtype).repeat(1, 2).view(T, 1, 1, Dr)
+    y = self.npu.npu_interleave_rope(x.reshape(T, N, 1, Dr).contiguous(), cos, sin)   # [T, N, 1, Dr], halves
+    return y.view(T, N, 2, Dr // 2).transpose(-1, -2).reshape(x.shape)               # back to pairs
 
 
 def linear(self, x, weight):

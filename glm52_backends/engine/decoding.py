@@ -3,7 +3,8 @@
 A decoder owns its caches and sampling state and offers two calls:
     prefill(prompts, prefill_chunk) -> the first new token of each request
     step(reqs) -> {request: (drafts accepted, tokens emitted this round)}
-`run_generation` drives any decoder: it emits tokens up to `max_new_tokens` or the first EOS,
+`run_generation` drives any decoder: it emits tokens up to `max_new_tokens`, the first EOS or the
+end of the context (whichever comes first: `finish_reasons` says "length", "eos" or "context"),
 times prefill and decode, and reports the same stats for every decoder (plus the decoder's own).
 """
 
@@ -16,14 +17,20 @@ from typing import Any
 
 import torch
 
-from ..sampling import probs_from_logits, sample_from
+from ..sampling import check_sampling, probs_from_logits, sample_from
+from .arguments import budgets
+
+FINISH_REASONS = ("length", "eos", "context")
 
 
 @dataclass
 class GenerationResult:
+    """`tokens[i]`: the new tokens of request i; `finish_reasons[i]`: why it stopped: "length"
+    (max_new_tokens), "eos", or "context" (max_position_embeddings reached first)."""
     tokens: list[list[int]]
     stats: dict[str, Any] = field(default_factory=dict)
     text: list[str] | None = None
+    finish_reasons: list[str] = field(default_factory=list)
 
 
 def prefill_chunks(prompts: dict[Hashable, Sequence[int]], prefill_chunk: int | None
@@ -57,11 +64,8 @@ class PlainDecoder:
 
     def __init__(self, model, *, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                  cache_tokens: int):
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if temperature > 0:
-            probs_from_logits(torch.zeros(1, 2), temperature, top_p)  # validates top_p early
-        self.model, self.temperature, self.top_p = model, float(temperature), float(top_p)
+        temperature, top_p = check_sampling(temperature, top_p)
+        self.model, self.temperature, self.top_p = model, temperature, top_p
         self.gen = torch.Generator().manual_seed(0 if seed is None else seed)
         self.cache = model.new_cache(cache_tokens)
         self.last_token: dict[int, int] = {}
@@ -86,33 +90,32 @@ class PlainDecoder:
         return {i: (0, [t]) for i, t in zip(reqs, self._sample(last, reqs))}
 
 
-def check_generation_args(max_new_tokens: int, prefill_chunk: int | None) -> None:
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if prefill_chunk is not None and prefill_chunk <= 0:
-        raise ValueError(f"prefill_chunk must be positive, got {prefill_chunk}")
-
-
 def run_generation(model, decoder, prompts: list[list[int]], *, max_new_tokens: int, stop_at_eos: bool,
                    prefill_chunk: int | None, extra_stats: dict[str, Any] | None = None) -> GenerationResult:
-    """Drive `decoder` until every request has `max_new_tokens` tokens or emitted an EOS."""
+    """Drive `decoder` until every request has `max_new_tokens` tokens, emitted an EOS, or filled
+    the context (prompt + new tokens = max_position_embeddings)."""
     B = len(prompts)
     eos = set(model.cfg.eos_token_id) if stop_at_eos else set()
     out: list[list[int]] = [[] for _ in range(B)]
+    budget = budgets(model, prompts, max_new_tokens)
+    reason = ["length" if budget[i] == max_new_tokens else "context" for i in range(B)]
 
     def emit(i: int, toks: list[int]) -> bool:
-        """Append up to max_new_tokens / the first eos; True while request i goes on."""
+        """Append up to the request's budget / the first eos; True while request i goes on."""
         for t in toks:
-            out[i].append(int(t))
-            if len(out[i]) >= max_new_tokens or t in eos:
+            if len(out[i]) >= budget[i]:
                 return False
-        return True
+            out[i].append(int(t))
+            if t in eos:
+                reason[i] = "eos"
+                return False
+        return len(out[i]) < budget[i]
 
     t0 = time.perf_counter()
     active: list[int] = []
-    if max_new_tokens > 0:
+    if any(n > 0 for n in budget):
         first = decoder.prefill(prompts, prefill_chunk)
-        active = [i for i in range(B) if emit(i, [first[i]])]
+        active = [i for i in range(B) if budget[i] > 0 and emit(i, [first[i]])]
     t1 = time.perf_counter()
     steps = 0
     while active:
@@ -130,5 +133,6 @@ def run_generation(model, decoder, prompts: list[list[int]], *, max_new_tokens: 
         **(extra_stats or {}),
         "ops": model.ops.ran_natively(),
     }
+    stats["finish_reasons"] = {r: reason.count(r) for r in FINISH_REASONS if r in reason}
     text = [model.tokenizer.decode(o) for o in out] if model.tokenizer is not None else None
-    return GenerationResult(out, stats, text)
+    return GenerationResult(out, stats, text, reason)

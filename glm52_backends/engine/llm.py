@@ -20,9 +20,29 @@ import torch
 from ..cache import PagedCache
 from ..config import ModelConfig
 from ..model import Glm52Network
+from ..parallel import ParallelPlan
 from ..registry import BoundBackend, get_backend
 from ..weights import float32_tensor
+from . import arguments
 from .generation import GenerationResult, generate
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _check_init(model: Any, backend: Any, device: Any, dtype: Any, block_size: Any) -> None:
+    """GLM52's own arguments, before anything is loaded."""
+    if not isinstance(model, (str, os.PathLike, ModelConfig)):
+        raise ValueError(f"GLM52: model must be a checkpoint folder or a ModelConfig, got {type(model).__name__}")
+    if backend is None:
+        raise ValueError("GLM52: backend=None; give 'auto', a registered name or a backend object")
+    if dtype is not None and dtype not in _DTYPES:
+        raise ValueError(f"GLM52: dtype must be one of {', '.join(str(d) for d in _DTYPES)}, got {dtype!r}")
+    arguments.positive_int("GLM52: block_size", block_size, allow_none=True)
+    if device is not None:
+        try:
+            torch.device(device)
+        except (RuntimeError, TypeError, ValueError) as e:
+            raise ValueError(f"GLM52: device {device!r} is not a torch device ({e})") from None
 
 
 class GLM52:
@@ -33,33 +53,55 @@ class GLM52:
     """
 
     def __init__(self, model: str | os.PathLike | ModelConfig, *, backend: Any = "auto", device=None,
-                 dtype: torch.dtype | None = None, block_size: int = 16, progress: bool = True,
-                 include_mtp: bool | None = None, seed: int = 0, state_dict: dict | None = None):
+                 dtype: torch.dtype | None = None, block_size: int | None = None, progress: bool = True,
+                 include_mtp: bool | None = None, seed: int = 0, state_dict: dict | None = None,
+                 tp: int = 1, dp: int = 1, ep: int = 1, collective: str | None = None):
+        _check_init(model, backend, device, dtype, block_size)
         self.ops: BoundBackend = get_backend(backend)
         caps = self.ops.capabilities
         self.device = torch.device(device if device is not None
                                    else getattr(self.ops.backend, "device", None) or "cpu")
         self.dtype = dtype or caps.get("default_dtype") or torch.float32
-        self.block_size = block_size
+        # tokens per cache block: asked for, else the backend's (Ascend's fused attention: 128), else 16
+        self.block_size = block_size or int(caps.get("default_block_size") or 16)
         self.path = None
         self.tokenizer = None
+        # many devices: this rank's layout, device and collectives (parallel.py, engine/distributed.py)
+        self.plan = ParallelPlan(tp=tp, dp=dp, ep=ep)
+        self.layout, self.comms, self.load_stats = None, None, {}
+        if self.plan.world_size > 1:
+            from ..loader import load_config
+            from .distributed import setup
+            cfg0 = model if isinstance(model, ModelConfig) else load_config(model)
+            self.layout, self.device, self.comms = setup(self.plan, cfg0, self.device, collective)
         if isinstance(model, ModelConfig):
             self.cfg = model
             if state_dict is None:  # random weights in the real layout (benchmarks, planner checks)
                 from ..tiny import random_state_dict
                 state_dict = random_state_dict(model, seed=seed, dtype=self.dtype,
                                                include_mtp=bool(include_mtp or (include_mtp is None and model.mtp_layer)))
+            else:  # the user's weights: names, shapes, dtypes, NaN/inf checked like a checkpoint's
+                arguments.state_dict(model, state_dict, isinstance(state_dict, dict) and
+                                     f"model.layers.{model.num_hidden_layers}.eh_proj.weight" in state_dict)
             sd = dict(state_dict)
+            if self.layout is not None:      # whole tensors in memory: keep this rank's slices
+                sd = {k: v for k, v in ((k, self.layout.local(k, v)) for k, v in sd.items()) if v is not None}
         else:
-            from ..loader import load_checkpoint, load_tokenizer
+            from ..loader import load_checkpoint, load_checkpoint_shard, load_tokenizer
             self.path = os.fspath(model)
-            self.cfg, sd = load_checkpoint(self.path, dtype=self.dtype, device=self.device,
-                                           include_mtp=include_mtp, progress=progress)
+            if self.layout is not None:      # read only this rank's slices
+                self.cfg, sd = load_checkpoint_shard(self.path, self.layout, dtype=self.dtype, device=self.device,
+                                                     include_mtp=include_mtp, progress=progress, stats=self.load_stats)
+            else:
+                self.cfg, sd = load_checkpoint(self.path, dtype=self.dtype, device=self.device,
+                                               include_mtp=include_mtp, progress=progress)
             self.tokenizer = load_tokenizer(self.path)
         cfg = self.cfg
         self.has_mtp = f"model.layers.{cfg.num_hidden_layers}.eh_proj.weight" in sd
         sd = {k: v.to(self.device, torch.float32 if float32_tensor(k) else self.dtype) for k, v in sd.items()}
-        self.net = Glm52Network(cfg, sd, self.ops, self.device, include_mtp=self.has_mtp)
+        self.net = Glm52Network(cfg, sd, self.ops, self.device, include_mtp=self.has_mtp, layout=self.layout,
+                                comm=self.comms.tp if self.comms else None,
+                                dp_comm=self.comms.dp if self.comms else None)
 
     from_pretrained = classmethod(lambda cls, *a, **k: cls(*a, **k))
 
@@ -68,7 +110,14 @@ class GLM52:
         """Build model, backend and device from a deployment YAML (`configs/*.yaml`, a bundled name,
         or a `DeploymentConfig`). Overrides: model, backend, device, dtype and any `GLM52` keyword.
         Runs on one process: the parallel layout is for planning."""
+        import inspect
+
         from ..deploy import load_deployment
+        known = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"from_deployment: unknown override{'s' if len(unknown) > 1 else ''} "
+                             f"{', '.join(map(repr, unknown))}; known: {', '.join(sorted(known))}")
         model, kwargs = load_deployment(deployment).model_arguments(**overrides)
         return cls(model, **kwargs)
 
@@ -85,20 +134,43 @@ class GLM52:
     def layers(self):
         return self.net.layers
 
+    # Every step goes through these three: its inputs are checked here, it runs as one cache
+    # transaction (a failure leaves the cache bit-identical), and logits must come out finite.
     def run(self, cache: PagedCache, chunks: dict[Hashable, Sequence[int]]):
         """Append tokens to requests; (step, final-normed hidden states [T, Hd])."""
-        return self.net.run(cache, chunks)
+        chunks = self._step_inputs(cache, chunks)
+        with cache.transaction():
+            return self.net.run(cache, chunks)
 
     def run_mtp(self, cache: PagedCache, chunks, hidden: torch.Tensor, shared_idx: torch.Tensor | None = None):
         """The MTP layer over one step: (step, hidden [T, Hd], logits [T, V], top-k used)."""
-        return self.net.run_mtp(cache, chunks, hidden, shared_idx)
+        chunks = self._step_inputs(cache, chunks)
+        T = sum(len(c) for c in chunks.values())
+        if not isinstance(hidden, torch.Tensor) or tuple(hidden.shape) != (T, self.cfg.hidden_size):
+            raise ValueError(f"run_mtp: hidden must be [T={T}, hidden_size={self.cfg.hidden_size}] (one row per "
+                             f"token of the chunks), got {tuple(getattr(hidden, 'shape', ())) or type(hidden).__name__}")
+        with cache.transaction():
+            st, z, logits, idx = self.net.run_mtp(cache, chunks, hidden, shared_idx)
+            arguments.finite_logits(logits, self.ops, "MTP logits")
+        return st, z, logits, idx
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.net.logits(h)
+        """[T, Hd] final-normed hidden states -> f32 logits [T, V], checked finite."""
+        self.ops.at_layer(None)
+        return arguments.finite_logits(self.net.logits(h), self.ops)
+
+    def _step_inputs(self, cache: PagedCache, chunks) -> dict[Hashable, list[int]]:
+        chunks = arguments.chunks(cache, chunks, self.cfg.vocab_size)
+        arguments.cache_fits(self, cache)
+        self.ops.at_layer(None)
+        return chunks
 
     # ---- caches ---------------------------------------------------------------------------------
     def new_cache(self, max_tokens: int, *, block_size: int | None = None, mtp: bool = False) -> PagedCache:
-        """A paged cache holding `max_tokens` tokens in total over all requests."""
+        """A paged cache holding `max_tokens` tokens in total over all requests (a positive integer;
+        more than the requests can use is allowed, but a request never grows past the context)."""
+        arguments.positive_int("new_cache: max_tokens", max_tokens)
+        arguments.positive_int("new_cache: block_size", block_size, allow_none=True)
         bs = block_size or self.block_size
         return PagedCache(self.cfg, max(1, -(-max_tokens // bs)), bs, dtype=self.dtype, device=self.device,
                           mtp=mtp and self.has_mtp)
@@ -110,63 +182,48 @@ class GLM52:
 
         Returns per request the logits [q_len, V] of the new tokens (only the last one if
         `last_only`). The cache advances; a bad token, an over-long context or a full cache raises
-        before anything is written.
+        before anything is written, and a step that fails later (a backend op raising, NaN logits)
+        leaves the cache exactly as it was.
         """
-        st, h = self.net.run(cache, chunks)
-        cu = st.meta.cu_host
-        if last_only:
-            rows = torch.tensor([e - 1 for e in cu[1:]], device=h.device)
-            lg = self.net.logits(h[rows])
-            return {r: lg[i:i + 1] for i, r in enumerate(st.reqs)}
-        lg = self.net.logits(h)
-        return {r: lg[cu[i]:cu[i + 1]] for i, r in enumerate(st.reqs)}
+        chunks = self._step_inputs(cache, chunks)
+        with cache.transaction():
+            st, h = self.net.run(cache, chunks)
+            cu = st.meta.cu_host
+            if last_only:
+                rows = torch.tensor([e - 1 for e in cu[1:]], device=h.device)
+                lg = self.logits(h[rows])
+                return {r: lg[i:i + 1] for i, r in enumerate(st.reqs)}
+            lg = self.logits(h)
+            return {r: lg[cu[i]:cu[i + 1]] for i, r in enumerate(st.reqs)}
 
     def __call__(self, input_ids) -> torch.Tensor | list[torch.Tensor]:
         """Stateless full forward. `[B, T]` tensor -> logits `[B, T, V]` (f32);
         a list of token-id lists (lengths may differ) -> a list of `[T_i, V]`."""
         as_tensor = isinstance(input_ids, torch.Tensor)
-        if as_tensor:
-            if input_ids.dim() != 2:
-                raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
-            prompts = input_ids.tolist()
+        if as_tensor and input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+        prompts = self.encode_prompts(input_ids if as_tensor or not isinstance(input_ids, (str, bytes))
+                                      else [input_ids])
+        if self.plan.dp > 1:                 # dp groups split the requests; every rank gets every result
+            from .distributed import forward_dp
+            logits = forward_dp(self, prompts)
         else:
-            prompts = [list(p) for p in input_ids]
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("every sequence needs at least one token")
-        cache = self.new_cache(sum(len(p) + self.block_size for p in prompts))
-        out = self.extend(cache, dict(enumerate(prompts)))
-        logits = [out[i] for i in range(len(prompts))]
+            cache = self.new_cache(sum(len(p) + self.block_size for p in prompts))
+            out = self.extend(cache, dict(enumerate(prompts)))
+            logits = [out[i] for i in range(len(prompts))]
         return torch.stack(logits) if as_tensor else logits
 
     forward = __call__
 
     # ---- prompts ----------------------------------------------------------------------------------
-    def check_tokens(self, ids: Sequence[int], where: str) -> None:
-        V = self.cfg.vocab_size
-        for j, t in enumerate(ids):
-            if not 0 <= int(t) < V:
-                raise ValueError(f"{where}: token id {int(t)} at position {j} is outside the vocabulary [0, {V})")
+    def check_tokens(self, ids: Sequence[int], where: str) -> list[int]:
+        """`ids` as ints in the vocabulary; floats, bools and strings are refused, not converted."""
+        return arguments.token_ids(ids, where, self.cfg.vocab_size)
 
     def encode_prompts(self, prompts) -> list[list[int]]:
-        """Token-id lists from a `[B, T]` tensor, token-id lists, or strings (with a tokenizer)."""
-        if isinstance(prompts, torch.Tensor):
-            if prompts.dim() != 2:
-                raise ValueError(f"prompts tensor must be [B, T], got {tuple(prompts.shape)}")
-            prompts = prompts.tolist()
-        elif isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        out = []
-        for i, p in enumerate(prompts):
-            if isinstance(p, str):
-                if self.tokenizer is None:
-                    raise ValueError("text prompts need a tokenizer.json in the checkpoint; pass token ids instead")
-                p = self.tokenizer.encode(p)
-            p = [int(t) for t in p]
-            if not p:
-                raise ValueError("every prompt needs at least one token")
-            self.check_tokens(p, f"prompt {i}")
-            out.append(p)
-        return out
+        """Token-id lists from a `[B, T]` integer tensor, token-id lists, or strings (with a
+        tokenizer); each non-empty and within the context (engine/arguments.py)."""
+        return arguments.prompts(self, prompts)
 
     # ---- generation -------------------------------------------------------------------------------
     def generate(self, prompts, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
@@ -181,6 +238,13 @@ class GLM52:
         step (greedy: the same tokens as plain decoding; sampling: the same distribution); stats
         then add `mean_acceptance_length` and `verify_steps`.
         """
-        return generate(self, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                        seed=seed, speculative=speculative, prefill_chunk=prefill_chunk, stop_at_eos=stop_at_eos,
-                        cache_tokens=cache_tokens)
+        kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                  speculative=speculative, prefill_chunk=prefill_chunk, stop_at_eos=stop_at_eos,
+                  cache_tokens=cache_tokens)
+        if self.plan.dp > 1:                 # checked on every rank first: a refusal must not strand a group
+            from .distributed import generate_dp
+            arguments.generation(**kw)
+            if speculative and not self.has_mtp:
+                raise ValueError("speculative decoding needs the MTP layer, which this model does not have")
+            return generate_dp(self, self.encode_prompts(prompts), generate, **kw)
+        return generate(self, prompts, **kw)

@@ -24,6 +24,9 @@ A round (`SpeculativeDecoder.step`):
 Greedy output is the plain greedy output token for token; sampling preserves the target
 distribution (Leviathan et al. 2023) because every draft token is drawn from the distribution
 passed to `mtp_verify` as `draft_probs`.
+
+Near the end of the context a request drafts fewer tokens (k_i = min(k, context - 1 - n), the
+verify step must fit), so generation runs up to the context exactly as plain decoding does.
 """
 
 from __future__ import annotations
@@ -33,8 +36,9 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..sampling import probs_from_logits
-from .decoding import check_generation_args, pick, prefill_chunks, run_generation
+from ..sampling import check_sampling
+from . import arguments
+from .decoding import pick, prefill_chunks, run_generation
 
 # draft_filter(request, position, proposed_token) -> token: replaces the MTP layer's token choice
 # (the MTP layer still runs), e.g. the benchmark's synthetic draft source with a set acceptance
@@ -68,13 +72,9 @@ class SpeculativeDecoder:
             raise ValueError("speculative decoding needs the MTP layer, which this model does not have "
                              "(num_nextn_predict_layers = 0, or model.layers.N.* tensors missing, or "
                              "loaded with include_mtp=False)")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
         self.model, self.k = model, k
-        self.temperature, self.top_p = float(temperature), float(top_p)
-        self.sampling = temperature > 0.0
-        if self.sampling:
-            probs_from_logits(torch.zeros(1, 2), self.temperature, self.top_p)  # validates top_p early
+        self.temperature, self.top_p = check_sampling(temperature, top_p)
+        self.sampling = self.temperature > 0.0
         self.gen = torch.Generator().manual_seed(0 if seed is None else seed)
         self.draft_filter = draft_filter
         self.cache = model.new_cache(cache_tokens, mtp=True)
@@ -130,9 +130,23 @@ class SpeculativeDecoder:
     @torch.inference_mode()
     def step(self, reqs: Sequence[int]) -> dict[int, tuple[int, list[int]]]:
         """One draft/verify round for `reqs`; returns per request (accepted drafts a, the a+1 tokens
-        emitted: accepted drafts then the target's own token). `seq` and the caches advance."""
-        m, k, cache = self.model, self.k, self.cache
-        reqs = list(reqs)
+        emitted: accepted drafts then the target's own token). `seq` and the caches advance.
+        A request within k tokens of the context's end drafts only as many as still fit."""
+        C = self.model.cfg.max_position_embeddings
+        by_k: dict[int, list[int]] = {}
+        for i in reqs:
+            n = len(self.seq[i]) - 1                       # the verify step feeds positions n..n+k
+            if n + 1 >= C:
+                raise ValueError(f"request {i} has filled the context ({C} tokens); nothing more fits")
+            by_k.setdefault(min(self.k, C - 1 - n), []).append(i)
+        out: dict[int, tuple[int, list[int]]] = {}
+        for k in sorted(by_k, reverse=True):
+            out.update(self._round(by_k[k], k))
+        return out
+
+    def _round(self, reqs: list[int], k: int) -> dict[int, tuple[int, list[int]]]:
+        """One draft/verify round with k drafts per request."""
+        m, cache = self.model, self.cache
         self.catch_up(reqs)
         n = {i: len(self.seq[i]) - 1 for i in reqs}                                  # target cache lengths
         # ---- draft: k tokens per request --------------------------------------------------------
@@ -186,10 +200,15 @@ def generate_speculative(model, prompts, *, max_new_tokens: int, k: int, tempera
     """`GLM52.generate(..., speculative=k)`: same arguments and result as plain generation, plus
     stats `mean_acceptance_length` (tokens emitted per request per verify step, the bonus token
     counted; 1.0 = no draft ever accepted), `verify_steps` and `speculative`."""
-    check_generation_args(max_new_tokens, prefill_chunk)
+    arguments.generation(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                         speculative=k, prefill_chunk=prefill_chunk, stop_at_eos=stop_at_eos,
+                         cache_tokens=cache_tokens)
     prompts = model.encode_prompts(prompts)
-    # target: prompt + new + k drafts in flight; MTP: the same less two; a spare block per cache id
-    need = cache_tokens or sum(2 * (len(p) + max_new_tokens + k + model.block_size) for p in prompts)
+    # target: prompt + new + k drafts in flight (never past the context); MTP: the same less two;
+    # a spare block per cache id
+    budget = arguments.budgets(model, prompts, max_new_tokens)
+    C = model.cfg.max_position_embeddings
+    need = cache_tokens or sum(2 * (min(len(p) + n + k, C) + model.block_size) for p, n in zip(prompts, budget))
     dec = SpeculativeDecoder(model, k, temperature=temperature, top_p=top_p, seed=seed, cache_tokens=need,
                              draft_filter=draft_filter)
     res = run_generation(model, dec, prompts, max_new_tokens=max_new_tokens, stop_at_eos=stop_at_eos,

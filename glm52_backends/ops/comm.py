@@ -44,6 +44,17 @@ class Collectives:
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
         return x
 
+    def all_gather_rows(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Every rank's rows (rank r has counts[r] of them), concatenated in rank order."""
+        return x
+
+    def reduce_scatter_rows(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """The sum over ranks of x [sum(counts), ...], this rank's counts[rank] rows of it."""
+        return x
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        return [obj]
+
     def moe_dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """(tokens this rank computes, their expert ids, a handle for moe_combine)."""
         return x, topk_ids, None
@@ -108,8 +119,34 @@ class TorchDistributed(Collectives):
         if self.world_size == 1:
             return x
         x = x.contiguous()
-        self.dist.broadcast(x, src=src, group=self.group)
+        self.dist.broadcast(x, src=self.dist.get_global_rank(self.group, src) if self.group is not None else src,
+                            group=self.group)
         return x
+
+    def all_gather_rows(self, x, counts):
+        if self.world_size == 1:
+            return x
+        n = max(counts)
+        parts = self.all_gather(_pad_rows(x, n)[None], dim=0)              # [W, n, ...] (equal sizes)
+        return torch.cat([parts[r, :c] for r, c in enumerate(counts)])
+
+    def reduce_scatter_rows(self, x, counts):
+        if self.world_size == 1:
+            return x
+        x = self.all_reduce(x.clone())
+        start = sum(counts[:self.rank])
+        return x[start:start + counts[self.rank]].contiguous()
+
+    def all_gather_object(self, obj):
+        if self.world_size == 1:
+            return [obj]
+        out = [None] * self.world_size
+        self.dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+
+def _pad_rows(x: torch.Tensor, n: int) -> torch.Tensor:
+    return x if x.shape[0] == n else torch.cat([x, x.new_zeros((n - x.shape[0],) + tuple(x.shape[1:]))])
 
 
 def default_collectives() -> Collectives:

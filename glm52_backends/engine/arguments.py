@@ -1,0 +1,197 @@
+"""The engine's input boundary: prompts, token ids, step chunks, generation and sampling arguments,
+caches and user-supplied weights, each checked once here with a message naming the culprit.
+
+Token ids must be Python ints (or numpy / torch integers): a float, bool or string is refused,
+never converted (`int(2.7)` would silently be token 2). Every float argument must be finite.
+Prompts longer than the context are refused up front; generation past the context stops there
+with the finish reason "context" (engine/decoding.py).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from ..sampling import check_sampling
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _kind(v: Any) -> str:
+    return f"{type(v).__name__} {v!r}" if not isinstance(v, torch.Tensor) else f"tensor of {v.dtype}"
+
+
+# ---- token ids -----------------------------------------------------------------------------------
+def token_ids(seq: Any, where: str, vocab_size: int) -> list[int]:
+    """A sequence of token ids as a list of ints in [0, vocab_size); anything else is refused."""
+    if isinstance(seq, torch.Tensor):
+        if seq.dtype.is_floating_point or seq.dtype.is_complex or seq.dtype == torch.bool:
+            raise ValueError(f"{where}: token ids must be integers, got a tensor of {seq.dtype}")
+        if seq.dim() != 1:
+            raise ValueError(f"{where}: token ids must be a 1-D sequence, got a tensor of shape {list(seq.shape)}")
+        seq = seq.tolist()
+    elif hasattr(seq, "dtype") and hasattr(seq, "tolist"):  # numpy arrays
+        if getattr(seq.dtype, "kind", "i") not in "iu":
+            raise ValueError(f"{where}: token ids must be integers, got an array of {seq.dtype}")
+        seq = seq.tolist()
+    if isinstance(seq, (str, bytes)) or not isinstance(seq, Sequence):
+        raise ValueError(f"{where}: expected a sequence of token ids, got {_kind(seq)}")
+    out = []
+    for j, t in enumerate(seq):
+        if isinstance(t, torch.Tensor) and t.dim() == 0 and not t.dtype.is_floating_point and t.dtype != torch.bool:
+            t = t.item()
+        if not _is_int(t):
+            raise ValueError(f"{where}: token id at position {j} is {_kind(t)}; token ids must be integers "
+                             f"(floats, bools and strings are refused, not converted)")
+        t = int(t)
+        if not 0 <= t < vocab_size:
+            raise ValueError(f"{where}: token id {t} at position {j} is outside the vocabulary [0, {vocab_size})")
+        out.append(t)
+    return out
+
+
+def prompts(model, prompts: Any) -> list[list[int]]:
+    """Token-id lists from a `[B, T]` integer tensor, token-id lists, or strings (with a tokenizer);
+    each non-empty and no longer than the context."""
+    cfg = model.cfg
+    if not isinstance(prompts, torch.Tensor) and hasattr(prompts, "ndim") and hasattr(prompts, "tolist"):
+        prompts = list(prompts) if prompts.ndim == 2 else [prompts]  # numpy: rows are checked as arrays
+    if isinstance(prompts, torch.Tensor):
+        if prompts.dim() != 2:
+            raise ValueError(f"prompts tensor must be [B, T], got shape {tuple(prompts.shape)}")
+        prompts = list(prompts)
+    elif isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and _is_int(prompts[0])):
+        prompts = [prompts]
+    if isinstance(prompts, (bytes, Mapping)) or not isinstance(prompts, Sequence):
+        raise ValueError(f"prompts must be a list of token-id lists or strings, or a [B, T] tensor; got {_kind(prompts)}")
+    if not prompts:
+        raise ValueError("prompts: no prompts given")
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            if model.tokenizer is None:
+                raise ValueError("text prompts need a tokenizer.json in the checkpoint; pass token ids instead")
+            p = model.tokenizer.encode(p)
+        ids = token_ids(p, f"prompt {i}", cfg.vocab_size)
+        if not ids:
+            raise ValueError(f"prompt {i}: every prompt needs at least one token")
+        if len(ids) > cfg.max_position_embeddings:
+            raise ValueError(f"prompt {i} has {len(ids)} tokens, more than the model's context "
+                             f"(max_position_embeddings = {cfg.max_position_embeddings})")
+        out.append(ids)
+    return out
+
+
+def chunks(cache, chunks: Any, vocab_size: int) -> dict[Hashable, list[int]]:
+    """`extend`'s {request: token ids}: a mapping of hashable ids to integer sequences."""
+    from ..cache import PagedCache
+    if not isinstance(cache, PagedCache):
+        raise ValueError(f"cache must be a PagedCache from model.new_cache(...), got {_kind(cache)}")
+    if not isinstance(chunks, Mapping):
+        raise ValueError(f"chunks must be a dict {{request id: token ids}}, got {_kind(chunks)}")
+    out = {}
+    for r, seq in chunks.items():
+        try:
+            hash(r)
+        except TypeError:
+            raise ValueError(f"request id {r!r} is not hashable") from None
+        out[r] = token_ids(seq, f"request {r!r}", vocab_size)
+    return out
+
+
+def cache_fits(model, cache) -> None:
+    """A cache built for this model: same layers and widths, dtype and device."""
+    cfg = model.cfg
+    c0 = cache.c.get(0)
+    want = (cfg.kv_lora_rank, cfg.qk_rope_head_dim)
+    got = (c0.shape[-1], cache.k_pe[0].shape[-1]) if c0 is not None else None
+    if got != want or len([l for l in cache.c if l < cfg.num_hidden_layers]) != cfg.num_hidden_layers:
+        raise ValueError("cache: it was not built for this model (layers or latent widths differ); "
+                         "use model.new_cache(...)")
+    dev = torch.device(model.device)
+    if c0.dtype != model.dtype or c0.device.type != dev.type or (dev.index is not None and c0.device.index != dev.index):
+        raise ValueError(f"cache: {c0.dtype} on {c0.device}, the model computes in {model.dtype} on "
+                         f"{model.device}; use model.new_cache(...)")
+
+
+# ---- generation ----------------------------------------------------------------------------------
+def positive_int(name: str, v: Any, *, allow_none: bool = False, allow_zero: bool = False) -> None:
+    if v is None and allow_none:
+        return
+    if not _is_int(v) or v < 0 or (v == 0 and not allow_zero):
+        want = "an integer >= 0" if allow_zero else "a positive integer"
+        raise ValueError(f"{name} must be {want}{' or None' if allow_none else ''}, got {v!r}")
+
+
+def generation(*, max_new_tokens: Any, temperature: Any, top_p: Any, seed: Any, speculative: Any,
+               prefill_chunk: Any, stop_at_eos: Any, cache_tokens: Any) -> None:
+    """Every argument of `GLM52.generate` except the prompts."""
+    positive_int("max_new_tokens", max_new_tokens, allow_zero=True)
+    if not _is_int(speculative) or speculative < 0:
+        raise ValueError(f"speculative must be 0 (plain decoding) or a positive integer number of draft tokens, "
+                         f"got {speculative!r}")
+    positive_int("prefill_chunk", prefill_chunk, allow_none=True)
+    positive_int("cache_tokens", cache_tokens, allow_none=True)
+    if seed is not None and not _is_int(seed):
+        raise ValueError(f"seed must be an integer or None, got {seed!r}")
+    if not isinstance(stop_at_eos, bool):
+        raise ValueError(f"stop_at_eos must be True or False, got {stop_at_eos!r}")
+    check_sampling(temperature, top_p)
+
+
+def budgets(model, prompts: list[list[int]], max_new_tokens: int) -> list[int]:
+    """New tokens each request may emit: max_new_tokens, or fewer where the context ends first."""
+    C = model.cfg.max_position_embeddings
+    return [min(max_new_tokens, C - len(p)) for p in prompts]
+
+
+# ---- weights and outputs -------------------------------------------------------------------------
+def state_dict(cfg, sd: Any, include_mtp: bool) -> None:
+    """User-supplied weights for a `ModelConfig`: every expected name, its shape, a float dtype, finite."""
+    from ..loader import SCALE_SUFFIX
+    from ..weights import expected_tensors
+    if not isinstance(sd, Mapping):
+        raise ValueError(f"state_dict must be a dict of tensors, got {_kind(sd)}")
+    want = expected_tensors(cfg, include_mtp=include_mtp)
+    missing = [k for k in want if k not in sd]
+    extra = [k for k in sd if k not in want and not k.endswith(SCALE_SUFFIX)]
+    problems = [f"missing tensor '{k}' (expected {list(want[k])})" for k in missing[:5]]
+    problems += [f"unexpected tensor '{k}'" for k in extra[:5]]
+    for k, shape in want.items():
+        t = sd.get(k)
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            problems.append(f"'{k}' is {_kind(t)}, not a tensor")
+        elif tuple(t.shape) != tuple(shape):
+            problems.append(f"tensor '{k}' has shape {list(t.shape)}, expected {list(shape)}")
+        elif not t.is_floating_point():
+            problems.append(f"tensor '{k}' has dtype {t.dtype}, expected a floating dtype")
+        elif not bool(torch.isfinite(t).all()):
+            problems.append(f"tensor '{k}' holds {int((~torch.isfinite(t)).sum())} NaN/inf value(s)")
+    if problems:
+        raise ValueError(f"state_dict does not match the config ({len(problems)} problem(s)"
+                         f"{', first ones' if len(missing) > 5 or len(extra) > 5 else ''}):\n  " + "\n  ".join(problems))
+
+
+def finite_logits(logits: torch.Tensor, ops, what: str = "logits") -> torch.Tensor:
+    """Logits must be finite (one reduction per step): NaN/inf would silently become token 0 or EOS."""
+    if not bool(torch.isfinite(logits).all()):
+        bad = ~torch.isfinite(logits)
+        rows = bad.any(-1).nonzero().flatten().tolist() if logits.dim() > 1 else [0]
+        hint = "" if ops.debug else "; run with GLM52_DEBUG=1 to find the first op that produced one"
+        raise FloatingPointError(f"backend {ops.name!r}: {what} hold {int(bad.sum())} NaN/inf value(s) "
+                                 f"(rows {rows[:8]}{'...' if len(rows) > 8 else ''}){hint}")
+    return logits
+
+
+def finite_float(name: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+        raise ValueError(f"{name} must be a finite number, got {v!r}")
+    return float(v)

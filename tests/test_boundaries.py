@@ -1,0 +1,332 @@
+"""Exact boundaries, where off-by-one bugs live.
+
+  * a paged cache filled to exactly its capacity (then one token more);
+  * a block table exactly full (no padding column) read by every backend that runs here;
+  * top-k == 0 (the ops; the config refuses it, saying why);
+  * a top-p nucleus whose mass hits the threshold exactly, in sampling and in every backend's verify;
+  * the planner's usable memory pinned to the YAML, and the fits / does-not-fit boundary;
+  * deployments whose ep does not divide the device count.
+
+Error tests check the reason in the message, not only the name of the culprit.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from glm52_backends import GLM52
+from glm52_backends.cache import CacheExhausted, PagedCache
+from glm52_backends.config import ConfigError, ModelConfig
+from glm52_backends.conformance.cases import Case
+from glm52_backends.conformance.inputs import Arg, Batch, CaseInputs, generator, page, randn
+from glm52_backends.conformance.runner import run_case
+from glm52_backends.deploy import DeploymentError, load_deployment
+from glm52_backends.planner import GiB, plan
+from glm52_backends.registry import get_backend
+from glm52_backends.sampling import probs_from_logits, sample_from
+from glm52_backends.step import StepMeta
+from glm52_backends.tiny import tiny_config
+
+BACKENDS = ["cpu_ref", "torch", "ascend"]
+BACKEND_ENV = {"ascend": {"GLM52_ASCEND_EMULATE": "1"}}
+CPU = torch.device("cpu")
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@contextmanager
+def _env(extra: dict[str, str]):
+    old = {k: os.environ.get(k) for k in extra}
+    os.environ.update(extra)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+_BOUND: dict = {}
+
+
+def _backend(name):
+    if name not in _BOUND:
+        with _env(BACKEND_ENV.get(name, {})):
+            _BOUND[name] = get_backend(name)
+    return _BOUND[name]
+
+
+# ---- the paged cache at capacity ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    cfg, _ = tiny_config(layers=2, vocab_size=64, index_topk=4, index_n_heads=32)
+    return GLM52(cfg, backend="cpu_ref", dtype=torch.float32, progress=False, block_size=4)
+
+
+def test_cache_filled_to_exactly_its_capacity(tiny_model):
+    """Three blocks of 4: prompts of 8 and 4 tokens fill them exactly; logits equal a roomy cache's.
+    One token more raises CacheExhausted with the reason, leaving the cache as it was; after a
+    release the same request continues correctly."""
+    m = tiny_model
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randint(0, 64, (9,), generator=g).tolist(), torch.randint(0, 64, (4,), generator=g).tolist()
+    cache = m.new_cache(12)
+    assert cache.num_blocks == 3 and cache.block_size == 4
+    out = m.extend(cache, {"a": a[:8], "b": b})
+    assert cache.free_blocks == 0 and cache.lens == {"a": 8, "b": 4}
+    roomy = m.new_cache(64)
+    want = m.extend(roomy, {"a": a[:8], "b": b})
+    for r in ("a", "b"):
+        assert torch.equal(out[r], want[r]), r
+    before = ({r: list(v) for r, v in cache.blocks.items()}, dict(cache.lens), cache.free_blocks)
+    c_before = {l: t.clone() for l, t in cache.c.items()}
+    with pytest.raises(CacheExhausted) as e:
+        m.extend(cache, {"a": a[8:9]})
+    assert "needs 1 more blocks of 4 tokens, 0 of 3 are free" in str(e.value)
+    assert ({r: list(v) for r, v in cache.blocks.items()}, dict(cache.lens), cache.free_blocks) == before
+    assert all(torch.equal(cache.c[l], c_before[l]) for l in c_before)            # nothing written
+    cache.release("b")
+    assert cache.free_blocks == 1
+    got = m.extend(cache, {"a": a[8:9]})["a"]
+    assert torch.allclose(got, m([a])[0][-1:], atol=1e-5, rtol=1e-5)
+
+
+def test_paged_cache_reserve_truncate_at_the_edges():
+    cfg, _ = tiny_config(layers=1)
+    c = PagedCache(cfg, num_blocks=2, block_size=4)
+    c.reserve({0: 8})                                    # exactly the capacity: two blocks
+    assert c.free_blocks == 0 and c.blocks[0] == [0, 1]
+    c.reserve({0: 8})                                    # no growth: nothing more needed
+    with pytest.raises(CacheExhausted, match="needs 1 more blocks of 4 tokens, 0 of 2 are free"):
+        c.reserve({0: 9})
+    c.truncate(0, 5)                                     # 5 tokens still need both blocks
+    assert c.blocks[0] == [0, 1] and c.lens[0] == 5
+    c.truncate(0, 4)                                     # exactly one block
+    assert c.blocks[0] == [0] and c.free_blocks == 1
+    c.truncate(0, 0)
+    assert c.blocks[0] == [] and c.free_blocks == 2
+    with pytest.raises(ValueError, match="cannot truncate request 0 from 0 to 1 tokens"):
+        c.truncate(0, 1)
+    with pytest.raises(ValueError, match="num_blocks must be a positive integer, got 0"):
+        PagedCache(cfg, num_blocks=0)
+    c.reserve({1: 4, 2: 4})                              # two requests, one block each: full again
+    assert sorted(c.slots(2, 0, 4).tolist()) == list(range(c.blocks[2][0] * 4, c.blocks[2][0] * 4 + 4))
+
+
+# ---- the block table exactly full --------------------------------------------------------------------
+
+def test_step_meta_block_table_exactly_full():
+    bt = torch.tensor([[3, 1, 2]], dtype=torch.int32)
+    meta = StepMeta.build([2], [48], bt, 16)                        # 3 blocks x 16: exactly full
+    assert meta.positions.tolist() == [46, 47] and meta.seq_lens_host == (48,)
+    with pytest.raises(ValueError, match=r"request 0 has q_len 2 and seq_len 49; need 0 <= q_len <= seq_len <= "
+                                         r"48 \(3 blocks of 16\)"):
+        StepMeta.build([2], [49], bt, 16)
+    with pytest.raises(ValueError, match=r"request 0 has q_len 3 and seq_len 2"):
+        StepMeta.build([3], [2], bt, 16)
+    with pytest.raises(ValueError, match=r"block_table must be \[B=2, max_blocks\], got \[1, 3\]"):
+        StepMeta.build([1, 1], [4, 4], bt, 16)
+
+
+BS = 16
+
+
+def _full_table(g, rows: list[torch.Tensor], bs: int = BS):
+    """Paged rows with a block table exactly as wide as the longest request needs (conformance's
+    `page` adds a padded column; here it is cut off). Unowned blocks and slots are NaN."""
+    cache, table = page(g, rows, bs)
+    need = max(-(-r.shape[0] // bs) for r in rows)
+    return cache, table[:, :need].contiguous()
+
+
+def _exactly_full_case(op: str, topk: int = 16) -> Case:
+    """Request 0 fills its 3 blocks exactly (48 tokens, 3 queries); request 1 has 20 tokens (two
+    blocks, its third table entry points to a poisoned block). bfloat16-sized for the Ascend ops:
+    64 index heads x 128, 4 MLA heads with a 512 + 64 latent."""
+    batch = Batch([(3, 3 * BS), (1, BS + 4)])
+
+    def build(scale: str) -> CaseInputs:
+        g = generator("boundaries", op, topk)
+        if op == "indexer_topk":
+            Hi, Di = 64, 128
+            cache, table = _full_table(g, [randn(g, L, Di) for L in batch.seq_lens])
+            return CaseInputs({"q": Arg(randn(g, batch.T, Hi, Di), "act"),
+                               "w": Arg(randn(g, batch.T, Hi) * (Hi * Di) ** -0.5, "f32"),
+                               "k_cache": Arg(cache, "act"), "block_table": Arg(table, "int"),
+                               "seq_lens": Arg(batch.seq_lens_t, "int"), "cu_seqlens_q": Arg(batch.cu_seqlens_q, "int"),
+                               "topk": Arg(topk, "const")}, meta={"batch": batch})
+        H, Dl, Dr = 4, 512, 64
+        cache, table = _full_table(g, [randn(g, L, Dl + Dr) for L in batch.seq_lens])
+        idx = torch.full((batch.T, topk), -1, dtype=torch.int32)
+        for t, _, pos in batch.tokens():
+            n = min(topk, pos + 1)
+            idx[t, :n] = torch.randperm(pos + 1, generator=g)[:n].to(torch.int32)
+        return CaseInputs({"q": Arg(randn(g, batch.T, H, Dl + Dr), "act"),
+                           "c_cache": Arg(cache[..., :Dl].contiguous(), "act"),
+                           "kpe_cache": Arg(cache[..., Dl:].contiguous(), "act"), "idx": Arg(idx, "int"),
+                           "block_table": Arg(table, "int"), "seq_lens": Arg(batch.seq_lens_t, "int"),
+                           "cu_seqlens_q": Arg(batch.cu_seqlens_q, "int"), "scale": Arg(192 ** -0.5, "const")},
+                          meta={"batch": batch})
+    return Case(op, f"exactly-full-topk{topk}", build, "topk" if op == "indexer_topk" else "mla")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["indexer_topk", "sparse_mla"])
+def test_block_table_exactly_full_on_every_backend(backend, op):
+    """No padding column after the last block: a kernel that reads block_table[b, L // bs] (one past
+    the end when L is a multiple of the block size) fails or reads poison here."""
+    case = _exactly_full_case(op)
+    inputs = case.build("quick")
+    assert inputs.args["block_table"].value.shape[1] * BS == 3 * BS                # exactly full
+    bound = _backend(backend)
+    r = run_case(bound, case, torch.bfloat16, "quick", CPU, inputs)
+    assert r.passed, r.line()
+    if backend != "cpu_ref":
+        assert r.path == "native", f"{backend} declined the exactly-full case, so it was not tested: {r.line()}"
+
+
+@pytest.mark.filterwarnings("ignore:backend 'ascend:RuntimeWarning")   # the Ascend ops decline top-k 0
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_topk_zero(backend):
+    """index_topk == 0: the indexer returns [T, 0]; sparse_mla over empty rows gives zeros and lse -inf."""
+    bound = _backend(backend)
+    idx_case = _exactly_full_case("indexer_topk", topk=0)
+    r = run_case(bound, idx_case, torch.bfloat16, "quick", CPU)
+    assert r.passed, r.line()
+    mla_case = _exactly_full_case("sparse_mla", topk=0)
+    inputs = mla_case.build("quick")
+    args = inputs.for_backend(torch.bfloat16, CPU)
+    assert args[3].shape == (4, 0)
+    out, lse = bound.sparse_mla(*args, return_lse=True)
+    assert out.shape == (4, 4, 512) and out.dtype == torch.bfloat16 and (out == 0).all()
+    assert lse.shape == (4, 4) and lse.dtype == torch.float32 and torch.isneginf(lse).all()
+    assert (bound.sparse_mla(*args) == 0).all()
+
+
+def test_config_refuses_topk_zero_with_the_reason():
+    with pytest.raises(ConfigError, match=r"'index_topk' must be a positive integer, got 0"):
+        ModelConfig(index_topk=0).validate()
+    with pytest.raises(ConfigError, match=r"'num_experts_per_tok' must be a positive integer, got 0"):
+        ModelConfig(num_experts_per_tok=0).validate()
+
+
+# ---- top-p at the threshold exactly --------------------------------------------------------------------
+
+HALVES = torch.tensor([3.0, 2.0, 1.0, 1.0]) * math.log(2.0)     # float32 softmax: exactly 1/2, 1/4, 1/8, 1/8
+
+
+def test_top_p_mass_hitting_the_threshold_exactly():
+    """The nucleus is the smallest set of most likely tokens with mass >= top_p: when the first j
+    tokens reach top_p exactly, token j+1 is out."""
+    p = torch.softmax(HALVES, -1)
+    assert p.tolist() == [0.5, 0.25, 0.125, 0.125], "float32 softmax is not exact here: the test is moot"
+    for top_p, kept in [(0.5, 1), (0.5000001, 2), (0.75, 2), (0.7499999, 2), (0.875, 3), (0.8750001, 4), (1.0, 4)]:
+        q = probs_from_logits(HALVES, 1.0, top_p)
+        assert int((q > 0).sum()) == kept, (top_p, q.tolist())
+        assert float(q.sum()) == pytest.approx(1.0)
+    ties = probs_from_logits(torch.zeros(4), 1.0, 0.5)                # ties: exactly two of four
+    assert sorted(ties.tolist()) == [0.0, 0.0, 0.5, 0.5]
+    assert probs_from_logits(torch.zeros(4), 1.0, 0.25).max() == 1.0   # one token: the top one survives
+    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\], got 0.0"):
+        probs_from_logits(HALVES, 1.0, 0.0)
+    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\], got 1.5"):
+        probs_from_logits(HALVES, 1.0, 1.5)
+    with pytest.raises(ValueError, match="temperature must be > 0 for sampling, got 0"):
+        probs_from_logits(HALVES, 0, 1.0)
+
+
+def test_sample_from_at_the_ends_of_the_unit_interval():
+    p = torch.tensor([[0.0, 0.5, 0.5, 0.0]])
+    assert sample_from(p, torch.tensor([0.0])).tolist() == [1]               # never a massless first token
+    assert sample_from(p, torch.tensor([0.5])).tolist() == [2]               # u * total = cdf[1]: the next one
+    assert sample_from(p, torch.tensor([1.0 - 2 ** -24])).tolist() == [2]
+    assert sample_from(p, torch.tensor([1.0])).tolist() == [2]               # never past the last with mass
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_verify_top_p_threshold_exactly_on_every_backend(backend):
+    """k = 1, u = 0 (accept iff p(draft) > 0 after top-p): with top_p = 0.75 the third token (mass
+    before it exactly 0.75) is out, with 0.875 it is in; the correction then comes from the nucleus."""
+    ops = _backend(backend)
+    lg = HALVES.expand(1, 2, 4).contiguous()
+    for top_p, inside in [(0.5, {0}), (0.75, {0, 1}), (0.875, {0, 1, 2}), (1.0, {0, 1, 2, 3})]:
+        for d in range(4):
+            acc, tok = ops.mtp_verify(torch.tensor([[d]]), lg, None, 1.0, top_p, torch.tensor([[0.0, 0.0]]))
+            assert int(acc[0]) == (d in inside), (backend, top_p, d)
+            if d not in inside:                   # the correction: the most likely nucleus token (u = 0)
+                assert int(tok[0, 0]) == 0 and int(tok[0, 1]) == -1
+            else:                                 # accepted, then the bonus from p at u = 0
+                assert tok[0].tolist() == [d, 0]
+
+
+# ---- planner ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["nvidia-h200", "ascend-910c", "cpu-tiny"])
+def test_planner_usable_memory_is_pinned_to_the_yaml(name):
+    raw = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text(encoding="utf-8"))
+    p = plan(load_deployment(name))
+    assert p.usable_bytes == raw["memory_per_device_gb"] * 2 ** 30 * raw.get("memory_utilization", 0.9)
+    assert p.need_bytes == pytest.approx(sum(r.bytes for r in p.rows), rel=1e-12)
+    assert p.spare_bytes == p.usable_bytes - p.need_bytes
+    assert p.fits == (p.need_bytes <= p.usable_bytes)
+    rows = {r.component: r.bytes for r in p.rows}
+    assert rows["runtime reserve"] == raw["runtime_reserve_gb"] * GiB
+    half = plan(load_deployment(name).replace(memory_utilization=raw.get("memory_utilization", 0.9) / 2))
+    assert half.usable_bytes == pytest.approx(p.usable_bytes / 2, rel=1e-15) and half.need_bytes == p.need_bytes
+
+
+def test_planner_fits_exactly_at_the_boundary():
+    """usable == need fits; one byte less does not (memory in GiB, 2**30 bytes, utilization 1)."""
+    d = load_deployment("ascend-910c")
+    need = plan(d).need_bytes
+    exact = d.replace(memory_utilization=1.0, memory_per_device_gb=need / GiB)
+    p = plan(exact)
+    assert p.usable_bytes == need and p.need_bytes == need and p.fits and p.spare_bytes == 0
+    short = plan(d.replace(memory_utilization=1.0, memory_per_device_gb=(need - 1) / GiB))
+    assert not short.fits and short.spare_bytes == pytest.approx(-1, abs=1e-3)
+    assert short.max_context_at_batch < d.max_context <= p.max_context_at_batch
+
+
+# ---- deployments: ep and the device count ---------------------------------------------------------------
+
+@pytest.mark.parametrize("base,changes,world", [
+    ("nvidia-h200", {"parallel.ep": 16}, 8),                          # divides the 256 experts, not 8 devices
+    ("ascend-910c", {"parallel.ep": 32}, 16),
+    ("ascend-910b", {"nodes": 3, "parallel.dp": 3, "parallel.ep": 16}, 24),   # 24 devices: 16 does not divide
+])
+def test_ep_not_dividing_the_devices_is_refused_with_the_reason(base, changes, world):
+    d = load_deployment(base)
+    with pytest.raises(DeploymentError) as e:
+        d.replace(**changes)
+    ep = changes["parallel.ep"]
+    assert e.value.key == "parallel.ep"
+    assert f"ep={ep} does not divide the {world} devices (tp x dp)" in str(e.value)
+
+
+def test_ep_dividing_the_devices_but_not_equal_is_accepted_and_planned():
+    """24 devices with EP8: three expert replicas; the planner splits the experts 8 ways."""
+    d = load_deployment("ascend-910b").replace(nodes=3, **{"parallel.dp": 3, "parallel.ep": 8})
+    assert d.world_size == 24 and d.expert_shards == 8
+    rows = {r.component: r.bytes for r in plan(d).rows}
+    full = {r.component: r.bytes for r in plan(d.replace(**{"parallel.ep": 1})).rows}
+    assert rows["routed experts"] == pytest.approx(full["routed experts"] * d.tp / 8, rel=1e-12)
+
+
+def test_ep_not_dividing_the_experts_is_named_before_the_devices():
+    with pytest.raises(DeploymentError) as e:
+        load_deployment("ascend-910b").replace(nodes=3, **{"parallel.dp": 3, "parallel.ep": 12})
+    assert e.value.key == "parallel.ep" and "ep=12 does not divide the 256 routed experts" in str(e.value)

@@ -1,0 +1,418 @@
+"""Mutation testing: do the tests notice a small, realistic change to a module? (not run by CI)
+
+    python tools/mutate.py conformance/judges.py --tests tests/test_conformance.py tests/test_near_miss.py
+    python tools/mutate.py glm52_backends/ops/*.py --tests tests/test_cpu_ref.py --max 40 --seed 1
+    python tools/mutate.py conformance/tolerances.py --list          # the mutants, nothing run
+
+Each mutant is one small change to a module's syntax tree: a comparison flipped (< to <=, == to !=,
+< to >), an integer constant off by one, a float constant doubled or halved, an arithmetic operator
+swapped (+ to -, * to /), a factor dropped (a * b to a), the operands of a non-commutative operator
+swapped (a - b to b - a), the first two elements of a list literal swapped ([e, h] to [h, e]),
+`and` to `or`, a `not` removed, True to False, min to max. Docstrings,
+f-strings and other strings are never mutated (a changed message is rarely a bug the tests must see).
+
+The repository is copied to a temporary folder first (sources and tests only, no .git, no caches),
+and every mutant is written and tested there: the working tree is never modified, so several
+people can use it at once and an interrupted run (Ctrl-C, a kill, a crash) leaves nothing mutated
+behind. Inside the copy, each mutated file is restored after its test run in a `finally`, and the
+copy is deleted at the end, also on Ctrl-C. Tests run as `python -m pytest -x -q` with the copy
+first on PYTHONPATH and bytecode caching off (a stale .pyc of the same size and second could
+otherwise hide a mutant).
+
+A mutant is killed when the tests fail (or time out), survives when they pass. The summary gives
+the score per module and lists every survivor with its line, so each can be judged: a test gap,
+or an equivalent mutant (one that cannot change behaviour; say why in the report).
+
+Exit status: 0 when every module reached --min-score (default 0), 1 otherwise, 2 on usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import copy
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+# top-level folders the editable install maps into the glm52_backends namespace (pyproject.toml)
+NAMESPACE_DIRS = {"backends": "backends", "conformance": "conformance", "configs": "configs",
+                  "benchmarks": "benchmarks"}
+SKIP_DIRS = {".git", "__pycache__", ".pytest_cache", ".mypy_cache", "build", "dist", ".venv", "venv",
+             "node_modules", "results"}
+
+
+# ---- mutants -------------------------------------------------------------------------------------
+
+@dataclass
+class Mutant:
+    module: str          # path relative to the repository
+    index: int           # position in the module's mutant list (stable for a given source)
+    line: int
+    what: str            # e.g. "`a < b` -> `a <= b`"
+    source: str = field(repr=False, default="")  # the mutated module's source
+
+    @property
+    def ident(self) -> str:
+        return f"{self.module}:{self.line}#{self.index}"
+
+
+_CMP_SWAP = {ast.Lt: [ast.LtE, ast.Gt], ast.LtE: [ast.Lt, ast.GtE], ast.Gt: [ast.GtE, ast.Lt],
+             ast.GtE: [ast.Gt, ast.LtE], ast.Eq: [ast.NotEq], ast.NotEq: [ast.Eq], ast.Is: [ast.IsNot],
+             ast.IsNot: [ast.Is], ast.In: [ast.NotIn], ast.NotIn: [ast.In]}
+_BIN_SWAP = {ast.Add: [ast.Sub], ast.Sub: [ast.Add], ast.Mult: [ast.Div], ast.Div: [ast.Mult],
+             ast.FloorDiv: [ast.Div], ast.Mod: [ast.FloorDiv], ast.Pow: [ast.Mult],
+             ast.BitAnd: [ast.BitOr], ast.BitOr: [ast.BitAnd], ast.LShift: [ast.RShift], ast.RShift: [ast.LShift]}
+_NON_COMMUTATIVE = (ast.Sub, ast.Div, ast.FloorDiv, ast.Mod, ast.Pow)
+_FUNC_SWAP = {"min": "max", "max": "min", "amin": "amax", "amax": "amin", "minimum": "maximum",
+              "maximum": "minimum", "clamp_min": "clamp_max", "clamp_max": "clamp_min", "any": "all", "all": "any"}
+
+
+def _op_text(op: ast.AST) -> str:
+    return {ast.Lt: "<", ast.LtE: "<=", ast.Gt: ">", ast.GtE: ">=", ast.Eq: "==", ast.NotEq: "!=",
+            ast.Is: "is", ast.IsNot: "is not", ast.In: "in", ast.NotIn: "not in", ast.Add: "+", ast.Sub: "-",
+            ast.Mult: "*", ast.Div: "/", ast.FloorDiv: "//", ast.Mod: "%", ast.Pow: "**", ast.BitAnd: "&",
+            ast.BitOr: "|", ast.LShift: "<<", ast.RShift: ">>", ast.And: "and", ast.Or: "or"}.get(type(op), "?")
+
+
+def _protected(tree: ast.Module) -> set[int]:
+    """ids of nodes never mutated: docstrings, f-strings (and all inside), annotations, __main__ guards."""
+    out: set[int] = set()
+
+    def mark(node):
+        for n in ast.walk(node):
+            out.add(id(n))
+
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                    and isinstance(body[0].value.value, str):
+                mark(body[0])
+        if isinstance(node, ast.JoinedStr):
+            mark(node)
+        if isinstance(node, (ast.arg, ast.AnnAssign)) and getattr(node, "annotation", None) is not None:
+            mark(node.annotation)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.returns is not None:
+            mark(node.returns)
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Compare) \
+                and isinstance(node.test.left, ast.Name) and node.test.left.id == "__name__":
+            mark(node)
+    return out
+
+
+def _edits(tree: ast.Module) -> list[tuple[int, str, object]]:
+    """(line, description, edit) for every mutation point; `edit(node_copy)` applies it to the copy
+    of the node found at the same position of a deep-copied tree (matched by walk order)."""
+    skip = _protected(tree)
+    points = []
+    for pos, node in enumerate(ast.walk(tree)):
+        if id(node) in skip:
+            continue
+        line = getattr(node, "lineno", 0)
+        seg = _segment(node)
+        if isinstance(node, ast.Compare):
+            for i, op in enumerate(node.ops):
+                for new in _CMP_SWAP.get(type(op), []):
+                    def edit(n, i=i, new=new):
+                        n.ops[i] = new()
+                    points.append((pos, line, f"`{seg}`: {_op_text(op)} -> {_op_text(new())}", edit))
+        elif isinstance(node, ast.BinOp):
+            for new in _BIN_SWAP.get(type(node.op), []):
+                def edit(n, new=new):
+                    n.op = new()
+                points.append((pos, line, f"`{seg}`: {_op_text(node.op)} -> {_op_text(new())}", edit))
+            if isinstance(node.op, (ast.Mult, ast.Div)):
+                points.append((pos, line, f"`{seg}`: drop the factor `{_segment(node.right)}`",
+                               ("replace", lambda n: n.left)))
+                if isinstance(node.op, ast.Mult):
+                    points.append((pos, line, f"`{seg}`: drop the factor `{_segment(node.left)}`",
+                                   ("replace", lambda n: n.right)))
+            if isinstance(node.op, _NON_COMMUTATIVE):
+                def edit(n):
+                    n.left, n.right = n.right, n.left
+                points.append((pos, line, f"`{seg}`: operands swapped", edit))
+        elif isinstance(node, ast.AugAssign):
+            for new in _BIN_SWAP.get(type(node.op), []):
+                def edit(n, new=new):
+                    n.op = new()
+                points.append((pos, line, f"`{seg}`: {_op_text(node.op)}= -> {_op_text(new())}=", edit))
+        elif isinstance(node, ast.BoolOp):
+            new = ast.Or if isinstance(node.op, ast.And) else ast.And
+            def edit(n, new=new):
+                n.op = new()
+            points.append((pos, line, f"`{seg}`: {_op_text(node.op)} -> {_op_text(new())}", edit))
+        elif isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.Not, ast.USub, ast.Invert)):
+            points.append((pos, line, f"`{seg}`: drop the `{type(node.op).__name__.lower()}`",
+                           ("replace", lambda n: n.operand)))
+        elif isinstance(node, ast.Constant) and not isinstance(node.value, str):
+            v = node.value
+            if isinstance(v, bool):
+                def edit(n):
+                    n.value = not n.value
+                points.append((pos, line, f"`{v}` -> `{not v}`", edit))
+            elif isinstance(v, int):
+                for d in (1, -1):
+                    def edit(n, d=d):
+                        n.value = n.value + d
+                    points.append((pos, line, f"`{seg}`: {v} -> {v + d}", edit))
+            elif isinstance(v, float):
+                for f in ((2.0, 0.5) if v else (None,)):
+                    def edit(n, f=f):
+                        n.value = n.value * f if f is not None else 1.0
+                    new_v = v * f if f is not None else 1.0
+                    points.append((pos, line, f"`{seg}`: {v!r} -> {new_v!r}", edit))
+        elif isinstance(node, ast.List) and len(node.elts) >= 2 \
+                and not any(isinstance(e, ast.Starred) for e in node.elts[:2]):
+            def edit(n):
+                n.elts[0], n.elts[1] = n.elts[1], n.elts[0]
+            points.append((pos, line, f"`{seg}`: first two elements swapped", edit))
+        elif isinstance(node, ast.Call):
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else \
+                node.func.id if isinstance(node.func, ast.Name) else None
+            if name in _FUNC_SWAP:
+                def edit(n, new=_FUNC_SWAP[name]):
+                    if isinstance(n.func, ast.Attribute):
+                        n.func.attr = new
+                    else:
+                        n.func.id = new
+                points.append((pos, line, f"`{seg}`: {name} -> {_FUNC_SWAP[name]}", edit))
+    return points
+
+
+_SOURCE: list[str] = [""]
+
+
+def _segment(node: ast.AST, limit: int = 60) -> str:
+    s = ast.get_source_segment(_SOURCE[0], node) or ast.unparse(node)
+    s = " ".join(s.split())
+    return s if len(s) <= limit else s[:limit - 3] + "..."
+
+
+def _apply(tree: ast.Module, pos: int, edit) -> ast.Module:
+    new = copy.deepcopy(tree)
+    nodes = list(ast.walk(new))
+    target = nodes[pos]
+    if isinstance(edit, tuple) and edit[0] == "replace":
+        repl = edit[1](target)
+        for parent in ast.walk(new):
+            for fname, value in ast.iter_fields(parent):
+                if value is target:
+                    setattr(parent, fname, repl)
+                    return new
+                if isinstance(value, list):
+                    for i, v in enumerate(value):
+                        if v is target:
+                            value[i] = repl
+                            return new
+        raise RuntimeError("mutation target has no parent")
+    edit(target)
+    return new
+
+
+def mutants(module: str, root: Path = REPO) -> list[Mutant]:
+    """Every mutant of `module` (a path relative to the repository), in a stable order."""
+    src = (root / module).read_text(encoding="utf-8")
+    _SOURCE[0] = src
+    tree = ast.parse(src)
+    out = []
+    for i, (pos, line, what, edit) in enumerate(_edits(tree)):
+        try:
+            code = ast.unparse(ast.fix_missing_locations(_apply(tree, pos, edit)))
+            compile(code, module, "exec")
+        except (SyntaxError, ValueError, RuntimeError):
+            continue
+        out.append(Mutant(module, i, line, what, code))
+    return out
+
+
+# ---- the scratch copy --------------------------------------------------------------------------
+
+def make_copy(dest: Path) -> Path:
+    """Copy the repository's sources and tests into `dest`; link the namespace folders into the
+    package so that `glm52_backends.conformance` etc. resolve inside the copy, not the working tree."""
+    def ignore(d, names):
+        return [n for n in names if n in SKIP_DIRS or n.endswith((".egg-info", ".pyc", ".safetensors"))]
+    shutil.copytree(REPO, dest, ignore=ignore, symlinks=True)
+    pkg = dest / "glm52_backends"
+    for sub, folder in NAMESPACE_DIRS.items():
+        if (dest / folder).is_dir() and not (pkg / sub).exists():
+            os.symlink(dest / folder, pkg / sub, target_is_directory=True)
+    return dest
+
+
+def run_tests(root: Path, tests: list[str], timeout: float, extra: list[str]) -> tuple[str, float]:
+    """('passed' | 'failed' | 'timeout', seconds) of the tests in the copy at `root`."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+           "PYTHONDONTWRITEBYTECODE": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", *extra, *tests]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return "timeout", time.perf_counter() - t0
+    except BaseException:  # Ctrl-C: stop the test process group too, then let the caller clean up
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    # exit status 5: no tests collected (a wrong path): never a kill
+    if rc == 5:
+        raise SystemExit(f"mutate: pytest collected no tests from {tests}")
+    return ("passed" if rc == 0 else "failed"), time.perf_counter() - t0
+
+
+def check_import_root(root: Path, module: str) -> None:
+    """The copy, not the working tree, must be what the tests import."""
+    if not module.endswith(".py"):
+        return
+    parts = Path(module).with_suffix("").parts
+    top = {v: k for k, v in NAMESPACE_DIRS.items()}.get(parts[0])
+    dotted = ".".join(["glm52_backends", top, *parts[1:]] if top else parts)
+    if dotted.endswith(".__init__"):
+        dotted = dotted[: -len(".__init__")]
+    env = {**os.environ, "PYTHONPATH": str(root), "PYTHONDONTWRITEBYTECODE": "1"}
+    code = f"import importlib, sys; m = importlib.import_module({dotted!r}); print(m.__file__)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"mutate: cannot import {dotted} in the copy:\n{out.stderr[-2000:]}")
+    got = Path(out.stdout.strip()).resolve()
+    if root.resolve() not in got.parents:
+        raise SystemExit(f"mutate: {dotted} imports from {got}, not from the copy {root}; refusing to run")
+
+
+# ---- the run -------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="tools/mutate.py", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("modules", nargs="+", help="module files relative to the repository root")
+    ap.add_argument("--tests", nargs="+", default=None, help="pytest paths/ids run against each mutant")
+    ap.add_argument("--max", type=int, default=None, help="sample at most this many mutants per module")
+    ap.add_argument("--sample", type=int, default=None,
+                    help="sample this many mutants over all the modules together (after --max)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the sample")
+    ap.add_argument("--lines", metavar="A-B", help="only mutants on lines A..B (e.g. a function's body)")
+    ap.add_argument("--timeout", type=float, default=None,
+                    help="seconds per test run (default: 4 x the unmutated run + 30)")
+    ap.add_argument("--pytest-arg", action="append", default=[], help="extra pytest argument (repeatable)")
+    ap.add_argument("--list", action="store_true", help="list the mutants and exit")
+    ap.add_argument("--json", metavar="PATH", help="write every mutant's outcome as JSON")
+    ap.add_argument("--min-score", type=float, default=0.0, help="exit 1 when a module scores below this")
+    args = ap.parse_args(argv)
+
+    modules = []
+    for m in args.modules:
+        p = Path(m)
+        if not p.is_absolute() and (REPO / p).is_file():
+            rel = p
+        else:
+            try:
+                rel = p.resolve().relative_to(REPO)
+            except ValueError:
+                ap.error(f"{m} is not a file of the repository at {REPO}")
+        if not (REPO / rel).is_file():
+            ap.error(f"no such module: {m}")
+        modules.append(str(rel))
+    rng = random.Random(args.seed)
+    chosen: dict[str, list[Mutant]] = {}
+    lo, hi = 0, 1 << 30
+    if args.lines:
+        try:
+            lo, hi = (int(v) for v in args.lines.split("-"))
+        except ValueError:
+            ap.error(f"--lines wants A-B, got {args.lines!r}")
+    for m in modules:
+        ms = [x for x in mutants(m) if lo <= x.line <= hi]
+        if args.max is not None and len(ms) > args.max:
+            ms = sorted(rng.sample(ms, args.max), key=lambda x: x.index)
+        chosen[m] = ms
+    if args.sample is not None:
+        pool = [x for ms in chosen.values() for x in ms]
+        keep = {id(x) for x in rng.sample(pool, min(args.sample, len(pool)))}
+        chosen = {m: [x for x in ms if id(x) in keep] for m, ms in chosen.items()}
+    if args.list:
+        for m, ms in chosen.items():
+            print(f"{m}: {len(ms)} mutants")
+            for x in ms:
+                print(f"  {x.ident:<40} {x.what}")
+        return 0
+    if not args.tests:
+        ap.error("--tests is required unless --list")
+
+    def interrupted(signum, frame):  # Ctrl-C, or a kill: clean up like Ctrl-C (also in a background job,
+        raise KeyboardInterrupt      # where the shell starts Python with SIGINT ignored)
+    signal.signal(signal.SIGINT, interrupted)
+    signal.signal(signal.SIGTERM, interrupted)
+    tmp = Path(tempfile.mkdtemp(prefix="mutate-"))
+    results: list[dict] = []
+    try:
+        root = make_copy(tmp / "repo")
+        for m in modules:
+            check_import_root(root, m)
+        status, base = run_tests(root, args.tests, timeout=3600, extra=args.pytest_arg)
+        if status != "passed":
+            print(f"mutate: the tests fail without any mutant ({status}); fix them first", file=sys.stderr)
+            return 2
+        timeout = args.timeout or 4 * base + 30
+        print(f"unmutated run: {base:.1f} s; timeout per mutant {timeout:.0f} s", flush=True)
+        for m, ms in chosen.items():
+            target = root / m
+            original = target.read_text(encoding="utf-8")
+            for x in ms:
+                try:
+                    target.write_text(x.source, encoding="utf-8")
+                    status, secs = run_tests(root, args.tests, timeout, args.pytest_arg)
+                finally:
+                    target.write_text(original, encoding="utf-8")  # always restored, even on Ctrl-C
+                verdict = "survived" if status == "passed" else "killed"
+                results.append({"module": m, "mutant": x.ident, "line": x.line, "what": x.what,
+                                "outcome": verdict, "tests": status, "seconds": round(secs, 1)})
+                print(f"{verdict:<9}{x.ident:<44}{x.what}  ({status}, {secs:.0f} s)", flush=True)
+    except KeyboardInterrupt:
+        print("\nmutate: interrupted; the copy is removed, the working tree was never touched", file=sys.stderr)
+        return 130
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    print("\nscore per module (killed / mutants run):")
+    ok = True
+    for m in modules:
+        rs = [r for r in results if r["module"] == m]
+        killed = sum(r["outcome"] == "killed" for r in rs)
+        timeouts = sum(r["tests"] == "timeout" for r in rs)
+        score = killed / len(rs) if rs else float("nan")
+        ok &= not rs or score >= args.min_score
+        print(f"  {m:<44} {killed:3d} / {len(rs):3d}  {100 * score:5.1f} %"
+              + (f"  ({timeouts} by timeout)" if timeouts else ""))
+    total = len(results)
+    killed = sum(r["outcome"] == "killed" for r in results)
+    if total:
+        print(f"  {'all':<44} {killed:3d} / {total:3d}  {100 * killed / total:5.1f} %")
+    survivors = [r for r in results if r["outcome"] == "survived"]
+    if survivors:
+        print("\nsurvivors (a missing test, or an equivalent mutant: say which):")
+        for r in survivors:
+            print(f"  {r['mutant']:<44}{r['what']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except BrokenPipeError:  # `--list | head`
+        sys.exit(0)

@@ -136,37 +136,64 @@ class Glm52Network:
             raise RuntimeError(f"internal: tensors left unused after building the model: {sorted(sd)[:5]}")
 
     # ---- one step ---------------------------------------------------------------------------------
-    def plan(self, cache: PagedCache, chunks: dict[Hashable, Sequence[int]]) -> Step:
-        """Validate and reserve; the step's metadata is built once and handed to the backend once."""
+    def plan(self, cache: PagedCache, chunks: dict[Hashable, Sequence[int]], kind: int = 2) -> Step:
+        """Validate and reserve; the step's metadata is built once and handed to the backend once.
+        With expert dispatch the dp groups first agree on the step (`kind`: RUN or MTP)."""
+        if self.dp_comm is not None:
+            self._take_turn(kind, sum(len(c) for c in chunks.values()), cache)
         st = plan_step(cache, chunks, vocab_size=self.cfg.vocab_size,
                        max_positions=self.cfg.max_position_embeddings, device=self.device)
         self.ops.prepare_step(st.meta)
-        if self.dp_comm is not None:     # one small exchange per step: every dp group's token count
-            self._exchange(st.meta.num_tokens, idle=False)
         return st
 
     # ---- EP stage 2: dp groups step together -------------------------------------------------------
-    def _exchange(self, n_tokens: int, idle: bool) -> bool:
-        """Every dp group's token count for this step (`dp_counts`) and whether all of them are idle."""
-        mine = torch.tensor([n_tokens, int(idle)], dtype=torch.int64, device=self.device)
-        got = self.dp_comm.all_gather(mine[None], dim=0).tolist()                    # [dp, 2]
-        self.dp_counts = [int(n) for n, _ in got]
-        return all(i for _, i in got)
+    # A step is one pass through the model (RUN) or through the MTP layer (MTP); every dp group runs
+    # each step, those without tokens for it empty, because every MoE layer gathers all groups' tokens.
+    IDLE, MTP, RUN = 0, 1, 2          # a step of the higher kind goes first
+
+    def _exchange(self, n_tokens: int, kind: int) -> list[tuple[int, int]]:
+        """(token count, kind wanted) of every dp group: one small all-gather per step."""
+        mine = torch.tensor([n_tokens, kind], dtype=torch.int64, device=self.device)
+        return [(int(n), int(k)) for n, k in self.dp_comm.all_gather(mine[None], dim=0).tolist()]
+
+    def _empty_step(self, kind: int, got: list[tuple[int, int]], cache: PagedCache) -> None:
+        """This group's part of another group's step: the same kind of pass with no tokens."""
+        self.dp_counts = [n if k == kind else 0 for n, k in got]
+        st = plan_step(cache, {}, vocab_size=self.cfg.vocab_size,
+                       max_positions=self.cfg.max_position_embeddings, device=self.device)
+        self.ops.prepare_step(st.meta)
+        if kind == self.RUN:
+            self.forward(st, cache)
+        else:
+            self._mtp_forward(st, cache, torch.zeros(0, self.cfg.hidden_size, dtype=self.embed.dtype,
+                                                     device=self.device), None)
+
+    def _take_turn(self, kind: int, n_tokens: int, cache: PagedCache) -> None:
+        """Wait (running the other groups' steps empty) until a step of `kind` runs; set `dp_counts`."""
+        while True:
+            got = self._exchange(n_tokens, kind)
+            step = max(k for _, k in got)
+            if step == kind:
+                self.dp_counts = [n if k == kind else 0 for n, k in got]
+                return
+            self._empty_step(step, got, cache)
 
     def serve_idle(self, cache: PagedCache) -> None:
         """Join the other dp groups' steps with no tokens of this group's own until every group is idle.
 
         With dp > 1 and ep = tp x dp every MoE layer gathers the tokens of all dp groups, so a group
         whose requests are done (or that has none) still runs each step the others run, empty: the
-        "dummy forward". Each step starts with the token-count exchange, which also tells when all
-        groups have finished; then they return together. A no-op without dispatch."""
+        "dummy forward". Each step starts with the exchange of token counts and step kinds, which also
+        tells when all groups have finished; then they return together. A no-op without dispatch.
+        `cache` needs the MTP layer's entries when the others run speculative decoding."""
         if self.dp_comm is None:
             return
-        while not self._exchange(0, idle=True):
-            st = plan_step(cache, {}, vocab_size=self.cfg.vocab_size,
-                           max_positions=self.cfg.max_position_embeddings, device=self.device)
-            self.ops.prepare_step(st.meta)
-            self.forward(st, cache)
+        while True:
+            got = self._exchange(0, self.IDLE)
+            step = max(k for _, k in got)
+            if step == self.IDLE:
+                return
+            self._empty_step(step, got, cache)
 
     def _attention(self, l: int, L: Layer, x: torch.Tensor, st: Step, cache: PagedCache,
                    prev_idx: torch.Tensor | None, share: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -267,7 +294,7 @@ class Glm52Network:
 
     def run(self, cache: PagedCache, chunks: dict[Hashable, Sequence[int]]) -> tuple[Step, torch.Tensor]:
         """Append tokens to requests; returns the step and the final-normed hidden states [T, Hd]."""
-        st = self.plan(cache, chunks)
+        st = self.plan(cache, chunks, kind=self.RUN)
         return st, self.forward(st, cache)
 
     def run_mtp(self, cache: PagedCache, chunks: dict[Hashable, Sequence[int]], hidden: torch.Tensor,
@@ -283,18 +310,18 @@ class Glm52Network:
         if self.mtp is None:
             raise RuntimeError("this checkpoint has no MTP layer (num_nextn_predict_layers = 0 or "
                                "layer tensors missing); speculative decoding needs it")
-        if self.dp_comm is not None:
-            raise NotImplementedError("the MTP layer with dp > 1 and expert dispatch (ep = tp x dp) is not "
-                                      "implemented: use dp = 1, or ep = 1 (each dp group a full replica)")
+        st = self.plan(cache, chunks, kind=self.MTP)
+        return (st, *self._mtp_forward(st, cache, hidden, shared_idx))
+
+    def _mtp_forward(self, st: Step, cache: PagedCache, hidden: torch.Tensor, shared_idx: torch.Tensor | None):
         cfg, ops, M = self.cfg, self.ops, self.mtp
-        st = self.plan(cache, chunks)
         e = self.embedding(st.ids)
         e = torch.where((st.positions == 0)[:, None], torch.zeros_like(e), e)  # vLLM zeroes position 0
         e = ops.rms_norm(e, M.enorm, cfg.rms_norm_eps)
         u = ops.linear(torch.cat([e, ops.rms_norm(hidden, M.hnorm, cfg.rms_norm_eps)], -1), M.eh_proj)
         z, idx = self._layer(cfg.num_hidden_layers, M, u, st, cache, shared_idx, share=shared_idx is not None)
         logits = self.logits(ops.rms_norm(z, M.head_norm, cfg.rms_norm_eps))
-        return st, z, logits, idx
+        return z, logits, idx
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """[T, Hd] -> f32 logits [T, V] (vocabulary-parallel: gathered at the seam)."""

@@ -79,9 +79,7 @@ def main() -> int:
     logits = [x.double().tolist() for x in m(prompts)]
     greedy = m.generate(prompts, max_new_tokens=12, stop_at_eos=False).tokens
     chunked = m.generate(prompts, max_new_tokens=4, stop_at_eos=False, prefill_chunk=5).tokens
-    dispatch = m.layout is not None and m.layout.dispatch
-    spec = m.generate(prompts, max_new_tokens=12, stop_at_eos=False, speculative=3).tokens \
-        if m.has_mtp and not dispatch else None
+    spec = m.generate(prompts, max_new_tokens=12, stop_at_eos=False, speculative=3).tokens if m.has_mtp else None
     sampled = m.generate(prompts, max_new_tokens=8, stop_at_eos=False, temperature=0.8, seed=7).tokens
     out = {"rank": rank, "dp_rank": m.layout.dp_rank, "logits": logits, "greedy": greedy, "chunked": chunked, "spec": spec, "sampled": sampled,
            "topk": hashlib.sha1("".join(digests).encode()).hexdigest(), "n_topk": len(digests),

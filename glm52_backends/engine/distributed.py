@@ -98,12 +98,9 @@ def generate_dp(model, prompts: list[list[int]], run, **kwargs):
     """`GLM52.generate` with dp > 1: `run(model, own_prompts, **kwargs)` on this dp group's share,
     then the tokens of every request gathered on every rank."""
     from .decoding import GenerationResult
-    if kwargs.get("speculative") and model.layout.dispatch:
-        raise NotImplementedError("speculative decoding with dp > 1 and expert dispatch (ep = tp x dp) is not "
-                                  "implemented: use dp = 1, or ep = 1 (each dp group a full replica)")
     mine_idx = own_requests(len(prompts), model.layout)
     res = run(model, [prompts[i] for i in mine_idx], **kwargs) if mine_idx else None
-    model.net.serve_idle(model.new_cache(1))
+    model.net.serve_idle(model.new_cache(1, mtp=True))      # empty steps write nothing; MTP layers exist
     mine = {i: (toks, why) for i, toks, why in zip(mine_idx, res.tokens, res.finish_reasons)} if res else {}
     both = gather_results(model.comms, model.layout, mine, len(prompts))
     tokens, reasons = [t for t, _ in both], [w for _, w in both]

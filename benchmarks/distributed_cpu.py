@@ -84,10 +84,12 @@ def main() -> int:
         print(" | ".join(rows[-1]), flush=True)
     head = ["layout (tiny checkpoint)", "max logit diff / max logit", "greedy + chunked equal", "MTP spec equal",
             "read per rank", "held / planned per rank (bf16)", "wall s"]
-    md = [f"# Layouts on CPU processes (gloo) vs one process", "",
+    md = ["# Layouts on CPU processes (gloo) vs one process", "",
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"cpu_ref float32, `python benchmarks/distributed_cpu.py`. MTP spec `-`: speculative decoding with dp > 1 "
-          f"and expert dispatch is refused (not implemented).", "",
+          f"cpu_ref float32, `python benchmarks/distributed_cpu.py`. Wall times include process start; on a "
+          f"machine shared with other jobs they are upper bounds. Held = what one rank's network holds with "
+          f"bfloat16 weights; planned = `glm52 plan`'s per-device weight bytes for the same layout "
+          f"(fp8 rows: `-`, the planner counts 128-wide blocks, this checkpoint uses 8x8).", "",
           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
     text = "\n".join(md) + "\n"
     print(text)

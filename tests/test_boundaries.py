@@ -273,6 +273,22 @@ def test_verify_top_p_threshold_exactly_on_every_backend(backend):
                 assert tok[0].tolist() == [d, 0]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_verify_rejection_whose_residual_has_no_mass(backend):
+    """max(p - q, 0) can sum to 0 at a rejection (q >= p everywhere: float rounding of q == p, or a
+    draft distribution with more mass than p); the correction is then drawn from p itself."""
+    ops = _backend(backend)
+    lg = HALVES.expand(1, 2, 4).contiguous()
+    p = torch.softmax(HALVES, -1)
+    q = (2 * p).expand(1, 1, 4).contiguous()                          # p / q = 1/2 for every token
+    for u0, u1, want in [(0.25, 0.3, None), (0.75, 0.3, 0), (0.75, 0.6, 1), (0.75, 0.8, 2), (0.75, 0.9, 3)]:
+        acc, tok = ops.mtp_verify(torch.tensor([[1]]), lg, q, 1.0, 1.0, torch.tensor([[u0, u1]]))
+        if want is None:                                               # u < 1/2: accepted, bonus from p
+            assert int(acc[0]) == 1 and tok[0].tolist() == [1, 0], backend
+        else:
+            assert int(acc[0]) == 0 and tok[0].tolist() == [want, -1], (backend, u1)
+
+
 # ---- planner ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["nvidia-h200", "ascend-910c", "cpu-tiny"])

@@ -36,12 +36,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 R = CpuRefBackend()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -52,12 +52,7 @@ INDEXER_EPS = 1e-6  # indexer k_norm LayerNorm (spec §2, §5)
 ALPHA = 1e-3        # significance level of the distribution test
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 # ---- the reference --------------------------------------------------------------------------------

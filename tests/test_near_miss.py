@@ -42,13 +42,7 @@ CPU = torch.device("cpu")
 DTYPE_IDS = [str(d).removeprefix("torch.") for d in MODEL_DTYPES]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small ops on a shared 2-core machine: one intra-op thread is faster and leaves the other core."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 # ---- plumbing --------------------------------------------------------------------------------------

@@ -12,15 +12,16 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from .config import ModelConfig
+from .quant import FORMATS, FP8_MAX, INT4_MAX, INT8_MAX, check_format, dequantize, pack_int4_rows
 
 # ---- Weight ---------------------------------------------------------------------------------------
-WEIGHT_FORMATS = ("dense", "fp8_block")
+WEIGHT_FORMATS = tuple(FORMATS)   # "dense" + quant.QUANT_FORMATS (the arithmetic of each: quant.py)
 FP8_BLOCK = (128, 128)
 
 
@@ -28,25 +29,43 @@ FP8_BLOCK = (128, 128)
 class Weight:
     """One linear weight `[out, in]` (or a stack of experts `[E, out, in]`) in a storage format.
 
-    format "dense":     `data` is float32/bfloat16/float16; `scales` is None.
-    format "fp8_block": `data` float8_e4m3fn, `scales` f32 `[ceil(out/128), ceil(in/128)]` per matrix
-                        (`weight_scale_inv`: dense = data * scale of its 128x128 block).
+    format "dense":  `data` is float32/bfloat16/float16; no scales.
+    quantized:       `data` holds the stored codes, `scales` and `aux` the format's other tensors,
+                     `recipe` how the op quantizes its activations (glm52_backends/quant.py has the
+                     table); e.g. "fp8_block": `data` float8_e4m3fn, `scales` f32 `[ceil(out/b0),
+                     ceil(in/b1)]` per matrix (`weight_scale_inv`: dense = data * scale of its block).
     """
     data: torch.Tensor
     scales: torch.Tensor | None = None
     format: str = "dense"
     block: tuple[int, int] = FP8_BLOCK
+    aux: dict = field(default_factory=dict)
+    recipe: str | None = None
 
     def __post_init__(self):
         if self.format not in WEIGHT_FORMATS:
             raise ValueError(f"Weight: unknown format {self.format!r}; known: {', '.join(WEIGHT_FORMATS)}")
-        if self.format == "dense" and self.scales is not None:
-            raise ValueError("Weight: a dense weight carries no scales")
-        if self.format == "fp8_block" and self.scales is None:
-            raise ValueError("Weight: format fp8_block needs its block scales")
+        f = FORMATS[self.format]
+        if self.format == "dense":
+            if self.scales is not None or self.aux:
+                raise ValueError("Weight: a dense weight carries no scales")
+            return
+        if self.scales is None:
+            raise ValueError(f"Weight: format {self.format} needs its scales")
+        if self.data.dtype != f.code_dtype:
+            raise ValueError(f"Weight: format {self.format} stores {str(f.code_dtype).removeprefix('torch.')} codes, "
+                             f"got {str(self.data.dtype).removeprefix('torch.')}")
+        missing = [k for k in f.aux if k not in self.aux]
+        if missing:
+            raise ValueError(f"Weight: format {self.format} needs aux tensor(s) {missing}")
+        self.recipe = self.recipe or f.act_recipe
+        check_format(self.format, self.recipe)
 
     @property
     def shape(self) -> torch.Size:
+        """The logical shape `[..., out, in]` (int4 codes unpacked)."""
+        if self.format == "w4a8_dynamic":
+            return torch.Size((*self.data.shape[:-2], self.data.shape[-2] * 2, self.data.shape[-1]))
         return self.data.shape
 
     @property
@@ -57,21 +76,126 @@ class Weight:
     def device(self) -> torch.device:
         return self.data.device
 
+    @property
+    def quantized(self) -> bool:
+        return self.format != "dense"
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor this weight holds (data, scales, aux), as `quant.layout` names them."""
+        out = {"data": self.data}
+        if self.scales is not None:
+            out["scales"] = self.scales
+        out.update(self.aux)
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
     def dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight as a plain tensor (`dtype`: default the data's for dense, float32 otherwise)."""
         if self.format == "dense":
             return self.data if dtype is None else self.data.to(dtype)
-        bo, bi = self.block
-        s = self.scales.float()
-        s = s.repeat_interleave(bo, dim=-2)[..., :self.data.shape[-2], :]
-        s = s.repeat_interleave(bi, dim=-1)[..., :self.data.shape[-1]]
-        return (self.data.float() * s).to(dtype or torch.float32)
+        return dequantize(self, dtype or torch.float32)
 
     def to(self, device: Any = None, dtype: torch.dtype | None = None) -> "Weight":
-        """Moved (and, for dense weights, cast); quantized data keeps its dtype, scales stay f32."""
+        """Moved (and, for dense weights, cast); quantized codes keep their dtype, scales stay f32."""
         if self.format == "dense":
             return Weight(self.data.to(device=device, dtype=dtype))
-        return Weight(self.data.to(device), self.scales.to(device), self.format, self.block)
+        return Weight(self.data.to(device), self.scales.to(device), self.format, self.block,
+                      {k: v.to(device) for k, v in self.aux.items()}, self.recipe)
+
+
+# ---- quantizing and the reshapes the model does (arithmetic: quant.py) -----------------------------
+
+def quantize_weight(w: torch.Tensor, fmt: str, *, block: tuple[int, int] = (128, 128), recipe: str | None = None,
+                    input_scale: float | None = None, input_offset: float = 0.0):
+    """float `[N, K]` -> `Weight` of format `fmt` (symmetric per-channel for the int formats; the
+    static format needs the calibrated `input_scale`, `input_offset` of its input)."""
+    f = check_format(fmt, recipe)
+    wf = w.float()
+    if fmt == "dense":
+        return Weight(w)
+    if fmt == "fp8_block":
+        N, K = wf.shape
+        b0, b1 = block
+        nb0, nb1 = -(-N // b0), -(-K // b1)
+        padded = torch.zeros(nb0 * b0, nb1 * b1)
+        padded[:N, :K] = wf
+        amax = padded.view(nb0, b0, nb1, b1).abs().amax(dim=(1, 3))
+        scale_inv = (amax / FP8_MAX).clamp(min=1e-12)
+        s = scale_inv.repeat_interleave(b0, 0)[:N].repeat_interleave(b1, 1)[:, :K]
+        q = (wf / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        return Weight(q, scale_inv.float(), fmt, block, recipe=recipe or f.act_recipe)
+    qmax = INT4_MAX if fmt == "w4a8_dynamic" else INT8_MAX
+    scale = (wf.abs().amax(dim=-1) / qmax).clamp(min=1e-12)
+    q = torch.round(wf / scale[:, None]).clamp(-qmax - 1, qmax)
+    offset = torch.zeros_like(scale)
+    aux = {"offset": offset}
+    if fmt == "w4a8_dynamic":
+        aux["scale_bias"] = 8.0 * (q * scale[:, None]).sum(dim=-1)
+        return Weight(pack_int4_rows(q.to(torch.int8)), scale, fmt, aux=aux, recipe=recipe or f.act_recipe)
+    q = q.to(torch.int8)
+    if fmt == "w8a8_static":
+        if input_scale is None or not input_scale > 0:
+            raise ValueError("w8a8_static needs the calibrated input_scale (> 0) of the layer's input")
+        isc = torch.tensor(float(input_scale), dtype=torch.float32)
+        ioff = torch.tensor(float(round(input_offset)), dtype=torch.float32)
+        aux.update(input_scale=isc, input_offset=ioff, deq_scale=(isc * scale).float(),
+                   quant_bias=(-ioff * q.to(torch.float64).sum(dim=-1)).round().to(torch.int32))
+    return Weight(q, scale, fmt, aux=aux, recipe=recipe or f.act_recipe)
+
+
+def cat_rows(ws: list):
+    """Weights of one input concatenated along N (gate rows then up rows). Block-FP8 weights whose
+    row count is not a multiple of the row block keep their exact scales by going to 1-row blocks."""
+    fmts = {w.format for w in ws}
+    if len(fmts) != 1:
+        raise ValueError(f"cat_rows: weights of different formats {sorted(fmts)}")
+    fmt = fmts.pop()
+    if fmt == "dense":
+        return Weight(torch.cat([w.data for w in ws], dim=-2))
+    recipes = {w.recipe for w in ws}
+    if len(recipes) != 1:
+        raise ValueError(f"cat_rows: weights with different activation recipes {sorted(recipes)}")
+    recipe = recipes.pop()
+    if fmt == "fp8_block":
+        blocks = {w.block for w in ws}
+        if len(blocks) != 1:
+            raise ValueError(f"cat_rows: different FP8 blocks {sorted(blocks)}")
+        b0, b1 = blocks.pop()
+        if all(w.data.shape[-2] % b0 == 0 for w in ws[:-1]):
+            return Weight(torch.cat([w.data for w in ws], -2), torch.cat([w.scales for w in ws], -2), fmt, (b0, b1),
+                          recipe=recipe)
+        rows = [w.scales.repeat_interleave(b0, dim=-2)[..., :w.data.shape[-2], :] for w in ws]
+        return Weight(torch.cat([w.data for w in ws], -2), torch.cat(rows, -2), fmt, (1, b1), recipe=recipe)
+    if fmt == "w8a8_static":
+        for k in ("input_scale", "input_offset"):
+            if any(not torch.equal(w.aux[k], ws[0].aux[k]) for w in ws[1:]):
+                raise ValueError(f"cat_rows: w8a8_static weights of one input must share {k}")
+    aux = {k: (ws[0].aux[k] if k in ("input_scale", "input_offset") else torch.cat([w.aux[k] for w in ws], -1))
+           for k in ws[0].aux}
+    return Weight(torch.cat([w.data for w in ws], -2), torch.cat([w.scales for w in ws], -1), fmt, ws[0].block,
+                  aux=aux, recipe=recipe)
+
+
+def stack(ws: list):
+    """Weights of the experts stacked along a new leading dim `[E, ...]`."""
+    fmts = {(w.format, w.block, w.recipe) for w in ws}
+    if len(fmts) != 1:
+        raise ValueError(f"stack: experts in different formats/blocks/recipes {sorted(map(str, fmts))}")
+    fmt = ws[0].format
+    if fmt == "dense":
+        return Weight(torch.stack([w.data for w in ws]))
+    return Weight(torch.stack([w.data for w in ws]), torch.stack([w.scales for w in ws]), fmt, ws[0].block,
+                  aux={k: torch.stack([w.aux[k] for w in ws]) for k in ws[0].aux}, recipe=ws[0].recipe)
+
+
+def select(w, e: int):
+    """Expert `e` of a stacked weight (a view)."""
+    if w.format == "dense":
+        return Weight(w.data[e])
+    return Weight(w.data[e], w.scales[e], w.format, w.block, aux={k: v[e] for k, v in w.aux.items()}, recipe=w.recipe)
 
 
 def as_dense(w: "torch.Tensor | Weight") -> torch.Tensor:

@@ -1,6 +1,8 @@
 """mlp(x, w13, w2) -> W2 (silu(W1 x) * W3 x): the dense MLP and the shared expert.
 
     x [..., Hd]; w13 [2I, Hd] (gate rows then up rows); w2 [Hd, I]; tensors or `Weight`s.
+    Quantized weights: two `linear`s (glm52_backends/quant.py), the SwiGLU output rounded to
+    x.dtype is the second one's input, quantized by its recipe.
 """
 
 from __future__ import annotations

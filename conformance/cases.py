@@ -362,6 +362,74 @@ def _mlp(scale: str) -> CaseInputs:  # the shared expert: [2 x 2048, 6144], [614
                        "w2": Arg(randn(g, s["Hd"], s["I"], std=s["I"] ** -0.5), "weight")})
 
 
+# ---- quantized weights (glm52_backends/quant.py) ----------------------------------------------------------
+# Each format's weights are quantized once from the case's float weights (the model's reshapes
+# included: gate/up concatenated after quantizing each, experts stacked), so every backend and the
+# reference see the same codes and scales; the activations are the dtype-rounded ones, quantized by
+# each side with the format's recipe. Judged by the looser of the dtype row and the format's row.
+QUANT_LINEAR_FORMATS = ("fp8_block", "w8a8_dynamic", "w8a8_static", "w4a8_dynamic")
+QUANT_FFN_FORMATS = ("fp8_block", "w8a8_dynamic", "w4a8_dynamic")   # static is the recipe's attention format
+
+
+def _q(w: torch.Tensor, fmt: str, x: torch.Tensor | None = None):
+    from glm52_backends.weights import quantize_weight
+    if fmt == "w8a8_static":  # calibrated on the case's own input, with an asymmetric offset
+        return quantize_weight(w, fmt, input_scale=float(x.abs().max()) * 1.05 / 120, input_offset=5)
+    return quantize_weight(w, fmt)
+
+
+def _q_w13(w13: torch.Tensor, fmt: str):
+    from glm52_backends.weights import cat_rows
+    I = w13.shape[-2] // 2
+    return cat_rows([_q(w13[:I], fmt), _q(w13[I:], fmt)])
+
+
+def _q_linear(fmt: str, odd: bool = False):
+    def build(scale: str) -> CaseInputs:
+        s = SIZES[scale]
+        g = _g("linear", f"{fmt}-{'odd' if odd else 'kv_a'}", scale)
+        N, K = (300, 200) if odd else (s["Dl"] + s["Dr"], s["Hd"])
+        x = randn(g, 7 if odd else 5, K)
+        x[0, :3] *= 30  # an outlier channel: groups and rows with very different ranges
+        w = randn(g, N, K, std=K ** -0.5)
+        return CaseInputs({"x": Arg(x, "act"), "weight": Arg(_q(w, fmt, x), "qweight")})
+    return build
+
+
+def _q_mlp(fmt: str):
+    def build(scale: str) -> CaseInputs:
+        s = SIZES[scale]
+        g = _g("mlp", fmt, scale)
+        Hd, I = s["Hd"], s["I"]
+        return CaseInputs({"x": Arg(randn(g, 4, Hd), "act"),
+                           "w13": Arg(_q_w13(randn(g, 2 * I, Hd, std=Hd ** -0.5), fmt), "qweight"),
+                           "w2": Arg(_q(randn(g, Hd, I, std=I ** -0.5), fmt), "qweight")})
+    return build
+
+
+def _q_moe(fmt: str, kind: str):
+    def build(scale: str) -> CaseInputs:
+        from glm52_backends.weights import stack
+        s = SIZES[scale]
+        g = _g("moe_experts", f"{fmt}-{kind}", scale)
+        if kind == "real-width":
+            T, Hd, I, E, K = 3, s["Hd"], s["I"], 4, 4
+        else:                                    # 16 tokens, unused slots, experts without tokens
+            T, Hd, I, E, K = 16, (256 if scale == "full" else s["Hd"]), (128 if scale == "full" else s["I"]), 12, 3
+        ids = torch.stack([randperm(g, E)[:K] for _ in range(T)]) if kind == "real-width" else \
+            torch.stack([randperm(g, E - 4)[:K] for _ in range(T)])       # the last 4 experts get no token
+        if kind != "real-width":
+            ids[::3, -1] = -1
+        w13 = randn(g, E, 2 * I, Hd, std=Hd ** -0.5)
+        w2 = randn(g, E, Hd, I, std=I ** -0.5)
+        return CaseInputs(
+            {"x": Arg(randn(g, T, Hd), "act"),
+             "w13": Arg(stack([_q_w13(w13[e], fmt) for e in range(E)]), "qweight"),
+             "w2": Arg(stack([_q(w2[e], fmt) for e in range(E)]), "qweight"),
+             "topk_ids": Arg(ids.long(), "int"), "topk_weights": Arg(rand(g, T, K) * 0.5 + 0.05, "f32")})
+    return build
+
+
 # ---- the real attention head widths at short lengths ------------------------------------------------------
 # Fused attention ops take only the real head widths (Ascend's npu_lightning_indexer: index head dim
 # 128, at most 64 heads; npu_sparse_flash_attention: latent 512 + rope 64; npu_interleave_rope:
@@ -435,4 +503,12 @@ CASES: list[Case] = [
     Case("rope", "head-dims", _rope_head_dims, "close", "[T, 8, 64] at any scale"),
     Case("linear", "kv_a", _linear, "close"),
     Case("mlp", "shared-expert", _mlp, "close"),
+    *[Case("linear", f"{fmt}-kv_a", _q_linear(fmt), "close", f"{fmt}: kv_a [576, 6144], an outlier channel")
+      for fmt in QUANT_LINEAR_FORMATS],
+    *[Case("linear", f"{fmt}-odd", _q_linear(fmt, True), "close", f"{fmt}: [300, 200], partial blocks")
+      for fmt in QUANT_LINEAR_FORMATS],
+    *[Case("mlp", f"{fmt}-shared-expert", _q_mlp(fmt), "close", f"{fmt}: the shared expert") for fmt in QUANT_FFN_FORMATS],
+    *[Case("moe_experts", f"{fmt}-{kind}", _q_moe(fmt, kind), "close", f"{fmt}: {about}")
+      for fmt in QUANT_FFN_FORMATS for kind, about in (("real-width", "hidden 6144 x width 2048, 4 experts"),
+                                                        ("slots", "16 tokens, -1 slots, idle experts"))],
 ]

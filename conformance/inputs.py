@@ -120,7 +120,7 @@ def page(g: torch.Generator, seqs: list[torch.Tensor], block_size: int, spare_bl
 
 # ---- hand-off to backend and reference ------------------------------------------------------------
 
-ROLES = ("act", "weight", "f32", "int", "const")
+ROLES = ("act", "weight", "qweight", "f32", "int", "const")
 
 
 @dataclass
@@ -132,6 +132,9 @@ class Arg:
                    upcasts per use (saves a float64 copy of large expert weights)
           "f32"    float32 by contract whatever the dtype under test (head weights, routing
                    weights, router logits, uniforms); the reference gets it in float64
+          "qweight" a quantized `Weight` (glm52_backends/quant.py), built once from the case's seed:
+                   the backend gets a copy of its codes and scales on its device, the reference
+                   the same object (it computes the format's arithmetic in float64 whatever the dtype)
           "int"    integer tensor, moved as is;  "const": a Python value
     view: applied after the move (hands the backend a non-contiguous view, for instance).
     """
@@ -157,6 +160,9 @@ class CaseInputs:
             if a.role == "const":
                 out.append(a.value)
                 continue
+            if a.role == "qweight":
+                out.append(_weight_copy(a.value, device))
+                continue
             to = {"act": dtype, "weight": dtype, "f32": torch.float32, "int": a.value.dtype}[a.role]
             v = a.value.to(device=device, dtype=to, copy=True)  # a copy: a backend may not harm the case
             out.append(a.view(v) if a.view else v)
@@ -165,13 +171,20 @@ class CaseInputs:
     def for_reference(self, dtype: torch.dtype) -> list[Any]:
         out = []
         for a in self.args.values():
-            if a.role == "const":
+            if a.role in ("const", "qweight"):
                 out.append(a.value)
                 continue
             v = {"act": lambda t: t.to(dtype).double(), "weight": lambda t: t.to(dtype),
                  "f32": lambda t: t.float().double(), "int": lambda t: t}[a.role](a.value)
             out.append(a.view(v) if a.view else v)
         return out
+
+
+def _weight_copy(w, device: torch.device):
+    """A quantized Weight's tensors copied to `device` (a backend may not harm the case)."""
+    from glm52_backends.weights import Weight
+    return Weight(w.data.to(device, copy=True), w.scales.to(device, copy=True), w.format, w.block,
+                  {k: v.to(device, copy=True) for k, v in w.aux.items()}, w.recipe)
 
 
 def rounded(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

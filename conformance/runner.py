@@ -21,7 +21,7 @@ from glm52_backends.registry import BoundBackend, get_backend
 from . import judges
 from .cases import CASES, Case, indexer_scores, selection_scores
 from .report import CaseResult, Report
-from .tolerances import tolerance
+from .tolerances import format_tolerance, tolerance
 
 REFERENCE = CpuRefBackend(torch.float64)
 
@@ -56,12 +56,21 @@ def tolerance_dtype(inputs, dtype: torch.dtype) -> torch.dtype:
     (an "act" or "weight" argument), else float32. moe_route and mtp_verify take float32 inputs by
     contract whatever the model dtype, so a bfloat16 run must not judge them by the bfloat16 row
     (500x looser than the arithmetic they do)."""
-    return dtype if any(a.role in ("act", "weight") for a in inputs.args.values()) else torch.float32
+    return dtype if any(a.role in ("act", "weight", "qweight") for a in inputs.args.values()) else torch.float32
+
+
+def case_tolerance(inputs, dtype: torch.dtype) -> float:
+    """The case's bound: its dtype row, or for quantized weights the looser of that and the format's row."""
+    tol = tolerance(tolerance_dtype(inputs, dtype)).tol
+    for a in inputs.args.values():
+        if a.role == "qweight":
+            tol = max(tol, format_tolerance(a.value.format).tol)
+    return tol
 
 
 def judge_case(case: Case, out: Any, inputs, dtype: torch.dtype) -> judges.Verdict:
     """Compute the reference and judge `out` (already on the CPU)."""
-    tol = tolerance(tolerance_dtype(inputs, dtype)).tol
+    tol = case_tolerance(inputs, dtype)
     ref_args = inputs.for_reference(dtype)
     if case.judge == "topk":
         batch = inputs.meta["batch"]

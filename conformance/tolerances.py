@@ -61,6 +61,33 @@ TOLERANCES: dict[torch.dtype, Tolerance] = {
         "relative tolerance used across vLLM kernel tests"),
 }
 
+# Quantized weight formats (glm52_backends/quant.py). The reference computes the format's exact
+# arithmetic on the SAME codes and scales and quantizes the same dtype-rounded activations by the
+# same recipe, so what is left is the backend's accumulation (f32 per K block: ~1e-7 relative to the
+# float64 oracle) and its activation quantizer: scale arithmetic in another order (x * (1/s) instead
+# of x / s, f32 vs f64) may move a code by one step on under 0.05 % of elements. One such step at
+# the worst place of a row is the budget: e4m3's step at the top of a group is 32/448 of the
+# group's amax, int8's is 1/127 of the row's amax; through a weight of size ~3/sqrt(K) that is
+# ~3e-3 (fp8) and ~4e-4 (int8) of max|ref| at the catalogue's shapes. A backend that skips the
+# activation quantization (weight-only: what dequantize-at-load computes) errs by ~3e-2 (fp8) and
+# ~6e-2 (int8) and fails. A case is judged by the looser of its dtype row and its format row.
+FORMAT_TOLERANCES: dict[str, Tolerance] = {
+    "fp8_block": Tolerance(torch.float8_e4m3fn, 3, 4e-3,
+                           "one e4m3 code step (32/448 of a 128-group's amax) on one element per row; "
+                           "kernel f32 accumulation per 128-K block ~1e-7"),
+    **{fmt: Tolerance(torch.int8, 7, 1e-3,
+                      "one int8 code step (amax/127 of the token row) on one element per row; int32 "
+                      "accumulation is exact, dequantization in f32 ~1e-7")
+       for fmt in ("w8a8_dynamic", "w8a8_static", "w4a8_dynamic")},
+}
+
+
+def format_tolerance(fmt: str) -> Tolerance:
+    if fmt not in FORMAT_TOLERANCES:
+        raise KeyError(f"no tolerance row for weight format {fmt!r}; rows: {', '.join(FORMAT_TOLERANCES)}")
+    return FORMAT_TOLERANCES[fmt]
+
+
 MODEL_DTYPES = tuple(TOLERANCES)  # the dtypes a backend can be tested in (float64 is the reference's)
 
 
@@ -85,4 +112,6 @@ def parse_dtype(d: str | torch.dtype) -> torch.dtype:
 
 def table_rows() -> list[dict]:
     return [{"dtype": t.name, "mantissa_bits": t.mantissa_bits, "tol": t.tol, "reason": t.reason}
-            for t in TOLERANCES.values()]
+            for t in TOLERANCES.values()] + \
+           [{"dtype": f"format {fmt}", "mantissa_bits": t.mantissa_bits, "tol": t.tol, "reason": t.reason}
+            for fmt, t in FORMAT_TOLERANCES.items()]

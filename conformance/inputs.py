@@ -169,10 +169,17 @@ class CaseInputs:
         return out
 
     def for_reference(self, dtype: torch.dtype) -> list[Any]:
+        """With quantized weights the activations stay in `dtype`: the formats define where the
+        activation is rounded to its dtype before it is quantized again (the SwiGLU output between
+        the two GEMMs, ops/mlp.py), and a float64 activation there would move codes by a step."""
         out = []
+        quantized = any(a.role == "qweight" for a in self.args.values())
         for a in self.args.values():
             if a.role in ("const", "qweight"):
                 out.append(a.value)
+                continue
+            if a.role == "act" and quantized:
+                out.append(a.view(a.value.to(dtype)) if a.view else a.value.to(dtype))
                 continue
             v = {"act": lambda t: t.to(dtype).double(), "weight": lambda t: t.to(dtype),
                  "f32": lambda t: t.float().double(), "int": lambda t: t}[a.role](a.value)

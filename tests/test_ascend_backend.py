@@ -11,10 +11,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from glm52_backends import ops as ref
+from glm52_backends import quant
 from glm52_backends.backends.ascend import EMULATED_NAME, create
 from glm52_backends.backends.ascend.backend import AscendBackend
 from glm52_backends.backends.ascend.common import AscendStep
@@ -23,7 +25,7 @@ from glm52_backends.ops import OP_NAMES, Capabilities, OpUnsupported, check_sign
 from glm52_backends.registry import BackendUnavailable, BoundBackend, get_backend, list_backends
 from glm52_backends.step import StepMeta
 from glm52_backends.tiny import make_tiny_checkpoint
-from glm52_backends.weights import Weight
+from glm52_backends.weights import Weight, cat_rows, quantize_weight, select, stack
 
 F64 = torch.float64
 
@@ -114,7 +116,8 @@ def test_backend_matches_the_contract_and_declares_typed_capabilities(asc):
         assert check_signature(op, getattr(asc, op)) is None, op
     caps = asc.capabilities
     assert isinstance(caps, Capabilities)
-    assert caps.weight_formats == ("dense",) and caps.cache_formats == ("dense",) and caps.devices == ("cpu",)
+    assert caps.weight_formats == ("dense", "w8a8_dynamic", "w8a8_static")
+    assert caps.cache_formats == ("dense",) and caps.devices == ("cpu",)
     assert caps.max_topk == 8192 and 16 in caps.block_sizes and 1024 in caps.block_sizes
     assert 8 not in caps.block_sizes and 24 not in caps.block_sizes and 1040 not in caps.block_sizes
     # 128, the block size of vllm-ascend's SFA path and of Huawei's GLM-5.2 recipe, is the default
@@ -296,10 +299,12 @@ class TracingNpu:
             return attr
 
         def call(*args, **kwargs):
-            self.calls.append(SimpleNamespace(name=name, args=args, kwargs=kwargs))
+            rec = SimpleNamespace(name=name, args=args, kwargs=kwargs, out=None)
+            self.calls.append(rec)
             self.inside += 1
             try:
-                return attr(*args, **kwargs)
+                rec.out = attr(*args, **kwargs)
+                return rec.out
             finally:
                 self.inside -= 1
         return call
@@ -607,7 +612,8 @@ def test_other_weight_formats_decline_to_the_reference(asc, emulate):
     ids, wts = torch.randint(0, 3, (5, 2), generator=g), torch.rand(5, 2, generator=g)
     for call in (lambda b: b.linear(x, w13), lambda b: b.mlp(x, w13, w2),
                  lambda b: b.moe_experts(x, e13, e2, ids, wts)):
-        with pytest.raises(OpUnsupported, match="format 'fp8_block'; this backend runs dense weights only"):
+        with pytest.raises(OpUnsupported, match="format 'fp8_block'; this backend runs dense, w8a8_dynamic, "
+                                                "w8a8_static weights"):
             call(asc)
     bound = get_backend("ascend")
     with pytest.warns(RuntimeWarning, match="linear falls back.*fp8_block"):
@@ -617,6 +623,360 @@ def test_other_weight_formats_decline_to_the_reference(asc, emulate):
     with pytest.warns(RuntimeWarning, match="moe_experts falls back"):
         assert torch.equal(bound.moe_experts(x, e13, e2, ids, wts), ref.moe_experts(x, e13, e2, ids, wts))
     assert {bound.ran_natively()[op] for op in ("linear", "mlp", "moe_experts")} == {"fallback"}
+
+
+# ---- int8 weights: w8a8_dynamic, w8a8_static ---------------------------------------------------------------
+# Judged against quant.matmul_reference (the float64 oracle of glm52_backends/quant.py) on the SAME
+# quantised weights and, GEMM by GEMM, on the same activations: the activation codes must be the
+# recipe's (spec/quantization.md §2: at most one step apart on < 0.05% of elements), then every GEMM
+# output is the oracle's up to the rounding of the output: one unit in the last place of x's dtype
+# (bfloat16 2^-7, float16 2^-10 relative); float32 2^-21 (8 float32 ulps: the ops' float32 scale steps
+# plus the oracle's own rounding to float32).
+ULP_REL = {torch.float32: 2 ** -21, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}
+INT8 = ("w8a8_dynamic", "w8a8_static")
+
+
+def qweight(w, fmt, x=None):
+    """`w` quantised to `fmt`; w8a8_static calibrated on its input `x`, with an asymmetric offset."""
+    if fmt == "w8a8_static":
+        return quantize_weight(w, fmt, input_scale=float(x.float().abs().max()) * 1.05 / 120, input_offset=5)
+    return quantize_weight(w, fmt)
+
+
+def qw13(w13, fmt, x=None):
+    """gate and up quantised separately, then concatenated (what the loader does)."""
+    I = w13.shape[-2] // 2
+    return cat_rows([qweight(w13[:I], fmt, x), qweight(w13[I:], fmt, x)])
+
+
+def int8_backend(dtype):
+    """float32 runs on the emulator's float32 convenience; halves on the documented dtypes only."""
+    return traced() if dtype == torch.float32 else traced(allow_float32=False)
+
+
+def assert_codes(got, want):
+    """spec §2: int8 codes one step apart at most, on fewer than 0.05% of the elements."""
+    d = (got.long() - want.long()).abs()
+    assert d.numel() == 0 or (int(d.max()) <= 1 and int((d > 0).sum()) <= 0.0005 * d.numel()), int((d > 0).sum())
+
+
+def oracle_slack(x, W):
+    """The float64 oracle's own rounding: exact integer sums for w8a8_static; for w8a8_dynamic the
+    K products (q_x s_x)(q_W scale) are rounded and summed in float64, K * 2^-53 of the sum of
+    their magnitudes (matters only where the sum cancels to almost nothing)."""
+    if W.format != "w8a8_dynamic":
+        return 0.0
+    q, s = quant.quantize_int8_token(x)
+    terms = (q.double().abs() * s.double()[..., None]) @ quant.dequantize(W, F64).abs().T
+    return x.shape[-1] * 2 ** -53 * terms
+
+
+def swiglu_bound(h_ref, e, dtype):
+    """|a - silu(h1) h2| for a = the dtype-rounded SwiGLU of h' with |h' - h_ref| <= e (each half):
+    silu(h1') h2' - silu(h1) h2 = (silu(h1') - silu(h1)) h2' + silu(h1) (h2' - h2), |silu'| <= 1.1,
+    |silu(z)| <= |z|, plus the rounding of a (one ulp u of the result)."""
+    I = h_ref.shape[-1] // 2
+    h1, h2, e1, e2 = h_ref[..., :I].abs(), h_ref[..., I:].abs(), e[..., :I], e[..., I:]
+    return 1.1 * e1 * (h2 + e2) + h1 * e2 + ULP_REL[dtype] * (h1 + e1) * (h2 + e2)
+
+
+def assert_ulp(got, want, dtype, what, slack=0.0):
+    err = (got.double() - want.double()).abs()
+    bound = ULP_REL[dtype] * want.double().abs() + slack
+    assert bool((err <= bound).all()), f"{what}: {float((err - bound).max())} over one ulp"
+
+
+def calls(be, name):
+    return [c for c in be.npu.calls if c.name == name]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fmt", INT8)
+def test_int8_linear_against_the_oracle(fmt, dtype):
+    """linear: npu_dynamic_quant (or npu_quantize with the calibrated input scale and offset) then
+    npu_quant_matmul; odd sizes, leading dims, a row of zeros, an outlier; the codes handed to
+    npu_quant_matmul are the recipe's and its output is the oracle's to one ulp."""
+    be = int8_backend(dtype)
+    g = gen(50)
+    N, K = 23, 37
+    x = torch.randn(2, 5, K, generator=g)
+    x[0, 0] = 0
+    x[0, 1, 3] *= 40
+    x = x.to(dtype)
+    W = qweight(torch.randn(N, K, generator=g) * K ** -0.5, fmt, x)
+    y = be.linear(x, W)
+    assert y.dtype == dtype and y.shape == (2, 5, N)
+    quantise = "npu_dynamic_quant" if fmt == "w8a8_dynamic" else "npu_quantize"
+    assert [c.name for c in be.npu.calls] == [quantise, "npu_quant_matmul"]
+    mm = calls(be, "npu_quant_matmul")[0]
+    assert mm.args[1].data_ptr() == W.data.data_ptr() and mm.args[1].shape == (K, N)    # a view, no copy
+    assert_codes(mm.args[0], quant.quantize_activation(x, W)[0].reshape(-1, K))
+    if fmt == "w8a8_dynamic":
+        assert torch.equal(mm.kwargs["pertoken_scale"], quant.quantize_int8_token(x)[1].reshape(-1))
+    else:
+        assert mm.kwargs["bias"].dtype == torch.int32 and torch.equal(mm.kwargs["bias"], W.aux["quant_bias"])
+    assert_ulp(y, quant.matmul_reference(x, W), dtype, "linear", oracle_slack(x, W))
+    if fmt == "w8a8_dynamic":
+        assert bool((y[0, 0] == 0).all())                     # a row of zeros: scale 0, output exactly 0
+    be.npu.calls.clear()
+    assert be.linear(x[:0], W).shape == (0, 5, N) and be.npu.calls == []   # no rows: no op (x1 may not be empty)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fmts", [("w8a8_dynamic", "w8a8_dynamic"), ("w8a8_static", "w8a8_static"),
+                                  ("w8a8_dynamic", "dense")])
+def test_int8_mlp_against_the_oracle(fmts, dtype):
+    """mlp: linear(w13) -> npu_swiglu -> linear(w2), each GEMM judged on its own input: the first on
+    x, the second on the SwiGLU output the backend produced, which itself is within the propagated
+    one-ulp differences of the reference's SwiGLU output."""
+    be = int8_backend(dtype)
+    g = gen(51)
+    Hd, I, T = 40, 24, 9
+    x = (torch.randn(T, Hd, generator=g)).to(dtype)
+    f13 = torch.randn(2 * I, Hd, generator=g) * Hd ** -0.5
+    f2 = torch.randn(Hd, I, generator=g) * I ** -0.5
+    w13 = qw13(f13, fmts[0], x)
+    h_ref = quant.matmul_reference(x, w13)                                              # float64 oracle
+    a_ref = F.silu(h_ref[:, :I]) * h_ref[:, I:]                                         # float64, unrounded
+    w2 = qweight(f2, fmts[1], a_ref) if fmts[1] != "dense" else f2.to(dtype)
+    y = be.mlp(x, w13, w2)
+    assert y.dtype == dtype and y.shape == (T, Hd)
+    mms = calls(be, "npu_quant_matmul")
+    assert len(mms) == (2 if fmts[1] != "dense" else 1) and len(calls(be, "npu_swiglu")) == 1
+    h = mms[0].out
+    assert_codes(mms[0].args[0], quant.quantize_activation(x, w13)[0])
+    slack = oracle_slack(x, w13)
+    assert_ulp(h, h_ref, dtype, "GEMM1", slack)
+    a = calls(be, "npu_swiglu")[0].out
+    # the SwiGLU of an h within that bound of the oracle's, against the SwiGLU of the oracle's h
+    bound = swiglu_bound(h_ref, ULP_REL[dtype] * h_ref.abs() + slack, dtype)
+    assert bool(((a.double() - a_ref).abs() <= bound).all()), "swiglu"
+    if fmts[1] == "dense":   # F.linear: float32 accumulation (I * 2^-24 of the |terms|) + one rounding
+        want = a.double() @ w2.double().T
+        mag = a.double().abs() @ w2.double().abs().T
+        assert bool(((y.double() - want).abs() <= I * 2 ** -24 * mag + ULP_REL[dtype] * want.abs()).all())
+    else:
+        assert_codes(mms[1].args[0], quant.quantize_activation(a, w2)[0])
+        assert_ulp(y, quant.matmul_reference(a, w2), dtype, "GEMM2", oracle_slack(a, w2))
+    # end to end against the reference op: within the dtype's conformance row
+    assert rel_err(y, ref.mlp(x, w13, w2)) <= (3e-5 if dtype == torch.float32 else 1.6e-2)
+
+
+def moe_case(g, T, Hd, I, E, K, dtype, bf16_scales=False):
+    x = torch.randn(T, Hd, generator=g)
+    x[1] = 0                                                                           # a token of zeros
+    x = x.to(dtype)
+    w13 = stack([qw13(torch.randn(2 * I, Hd, generator=g) * Hd ** -0.5, "w8a8_dynamic") for _ in range(E)])
+    w2 = stack([qweight(torch.randn(Hd, I, generator=g) * I ** -0.5, "w8a8_dynamic") for _ in range(E)])
+    if bf16_scales:   # Atlas A2/A3's int8 grouped matmul outputs bfloat16 only with bfloat16 scales
+        for w in (w13, w2):
+            w.scales = w.scales.bfloat16().float()
+    ids = torch.stack([torch.randperm(E - 1, generator=g)[:K] for _ in range(T)])      # expert E-1 stays empty
+    ids[2, 1] = -1                                                                     # unused slots
+    ids[5, 0] = -1
+    return x, w13, w2, ids, torch.rand(T, K, generator=g) + 0.05
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_int8_moe_experts_against_the_oracle(dtype):
+    """moe_experts, w8a8_dynamic: npu_moe_init_routing_v2(quant_mode=1) -> int8 npu_grouped_matmul
+    (scale, per_token_scale) -> npu_swiglu -> npu_dynamic_quant -> int8 npu_grouped_matmul ->
+    npu_moe_token_unpermute. Each routed row's codes are its token's recipe codes, each GEMM is the
+    oracle's on its own input to one ulp, the SwiGLU output is within the propagated bound of the
+    reference's, and the output is the weighted sum of the rows (rounded to x's dtype per row by the
+    grouped matmul, which the float64 reference does not do: bounded by one ulp of each term)."""
+    be = int8_backend(dtype)
+    g = gen(52)
+    T, Hd, I, E, K = 9, 40, 16, 6, 3
+    x, w13, w2, ids, wts = moe_case(g, T, Hd, I, E, K, dtype, bf16_scales=dtype == torch.bfloat16)
+    y = be.moe_experts(x, w13, w2, ids, wts)
+    assert y.dtype == dtype and y.shape == (T, Hd)
+    names = [c.name for c in be.npu.calls]
+    assert names == ["npu_moe_init_routing_v2", "npu_grouped_matmul", "npu_swiglu", "npu_dynamic_quant",
+                     "npu_grouped_matmul", "npu_moe_token_unpermute"]
+    route, g1, sw, dq, g2, _ = be.npu.calls
+    assert route.kwargs["quant_mode"] == 1
+    sdt = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+    assert g1.kwargs["scale"][0].dtype == sdt and g1.kwargs["output_dtype"] == dtype
+    assert g1.args[1][0].data_ptr() == w13.data.data_ptr()                             # a view, no copy
+    xq, row_of, _, xs = route.out
+    used = [(t, k) for t in range(T) for k in range(K) if ids[t, k] >= 0]
+    q_tok, s_tok = quant.quantize_int8_token(x)
+    for t, k in used:
+        r, e = int(row_of[t * K + k]), int(ids[t, k])
+        assert_codes(xq[r], q_tok[t])
+        assert float(xs[r]) == float(s_tok[t])
+        h_ref = quant.matmul_reference(x[t:t + 1], select(w13, e))                      # float64 [1, 2I]
+        slack = oracle_slack(x[t:t + 1], select(w13, e))
+        assert_ulp(g1.out[0][r:r + 1], h_ref, dtype, f"GEMM1 token {t} expert {e}", slack)
+        bound = swiglu_bound(h_ref, ULP_REL[dtype] * h_ref.abs() + slack, dtype)[0]      # as in the mlp test
+        a_ref = F.silu(h_ref[0, :I]) * h_ref[0, I:]
+        assert bool(((sw.out[r].double() - a_ref).abs() <= bound).all()), f"swiglu token {t} expert {e}"
+        assert_codes(dq.out[0][r], quant.quantize_int8_token(sw.out[r])[0])
+        assert_ulp(g2.out[0][r:r + 1], quant.matmul_reference(sw.out[r:r + 1], select(w2, e)), dtype,
+                   f"GEMM2 token {t} expert {e}", oracle_slack(sw.out[r:r + 1], select(w2, e)))
+    # unpermute: the weighted sum of each token's rows (unused slots weight 0), summed in float32 and
+    # rounded once: within one ulp of the float64 sum of |terms|
+    rows = g2.out[0].double()
+    want = torch.zeros(T, Hd, dtype=F64)
+    mag = torch.zeros(T, Hd, dtype=F64)
+    for t, k in used:
+        term = rows[int(row_of[t * K + k])] * float(wts[t, k])
+        want[t] += term
+        mag[t] += term.abs()
+    err = (y.double() - want).abs()
+    assert bool((err <= ULP_REL[dtype] * mag).all())
+    assert bool((y[1] == 0).all())                                       # the token of zeros
+    assert rel_err(y, ref.moe_experts(x, w13, w2, ids, wts)) <= (3e-5 if dtype == torch.float32 else 1.6e-2)
+
+
+def moe_int8(g, dtype=torch.float32, fmt="w8a8_dynamic"):
+    T, Hd, I, E, K = 5, 32, 8, 4, 2
+    x = torch.randn(T, Hd, generator=g).to(dtype)
+    w13 = stack([qw13(torch.randn(2 * I, Hd, generator=g) * 0.2, fmt, x) for _ in range(E)])
+    w2 = stack([qweight(torch.randn(Hd, I, generator=g) * 0.3, fmt, x) for _ in range(E)])
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    return x, w13, w2, ids, torch.rand(T, K, generator=g)
+
+
+def test_int8_weights_are_prepared_once_and_read_nothing_back_after(monkeypatch):
+    """The kernels' view of a weight (transposed codes, scale vectors, the checks that read values)
+    is built on its first use only: later calls build nothing and read nothing back to the host; a
+    weight modified in place is rebuilt, and a freed one leaves the cache."""
+    be = traced()
+    g = gen(53)
+    x = torch.randn(6, 32, generator=g)
+    W = qweight(torch.randn(16, 32, generator=g), "w8a8_dynamic")
+    S = qweight(torch.randn(16, 32, generator=g), "w8a8_static", x)
+    mx, e13, e2, ids, wts = moe_int8(g)
+    m13, m2 = cat_rows([W, W]), qweight(torch.randn(32, 16, generator=g), "w8a8_dynamic")
+
+    def run():
+        return (be.linear(x, W), be.linear(x, S), be.moe_experts(mx, e13, e2, ids, wts), be.mlp(x, m13, m2))
+    first = run()
+    assert be.prepared.built == len(be.prepared) == 6                      # W, S, e13, e2, m13, m2
+    with BackendOps(be.npu, monkeypatch) as mode:
+        again = run()
+    assert mode.syncs == [] and be.prepared.built == 6
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    W.scales.mul_(2)                                                         # in place: rebuilt
+    assert torch.allclose(be.linear(x, W), 2 * first[0], rtol=1e-6) and be.prepared.built == 7
+    n = len(be.prepared)
+    tmp = qweight(torch.randn(8, 32, generator=g), "w8a8_dynamic")
+    be.linear(x, tmp)
+    assert len(be.prepared) == n + 1
+    be.npu.calls.clear()                                                     # the trace holds the codes too
+    del tmp
+    assert len(be.prepared) == n                                             # the cache keeps no weight alive
+
+
+def test_int8_declines_name_their_reason(asc, asc_strict, emulate):
+    g = gen(54)
+    x = torch.randn(5, 32, generator=g)
+    W = qweight(torch.randn(16, 32, generator=g), "w8a8_dynamic")
+    off = qweight(torch.randn(16, 32, generator=g), "w8a8_dynamic")
+    off.aux["offset"][3] = 0.5
+    w4 = quantize_weight(torch.randn(16, 32, generator=g), "w4a8_dynamic")
+    w4t = quantize_weight(torch.randn(32, 8, generator=g), "w4a8_dynamic")
+    S = qweight(torch.randn(16, 32, generator=g), "w8a8_static", x)
+    S.aux["input_offset"] = torch.tensor(2.5)
+    mx, e13, e2, ids, wts = moe_int8(g)
+    s13 = stack([qw13(torch.randn(16, 32, generator=g), "w8a8_static", mx) for _ in range(4)])
+    cases = [
+        (lambda: asc.linear(x, off), "non-zero offset"),
+        (lambda: asc.linear(x, w4), "w4a8_dynamic is not wired on this backend"),
+        (lambda: asc.mlp(x, W, w4t), "mlp: weight w2: w4a8_dynamic is not wired"),
+        (lambda: asc_strict.linear(x, W), "take bfloat16/float16 activations, got float32"),
+        (lambda: asc_strict.linear(x.bfloat16(), S), "input_offset 2.5 is not an int8 integer"),
+        (lambda: asc.linear(x[:, :30], W), "x has 30 inputs, weight weight takes 32"),
+        (lambda: asc.linear(x, Weight(W.data[None], W.scales[None], W.format, aux={"offset": W.aux["offset"][None]})),
+         "must be one matrix"),
+        (lambda: asc_strict.moe_experts(mx.bfloat16(), e13, e2, ids, wts), "scales are not bfloat16 values"),
+        (lambda: asc.moe_experts(mx, s13, e2, ids, wts), "w8a8_static is the recipe's attention format"),
+        (lambda: asc.moe_experts(mx, e13, e2.dense(), ids, wts), "formats 'w8a8_dynamic' / 'dense'"),
+        (lambda: asc.moe_experts(mx, select(e13, 0), e2, ids, wts), "expert weights are stacks"),
+        (lambda: asc.moe_experts(mx[:, :30], e13, e2, ids, wts), "do not chain"),
+    ]
+    for call, why in cases:
+        with pytest.raises(OpUnsupported, match=why):
+            call()
+    assert asc.linear(x, S).shape == (5, 16)              # float32 (emulated): the recipe's own arithmetic
+    bound = get_backend("ascend")                          # through the registry: the reference, one warning
+    with pytest.warns(RuntimeWarning, match="linear falls back.*w4a8_dynamic is not wired"):
+        assert torch.equal(bound.linear(x, w4), ref.linear(x, w4))
+    assert bound.ran_natively()["linear"] == "fallback"
+
+
+def calibrated_w8a8(model, prompts):
+    """msModelSlim's GLM-5 W8A8 mix built from `model`'s float weights: the attention projections
+    (q_a, q_b, kv_a, o, the indexer's q_b) w8a8_static with an input scale and offset calibrated on
+    the prompts, the dense MLP, shared and routed experts w8a8_dynamic; kv_b, the indexer's wk and
+    weights_proj, the router and lm_head stay float. -> [(layer index, attribute path, Weight)]."""
+    amax, lin = {}, model.ops.linear
+
+    def spy(x, w, **kw):
+        if x.numel():
+            amax[id(w)] = max(amax.get(id(w), 0.0), float(x.abs().max()))
+        return lin(x, w, **kw)
+    model.ops.linear = spy
+    try:
+        model(prompts)
+    finally:
+        model.ops.linear = lin
+    out = []
+    for i, L in enumerate(model.net.layers):
+        static = [("wq_a", L.wq_a), ("wq_b", L.wq_b), ("wkv_a", L.wkv_a), ("wo", L.wo)]
+        if L.indexer is not None:
+            static.append(("indexer.wq_b", L.indexer.wq_b))
+        for name, w in static:
+            out.append((i, name, quantize_weight(w.data, "w8a8_static", input_scale=amax[id(w)] * 1.1 / 125,
+                                                 input_offset=2)))
+        for name in ("w13", "w2", "s_w13", "s_w2"):
+            w = getattr(L, name)
+            if w is not None:
+                out.append((i, name, qw13(w.data, "w8a8_dynamic") if name.endswith("13") else
+                            qweight(w.data, "w8a8_dynamic")))
+        if L.e_w13 is not None:
+            out.append((i, "e_w13", stack([qw13(w, "w8a8_dynamic") for w in L.e_w13.data])))
+            out.append((i, "e_w2", stack([qweight(w, "w8a8_dynamic") for w in L.e_w2.data])))
+    return out
+
+
+def install(model, weights):
+    for i, path, w in weights:
+        obj, *rest = path.split(".")
+        target = model.net.layers[i]
+        if rest:
+            target, path = getattr(target, obj), rest[0]
+        setattr(target, path, w)
+
+
+def test_tiny_model_w8a8_greedy_tokens_match_cpu_ref(emulate, tmp_path):
+    """A tiny model with msModelSlim's W8A8 mix (static attention projections, dynamic MLP and
+    experts; the SAME quantised weights on both sides): the emulated Ascend backend runs linear, mlp
+    and moe_experts natively on the int8 ops and gives cpu_ref's greedy tokens; each quantised weight
+    is prepared once for the whole generation."""
+    GLM52 = _glm52()
+    path = make_tiny_checkpoint(tmp_path / "w8a8", layers=2, seed=4, index_topk=8)
+    cpu = GLM52(path, backend="cpu_ref", progress=False)
+    npu = GLM52(path, backend="ascend", progress=False)
+    prompts = _prompts(cpu.cfg.vocab_size)
+    weights = calibrated_w8a8(cpu, prompts)
+    assert {w.format for _, _, w in weights} == {"w8a8_static", "w8a8_dynamic"}
+    install(cpu, weights)
+    install(npu, weights)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = npu.generate(prompts, max_new_tokens=6, stop_at_eos=False, prefill_chunk=8)
+    want = cpu.generate(prompts, max_new_tokens=6, stop_at_eos=False, prefill_chunk=8)
+    assert got.tokens == want.tokens
+    ops = got.stats["ops"]
+    assert ops["linear"] == ops["mlp"] == ops["moe_experts"] == "native"
+    fell_back = [str(w.message) for w in caught if "falls back" in str(w.message)]
+    assert not [m for m in fell_back if any(f"{op} falls back" in m for op in ("linear", "mlp", "moe_experts"))]
+    assert npu.ops.backend.prepared.built == len(weights)                  # once per weight, whole run
+    for a, b in zip(npu(prompts), cpu(prompts)):                           # logits: float32 row
+        assert float((a - b).abs().max()) <= 3e-5 * float(b.abs().max())
 
 
 # ---- mtp_verify --------------------------------------------------------------------------------------------

@@ -532,7 +532,14 @@ ROUTING_REJECTED = {
     "range beyond expert_num": dict(active_expert_range=[0, 9]),
     "id beyond expert_num": dict(expert_idx=torch.full((4, 2), 8, dtype=torch.int32)),
     "active_num -2": dict(active_num=-2),
-    "quantised (not emulated)": dict(quant_mode=1),
+    "static quantisation (not emulated)": dict(quant_mode=0, scale=torch.ones(1), offset=torch.zeros(1)),
+    "quant_mode 2 (not in this line's page)": dict(quant_mode=2),
+    "dynamic: offset given": dict(quant_mode=1, offset=torch.zeros(1)),
+    "dynamic: 1-D scale": dict(quant_mode=1, scale=torch.ones(4)),
+    "dynamic: float16 scale": dict(quant_mode=1, scale=torch.ones(1, 8, dtype=torch.float16)),
+    "dynamic: scale rows neither 1 nor the range": dict(quant_mode=1, scale=torch.ones(3, 8)),
+    "dynamic: scale width": dict(quant_mode=1, scale=torch.ones(1, 7)),
+    "dynamic: int8 x (undefined output, not emulated)": dict(quant_mode=1, x=torch.zeros(4, 8, dtype=torch.int8)),
 }
 
 
@@ -597,7 +604,11 @@ GMM_REJECTED = {
     "transposed x": dict(x=[torch.zeros(4, 6).t()]),
     "act_type silu": dict(act_type=5),
     "dtype mismatch": dict(weight=[torch.zeros(3, 4, 5, dtype=torch.float16)]),
-    "quantised (not emulated)": dict(scale=[torch.ones(5)]),
+    "scale with float x": dict(scale=[torch.ones(3, 5)]),
+    "per_token_scale with float x": dict(per_token_scale=[torch.ones(6)]),
+    "antiquant (not emulated)": dict(antiquant_scale=[torch.ones(3, 5)]),
+    "int8 weight with float x (not emulated)": dict(weight=[torch.zeros(3, 4, 5, dtype=torch.int8)]),
+    "offset": dict(offset=[torch.zeros(5)]),
     "group_list_type 2": dict(group_list_type=2),
 }
 
@@ -743,3 +754,343 @@ def test_rotary_mul_rejects():
               dict(input=x, r1=r, r2=r, rotary_mode="full")):
         with pytest.raises(NpuOpError, match="npu_rotary_mul"):
             emu.npu_rotary_mul(**a)
+
+
+# ---- the int8 (W8A8) ops: npu_dynamic_quant, npu_quantize, npu_quant_matmul, quantised routing / GMM ----
+# Independent formulations in numpy: float32 where the docs put the scale arithmetic in float32 (so
+# codes and scales must agree exactly: IEEE division is the same in numpy and torch), float64 / int64
+# for the matmul products. np.rint / np.round round half to even.
+
+def np32(t):
+    return t.float().numpy()
+
+
+def int8_rows_numpy(x32):
+    """Per-row symmetric int8 of float32 rows: (codes, scale = rowmax|x| / 127); a zero row -> 0, 0."""
+    scale = (np.abs(x32).max(-1) if x32.shape[-1] else np.zeros(x32.shape[:-1], np.float32)) / np.float32(127)
+    safe = np.where(scale == 0, np.float32(1), scale).astype(np.float32)
+    return np.clip(np.rint(x32 / safe[..., None]), -128, 127).astype(np.int8), scale.astype(np.float32)
+
+
+def with_special_rows(x):
+    """x [..., K] with row 0 all zeros and row 1 one large outlier (the rows the quantisers must get right)."""
+    x = x.clone()
+    flat = x.view(-1, x.shape[-1])
+    if flat.shape[0] > 1:
+        flat[0] = 0
+        flat[1, -1] = 50 * float(flat[1].abs().max())
+    return x
+
+
+@pytest.mark.parametrize("dtype,shape", [(torch.bfloat16, (7, 33)), (torch.float16, (3, 4, 129)),
+                                         (torch.float32, (5, 1)), (torch.bfloat16, (0, 16)),
+                                         (torch.float16, (1, 8))])
+def test_dynamic_quant_per_token_against_numpy(dtype, shape):
+    e = emu32 if dtype == torch.float32 else emu
+    x = with_special_rows((torch.randn(*shape, generator=gen(40)) * 3).to(dtype))
+    y, s = e.npu_dynamic_quant(x)
+    assert y.dtype == torch.int8 and y.shape == x.shape and s.dtype == torch.float32 and s.shape == x.shape[:-1]
+    want_y, want_s = int8_rows_numpy(np32(x))
+    assert np.array_equal(y.numpy(), want_y) and np.array_equal(s.numpy(), want_s)
+    flat, fs = y.view(-1, shape[-1]), s.view(-1)
+    if flat.shape[0]:
+        nz = fs > 0                                       # symmetric: the row max maps to +-127, never -128
+        assert bool((flat[nz].abs().amax(-1) == 127).all()) and int(flat.min()) >= -127
+        if flat.shape[0] > 1:
+            assert float(fs[0]) == 0 and bool((flat[0] == 0).all())
+
+
+def test_dynamic_quant_smooth_scales_and_groups():
+    g = gen(41)
+    x = torch.randn(9, 24, generator=g).bfloat16()
+    sm = (torch.rand(24, generator=g) + 0.5).bfloat16()
+    y, s = emu.npu_dynamic_quant(x, smooth_scales=sm)
+    want_y, want_s = int8_rows_numpy(np32(x) * np32(sm))
+    assert np.array_equal(y.numpy(), want_y) and np.array_equal(s.numpy(), want_s)
+    groups = (torch.rand(3, 24, generator=g) + 0.5).bfloat16()           # rows 0-1, (none), 2-8
+    idx = torch.tensor([2, 2, 9], dtype=torch.int32)
+    y, s = emu.npu_dynamic_quant(x, smooth_scales=groups, group_index=idx)
+    per_row = np.concatenate([np32(groups[[0]]).repeat(2, 0), np32(groups[[2]]).repeat(7, 0)])
+    want_y, want_s = int8_rows_numpy(np32(x) * per_row)
+    assert np.array_equal(y.numpy(), want_y) and np.array_equal(s.numpy(), want_s)
+
+
+DQ_REJECTED = {
+    "float32 input (documented float16/bfloat16)": dict(input=torch.ones(2, 8)),
+    "1-D input": dict(input=torch.ones(8, dtype=torch.bfloat16)),
+    "dst_type float8 (950 only)": dict(dst_type=torch.float8_e4m3fn),
+    "dst_type quint4x2 (not emulated)": dict(dst_type=torch.quint4x2),
+    "quant_mode pertensor (950 only)": dict(quant_mode="pertensor"),
+    "dst_type_max": dict(dst_type_max=127.0),
+    "smooth_scales of another dtype": dict(smooth_scales=torch.ones(8)),
+    "smooth_scales length": dict(smooth_scales=torch.ones(7, dtype=torch.bfloat16)),
+    "group_index without smooth_scales": dict(group_index=torch.tensor([2], dtype=torch.int32)),
+    "group_index short of the rows": dict(smooth_scales=torch.ones(2, 8, dtype=torch.bfloat16),
+                                          group_index=torch.tensor([1, 1], dtype=torch.int32)),
+    "group_index decreasing": dict(smooth_scales=torch.ones(2, 8, dtype=torch.bfloat16),
+                                   group_index=torch.tensor([2, 1], dtype=torch.int32)),
+    "group_index int64": dict(smooth_scales=torch.ones(1, 8, dtype=torch.bfloat16),
+                              group_index=torch.tensor([2])),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DQ_REJECTED))
+def test_dynamic_quant_rejects(case):
+    a = dict(input=torch.ones(2, 8, dtype=torch.bfloat16))
+    a.update(DQ_REJECTED[case])
+    with pytest.raises(NpuOpError, match="npu_dynamic_quant"):
+        emu.npu_dynamic_quant(a.pop("input"), **a)
+
+
+@pytest.mark.parametrize("div_mode", [True, False])
+def test_quantize_against_numpy_with_saturation(div_mode):
+    g = gen(42)
+    x = torch.randn(6, 13, generator=g) * 40
+    x[0, :4] = torch.tensor([1e4, -1e4, 127.5, -128.5])             # saturate; .5 ties round to even
+    if div_mode:
+        sc, zp = torch.tensor([0.75]), torch.tensor([3], dtype=torch.int8)
+        want = np.rint(np32(x) / np.float32(0.75) + np.float32(3))
+        got = emu.npu_quantize(x, sc, zp, torch.qint8, -1, True)
+    else:
+        sc, zp = torch.tensor([1 / 0.75]), torch.tensor([3.0])
+        want = np.rint(np32(x) * np.float32(1 / 0.75) + np.float32(3))
+        got = emu.npu_quantize(x, sc, zp, torch.qint8, -1, False)
+    want = np.clip(want, -128, 127).astype(np.int8)
+    assert got.dtype == torch.int8 and np.array_equal(got.numpy(), want)
+    assert got[0, 0] == 127 and got[0, 1] == -128
+    # per-channel scales along the last axis, bfloat16 input, quint8 output (range 0..255), empty input
+    chan = torch.rand(13, generator=g) + 0.5
+    xb = x.bfloat16()
+    u8 = emu.npu_quantize(xb, chan, torch.full((13,), 100, dtype=torch.int32), torch.quint8, -1, True)
+    want = np.clip(np.rint(np32(xb) / np32(chan) + np.float32(100)), 0, 255).astype(np.uint8)
+    assert u8.dtype == torch.uint8 and np.array_equal(u8.numpy(), want)
+    assert emu.npu_quantize(torch.zeros(0, 13), sc, None, torch.qint8, -1, div_mode).shape == (0, 13)
+
+
+QZ_REJECTED = {
+    "div_mode=False, scales of another dtype": dict(x=torch.ones(2, 4, dtype=torch.bfloat16), div_mode=False),
+    "div_mode=False, quint8": dict(dtype=torch.quint8, div_mode=False),
+    "div_mode=False, quint4x2 (not emulated)": dict(dtype=torch.quint4x2, div_mode=False),
+    "div_mode=True, int8 dtype": dict(dtype=torch.int8),
+    "div_mode=True, float16 scales": dict(scales=torch.ones(1, dtype=torch.float16)),
+    "div_mode=True, int64 zero points": dict(zero_points=torch.zeros(1, dtype=torch.int64)),
+    "axis out of range": dict(axis=2),
+    "scales length": dict(scales=torch.ones(3)),
+    "int8 input": dict(x=torch.ones(2, 4, dtype=torch.int8)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(QZ_REJECTED))
+def test_quantize_rejects(case):
+    a = dict(x=torch.ones(2, 4), scales=torch.ones(1), zero_points=None, dtype=torch.qint8, axis=-1, div_mode=True)
+    a.update(QZ_REJECTED[case])
+    with pytest.raises(NpuOpError, match="npu_quantize"):
+        emu.npu_quantize(a.pop("x"), a.pop("scales"), a.pop("zero_points"), a.pop("dtype"), **a)
+
+
+def qmm_numpy(x1, x2, scale, pertoken=None, bias=None, offset=None):
+    """The doc's formula in float64 / int64: int32 bias before the scales, float bias after."""
+    acc = np.matmul(x1.numpy().astype(np.int64), x2.numpy().astype(np.int64))
+    if bias is not None and bias.dtype == torch.int32:
+        acc = acc + bias.numpy().astype(np.int64)
+    y = acc.astype(np.float64) * scale.double().numpy()
+    if pertoken is not None:
+        y = y * pertoken.double().numpy()[:, None]
+    if bias is not None and bias.dtype != torch.int32:
+        y = y + bias.double().numpy()
+    if offset is not None:
+        y = y + offset.double().numpy()
+    return y
+
+
+def i8(g, *shape):
+    return torch.randint(-128, 128, shape, generator=g, dtype=torch.int8)
+
+
+# one ulp relative to the value (2^-mantissa bits) of each output dtype; float32: 2^-21 = 8 float32
+# ulps, room for the three float32 steps (scale, per-token scale, float bias) of the ops
+ULP = {torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10, torch.float32: 2 ** -21}
+
+
+@pytest.mark.parametrize("case", ["pertoken bf16", "pertoken fp16 + float bias", "int32 bias fp16",
+                                  "int32 bias + pertoken bf16", "bf16 scale", "batched 3-D bias",
+                                  "float32 (emulator)"])
+def test_quant_matmul_against_numpy(case):
+    g = gen(43)
+    M, K, N = (1, 33, 7) if "fp16" in case else (5, 64, 9)
+    x1, w = i8(g, M, K), i8(g, N, K)
+    x2 = w.t()                                                    # a transposed view, as the backend passes
+    scale = torch.rand(N, generator=g) * 1e-3
+    pt = torch.rand(M, generator=g) * 0.1
+    kw, e, out = {}, emu, torch.bfloat16
+    if case == "pertoken bf16":
+        kw = dict(pertoken_scale=pt)
+    elif case == "pertoken fp16 + float bias":
+        kw, out = dict(pertoken_scale=pt, bias=torch.randn(N, generator=g).bfloat16()), torch.float16
+    elif case == "int32 bias fp16":
+        kw, out = dict(bias=torch.randint(-5000, 5000, (N,), generator=g, dtype=torch.int32)), torch.float16
+    elif case == "int32 bias + pertoken bf16":
+        kw = dict(pertoken_scale=pt, bias=torch.randint(-5000, 5000, (N,), generator=g, dtype=torch.int32))
+    elif case == "bf16 scale":
+        scale = scale.bfloat16()
+    elif case == "batched 3-D bias":
+        x1, x2 = i8(g, 3, M, K), i8(g, K, N)
+        kw = dict(bias=torch.randint(-99, 99, (3, 1, N), generator=g, dtype=torch.int32))
+    else:
+        e, out, kw = emu32, torch.float32, dict(pertoken_scale=pt)
+    y = e.npu_quant_matmul(x1, x2, scale, output_dtype=out, **kw)
+    want = qmm_numpy(x1, x2, scale, kw.get("pertoken_scale"), kw.get("bias"))
+    assert y.dtype == out and y.shape == want.shape
+    # float32 steps (a few 2^-24) and one rounding to the output dtype (half an ulp): under one ulp of
+    # the output dtype, relative to the magnitude of the terms added (a float bias can cancel)
+    fb = kw["bias"].double().numpy() if "bias" in kw and kw["bias"].dtype != torch.int32 else 0.0
+    mag = np.abs(want - fb) + np.abs(fb)
+    assert np.all(np.abs(y.double().numpy() - want) <= ULP[out] * mag)
+
+
+def test_quant_matmul_int8_output_offset_and_saturation():
+    """int8 output: round((x1 @ x2 + bias) * scale + offset), saturated; power-of-two scales keep
+    every step exact, so the codes must equal the formula's exactly."""
+    g = gen(44)
+    x1, x2 = i8(g, 6, 40), i8(g, 40, 5)
+    scale = torch.tensor([2.0 ** -8, 2.0 ** -10, 2.0 ** -6, 1.0, 2.0 ** -12])
+    offset = torch.tensor([3.0, -2.0, 0.5, 0.0, 1.5])
+    bias = torch.randint(-300, 300, (5,), generator=g, dtype=torch.int32)
+    y = emu.npu_quant_matmul(x1, x2, scale, offset=offset, bias=bias)           # output_dtype None: int8
+    want = np.clip(np.rint(qmm_numpy(x1, x2, scale, bias=bias, offset=offset)), -128, 127).astype(np.int8)
+    assert y.dtype == torch.int8 and np.array_equal(y.numpy(), want)
+    assert int(y[:, 3].max()) == 127 and int(y[:, 3].min()) == -128          # scale 1: saturated
+
+
+QMM_REJECTED = {
+    "empty x1 (zero rows)": dict(x1=torch.zeros(0, 8, dtype=torch.int8), pertoken_scale=torch.ones(0)),
+    "int4 in int32 (not emulated)": dict(x1=torch.zeros(3, 1, dtype=torch.int32),
+                                         x2=torch.zeros(8, 1, dtype=torch.int32)),
+    "float x1": dict(x1=torch.zeros(3, 8)),
+    "1-D x1": dict(x1=torch.zeros(8, dtype=torch.int8), pertoken_scale=None),
+    "7-D x1": dict(x1=torch.zeros(1, 1, 1, 1, 1, 3, 8, dtype=torch.int8)),
+    "K mismatch": dict(x2=torch.zeros(9, 5, dtype=torch.int8)),
+    "last dim 65536": dict(x2=torch.zeros(8, 65536, dtype=torch.int8), scale=torch.ones(65536)),
+    "2-D scale (int4 only)": dict(scale=torch.ones(1, 5)),
+    "scale length": dict(scale=torch.ones(4)),
+    "float16 scale": dict(scale=torch.ones(5, dtype=torch.float16)),
+    "int64 scale (not emulated)": dict(scale=torch.ones(5, dtype=torch.int64)),
+    "offset with bfloat16 output": dict(offset=torch.zeros(5)),
+    "pertoken with int8 output": dict(output_dtype=torch.int8),
+    "pertoken length": dict(pertoken_scale=torch.ones(4)),
+    "pertoken float16": dict(pertoken_scale=torch.ones(3, dtype=torch.float16)),
+    "float16 bias with float16 output (not in 表 2)": dict(output_dtype=torch.float16,
+                                                          bias=torch.zeros(5, dtype=torch.float16)),
+    "bfloat16 scale with float16 output": dict(output_dtype=torch.float16, scale=torch.ones(5, dtype=torch.bfloat16)),
+    "float bias without pertoken, float16 output": dict(output_dtype=torch.float16, pertoken_scale=None,
+                                                       bias=torch.zeros(5)),
+    "bias shape": dict(bias=torch.zeros(4, dtype=torch.int32)),
+    "int64 bias": dict(bias=torch.zeros(5, dtype=torch.int64)),
+    "float32 output (documented: int8/float16/bfloat16/int32)": dict(output_dtype=torch.float32),
+    "int32 output (not emulated)": dict(output_dtype=torch.int32, pertoken_scale=None),
+    "group_sizes (not emulated)": dict(group_sizes=[1, 1, 8]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(QMM_REJECTED))
+def test_quant_matmul_rejects(case):
+    a = dict(x1=torch.zeros(3, 8, dtype=torch.int8), x2=torch.zeros(8, 5, dtype=torch.int8), scale=torch.ones(5),
+             pertoken_scale=torch.ones(3), output_dtype=torch.bfloat16)
+    a.update(QMM_REJECTED[case])
+    with pytest.raises(NpuOpError, match="npu_quant_matmul"):
+        emu.npu_quant_matmul(a.pop("x1"), a.pop("x2"), a.pop("scale"), **a)
+
+
+@pytest.mark.parametrize("smooth", [None, "per-expert", "shared"])
+def test_moe_init_routing_v2_dynamic_quant_against_numpy(smooth):
+    """quant_mode=1: the expanded rows (expert-sorted, stable) quantised per row as the doc's numpy
+    golden does (float32, times the row's expert smooth scale when given, rowmax / 127, np.round);
+    ids outside the range sort last with no row; a token of zeros gets scale 0 and codes 0."""
+    g = gen(45)
+    T, H, K, E = 7, 19, 3, 6
+    x = (torch.randn(T, H, generator=g) * 2).bfloat16()
+    x[2] = 0
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).int()
+    ids[4, 1] = -1                                                     # below the range: no row
+    scale = None if smooth is None else (torch.rand(E if smooth == "per-expert" else 1, H, generator=g) + 0.5)
+    ex, row, counts, ex_scale = emu.npu_moe_init_routing_v2(
+        x, ids, scale=scale, active_num=T * K, expert_num=E, expert_tokens_num_type=1,
+        expert_tokens_num_flag=True, quant_mode=1, row_idx_type=0)
+    flat = ids.flatten().tolist()
+    order = [i for i in sorted(range(T * K), key=lambda i: (flat[i], i)) if flat[i] >= 0]
+    n = len(order)
+    rows = np32(x)[[i // K for i in order]]
+    if scale is not None:
+        rows = rows * (np32(scale)[[flat[i] for i in order]] if smooth == "per-expert" else np32(scale))
+    want_x, want_s = int8_rows_numpy(rows.astype(np.float32))
+    assert ex.dtype == torch.int8 and ex.shape == (T * K, H) and ex_scale.shape == (T * K,)
+    assert np.array_equal(ex[:n].numpy(), want_x) and np.array_equal(ex_scale[:n].numpy(), want_s)
+    assert bool((ex[n:] == 0).all()) and bool((ex_scale[n:] == 0).all())   # unspecified rows: 0 here
+    assert [int(row[i]) for i in order] == list(range(n)) and int(row[4 * K + 1]) == -1
+    assert counts.tolist() == np.bincount([flat[i] for i in order], minlength=E).tolist()
+    zero_rows = [j for j, i in enumerate(order) if i // K == 2]
+    assert zero_rows and all(float(ex_scale[j]) == 0 and not ex[j].any() for j in zero_rows)
+
+
+@pytest.mark.parametrize("out", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("layout", ["3-D transposed, counts", "weight list, cumsum"])
+def test_grouped_matmul_int8_against_numpy(out, layout):
+    """int8 x int8 grouped along M with per-channel and per-token scales (公式3 without bias):
+    scale bfloat16 -> bfloat16 output, scale float32 -> float16 (float32: the emulator's convenience);
+    empty groups and odd sizes included."""
+    g = gen(46 + (out == torch.float16))
+    sizes, K, N = [3, 0, 6, 1, 0, 5], 37, 11
+    M, E = sum(sizes), len(sizes)
+    x = i8(g, M, K)
+    w = i8(g, E, K, N)
+    sc = torch.rand(E, N, generator=g) * 1e-2
+    sc = sc.bfloat16() if out == torch.bfloat16 else sc
+    pt = torch.rand(M, generator=g)
+    if layout.startswith("3-D"):
+        weight, scale = [w.transpose(1, 2).contiguous().transpose(1, 2)], [sc]
+        gl, gl_type = torch.tensor(sizes), 1
+    else:
+        weight, scale = list(w), list(sc)
+        gl, gl_type = torch.tensor(np.cumsum(sizes)), 0
+    e = emu32 if out == torch.float32 else emu
+    y = e.npu_grouped_matmul([x], weight, scale=scale, per_token_scale=[pt], group_list=gl, split_item=2,
+                             group_type=0, group_list_type=gl_type, output_dtype=out)[0]
+    starts = np.cumsum([0] + sizes[:-1])
+    want = np.concatenate([(x[s:s + n].numpy().astype(np.int64) @ w[i].numpy().astype(np.int64)) *
+                           sc[i].double().numpy()[None] * pt[s:s + n].double().numpy()[:, None]
+                           for i, (s, n) in enumerate(zip(starts, sizes))])
+    assert y.dtype == out and y.shape == (M, N)
+    assert np.all(np.abs(y.double().numpy() - want) <= ULP[out] * np.abs(want))
+
+
+GMM_INT8_REJECTED = {
+    "float32 scale with bfloat16 output (表 2)": dict(output_dtype=torch.bfloat16),
+    "bfloat16 scale with float16 output (表 2)": dict(scale=[torch.ones(3, 5, dtype=torch.bfloat16)]),
+    "output_dtype None (int8 output needs int64 scale)": dict(output_dtype=None),
+    "float32 output (documented: float16/bfloat16/int8)": dict(output_dtype=torch.float32),
+    "no scale": dict(scale=None),
+    "scale shape": dict(scale=[torch.ones(3, 4)]),
+    "float16 scale": dict(scale=[torch.ones(3, 5, dtype=torch.float16)]),
+    "int64 scale (not emulated)": dict(scale=[torch.ones(3, 5, dtype=torch.int64)]),
+    "per_token_scale length": dict(per_token_scale=[torch.ones(5)]),
+    "per_token_scale bfloat16": dict(per_token_scale=[torch.ones(6, dtype=torch.bfloat16)]),
+    "bias (not emulated)": dict(bias=[torch.zeros(3, 5, dtype=torch.int32)]),
+    "act_type silu (not emulated)": dict(act_type=5),
+    "group_list_type 2 (not emulated)": dict(group_list_type=2),
+    "group_type -1 (not emulated)": dict(group_type=-1, group_list=None, split_item=0),
+    "float weights": dict(weight=[torch.zeros(3, 4, 5)]),
+    "int4 weights in int32 (not emulated)": dict(weight=[torch.zeros(3, 4, 1, dtype=torch.int32)]),
+    "scale_dtype (950 only)": dict(scale_dtype=torch.float32),
+    "counts do not sum to M": dict(group_list=torch.tensor([1, 1, 1]), group_list_type=1),
+    "transposed x": dict(x=[torch.zeros(4, 6, dtype=torch.int8).t()]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GMM_INT8_REJECTED))
+def test_grouped_matmul_int8_rejects(case):
+    a = dict(x=[torch.zeros(6, 4, dtype=torch.int8)], weight=[torch.zeros(3, 4, 5, dtype=torch.int8)],
+             scale=[torch.ones(3, 5)], per_token_scale=[torch.ones(6)], group_list=torch.tensor([2, 4, 6]),
+             split_item=2, group_type=0, group_list_type=0, output_dtype=torch.float16)
+    a.update(GMM_INT8_REJECTED[case])
+    with pytest.raises(NpuOpError, match="npu_grouped_matmul"):
+        emu.npu_grouped_matmul(a.pop("x"), a.pop("weight"), **a)

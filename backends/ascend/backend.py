@@ -8,9 +8,11 @@ and routing bookkeeping are the code that runs on an NPU and the code CI checks.
   sparse_mla.py    npu_sparse_flash_attention   attention_mode=2, the c / k_pe caches in place
   moe_route.py     npu_moe_gating_top_k         sigmoid, correction bias, renorm, routed scaling
   moe_experts.py   npu_moe_init_routing_v2 + npu_grouped_matmul + npu_swiglu + npu_grouped_matmul
-                   + npu_moe_token_unpermute
+                   + npu_moe_token_unpermute (float, or int8 for w8a8_dynamic experts)
   mtp_verify.py    batched torch ops (torch_npu has no verify op)
   supporting.py    rms_norm -> npu_rms_norm, rope -> npu_interleave_rope, mlp -> npu_swiglu; linear, layer_norm
+  quantized.py     W8A8 (w8a8_dynamic, w8a8_static): npu_dynamic_quant / npu_quantize + npu_quant_matmul for
+                   linear and mlp, the int8 MoE path, and the once-per-weight preparation (`self.prepared`)
   common.py        documented limits, declines, dense weights, the per-step data (`prepare_step`)
   versions.py      the installed CANN and the torch_npu documentation line it belongs to
 
@@ -33,6 +35,7 @@ from . import moe_route as _moe_route
 from . import mtp_verify as _mtp_verify
 from . import sparse_mla as _sparse_mla
 from . import supporting as _supporting
+from .quantized import WEIGHT_FORMATS, PreparedCache
 from .common import BLOCK_SIZES, DEFAULT_BLOCK_SIZE, HALF, AscendStep, build_step, line_limits
 from .versions import installed
 
@@ -51,9 +54,11 @@ class AscendBackend:
         self.half_op_dtypes = tuple(getattr(npu, "half_op_dtypes", HALF))
         self.installed = installed(npu)                 # CANN version and torch_npu doc line
         self.line_limits = line_limits(self.installed)  # None: no fused attention ops in that line
+        # int8 weights as the kernels take them, built once per weight (quantized.py)
+        self.prepared = PreparedCache()
         self.capabilities = Capabilities(
             dtypes=(torch.bfloat16, torch.float16, torch.float32), default_dtype=default_dtype,
-            devices=(device.type,), weight_formats=("dense",), cache_formats=("dense",),
+            devices=(device.type,), weight_formats=WEIGHT_FORMATS, cache_formats=("dense",),
             max_topk=self.line_limits.max_topk if self.line_limits else 0, block_sizes=BLOCK_SIZES,
             extra={"half_op_dtypes": self.half_op_dtypes, "emulated": self.emulated,
                    "default_block_size": DEFAULT_BLOCK_SIZE, "cann": self.installed.describe(),

@@ -108,10 +108,11 @@ def paged_block_size(bs: int, what: str) -> None:
 
 
 def dense(w: torch.Tensor | Weight, op: str, name: str) -> torch.Tensor:
-    """The tensor of a dense weight (bare or `Weight`); other formats are declined (the reference
-    dequantizes them): quantised grouped matmuls are not wired on this backend."""
+    """The tensor of a dense weight (bare or `Weight`). The int8 formats go to quantized.py before
+    this is called; anything else reaching here is declined (the reference executes it)."""
     fmt = weight_format(w)
-    decline(fmt == "dense", f"{op}: weight {name} has format {fmt!r}; this backend runs dense weights only")
+    decline(fmt == "dense", f"{op}: weight {name} has format {fmt!r}; this backend runs dense, w8a8_dynamic, "
+                            f"w8a8_static weights")
     return w.data if isinstance(w, Weight) else w
 
 

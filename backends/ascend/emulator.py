@@ -23,8 +23,11 @@ weights on the 7.3.0 line (CANN 8.5.0), up to 64 heads and float32 weights from 
 What it cannot reproduce is listed in backends/ascend/README.md ("The emulator"); in short:
 float32 accepted by the ops documented for bfloat16/float16 only on A2/A3 (the two attention ops and
 npu_interleave_rope; `allow_float32`, an emulation convenience), values the device leaves undefined
-(filled with -1 / 0 / NaN here), tie order, bf16 rounding inside kernels, and the quantised / hash /
-drop-pad variants the backend never calls (rejected as "not emulated").
+(filled with -1 / 0 / NaN here), tie order, bf16 rounding inside kernels, and the variants the backend
+never uses (static-quant routing, int4 / int64-scale / int32-output matmuls, hash, drop-pad: rejected
+as "not emulated"). The int8 ops (npu_dynamic_quant, npu_quantize, npu_quant_matmul, quant_mode=1
+routing, int8 npu_grouped_matmul) follow the A2/A3 dtype tables of their pages; float32 activations
+and outputs there are the same `allow_float32` convenience.
 
 In this class the instance is called `emu`: torch_npu itself names some tensor arguments `self`.
 """
@@ -132,9 +135,62 @@ def _keys(op: str, key: torch.Tensor, layout: str, act: torch.Tensor | None, blo
     return [lambda b=b, n=n: gather(b, n) for b, n in enumerate(lens)]
 
 
+def _int8_codes(xf: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """round(xf / scale) per row (scale [...] for xf [..., K]), half to even, saturated to int8 [-128, 127];
+    a row whose scale is 0 (all zeros: 0/0 on the device, unspecified by the docs) gets codes 0."""
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return torch.round(xf / safe[..., None]).clamp(-128, 127).to(torch.int8)
+
+
 def _right_down_causal(Lq: int, Lk: int) -> torch.Tensor:
     """sparse_mode=3: query i of a batch may see key j iff j <= (Lk - Lq) + i.  -> [Lq, Lk] bool"""
     return torch.arange(Lk)[None, :] <= (Lk - Lq) + torch.arange(Lq)[:, None]
+
+
+def _gmm_layouts(op: str, x, weight) -> list[bool]:
+    """npu_grouped_matmul's layout checks (约束说明): x not transposed, weights all contiguous or all
+    transposed views, last dims below the InnerLimit 65536. -> which weights are transposed."""
+    for i, t in enumerate(x):
+        _check(t.is_contiguous(), op, f"x[{i}] must not be transposed (x不支持转置)")
+        _check(t.shape[-1] < 65536, op, f"x[{i}]'s last dim must be < 65536 (InnerLimit)")
+    transposed = [w.dim() >= 2 and not w.is_contiguous() and w.transpose(-1, -2).is_contiguous() for w in weight]
+    for i, w in enumerate(weight):
+        _check(w.is_contiguous() or transposed[i], op, f"weight[{i}] must be contiguous or a transposed view")
+        _check((w.shape[-2] if transposed[i] else w.shape[-1]) < 65536, op,
+               f"weight[{i}]'s last dim must be < 65536 (InnerLimit)")
+    _check(len(set(transposed)) == 1, op, "weights must all be transposed or all not")
+    return transposed
+
+
+def _gmm_groups(op: str, x, weight, group_list, split_item: int, group_list_type: int):
+    """group_type=0 (groups along M), 单单单 (one x, one 3-D weight [E, K, N]) or 单多单 (one x, E 2-D
+    weights): -> (the E weights [K, N], each group's [start, end) rows of x)."""
+    _check(split_item in (2, 3), op, "group_type=0 supports only split_item 2 or 3 (one output tensor)")
+    _check(len(x) == 1 and x[0].dim() == 2, op, "group_type=0 is emulated with a single 2-D x")
+    single = len(weight) == 1 and weight[0].dim() == 3
+    _check(single or all(w.dim() == 2 for w in weight), op, "weight is one 3-D tensor or a list of 2-D tensors")
+    ws = list(weight[0]) if single else list(weight)
+    E, (M, Kd) = len(ws), x[0].shape
+    _check(all(w.shape[0] == Kd for w in ws), op, "every weight's K must equal x's last dim")
+    _check(len({w.shape[1] for w in ws}) == 1, op, "every weight must have the same N")
+    _check(isinstance(group_list, torch.Tensor), op, "group_list must be given (an int64 tensor)")
+    _check(group_list.dtype == torch.int64 and group_list.dim() == 1, op, "group_list must be a 1-D int64 tensor")
+    _check(group_list.shape[0] == E, op, f"group_list has {group_list.shape[0]} entries for {E} weights")
+    _check(E <= (1024 if single else 128), op, f"at most {1024 if single else 128} groups, got {E}")
+    _check(group_list_type in (0, 1), op,
+           f"group_list_type must be 0 (cumsum) or 1 (counts), got {group_list_type}")
+    gl = [int(v) for v in group_list.tolist()]
+    if group_list_type == 0:
+        _check(all(v >= 0 for v in gl) and all(b >= a for a, b in zip(gl, gl[1:])), op,
+               "with group_list_type=0 group_list must be non-negative and non-decreasing")
+        _check(gl[-1] == M, op, f"group_list's last value ({gl[-1]}) must equal x's first dim ({M})")
+        ends = gl
+    else:
+        _check(all(v >= 0 for v in gl) and len(gl) != 1, op,
+               "with group_list_type=1 group_list must be non-negative and not of length 1")
+        _check(sum(gl) == M, op, f"group_list sums to {sum(gl)} but x has {M} rows")
+        ends = torch.tensor(gl).cumsum(0).tolist()
+    return ws, list(zip([0] + ends[:-1], ends))
 
 
 class NpuEmulator:
@@ -440,15 +496,30 @@ class NpuEmulator:
             start, end = 0, expert_num if expert_num >= 0 else None
         if expert_num > 0:
             _check(bool((expert_idx < expert_num).all()), op, f"expert ids must not exceed expert_num={expert_num}")
-        if quant_mode != -1 or x_dtype is not None:
+        # 参数说明 quant_mode: -1 none, 0 static int8, 1 dynamic int8 (the values of this page's lines)
+        _check(quant_mode in (-1, 0, 1), op,
+               f"quant_mode must be -1 (none), 0 (static) or 1 (dynamic), got {quant_mode}")
+        if quant_mode == 0 or x_dtype is not None:
             raise _not_emulated(op, f"quant_mode={quant_mode} / x_dtype={x_dtype}")
         if drop_pad_mode == 1:
             raise _not_emulated(op, "drop_pad_mode=1")
-        if scale is not None:
+        if quant_mode == 1:
+            # 返回值说明 expanded_x: "量化场景下，当x的数据类型为int8时，输出值无意义"
+            if x.dtype == torch.int8:
+                raise _not_emulated(op, "quant_mode=1 with int8 x (the doc leaves its output undefined)")
+            _check(offset is None, op, "offset is not an input of dynamic quantisation (quant_mode=1): pass None")
+            if scale is not None:   # smooth scales: (expert_end - expert_start, H) or (1, H), float32
+                _check(scale.dtype == torch.float32, op, f"scale must be float32, got {scale.dtype}")
+                _check(scale.dim() == 2 and scale.shape[1] == x.shape[1], op,
+                       f"in dynamic quant mode scale must be 2-D (expert_end - expert_start, H={x.shape[1]}) or "
+                       f"(1, H), got {tuple(scale.shape)}")
+                _check(scale.shape[0] == 1 or (end is not None and scale.shape[0] == end - start), op,
+                       f"scale has {scale.shape[0]} rows; dynamic quant mode takes 1 or expert_end - expert_start")
+        elif scale is not None:
             _check(scale.dim() == 1 and scale.shape[0] == x.shape[0], op,
                    "the scale shape support only 1D (bs,) in no quant mode")
 
-        # 功能说明 1-6 and 等价计算逻辑 (dropless, no quantisation)
+        # 功能说明 1-6 and 等价计算逻辑 (dropless; no quantisation or dynamic int8, quant_mode=1)
         NUM_ROWS, K = expert_idx.shape
         flat = expert_idx.flatten().long()
         in_range = (flat >= start) & (flat < end if end is not None else torch.ones_like(flat, dtype=torch.bool))
@@ -461,13 +532,28 @@ class NpuEmulator:
             expanded_row_idx = torch.full((NUM_ROWS * K,), -1, dtype=torch.int32)    # gather index
             expanded_row_idx[order[:available]] = torch.arange(available, dtype=torch.int32)
         n_out = NUM_ROWS * K if active_num <= 0 else min(active_num, NUM_ROWS * K)   # meta: rows of expanded_x
-        # rows past the available ones are unspecified (返回值说明): NaN here, 0 for int8 x
-        expanded_x = torch.full((n_out, x.shape[1]), float("nan") if x.is_floating_point() else 0, dtype=x.dtype)
         n_valid = min(available, n_out)
-        expanded_x[:n_valid] = x[order[:n_valid] // K]
         expanded_scale = torch.zeros(n_out, dtype=torch.float32)
-        if scale is not None:
-            expanded_scale[:n_valid] = scale[order[:n_valid] // K].float()
+        if quant_mode == 1:
+            # 功能说明 4 (dynamic) and the numpy golden: each expanded row, in float32 and times its
+            # expert's smooth scale row when one is given, gets s = row_max(|row|) / 127 and the codes
+            # round(row / s) (np.round: half to even; saturated); rows past the available ones are
+            # unspecified: 0 here, scale 0. A row of zeros gets s = 0 and codes 0 (0/0 on the device).
+            rows = x[order[:n_valid] // K].float()
+            if scale is not None:
+                rows = rows * (scale.float()[:1] if scale.shape[0] == 1 else
+                               scale.float()[flat[order[:n_valid]] - start])
+            s = rows.abs().amax(-1) / 127 if rows.shape[1] else torch.zeros(n_valid)
+            expanded_x = torch.zeros((n_out, x.shape[1]), dtype=torch.int8)
+            expanded_x[:n_valid] = _int8_codes(rows, s)
+            expanded_scale[:n_valid] = s
+        else:
+            # rows past the available ones are unspecified (返回值说明): NaN here, 0 for int8 x
+            expanded_x = torch.full((n_out, x.shape[1]), float("nan") if x.is_floating_point() else 0,
+                                    dtype=x.dtype)
+            expanded_x[:n_valid] = x[order[:n_valid] // K]
+            if scale is not None:
+                expanded_scale[:n_valid] = scale[order[:n_valid] // K].float()
         if not expert_tokens_num_flag:
             counts = torch.zeros((), dtype=torch.int64)                              # meta: shape []
         else:
@@ -491,34 +577,34 @@ class NpuEmulator:
                            group_list_type=0, act_type=0, tuning_config=None, output_dtype=None, x_dtype=None,
                            weight_dtype=None, scale_dtype=None, per_token_scale_dtype=None):
         op = "npu_grouped_matmul"
-        # 参数说明 / 约束说明 (torch_npu-npu_grouped_matmul.md), non-quantised float path of Atlas A2/A3
+        # 参数说明 / 约束说明 (torch_npu-npu_grouped_matmul.md) of Atlas A2/A3: the non-quantised float path
+        # (公式1) and the int8 x int8 全量化 path with per-channel scale and per-token scale (公式2/3)
         _check(isinstance(x, (list, tuple)) and isinstance(weight, (list, tuple)), op,
                "x and weight are lists of tensors")
         _check(0 < len(x) <= 128 and 0 < len(weight) <= 128, op, "x and weight hold 1..128 tensors")
-        quantised = (scale, offset, antiquant_scale, antiquant_offset, per_token_scale, x_dtype, weight_dtype,
-                     scale_dtype, per_token_scale_dtype)
-        if any(a is not None for a in quantised):
-            raise _not_emulated(op, "quantised / pseudo-quantised matmul")
+        _check(x_dtype is None and weight_dtype is None and scale_dtype is None and per_token_scale_dtype is None, op,
+               "x_dtype / weight_dtype / scale_dtype / per_token_scale_dtype are not supported on Atlas A2/A3")
+        _check(offset is None, op, "offset supports only None")
+        if antiquant_scale is not None or antiquant_offset is not None:
+            raise _not_emulated(op, "pseudo-quantised (antiquant_scale / antiquant_offset) matmul")
         _check(activation_input is None and activation_quant_scale is None and activation_quant_offset is None, op,
                "activation_input / activation_quant_scale / activation_quant_offset only support None")
-        _check(act_type == 0, op, "activation functions are computed only in the per-token quantised case")
         if group_type == 2:
             raise _not_emulated(op, "group_type=2 (groups along K)")
         _check(group_type in (-1, 0), op, f"group_type supports -1, 0 and 2 on Atlas A2/A3, got {group_type}")
         _check(split_item in (0, 1, 2, 3), op, f"split_item must be 0..3, got {split_item}")
+        int8 = x[0].dtype == torch.int8
+        if int8 or any(w.dtype in (torch.int8, torch.int32) for w in weight):
+            return emu._grouped_matmul_int8(op, x, weight, bias, scale, per_token_scale, group_list, split_item,
+                                            group_type, group_list_type, act_type, output_dtype)
+        _check(scale is None and per_token_scale is None, op,
+               "scale / per_token_scale belong to the int8 (全量化) path; x is not int8")
+        _check(act_type == 0, op, "activation functions are computed only in the per-token quantised case")
         dt = x[0].dtype
         for t in (*x, *weight):
             _check(t.dtype in FLOATS and t.dtype == dt, op, f"x and weight must share one float dtype, got {t.dtype}")
         _check(output_dtype in (None, dt), op, f"output_dtype must be None or {dt} without quantisation")
-        for i, t in enumerate(x):
-            _check(t.is_contiguous(), op, f"x[{i}] must not be transposed (x不支持转置)")
-            _check(t.shape[-1] < 65536, op, f"x[{i}]'s last dim must be < 65536 (InnerLimit)")
-        transposed = [w.dim() >= 2 and not w.is_contiguous() and w.transpose(-1, -2).is_contiguous() for w in weight]
-        for i, w in enumerate(weight):
-            _check(w.is_contiguous() or transposed[i], op, f"weight[{i}] must be contiguous or a transposed view")
-            _check((w.shape[-2] if transposed[i] else w.shape[-1]) < 65536, op,
-                   f"weight[{i}]'s last dim must be < 65536 (InnerLimit)")
-        _check(len(set(transposed)) == 1, op, "weights must all be transposed or all not")
+        _gmm_layouts(op, x, weight)
         if bias is not None:
             _check(group_type == -1 and len(bias) == len(weight), op, "bias is emulated for group_type=-1 only")
 
@@ -532,36 +618,77 @@ class NpuEmulator:
                 out.append(yi.to(dt))
             return out
 
-        # group_type=0: groups along M. 单单单 (one x, one 3-D weight [E, K, N]) or 单多单 (one x, E 2-D weights)
-        _check(split_item in (2, 3), op, "group_type=0 supports only split_item 2 or 3 (one output tensor)")
-        _check(len(x) == 1 and x[0].dim() == 2, op, "group_type=0 is emulated with a single 2-D x")
-        single = len(weight) == 1 and weight[0].dim() == 3
-        _check(single or all(w.dim() == 2 for w in weight), op, "weight is one 3-D tensor or a list of 2-D tensors")
-        ws = list(weight[0]) if single else list(weight)
-        E, (M, Kd) = len(ws), x[0].shape
-        _check(all(w.shape[0] == Kd for w in ws), op, "every weight's K must equal x's last dim")
-        _check(len({w.shape[1] for w in ws}) == 1, op, "every weight must have the same N")
-        _check(isinstance(group_list, torch.Tensor), op, "group_list must be given (an int64 tensor)")
-        _check(group_list.dtype == torch.int64 and group_list.dim() == 1, op, "group_list must be a 1-D int64 tensor")
-        _check(group_list.shape[0] == E, op, f"group_list has {group_list.shape[0]} entries for {E} weights")
-        _check(E <= (1024 if single else 128), op, f"at most {1024 if single else 128} groups, got {E}")
-        _check(group_list_type in (0, 1), op,
-               f"group_list_type must be 0 (cumsum) or 1 (counts), got {group_list_type}")
-        gl = [int(v) for v in group_list.tolist()]
-        if group_list_type == 0:
-            _check(all(v >= 0 for v in gl) and all(b >= a for a, b in zip(gl, gl[1:])), op,
-                   "with group_list_type=0 group_list must be non-negative and non-decreasing")
-            _check(gl[-1] == M, op, f"group_list's last value ({gl[-1]}) must equal x's first dim ({M})")
-            ends = gl
-        else:
-            _check(all(v >= 0 for v in gl) and len(gl) != 1, op,
-                   "with group_list_type=1 group_list must be non-negative and not of length 1")
-            _check(sum(gl) == M, op, f"group_list sums to {sum(gl)} but x has {M} rows")
-            ends = torch.tensor(gl).cumsum(0).tolist()
+        ws, spans = _gmm_groups(op, x, weight, group_list, split_item, group_list_type)
         # 计算公式 (公式1): y_i = x_i @ weight_i for the rows of group i
-        y = torch.empty(M, ws[0].shape[1], dtype=dt)
-        for w, s, e in zip(ws, [0] + ends[:-1], ends):
+        y = torch.empty(x[0].shape[0], ws[0].shape[1], dtype=dt)
+        for w, (s, e) in zip(ws, spans):
             y[s:e] = (x[0][s:e].float() @ w.float()).to(dt)
+        return [y]
+
+    def _grouped_matmul_int8(emu, op, x, weight, bias, scale, per_token_scale, group_list, split_item, group_type,
+                             group_list_type, act_type, output_dtype):
+        """npu_grouped_matmul with int8 x and int8 weights, groups along M (表 2, A2/A3, group_list a Tensor):
+        per-channel scale [E, N] (one 3-D weight) or [N] per 2-D weight, float32 or bfloat16, optional
+        per-token scale [M] float32; y = (x_i @ weight_i) * scale_i (* per_token_scale rows), 公式2/3."""
+        if x[0].dtype != torch.int8 or any(w.dtype == torch.int32 for w in weight):
+            raise _not_emulated(op, "int4 weights, and int8 weights with float x (weight-only, 伪量化)")
+        for i, t in enumerate(x):
+            _check(t.dtype == torch.int8, op, f"x[{i}] must be int8 like x[0], got {t.dtype}")
+        for i, w in enumerate(weight):
+            _check(w.dtype == torch.int8, op, f"weight[{i}] must be int8 for int8 x, got {w.dtype}")
+        if group_type != 0:
+            raise _not_emulated(op, f"the int8 path with group_type={group_type} (only 0, groups along M)")
+        if group_list_type == 2:
+            raise _not_emulated(op, "group_list_type=2 ([E, 2] index/count pairs)")
+        _check(act_type == 0 or per_token_scale is not None, op,
+               "activation functions are computed only in the per-token quantised case")
+        if act_type != 0:
+            raise _not_emulated(op, f"act_type={act_type} (fused activation)")
+        if bias is not None:
+            raise _not_emulated(op, "bias in the int8 path")
+        _check(scale is not None, op, "int8 x needs scale (the per-channel dequantisation scale)")
+        _check(isinstance(scale, (list, tuple)) and len(scale) == len(weight), op,
+               "scale is a list with one tensor per weight tensor")
+        sdt = scale[0].dtype
+        if sdt == torch.int64:
+            raise _not_emulated(op, "int64 scale (npu_trans_quant_param bit patterns, int8 output)")
+        _check(all(t.dtype == sdt for t in scale) and sdt in (torch.float32, torch.bfloat16), op,
+               f"scale must be float32 or bfloat16 (or int64) on Atlas A2/A3, got {sdt}")
+        if per_token_scale is not None:
+            _check(isinstance(per_token_scale, (list, tuple)) and len(per_token_scale) == len(x), op,
+                   "per_token_scale is a list with one tensor per x tensor")
+            for i, (p, xi) in enumerate(zip(per_token_scale, x)):
+                _check(p.dtype == torch.float32, op, f"per_token_scale[{i}] must be float32, got {p.dtype}")
+                _check(p.dim() == 1 and p.shape[0] == xi.shape[0], op,
+                       f"per_token_scale[{i}] must be 1-D [M={xi.shape[0]}], got {tuple(p.shape)}")
+        # 表 2: scale bfloat16 -> output bfloat16; scale float32 -> output float16 (with or without
+        # per_token_scale); float32 output only as the emulator's float32 convenience
+        want = {torch.bfloat16: torch.bfloat16, torch.float32: torch.float16}[sdt]
+        ok = output_dtype == want or (emu.allow_float32 and sdt == torch.float32 and output_dtype == torch.float32)
+        _check(ok, op, f"with int8 x and {str(sdt).removeprefix('torch.')} scale the output dtype must be "
+                       f"{str(want).removeprefix('torch.')} on Atlas A2/A3 (表 2), got output_dtype={output_dtype}")
+        _gmm_layouts(op, x, weight)
+        ws, spans = _gmm_groups(op, x, weight, group_list, split_item, group_list_type)
+        N = ws[0].shape[1]
+        single = len(weight) == 1 and weight[0].dim() == 3
+        if single:
+            _check(scale[0].dim() == 2 and tuple(scale[0].shape) == (len(ws), N), op,
+                   f"scale of a 3-D weight [E, K, N] must be [E={len(ws)}, N={N}], got {tuple(scale[0].shape)}")
+            scales = list(scale[0])
+        else:
+            for i, t in enumerate(scale):
+                _check(t.dim() == 1 and t.shape[0] == N, op, f"scale[{i}] must be 1-D [N={N}], got {tuple(t.shape)}")
+            scales = list(scale)
+        # 公式2 / 公式3-1 without bias: y_i = (x_i @ weight_i) * scale_i [* pertokenscale_i], int32
+        # accumulation (exact here: int64), the scaling in float32
+        xq = x[0]
+        pts = per_token_scale[0].float() if per_token_scale is not None else None
+        y = torch.empty(xq.shape[0], N, dtype=output_dtype)
+        for w, sc, (s, e) in zip(ws, scales, spans):
+            acc = (xq[s:e].long() @ w.long()).float() * sc.float()[None, :]
+            if pts is not None:
+                acc = acc * pts[s:e, None]
+            y[s:e] = acc.to(output_dtype)
         return [y]
 
     def npu_swiglu(emu, self, dim=-1):
@@ -603,6 +730,170 @@ class NpuEmulator:
         if probs is not None:
             rows = rows * probs.float()[..., None]
         return rows.sum(1).to(permuted_tokens.dtype)
+
+    # ---- int8 quantisation (W8A8): npu_dynamic_quant, npu_quantize, npu_quant_matmul ----------------
+    def npu_dynamic_quant(emu, input, *, smooth_scales=None, group_index=None, dst_type=None,  # noqa: A002
+                          quant_mode="pertoken", dst_type_max=0.0):
+        op = "npu_dynamic_quant"
+        # 参数说明 / 约束说明 (torch_npu-npu_dynamic_quant.md, Atlas A2/A3): input float16/bfloat16 with more
+        # than one dim (non-contiguous allowed); dst_type int8 or quint4x2; quant_mode and dst_type_max
+        # are not supported there (pertoken); smooth_scales [K] of input's dtype, or [G, K] with
+        # group_index int32 [G] (MoE: rows group_index[g-1]..group_index[g] use row g).
+        _check(input.dtype in emu.half_op_dtypes, op, f"input must be float16 or bfloat16, got {input.dtype}")
+        _check(input.dim() > 1, op, f"input must have more than one dim, got {input.dim()}")
+        if dst_type == torch.quint4x2:
+            raise _not_emulated(op, "dst_type=quint4x2 (int4 packed in int32)")
+        _check(dst_type in (None, torch.int8), op, f"dst_type must be int8 or quint4x2 on Atlas A2/A3, got {dst_type}")
+        _check(quant_mode == "pertoken", op, f"quant_mode {quant_mode!r}: Atlas A2/A3 quantise per token only "
+                                             f"('perchannel' / 'pertensor' are Ascend 950 only)")
+        _check(dst_type_max == 0.0, op, "dst_type_max is not supported on Atlas A2/A3")
+        _check(group_index is None or smooth_scales is not None, op, "group_index needs smooth_scales")
+        K = input.shape[-1]
+        xf = input.float()
+        if smooth_scales is not None:
+            _check(smooth_scales.dtype == input.dtype, op,
+                   f"smooth_scales must have input's dtype in single-operator mode ({smooth_scales.dtype} != "
+                   f"{input.dtype})")
+            if group_index is None:
+                _check(smooth_scales.dim() == 1 and smooth_scales.shape[0] == K, op,
+                       f"smooth_scales must be 1-D [{K}] (input's last dim), got {tuple(smooth_scales.shape)}")
+                xf = xf * smooth_scales.float()
+            else:
+                G, rows = smooth_scales.shape[0], input.numel() // max(K, 1)
+                _check(smooth_scales.dim() == 2 and smooth_scales.shape[1] == K and 1 <= G <= 1024, op,
+                       f"with group_index smooth_scales must be [G in 1..1024, {K}], got {tuple(smooth_scales.shape)}")
+                ends = _int32_vector(op, "group_index", group_index)
+                _check(len(ends) == G, op, f"group_index has {len(ends)} entries for {G} smooth_scales rows")
+                _check(ends[0] >= 0 and all(b >= a for a, b in zip(ends, ends[1:])) and ends[-1] == rows, op,
+                       f"group_index must increase monotonically and end at the row count {rows}, got {ends}")
+                grp = torch.bucketize(torch.arange(rows), torch.tensor(ends), right=True)
+                xf = (xf.reshape(rows, K) * smooth_scales.float()[grp]).view(input.shape)
+        # 计算公式: scale = rowMax(|x|) / DTYPE_MAX (127), y = round(x / scale) (round half to even,
+        # saturated to [-128, 127]); all in float32
+        scale = xf.abs().amax(-1) / 127 if K else torch.zeros(input.shape[:-1])
+        return _int8_codes(xf, scale), scale
+
+    def npu_quantize(emu, self, scales, zero_points, dtype, axis=1, div_mode=True):
+        op = "npu_quantize"
+        # 参数说明 (torch_npu-npu_quantize.md, Atlas A2/A3): result = self / scales + zero_points
+        # (div_mode=True) or self * scales + zero_points (div_mode=False), rounded (half to even here;
+        # the page names no mode) and saturated to the output dtype. Empty tensors are allowed.
+        _check(self.dtype in FLOATS, op, f"self must be float32, float16 or bfloat16, got {self.dtype}")
+        outs = {torch.qint8: torch.int8, torch.int8: torch.int8, torch.quint8: torch.uint8, torch.int32: torch.int32}
+        if div_mode:
+            _check(dtype in (torch.qint8, torch.quint8, torch.int32), op,
+                   f"with div_mode=True dtype must be qint8, quint8 or int32, got {dtype}")
+            _check(scales.dtype in (torch.float32, torch.bfloat16), op,
+                   f"with div_mode=True scales must be float32 or bfloat16, got {scales.dtype}")
+            _check(zero_points is None or zero_points.dtype in (torch.int8, torch.uint8, torch.int32, torch.bfloat16),
+                   op, f"with div_mode=True zero_points must be int8, uint8, int32 or bfloat16, got "
+                       f"{getattr(zero_points, 'dtype', None)}")
+            _check(-self.dim() <= axis < self.dim(), op, f"axis must lie in [-{self.dim()}, {self.dim()}), got {axis}")
+            ax = axis % self.dim()
+        else:
+            if dtype == torch.quint4x2:
+                raise _not_emulated(op, "dtype=quint4x2 (int4 packed in int32)")
+            _check(dtype in (torch.qint8, torch.int8), op,
+                   f"with div_mode=False dtype must be qint8, int8 or quint4x2 on Atlas A2/A3, got {dtype}")
+            _check(scales.dtype == self.dtype, op,
+                   f"with div_mode=False scales must have self's dtype ({scales.dtype} != {self.dtype})")
+            _check(zero_points is None or (zero_points.dtype == scales.dtype and zero_points.shape == scales.shape),
+                   op, "with div_mode=False zero_points must have the shape and dtype of scales")
+            _check(axis >= -2, op, f"with div_mode=False axis must be >= -2, got {axis}")
+            ax = self.dim() - 2 if axis == -2 else self.dim() - 1   # axis > -2 means the last axis
+
+        def along(t: torch.Tensor, name: str) -> torch.Tensor:
+            if t.dim() == 1:
+                _check(t.shape[0] in (1, self.shape[ax]), op,
+                       f"{name} has {t.shape[0]} elements; it takes 1 or self.shape[{ax}] = {self.shape[ax]}")
+                return t.float().view([t.shape[0] if d == ax else 1 for d in range(self.dim())])
+            _check(t.dim() == self.dim() and all(n == 1 for d, n in enumerate(t.shape) if d != ax)
+                   and t.shape[ax] in (1, self.shape[ax]), op,
+                   f"{name} {tuple(t.shape)} must be 1-D or of self's rank with size 1 except on axis {ax}")
+            return t.float()
+
+        v = self.float() / along(scales, "scales") if div_mode else self.float() * along(scales, "scales")
+        if zero_points is not None:
+            v = v + along(zero_points, "zero_points")
+        info = torch.iinfo(outs[dtype])
+        return torch.round(v).clamp(info.min, info.max).to(outs[dtype])
+
+    def npu_quant_matmul(emu, x1, x2, scale, *, offset=None, pertoken_scale=None, bias=None, output_dtype=None,
+                         group_sizes=None):
+        op = "npu_quant_matmul"
+        # 参数说明 / 约束说明 / 表 2 (torch_npu-npu_quant_matmul.md, Atlas A2/A3), int8 x int8:
+        #   no bias:                  out = x1 @ x2 * scale [* pertoken_scale] + offset
+        #   bias int32:               out = (x1 @ x2 + bias) * scale [* pertoken_scale] + offset
+        #   bias bfloat16 / float32:  out = x1 @ x2 * scale [* pertoken_scale] + bias      (no offset)
+        # (the pertoken forms: the QuantBatchMatmulV3 page of hicann/ops-nn); int32 accumulation, the
+        # rest in float32; int8 output rounded (half to even here) and saturated.
+        if x1.dtype == torch.int32 or x2.dtype == torch.int32:
+            raise _not_emulated(op, "int4 (int32-packed) x1 / x2")
+        if group_sizes is not None:
+            raise _not_emulated(op, "group_sizes (int4 per-group)")
+        _check(x1.dtype == torch.int8 and x2.dtype == torch.int8, op,
+               f"x1 and x2 must both be int8 (or int32 carrying int4), got {x1.dtype} and {x2.dtype}")
+        _check(2 <= x1.dim() <= 6 and 2 <= x2.dim() <= 6, op,
+               f"x1 and x2 must have 2 to 6 dims, got {x1.dim()} and {x2.dim()}")
+        _check(x1.numel() > 0 and x2.numel() > 0 and scale.numel() > 0, op, "x1, x2 and scale must not be empty")
+        (M, K), (K2, N) = x1.shape[-2:], x2.shape[-2:]
+        _check(K == K2, op, f"x1 [..., M, K={K}] and x2 [..., K={K2}, N] do not chain")
+        _check(x1.shape[-1] <= 65535 and x2.shape[-1] <= 65535, op,
+               f"the last dims of x1 and x2 must not exceed 65535, got {x1.shape[-1]} and {x2.shape[-1]}")
+        if scale.dtype == torch.int64:
+            raise _not_emulated(op, "int64 scale (npu_trans_quant_param bit patterns)")
+        _check(scale.dtype in (torch.float32, torch.bfloat16), op,
+               f"scale must be float32, bfloat16 or int64 on Atlas A2/A3, got {scale.dtype}")
+        _check(scale.dim() == 1 and scale.shape[0] in (1, N), op,
+               f"scale must be 1-D (1,) or (n={N},) for int8, got {tuple(scale.shape)}")
+        if offset is not None:
+            _check(offset.dtype == torch.float32 and offset.dim() == 1 and offset.shape[0] in (1, N), op,
+                   f"offset must be float32 (1,) or (n={N},), got {offset.dtype} {tuple(offset.shape)}")
+        if pertoken_scale is not None:
+            _check(pertoken_scale.dtype == torch.float32 and pertoken_scale.dim() == 1 and
+                   pertoken_scale.shape[0] == M, op,
+                   f"pertoken_scale must be float32 (m={M},), got {pertoken_scale.dtype} {tuple(pertoken_scale.shape)}")
+        batch = torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2])
+        if bias is not None:
+            _check(bias.dtype in (torch.int32, torch.bfloat16, torch.float16, torch.float32), op,
+                   f"bias must be int32, bfloat16, float16 or float32, got {bias.dtype}")
+            _check((bias.dim() == 1 and bias.shape[0] == N) or
+                   (bias.dim() == 3 and len(batch) == 1 and tuple(bias.shape) == (batch[0], 1, N)), op,
+                   f"bias must be (n={N},) or, for a 3-D output, (batch, 1, n), got {tuple(bias.shape)}")
+        out = torch.int8 if output_dtype is None else output_dtype
+        ib = bias is not None and bias.dtype == torch.int32
+        fb = bias is not None and not ib
+        name = lambda d: str(d).removeprefix("torch.")  # noqa: E731
+        combo = (f"scale {name(scale.dtype)}, offset {'given' if offset is not None else 'None'}, bias "
+                 f"{name(bias.dtype) if bias is not None else 'None'}, pertoken_scale "
+                 f"{'given' if pertoken_scale is not None else 'None'}, output {name(out)}")
+        # 表 2 rows (Atlas A2/A3); the emulator also lets the bfloat16 row output float32 (allow_float32)
+        if out == torch.int32:
+            raise _not_emulated(op, "output_dtype=int32")
+        if out == torch.int8:
+            ok = scale.dtype == torch.float32 and pertoken_scale is None and not fb
+        elif out == torch.float16:
+            ok = scale.dtype == torch.float32 and offset is None and (
+                not fb or (pertoken_scale is not None and bias.dtype in (torch.bfloat16, torch.float32)))
+        elif out == torch.bfloat16 or (out == torch.float32 and emu.allow_float32):
+            ok = offset is None and (out == torch.bfloat16 or scale.dtype == torch.float32) and (
+                not fb or bias.dtype in (torch.bfloat16, torch.float32))
+        else:
+            _check(False, op, f"output_dtype must be int8, float16, bfloat16 or int32, got {output_dtype}")
+        _check(ok, op, f"unsupported combination on Atlas A2/A3 (表 2): {combo}")
+        acc = torch.matmul(x1.long(), x2.long())                                     # exact accumulation
+        if ib:
+            acc = acc + bias.long()
+        y = acc.float() * scale.float()
+        if pertoken_scale is not None:
+            y = y * pertoken_scale.float()[:, None]
+        if fb:
+            y = y + bias.float()
+        if offset is not None:
+            y = y + offset.float()
+        if out == torch.int8:
+            return torch.round(y).clamp(-128, 127).to(torch.int8)
+        return y.to(out)
 
     # ---- supporting ops ---------------------------------------------------------------------------
     def npu_rms_norm(emu, self, gamma, epsilon=1e-06):

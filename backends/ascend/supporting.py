@@ -4,7 +4,9 @@
     rope       -> npu_interleave_rope, as vllm-ascend and Huawei's GLM-5.2 recipe rotate q_pe
     mlp        -> npu_swiglu between two F.linear
     linear, layer_norm: plain torch (F.linear, F.layer_norm) on the device
-Weights of linear/mlp: bare tensors or dense `Weight`s; other formats are declined (-> reference).
+Weights of linear/mlp: bare tensors, dense `Weight`s, or w8a8_dynamic / w8a8_static `Weight`s, which
+run through npu_dynamic_quant / npu_quantize + npu_quant_matmul (quantized.py); other formats are
+declined (-> reference).
 
 rope: npu_interleave_rope (doc page torch_npu-npu_interleave_rope.md, on every line since 7.0.0)
 takes x [B, N, S, 64] with GPT-J pairs (2i, 2i+1), splits the pairs into halves, rotates in
@@ -20,6 +22,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from glm52_backends.weights import weight_format
+
+from . import quantized
 from .common import FLOATS, IROPE_DIM, decline, dense
 
 
@@ -50,6 +55,8 @@ def rope(self, x, positions, theta):
 
 
 def linear(self, x, weight):
+    if weight_format(weight) != "dense":
+        return quantized.linear(self, x, weight)
     weight = dense(weight, "linear", "weight")
     decline(x.dtype == weight.dtype, f"linear: x {x.dtype} and weight {weight.dtype} differ")
     return F.linear(x, weight)
@@ -61,6 +68,8 @@ def layer_norm(self, x, weight, bias, eps):
 
 
 def mlp(self, x, w13, w2):
+    if weight_format(w13) != "dense" or weight_format(w2) != "dense":
+        return quantized.mlp(self, x, w13, w2)
     w13, w2 = dense(w13, "mlp", "w13"), dense(w2, "mlp", "w2")
     decline(x.dtype == w13.dtype == w2.dtype, "mlp: x and weights must share one dtype")
     return F.linear(self.npu.npu_swiglu(F.linear(x, w13), dim=-1), w2)

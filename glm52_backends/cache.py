@@ -6,9 +6,15 @@ as vllm-ascend and Huawei's GLM-5.2 recipe keep them; `index_k` holds the indexe
 request r lives in slot `blocks[r][p // bs] * bs + p % bs`. Blocks are reserved for a whole step
 before anything is written, so running out raises `CacheExhausted` with the cache unchanged.
 
+Formats (glm52_backends/cache_formats.py): `latent_format` ("dense", "fp8_ds_mla", "c8_sfa") and
+`index_format` ("dense", "fp8", "c8_li"). A dense cache is the model dtype, as above. A quantized
+one is one uint8 tensor per layer `[num_blocks, block_size * bytes_per_token]` (`tensors()` yields
+these owners), and `c[l]`, `k_pe[l]`, `index_k[l]` are the views the ops receive (the codes, and
+the bf16 rope of the latent rows); `write_latent` / `write_index` quantize and pack what they write.
+
 A step that fails after reserving (a backend op raising mid-step) must leave the cache exactly as
-it was: `with cache.transaction(): ...` records what `reserve` hands out and, in `write`, the old
-contents of every slot it overwrites, and on any exception puts both back (bit-identical), so a
+it was: `with cache.transaction(): ...` records what `reserve` hands out and, in every write, the
+old bytes of every slot it overwrites, and on any exception puts both back (bit-identical), so a
 retry neither appends twice nor reads a half-written step.
 """
 
@@ -19,6 +25,7 @@ from collections.abc import Hashable, Iterator, Sequence
 
 import torch
 
+from . import cache_formats as cf
 from .config import ModelConfig
 
 
@@ -32,7 +39,8 @@ class _Journal:
 
     def __init__(self) -> None:
         self.reserved: dict[Hashable, tuple[int, int | None]] = {}   # req -> (blocks owned, len or None)
-        self.rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (cache, slots, old rows)
+        # (paged view [NB, BS, w], blocks, offsets, old rows): written rows, in write order
+        self.rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
 
 # cache tensor id -> the journal of the open transaction of the cache that owns it (see `write`)
@@ -41,30 +49,67 @@ _JOURNALS: dict[int, _Journal] = {}
 
 class PagedCache:
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int = 16, *,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", mtp: bool = False):
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", mtp: bool = False,
+                 latent_format: str = "dense", index_format: str = "dense"):
         for what, v in (("num_blocks", num_blocks), ("block_size", block_size)):
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"cache: {what} must be a positive integer, got {v!r}")
+        cf.check_format(latent_format, cf.LATENT)
+        cf.check_format(index_format, cf.INDEX)
         self.num_blocks, self.block_size = num_blocks, block_size
-        self.dtype = dtype
+        self.dtype = dtype                       # the model's dtype: what a dense cache holds
         self.device = torch.device(device)
+        self.latent_format, self.index_format = latent_format, index_format
         layers = list(range(cfg.num_hidden_layers)) + ([cfg.num_hidden_layers] if mtp else [])
         index_layers = cfg.full_layers + ([cfg.num_hidden_layers] if mtp else [])
-        self.c = {l: torch.zeros(num_blocks, block_size, cfg.kv_lora_rank, dtype=dtype, device=device)
-                  for l in layers}
-        self.k_pe = {l: torch.zeros(num_blocks, block_size, cfg.qk_rope_head_dim, dtype=dtype, device=device)
-                     for l in layers}
-        self.index_k = {l: torch.zeros(num_blocks, block_size, cfg.index_head_dim, dtype=dtype, device=device)
-                        for l in index_layers}
+        self._latent_dims = (cfg.kv_lora_rank, cfg.qk_rope_head_dim)
+        self._index_dims = (cfg.index_head_dim,)
+        # owning tensors per layer: dense (c, k_pe) / (k,), or one packed uint8 tensor
+        self._latent_store: dict[int, tuple[torch.Tensor, ...]] = {}
+        self._index_store: dict[int, tuple[torch.Tensor, ...]] = {}
+        self.c, self.k_pe, self.index_k = {}, {}, {}
+        zeros = lambda w: torch.zeros(num_blocks, block_size, w, dtype=dtype, device=device)  # noqa: E731
+        for l in layers:
+            if latent_format == "dense":
+                self.c[l], self.k_pe[l] = self._latent_store[l] = (zeros(cfg.kv_lora_rank), zeros(cfg.qk_rope_head_dim))
+            else:
+                st = cf.allocate(latent_format, self._latent_dims, num_blocks, block_size, device)
+                self._latent_store[l] = (st,)
+                self.c[l], self.k_pe[l] = cf.op_views(latent_format, self._latent_dims, st, block_size)
+        for l in index_layers:
+            if index_format == "dense":
+                self.index_k[l] = zeros(cfg.index_head_dim)
+                self._index_store[l] = (self.index_k[l],)
+            else:
+                st = cf.allocate(index_format, self._index_dims, num_blocks, block_size, device)
+                self._index_store[l] = (st,)
+                self.index_k[l], = cf.op_views(index_format, self._index_dims, st, block_size)
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() hands out low blocks first
         self.blocks: dict[Hashable, list[int]] = {}
         self.lens: dict[Hashable, int] = {}
         self._journal: _Journal | None = None
 
     def tensors(self) -> Iterator[torch.Tensor]:
-        """Every paged tensor of the cache (latent c, k_pe, index keys; every layer)."""
-        for d in (self.c, self.k_pe, self.index_k):
-            yield from d.values()
+        """Every tensor that owns cache memory (dense: latent c, k_pe, index keys; quantized: the
+        packed uint8 tensor of each layer), every layer. Their bytes are the whole cache."""
+        for store in (self._latent_store, self._index_store):
+            for ts in store.values():
+                yield from ts
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the cache holds (every layer, every block)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def bytes_per_token(self) -> dict[str, int]:
+        """Bytes one token takes in one layer: {"latent": ..., "index": ...}, from the formats."""
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        dense = {"latent": sum(self._latent_dims) * itemsize, "index": self._index_dims[0] * itemsize}
+        out = {}
+        for kind, fmt, dims in (("latent", self.latent_format, self._latent_dims),
+                                ("index", self.index_format, self._index_dims)):
+            out[kind] = dense[kind] if fmt == "dense" else sum(w for _, w in cf.parts(fmt, *dims))
+        return out
 
     # ---- all or nothing ----------------------------------------------------------------------
     @contextlib.contextmanager
@@ -89,8 +134,8 @@ class PagedCache:
             self._journal = None
 
     def _rollback(self, journal: _Journal) -> None:
-        for cache, slots, old in reversed(journal.rows):
-            cache.view(-1, cache.shape[-1])[slots] = old
+        for view, blocks, offs, old in reversed(journal.rows):
+            view[blocks, offs] = old
         for r, (owned, length) in reversed(journal.reserved.items()):  # undo in reverse order of reserve
             blocks = self.blocks[r]
             self._free.extend(reversed(blocks[owned:]))   # back in the order pop() handed them out
@@ -157,11 +202,42 @@ class PagedCache:
 
     @staticmethod
     def write(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> None:
-        """cache[slots] = values (rows of the flattened [NB * BS, D]); inside a transaction the old
-        rows are kept first so a failed step can put them back."""
-        flat = cache.view(-1, cache.shape[-1])
-        slots = slots.to(cache.device)
-        journal = _JOURNALS.get(id(cache))
-        if journal is not None:
-            journal.rows.append((cache, slots, flat[slots]))  # advanced indexing: a copy
-        flat[slots] = values.to(cache.dtype)
+        """cache[slots] = values for a dense paged tensor `[NB, BS, D]` (slots index the flattened
+        [NB * BS]); inside a transaction the old rows are kept first so a failed step can put them
+        back. Quantized caches are written through `write_latent` / `write_index`."""
+        if not cache.is_floating_point() or cache.dtype == torch.float8_e4m3fn:
+            raise TypeError(f"PagedCache.write: a {cache.dtype} cache tensor is a quantized cache's view; "
+                            f"write it with cache.write_latent / cache.write_index")
+        _put(cache, slots, values.to(cache.dtype), _JOURNALS.get(id(cache)))
+
+    def write_latent(self, layer: int, slots: torch.Tensor, c: torch.Tensor, k_pe: torch.Tensor) -> None:
+        """Layer `layer`'s latent rows at `slots`: c [N, kv_lora_rank], k_pe [N, rope dim], in the
+        cache's format (quantized and packed when it is not dense)."""
+        if self.latent_format == "dense":
+            for t, v in zip(self._latent_store[layer], (c, k_pe)):
+                _put(t, slots, v.to(t.dtype), self._journal)
+            return
+        view = cf.part_views(self.latent_format, self._latent_dims, self._latent_store[layer][0], self.block_size)
+        for name, rows in cf.encode_latent(self.latent_format, c, k_pe).items():
+            _put(view[name], slots, rows, self._journal)
+
+    def write_index(self, layer: int, slots: torch.Tensor, k: torch.Tensor) -> None:
+        """Layer `layer`'s index keys at `slots`: k [N, index_head_dim], in the cache's index format."""
+        if self.index_format == "dense":
+            t, = self._index_store[layer]
+            _put(t, slots, k.to(t.dtype), self._journal)
+            return
+        view = cf.part_views(self.index_format, self._index_dims, self._index_store[layer][0], self.block_size)
+        for name, rows in cf.encode_index(self.index_format, k).items():
+            _put(view[name], slots, rows, self._journal)
+
+
+def _put(view: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor, journal: _Journal | None) -> None:
+    """view[slot // BS, slot % BS] = rows for a paged `[NB, BS, w]` tensor or strided view; the old
+    rows go to `journal` first (advanced indexing reads a copy)."""
+    slots = slots.to(view.device).long()
+    bs = view.shape[1]
+    blocks, offs = slots // bs, slots % bs
+    if journal is not None:
+        journal.rows.append((view, blocks, offs, view[blocks, offs]))
+    view[blocks, offs] = rows

@@ -15,7 +15,6 @@ import os
 import sys
 import time
 
-from .tiny import tiny_default_dir
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -137,9 +136,15 @@ def cmd_make_tiny(args) -> int:
     kw = {}
     if args.index_topk is not None:
         kw["index_topk"] = args.index_topk
-    path = make_tiny_checkpoint(args.dir, fp8=args.fp8, mtp=args.mtp, layers=args.layers, seed=args.seed,
+    if args.fp8 and args.quant not in (None, "fp8"):
+        raise ValueError(f"--fp8 is an alias of --quant fp8; it contradicts --quant {args.quant}")
+    quant = "fp8" if args.fp8 else args.quant
+    path = make_tiny_checkpoint(args.dir, quant=quant, mtp=args.mtp, layers=args.layers, seed=args.seed,
                                 shards=args.shards, vocab_size=args.vocab_size, **kw)
-    print(f"wrote a random GLM-5.2-format checkpoint to {path}")
+    what = {None: "GLM-5.2-format (BF16)", "fp8": "GLM-5.2-FP8-format (block FP8)",
+            "w8a8": "msModelSlim AscendV1 W8A8 (GLM-5 mixed recipe, no QuaRot)",
+            "w4a8": "msModelSlim AscendV1 W4A8 (routed experts int4, GLM-5 mixed recipe, no QuaRot)"}[quant]
+    print(f"wrote a random {what} checkpoint to {path}")
     return 0
 
 
@@ -157,11 +162,19 @@ def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b and math.isfinite(a) and math.isfinite(b) and b > 0 else "n/a"
 
 
+# Text prompts of `glm52 generate` without --prompt/--ids when the checkpoint has a tokenizer.
+DEFAULT_PROMPTS = ("def ", "import ", "class ", "    # ")
+
+
 def cmd_generate(args) -> int:
     import torch
     from .engine import GLM52
-    from .tiny import ensure_default_checkpoint
-    path = args.checkpoint or ensure_default_checkpoint()
+    from . import default_checkpoint
+    if args.adaptive and not args.speculative:
+        raise ValueError("--adaptive needs --speculative K > 0 (it adapts how many of the K drafts a round proposes)")
+    if args.draft_threshold is not None and not args.adaptive:
+        raise ValueError("--draft-threshold is used only with --adaptive (and --speculative K)")
+    path = args.checkpoint or default_checkpoint()
     t0 = time.perf_counter()
     par = dict(tp=args.tp, dp=args.dp, ep=args.ep) if args.tp * args.dp > 1 else {}
     if args.deployment:
@@ -176,6 +189,8 @@ def cmd_generate(args) -> int:
         prompts = [args.prompt] * args.batch
     elif args.ids:
         prompts = [list(args.ids)] * args.batch
+    elif model.tokenizer is not None:  # text starts, so a trained model shows what it learned
+        prompts = [DEFAULT_PROMPTS[i % len(DEFAULT_PROMPTS)] for i in range(args.batch)]
     else:  # random prompts of different lengths, like a mixed batch
         g = torch.Generator().manual_seed(args.seed)
         prompts = [torch.randint(0, model.cfg.vocab_size, (int(n),), generator=g).tolist()
@@ -183,7 +198,8 @@ def cmd_generate(args) -> int:
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
               prefill_chunk=args.prefill_chunk, stop_at_eos=not args.ignore_eos)
     plain = model.generate(prompts, **kw) if args.speculative else None  # baseline for the speed-up
-    res = model.generate(prompts, speculative=args.speculative, **kw)
+    res = model.generate(prompts, speculative=args.speculative, adaptive=args.adaptive,
+                         draft_threshold=args.draft_threshold, **kw)
     if model.layout is not None and model.layout.rank != 0:
         return 0                          # many ranks: every one holds the result, rank 0 prints it
     s = res.stats
@@ -208,6 +224,11 @@ def cmd_generate(args) -> int:
             row.append(_clip(repr(res.text[i]), 40))
         rows.append(row)
     print(_table(rows, ["req", "prompt", "new", "stop", "generated token ids"] + (["text"] if res.text else [])))
+    if res.text and not args.quiet:   # the whole text of each request, when it reads as text
+        for i, t in enumerate(res.text):
+            whole = (prompts[i] if isinstance(prompts[i], str) else "") + t
+            if whole.replace("\n", "").replace("\t", "").isprintable():
+                print(f"--- request {i} " + "-" * 40 + "\n" + whole)
 
     def speed(st) -> str:
         rate = lambda v: f"{v:.1f} tok/s" if math.isfinite(v) else "n/a"  # noqa: E731
@@ -218,11 +239,15 @@ def cmd_generate(args) -> int:
     if plain is None:
         print(f"{speed(s)}; load {load_s:.2f} s")
         return 0
-    print(f"with speculation (k={args.speculative}): {speed(s)}; {s['verify_steps']} verify steps")
+    how = f"k={args.speculative}" + (f", adaptive p>{s['draft_threshold']:g}" if args.adaptive else "")
+    print(f"with speculation ({how}): {speed(s)}; {s['verify_steps']} verify steps")
     print(f"without speculation   : {speed(plain.stats)}")
     mal = s["mean_acceptance_length"]
     print(f"mean acceptance length: {f'{mal:.2f}' if math.isfinite(mal) else 'n/a (no verify step ran)'} tokens "
           f"per verify step (bonus token counted; 1.00 = no draft accepted, {args.speculative + 1} = all)")
+    if math.isfinite(s["mean_drafted_tokens"]):
+        print(f"drafts per verify step: {s['mean_drafted_tokens']:.2f} of {args.speculative}, "
+              f"{s['draft_acceptance_rate']:.0%} of them accepted")
     print(f"speed-up              : {_ratio(s['tokens_per_s'], plain.stats['tokens_per_s'])} end to end, "
           f"{_ratio(s['decode_tokens_per_s'], plain.stats['decode_tokens_per_s'])} decode; load {load_s:.2f} s")
     if args.temperature == 0.0:
@@ -268,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("backends", help="list backends: available here, native ops, why not").set_defaults(fn=cmd_backends)
 
     g = sub.add_parser("generate", help="generate from a checkpoint (default: the embedded tiny one)")
-    g.add_argument("checkpoint", nargs="?", help=f"HF-format GLM-5.x folder (default: a tiny random one at {tiny_default_dir()})")
+    g.add_argument("checkpoint", nargs="?", help="HF-format GLM-5.x folder (default: the embedded tiny model trained on Python source, "
+                   "glm52_backends/default_model)")
     g.add_argument("--backend", default="auto", help="auto | cpu_ref | cuda | ascend | torch | <plugin> (default auto)")
     g.add_argument("--dtype", type=_dtype_name, help="float32 | bfloat16 | float16 (default: the backend's)")
     g.add_argument("--prompt", help="text prompt (needs tokenizer.json in the checkpoint)")
@@ -284,6 +310,12 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--speculative", type=_int_at_least(0), default=0, metavar="K",
                    help="MTP draft tokens per verify step (GLM-5.2 recipes: 1..5); also runs plain decoding "
                         "and prints both speeds and the mean acceptance length")
+    g.add_argument("--adaptive", action="store_true",
+                   help="with --speculative K: draft up to K tokens per round, stopping a request's drafting once "
+                        "the MTP layer's probability of its last draft is at most --draft-threshold")
+    g.add_argument("--draft-threshold", type=_float_in(0.0, 1.0), metavar="P",
+                   help="with --adaptive: the probability in [0, 1] below which drafting stops (default 0.5; "
+                        "0 = never stop early, 1 = one draft per round)")
     g.add_argument("--prefill-chunk", type=_int_at_least(1), help="chunked prefill size in tokens")
     g.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS")
     g.add_argument("--json", action="store_true", help="print a JSON object instead of tables")
@@ -299,7 +331,12 @@ def main(argv: list[str] | None = None) -> int:
 
     m = sub.add_parser("make-tiny", help="write a small random checkpoint in the real GLM-5.2 format")
     m.add_argument("dir")
-    m.add_argument("--fp8", action="store_true", help="block-FP8 weights (F8_E4M3 + weight_scale_inv)")
+    m.add_argument("--quant", choices=("fp8", "w8a8", "w4a8"),
+                   help="fp8: block-FP8 weights (F8_E4M3 + weight_scale_inv, the GLM-5.2-FP8 format); w8a8: an "
+                        "msModelSlim AscendV1 folder, GLM-5 mixed recipe (attention W8A8 static, calibrated on the "
+                        "float model; MLP/experts W8A8 dynamic; kv_b, indexer wk/weights_proj, router float); w4a8: "
+                        "the same with routed experts W4A8 dynamic (QuaRot rotation is not applied)")
+    m.add_argument("--fp8", action="store_true", help="alias of --quant fp8")
     m.add_argument("--mtp", action="store_true", help="include the MTP (nextn) layer")
     m.add_argument("--layers", type=_int_at_least(1), default=4)
     m.add_argument("--seed", type=int, default=0)

@@ -205,8 +205,16 @@ class DeploymentConfig:
         if isinstance(backend, str) and backend in ("torch", "cpu_ref"):
             backend = get_backend(backend, device=device)  # these two run on any device they are given
         model_arg = tiny_checkpoint() if src == "tiny" else src
+        if "quantization" not in overrides:     # `dtypes.weights`, honoured (not only planned)
+            overrides["quantization"] = self.checkpoint_quantization(model_arg)
         if self.cache_block_size is not None:
             overrides.setdefault("block_size", self.cache_block_size)
+        # dtypes.kv_cache / index_cache -> GLM52's vLLM-style cache dtypes (cache_formats.py): fp8 ->
+        # fp8_ds_mla latent / fp8 index keys, int8 -> Ascend c8_sfa / c8_li; a float one is the model's dtype
+        import torch
+        floats = {"fp32": torch.float32, "bf16": torch.bfloat16}
+        for key, yaml_value in (("kv_cache_dtype", self.kv_cache_dtype), ("index_cache_dtype", self.index_cache_dtype)):
+            overrides.setdefault(key, "auto" if floats.get(yaml_value) == dtype else yaml_value)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             # under torchrun: the YAML's layout over the launched ranks (one process: the whole model)
             for k in ("tp", "dp", "ep"):
@@ -215,17 +223,36 @@ class DeploymentConfig:
         return model_arg, dict(backend=backend, device=device, dtype=dtype, **overrides)
 
 
+    def checkpoint_quantization(self, model: Any) -> str:
+        """`GLM52(quantization=...)` for `dtypes.weights` on checkpoint `model` (a folder or a
+        ModelConfig): fp8 -> block-FP8 (as stored, or quantized at load from BF16); w8a8 -> as stored
+        (msModelSlim W8A8) or W8A8 dynamic from BF16; w4a8 -> as stored or W4A8 routed experts from BF16;
+        bf16 / fp32 -> dense (a quantized checkpoint dequantized). A format the checkpoint cannot
+        give is refused here, naming the key."""
+        q = {"fp8": "fp8", "w8a8": "w8a8", "w4a8": "w4a8", "bf16": "none", "fp32": "none"}[self.weights_dtype]
+        if q == "none" or isinstance(model, ModelConfig):
+            return q
+        from .loader import checkpoint_quantization, quantization_problem
+        try:
+            stored = checkpoint_quantization(model)
+        except (ValueError, OSError):
+            return q                # not a readable checkpoint: GLM52 names the problem when it loads it
+        why = quantization_problem(stored, q, f"checkpoint {os.fspath(model)}")
+        if why:
+            raise DeploymentError(os.path.basename(self.source), "dtypes.weights", f"{self.weights_dtype!r}: {why}")
+        return q
+
+
 # ---- model resolution -------------------------------------------------------------------------------
 def tiny_model_config() -> ModelConfig:
-    """The config of the embedded tiny checkpoint (`glm52 generate`'s default: 4 layers + MTP)."""
-    from .tiny import tiny_config
-    return tiny_config(mtp=True, layers=4)[0]
+    """The config of the embedded default model (`glm52 generate`'s default: 4 layers + MTP)."""
+    return ModelConfig.from_file(tiny_checkpoint())
 
 
 def tiny_checkpoint() -> str:
-    """The embedded tiny random checkpoint in the real format, written once (see `glm52 generate`)."""
-    from . import tiny
-    return tiny.ensure_default_checkpoint(tiny.DEFAULT_TINY)  # looked up now: tests may move it
+    """The embedded default: the tiny trained GLM-5.2 shipped in the package (`default_checkpoint()`)."""
+    from . import default_checkpoint
+    return default_checkpoint()
 
 
 def resolve_model_config(model: str) -> ModelConfig:

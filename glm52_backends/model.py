@@ -12,6 +12,8 @@ head dims, Hi/Di indexer heads/dim, E experts, I expert width, Hd hidden, V voca
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
@@ -21,7 +23,7 @@ from .cache import PagedCache
 from .config import ModelConfig
 from .registry import BoundBackend
 from .step import Step, plan_step
-from .weights import Weight
+from .weights import Weight, cat_rows, stack
 
 
 # ---- weights in compute layout ----------------------------------------------------------------
@@ -49,7 +51,7 @@ class Layer:
     indexer: Indexer | None
     w13: Weight | None = None             # dense MLP [2I, Hd]
     w2: Weight | None = None              # dense MLP [Hd, I]
-    gate: Weight | None = None            # router [E, Hd] f32
+    gate: Weight | None = None            # router [E, Hd] f32 (made once at build)
     gate_bias: torch.Tensor | None = None  # [E] f32
     e_w13: Weight | None = None           # [E, 2I, Hd] gate rows then up rows
     e_w2: Weight | None = None            # [E, Hd, I]
@@ -62,18 +64,33 @@ class Layer:
     head_norm: torch.Tensor | None = None
 
 
-def build_layers(cfg: ModelConfig, sd: dict[str, torch.Tensor], include_mtp: bool, tp: int = 1,
-                 experts: range | None = None) -> list[Layer]:
+def build_layers(cfg: ModelConfig, sd: dict[str, "torch.Tensor | Weight"], include_mtp: bool, tp: int = 1,
+                 experts: range | None = None, dtype: torch.dtype | None = None) -> list[Layer]:
     """HF per-expert tensors -> compute layout. Pops from `sd` so memory is not held twice.
-    `sd` holds one rank's slices (parallel.RankLayout): H / tp heads, and the routed `experts`."""
+    `sd` holds one rank's slices (parallel.RankLayout): H / tp heads, and the routed `experts`.
+
+    A linear may come as a plain tensor or as a quantized `Weight` (loader.py); its scales follow every
+    reshape: gate and up rows concatenated by `weights.cat_rows`, experts stacked by `weights.stack`.
+    Norms and the router stay float (the router weight is made float32 once, here). `kv_b_proj` is
+    split per head into W_UK / W_UV, which MLA absorbs into the query and the output with einsums; a
+    quantized kv_b is dequantized to `dtype` here, once, as vLLM does for MLA absorption
+    (`get_and_maybe_dequant_weights` in its MLA attention), so it is held at the model dtype
+    (planner.py counts it that way)."""
     H, dn, dv, C = cfg.num_attention_heads // tp, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
     experts = experts if experts is not None else range(cfg.n_routed_experts)
     layers = []
     for i in range(cfg.num_hidden_layers + (1 if include_mtp else 0)):
         p = f"model.layers.{i}."
         g = lambda name: sd.pop(p + name)  # noqa: E731
-        W = lambda name: Weight(g(name))   # noqa: E731  a linear weight
-        kv_b = g("self_attn.kv_b_proj.weight").view(H, dn + dv, C)
+
+        def W(name: str) -> Weight:        # a linear weight: stored format kept
+            v = g(name)
+            return v if isinstance(v, Weight) else Weight(v)
+
+        kv_b = g("self_attn.kv_b_proj.weight")
+        if isinstance(kv_b, Weight):
+            kv_b = kv_b.dense(dtype) if kv_b.quantized else kv_b.data     # dtype None: float32
+        kv_b = kv_b.view(H, dn + dv, C)
         indexer = None
         if p + "self_attn.indexer.wk.weight" in sd:
             indexer = Indexer(W("self_attn.indexer.wq_b.weight"), W("self_attn.indexer.wk.weight"),
@@ -85,18 +102,18 @@ def build_layers(cfg: ModelConfig, sd: dict[str, torch.Tensor], include_mtp: boo
             wq_b=W("self_attn.q_b_proj.weight"), wkv_a=W("self_attn.kv_a_proj_with_mqa.weight"),
             kv_norm=g("self_attn.kv_a_layernorm.weight"), w_uk=kv_b[:, :dn].contiguous(),
             w_uv=kv_b[:, dn:].contiguous(), wo=W("self_attn.o_proj.weight"), indexer=indexer)
+        del kv_b
         if cfg.is_moe(i):
-            layer.gate = Weight(g("mlp.gate.weight"))
+            layer.gate = Weight(g("mlp.gate.weight").float())          # the f32 router, made once
             layer.gate_bias = g("mlp.gate.e_score_correction_bias")
-            layer.e_w13 = Weight(torch.stack([torch.cat([g(f"mlp.experts.{e}.gate_proj.weight"),
-                                                         g(f"mlp.experts.{e}.up_proj.weight")]) for e in experts]))
-            layer.e_w2 = Weight(torch.stack([g(f"mlp.experts.{e}.down_proj.weight") for e in experts]))
+            layer.e_w13 = stack([cat_rows([W(f"mlp.experts.{e}.gate_proj.weight"), W(f"mlp.experts.{e}.up_proj.weight")])
+                                 for e in experts])
+            layer.e_w2 = stack([W(f"mlp.experts.{e}.down_proj.weight") for e in experts])
             if cfg.n_shared_experts:
-                layer.s_w13 = Weight(torch.cat([g("mlp.shared_experts.gate_proj.weight"),
-                                                g("mlp.shared_experts.up_proj.weight")]))
+                layer.s_w13 = cat_rows([W("mlp.shared_experts.gate_proj.weight"), W("mlp.shared_experts.up_proj.weight")])
                 layer.s_w2 = W("mlp.shared_experts.down_proj.weight")
         else:
-            layer.w13 = Weight(torch.cat([g("mlp.gate_proj.weight"), g("mlp.up_proj.weight")]))
+            layer.w13 = cat_rows([W("mlp.gate_proj.weight"), W("mlp.up_proj.weight")])
             layer.w2 = W("mlp.down_proj.weight")
         if i == cfg.num_hidden_layers:
             layer.enorm, layer.hnorm = g("enorm.weight"), g("hnorm.weight")
@@ -129,8 +146,9 @@ class Glm52Network:
         self.expert_range = (e0, e1) if (e0, e1) != (0, cfg.n_routed_experts) else None     # None: all local
         self.embed = sd.pop("model.embed_tokens.weight")
         self.final_norm = sd.pop("model.norm.weight")
-        self.lm_head = Weight(sd.pop("lm_head.weight"))
-        self.layers = build_layers(cfg, sd, include_mtp, tp, range(e0, e1))
+        lm_head = sd.pop("lm_head.weight")
+        self.lm_head = lm_head if isinstance(lm_head, Weight) else Weight(lm_head)
+        self.layers = build_layers(cfg, sd, include_mtp, tp, range(e0, e1), dtype=self.embed.dtype)
         self.mtp = self.layers.pop() if include_mtp else None
         if sd:
             raise RuntimeError(f"internal: tensors left unused after building the model: {sorted(sd)[:5]}")
@@ -206,8 +224,8 @@ class Glm52Network:
         q = ops.linear(qr, L.wq_b).view(T, H, dn + dr)
         q_pe = ops.rope(q[..., dn:], st.positions, cfg.rope_theta)                         # [T, H, dr]
         kva = ops.linear(x, L.wkv_a)                                                       # [T, C+dr]
-        PagedCache.write(cache.c[l], st.slots, ops.rms_norm(kva[:, :C], L.kv_norm, cfg.latent_norm_eps))
-        PagedCache.write(cache.k_pe[l], st.slots, ops.rope(kva[:, C:], st.positions, cfg.rope_theta))
+        cache.write_latent(l, st.slots, ops.rms_norm(kva[:, :C], L.kv_norm, cfg.latent_norm_eps),
+                           ops.rope(kva[:, C:], st.positions, cfg.rope_theta))   # in the cache's format
 
         if L.indexer is not None and not share:
             idx = self._indexer(l, L.indexer, x, qr, st, cache)
@@ -217,10 +235,32 @@ class Glm52Network:
             idx = prev_idx                                                                   # IndexShare
 
         q_lat = torch.einsum("thd,hdc->thc", q[..., :dn], L.w_uk)                          # absorb W_UK
-        o_lat = ops.sparse_mla(torch.cat([q_lat, q_pe], -1), cache.c[l], cache.k_pe[l], idx, meta.block_table,
-                               meta.seq_lens, meta.cu_seqlens_q, cfg.softmax_scale, meta=meta)  # [T, H, C]
+        sparse_mla = self._cache_reader("sparse_mla", cache.latent_format)
+        o_lat = sparse_mla(torch.cat([q_lat, q_pe], -1), cache.c[l], cache.k_pe[l], idx, meta.block_table,
+                           meta.seq_lens, meta.cu_seqlens_q, cfg.softmax_scale, meta=meta)  # [T, H, C]
         o = torch.einsum("thc,hvc->thv", o_lat, L.w_uv).reshape(T, H * cfg.v_head_dim)     # absorb W_UV
         return self.comm.all_reduce(ops.linear(o, L.wo)), idx                              # row-parallel seam
+
+    def _cache_reader(self, op: str, fmt: str):
+        """The op that reads a cache in format `fmt`: the backend's when it declares the format
+        (`Capabilities.cache_formats`; "dense" always), else the reference, which dequantizes on
+        read, with one warning per op and format, counted as a fallback in `ops.ran_natively()`."""
+        ops = self.ops
+        if fmt == "dense" or fmt in ops.capabilities.cache_formats:
+            return getattr(ops, op)
+        warned = self.__dict__.setdefault("_cache_warned", set())
+        if (op, fmt) not in warned:
+            warned.add((op, fmt))
+            msg = (f"backend {ops.name!r}: {op} falls back to the reference (the cache is {fmt!r}; "
+                   f"the backend reads {', '.join(ops.capabilities.cache_formats)})")
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+            logging.getLogger("glm52_backends").warning(msg)
+        ref, counts = getattr(ops.reference, op), ops.calls[op]
+
+        def reference(*args, **kwargs):
+            counts["fallback"] += 1
+            return ref(*args, **kwargs)
+        return reference
 
     def _indexer(self, l: int, ix: Indexer, x, qr, st: Step, cache: PagedCache) -> torch.Tensor:
         cfg, ops, meta = self.cfg, self.ops, st.meta
@@ -229,10 +269,11 @@ class Glm52Network:
         iq = torch.cat([ops.rope(iq[..., :dr], st.positions, cfg.rope_theta), iq[..., dr:]], -1)
         ik = ops.layer_norm(ops.linear(x, ix.wk), ix.k_norm_w, ix.k_norm_b, cfg.indexer_norm_eps)
         ik = torch.cat([ops.rope(ik[:, :dr], st.positions, cfg.rope_theta), ik[:, dr:]], -1)
-        PagedCache.write(cache.index_k[l], st.slots, ik)
+        cache.write_index(l, st.slots, ik)                             # in the cache's index format
         w = ops.linear(x, ix.w_proj).float() * (Hi ** -0.5 * Di ** -0.5)                 # [T, Hi] f32
-        idx = ops.indexer_topk(iq, w, cache.index_k[l], meta.block_table, meta.seq_lens, meta.cu_seqlens_q,
-                               cfg.index_topk, meta=meta)
+        indexer_topk = self._cache_reader("indexer_topk", cache.index_format)
+        idx = indexer_topk(iq, w, cache.index_k[l], meta.block_table, meta.seq_lens, meta.cu_seqlens_q,
+                           cfg.index_topk, meta=meta)
         if getattr(ops, "debug", False) and self.comm.world_size > 1:
             # the indexer is replicated: every tp rank must select the same positions (ties decided
             # the same way); compare with the group's first rank, as DeepSeek's reference does
@@ -247,7 +288,7 @@ class Glm52Network:
         cfg, ops = self.cfg, self.ops
         if L.gate is None:
             return self.comm.all_reduce(ops.mlp(x, L.w13, L.w2))                            # row-parallel seam
-        logits = ops.linear(x.float(), Weight(L.gate.data.float()))                        # fp32 router
+        logits = ops.linear(x.float(), L.gate)                                             # fp32 router
         ids, w = ops.moe_route(logits, L.gate_bias, cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group,
                                cfg.norm_topk_prob, cfg.routed_scaling_factor)
         x_own = x

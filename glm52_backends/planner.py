@@ -19,19 +19,27 @@ Sharding, following vLLM's DeepSeek-V2/V3.2 model code (`vllm/model_executor/mod
     MTP layer's enorm/hnorm/eh_proj;
   * routed experts split over `ep` ranks when expert parallelism is on (ep > 1), else every
     expert is split over the TP group (vLLM without --enable-expert-parallel).
-Bytes per weight by `dtypes.weights`; only the linear weights that the FP8 checkpoint quantizes
-(`weights.is_fp8_weight`) change format, everything else stays BF16 (e_score_correction_bias F32),
-as in spec/glm52-model.md §10:
-  * fp8:  1 B + one F32 scale per 128x128 block (the checkpoint's `weight_scale_inv`);
-  * w8a8: 1 B (int8) + F32 scale and offset per output channel (estimate: msModelSlim-style
-          per-channel W8A8 as used by vllm-ascend's `--quantization ascend`);
-  * w4a8: routed experts 0.5 B + one F32 scale per 128 inputs (estimate); the other quantized
-          linears (attention, dense, shared experts) 8-bit as in w8a8;
+Bytes per weight by `dtypes.weights`: each tensor takes the format `loader.recipe_format` gives it
+(the same recipe the loader quantizes with and make-tiny writes) and its bytes are
+`quant.layout_nbytes` of that format (the tensors the loader allocates), so a loaded model holds
+exactly what is planned (tests/test_quant_loading.py):
+  * fp8:  the linears GLM-5.2-FP8 quantizes (`weights.is_fp8_weight`): 1 B + one F32 scale per
+          128x128 block (`weight_scale_inv`); gate/up pairs whose rows are not whole blocks are
+          concatenated with one scale row per weight row (`weights.cat_rows`);
+  * w8a8: the GLM-5 msModelSlim mixed recipe: attention projections W8A8 static (int8 + F32 scale,
+          offset, deq_scale, int32 quant_bias per output channel + input scale/offset), dense MLP and
+          experts W8A8 dynamic (int8 + F32 scale and offset per channel); kv_b, indexer wk and
+          weights_proj, router stay float;
+  * w4a8: as w8a8 with the routed experts W4A8 dynamic (0.5 B + F32 scale, offset, scale_bias per channel);
   * bf16 / fp32: 2 B / 4 B everywhere.
+  kv_b_proj is held dequantized at the model dtype (BF16) whatever its stored format (MLA absorption,
+  model.py); the router weight is held in F32 (the model makes it F32 once), its bias F32. Per-channel
+  scales of a row-split (input-split) linear are whole on every rank.
 Caches, per token and layer (spec §4.3, §5): latent = kv_lora_rank + qk_rope_head_dim values on
 every layer; index keys = index_head_dim values only on IndexShare "full" layers; the MTP layer
-adds one of each when MTP drafting is on. 8-bit caches use the FlashMLA/C8 layout: 8-bit values
-plus one F32 scale per 128, the rope part in BF16 (latent 656 B, index key 132 B). The latent
+adds one of each when MTP drafting is on. Row bytes come from the cache formats' own code
+(`cache_formats.bytes_per_token`): fp8 = FlashMLA's fp8_ds_mla latent (656 B) and 132-B index keys,
+int8 = Ascend's c8_sfa latent (656 B) and c8_li keys (int8 + an f16 scale, 130 B). The latent
 cache is replicated on every TP rank (MLA has one KV head) unless decode context parallelism
 (`parallel.dcp`) stripes it over dcp ranks of the TP group. `max_batch` requests of
 `max_context` tokens are held per DP replica.
@@ -49,12 +57,16 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
+from . import cache_formats
 from .config import ModelConfig
 from .deploy import DeploymentConfig, load_deployment
-from .weights import COMPONENTS, expected_tensors, float32_tensor, fp8_scale_shape, is_fp8_weight, placement
+from .loader import DEFAULT_FP8_BLOCK, recipe_format
+from .quant import layout
+from .weights import COMPONENTS, expected_tensors, float32_tensor, placement
 
 GiB = 2 ** 30
-QUANT_GROUP = 128  # values per scale in 8-bit caches and FP8 weight blocks (spec §4.3, §5, §10)
 # vLLM sizes the sparse-MLA prefill workspace as 5 * max_model_len rows of 576 BF16 values and fits
 # the indexer's prefill gather buffer (40 * max_model_len * 132 B) inside it.
 # source: vllm/v1/attention/backends/mla/indexer.py, get_max_prefill_buffer_size() comment
@@ -63,66 +75,102 @@ WORKSPACE_ROWS_PER_CONTEXT_TOKEN = 5
 
 
 # ---- weights -----------------------------------------------------------------------------------
-def tensor_bytes(name: str, shape: tuple[int, ...], weights_dtype: str) -> float:
-    """Bytes of one checkpoint tensor stored in `weights_dtype` (scales included)."""
-    n = math.prod(shape)
-    if float32_tensor(name) or weights_dtype == "fp32":
-        return 4.0 * n
-    if weights_dtype == "bf16" or not is_fp8_weight(name):
-        return 2.0 * n
-    out, inp = shape
-    if weights_dtype == "fp8":
-        return n + 4.0 * math.prod(fp8_scale_shape(shape, (QUANT_GROUP, QUANT_GROUP)))
-    if weights_dtype == "w4a8" and ".mlp.experts." in name:
-        return 0.5 * n + 4.0 * out * math.ceil(inp / QUANT_GROUP)
-    if weights_dtype in ("w8a8", "w4a8"):
-        return n + 8.0 * out
-    raise ValueError(f"unknown weights dtype {weights_dtype!r}")
+WEIGHT_SCHEMES = {"fp32": None, "bf16": None, "fp8": "fp8", "w8a8": "w8a8", "w4a8": "w4a8"}   # -> quantization
 
 
-_WEIGHT_TABLES: dict[tuple[str, str, bool], tuple[dict, dict]] = {}
+def tensor_format(name: str, shape: tuple[int, ...], weights_dtype: str,
+                  block: tuple[int, int] = DEFAULT_FP8_BLOCK) -> tuple[str, tuple[int, int]]:
+    """(format, block) tensor `name` is held in when the model runs `weights_dtype`."""
+    if weights_dtype not in WEIGHT_SCHEMES:
+        raise ValueError(f"unknown weights dtype {weights_dtype!r}")
+    if name.endswith("self_attn.kv_b_proj.weight"):
+        return "dense", block                       # dequantized at build for MLA absorption (model.py)
+    fmt = recipe_format(name, WEIGHT_SCHEMES[weights_dtype])
+    if fmt == "fp8_block" and name.endswith(("gate_proj.weight", "up_proj.weight")) and shape[0] % block[0]:
+        block = (1, block[1])                       # weights.cat_rows keeps exact scales with 1-row blocks
+    return fmt, block
 
 
-def _weight_table(cfg: ModelConfig, weights_dtype: str, include_mtp: bool
+def _dense_bytes(name: str, weights_dtype: str) -> int:
+    if weights_dtype == "fp32" or float32_tensor(name) or name.endswith(".mlp.gate.weight"):
+        return 4                                    # the router weight is held in f32 (model.py)
+    return 2
+
+
+def tensor_bytes(name: str, shape: tuple[int, ...], weights_dtype: str,
+                 block: tuple[int, int] = DEFAULT_FP8_BLOCK) -> float:
+    """Bytes one checkpoint tensor takes in a model loaded with `weights_dtype` (scales included)."""
+    return float(sum(_tensor_parts(name, shape, weights_dtype, block, "replicated")))
+
+
+def _tensor_parts(name: str, shape: tuple[int, ...], weights_dtype: str, block: tuple[int, int],
+                  kind: str) -> tuple[int, int]:
+    """(bytes split over the ranks, bytes every rank holds whole) for a tensor placed as `kind`
+    ("column"/"vocab" split the output rows, "row" the inputs, "replicated" nothing)."""
+    fmt, blk = tensor_format(name, shape, weights_dtype, block)
+    if fmt == "dense":
+        b = math.prod(shape) * _dense_bytes(name, weights_dtype)
+        return (0, b) if kind == "replicated" else (b, 0)
+    split = whole = 0
+    for part, (pshape, dt) in layout(fmt, shape, blk).items():
+        b = math.prod(pshape) * dt.itemsize
+        per_row = part not in ("input_scale", "input_offset")            # follows the output rows
+        follows = {"column": per_row, "vocab": per_row, "row": part == "data" or fmt == "fp8_block"}.get(kind, False)
+        split, whole = (split + b, whole) if follows else (split, whole + b)
+    return split, whole
+
+
+_WEIGHT_TABLES: dict[tuple, tuple[dict, dict]] = {}
+
+
+def _weight_table(cfg: ModelConfig, weights_dtype: str, include_mtp: bool, ep: bool = True
                   ) -> tuple[dict[tuple[str, str], float], dict[str, int]]:
-    """(component, split) -> bytes over the whole model, and component -> parameter count."""
-    key = (repr(cfg), weights_dtype, include_mtp)  # ModelConfig is unhashable; its repr is complete
+    """(component, split) -> bytes over the whole model, and component -> parameter count.
+    `ep`: routed experts whole over EP ranks (else TP-split like a dense MLP)."""
+    key = (repr(cfg), weights_dtype, include_mtp, ep)  # ModelConfig is unhashable; its repr is complete
     if key not in _WEIGHT_TABLES:
-        _WEIGHT_TABLES[key] = _count_weights(cfg, weights_dtype, include_mtp)
+        _WEIGHT_TABLES[key] = _count_weights(cfg, weights_dtype, include_mtp, ep)
     return _WEIGHT_TABLES[key]
 
 
-def _count_weights(cfg: ModelConfig, weights_dtype: str, include_mtp: bool
+def _count_weights(cfg: ModelConfig, weights_dtype: str, include_mtp: bool, ep: bool = True
                    ) -> tuple[dict[tuple[str, str], float], dict[str, int]]:
     by: dict[tuple[str, str], float] = {}
     params: dict[str, int] = {c: 0 for c in COMPONENTS}
+    block = cfg.fp8_block or DEFAULT_FP8_BLOCK
     for name, shape in expected_tensors(cfg, include_mtp=include_mtp).items():
         where = placement(name, cfg)                 # THE sharding table (weights.SHARDING)
         comp = where.component
-        key = (comp, where.split)
-        by[key] = by.get(key, 0.0) + tensor_bytes(name, shape, weights_dtype)
+        kind = where.kind
+        if kind == "expert":                         # EP: whole experts; else TP-split as a dense MLP
+            kind = "replicated" if ep else ("row" if name.endswith("down_proj.weight") else "column")
+        split, whole = _tensor_parts(name, shape, weights_dtype, block, kind)
+        if where.kind == "expert" and ep:
+            split, whole = split + whole, 0
+        for s, b in ((where.split, split), ("rep", whole)):
+            if b:
+                by[(comp, s)] = by.get((comp, s), 0.0) + b
         params[comp] += math.prod(shape)
     return by, params
 
 
 # ---- caches and activations -------------------------------------------------------------------------
-def _quantized_row_bytes(values: int, bf16_tail: int = 0) -> int:
-    """8-bit values + one F32 scale per QUANT_GROUP + a BF16 tail (the latent's rope part)."""
-    return values + 4 * math.ceil(values / QUANT_GROUP) + 2 * bf16_tail
+def _cache_bytes(cfg: ModelConfig, kind: str, dtype: str) -> int:
+    """One token's row in one layer's cache of kind "latent" | "index", for a YAML cache dtype, from
+    the same format code that lays the cache out (cache_formats: what a PagedCache holds)."""
+    fmt, dense = cache_formats.format_for(kind, dtype)
+    return cache_formats.bytes_per_token(fmt, cfg, kind=kind, dtype=dense or torch.bfloat16)
 
 
 def latent_bytes_per_token_layer(cfg: ModelConfig, dtype: str) -> int:
-    """One token's latent cache row in one layer: c (kv_lora_rank) || k_pe (qk_rope_head_dim)."""
-    if dtype in ("fp8", "int8"):
-        return _quantized_row_bytes(cfg.kv_lora_rank, bf16_tail=cfg.qk_rope_head_dim)  # GLM-5.2: 656
-    return {"bf16": 2, "fp32": 4}[dtype] * cfg.latent_dim
+    """One token's latent cache row in one layer: c (kv_lora_rank) || k_pe (qk_rope_head_dim);
+    GLM-5.2: bf16 1152, fp8 (FlashMLA fp8_ds_mla) 656, int8 (Ascend c8_sfa) 656."""
+    return _cache_bytes(cfg, cache_formats.LATENT, dtype)
 
 
 def index_bytes_per_token_layer(cfg: ModelConfig, dtype: str) -> int:
-    """One token's index key in one full layer (index_head_dim values)."""
-    if dtype in ("fp8", "int8"):
-        return _quantized_row_bytes(cfg.index_head_dim)  # GLM-5.2: 132
-    return {"bf16": 2, "fp32": 4}[dtype] * cfg.index_head_dim
+    """One token's index key in one full layer; GLM-5.2: bf16 256, fp8 132, int8 (Ascend c8_li) 130."""
+    return _cache_bytes(cfg, cache_formats.INDEX, dtype)
 
 
 def activation_bytes_per_token(cfg: ModelConfig, d: DeploymentConfig) -> float:
@@ -250,22 +298,24 @@ def plan(deploy_cfg: DeploymentConfig | str, model_cfg: ModelConfig | None = Non
     cfg = model_cfg or d.model_config()
     mtp = d.mtp_draft_tokens > 0 and cfg.num_nextn_predict_layers > 0
     wd = d.weights_dtype
-    by, params = _weight_table(cfg, wd, mtp)
+    by, params = _weight_table(cfg, wd, mtp, ep=d.ep > 1)
     divisor = {"tp": d.tp, "ep": d.expert_shards, "rep": 1}
 
     def per_device(comp: str) -> float:
         return sum(b / divisor[s] for (c, s), b in by.items() if c == comp)
 
-    quant = {"fp8": "FP8 + 128x128 block scales", "w8a8": "int8 + per-channel scales",
-             "w4a8": "int8 + per-channel scales", "bf16": "bf16", "fp32": "fp32"}[wd]
-    expert_fmt = "int4 + group scales" if wd == "w4a8" else quant
+    quant = {"fp8": "FP8 + 128x128 block scales", "w8a8": "int8 static/dynamic + per-channel scales",
+             "w4a8": "int8 static/dynamic + per-channel scales", "bf16": "bf16", "fp32": "fp32"}[wd]
+    expert_fmt = "int4 (two per byte) + per-channel scales" if wd == "w4a8" else \
+        "int8 dynamic + per-channel scales" if wd == "w8a8" else quant
     how = {
         "embeddings + lm_head": f"{'fp32' if wd == 'fp32' else 'bf16'}, vocab split by TP{d.tp}",
-        "attention + indexer": f"{quant}; q_b/kv_b/o split by TP{d.tp}, q_a/kv_a/indexer replicated",
+        "attention + indexer": f"{quant}, kv_b dequantized; q_b/kv_b/o split by TP{d.tp}, q_a/kv_a/indexer "
+                               f"replicated",
         "dense MLP + shared experts": f"{quant}, split by TP{d.tp}",
         "routed experts": f"{expert_fmt}, split over {d.expert_shards} ranks "
                           f"({'EP' if d.ep > 1 else 'TP'})",
-        "norms + router": f"{'fp32' if wd == 'fp32' else 'bf16 (bias f32)'}, replicated",
+        "norms + router": f"{'fp32' if wd == 'fp32' else 'bf16; router weight and bias f32'}, replicated",
         "MTP layer": f"layer {cfg.num_hidden_layers} by the same rules" if mtp else "not loaded (mtp_draft_tokens = 0)",
     }
     rows = [PlanRow(c, per_device(c), how[c]) for c in COMPONENTS]
@@ -320,7 +370,8 @@ def plan(deploy_cfg: DeploymentConfig | str, model_cfg: ModelConfig | None = Non
     assumptions = [
         "vLLM-style sharding: embeddings/lm_head, q_b/kv_b/o_proj, dense MLP, shared experts split by TP; "
         "q_a/kv_a, indexer, norms, router replicated; routed experts over ep ranks (TP-split when ep = 1)",
-        f"weights {wd}: only the linears the FP8 checkpoint quantizes change format; the rest stays bf16",
+        f"weights {wd}: each tensor in the format loader.recipe_format gives it, bytes from quant.layout_nbytes; "
+        "kv_b held dequantized (bf16), router weight f32; the rest bf16",
         "latent cache replicated on each TP rank unless striped by DCP; index keys only on IndexShare full layers",
         "max_batch requests of max_context tokens per DP replica",
         "activations: one layer's live BF16 tensors for max_batched_tokens step tokens (estimate); "

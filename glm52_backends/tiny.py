@@ -1,5 +1,6 @@
 """Write small random checkpoints in the real GLM-5.2 format (HF `config.json` + safetensors,
-BF16 or block-FP8, optionally sharded, optionally with the MTP layer) for demos and tests.
+BF16 or block-FP8, optionally sharded, optionally with the MTP layer) for demos and tests, and
+quantized twins in msModelSlim's AscendV1 format (`quant="w8a8"` / `"w4a8"`, see `ascendv1_tensors`).
 
 `make_tiny_checkpoint` writes names, shapes, dtypes and config fields exactly as the real
 `zai-org/GLM-5.2[-FP8]` checkpoint does (spec §1, §2, §10), only with tiny dimensions.
@@ -24,8 +25,11 @@ import torch
 from safetensors.torch import save_file
 
 from .config import ModelConfig, indexshare_schedule
-from .loader import DEFAULT_FP8_BLOCK, INDEX_FILE, SCALE_SUFFIX, SINGLE_FILE, dequantize_fp8
-from .weights import expected_tensors, float32_tensor, is_fp8_weight
+from .loader import (ASCEND_DESCRIPTION, ASCEND_INDEX, ASCEND_NAMES, ASCEND_SINGLE, DEFAULT_FP8_BLOCK, INDEX_FILE,
+                     SCALE_SUFFIX, SINGLE_FILE, ascend_part_name, dequantize_fp8, recipe_format)
+from .weights import expected_tensors, float32_tensor, is_fp8_weight, quantize_weight
+
+QUANT_CHOICES = ("fp8", "w8a8", "w4a8")   # make-tiny --quant
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
@@ -106,8 +110,8 @@ def tiny_tensors(cfg: ModelConfig, *, fp8: bool, seed: int,
         w = _init_tensor(name, shape, g)
         if float32_tensor(name):
             out[name] = w.float()
-        elif fp8 and is_fp8_weight(name):
-            out[name], out[name + SCALE_SUFFIX] = quantize_fp8(w, block)
+        elif fp8 and is_fp8_weight(name):   # quantized from the BF16 values, as an FP8 release is from its BF16 master
+            out[name], out[name + SCALE_SUFFIX] = quantize_fp8(w.to(torch.bfloat16).float(), block)
         else:
             out[name] = w.to(torch.bfloat16)
     return out
@@ -122,12 +126,124 @@ def random_state_dict(cfg: ModelConfig, *, seed: int = 0, dtype: torch.dtype = t
     return {k: v.to(torch.float32 if float32_tensor(k) else dtype) for k, v in raw.items()}
 
 
+# ---- msModelSlim AscendV1 (W8A8 / W4A8) -------------------------------------------------------------
+CALIBRATION_PROMPTS, CALIBRATION_LENGTH = 4, 24
+
+
+def calibrate_static_inputs(cfg: ModelConfig, float_sd: dict[str, torch.Tensor], names: list[str], *,
+                            seed: int = 0) -> dict[str, tuple[float, float]]:
+    """(min, max) of the input of every linear in `names`, recorded while the float model (cpu_ref,
+    float32) runs a few random prompts through every layer, the MTP layer included: what a static
+    W8A8 calibration records for each projection (msModelSlim calibrates on a data set; here random
+    token ids)."""
+    from .cache import PagedCache
+    from .model import Glm52Network
+    from .registry import get_backend
+
+    ops = get_backend("cpu_ref")
+    mtp = f"model.layers.{cfg.num_hidden_layers}.eh_proj.weight" in float_sd
+    sd = {k: v.float() for k, v in float_sd.items()}
+    net = Glm52Network(cfg, sd, ops, torch.device("cpu"), include_mtp=mtp)
+    where = {}
+    for i, L in enumerate(net.layers + ([net.mtp] if mtp else [])):
+        p = f"model.layers.{i}.self_attn."
+        where.update({id(L.wq_a): p + "q_a_proj.weight", id(L.wq_b): p + "q_b_proj.weight",
+                      id(L.wkv_a): p + "kv_a_proj_with_mqa.weight", id(L.wo): p + "o_proj.weight"})
+        if L.indexer is not None:
+            where.update({id(L.indexer.wq_b): p + "indexer.wq_b.weight", id(L.indexer.wk): p + "indexer.wk.weight"})
+    ranges: dict[str, tuple[float, float]] = {}
+    linear = ops.linear
+
+    def spy(x, w, *a, **k):
+        n = where.get(id(w))
+        if n is not None and x.numel():
+            lo, hi = ranges.get(n, (math.inf, -math.inf))
+            ranges[n] = (min(lo, float(x.min())), max(hi, float(x.max())))
+        return linear(x, w, *a, **k)
+
+    ops.linear = spy
+    g = torch.Generator().manual_seed(seed + 7919)
+    prompts = {r: torch.randint(0, cfg.vocab_size, (CALIBRATION_LENGTH,), generator=g).tolist()
+               for r in range(CALIBRATION_PROMPTS)}
+    cache = PagedCache(cfg, 2 * CALIBRATION_PROMPTS * (-(-CALIBRATION_LENGTH // 16)), 16, mtp=mtp)
+    with torch.no_grad():
+        _, h = net.run(cache, prompts)
+        if mtp:            # the MTP layer: hidden i with token i+1, as in drafting
+            net.run_mtp(cache, {("mtp", r): p[1:] + p[:1] for r, p in prompts.items()}, h)
+    missing = [n for n in names if n not in ranges]
+    if missing:
+        raise RuntimeError(f"internal: calibration saw no input of {missing[:3]}")
+    return {n: ranges[n] for n in names}
+
+
+def static_input_params(lo: float, hi: float) -> tuple[float, float]:
+    """(input_scale, input_offset) of asymmetric int8 over [lo, hi] (a 2.5 % margin each side):
+    q = round(x / scale + offset) maps lo to about -128 and hi to about 127. The offset is never 0 (a
+    one-step shift stays inside the margin), so the checkpoint's quant_bias is exercised."""
+    span = max(hi - lo, 1e-6)
+    lo, hi = lo - 0.025 * span, hi + 0.025 * span
+    scale = (hi - lo) / 255.0
+    offset = round(-128.0 - lo / scale)
+    return scale, float(offset if offset != 0 else 1)
+
+
+def ascendv1_tensors(cfg: ModelConfig, quant: str, *, seed: int,
+                     include_mtp: bool | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """An msModelSlim AscendV1 checkpoint of the tiny random model: (tensors, quant_model_description).
+
+    The GLM-5 mixed recipe (`loader.recipe_format`): attention projections W8A8 (static, calibrated
+    by `calibrate_static_inputs` on the float model), dense MLP and experts W8A8_DYNAMIC (`quant="w4a8"`:
+    routed experts W4A8_DYNAMIC), kv_b_proj, indexer wk / weights_proj, router and the rest FLOAT (BF16;
+    router bias F32). Weights are quantized from the BF16 values with `weights.quantize_weight`
+    (symmetric per channel, offset 0). msModelSlim's recipe also applies QuaRot rotation and smoothing
+    before quantizing; that is NOT done here (these weights are random: nothing to rotate for)."""
+    if quant not in ("w8a8", "w4a8"):
+        raise ValueError(f"ascendv1_tensors: quant must be 'w8a8' or 'w4a8', got {quant!r}")
+    raw = tiny_tensors(cfg, fp8=False, seed=seed, include_mtp=include_mtp)
+    fmts = {n: recipe_format(n, quant) for n in raw}
+    static = [n for n, f in fmts.items() if f == "w8a8_static"]
+    params = {n: static_input_params(*r) for n, r in
+              calibrate_static_inputs(cfg, raw, static, seed=seed).items()} if static else {}
+    out: dict[str, torch.Tensor] = {}
+    desc: dict[str, str] = {"model_quant_type": "W4A8_DYNAMIC" if quant == "w4a8" else "W8A8", "version": "1.0.0"}
+    for name, t in raw.items():
+        fmt = fmts[name]
+        if fmt == "dense":
+            out[name], desc[name] = t, "FLOAT"
+            continue
+        isc, ioff = params.get(name, (None, 0.0))
+        w = quantize_weight(t.float(), fmt, input_scale=isc, input_offset=ioff)
+        typ = ASCEND_NAMES[fmt]
+        parts = {"data": w.data, "scales": w.scales[:, None], **w.aux}
+        parts["offset"] = parts["offset"][:, None]
+        if fmt == "w8a8_static":
+            parts["input_scale"], parts["input_offset"] = parts["input_scale"].reshape(1), parts["input_offset"].reshape(1)
+        if fmt == "w4a8_dynamic":
+            parts["scale_bias"] = parts["scale_bias"][:, None]
+        for part, v in parts.items():
+            key = name if part == "data" else ascend_part_name(name, part)
+            out[key], desc[key] = v.contiguous(), typ
+    return out, desc
+
+
 # ---- files -----------------------------------------------------------------------------------
 
+def _owner(name: str) -> str:
+    """The weight a stored tensor belongs to: itself, or the weight of an FP8 scale / AscendV1 aux tensor."""
+    from .loader import _ascend_owner
+    if name.endswith(SCALE_SUFFIX):
+        return name.removesuffix(SCALE_SUFFIX)
+    owner = _ascend_owner(name)
+    return owner[0] if owner is not None else name
+
+
 def _shard_names(names: list[str], shards: int) -> list[list[str]]:
-    """Split names into `shards` contiguous groups, an FP8 weight and its scale kept together."""
-    groups = [[n] + ([n + SCALE_SUFFIX] if n + SCALE_SUFFIX in names else [])
-              for n in names if not n.endswith(SCALE_SUFFIX)]
+    """Split names into `shards` contiguous groups, a weight and its scales / aux tensors kept together."""
+    by: dict[str, list[str]] = {}
+    have = set(names)
+    for n in names:
+        by.setdefault(_owner(n) if _owner(n) in have else n, []).append(n)
+    groups = [sorted(g, key=lambda n: n != w) for w, g in by.items()]      # the weight first
     if shards > len(groups):
         raise ValueError(f"shards={shards} exceeds the number of weights ({len(groups)})")
     per = -(-len(groups) // shards)
@@ -163,24 +279,28 @@ def _write_json(file: str, d: dict) -> None:
         json.dump(d, f, indent=2)
 
 
-def write_safetensors(path: str, tensors: dict[str, torch.Tensor], shards: int = 1) -> None:
+def write_safetensors(path: str, tensors: dict[str, torch.Tensor], shards: int = 1, *, ascend: bool = False) -> None:
     """`model.safetensors`, or `model-0000k-of-0000N.safetensors` + `model.safetensors.index.json`
-    (the index last). Each file is written under a temporary name and renamed into place."""
+    (the index last); `ascend=True`: the AscendV1 names (`quant_model_weights.safetensors`,
+    `quant_model_weights-0000k-of-0000N.safetensors` + `quant_model_weights.safetensors.index.json`).
+    Each file is written under a temporary name and renamed into place."""
     meta = {"format": "pt"}
+    single, index, stem = (ASCEND_SINGLE, ASCEND_INDEX, "quant_model_weights") if ascend else \
+        (SINGLE_FILE, INDEX_FILE, "model")
     if shards <= 1:
-        with _atomic(os.path.join(path, SINGLE_FILE)) as tmp:
+        with _atomic(os.path.join(path, single)) as tmp:
             save_file(tensors, tmp, metadata=meta)
         return
     groups = _shard_names(list(tensors), shards)
     weight_map, total = {}, 0
     for k, names in enumerate(groups, start=1):
-        fname = f"model-{k:05d}-of-{len(groups):05d}.safetensors"
+        fname = f"{stem}-{k:05d}-of-{len(groups):05d}.safetensors"
         with _atomic(os.path.join(path, fname)) as tmp:
             save_file({n: tensors[n] for n in names}, tmp, metadata=meta)
         for n in names:
             weight_map[n] = fname
             total += tensors[n].numel() * tensors[n].element_size()
-    _write_json(os.path.join(path, INDEX_FILE), {"metadata": {"total_size": total}, "weight_map": weight_map})
+    _write_json(os.path.join(path, index), {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
 def _write_config(path: str, d: dict) -> None:
@@ -190,8 +310,8 @@ def _write_config(path: str, d: dict) -> None:
 # ---- all-or-nothing checkpoint folders -----------------------------------------------------------
 def _ours(name: str) -> bool:
     """A file name a checkpoint writer here produces (what make-tiny refuses to replace)."""
-    return name in ("config.json", "tokenizer.json", INDEX_FILE) or \
-        (name.startswith("model") and name.endswith(".safetensors"))
+    return name in ("config.json", "tokenizer.json", INDEX_FILE, ASCEND_DESCRIPTION, ASCEND_INDEX) or \
+        (name.startswith(("model", "quant_model_weight")) and name.endswith(".safetensors"))
 
 
 def _refuse_existing(path: str) -> None:
@@ -244,10 +364,14 @@ def _staged(path: str):
 
 def make_tiny_checkpoint(path: str | os.PathLike, *, fp8: bool = False, mtp: bool = False, layers: int = 4,
                          seed: int = 0, shards: int = 1, vocab_size: int = 256, index_topk: int = 8,
-                         **overrides) -> str:
+                         quant: str | None = None, **overrides) -> str:
     """Write a random GLM-5.2-format checkpoint to folder `path` (created) and return its path.
 
-    `fp8=True`: block-FP8 weights (`weight_block_size` from `fp8_block=(b0, b1)`, default 128).
+    `quant="fp8"` (or `fp8=True`): block-FP8 weights (`weight_block_size` from `fp8_block=(b0, b1)`,
+    default 128). `quant="w8a8"` / `"w4a8"`: an msModelSlim AscendV1 folder of the same random model
+    (`quant_model_description.json` + `quant_model_weights*.safetensors` + the HF config.json; the
+    GLM-5 mixed recipe, static attention calibrated on the float model, no QuaRot: `ascendv1_tensors`).
+    Every format quantizes the BF16 values the plain checkpoint of the same seed stores.
     `mtp=True`: `num_nextn_predict_layers=1` and layer `layers` (the MTP layer) is written.
     `shards>1`: a sharded set with `model.safetensors.index.json`. Also writes a byte-level
     `tokenizer.json` when `vocab_size >= 256` and the `tokenizers` package is installed.
@@ -261,15 +385,28 @@ def make_tiny_checkpoint(path: str | os.PathLike, *, fp8: bool = False, mtp: boo
             raise ValueError(f"make_tiny_checkpoint: {name} must be a positive integer, got {v!r}")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ValueError(f"make_tiny_checkpoint: seed must be an integer, got {seed!r}")
+    if quant is not None and quant not in QUANT_CHOICES:
+        raise ValueError(f"make_tiny_checkpoint: quant must be one of {', '.join(QUANT_CHOICES)} (or None), "
+                         f"got {quant!r}")
+    if fp8 and quant not in (None, "fp8"):
+        raise ValueError(f"make_tiny_checkpoint: fp8=True and quant={quant!r} contradict each other")
+    fp8 = fp8 or quant == "fp8"
+    ascend = quant in ("w8a8", "w4a8")
     cfg, cfg_dict = tiny_config(fp8=fp8, mtp=mtp, layers=layers, vocab_size=vocab_size,
                                 index_topk=index_topk, **overrides)
-    tensors = tiny_tensors(cfg, fp8=fp8, seed=seed)
+    desc = None
+    if ascend:
+        tensors, desc = ascendv1_tensors(cfg, quant, seed=seed)
+    else:
+        tensors = tiny_tensors(cfg, fp8=fp8, seed=seed)
     if shards > 1:
         _shard_names(list(tensors), shards)  # refuses too many shards before anything is written
     _refuse_existing(path)
     _check_writable(path)
     with _staged(path) as tmp:
-        write_safetensors(tmp, tensors, shards)
+        write_safetensors(tmp, tensors, shards, ascend=ascend)
+        if desc is not None:
+            _write_json(os.path.join(tmp, ASCEND_DESCRIPTION), desc)
         write_tiny_tokenizer(tmp, cfg.vocab_size)
         _write_config(tmp, cfg_dict)
     return path
@@ -356,7 +493,7 @@ def write_tiny_tokenizer(path: str, vocab_size: int) -> bool:
 
 
 __all__ = ["make_tiny_checkpoint", "tiny_config", "tiny_tensors", "random_state_dict", "quantize_fp8", "dequantized_twin",
-           "write_safetensors", "write_tiny_tokenizer"]
+           "write_safetensors", "write_tiny_tokenizer", "ascendv1_tensors", "calibrate_static_inputs", "QUANT_CHOICES"]
 
 
 # ---- the embedded default ---------------------------------------------------------------------------
@@ -382,8 +519,9 @@ def _default_is_whole(path: str) -> str | None:
 
 
 def ensure_default_checkpoint(path: str | None = None) -> str:
-    """The embedded default: a tiny random checkpoint in the real format, made once (atomically:
-    it appears whole or not at all). A folder left broken by an older, killed run is rebuilt."""
+    """A cached tiny random checkpoint in the real format (tests and demos that want random
+    weights; the embedded default model is `glm52_backends.default_checkpoint()`), made once
+    (atomically: it appears whole or not at all). A folder left broken by a killed run is rebuilt."""
     import sys
     path = os.fspath(path or DEFAULT_TINY)
     if os.path.isdir(path):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
+import torch
 
 from glm52_backends.cli import main
 from glm52_backends.loader import load_checkpoint
@@ -33,6 +35,24 @@ def test_make_tiny_then_generate(tmp_path, capsys):
     d = json.loads(capsys.readouterr().out)
     assert [len(t) for t in d["tokens"]] == [3, 3] and d["tokens"][0] == d["tokens"][1]  # same prompt, greedy
     assert d["stats"]["backend"] == "cpu_ref" and d["stats"]["ops"]["sparse_mla"] == "native"
+
+
+def test_make_tiny_quant_writes_each_format(tmp_path, capsys):
+    assert main(["make-tiny", str(tmp_path / "w4"), "--quant", "w4a8", "--layers", "2"]) == 0
+    assert "msModelSlim AscendV1 W4A8" in capsys.readouterr().out
+    assert {"quant_model_description.json", "quant_model_weights.safetensors", "config.json"} <= \
+        set(os.listdir(tmp_path / "w4"))
+    _, sd = load_checkpoint(str(tmp_path / "w4"), progress=False)
+    assert sd["model.layers.1.mlp.experts.0.up_proj.weight"].format == "w4a8_dynamic"
+    assert sd["model.layers.1.self_attn.o_proj.weight"].format == "w8a8_static"
+    assert main(["make-tiny", str(tmp_path / "f8"), "--quant", "fp8", "--layers", "2", "--shards", "2"]) == 0
+    a = load_checkpoint(str(tmp_path / "f8"), progress=False)[1]["model.layers.0.mlp.down_proj.weight"]
+    assert main(["make-tiny", str(tmp_path / "alias"), "--fp8", "--layers", "2"]) == 0      # --fp8 = --quant fp8
+    b = load_checkpoint(str(tmp_path / "alias"), progress=False)[1]["model.layers.0.mlp.down_proj.weight"]
+    assert a.format == b.format == "fp8_block" and torch.equal(a.data.view(torch.uint8), b.data.view(torch.uint8))
+    capsys.readouterr()
+    assert main(["make-tiny", str(tmp_path / "x"), "--fp8", "--quant", "w8a8"]) == 2
+    assert "--fp8 is an alias of --quant fp8" in capsys.readouterr().err and not os.path.exists(tmp_path / "x")
 
 
 def test_generate_errors_are_one_line(tmp_path, capsys):

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from glm52_backends import cli, tiny
+from glm52_backends import cli
 from glm52_backends.config import GLM52_CONFIG, ConfigError
 from glm52_backends.configs import bundled_configs
 from glm52_backends.deploy import DeploymentError, chip_lacks, load_deployment
@@ -138,16 +138,16 @@ def test_replace_revalidates_and_unknown_names_list_the_bundled():
 
 
 # ---- building the model -------------------------------------------------------------------------
-def test_from_deployment_builds_the_tiny_model(tmp_path, monkeypatch):
-    monkeypatch.setattr(tiny, "DEFAULT_TINY", str(tmp_path / "tiny-default"))
+def test_from_deployment_builds_the_tiny_model():
     model = GLM52.from_deployment("cpu-tiny", progress=False)
     d = load_deployment("cpu-tiny")
     assert model.backend_name == d.backend == "cpu_ref"
     assert model.device == torch.device("cpu") and model.dtype == torch.float32
     assert model.has_mtp == (d.mtp_draft_tokens > 0)
     assert model.cfg.num_hidden_layers == d.model_config().num_hidden_layers
-    # it is the embedded checkpoint: the same logits as loading that folder directly
-    ref = GLM52(str(tmp_path / "tiny-default"), backend="cpu_ref", progress=False)
+    # it is the embedded default model: the same logits as loading that folder directly
+    from glm52_backends import default_checkpoint
+    ref = GLM52(default_checkpoint(), backend="cpu_ref", progress=False)
     ids = torch.tensor([[3, 17, 200, 5, 9, 41, 77]])
     torch.testing.assert_close(model(ids), ref(ids), rtol=0, atol=0)
     out = model.generate([[1, 2, 3]], max_new_tokens=3, speculative=d.mtp_draft_tokens)
@@ -188,7 +188,12 @@ def test_vendor_yaml_runs_on_the_generic_backend(name, tiny_ckpt):
     model = GLM52.from_deployment(d, model=tiny_ckpt, device="cpu", progress=False)
     assert model.backend_name == "torch" and model.dtype == d.torch_dtype == torch.bfloat16
     ids = torch.tensor([[4, 8, 15, 16, 23, 42]])
-    ref = GLM52(tiny_ckpt, backend="cpu_ref", dtype=torch.bfloat16, progress=False)
+    # `dtypes.weights` is honoured: the BF16 checkpoint is quantized at load as the YAML says
+    q = {"fp8": "fp8", "w8a8": "w8a8", "w4a8": "w4a8"}.get(d.weights_dtype, "none")
+    assert model.load_stats["quantization"] == q
+    if q != "none":
+        assert model.load_stats["formats"].keys() > {"dense"}
+    ref = GLM52(tiny_ckpt, backend="cpu_ref", dtype=torch.bfloat16, progress=False, quantization=q)
     torch.testing.assert_close(model(ids), ref(ids), rtol=0, atol=0)
     if d.device_type != "cpu" and not getattr(torch, d.device_type, None):
         # the device itself is not here: building on it says which adapter is missing

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from glm52_backends.config import ConfigError, ModelConfig, indexshare_schedule
 from glm52_backends.loader import CheckpointError, load_checkpoint, load_config, load_tokenizer
 from glm52_backends.tiny import dequantized_twin, make_tiny_checkpoint, random_state_dict
-from glm52_backends.weights import expected_tensors, is_fp8_weight
+from glm52_backends.weights import Weight, expected_tensors, is_fp8_weight
 
 KV_A = "model.layers.1.self_attn.kv_a_proj_with_mqa.weight"  # [40, 64]: partial blocks with block 16
 
@@ -160,12 +160,20 @@ def test_fp8_checkpoint_format(tiny_fp8):
 def test_fp8_equals_dequantized_twin(tiny_fp8, tmp_path):
     twin = dequantized_twin(tiny_fp8, tmp_path / "twin")
     assert "quantization_config" not in json.load(open(os.path.join(twin, "config.json")))
-    _, a = load_checkpoint(tiny_fp8, progress=False)
+    _, a = load_checkpoint(tiny_fp8, progress=False, quantization="none")     # dequantized at load
     _, b = load_checkpoint(twin, progress=False)
     assert a.keys() == b.keys()
     assert not any(k.endswith("_scale_inv") for k in a)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    _, q = load_checkpoint(tiny_fp8, progress=False)                         # kept as stored
+    assert q.keys() == b.keys()
+    for k in q:
+        if is_fp8_weight(k):
+            assert isinstance(q[k], Weight) and q[k].format == "fp8_block" and q[k].block == (16, 16), k
+            assert torch.equal(q[k].dense(), b[k]), k
+        else:
+            assert torch.equal(q[k], b[k]), k
 
 
 def test_fp8_dequantization_matches_per_block_loop(tiny_fp8):
@@ -175,16 +183,22 @@ def test_fp8_dequantization_matches_per_block_loop(tiny_fp8):
     for i in range(w8.shape[0]):
         for j in range(w8.shape[1]):
             ref[i, j] = w8[i, j].float() * s[i // 16, j // 16]
-    _, w = load_checkpoint(tiny_fp8, progress=False)
+    _, w = load_checkpoint(tiny_fp8, progress=False, quantization="none")
     assert torch.equal(w[KV_A], ref)
     assert ref[32:].abs().sum() > 0  # the partial last row block is really there
+    _, q = load_checkpoint(tiny_fp8, progress=False)
+    assert torch.equal(q[KV_A].data.view(torch.uint8), w8.view(torch.uint8)) and torch.equal(q[KV_A].scales, s)
+    assert torch.equal(q[KV_A].dense(), ref)
 
 
 def test_fp8_default_block_128_and_sharded(tmp_path):
     path = make_tiny_checkpoint(tmp_path / "fp8", fp8=True, shards=2, layers=2)
-    cfg, w = load_checkpoint(path, dtype=torch.bfloat16, progress=False)
+    cfg, w = load_checkpoint(path, dtype=torch.bfloat16, progress=False, quantization="none")
     assert cfg.fp8_block == (128, 128)  # every tiny weight is one partial block
     assert w[KV_A].dtype == torch.bfloat16 and w[KV_A].abs().max() > 0
+    _, q = load_checkpoint(path, dtype=torch.bfloat16, progress=False)
+    assert q[KV_A].format == "fp8_block" and q[KV_A].data.dtype == torch.float8_e4m3fn
+    assert tuple(q[KV_A].scales.shape) == (1, 1) and q["model.norm.weight"].dtype == torch.bfloat16
 
 
 # ---- bad checkpoints -------------------------------------------------------------------------

@@ -67,8 +67,11 @@ def test_non_square_fp8_blocks_load_and_dequantize_per_block(tmp_path, block):
         w8, s = raw[name], raw[name + "_scale_inv"]
         rows, cols = w8.shape
         assert tuple(s.shape) == (-(-rows // b0), -(-cols // b1)) == fp8_scale_shape((rows, cols), block), name
-    _, w = load_checkpoint(path, progress=False)
+    _, w = load_checkpoint(path, progress=False, quantization="none")
+    _, q = load_checkpoint(path, progress=False)                         # kept as stored
     for name in (KV_A, Q_B):
+        assert q[name].format == "fp8_block" and q[name].block == block
+        assert torch.equal(q[name].dense(), w[name]), name
         w8, s = raw[name], raw[name + "_scale_inv"]
         ref = torch.empty(w8.shape)
         for i in range(w8.shape[0]):
@@ -186,9 +189,18 @@ def test_fp8_scale_in_another_shard_than_its_weight_loads(tmp_path):
     _rewrite(os.path.join(path, dst), lambda t: t.__setitem__(scale, value.clone()))
     d["weight_map"][scale] = dst
     _write_index(path, d)
+    _, a = load_checkpoint(path, progress=False, quantization="none")
+    _, b = load_checkpoint(one, progress=False, quantization="none")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     _, a = load_checkpoint(path, progress=False)
     _, b = load_checkpoint(one, progress=False)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a.keys() == b.keys()
+    for k in a:
+        x, y = a[k], b[k]
+        if isinstance(x, Weight):
+            assert torch.equal(x.data.view(torch.uint8), y.data.view(torch.uint8)) and torch.equal(x.scales, y.scales)
+        else:
+            assert torch.equal(x, y), k
 
 
 def test_malformed_index(tmp_path):

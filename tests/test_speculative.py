@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from contextlib import contextmanager
 
 import pytest
@@ -20,7 +21,7 @@ from glm52_backends import GLM52
 from glm52_backends.ops._paged import gather_paged
 from glm52_backends.registry import get_backend
 from glm52_backends.sampling import probs_from_logits
-from glm52_backends.engine.speculative import SpeculativeDecoder, generate_speculative
+from glm52_backends.engine.speculative import DEFAULT_DRAFT_THRESHOLD, SpeculativeDecoder, generate_speculative
 from glm52_backends.tiny import make_tiny_checkpoint
 
 # every backend that runs on this machine: the Ascend backend through its CPU emulator of the
@@ -441,3 +442,263 @@ def test_cli_generate_speculative_prints_acceptance_and_speeds(ckpt, capsys):
     assert "mean acceptance length" in out
     assert "without speculation" in out and "with speculation (k=2)" in out
     assert "same tokens as plain greedy: yes" in out
+
+
+# ---- adaptive draft length -------------------------------------------------------------------------
+
+class DraftRule:
+    """Watches a model's steps during speculative decoding (wraps `model.run` and `model.run_mtp`)
+    and checks the drafting rule from those calls alone.
+
+    Per request and round: the catch-up MTP step gives the logits that propose d_1; each later MTP
+    step of the round feeds the previous draft d_j, which adaptive drafting allows only when
+    q(d_j) > threshold and j < cap = min(k, context - 1 - n), q being the distribution of the logits
+    that proposed d_j: softmax at temperature 1 under greedy, the sampling distribution (temperature,
+    top-p) otherwise; the verify step feeds [seq[n], d_1..d_m], whose last draft must be at the cap
+    or have q(d_m) <= threshold (threshold None: fixed k, every round drafts the cap). Records the
+    drafts of each round per request (`rounds`) and every proposed draft's probability (`probs`)."""
+
+    def __init__(self, model, k: int, threshold: float | None, eps: float = 1e-6, temperature: float = 0.0,
+                 top_p: float = 1.0):
+        self.model, self.k, self.thr, self.eps = model, k, threshold, eps
+        self.temperature, self.top_p = temperature, top_p
+        self.C = model.cfg.max_position_embeddings
+        self.state: dict[int, str] = {}
+        self.latest: dict[int, torch.Tensor] = {}
+        self.fed: dict[int, list[int]] = {}
+        self.rounds: dict[int, list[int]] = {}
+        self.probs: list[float] = []
+
+    def _prob(self, i: int, d: int) -> float:
+        if self.temperature == 0.0:
+            return float(torch.softmax(self.latest[i].float(), -1)[d])
+        return float(probs_from_logits(self.latest[i][None], self.temperature, self.top_p)[0, d])
+
+    def __enter__(self):
+        m = self.model
+        run, run_mtp = m.run, m.run_mtp
+
+        def spy_run(cache, chunks):
+            n = {i: cache.lens.get(i, 0) for i in chunks}
+            out = run(cache, chunks)
+            for i, toks in chunks.items():
+                if self.state.get(i) == "drafting":                            # a verify step
+                    drafts, cap = [int(t) for t in toks[1:]], min(self.k, self.C - 1 - n[i])
+                    assert 1 <= len(drafts) <= cap, (i, drafts, cap)
+                    assert drafts[:-1] == self.fed[i], "the verified drafts are the ones the MTP steps fed"
+                    p = self._prob(i, drafts[-1])
+                    self.probs.append(p)
+                    if self.thr is None:
+                        assert len(drafts) == cap, (i, drafts, cap)
+                    else:
+                        assert len(drafts) == cap or p <= self.thr + self.eps, (i, drafts, p, self.thr)
+                    self.rounds.setdefault(i, []).append(len(drafts))
+                self.state[i] = "catch-up"
+            return out
+
+        def spy_mtp(cache, chunks, hidden, shared_idx=None):
+            out = run_mtp(cache, chunks, hidden, shared_idx)
+            row = 0
+            for (_, i), toks in chunks.items():
+                row += len(toks)
+                if self.state.get(i) == "drafting":                            # a draft step feeding d_j
+                    assert len(toks) == 1
+                    d, p = int(toks[0]), self._prob(i, int(toks[0]))
+                    self.probs.append(p)
+                    self.fed[i].append(d)
+                    assert len(self.fed[i]) < min(self.k, self.C - 1 - cache.lens[i]), "drafted past the cap"
+                    if self.thr is not None:
+                        assert p > self.thr - self.eps, f"request {i} drafted on after a draft of probability {p}"
+                else:                                                          # the catch-up: a new round
+                    self.fed[i] = []
+                self.state[i] = "drafting"
+                self.latest[i] = out[2][row - 1]
+            return out
+
+        m.run, m.run_mtp = spy_run, spy_mtp
+        return self
+
+    def __exit__(self, *exc):
+        del self.model.run, self.model.run_mtp
+
+
+def _between(values: list[float], q: float) -> float:
+    """A threshold between two distinct observed values, about at quantile q (never equal to one)."""
+    v = sorted(set(values))
+    j = min(max(int(q * len(v)), 0), len(v) - 2)
+    return (v[j] + v[j + 1]) / 2
+
+
+def _mixed_round(drafted: dict[int, list[int]]) -> bool:
+    """Whether some step had requests proposing different numbers of drafts (every request takes
+    part in every step until it finishes, so round r of each is step r)."""
+    steps = max(map(len, drafted.values()))
+    return any(len({v[r] for v in drafted.values() if len(v) > r}) > 1 for r in range(steps))
+
+
+def _stats_agree(res, dec):
+    acc = [a for v in dec.accepted.values() for a in v]
+    drafted = [k for v in dec.drafted.values() for k in v]
+    assert res.stats["mean_drafted_tokens"] == pytest.approx(sum(drafted) / len(drafted))
+    assert res.stats["mean_accepted_drafts"] == pytest.approx(sum(acc) / len(acc))
+    assert res.stats["mean_acceptance_length"] == pytest.approx(1 + sum(acc) / len(acc))
+    assert res.stats["draft_acceptance_rate"] == pytest.approx(sum(acc) / sum(drafted))
+    assert all(0 <= a <= k for va, vk in zip(dec.accepted.values(), dec.drafted.values()) for a, k in zip(va, vk))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_adaptive_greedy_equals_plain_for_every_threshold(ckpt, backend):
+    """Requests of 5, 13 and 22 tokens, k = 4, drafts partly right (so drafts are accepted), adaptive
+    thresholds 0, two in the range of the drafts' probabilities, 1 (other backends than cpu_ref: one
+    of those two, where their mtp_verify sees groups of different k in one step): plain greedy's
+    tokens each time, the drafting rule holds at every step, and the drafts per round follow the
+    threshold."""
+    model = _model(ckpt, backend)
+    V, k = model.cfg.vocab_size, 4
+    prompts = _prompts(V)
+    plain = _plain(model, backend, prompts)
+    drafts = MixedDrafts([p + o for p, o in zip(prompts, plain)], [0.9, 0.5, None], V, seed=7)
+
+    def run(threshold, adaptive=True):
+        with DraftRule(model, k, threshold) as rule:
+            res, dec = generate_speculative(model, prompts, max_new_tokens=NEW_TOKENS, k=k, stop_at_eos=False,
+                                            draft_filter=drafts, adaptive=adaptive,
+                                            draft_threshold=threshold, return_decoder=True)
+        assert res.tokens == plain, threshold
+        assert rule.rounds == dec.drafted                      # what the model saw = what the decoder reports
+        _stats_agree(res, dec)
+        assert res.stats["adaptive"] is adaptive and res.stats["draft_threshold"] == threshold
+        return res, dec, rule
+
+    fixed, fdec, frule = run(None, adaptive=False)
+    assert {n for v in fdec.drafted.values() for n in v} == {k} and fixed.stats["mean_drafted_tokens"] == k
+    lo, hi = _between(frule.probs, 0.3), _between(frule.probs, 0.7)
+    assert 0.0 < lo < hi < 1.0
+    if backend != "cpu_ref":
+        res, dec, _ = run(lo)
+        assert _mixed_round(dec.drafted) and 1.0 < res.stats["mean_drafted_tokens"] < k
+        return
+    means = []
+    for t in (0.0, lo, hi, 1.0):
+        res, dec, rule = run(t)
+        means.append(res.stats["mean_drafted_tokens"])
+        counts = {n for v in dec.drafted.values() for n in v}
+        if t == 0.0:                                            # never stops early: exactly fixed k
+            assert dec.drafted == fdec.drafted and dec.accepted == fdec.accepted
+        elif t == 1.0:                                          # always stops after d_1
+            assert counts == {1} and res.stats["mean_acceptance_length"] <= 2.0
+        else:                                                   # rounds of different lengths, within a step too
+            assert len(counts) >= 2 and 1.0 < means[-1] < k, (t, counts)
+            assert _mixed_round(dec.drafted)
+            assert max(a for v in dec.accepted.values() for a in v) >= (2 if t == lo else 1)
+    assert means[0] == k and means[-1] == 1.0
+    assert means == sorted(means, reverse=True) and means[1] > means[2], means
+
+
+@pytest.fixture(scope="module")
+def short_model(tmp_path_factory):
+    """A context of 24 tokens: generation runs into the context's end."""
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp("ctx24"), layers=2, seed=8, index_topk=4, mtp=True,
+                                max_position_embeddings=24)
+    return GLM52(path, backend="cpu_ref", dtype=torch.float32, progress=False)
+
+
+def test_adaptive_greedy_up_to_the_context_end(short_model):
+    """Near the end of the context a request drafts at most context - 1 - n tokens, adaptive or
+    not; requests capped there and requests drafting more share the same verify step."""
+    model, k = short_model, 4
+    V = model.cfg.vocab_size
+    prompts = [[5] * 10, list(range(1, 20)), [7, 3, 9]]                      # 14, 5 and 21 tokens of room
+    plain = model.generate(prompts, max_new_tokens=100, stop_at_eos=False)
+    assert plain.finish_reasons == ["context"] * 3
+    drafts = MixedDrafts([p + o for p, o in zip(prompts, plain.tokens)], [0.9, 0.9, 0.7], V, seed=3)
+    probs, capped_in_mixed_round = [], False
+    for t in (0.0, "mid", 1.0):
+        if t == "mid":
+            t = _between(probs, 0.5)
+        with DraftRule(model, k, t) as rule:
+            res, dec = generate_speculative(model, prompts, max_new_tokens=100, k=k, stop_at_eos=False,
+                                            draft_filter=drafts, adaptive=True, draft_threshold=t,
+                                            return_decoder=True)
+        probs += rule.probs
+        assert res.tokens == plain.tokens and res.finish_reasons == ["context"] * 3, t
+        assert rule.rounds == dec.drafted
+        _stats_agree(res, dec)
+        if t == 0.0:                                  # the cap binds: fewer than k drafts in some rounds
+            assert {n for v in dec.drafted.values() for n in v} - {k}
+            capped_in_mixed_round = _mixed_round(dec.drafted)
+    assert capped_in_mixed_round
+
+
+@pytest.mark.parametrize("temperature,top_p,threshold", [(1.0, 1.0, 0.4), (0.8, 0.9, 0.5)])
+def test_adaptive_sampling_preserves_target_distribution(small_vocab, temperature, top_p, threshold):
+    """Sampling with adaptive drafting (k = 3; thresholds where rounds of 1, 2 and 3 drafts all
+    occur): the drafting rule holds with the sampling distribution's probabilities, and the joint
+    distribution of the first three new tokens is the target's (chi-square)."""
+    model, N, n, k = small_vocab, 1000, 3, 3
+    prompt = [1, 3, 0, 2, 2, 1]
+    with DraftRule(model, k, threshold, temperature=temperature, top_p=top_p) as rule:
+        res, dec = generate_speculative(model, [prompt] * N, max_new_tokens=n, k=k, temperature=temperature,
+                                        top_p=top_p, seed=12, stop_at_eos=False, adaptive=True,
+                                        draft_threshold=threshold, return_decoder=True)
+    assert rule.rounds == dec.drafted
+    drafted = [d for v in dec.drafted.values() for d in v]
+    assert {1, 2, 3} <= set(drafted), sorted(set(drafted))
+    assert 1.0 < res.stats["mean_drafted_tokens"] < k
+    _stats_agree(res, dec)
+    joint = _target_joint(model, prompt, n, temperature, top_p)
+    counts: dict[tuple, int] = {}
+    for t in res.tokens:
+        counts[tuple(t)] = counts.get(tuple(t), 0) + 1
+    assert sum(c for cell, c in counts.items() if joint[cell] == 0.0) == 0
+    stat, df = _chi2(counts, joint, N)
+    assert _chi2_sf(stat, df) > ALPHA, f"chi2 = {stat:.1f} on {df} df"
+    assert 0 in {a for v in dec.accepted.values() for a in v}
+    if top_p == 1.0:                                    # power: a nearby wrong target is rejected
+        assert _chi2_sf(*_chi2(counts, _target_joint(model, prompt, n, temperature * 1.6, top_p), N)) < ALPHA
+
+
+@pytest.mark.parametrize("kw, fragment", [
+    (dict(speculative=2, adaptive=1), "adaptive must be True or False, got 1"),
+    (dict(speculative=2, adaptive="yes"), "adaptive must be True or False"),
+    (dict(adaptive=True), "adaptive=True needs speculative=k > 0"),
+    (dict(speculative=2, draft_threshold=0.5), "draft_threshold=0.5 is used only with adaptive=True"),
+    (dict(speculative=2, adaptive=True, draft_threshold=1.5), "draft_threshold must be a probability in [0, 1]"),
+    (dict(speculative=2, adaptive=True, draft_threshold=-0.1), "draft_threshold must be a probability in [0, 1]"),
+    (dict(speculative=2, adaptive=True, draft_threshold=float("nan")), "draft_threshold must be a probability"),
+    (dict(speculative=2, adaptive=True, draft_threshold=True), "draft_threshold must be a probability"),
+    (dict(speculative=2, adaptive=True, draft_threshold="0.5"), "draft_threshold must be a probability"),
+])
+def test_adaptive_arguments_are_checked(ckpt, kw, fragment):
+    model = _model(ckpt, "cpu_ref")
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        model.generate([[1, 2]], max_new_tokens=2, **kw)
+
+
+def test_adaptive_default_threshold_and_decoder_check(ckpt):
+    model = _model(ckpt, "cpu_ref")
+    out = model.generate([[1, 2, 3]], max_new_tokens=3, speculative=2, adaptive=True, stop_at_eos=False)
+    assert out.stats["adaptive"] is True and out.stats["draft_threshold"] == DEFAULT_DRAFT_THRESHOLD
+    fixed = model.generate([[1, 2, 3]], max_new_tokens=3, speculative=2, stop_at_eos=False)
+    assert fixed.stats["adaptive"] is False and fixed.stats["draft_threshold"] is None
+    assert out.tokens == fixed.tokens
+    with pytest.raises(ValueError, match=re.escape("draft_threshold must be a probability in [0, 1]")):
+        SpeculativeDecoder(model, 2, cache_tokens=64, draft_threshold=2)
+
+
+def test_cli_generate_adaptive(ckpt, capsys):
+    from glm52_backends.cli import main
+    rc = main(["generate", ckpt, "--backend", "cpu_ref", "--speculative", "2", "--adaptive", "--draft-threshold",
+               "0", "--batch", "2", "--max-new-tokens", "6", "--ignore-eos", "--quiet"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "with speculation (k=2, adaptive p>0)" in out
+    assert "drafts per verify step: 2.00 of 2" in out                   # threshold 0: never stops early
+    assert "same tokens as plain greedy: yes" in out
+    assert main(["generate", ckpt, "--backend", "cpu_ref", "--adaptive", "--quiet"]) == 2
+    assert "--adaptive needs --speculative K > 0" in capsys.readouterr().err
+    assert main(["generate", ckpt, "--speculative", "2", "--draft-threshold", "0.3", "--quiet"]) == 2
+    assert "--draft-threshold is used only with --adaptive" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["generate", ckpt, "--speculative", "2", "--adaptive", "--draft-threshold", "1.5"])
+    assert e.value.code == 2 and "--draft-threshold" in capsys.readouterr().err

@@ -9,6 +9,7 @@ import functools
 
 import torch
 
+from glm52_backends.cache_formats import FORMATS as CACHE_FORMATS
 from glm52_backends.ops import OP_NAMES, REFERENCES, Capabilities
 
 
@@ -25,7 +26,7 @@ class CpuRefBackend:
         self.device = torch.device(device)
         self.capabilities = Capabilities(
             dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16), devices=("cpu",),
-            weight_formats=("dense", "fp8_block"))
+            weight_formats=("dense", "fp8_block"), cache_formats=tuple(CACHE_FORMATS))
         for op in OP_NAMES:
             fn = functools.partial(REFERENCES[op], cdt=compute_dtype)
             functools.update_wrapper(fn, REFERENCES[op])

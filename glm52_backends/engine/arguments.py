@@ -115,8 +115,9 @@ def cache_fits(model, cache) -> None:
         raise ValueError("cache: it was not built for this model (layers or latent widths differ); "
                          "use model.new_cache(...)")
     dev = torch.device(model.device)
-    if c0.dtype != model.dtype or c0.device.type != dev.type or (dev.index is not None and c0.device.index != dev.index):
-        raise ValueError(f"cache: {c0.dtype} on {c0.device}, the model computes in {model.dtype} on "
+    dt = cache.dtype      # the dtype it was built for (a quantized cache's codes are float8/int8 views)
+    if dt != model.dtype or c0.device.type != dev.type or (dev.index is not None and c0.device.index != dev.index):
+        raise ValueError(f"cache: {dt} on {c0.device}, the model computes in {model.dtype} on "
                          f"{model.device}; use model.new_cache(...)")
 
 
@@ -130,12 +131,22 @@ def positive_int(name: str, v: Any, *, allow_none: bool = False, allow_zero: boo
 
 
 def generation(*, max_new_tokens: Any, temperature: Any, top_p: Any, seed: Any, speculative: Any,
-               prefill_chunk: Any, stop_at_eos: Any, cache_tokens: Any) -> None:
+               prefill_chunk: Any, stop_at_eos: Any, cache_tokens: Any, adaptive: Any = False,
+               draft_threshold: Any = None) -> None:
     """Every argument of `GLM52.generate` except the prompts."""
     positive_int("max_new_tokens", max_new_tokens, allow_zero=True)
     if not _is_int(speculative) or speculative < 0:
         raise ValueError(f"speculative must be 0 (plain decoding) or a positive integer number of draft tokens, "
                          f"got {speculative!r}")
+    if not isinstance(adaptive, bool):
+        raise ValueError(f"adaptive must be True or False, got {adaptive!r}")
+    if adaptive and not speculative:
+        raise ValueError("adaptive=True needs speculative=k > 0: it adapts how many of the k MTP draft tokens "
+                         "each round proposes")
+    if draft_threshold is not None and not adaptive:
+        raise ValueError(f"draft_threshold={draft_threshold!r} is used only with adaptive=True "
+                         f"(and speculative=k > 0); pass adaptive=True or leave draft_threshold out")
+    check_draft_threshold(draft_threshold, allow_none=True)
     positive_int("prefill_chunk", prefill_chunk, allow_none=True)
     positive_int("cache_tokens", cache_tokens, allow_none=True)
     if seed is not None and not _is_int(seed):
@@ -145,6 +156,17 @@ def generation(*, max_new_tokens: Any, temperature: Any, top_p: Any, seed: Any, 
     check_sampling(temperature, top_p)
 
 
+def check_draft_threshold(v: Any, *, allow_none: bool = False) -> float | None:
+    """Adaptive drafting's threshold: a number in [0, 1] (a probability; 0 never stops drafting
+    early, 1 always stops after the first draft)."""
+    if v is None and allow_none:
+        return None
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or not 0.0 <= v <= 1.0:
+        raise ValueError(f"draft_threshold must be a probability in [0, 1] (0: never stop drafting early, "
+                         f"1: always stop after the first draft), got {v!r}")
+    return float(v)
+
+
 def budgets(model, prompts: list[list[int]], max_new_tokens: int) -> list[int]:
     """New tokens each request may emit: max_new_tokens, or fewer where the context ends first."""
     C = model.cfg.max_position_embeddings
@@ -152,10 +174,17 @@ def budgets(model, prompts: list[list[int]], max_new_tokens: int) -> list[int]:
 
 
 # ---- weights and outputs -------------------------------------------------------------------------
+def quantization(v: Any) -> str | None:
+    """`GLM52(quantization=...)`: None (the checkpoint's stored format), "none", "fp8", "w8a8", "w4a8"."""
+    from ..loader import check_quantization
+    return check_quantization(v, "GLM52: quantization")
+
+
 def state_dict(cfg, sd: Any, include_mtp: bool) -> None:
-    """User-supplied weights for a `ModelConfig`: every expected name, its shape, a float dtype, finite."""
+    """User-supplied weights for a `ModelConfig`: every expected name, its shape, a float dtype, finite
+    (a linear may also be a `weights.Weight`: its logical shape and finite scales are checked)."""
     from ..loader import SCALE_SUFFIX
-    from ..weights import expected_tensors
+    from ..weights import Weight, expected_tensors
     if not isinstance(sd, Mapping):
         raise ValueError(f"state_dict must be a dict of tensors, got {_kind(sd)}")
     want = expected_tensors(cfg, include_mtp=include_mtp)
@@ -166,6 +195,13 @@ def state_dict(cfg, sd: Any, include_mtp: bool) -> None:
     for k, shape in want.items():
         t = sd.get(k)
         if t is None:
+            continue
+        if isinstance(t, Weight):
+            if tuple(t.shape) != tuple(shape):
+                problems.append(f"Weight '{k}' has shape {list(t.shape)}, expected {list(shape)}")
+            for part, v in t.tensors().items():
+                if v.is_floating_point() and not bool(torch.isfinite(v.float()).all()):
+                    problems.append(f"Weight '{k}': its {part} hold NaN/inf value(s)")
             continue
         if not isinstance(t, torch.Tensor):
             problems.append(f"'{k}' is {_kind(t)}, not a tensor")

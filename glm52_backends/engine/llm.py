@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .. import cache_formats
 from ..cache import PagedCache
 from ..config import ModelConfig
 from ..model import Glm52Network
@@ -45,23 +46,43 @@ def _check_init(model: Any, backend: Any, device: Any, dtype: Any, block_size: A
             raise ValueError(f"GLM52: device {device!r} is not a torch device ({e})") from None
 
 
+def _cache_formats(kv_cache_dtype: Any, index_cache_dtype: Any, dtype: torch.dtype) -> tuple[str, str]:
+    """(latent format, index format) from vLLM-style cache dtypes: "auto" (the model dtype), a float
+    dtype equal to the model's, "fp8" (= "fp8_e4m3", "fp8_ds_mla"), "int8" (Ascend C8), or a format
+    name (cache_formats.py). The index cache follows the latent one when `index_cache_dtype` is None."""
+    lat = cache_formats.resolve(cache_formats.LATENT, kv_cache_dtype, dtype)
+    if index_cache_dtype is None:
+        index_cache_dtype = {"fp8_ds_mla": "fp8", "c8_sfa": "c8_li"}.get(lat, "auto")
+    return lat, cache_formats.resolve(cache_formats.INDEX, index_cache_dtype, dtype)
+
+
 class GLM52:
     """GLM-5.x inference on a pluggable backend.
 
-    `GLM52(path_or_config, backend="auto" | name | backend object, device=None, dtype=None)`.
+    `GLM52(path_or_config, backend="auto" | name | backend object, device=None, dtype=None,
+    quantization=None)`. `quantization`: None runs the checkpoint's stored format (BF16, block-FP8,
+    msModelSlim W8A8 / W4A8: quantized linears stay quantized on the device); "fp8" / "w8a8" / "w4a8"
+    quantize a BF16 checkpoint's linears at load (online; w8a8 online is dynamic only); "none"
+    dequantizes a quantized checkpoint at load (loader.py has the table).
     `model(input_ids)` is a stateless full forward; `generate` runs batched paged decoding.
     """
 
     def __init__(self, model: str | os.PathLike | ModelConfig, *, backend: Any = "auto", device=None,
                  dtype: torch.dtype | None = None, block_size: int | None = None, progress: bool = True,
                  include_mtp: bool | None = None, seed: int = 0, state_dict: dict | None = None,
-                 tp: int = 1, dp: int = 1, ep: int = 1, collective: str | None = None):
+                 tp: int = 1, dp: int = 1, ep: int = 1, collective: str | None = None,
+                 quantization: str | None = None, kv_cache_dtype: str | torch.dtype = "auto",
+                 index_cache_dtype: str | torch.dtype | None = None):
         _check_init(model, backend, device, dtype, block_size)
+        arguments.quantization(quantization)
         self.ops: BoundBackend = get_backend(backend)
         caps = self.ops.capabilities
         self.device = torch.device(device if device is not None
                                    else getattr(self.ops.backend, "device", None) or "cpu")
         self.dtype = dtype or caps.get("default_dtype") or torch.float32
+        # cache formats (cache_formats.py): "auto" = the model dtype; "fp8" -> fp8_ds_mla latent + fp8
+        # index keys, "int8" -> Ascend c8_sfa + c8_li; the index cache follows the latent's unless named
+        self.kv_cache_format, self.index_cache_format = _cache_formats(kv_cache_dtype, index_cache_dtype, self.dtype)
         # tokens per cache block: asked for, else the backend's (Ascend's fused attention: 128), else 16
         self.block_size = block_size or int(caps.get("default_block_size") or 16)
         self.path = None
@@ -83,18 +104,21 @@ class GLM52:
             else:  # the user's weights: names, shapes, dtypes, NaN/inf checked like a checkpoint's
                 arguments.state_dict(model, state_dict, isinstance(state_dict, dict) and
                                      f"model.layers.{model.num_hidden_layers}.eh_proj.weight" in state_dict)
-            sd = dict(state_dict)
+            from ..loader import convert_state_dict, local_part
+            sd = convert_state_dict(dict(state_dict), quantization)   # quantized / dequantized as asked
             if self.layout is not None:      # whole tensors in memory: keep this rank's slices
-                sd = {k: v for k, v in ((k, self.layout.local(k, v)) for k, v in sd.items()) if v is not None}
+                sd = {k: v for k, v in ((k, local_part(self.layout, k, v)) for k, v in sd.items()) if v is not None}
         else:
             from ..loader import load_checkpoint, load_checkpoint_shard, load_tokenizer
             self.path = os.fspath(model)
             if self.layout is not None:      # read only this rank's slices
                 self.cfg, sd = load_checkpoint_shard(self.path, self.layout, dtype=self.dtype, device=self.device,
-                                                     include_mtp=include_mtp, progress=progress, stats=self.load_stats)
+                                                     include_mtp=include_mtp, progress=progress, stats=self.load_stats,
+                                                     quantization=quantization)
             else:
                 self.cfg, sd = load_checkpoint(self.path, dtype=self.dtype, device=self.device,
-                                               include_mtp=include_mtp, progress=progress)
+                                               include_mtp=include_mtp, progress=progress, stats=self.load_stats,
+                                               quantization=quantization)
             self.tokenizer = load_tokenizer(self.path)
         cfg = self.cfg
         self.has_mtp = f"model.layers.{cfg.num_hidden_layers}.eh_proj.weight" in sd
@@ -166,14 +190,20 @@ class GLM52:
         return chunks
 
     # ---- caches ---------------------------------------------------------------------------------
-    def new_cache(self, max_tokens: int, *, block_size: int | None = None, mtp: bool = False) -> PagedCache:
+    def new_cache(self, max_tokens: int, *, block_size: int | None = None, mtp: bool = False,
+                  kv_cache_dtype: str | torch.dtype | None = None,
+                  index_cache_dtype: str | torch.dtype | None = None) -> PagedCache:
         """A paged cache holding `max_tokens` tokens in total over all requests (a positive integer;
-        more than the requests can use is allowed, but a request never grows past the context)."""
+        more than the requests can use is allowed, but a request never grows past the context).
+        `kv_cache_dtype` / `index_cache_dtype`: as `GLM52(...)` takes them; None = the model's."""
         arguments.positive_int("new_cache: max_tokens", max_tokens)
         arguments.positive_int("new_cache: block_size", block_size, allow_none=True)
         bs = block_size or self.block_size
+        lat, idx = self.kv_cache_format, self.index_cache_format
+        if kv_cache_dtype is not None or index_cache_dtype is not None:
+            lat, idx = _cache_formats(lat if kv_cache_dtype is None else kv_cache_dtype, index_cache_dtype, self.dtype)
         return PagedCache(self.cfg, max(1, -(-max_tokens // bs)), bs, dtype=self.dtype, device=self.device,
-                          mtp=mtp and self.has_mtp)
+                          mtp=mtp and self.has_mtp, latent_format=lat, index_format=idx)
 
     @torch.inference_mode()
     def extend(self, cache: PagedCache, chunks: dict[Hashable, Sequence[int]], *, last_only: bool = False
@@ -228,7 +258,8 @@ class GLM52:
     # ---- generation -------------------------------------------------------------------------------
     def generate(self, prompts, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None, speculative: int = 0, prefill_chunk: int | None = None,
-                 stop_at_eos: bool = True, cache_tokens: int | None = None) -> GenerationResult:
+                 stop_at_eos: bool = True, cache_tokens: int | None = None, adaptive: bool = False,
+                 draft_threshold: float | None = None) -> GenerationResult:
         """Batched generation over paged caches.
 
         prompts: list of token-id lists (or strings with a tokenizer), or a `[B, T]` tensor.
@@ -236,11 +267,15 @@ class GLM52:
         which ops ran natively). `prefill_chunk` splits prompts into chunks of that many tokens.
         `speculative=k` drafts k tokens per step with the MTP layer and verifies them in one target
         step (greedy: the same tokens as plain decoding; sampling: the same distribution); stats
-        then add `mean_acceptance_length` and `verify_steps`.
+        then add `mean_acceptance_length` (tokens per verify step, the bonus counted),
+        `mean_drafted_tokens`, `draft_acceptance_rate` and `verify_steps`.
+        `adaptive=True` (with `speculative=k`) drafts up to k: a request stops drafting in a round
+        once the MTP layer's probability of its last draft is `draft_threshold` or less (a number
+        in [0, 1], default 0.5; the first draft is always proposed; engine/speculative.py).
         """
         kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                   speculative=speculative, prefill_chunk=prefill_chunk, stop_at_eos=stop_at_eos,
-                  cache_tokens=cache_tokens)
+                  cache_tokens=cache_tokens, adaptive=adaptive, draft_threshold=draft_threshold)
         if self.plan.dp > 1:                 # checked on every rank first: a refusal must not strand a group
             from .distributed import generate_dp
             arguments.generation(**kw)

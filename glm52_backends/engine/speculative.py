@@ -1,4 +1,4 @@
-"""MTP speculative decoding: draft k tokens with the nextn layer, verify them in one target step.
+"""MTP speculative decoding: draft up to k tokens with the nextn layer, verify them in one target step.
 
 State of one request between rounds (n = tokens in its target cache):
   seq[0..n]     committed tokens; seq[n] was emitted but is not yet in the target cache
@@ -7,13 +7,16 @@ State of one request between rounds (n = tokens in its target cache):
   pending       the MTP layer's output hidden, logits and top-k at position n-1: its logits
                 predict seq[n+1]
 
-A round (`SpeculativeDecoder.step`):
-  draft    d_1 from the pending logits; d_2..d_k by re-applying the MTP layer at positions
-           n..n+k-2 to its own output hidden and the previous draft token. With
-           `index_share_for_mtp_iteration` these steps skip the MTP indexer and reuse the pending
-           top-k row (vLLM's step-0 reuse); otherwise each runs the indexer.
-  verify   one target step over [seq[n], d_1..d_k] (positions n..n+k); the backend's `mtp_verify`
-           accepts a drafts and emits one more token (the correction, or the bonus when a == k).
+A round (`SpeculativeDecoder.step`), for all its requests together:
+  draft    d_1 from the pending logits; d_2..d_k_i by re-applying the MTP layer at positions
+           n..n+k_i-2 to its own output hidden and the previous draft token (one MTP step for all
+           requests still drafting). With `index_share_for_mtp_iteration` these steps skip the MTP
+           indexer and reuse the pending top-k row (vLLM's step-0 reuse); otherwise each runs the
+           indexer.
+  verify   one target step over [seq[n], d_1..d_k_i] per request (positions n..n+k_i; the chunks
+           may differ in length); the backend's `mtp_verify`, called once per distinct k_i on
+           that group's rows, accepts a drafts and emits one more token (the correction, or the
+           bonus when a == k_i).
   rollback the target cache back to n+a+1 entries (drops the rejected drafts); the MTP cache back
            to n (its draft-step entries came from MTP hiddens, not target ones).
   catch up (lazily, at the start of the request's next round) one MTP step over positions
@@ -21,12 +24,24 @@ A round (`SpeculativeDecoder.step`):
            are then exactly those plain decoding would feed it, and the last row is the new
            pending draft. The prompt's MTP prefill is the first catch-up.
 
-Greedy output is the plain greedy output token for token; sampling preserves the target
-distribution (Leviathan et al. 2023) because every draft token is drawn from the distribution
-passed to `mtp_verify` as `draft_probs`.
+How many drafts a request proposes in a round (k_i <= k):
+  * near the end of the context, k_i <= context - 1 - n (the verify step must fit), so generation
+    runs up to the context exactly as plain decoding does;
+  * adaptive drafting (`draft_threshold=t`, GLM-5.2's "prediction size from contextual
+    certainty"): d_1 is always proposed; after proposing d_j the request drafts d_{j+1} only while
+    the MTP layer's probability of d_j is above t (`q_j(d_j) > t`). The draft whose probability is
+    t or less is still proposed (it costs one verify position, no MTP step) and is the round's
+    last. The probability is that of the distribution the draft came from: under sampling the
+    temperature / top-p distribution it was drawn from (the one passed to `mtp_verify`), under
+    greedy the MTP logits' softmax at temperature 1 (d_j is its argmax, so this is its top
+    probability). t = 0 never stops early (same drafts as fixed k); t = 1 always stops after d_1.
+    The MTP step that would produce a dropped draft is not run.
 
-Near the end of the context a request drafts fewer tokens (k_i = min(k, context - 1 - n), the
-verify step must fit), so generation runs up to the context exactly as plain decoding does.
+Greedy output is the plain greedy output token for token, whatever each k_i. Sampling preserves the
+target distribution (Leviathan et al. 2023) because every draft token is drawn from the
+distribution passed to `mtp_verify` as `draft_probs`, and whether to draft one more token depends
+only on the drafts so far (never on the verify step's uniforms): given an accepted prefix, the next
+emitted token is either a verified draft or the bonus token, each distributed as the target.
 """
 
 from __future__ import annotations
@@ -47,6 +62,10 @@ from .decoding import pick, prefill_chunks, run_generation
 # distribution whatever token the filter returns, as long as it does not look at future randomness.
 DraftFilter = Callable[[int, int, int], int]
 
+# adaptive drafting's default: propose the next draft only while the MTP layer gives the last one
+# more than this probability (`generate(..., adaptive=True, draft_threshold=...)`)
+DEFAULT_DRAFT_THRESHOLD = 0.5
+
 
 def _mtp_key(i: int) -> tuple[str, int]:
     """Cache id of request i's MTP entries (the target entries use i itself)."""
@@ -59,13 +78,15 @@ class SpeculativeDecoder:
     `prefill(prompts)` -> the first token of each request; `step(reqs)` -> one draft/verify round
     for the given requests, returning per request (accepted drafts, emitted tokens). `seq[i]` holds
     prompt + emitted tokens; `cache` is the shared `PagedCache` (request i: target entries under
-    id i, MTP entries under `("mtp", i)`).
+    id i, MTP entries under `("mtp", i)`). `draft_threshold=None` drafts k tokens per round (fewer
+    only at the end of the context); a number in [0, 1] drafts adaptively (module docstring).
+    `accepted[i]` / `drafted[i]`: drafts accepted / proposed at each of request i's rounds.
     """
 
     steps_stat = "verify_steps"
 
     def __init__(self, model, k: int, *, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                 cache_tokens: int, draft_filter: DraftFilter | None = None):
+                 cache_tokens: int, draft_filter: DraftFilter | None = None, draft_threshold: float | None = None):
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"speculative needs a positive integer number of draft tokens, got {k!r}")
         if model.mtp is None:
@@ -73,6 +94,7 @@ class SpeculativeDecoder:
                              "(num_nextn_predict_layers = 0, or model.layers.N.* tensors missing, or "
                              "loaded with include_mtp=False)")
         self.model, self.k = model, k
+        self.threshold = arguments.check_draft_threshold(draft_threshold, allow_none=True)
         self.temperature, self.top_p = check_sampling(temperature, top_p)
         self.sampling = self.temperature > 0.0
         self.gen = torch.Generator().manual_seed(0 if seed is None else seed)
@@ -84,11 +106,19 @@ class SpeculativeDecoder:
         # request -> (tokens seq[m+1..n], target hiddens [n-m, Hd]) the MTP cache still lacks
         self.stale: dict[int, tuple[list[int], torch.Tensor]] = {}
         self.accepted: dict[int, list[int]] = {}  # request -> drafts accepted at each of its verify steps
+        self.drafted: dict[int, list[int]] = {}   # request -> drafts proposed at each of its verify steps
 
     # ---- sampling ---------------------------------------------------------------------------------
     def _pick(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """logits [N, V] -> tokens [N] and, when sampling, the distribution they came from [N, V]."""
         return pick(logits, self.temperature, self.top_p, self.gen)
+
+    def _confidence(self, logits: torch.Tensor, q: torch.Tensor | None, tokens: list[int]) -> list[float]:
+        """The MTP layer's probability of each drafted token: q (the distribution it was drawn from)
+        under sampling, the softmax of the MTP logits at temperature 1 under greedy."""
+        dist = q if q is not None else torch.softmax(logits.float(), -1)
+        idx = torch.tensor(tokens, dtype=torch.long, device=dist.device)[:, None]
+        return dist.gather(1, idx)[:, 0].tolist()
 
     # ---- prefill ----------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -133,76 +163,129 @@ class SpeculativeDecoder:
         emitted: accepted drafts then the target's own token). `seq` and the caches advance.
         A request within k tokens of the context's end drafts only as many as still fit."""
         C = self.model.cfg.max_position_embeddings
-        by_k: dict[int, list[int]] = {}
+        cap: dict[int, int] = {}
         for i in reqs:
-            n = len(self.seq[i]) - 1                       # the verify step feeds positions n..n+k
+            n = len(self.seq[i]) - 1                       # the verify step feeds positions n..n+k_i
             if n + 1 >= C:
                 raise ValueError(f"request {i} has filled the context ({C} tokens); nothing more fits")
-            by_k.setdefault(min(self.k, C - 1 - n), []).append(i)
-        out: dict[int, tuple[int, list[int]]] = {}
-        for k in sorted(by_k, reverse=True):
-            out.update(self._round(by_k[k], k))
-        return out
+            cap[i] = min(self.k, C - 1 - n)
+        return self._round(list(reqs), cap) if cap else {}
 
-    def _round(self, reqs: list[int], k: int) -> dict[int, tuple[int, list[int]]]:
-        """One draft/verify round with k drafts per request."""
-        m, cache = self.model, self.cache
-        self.catch_up(reqs)
-        n = {i: len(self.seq[i]) - 1 for i in reqs}                                  # target cache lengths
-        # ---- draft: k tokens per request --------------------------------------------------------
+    def _draft(self, reqs: list[int], cap: dict[int, int], n: dict[int, int]
+               ) -> tuple[dict[int, list[int]], dict[int, list[torch.Tensor]]]:
+        """Per request its drafts d_1..d_k_i (k_i <= cap[i]; adaptive drafting stops earlier) and,
+        when sampling, the distribution each was drawn from. Each MTP step runs for the requests
+        still drafting only."""
+        m, cache, thr = self.model, self.cache, self.threshold
         hid = torch.stack([self.pending[i][0] for i in reqs])                        # [B, Hd]
         logits = torch.stack([self.pending[i][1] for i in reqs])                     # [B, V]
         share = torch.stack([self.pending[i][2] for i in reqs]) if m.cfg.index_share_for_mtp_iteration else None
-        drafts, dprobs = [], []
-        for j in range(k):
+        drafts: dict[int, list[int]] = {i: [] for i in reqs}
+        dprobs: dict[int, list[torch.Tensor]] = {i: [] for i in reqs}
+        live = list(reqs)                                   # requests still drafting: the rows of hid etc.
+        while True:
             d, q = self._pick(logits)
             d = d.tolist()
             if self.draft_filter is not None:
-                d = [int(self.draft_filter(i, n[i] + 1 + j, t)) for i, t in zip(reqs, d)]
+                d = [int(self.draft_filter(i, n[i] + 1 + len(drafts[i]), t)) for i, t in zip(live, d)]
+            conf = self._confidence(logits, q, d) if thr is not None else None
+            if self.draft_filter is not None and q is not None:
+                q = F.one_hot(torch.tensor(d, device=q.device), q.shape[-1]).to(q.dtype)
+            for b, i in enumerate(live):
+                drafts[i].append(d[b])
                 if q is not None:
-                    q = F.one_hot(torch.tensor(d, device=q.device), q.shape[-1]).to(q.dtype)
-            drafts.append(d)
-            dprobs.append(q)
-            if j < k - 1:  # MTP at position n+j: hidden = its own output at n+j-1, token = draft j
-                _, hid, logits, _ = m.run_mtp(cache, {_mtp_key(i): [d[b]] for b, i in enumerate(reqs)}, hid, share)
-        draft = torch.tensor(drafts, dtype=torch.long).T                             # [B, k]
-        # ---- verify: one target step over [seq[n], d_1..d_k] per request -------------------------
-        st, h = m.run(cache, {i: [self.seq[i][-1]] + draft[b].tolist() for b, i in enumerate(reqs)})
-        tgt = m.logits(h).view(len(reqs), k + 1, -1)                                 # [B, k+1, V]
-        dev = tgt.device
-        draft_probs = torch.stack(dprobs, 1).to(dev) if self.sampling else None      # [B, k, V]
-        u = torch.rand(len(reqs), k + 1, generator=self.gen).to(dev) if self.sampling else None
-        acc, toks = m.ops.mtp_verify(draft.to(dev), tgt, draft_probs, temperature=self.temperature,
-                                     top_p=self.top_p, uniforms=u)
-        acc, toks = acc.tolist(), toks.tolist()
+                    dprobs[i].append(q[b])
+            keep = [b for b, i in enumerate(live)
+                    if len(drafts[i]) < cap[i] and (conf is None or conf[b] > thr)]
+            if not keep:
+                return drafts, dprobs
+            if len(keep) < len(live):
+                rows = torch.tensor(keep, dtype=torch.long, device=hid.device)
+                hid = hid[rows]
+                share = share[rows.to(share.device)] if share is not None else None
+                live, d = [live[b] for b in keep], [d[b] for b in keep]
+            # MTP at position n+j-1 (j drafts so far): hidden = its own output there, token = d_j
+            _, hid, logits, _ = m.run_mtp(cache, {_mtp_key(i): [t] for i, t in zip(live, d)}, hid, share)
+
+    def _verify(self, draft: list[list[int]], tgt: torch.Tensor, dprobs: list[list[torch.Tensor]]
+                ) -> tuple[list[int], list[list[int]]]:
+        """`mtp_verify` over requests with the same number of drafts k: draft [G][k], target logits
+        [G, k+1, V] -> (accepted, tokens) as lists."""
+        m, k, dev = self.model, len(draft[0]), tgt.device
+        draft_probs = torch.stack([torch.stack(p) for p in dprobs]).to(dev) if self.sampling else None  # [G, k, V]
+        u = torch.rand(len(draft), k + 1, generator=self.gen).to(dev) if self.sampling else None
+        acc, toks = m.ops.mtp_verify(torch.tensor(draft, dtype=torch.long, device=dev), tgt, draft_probs,
+                                     temperature=self.temperature, top_p=self.top_p, uniforms=u)
+        return acc.tolist(), toks.tolist()
+
+    def _round(self, reqs: list[int], cap: dict[int, int]) -> dict[int, tuple[int, list[int]]]:
+        """One draft/verify round: request i drafts up to cap[i] tokens."""
+        m, cache = self.model, self.cache
+        self.catch_up(reqs)
+        n = {i: len(self.seq[i]) - 1 for i in reqs}                                  # target cache lengths
+        drafts, dprobs = self._draft(reqs, cap, n)
+        # ---- verify: one target step over [seq[n], d_1..d_k_i] per request -----------------------
+        st, h = m.run(cache, {i: [self.seq[i][-1]] + drafts[i] for i in reqs})
+        lg = m.logits(h)                                                             # [sum(k_i + 1), V]
+        start = dict(zip(st.reqs, st.meta.cu_host))
+        by_k: dict[int, list[int]] = {}
+        for i in reqs:
+            by_k.setdefault(len(drafts[i]), []).append(i)
+        verdict: dict[int, tuple[int, list[int]]] = {}
+        for k in sorted(by_k, reverse=True):
+            group = by_k[k]
+            if len(group) == len(reqs):                                              # the usual case: no copy
+                tgt = lg.view(len(reqs), k + 1, -1)
+            else:
+                rows = torch.tensor([start[i] + r for i in group for r in range(k + 1)], device=lg.device)
+                tgt = lg[rows].view(len(group), k + 1, -1)                           # [G, k+1, V]
+            acc, toks = self._verify([drafts[i] for i in group], tgt, [dprobs[i] for i in group])
+            verdict.update((i, (int(a), t)) for i, a, t in zip(group, acc, toks))
         # ---- commit, roll back, queue the MTP catch-up ------------------------------------------
         out = {}
-        for b, i in enumerate(reqs):
-            a = int(acc[b])
-            if not 0 <= a <= k or any(t < 0 for t in toks[b][:a + 1]):
+        for i in reqs:
+            k, (a, toks) = len(drafts[i]), verdict[i]
+            if not 0 <= a <= k or any(t < 0 for t in toks[:a + 1]):
                 raise RuntimeError(f"backend {m.backend_name!r}: mtp_verify returned accepted={a} and tokens "
-                                   f"{toks[b]} for k={k}; expected 0..k accepted and a+1 valid tokens")
-            new = [int(t) for t in toks[b][:a + 1]]
+                                   f"{toks} for k={k}; expected 0..k accepted and a+1 valid tokens")
+            new = [int(t) for t in toks[:a + 1]]
             self.accepted.setdefault(i, []).append(a)
+            self.drafted.setdefault(i, []).append(k)
             self.seq[i].extend(new)
             cache.truncate(i, n[i] + a + 1)                       # keep seq[n], d_1..d_a
             cache.truncate(_mtp_key(i), n[i])                     # drop the draft-step entries
-            rows = h[b * (k + 1):b * (k + 1) + a + 1]             # target hiddens at n..n+a
+            rows = h[start[i]:start[i] + a + 1]                   # target hiddens at n..n+a
             self.stale[i] = (self.seq[i][n[i] + 1:n[i] + a + 2], rows)
             out[i] = (a, new)
         return out
 
 
+def speculative_stats(dec: SpeculativeDecoder) -> dict[str, float]:
+    """Per request and verify step: `mean_acceptance_length` (tokens emitted, the bonus counted; 1.0
+    = no draft ever accepted), `mean_drafted_tokens` (drafts proposed), `mean_accepted_drafts`, and
+    `draft_acceptance_rate` (accepted drafts / proposed drafts). NaN when no verify step ran."""
+    acc = [a for v in dec.accepted.values() for a in v]
+    drafted = [k for v in dec.drafted.values() for k in v]
+    nan = float("nan")
+    return {"mean_acceptance_length": (sum(acc) + len(acc)) / len(acc) if acc else nan,
+            "mean_accepted_drafts": sum(acc) / len(acc) if acc else nan,
+            "mean_drafted_tokens": sum(drafted) / len(drafted) if drafted else nan,
+            "draft_acceptance_rate": sum(acc) / sum(drafted) if drafted else nan}
+
+
 def generate_speculative(model, prompts, *, max_new_tokens: int, k: int, temperature: float = 0.0,
                          top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True,
                          prefill_chunk: int | None = None, cache_tokens: int | None = None,
+                         adaptive: bool = False, draft_threshold: float | None = None,
                          draft_filter: DraftFilter | None = None, return_decoder: bool = False):
-    """`GLM52.generate(..., speculative=k)`: same arguments and result as plain generation, plus
-    stats `mean_acceptance_length` (tokens emitted per request per verify step, the bonus token
-    counted; 1.0 = no draft ever accepted), `verify_steps` and `speculative`."""
+    """`GLM52.generate(..., speculative=k)`: same arguments and result as plain generation.
+    `adaptive=True` stops a request's drafting early when the MTP layer is unsure (module
+    docstring; `draft_threshold`, default `DEFAULT_DRAFT_THRESHOLD`). Stats add `speculative` (k),
+    `adaptive`, `draft_threshold` (None when fixed), `verify_steps` and `speculative_stats`'s."""
     arguments.generation(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                          speculative=k, prefill_chunk=prefill_chunk, stop_at_eos=stop_at_eos,
-                         cache_tokens=cache_tokens)
+                         cache_tokens=cache_tokens, adaptive=adaptive, draft_threshold=draft_threshold)
+    threshold = (DEFAULT_DRAFT_THRESHOLD if draft_threshold is None else float(draft_threshold)) if adaptive else None
     prompts = model.encode_prompts(prompts)
     # target: prompt + new + k drafts in flight (never past the context); MTP: the same less two;
     # a spare block per cache id
@@ -210,12 +293,12 @@ def generate_speculative(model, prompts, *, max_new_tokens: int, k: int, tempera
     C = model.cfg.max_position_embeddings
     need = cache_tokens or sum(2 * (min(len(p) + n + k, C) + model.block_size) for p, n in zip(prompts, budget))
     dec = SpeculativeDecoder(model, k, temperature=temperature, top_p=top_p, seed=seed, cache_tokens=need,
-                             draft_filter=draft_filter)
+                             draft_filter=draft_filter, draft_threshold=threshold)
     res = run_generation(model, dec, prompts, max_new_tokens=max_new_tokens, stop_at_eos=stop_at_eos,
-                         prefill_chunk=prefill_chunk, extra_stats={"speculative": k})
-    lens = [a + 1 for acc in dec.accepted.values() for a in acc]   # tokens per verify step, bonus counted
-    res.stats["mean_acceptance_length"] = sum(lens) / len(lens) if lens else float("nan")
+                         prefill_chunk=prefill_chunk,
+                         extra_stats={"speculative": k, "adaptive": adaptive, "draft_threshold": threshold})
+    res.stats.update(speculative_stats(dec))
     return (res, dec) if return_decoder else res
 
 
-__all__ = ["SpeculativeDecoder", "generate_speculative", "DraftFilter"]
+__all__ = ["SpeculativeDecoder", "generate_speculative", "speculative_stats", "DraftFilter", "DEFAULT_DRAFT_THRESHOLD"]

@@ -1,12 +1,16 @@
 """Helpers the references share: which tokens belong to which request, paged-cache reads.
 
 Host-side facts come from a `StepMeta` when the caller has one (built once per step, no device
-read); a direct op call without one reads `cu_seqlens_q` / `seq_lens` once here.
+read); a direct op call without one reads `cu_seqlens_q` / `seq_lens` once here. Cache reads go
+through the cache's format (glm52_backends/cache_formats.py): a dense cache's rows come back as
+stored, a quantized cache's rows dequantized to float32, and only the rows asked for are read.
 """
 
 from __future__ import annotations
 
 import torch
+
+from ..cache_formats import read_index, read_latent
 
 
 def request_spans(cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, meta=None
@@ -32,3 +36,23 @@ def gather_positions(cache: torch.Tensor, block_table_row: torch.Tensor, pos: to
     bs = cache.shape[1]
     blocks = block_table_row.long()[pos // bs]
     return cache[blocks, pos % bs]
+
+
+def _where(block_table_row: torch.Tensor, pos: torch.Tensor, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return block_table_row.long()[pos // bs], pos % bs
+
+
+def gather_latent(c_cache: torch.Tensor, kpe_cache: torch.Tensor, block_table_row: torch.Tensor,
+                  pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c, k_pe) at positions `pos` (all >= 0) of one request -> `[*pos.shape, Dl]`, `[*pos.shape, Dr]`:
+    dense rows as stored, quantized rows (fp8_ds_mla, c8_sfa) dequantized to float32. Reads only those rows."""
+    blocks, offs = _where(block_table_row, pos, c_cache.shape[1])
+    return read_latent(c_cache, kpe_cache, blocks, offs)
+
+
+def gather_index(k_cache: torch.Tensor, block_table_row: torch.Tensor, n: int) -> torch.Tensor:
+    """Index keys at positions 0..n-1 of one request -> `[n, Di]`: dense as stored, quantized (fp8,
+    c8_li) dequantized to float32 (c8_li rotated back: the keys themselves)."""
+    pos = torch.arange(n, device=k_cache.device)
+    blocks, offs = _where(block_table_row, pos, k_cache.shape[1])
+    return read_index(k_cache, blocks, offs)

@@ -3,7 +3,12 @@
     indexer_topk(q, w, k_cache, block_table, seq_lens, cu_seqlens_q, topk, *, meta=None) -> idx
     q        [T, Hi, Di]   indexer queries, RoPE applied (interleaved, first Dr dims)
     w        [T, Hi] f32   head weights with Hi^-0.5 * Di^-0.5 folded in
-    k_cache  [NB, BS, Di]  paged index keys (LayerNorm + RoPE applied), same dtype as q
+    k_cache  [NB, BS, Di]  paged index keys (LayerNorm + RoPE applied), same dtype as q; or a
+                           quantized index cache (glm52_backends/cache_formats.py): the codes,
+                           float8_e4m3fn (fp8) or int8 (c8_li), a view whose blocks also hold the
+                           scales. q is always the plain query: c8_li stores Hadamard-rotated keys,
+                           and a reader undoes that on the keys (the reference) or rotates q the
+                           same way (a kernel; cache_formats.hadamard), which scores the same.
     meta     StepMeta | None   the step's metadata, built once per step (glm52_backends/step.py)
     returns  [T, topk] int32 positions: score[t,s] = sum_h w[t,h] * relu(q[t,h] . k[s]) over
              s <= pos(t); the min(topk, pos+1) best positions first (any order, ties any way),
@@ -14,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ._paged import gather_paged, request_spans
+from ._paged import gather_index, request_spans
 
 
 def indexer_topk(q, w, k_cache, block_table, seq_lens, cu_seqlens_q, topk, *, meta=None, cdt=torch.float32):
@@ -23,7 +28,7 @@ def indexer_topk(q, w, k_cache, block_table, seq_lens, cu_seqlens_q, topk, *, me
     for b, (t0, t1, L) in enumerate(request_spans(cu_seqlens_q, seq_lens, meta)):
         if t1 == t0:
             continue
-        k = gather_paged(k_cache, block_table[b], L).to(cdt)                    # [L, Di]
+        k = gather_index(k_cache, block_table[b], L).to(cdt)                    # [L, Di], dequantized if packed
         qb, wb = q[t0:t1].to(cdt), w[t0:t1].to(cdt)                             # [q, Hi, Di], [q, Hi]
         score = torch.einsum("th,ths->ts", wb, torch.relu(torch.einsum("thd,sd->ths", qb, k)))
         pos = torch.arange(L - (t1 - t0), L, device=q.device)                   # query positions

@@ -5,6 +5,11 @@
     q          [T, H, Dl+Dr]  absorbed query: q_lat (W_UK^T q_nope) || q_pe (RoPE applied)
     c_cache    [NB, BS, Dl]   paged latent cache, c after kv_a_layernorm (the values, too)
     kpe_cache  [NB, BS, Dr]   paged rope keys, k_pe after RoPE; same dtype as q and c_cache
+               A quantized latent cache (glm52_backends/cache_formats.py) arrives as the same two
+               arguments: c_cache the codes, float8_e4m3fn (fp8_ds_mla) or int8 (c8_sfa), a view
+               into packed rows that also hold the scales; kpe_cache the bfloat16 view of those
+               rows' rope bytes. The dtype names the format (`cache_formats.latent_format_of`);
+               the reference dequantizes the rows it reads and runs the float op on them.
     idx        [T, topk] int32 distinct positions to attend, -1 = none (anywhere in the row); a
                position > pos(t) or listed twice is a contract violation of the caller (the
                indexer's output never has either), so kernels need not sort or deduplicate
@@ -12,14 +17,14 @@
     returns    out [T, H, Dl] (q.dtype) = sum_s softmax_s(scale * q.[c||k_pe][s]) * c[s];
                lse [T, H] f32, the natural log-sum-exp of the scaled scores, only when asked.
                A row with no valid index gives out = 0, lse = -inf. Only the selected rows are
-               read: NaN or inf in any other cache row never reaches the output.
+               read: NaN or inf (or any byte pattern) in any other cache row never reaches the output.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._paged import gather_positions, request_spans
+from ._paged import gather_latent, request_spans
 
 CHUNK = 64  # query tokens per gather: bounds the [chunk, topk, Dl] working set
 
@@ -36,8 +41,8 @@ def sparse_mla(q, c_cache, kpe_cache, idx, block_table, seq_lens, cu_seqlens_q, 
             sel = idx[a:e].long()                                                    # [q, K]
             keep = sel >= 0
             pos = sel.clamp(min=0)
-            c = gather_positions(c_cache, block_table[b], pos).to(cdt)              # [q, K, Dl]
-            kpe = gather_positions(kpe_cache, block_table[b], pos).to(cdt)          # [q, K, Dr]
+            c, kpe = gather_latent(c_cache, kpe_cache, block_table[b], pos)         # dequantized if packed
+            c, kpe = c.to(cdt), kpe.to(cdt)                                          # [q, K, Dl], [q, K, Dr]
             c = torch.where(keep[..., None], c, 0.0)            # rows of -1 entries: never used
             kpe = torch.where(keep[..., None], kpe, 0.0)
             qa = q[a:e].to(cdt)

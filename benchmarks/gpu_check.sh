@@ -11,7 +11,7 @@
 #   conformance.log          both conformance runs' output
 #   conformance-bf16.json    glm52 conformance --backend cuda --dtype bfloat16 --json
 #   conformance-f32.json     glm52 conformance --backend cuda --dtype float32 --json
-#   bench.log, bench.json    glm52 bench --backend cuda
+#   bench.log, bench.json    glm52 bench --backend cuda (bf16 ops + block-FP8 linear_fp8 / moe_fp8 rows)
 #   model.log                benchmarks/gpu_model_check.py (greedy/MTP vs cpu_ref; its JSON last)
 # Without a GPU (a rehearsal here) the same stages run on Triton's interpreter at small sizes
 # (conformance --quick; the interpreter test file; bench --small, one run per case, no e2e).
@@ -36,7 +36,8 @@ else
     echo "no CUDA GPU here: rehearsal on Triton's interpreter (small sizes; bench --small)" | tee -a "$SUMMARY"
 fi
 
-if [ $GPU = 1 ]; then L_TESTS=120 L_CONF=120 L_BENCH=240 L_MODEL=90; else L_TESTS=400 L_CONF=240 L_BENCH=300 L_MODEL=400; fi
+# bench: 240 s for the bf16 ops + ~90 s for the FP8 rows (linear_fp8, moe_fp8: 10 cases, fp64 reference checks)
+if [ $GPU = 1 ]; then L_TESTS=180 L_CONF=120 L_BENCH=330 L_MODEL=90; else L_TESTS=500 L_CONF=240 L_BENCH=420 L_MODEL=400; fi
 
 # stage NAME LIMIT_S LOG CMD...: run CMD under `timeout`, append its output to LOG, one line to SUMMARY
 stage() {
@@ -91,11 +92,11 @@ for s in $STAGES; do
     bench)
         if [ $GPU = 1 ]; then
             stage bench $L_BENCH "$OUTDIR/bench.log" $PY -m glm52_backends.cli bench --backend cuda --reps "${GPU_CHECK_REPS:-50}" \
-                --ops "${GPU_CHECK_OPS:-indexer_topk,sparse_mla,moe,mtp_verify,e2e}" --json "$OUTDIR/bench.json"
+                --ops "${GPU_CHECK_OPS:-indexer_topk,sparse_mla,moe,linear_fp8,moe_fp8,mtp_verify,e2e}" --json "$OUTDIR/bench.json"
         else
             # the kernels on the interpreter at --small shapes: the run works, the timings mean nothing
             stage bench $L_BENCH "$OUTDIR/bench.log" $PY -m glm52_backends.cli bench --backend cuda --small --reps 1 \
-                --ops "${GPU_CHECK_OPS:-indexer_topk,sparse_mla,moe,mtp_verify}" --json "$OUTDIR/bench.json"
+                --ops "${GPU_CHECK_OPS:-indexer_topk,sparse_mla,moe,linear_fp8,moe_fp8,mtp_verify}" --json "$OUTDIR/bench.json"
         fi
         ;;
     model)

@@ -3,8 +3,9 @@
     python benchmarks/gpu_report.py RESULTS_DIR [--title TEXT]
 
 Reads bench.json, conformance-*.json, summary.txt, tests.log and model.log where present and
-prints: the machine (device, torch, triton, date, the ceilings measured in the run), every bench
-row with its ratio to the floor and whether the issue's target is met, the end-to-end IndexShare
+prints: the machine (device, torch, triton, date, the ceilings measured in the run, the FP8 peak
+where measured), every bench row (bf16 ops and the block-FP8 linear_fp8 / moe_fp8 rows) with its
+ratio to the floor and whether the issue's target is met, the end-to-end IndexShare
 rows, the conformance totals and failures per dtype, and the GPU test and model-check outcome.
 """
 
@@ -42,8 +43,12 @@ def bench_tables(b: dict) -> list[str]:
     # files from before the fields existed: bf16, an 8192^3 matmul, the GLM-5.2 shapes
     dtype, n = b.get("dtype", "bfloat16"), b.get("matmul_n", 8192)
     small = " Shapes scaled down (--small): not a performance figure." if b.get("small") else ""
+    fp8 = b.get("peak_fp8_flops")
+    fp8_rows = any(r.get("op") in ("linear_fp8", "moe_fp8") for r in b["rows"])
+    fp8_note = (f", FP8 `torch._scaled_mm` {n}^3 {fp8 / 1e12:.0f} TFLOP/s (the FP8 rows' compute ceiling)" if fp8
+                else ", no FP8 GEMM measured (the FP8 rows' compute ceiling is the matmul's)" if fp8_rows else "")
     out = [f"Ceilings measured in this run: device copy {b['bandwidth_Bps'] / 1e12:.2f} TB/s (read + write), "
-           f"{dtype} matmul {n}^3 {b['peak_flops'] / 1e12:.0f} TFLOP/s; median of {b['reps']} runs per case "
+           f"{dtype} matmul {n}^3 {b['peak_flops'] / 1e12:.0f} TFLOP/s{fp8_note}; median of {b['reps']} runs per case "
            f"(the reference baselines: a fifth of that, at least 5); caches flushed before each run.{small}", "",
            "| op | shape | ours (us) | GB/s | TFLOP/s | floor (us) | ratio to floor | target | met | "
            "torch baseline (us) | ours / torch | timing | check |",

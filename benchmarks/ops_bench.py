@@ -5,7 +5,16 @@ For every case: median time over many runs, achieved GB/s and TFLOP/s, the floor
 and peak (an 8192^3 matmul in the benchmark dtype on an accelerator) are measured in this run on
 the backend's device, the ratio to the floor, and the torch baseline (the contract's reference
 from glm52_backends.ops on the same device; `torch._grouped_mm` alone for MoE), with the
-backend's output checked against the reference's. Bytes are the compulsory traffic of the op
+backend's output checked against the reference's.
+
+Block-FP8 rows (`linear_fp8`: GLM-5.2's q_b_proj and o_proj at M = 1, 64, 4096; `moe_fp8`: the
+routed experts at T = 1, 16, 128, 4096) count 1 byte a weight plus the f32 block scales; their
+compute floor uses an FP8 peak measured in the same run (`torch._scaled_mm` 8192^3 with one scale
+per tensor, where torch and the GPU have it; else the dtype's matmul peak). Baselines: the GEMM
+alone, `torch._scaled_mm` on pre-quantized activations with 1x128 / 128x128 block scales where
+available (else the dense GEMM in the benchmark dtype on the dequantized weight), and
+`torch._grouped_mm` in the benchmark dtype on the dequantized experts; the reference they are
+checked against is the format's exact arithmetic (glm52_backends/quant.py). Bytes are the compulsory traffic of the op
 (caches and weights read once, outputs written once) in the dtypes used (bf16 caches and weights
 by default, fp32 logits); flops count multiply-adds as 2.
 
@@ -19,8 +28,8 @@ before timing), as the model passes it: with it they make no host sync.
 `--small` scales every shape down (tens of tokens, 4-16 heads, 16 experts) so the whole run takes
 seconds on any device, the CPU included: a check that the benchmark and the backend run, not a
 performance figure. `glm52 bench --list` prints the planned cases and needs no device. Usage:
-    glm52 bench --backend cuda [--json PATH] [--ops indexer_topk,sparse_mla,moe,mtp_verify,e2e] [--reps N]
-                [--small] [--dtype bfloat16|float32|float16] [--list]
+    glm52 bench --backend cuda [--json PATH] [--ops indexer_topk,sparse_mla,moe,linear_fp8,moe_fp8,mtp_verify,e2e]
+                [--reps N] [--small] [--dtype bfloat16|float32|float16] [--list]
 """
 
 from __future__ import annotations
@@ -34,7 +43,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-OPS = ("indexer_topk", "sparse_mla", "moe", "mtp_verify", "e2e")
+OPS = ("indexer_topk", "sparse_mla", "moe", "linear_fp8", "moe_fp8", "mtp_verify", "e2e")
+FP8_OPS = ("linear_fp8", "moe_fp8")   # block-FP8 weights (1 byte a weight + f32 scales per 128x128 block)
 F32 = 4
 DTYPES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
@@ -86,6 +96,11 @@ def expected_experts(T: int, e: int = E, k: int = K) -> float:
     return e * (1.0 - (1.0 - k / e) ** T)
 
 
+def fp8_weight_bytes(N: int, K: int, block: tuple[int, int] = (128, 128)) -> int:
+    """Bytes of one block-FP8 weight [N, K]: the e4m3 codes and the f32 scale of each block."""
+    return N * K + 4 * (-(-N // block[0])) * (-(-K // block[1]))
+
+
 def floor_s(nbytes: float, flops: float, bandwidth: float, peak: float) -> float:
     """The roofline floor in seconds: max(bytes / bandwidth, flops / peak)."""
     if bandwidth <= 0 or peak <= 0:
@@ -124,6 +139,17 @@ def plan(ops: set[str] | None = None, small: bool = False, elt: int = 2) -> list
         add("moe", f"T={T} (routing included)", {"T": T},
             ea * 3 * d.HD * d.I * A + 2 * T * d.HD * A + T * d.E * F32,
             2 * T * d.K * 3 * d.HD * d.I, T < Ts[-1], "<= 1.0x torch._grouped_mm")
+    # block-FP8 linears: q_b_proj [H*(dn+dr), q_lora] and o_proj [Hd, H*dv]
+    Ms = (1, 16, 64) if small else (1, 64, 4096)
+    for name, N, Kd in (("q_b_proj", d.H * (d.DN + d.DR), d.QL), ("o_proj", d.HD, d.H * d.DV)):
+        for M in Ms:
+            add("linear_fp8", f"{name} {N}x{Kd} M={M}", {"M": M, "N": N, "K": Kd},
+                fp8_weight_bytes(N, Kd) + M * Kd * A + M * N * A, 2 * M * N * Kd, M < Ms[-1])
+    for T in Ts:
+        ea = expected_experts(T, d.E, d.K)
+        add("moe_fp8", f"T={T} (routing included)", {"T": T},
+            ea * (fp8_weight_bytes(2 * d.I, d.HD) + fp8_weight_bytes(d.HD, d.I)) + 2 * T * d.HD * A + T * d.E * F32,
+            2 * T * d.K * 3 * d.HD * d.I, T < Ts[-1])
     for B, tgt in ((8 if small else 64, "<= 1.5x floor"), (1, "<= 15 us")):
         add("mtp_verify", f"greedy B={B} k=3 V={d.V}", {"B": B, "k": 3}, B * 4 * d.V * F32, 0.0, True, tgt)
     B = 2 if small else 8
@@ -256,6 +282,22 @@ def ceiling_sizes(device, small: bool) -> tuple[int, int]:
     return (256 * 2 ** 20, 2048) if small else (2 ** 31, 8192)
 
 
+def measure_fp8_peak(torch, timer: Timer, n: int) -> float | None:
+    """FP8 matmul flop/s: `torch._scaled_mm` at n^3 with one scale per tensor, bfloat16 out (CUDA
+    only); None where torch or the device has no FP8 GEMM."""
+    dev = timer.device
+    if dev.type != "cuda" or not hasattr(torch, "_scaled_mm"):
+        return None
+    try:
+        a = torch.randn(n, n, device=dev).to(torch.float8_e4m3fn)
+        b = torch.randn(n, n, device=dev).to(torch.float8_e4m3fn)
+        one = torch.ones((), device=dev)
+        t, _ = timer(lambda: torch._scaled_mm(a, b.t(), one, one, out_dtype=torch.bfloat16), graph=False)
+    except Exception:  # noqa: BLE001 - e.g. a GPU without FP8 tensor cores
+        return None
+    return 2 * n ** 3 / t
+
+
 def measure_ceilings(torch, timer: Timer, dtype, copy_bytes: int, n: int) -> tuple[float, float]:
     """(bytes/s of a device copy counting read + write, matmul flop/s at n^3 in `dtype`)."""
     dev = timer.device
@@ -301,11 +343,93 @@ def _decode_meta(env: Env, be, bt, B: int, L: int, q_len: int = 1):
     return cu, lens, meta
 
 
+def _fp8_weight(env: Env, *shape: int):
+    """A random block-FP8 `Weight` [*lead, N, K] on the device (codes ~ N(0, 1) in e4m3, scales
+    around K^-0.5 per 128x128 block: values of a K^-0.5-scaled weight), without a host round trip."""
+    from glm52_backends.weights import Weight
+    torch = env.torch
+    *lead, N, K = shape
+    codes = torch.randn(*shape, device=env.device).to(torch.float8_e4m3fn)
+    scales = (torch.rand(*lead, -(-N // 128), -(-K // 128), device=env.device) + 0.5) * K ** -0.5
+    return Weight(codes, scales, "fp8_block")
+
+
+def _dequantized(env: Env, w):
+    """An FP8 `Weight` as a dense tensor in the benchmark dtype (experts one at a time: no
+    float32 copy of all of them)."""
+    from glm52_backends.weights import select
+    if w.data.dim() == 2:
+        return w.dense(env.dtype)
+    out = env.torch.empty(w.data.shape, dtype=env.dtype, device=env.device)
+    for e in range(w.data.shape[0]):
+        out[e] = select(w, e).dense(env.dtype)
+    return out
+
+
+def _scaled_mm_alone(env: Env, x, w):
+    """torch._scaled_mm on x quantized beforehand (1x128 scales, outer-dim-major) and the weight's
+    128x128 scales; None where it cannot run here."""
+    torch = env.torch
+    if env.device.type != "cuda" or not hasattr(torch, "_scaled_mm") or env.dtype != torch.bfloat16:
+        return None
+    from glm52_backends.quant import quantize_fp8_groups
+    q, s = quantize_fp8_groups(x, 128)
+    s = s.t().contiguous().t()
+
+    def run():
+        return torch._scaled_mm(q, w.data.t(), s, w.scales.t(), out_dtype=torch.bfloat16)
+    try:
+        run()
+    except Exception:  # noqa: BLE001 - torch < 2.10, not sm_90, CUDA < 12.9: the dense GEMM instead
+        return None
+    return run
+
+
 def _inputs(env: Env, be, case: Case):
     """(backend call, baseline call, reference call or None, comparison kind, baseline name) for one case."""
     from glm52_backends import ops as ref
     torch, dev, dt, d = env.torch, env.device, env.dtype, env.d
     p = case.params
+    if case.op == "linear_fp8":
+        x = torch.randn(p["M"], p["K"], dtype=dt, device=dev)
+        w = _fp8_weight(env, p["N"], p["K"])
+        base = _scaled_mm_alone(env, x, w)
+        name = "torch._scaled_mm"
+        if base is None:
+            wd = _dequantized(env, w)
+            base, name = (lambda: torch.nn.functional.linear(x, wd)), f"{str(dt)[6:]} GEMM"
+        return (lambda: be.linear(x, w)), base, (lambda: ref.linear(x, w)), "close", name
+    if case.op == "moe_fp8":
+        T = p["T"]
+        x = torch.randn(T, d.HD, dtype=dt, device=dev)
+        w13, w2 = _fp8_weight(env, d.E, 2 * d.I, d.HD), _fp8_weight(env, d.E, d.HD, d.I)
+        logits = torch.randn(T, d.E, device=dev)
+        bias = torch.rand(d.E, device=dev) * 0.1
+
+        def ours():
+            i, w_ = be.moe_route(logits, bias, d.K, 1, 1, True, 2.5)
+            return be.moe_experts(x, w13, w2, i, w_)
+
+        def reference():
+            i, w_ = ref.moe_route(logits, bias, d.K, 1, 1, True, 2.5)
+            return ref.moe_experts(x, w13, w2, i, w_)
+
+        ids, _ = ref.moe_route(logits, bias, d.K, 1, 1, True, 2.5)
+        order = ids.view(-1).argsort(stable=True)
+        offs = torch.bincount(ids.view(-1), minlength=d.E).cumsum(0).to(torch.int32)
+        xs = x[order // d.K]
+        act = torch.randn(T * d.K, d.I, dtype=dt, device=dev)
+        try:
+            d13, d2 = _dequantized(env, w13), _dequantized(env, w2)
+
+            def grouped_mm_alone():
+                torch._grouped_mm(xs, d13.transpose(1, 2), offs=offs)
+                return torch._grouped_mm(act, d2.transpose(1, 2), offs=offs)
+            grouped_mm_alone()
+            base, name = grouped_mm_alone, f"torch._grouped_mm ({str(dt)[6:]})"
+        except Exception:  # noqa: BLE001 - no _grouped_mm for this device/dtype: the reference instead
+            base, name = reference, "reference"
+        return ours, base, reference, "close", name
     if case.op == "indexer_topk":
         B, L, q_len = p["B"], p["L"], p.get("q", 1)
         bt, (kc,) = _paged(env, B, L, (d.DI,))
@@ -449,12 +573,15 @@ def run(be, cases: list[Case], reps: int, *, small: bool = False, dtype: str | N
     timer = make_timer(torch, device, reps)
     copy_bytes, n = ceiling_sizes(device, small)
     bw, peak = measure_ceilings(torch, timer, env.dtype, copy_bytes, n)
+    fp8_peak = measure_fp8_peak(torch, timer, n) if any(c.op in FP8_OPS for c in cases) else None
+    peak8 = fp8_peak or peak                     # FP8 rows' compute ceiling: the dtype's where none
     out = {"device": _device_name(torch, device), "device_type": device.type, "torch": torch.__version__,
            "backend": be.name, "dtype": dtype, "small": small, "dims": asdict(env.d),
-           "bandwidth_Bps": bw, "peak_flops": peak, "copy_bytes": copy_bytes, "matmul_n": n, "reps": reps,
-           "rows": []}
+           "bandwidth_Bps": bw, "peak_flops": peak, "peak_fp8_flops": fp8_peak, "copy_bytes": copy_bytes,
+           "matmul_n": n, "reps": reps, "rows": []}
+    fp8_note = f", FP8 _scaled_mm {n}^3 {fp8_peak / 1e12:.2f} TFLOP/s" if fp8_peak else ""
     print(f"device {out['device']}  backend {be.name}  {dtype}{'  (--small shapes)' if small else ''}  measured: "
-          f"copy {bw / 1e9:.1f} GB/s, {dtype} matmul {n}^3 {peak / 1e12:.2f} TFLOP/s", flush=True)
+          f"copy {bw / 1e9:.1f} GB/s, {dtype} matmul {n}^3 {peak / 1e12:.2f} TFLOP/s{fp8_note}", flush=True)
     for c in cases:
         row = asdict(c)
         if c.op == "e2e":
@@ -475,7 +602,8 @@ def run(be, cases: list[Case], reps: int, *, small: bool = False, dtype: str | N
             t, how = timer(ours, c.graph)
             # the reference baselines synchronise with the host (no graph capture: a failed capture
             # can leave the stream unusable); torch._grouped_mm alone (MoE) is captured like ours
-            tb, how_b = timer(base, c.graph and base_name == "torch._grouped_mm", reps=max(5, timer.reps // 5))
+            tb, how_b = timer(base, c.graph and base_name.startswith(("torch._grouped_mm", "torch._scaled_mm")),
+                              reps=max(5, timer.reps // 5))
             check = _compare(torch, kind, ours(), reference())
         except Exception as e:  # noqa: BLE001 - one broken case must not cost the rest of the run
             import traceback
@@ -485,7 +613,7 @@ def run(be, cases: list[Case], reps: int, *, small: bool = False, dtype: str | N
             del e
             timer.sync()
             continue
-        fl = floor_s(c.bytes, c.flops, bw, peak)
+        fl = floor_s(c.bytes, c.flops, bw, peak8 if c.op in FP8_OPS else peak)
         row.update(ms=t * 1e3, GBps=c.bytes / t / 1e9, TFLOPs=c.flops / t / 1e12, floor_ms=fl * 1e3,
                    ratio=t / fl, baseline_ms=tb * 1e3, baseline_ratio=tb / fl, vs_baseline=t / tb,
                    baseline=base_name, timing=how, baseline_timing=how_b, check=check)

@@ -368,16 +368,243 @@ def check_moe_experts_both_gemm_paths():
     assert be.calls["moe_experts"]["fallback"] == 0 and be.calls["moe_experts"]["native"] == 2 * len(cases)
 
 
-def _fp8_weight(torch, w):
-    """A block-FP8 `Weight` of w (per-matrix 128x128 block scales), and its dequantized value."""
-    from glm52_backends.weights import Weight, fp8_scale_shape
-    so, si = fp8_scale_shape(tuple(w.shape[-2:]), (128, 128))
-    scales = torch.full((*w.shape[:-2], so, si), 0.5)
-    fw = Weight((w.float() / 0.5).to(torch.float8_e4m3fn), scales, "fp8_block")
-    return fw, fw.dense()
+# ---- block-FP8 ("fp8_block"): activation quantizer, linear, mlp, experts ------------------------------
+def _e4m3_steps(torch, a, b):
+    """Steps on the e4m3 grid between two float8_e4m3fn tensors (codes are sign + a magnitude that
+    grows with the value; +0 and -0 are the same point)."""
+    def ordinal(q):
+        u = q.view(torch.uint8).to(torch.int32)
+        return torch.where(u >= 0x80, -(u & 0x7F), u)
+    return (ordinal(a) - ordinal(b)).abs()
 
 
-def check_moe_route_and_fp8_decline():
+def _assert_codes(torch, q, want, what):
+    """A quantizer's codes against the reference's: equal but for one-step differences on under
+    0.05 % of the elements (spec/quantization.md section 2)."""
+    assert q.dtype == torch.float8_e4m3fn and q.shape == want.shape, (what, q.dtype, q.shape, want.shape)
+    d = _e4m3_steps(torch, q, want)
+    n = int((d != 0).sum())
+    assert int(d.max()) <= 1, f"{what}: a code differs by {int(d.max())} steps"
+    assert n <= 0.0005 * d.numel(), f"{what}: {n} of {d.numel()} codes differ by one step (> 0.05 %)"
+
+
+def _poisoned(torch, t, pad_rows, pad_cols):
+    """`t` as a view into a buffer on t's device with `pad_rows` more rows and `pad_cols` more
+    columns (last two dims), NaN there (FP8: the NaN code 0x7f): a kernel reading beyond t's rows
+    or columns poisons its output. Build it on DEVICE (a copy to the GPU would drop the padding).
+    Triton's interpreter converts the FP8 code 0x7f to 480, not NaN: beyond-K reads of FP8 codes
+    (times activations masked to 0) are caught on the GPU run only; NaN activations and scales on
+    both."""
+    big = torch.empty(*t.shape[:-2], t.shape[-2] + pad_rows, t.shape[-1] + pad_cols, dtype=t.dtype, device=t.device)
+    if t.dtype == torch.float8_e4m3fn:
+        big.view(torch.uint8).fill_(0x7F)
+    else:
+        big.fill_(float("nan"))
+    view = big[..., :t.shape[-2], :t.shape[-1]]
+    view.copy_(t)
+    return view
+
+
+def _poisoned_weight(torch, w):
+    """An fp8_block `Weight` whose codes and scales sit in NaN-padded buffers (beyond N, K and the
+    last scale row and column)."""
+    from glm52_backends.weights import Weight
+    return Weight(_poisoned(torch, w.data, 2, 5), _poisoned(torch, w.scales, 1, 1), w.format, w.block,
+                  recipe=w.recipe)
+
+
+def _rel(torch, y, want):
+    return float((y.double() - want.double()).abs().max() / want.double().abs().max())
+
+
+def check_fp8_quantizer_matches_reference():
+    """fp8.quantize_act against quant.quantize_fp8_groups for both recipes and float32/float16/
+    bfloat16 rows: scales equal, codes equal but for one-step differences on under 0.05 %. K = 300
+    (a partial last group) with NaN beyond K; rows spanning 6 decades, an outlier (its group's other
+    codes go subnormal), all zeros and all tiny (the 1e-4 amax floor), and every midpoint of the
+    e4m3 grid with amax 448 (scale 1: the ties must round to even). Also the stride-(1, M) scale
+    layout torch._scaled_mm takes."""
+    torch, ref, be = _setup()
+    from glm52_backends import quant
+    quantize_act = _kernel("fp8", "quantize_act")
+    g = torch.Generator().manual_seed(61)
+    M, K = 9, 300
+    x = torch.randn(M, K, generator=g) * torch.logspace(-4, 2, K)[torch.randperm(K, generator=g)]
+    x[1, 7] = 3e4
+    x[2] = 0.0
+    x[4] *= 1e-7
+    grid = torch.arange(0x7F, dtype=torch.uint8).view(torch.float8_e4m3fn).float()     # +0 ... 448
+    mids = (grid[1:] + grid[:-1]) / 2                                                   # 126 ties
+    x[3, :128] = torch.cat([torch.tensor([448.0]), mids, torch.tensor([-1.0])])
+    x[3, 1:127:2] *= -1
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        xd = x.to(dt)
+        xv = _poisoned(torch, xd.to(DEVICE), 0, 5)
+        for ue8m0 in (False, True):
+            q, s = quantize_act(xv, ue8m0)
+            rq, rs = quant.quantize_fp8_groups(xd, 128, ue8m0=ue8m0)
+            assert s.dtype == torch.float32 and torch.equal(s, rs), f"{dt} ue8m0={ue8m0}: scales differ"
+            _assert_codes(torch, q, rq, f"{dt} ue8m0={ue8m0}")
+            if dt == torch.float32:
+                assert torch.equal(q[3].float(), rq[3].float()), "e4m3 ties not rounded to even"
+                q2, s2 = quantize_act(xv, ue8m0, scales_k_major=True)
+                assert torch.equal(q2.view(torch.uint8), q.view(torch.uint8)) and torch.equal(s2, s)
+    assert float(x[3, :128].abs().max()) == 448.0 and int((x[2] == 0).sum()) == K
+    q, s = quantize_act(x[:0], False)
+    assert q.shape == (0, K) and s.shape == (0, 3)
+
+
+def _fp8_linear_weights(torch, g):
+    """[300, 200] in 128x128 blocks (odd N, K not a multiple of 128) and a gate/up-style
+    concatenation of 72 + 61 rows at K = 260 (block (1, 128), recipe fp8_g128_ue8m0)."""
+    from glm52_backends.weights import cat_rows, quantize_weight
+    w1 = quantize_weight(torch.randn(300, 200, generator=g) * 200 ** -0.5, "fp8_block")
+    w2 = cat_rows([quantize_weight(torch.randn(n, 260, generator=g) * 260 ** -0.5, "fp8_block",
+                                   recipe="fp8_g128_ue8m0") for n in (72, 61)])
+    assert w1.block == (128, 128) and w2.block == (1, 128) and w2.recipe == "fp8_g128_ue8m0"
+    return w1, w2
+
+
+def check_fp8_linear_matches_oracle():
+    """Block-FP8 linear through the backend (native) against quant.matmul_reference on the same
+    dtype-rounded input: M = 1, 7, 33; odd N, K not a multiple of 128, row block 1 and ue8m0
+    scales; float32 (plus bfloat16 or float16 at M = 7); codes, scales and x in NaN-padded buffers;
+    leading batch dims and M = 0. torch._scaled_mm where this torch and GPU support it, declined
+    (with its reason) elsewhere. Unsupported weights and bad shapes: declined / loud."""
+    torch, ref, be = _setup()
+    from glm52_backends import quant
+    from glm52_backends.ops import OpUnsupported
+    from glm52_backends.weights import Weight, quantize_weight
+    linear = _kernel("linear", "linear")
+    g = torch.Generator().manual_seed(62)
+    calls = 0
+    for i, w in enumerate(_fp8_linear_weights(torch, g)):
+        N, K = w.shape
+        pw = _poisoned_weight(torch, w.to(DEVICE))
+        for M in (1, 7, 33):
+            x = torch.randn(M, K, generator=g)
+            x[0, :3] *= 30                                      # an outlier channel
+            for dt in ((torch.float32, (torch.bfloat16, torch.float16)[i]) if M == 7 else (torch.float32,)):
+                xd = x.to(dt)
+                y = be.linear(_poisoned(torch, xd.to(DEVICE), 0, 3), pw)
+                calls += 1
+                want = quant.matmul_reference(xd, w)
+                err = _rel(torch, y, want)
+                assert y.dtype == dt and y.shape == (M, N), (y.dtype, y.shape)
+                assert err <= TOL[str(dt)[6:]], f"N={N} K={K} block={w.block} M={M} {dt}: rel err {err:.2e}"
+        if i == 0:
+            x3 = torch.randn(2, 3, K, generator=g)
+            y3 = linear(x3, w, gemm="triton")
+            assert y3.shape == (2, 3, N) and torch.equal(y3, linear(x3.reshape(6, K), w, gemm="triton").view(2, 3, N))
+            assert linear(x3[:0, 0], w).shape == (0, N)
+    assert be.calls["linear"] == {"native": calls, "fallback": 0}, be.calls["linear"]
+    # torch._scaled_mm (1x128 activation x 128x128 weight scales): bfloat16, N and K multiples of 16
+    from glm52_backends.backends.cuda.linear import scaled_mm_unsupported
+    w = quantize_weight(torch.randn(256, 384, generator=g) * 384 ** -0.5, "fp8_block")     # K / 128 = 3
+    for M in (1, 7, 33):
+        x = torch.randn(M, 384, generator=g).bfloat16()
+        why = scaled_mm_unsupported(x.to(DEVICE), w.to(DEVICE))
+        if why is not None:
+            with pytest.raises(OpUnsupported, match="gemm='scaled_mm'"):
+                linear(x, w, gemm="scaled_mm")
+            continue
+        want = quant.matmul_reference(x, w)
+        for gemm in ("scaled_mm", "triton", "auto"):
+            err = _rel(torch, linear(x, w, gemm=gemm), want)
+            assert err <= TOL["bfloat16"], f"{gemm} M={M}: rel err {err:.2e}"
+    # declined: other formats, other input blocks, non-float x; malformed: scales, K
+    wf = torch.randn(40, 200, generator=g)
+    x = torch.randn(3, 200, generator=g)
+    with pytest.raises(OpUnsupported, match="runs 'dense' and 'fp8_block' weights"):
+        linear(x, quantize_weight(wf, "w8a8_dynamic"))
+    with pytest.raises(OpUnsupported, match="FP8 blocks of 64 inputs"):
+        linear(x, quantize_weight(wf, "fp8_block", block=(128, 64)))
+    fw = quantize_weight(wf, "fp8_block")
+    with pytest.raises(OpUnsupported, match="x has dtype torch.int32"):
+        linear(x.int(), fw)
+    with pytest.raises(ValueError, match=r"weight.scales must have shape \[1, 2\]"):
+        linear(x, Weight(fw.data, fw.scales[:, :1], "fp8_block"))
+    with pytest.raises(ValueError, match=r"x must be \[..., 200\]"):
+        linear(x[:, :100], fw)
+
+
+def check_fp8_mlp_native():
+    """mlp with block-FP8 w13 (gate/up of odd width: row block 1) and w2: two native FP8 linears
+    with SiLU*up rounded to x's dtype between, against the reference's mlp on the same weights."""
+    torch, ref, be = _setup()
+    from glm52_backends.weights import cat_rows, quantize_weight
+    g = torch.Generator().manual_seed(63)
+    Hd, I = 200, 72
+    w13 = cat_rows([quantize_weight(torch.randn(I, Hd, generator=g) * Hd ** -0.5, "fp8_block") for _ in range(2)])
+    w2 = quantize_weight(torch.randn(Hd, I, generator=g) * I ** -0.5, "fp8_block")
+    for dt in (torch.float32, torch.bfloat16):
+        x = torch.randn(5, Hd, generator=g).to(dt)
+        y, want = be.mlp(x, w13, w2), ref.mlp(x, w13, w2)
+        assert y.dtype == dt and _rel(torch, y, want) <= TOL[str(dt)[6:]], (dt, _rel(torch, y, want))
+    assert be.calls["mlp"] == {"native": 2, "fallback": 0}, be.calls["mlp"]
+
+
+def check_fp8_moe_matches_oracle():
+    """Block-FP8 experts through the backend (native) against the reference's moe_experts on the
+    same weights and dtype-rounded x: unused (-1) slots, a token with no expert, experts without
+    tokens, all tokens to one expert; Hd not a multiple of 128, I odd (row block 1 after the gate/up
+    concatenation) and I > 128 (two activation groups); both recipes; float32/float16/bfloat16;
+    16-row and 64-row M-blocks; codes, scales and x in NaN-padded buffers."""
+    torch, ref, be = _setup()
+    from glm52_backends.backends.cuda.moe_experts import fp8_block_m
+    g = torch.Generator().manual_seed(64)
+    cases = [  # dtype, T, Hd, I, E, K, recipe, routing
+        (torch.float32, 9, 200, 72, 6, 3, "fp8_g128", "spread"),
+        (torch.bfloat16, 5, 130, 136, 4, 2, "fp8_g128_ue8m0", "spread"),
+        (torch.float16, 6, 128, 128, 3, 2, "fp8_g128", "one expert"),
+        (torch.bfloat16, 70, 72, 40, 3, 3, "fp8_g128", "all"),     # 64-row M-blocks (GPU: FP8 wgmma)
+    ]
+    block_ms = set()
+    for dt, T, Hd, I, E, K, recipe, routing in cases:
+        x = torch.randn(T, Hd, generator=g).to(dt)
+        w13 = torch.randn(E, 2 * I, Hd, generator=g) * Hd ** -0.5
+        w2 = torch.randn(E, Hd, I, generator=g) * I ** -0.5
+        W13, W2 = _stack_q(torch, w13, "fp8_block", I=I), _stack_q(torch, w2, "fp8_block")
+        if recipe != "fp8_g128":
+            from glm52_backends.weights import Weight
+            W13, W2 = (Weight(w.data, w.scales, w.format, w.block, recipe=recipe) for w in (W13, W2))
+        if routing == "spread":
+            ids = torch.stack([torch.randperm(E - 1, generator=g)[:K] for _ in range(T)])    # expert E-1: none
+            ids[0, -1] = -1
+            ids[min(3, T - 1)] = -1                                                         # a token with none
+        elif routing == "one expert":
+            ids = torch.full((T, K), 1, dtype=torch.int64)
+            ids[:, 1:] = -1
+        else:
+            ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+        wts = torch.rand(T, K, generator=g)
+        block_ms.add(fp8_block_m(T * K, E))
+        want = ref.moe_experts(x, W13, W2, ids, wts)
+        y = be.moe_experts(_poisoned(torch, x.to(DEVICE), 0, 3), _poisoned_weight(torch, W13.to(DEVICE)),
+                           _poisoned_weight(torch, W2.to(DEVICE)), ids, wts)
+        err = _rel(torch, y, want)
+        assert y.dtype == dt and y.shape == (T, Hd), (y.dtype, y.shape)
+        assert err <= TOL[str(dt)[6:]], f"{dt} T={T} Hd={Hd} I={I} E={E} {recipe}: rel err {err:.2e}"
+        none = (ids < 0).all(-1)
+        assert bool((y[none] == 0).all()), "a token routed nowhere must get zeros"
+    assert block_ms == {16, 64}, block_ms
+    assert be.calls["moe_experts"] == {"native": len(cases), "fallback": 0}, be.calls["moe_experts"]
+
+
+def _stack_q(torch, w, fmt, I=None):
+    """Experts [E, N, K] quantized one by one (`I`: gate/up halves quantized apart and concatenated,
+    as the loader does) and stacked: what the model holds."""
+    from glm52_backends.weights import cat_rows, quantize_weight, stack
+    if I is None:
+        return stack([quantize_weight(w[e], fmt) for e in range(w.shape[0])])
+    return stack([cat_rows([quantize_weight(w[e, :I], fmt), quantize_weight(w[e, I:], fmt)])
+                  for e in range(w.shape[0])])
+
+
+def check_moe_route_and_unsupported_weights():
+    """moe_route against the reference; expert weights the kernels do not run are declined with a
+    clear reason (bare FP8 tensors without scales, int8 formats, a dense/FP8 mix, FP8 on
+    gemm='grouped_mm'), and through the registry the reference runs them."""
     torch, ref, be = _setup()
     g = torch.Generator().manual_seed(32)
     for E, K, ng, tg, norm in ((64, 8, 1, 1, True), (64, 6, 8, 3, True), (24, 3, 1, 1, False)):
@@ -389,23 +616,28 @@ def check_moe_route_and_fp8_decline():
     x, w13, w2, ids, wts = _moe_case(torch, g, 3, 16, 8, 4, 2, torch.float32)
     moe_experts = _kernel("moe_experts", "moe_experts")
     from glm52_backends.ops import OpUnsupported
-    with pytest.raises(OpUnsupported, match="FP8"):
+    from glm52_backends.weights import Weight
+    with pytest.raises(OpUnsupported, match="bare FP8 tensors carry no scales"):
         moe_experts(x, w13.to(torch.float8_e4m3fn), w2, ids, wts)
-    f13, d13 = _fp8_weight(torch, w13)
-    f2, d2 = _fp8_weight(torch, w2)
-    with pytest.raises(OpUnsupported, match="w13 is a 'fp8_block' Weight"):
-        moe_experts(x, f13, f2, ids, wts)
-    # through the registry: declined -> reference, with one warning, the reference's result
+    q13, q2 = _stack_q(torch, w13, "w8a8_dynamic"), _stack_q(torch, w2, "w8a8_dynamic")
+    with pytest.raises(OpUnsupported, match="w13 is a 'w8a8_dynamic' Weight"):
+        moe_experts(x, q13, q2, ids, wts)
+    f13, f2 = _stack_q(torch, w13, "fp8_block", I=8), _stack_q(torch, w2, "fp8_block")
+    with pytest.raises(OpUnsupported, match="w2 'dense': the FP8 path takes both"):
+        moe_experts(x, f13, Weight(w2), ids, wts)
+    with pytest.raises(OpUnsupported, match="no block-scaled grouped GEMM"):
+        moe_experts(x, f13, f2, ids, wts, gemm="grouped_mm")
+    # through the registry: declined -> reference, with one warning, the reference's result exactly
     with pytest.warns(RuntimeWarning, match="moe_experts falls back to the reference"):
-        y = be.moe_experts(x, f13, f2, ids, wts)
+        y = be.moe_experts(x, q13, q2, ids, wts)
     assert be.calls["moe_experts"]["fallback"] == 1 and y.shape == x.shape
-    want = ref.moe_experts(x.double(), d13.double(), d2.double(), ids, wts.double(), cdt=torch.float64)
-    assert float((y.double() - want).abs().max() / want.abs().max()) <= TOL["float32"]
+    assert torch.equal(y, ref.moe_experts(x, q13, q2, ids, wts))
 
 
 def check_supporting_ops_take_weights():
-    """linear / mlp: tensors and dense `Weight`s natively (cuBLAS), block-FP8 `Weight`s and dtype
-    mismatches declined to the reference; rms_norm / layer_norm / rope: the contract's references."""
+    """linear / mlp: tensors and dense `Weight`s natively (cuBLAS), int8 `Weight`s and dtype
+    mismatches declined to the reference (block-FP8: check_fp8_linear_*); rms_norm / layer_norm /
+    rope: the contract's references."""
     torch, ref, be = _setup()
     from glm52_backends.weights import Weight
     g = torch.Generator().manual_seed(33)
@@ -420,10 +652,11 @@ def check_supporting_ops_take_weights():
     y = be.mlp(x, Weight(w13), Weight(w2))
     assert float((y.double() - want).abs().max() / want.abs().max()) <= TOL["float32"]
     assert be.calls["linear"] == {"native": 2, "fallback": 0} and be.calls["mlp"] == {"native": 1, "fallback": 0}
-    fw, dw = _fp8_weight(torch, w)
+    from glm52_backends.weights import quantize_weight
+    qw = quantize_weight(w, "w8a8_dynamic")
     with pytest.warns(RuntimeWarning, match="linear falls back to the reference"):
-        y = be.linear(x, fw)
-    assert torch.allclose(y, x @ dw.T, rtol=1e-5, atol=1e-5) and be.calls["linear"]["fallback"] == 1
+        y = be.linear(x, qw)
+    assert torch.equal(y, ref.linear(x, qw)) and be.calls["linear"]["fallback"] == 1
     with pytest.warns(RuntimeWarning, match="mlp falls back"):
         be.mlp(x.half(), w13, w2)                                  # dtype mismatch: declined
     assert be.calls["mlp"]["fallback"] == 1
@@ -440,9 +673,10 @@ def check_capabilities_and_contract():
     from glm52_backends.ops import OP_NAMES, Capabilities, check_signature
     caps = be.capabilities
     assert isinstance(be._be.backend.capabilities, Capabilities)
-    assert caps.dtypes == (torch.bfloat16, torch.float16, torch.float32) and caps.weight_formats == ("dense",)
+    assert caps.dtypes == (torch.bfloat16, torch.float16, torch.float32)
+    assert caps.weight_formats == ("dense", "fp8_block")
     assert caps.default_dtype == (torch.float32 if DEVICE == "cpu" else torch.bfloat16)
-    assert caps.devices == (DEVICE,) and caps.get("moe_gemm") == "auto"
+    assert caps.devices == (DEVICE,) and caps.get("moe_gemm") == "auto" and caps.get("fp8_gemm") == "auto"
     assert set(be.native_ops) == set(OP_NAMES)
     bad = {op: check_signature(op, getattr(be._be.backend, op)) for op in OP_NAMES}
     assert not any(bad.values()), bad
@@ -507,6 +741,28 @@ def check_model_greedy_matches_cpu_ref():
     b = r.generate(prompts, max_new_tokens=3, stop_at_eos=False)
     assert a.tokens == b.tokens
     assert all(a.stats["ops"][op] == "native" for op in ("indexer_topk", "sparse_mla", "moe_experts", "moe_route"))
+
+
+def check_fp8_model_greedy_matches_cpu_ref():
+    """A block-FP8 tiny checkpoint (one MoE layer) held as stored: GLM52(backend='cuda') gives the
+    same greedy tokens as cpu_ref, with the FP8 linears, shared-expert mlp and experts native."""
+    import tempfile
+    import torch
+    from glm52_backends import GLM52
+    from glm52_backends.tiny import make_tiny_checkpoint
+    with tempfile.TemporaryDirectory() as d:
+        path = make_tiny_checkpoint(d, layers=1, seed=4, index_topk=8, fp8=True, first_k_dense_replace=0)
+        m = GLM52(path, backend="cuda", dtype=torch.float32, progress=False)
+        r = GLM52(path, backend="cpu_ref", dtype=torch.float32, progress=False)
+    lay = m.net.layers[0]
+    assert all(w.format == "fp8_block" for w in (lay.wq_b, lay.wo, lay.e_w13, lay.e_w2, lay.s_w13, lay.s_w2))
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, m.cfg.vocab_size, (n,), generator=g).tolist() for n in (9, 3)]
+    a = m.generate(prompts, max_new_tokens=2, stop_at_eos=False)
+    b = r.generate(prompts, max_new_tokens=2, stop_at_eos=False)
+    assert a.tokens == b.tokens, (a.tokens, b.tokens)
+    assert all(a.stats["ops"][op] == "native" for op in ("linear", "mlp", "moe_experts")), a.stats["ops"]
+    assert all(m.ops.calls[op]["fallback"] == 0 for op in ("linear", "mlp", "moe_experts")), m.ops.calls
 
 
 def check_speculative_greedy_matches_plain():
@@ -627,3 +883,48 @@ def gpu_check_graph_capture_and_replay():
         else:
             err = ""
     assert "without a meta while a CUDA graph is being captured" in err, err
+
+
+def gpu_check_fp8_graph_capture_and_replay():
+    """Block-FP8 linear (the backend's choice of GEMM and the Triton one) and FP8 experts captured in
+    one CUDA graph (bfloat16, decode size): no host synchronisation inside (capture would fail);
+    each replay on fresh x and routing copied into the static inputs equals eager calls bit for bit."""
+    import torch
+    from glm52_backends.registry import get_backend
+    from glm52_backends.weights import quantize_weight
+    be = get_backend("cuda")
+    linear = importlib.import_module("glm52_backends.backends.cuda.linear").linear
+    dev, bf = torch.device(DEVICE), torch.bfloat16
+    g = torch.Generator().manual_seed(52)
+    E, K, Hd, I, T = 8, 2, 256, 192, 3
+    w = quantize_weight(torch.randn(384, Hd, generator=g) * Hd ** -0.5, "fp8_block").to(dev)
+    w13 = _stack_q(torch, torch.randn(E, 2 * I, Hd, generator=g) * Hd ** -0.5, "fp8_block", I=I).to(dev)
+    w2 = _stack_q(torch, torch.randn(E, Hd, I, generator=g) * I ** -0.5, "fp8_block").to(dev)
+
+    def fresh():
+        return dict(x=torch.randn(T, Hd, generator=g).to(dev, bf),
+                    ids=torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).to(dev),
+                    wts=torch.rand(T, K, generator=g).to(dev))
+
+    def step(s):
+        return (be.linear(s["x"], w), linear(s["x"], w, gemm="triton"),
+                be.moe_experts(s["x"], w13, w2, s["ids"], s["wts"]))
+
+    static = fresh()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step(static)                                   # compile, verify torch._scaled_mm, warm up
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step(static)
+    for trial in range(3):
+        new = fresh()
+        for key, v in new.items():
+            static[key].copy_(v)
+        graph.replay()
+        torch.cuda.synchronize()
+        for name, got, want in zip(("linear", "linear (triton)", "moe_experts"), outs, step(new)):
+            assert torch.equal(got, want), f"replay {trial}: {name} differs from an eager call"
+    assert all(be.calls[op]["fallback"] == 0 for op in ("linear", "moe_experts")), be.calls

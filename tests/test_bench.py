@@ -24,10 +24,16 @@ def test_plan_covers_every_target_of_the_issue():
                       ("mtp_verify", "greedy B=1 k=3 V=154880")]:
         assert (op, shape) in shapes
     assert [c.params["T"] for c in cases if c.op == "moe"] == [1, 16, 128, 4096]
+    assert [c.params["T"] for c in cases if c.op == "moe_fp8"] == [1, 16, 128, 4096]
+    # block-FP8 linears at GLM-5.2's q_b_proj [64 x 256, 2048] and o_proj [6144, 64 x 256] shapes
+    assert [(c.params["N"], c.params["K"], c.params["M"]) for c in cases if c.op == "linear_fp8"] == \
+        [(16384, 2048, 1), (16384, 2048, 64), (16384, 2048, 4096), (6144, 16384, 1), (6144, 16384, 64),
+         (6144, 16384, 4096)]
     assert sum(c.op == "e2e" for c in cases) == 2
     # decode sizes under CUDA graphs, prefill-size cases not
     assert all(c.graph for c in cases if "decode" in c.shape)
-    assert not any(c.graph for c in cases if "prefill" in c.shape or c.shape.startswith("T=4096"))
+    assert not any(c.graph for c in cases if "prefill" in c.shape or c.shape.startswith("T=4096")
+                   or c.shape.endswith("M=4096"))
 
 
 def test_plan_bytes_and_flops_follow_the_shapes():
@@ -41,6 +47,13 @@ def test_plan_bytes_and_flops_follow_the_shapes():
     moe1 = next(c for c in plan({"moe"}) if c.params["T"] == 1)
     assert moe1.bytes == pytest.approx(8 * 3 * 6144 * 2048 * 2, rel=0.01)   # 8 experts streamed
     assert [c.op for c in plan({"mtp_verify"})] == ["mtp_verify"] * 2
+    # FP8: one byte a weight + an f32 scale per 128x128 block; half the bf16 expert bytes
+    moe8 = next(c for c in plan({"moe_fp8"}) if c.params["T"] == 1)
+    scales = 4 * (2 * 2048 // 128 * 6144 // 128 + 6144 // 128 * 2048 // 128)
+    assert moe8.bytes == pytest.approx(8 * (3 * 6144 * 2048 + scales), rel=1e-3)
+    assert moe8.flops == moe1.flops and moe8.bytes < 0.51 * moe1.bytes
+    q = next(c for c in plan({"linear_fp8"}) if c.params["M"] == 1)
+    assert q.flops == 2 * 16384 * 2048 and q.bytes == 16384 * 2048 + 4 * 128 * 16 + 2048 * 2 + 16384 * 2
 
 
 def test_expected_experts_and_floor():
@@ -163,6 +176,7 @@ def test_small_run_on_cpu_ref_is_complete_and_agrees(tmp_path, capsys, one_threa
     assert res["backend"] == "cpu_ref" and res["device_type"] == "cpu" and res["small"] is True
     assert res["dtype"] == "float32" and res["dims"]["TOPK"] == SMALL.TOPK
     assert res["bandwidth_Bps"] > 0 and res["peak_flops"] > 0
+    assert res["peak_fp8_flops"] is None                      # no FP8 GEMM on the CPU: FP8 rows use peak_flops
     rows = res["rows"]
     assert [(r["op"], r["shape"]) for r in rows] == [(c.op, c.shape) for c in plan(small=True)]
     for r in rows:
@@ -176,10 +190,12 @@ def test_small_run_on_cpu_ref_is_complete_and_agrees(tmp_path, capsys, one_threa
             assert math.isfinite(r[key]) and ok, (r["op"], r["shape"], key, r[key])
         assert r["ratio"] == pytest.approx(r["ms"] / r["floor_ms"])
         assert r["timing"] == r["baseline_timing"] == "perf_counter"
-        assert r["baseline"] == ("torch._grouped_mm" if r["op"] == "moe" else "reference")
+        # FP8 linear: no torch._scaled_mm on the CPU, the dense GEMM on the dequantized weight instead
+        assert r["baseline"] == {"moe": "torch._grouped_mm", "moe_fp8": "torch._grouped_mm (float32)",
+                                 "linear_fp8": "float32 GEMM"}.get(r["op"], "reference")
         # cpu_ref is the float32 reference: its outputs are the reference's, bit for bit
         want = {"indexer_topk": "set overlap 1.0000", "sparse_mla": "rel err 0.0e+00", "moe": "rel err 0.0e+00",
-                "mtp_verify": "exact"}[r["op"]]
+                "moe_fp8": "rel err 0.0e+00", "linear_fp8": "rel err 0.0e+00", "mtp_verify": "exact"}[r["op"]]
         assert r["check"] == want, (r["op"], r["shape"], r["check"])
     out = capsys.readouterr().out
     assert "(--small shapes)" in out and "IndexShare" in out

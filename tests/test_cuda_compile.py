@@ -32,7 +32,8 @@ SMEM_LIMIT = 227 * 1024          # H100: max dynamic shared memory per block (op
 MAX_REGS = 255                   # per thread
 # kernels on the decode/prefill critical path: spills there are not accepted
 HOT = {"_scores_kernel", "_select_kernel", "_partial_kernel", "_combine_kernel@sparse_mla",
-       "_gemm1_kernel", "_gemm2_kernel", "_stats_kernel"}
+       "_gemm1_kernel", "_gemm2_kernel", "_stats_kernel",
+       "_act_quant_kernel", "_fp8_gemm_kernel", "_fp8_gemm1_kernel", "_fp8_gemm2_kernel"}
 
 # scenario -> kernels its wrapper must launch (names as "<kernel>@<module>" where ambiguous)
 SCENARIOS = {
@@ -49,6 +50,17 @@ SCENARIOS = {
     "moe_experts_grouped_mm": ["_silu_mul_kernel", "_combine_kernel@moe_experts"],
     "moe_experts_triton_bf16": ["_gemm1_kernel", "_gemm2_kernel", "_combine_kernel@moe_experts"],
     "moe_experts_triton_f32": ["_gemm1_kernel", "_gemm2_kernel", "_combine_kernel@moe_experts"],
+    # block-FP8 linear: q_b_proj [16384, 2048] at decode, o_proj [6144, 16384] at M = 64 and 512
+    "linear_fp8_decode": ["_act_quant_kernel", "_fp8_gemm_kernel"],
+    "linear_fp8_m64": ["_act_quant_kernel", "_fp8_gemm_kernel"],
+    "linear_fp8_prefill": ["_act_quant_kernel", "_fp8_gemm_kernel"],
+    "linear_fp8_rowblock1_f32": ["_act_quant_kernel", "_fp8_gemm_kernel"],     # float32 dots, B0 = 1
+    "moe_experts_fp8_decode": ["_act_quant_kernel", "_fp8_gemm1_kernel", "_fp8_gemm2_kernel",
+                               "_combine_kernel@moe_experts"],
+    "moe_experts_fp8_prefill": ["_act_quant_kernel", "_fp8_gemm1_kernel", "_fp8_gemm2_kernel",
+                                "_combine_kernel@moe_experts"],
+    "moe_experts_fp8_f32": ["_act_quant_kernel", "_fp8_gemm1_kernel", "_fp8_gemm2_kernel",
+                            "_combine_kernel@moe_experts"],
     "mtp_verify_greedy": ["_stats_kernel", "_verify_kernel"],
     "mtp_verify_sample": ["_stats_kernel", "_verify_kernel"],
     "mtp_verify_sample_q": ["_stats_kernel", "_verify_kernel"],
@@ -60,9 +72,10 @@ N_WORKERS = 2     # scenarios are dealt alternately; the two slow float32 compil
 def _scenario_inputs(name):
     """Build and run one op's wrapper at GLM-5.2 shapes (kernels are intercepted by the caller)."""
     import torch
-    from glm52_backends.backends.cuda import indexer_topk, moe_experts, moe_route, mtp_verify, sparse_mla
+    from glm52_backends.backends.cuda import indexer_topk, linear, moe_experts, moe_route, mtp_verify, sparse_mla
     from glm52_backends.backends.cuda.common import prepare
     from glm52_backends.step import StepMeta
+    from glm52_backends.weights import Weight
     bf16 = torch.bfloat16
     dt = torch.float32 if name.endswith("f32") else bf16     # float32: the exact-dot (ieee) variants
     BS, LONG = 64, 131072                                # 64-token pages, 128K-token contexts
@@ -104,6 +117,23 @@ def _scenario_inputs(name):
                               meta=meta)
     elif name == "moe_route":
         moe_route.moe_route(torch.randn(16, 256), torch.randn(256), 8, 1, 1, True, 2.5)
+    elif name.startswith("linear_fp8"):
+        def fp8(*shape, block=(128, 128)):
+            *lead, N, K = shape
+            return Weight(torch.empty(*shape, dtype=torch.float8_e4m3fn),
+                          torch.empty(*lead, -(-N // block[0]), -(-K // block[1])), "fp8_block", block)
+        M, N, K = {"linear_fp8_decode": (1, 64 * 256, 2048), "linear_fp8_m64": (64, 6144, 64 * 256),
+                   "linear_fp8_prefill": (512, 6144, 64 * 256), "linear_fp8_rowblock1_f32": (16, 4096, 6144)}[name]
+        w = fp8(N, K, block=(1, 128) if name.endswith("rowblock1_f32") else (128, 128))
+        linear.linear(torch.empty(M, K, dtype=dt), w, gemm="triton")
+    elif name.startswith("moe_experts_fp8"):
+        E, K, Hd, I = 8, 8, 6144, 2048
+        T = 512 if name.endswith("prefill") else 16                   # 64-row M-blocks from 64 rows an expert
+        w13 = Weight(torch.empty(E, 2 * I, Hd, dtype=torch.float8_e4m3fn), torch.empty(E, 2 * I // 128, Hd // 128),
+                     "fp8_block")
+        w2 = Weight(torch.empty(E, Hd, I, dtype=torch.float8_e4m3fn), torch.empty(E, Hd // 128, I // 128), "fp8_block")
+        ids = torch.stack([torch.randperm(E)[:K] for _ in range(T)])
+        moe_experts.moe_experts(torch.randn(T, Hd).to(dt), w13, w2, ids, torch.rand(T, K))
     elif name.startswith("moe_experts"):
         E, T, K, Hd, I = 8, 16, 8, 6144, 2048
         x = torch.randn(T, Hd).to(dt)
@@ -184,9 +214,9 @@ def _run_scenario(name):
     import io
     import time
 
-    from glm52_backends.backends.cuda import indexer_topk, moe_experts, moe_route, mtp_verify, sparse_mla
+    from glm52_backends.backends.cuda import fp8, indexer_topk, linear, moe_experts, moe_route, mtp_verify, sparse_mla
     modules = {"indexer_topk": indexer_topk, "sparse_mla": sparse_mla, "moe_route": moe_route,
-               "moe_experts": moe_experts, "mtp_verify": mtp_verify}
+               "moe_experts": moe_experts, "mtp_verify": mtp_verify, "fp8": fp8, "linear": linear}
     records, saved = [], []
 
     class Intercept:

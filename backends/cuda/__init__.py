@@ -1,11 +1,18 @@
 """cuda: the hot ops as Triton kernels (+ torch._grouped_mm where it wins), native on NVIDIA GPUs.
 
 Files, one per op and named after it: indexer_topk.py, sparse_mla.py, moe_route.py, moe_experts.py,
-mtp_verify.py; common.py holds the shared host-side checks, the per-step device data
-(`CudaStepData`, built once per step by `prepare_step`) and launch helpers. Supporting ops that are
-plain GEMMs or elementwise (linear, mlp, rms_norm, layer_norm, rope) run as torch on the device:
-cuBLAS is the well-kept library for those, and the contract's references (glm52_backends/ops/) are
-device-agnostic torch already.
+mtp_verify.py, linear.py; fp8.py holds the block-FP8 activation quantizer and rounding helpers
+shared by linear.py and moe_experts.py; common.py the shared host-side checks, the per-step device
+data (`CudaStepData`, built once per step by `prepare_step`) and launch helpers.
+
+Weights: dense (bare tensors or "dense" `Weight`s) and block-FP8 ("fp8_block" `Weight`s: e4m3
+codes + f32 scales per 128x128 block, or 1x128 after a gate/up concatenation of odd widths) run
+natively in linear, mlp and moe_experts; FP8 activations are quantized per token per 128 inputs by
+the weight's recipe (fp8_g128 / fp8_g128_ue8m0) in a Triton kernel. Other formats (int8/int4
+Ascend formats) are declined -> reference. Dense linear/mlp are cuBLAS (`torch.nn.functional.linear`);
+FP8 linear is `torch._scaled_mm` (1x128 x 128x128 block scales, where torch and the GPU support it)
+or a Triton block-scaled FP8 GEMM (linear.py). rms_norm, layer_norm and rope run the contract's
+references (device-agnostic torch).
 
 `create()` returns the backend on the current CUDA device. Without a GPU but with
 TRITON_INTERPRET=1 the same kernels run in Triton's CPU interpreter on CPU tensors, and the backend
@@ -22,10 +29,10 @@ import os
 import torch
 
 from glm52_backends import ops as contract
-from glm52_backends.ops import Capabilities, OpUnsupported
+from glm52_backends.ops import Capabilities
 from glm52_backends.registry import BackendUnavailable
 
-from .common import dense, prepare
+from .common import prepare
 
 INSTALL = "pip install 'glm52_backends[cuda]'"
 
@@ -35,33 +42,38 @@ def _kernels(name: str):
 
 
 class CudaBackend:
-    """Triton kernels for indexer_topk, sparse_mla, moe_route, moe_experts, mtp_verify.
+    """Triton kernels for indexer_topk, sparse_mla, moe_route, moe_experts, mtp_verify, FP8 linear.
 
     `moe_gemm`: "auto" (torch._grouped_mm for bfloat16 on a GPU, Triton otherwise), "grouped_mm"
-    or "triton". Shapes, layouts and semantics: glm52_backends/ops/<op>.py.
+    or "triton" (dense experts; FP8 experts always run the Triton FP8 kernels).
+    `fp8_gemm`: "auto" (torch._scaled_mm where supported and verified, else Triton), "scaled_mm"
+    or "triton": the GEMM of FP8 linears. Shapes, layouts and semantics: glm52_backends/ops/<op>.py.
     `prepare_step(meta)` builds the step's device data once (common.CudaStepData); with a meta the
     cache-reading ops make no host synchronisation.
     """
 
     priority = 20
 
-    def __init__(self, device: torch.device, interpreter: bool, moe_gemm: str = "auto"):
+    def __init__(self, device: torch.device, interpreter: bool, moe_gemm: str = "auto", fp8_gemm: str = "auto"):
         if moe_gemm not in ("auto", "grouped_mm", "triton"):
             raise ValueError(f"moe_gemm must be 'auto', 'grouped_mm' or 'triton', got {moe_gemm!r}")
+        if fp8_gemm not in ("auto", "scaled_mm", "triton"):
+            raise ValueError(f"fp8_gemm must be 'auto', 'scaled_mm' or 'triton', got {fp8_gemm!r}")
         self.device = device
         self.interpreter = interpreter
         self.moe_gemm = moe_gemm
+        self.fp8_gemm = fp8_gemm
         self.name = "cuda (triton interpreter)" if interpreter else "cuda"
         self.capabilities = Capabilities(
             dtypes=(torch.bfloat16, torch.float16, torch.float32),
             # the interpreter computes every tl.dot in float32; float32 keeps CI runs exact
             default_dtype=torch.float32 if interpreter else torch.bfloat16,
             devices=(device.type,),
-            weight_formats=("dense",),    # FP8 block-scaled weights are declined -> reference
+            weight_formats=("dense", "fp8_block"),   # linear, mlp, moe_experts; other formats -> reference
             cache_formats=("dense",),
             max_topk=None,                # the radix select has no candidate buffer: any topk
             block_sizes=None,
-            extra={"moe_gemm": moe_gemm})
+            extra={"moe_gemm": moe_gemm, "fp8_gemm": fp8_gemm})
 
     def __repr__(self) -> str:
         return f"CudaBackend(device={self.device}, interpreter={self.interpreter})"
@@ -93,23 +105,21 @@ class CudaBackend:
     def mtp_verify(self, draft, target_logits, draft_probs=None, temperature=0.0, top_p=1.0, uniforms=None):
         return _kernels("mtp_verify").mtp_verify(draft, target_logits, draft_probs, temperature, top_p, uniforms)
 
-    # ---- supporting ops (torch on the device) --------------------------------------------------
+    # ---- supporting ops (cuBLAS / FP8 GEMM) --------------------------------------------------
     def linear(self, x, weight):
-        """cuBLAS in the input dtype (f32 accumulate); float32 without TF32 (torch's default).
-        Dense weights of x's dtype; anything else is declined (the reference casts / dequantizes)."""
-        w = dense("linear", "weight", weight)
-        if x.dtype != w.dtype:
-            raise OpUnsupported(f"linear: x is {x.dtype} but the weight is {w.dtype}")
-        return torch.nn.functional.linear(x, w)
+        """Dense weights of x's dtype: cuBLAS in that dtype (f32 accumulate; float32 without TF32,
+        torch's default). "fp8_block" Weights: Triton activation quantizer + torch._scaled_mm or the
+        Triton FP8 GEMM (linear.py). Anything else is declined (the reference casts / dequantizes)."""
+        return _kernels("linear").linear(x, weight, gemm=self.fp8_gemm)
 
     def mlp(self, x, w13, w2):
-        w13, w2 = dense("mlp", "w13", w13), dense("mlp", "w2", w2)
-        if not x.dtype == w13.dtype == w2.dtype:
-            raise OpUnsupported(f"mlp: x is {x.dtype} but the weights are {w13.dtype}/{w2.dtype}")
+        """Two `linear`s with SiLU*up between, computed in float32 and rounded to x's dtype (the
+        reference's roundings); declined when either linear declines its weight."""
+        lin = _kernels("linear").linear
         I = w2.shape[-1]
-        h = torch.nn.functional.linear(x, w13)
+        h = lin(x, w13, gemm=self.fp8_gemm)
         a = (torch.nn.functional.silu(h[..., :I].float()) * h[..., I:].float()).to(x.dtype)
-        return torch.nn.functional.linear(a, w2)
+        return lin(a, w2, gemm=self.fp8_gemm)
 
     def rms_norm(self, x, weight, eps):
         return contract.rms_norm(x, weight, eps)

@@ -28,6 +28,8 @@ from glm52_backends.step import StepMeta
 from glm52_backends.weights import Weight
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+FP8_GROUP = 128          # inputs per activation-quantization group = the K block of every FP8 kernel
+FP8_RECIPES = ("fp8_g128", "fp8_g128_ue8m0")
 
 
 def interpreting() -> bool:
@@ -78,8 +80,33 @@ def dense(op: str, name: str, w: Any) -> torch.Tensor:
     """The tensor of a dense weight (a bare tensor or a `Weight` of format "dense"); other formats
     are declined (OpUnsupported -> the reference dequantizes them)."""
     if isinstance(w, Weight):
-        need(w.format == "dense", op, f"{name} is a {w.format!r} Weight; this backend runs dense weights only")
+        need(w.format == "dense", op, f"{name} is a {w.format!r} Weight; the cuda backend runs 'dense' and "
+                                      f"'fp8_block' weights")
         return w.data
+    return w
+
+
+def is_fp8_block(w: Any) -> bool:
+    return isinstance(w, Weight) and w.format == "fp8_block"
+
+
+def fp8_block(op: str, name: str, w: Any, lead: int = 0) -> Weight:
+    """`w` as a block-FP8 `Weight` the FP8 kernels run: codes float8_e4m3fn `[*lead, N, K]`, f32
+    scales `[*lead, ceil(N/b0), ceil(K/b1)]`, any row block b0 (128, or 1 after a gate/up
+    concatenation of odd widths), input block b1 = 128 (the activation group and the kernels' K
+    block), recipe fp8_g128 or fp8_g128_ue8m0. Other formats, blocks, recipes or scale dtypes are
+    declined (OpUnsupported -> the reference); a scale tensor of the wrong shape is an error."""
+    need(is_fp8_block(w), op, f"{name} is a {getattr(w, 'format', type(w).__name__)!r} weight; the FP8 kernels "
+                              f"take 'fp8_block' Weights")
+    b0, b1 = w.block
+    need(b1 == FP8_GROUP, op, f"{name} has FP8 blocks of {b1} inputs; the kernels take {FP8_GROUP}-input blocks")
+    need(b0 >= 1, op, f"{name} has an FP8 row block of {b0}")
+    need(w.recipe in FP8_RECIPES, op, f"{name}: activation recipe {w.recipe!r}; the kernels run {FP8_RECIPES}")
+    need(w.scales.dtype == torch.float32, op, f"{name}: FP8 scales are {w.scales.dtype}; the kernels read float32")
+    if w.data.dim() != lead + 2:
+        raise ValueError(f"{op}: {name} must have {lead + 2} dims, got FP8 codes of shape {list(w.data.shape)}")
+    *lo, N, K = w.data.shape
+    check_shape(op, f"{name}.scales", w.scales, (*lo, -(-N // b0), -(-K // b1)))
     return w
 
 

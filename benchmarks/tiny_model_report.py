@@ -141,7 +141,8 @@ def prompts_from(texts, model: GLM52, n: int, length: int) -> list[list[int]]:
     return out
 
 
-def speculative_rows(model: GLM52, prompts, new_tokens: int, ks=(1, 2, 3, 4), repeats: int = 2):
+def speculative_rows(model: GLM52, prompts, new_tokens: int, ks=(1, 2, 3, 4), repeats: int = 2,
+                     adaptive_ks=(3, 4), thresholds=(0.3, 0.5, 0.7)):
     def timed(**kw):
         best, res = math.inf, None
         for _ in range(repeats):
@@ -157,7 +158,49 @@ def speculative_rows(model: GLM52, prompts, new_tokens: int, ks=(1, 2, 3, 4), re
         if res.tokens != plain.tokens:
             raise RuntimeError(f"speculative k={k} output differs from plain greedy decoding")
         rows.append({"k": k, "acceptance": res.stats["mean_acceptance_length"], "seconds": t,
-                     "tokens_per_s": n_tok / t, "speedup": t_plain / t})
+                     "tokens_per_s": n_tok / t, "speedup": t_plain / t,
+                     "drafted": res.stats["mean_drafted_tokens"], "rate": res.stats["draft_acceptance_rate"]})
+    for k in adaptive_ks:
+        for thr in thresholds:
+            res, t = timed(speculative=k, adaptive=True, draft_threshold=thr)
+            if res.tokens != plain.tokens:
+                raise RuntimeError(f"adaptive k={k} p>{thr} output differs from plain greedy decoding")
+            rows.append({"k": k, "threshold": thr, "acceptance": res.stats["mean_acceptance_length"], "seconds": t,
+                         "tokens_per_s": n_tok / t, "speedup": t_plain / t,
+                         "drafted": res.stats["mean_drafted_tokens"], "rate": res.stats["draft_acceptance_rate"]})
+    return rows
+
+
+# ---- quantized formats ---------------------------------------------------------------------------------
+QUANT_RUNS = (("bf16 (as shipped)", None, "auto"), ("fp8_block", "fp8", "auto"), ("w8a8_dynamic", "w8a8", "auto"),
+              ("w4a8_dynamic experts", "w4a8", "auto"), ("bf16 + fp8 caches", None, "fp8"),
+              ("bf16 + int8 (C8) caches", None, "int8"), ("fp8_block + fp8 caches", "fp8", "fp8"))
+
+
+def quant_rows(ckpt: str, texts, window: int) -> list[dict]:
+    """Held-out bits/byte, logits error against the float model and bytes held, per quantized format
+    (weights quantized at load from the BF16 checkpoint; caches in the named format); cpu_ref,
+    float32 activations, so the difference is the formats' arithmetic alone."""
+    from glm52_backends.weights import Weight
+    ref = load(ckpt)
+    probe = [w[:window] for w in windows([ref.cfg.eos_token_id[0]] + ref.tokenizer.encode(texts[0][1]), window)[:4]]
+    lf = torch.cat(ref(probe)).double()
+    rows = []
+    for name, q, kv in QUANT_RUNS:
+        m = GLM52(ckpt, backend="cpu_ref", dtype=torch.float32, progress=False, quantization=q, kv_cache_dtype=kv)
+        lq = torch.cat(m(probe)).double()
+        held = 0
+        for L in [*m.net.layers, m.net.mtp]:
+            for f in getattr(L, "__dataclass_fields__", {}):
+                v = getattr(L, f)
+                if isinstance(v, Weight):
+                    held += v.nbytes if v.quantized else v.data.numel() * 2   # dense linears stored as bf16
+        cache = m.new_cache(1024)
+        rows.append({"name": name, "bpb": bits_per_byte(m, texts, window)[0],
+                     "logits_rel_error": float((lq - lf).norm() / lf.norm()),
+                     "argmax_agreement": float((lq.argmax(-1) == lf.argmax(-1)).double().mean()),
+                     "layer_linear_bytes": held,
+                     "cache_bytes_per_token": sum(t.numel() * t.element_size() for t in cache.tensors()) / 1024})
     return rows
 
 
@@ -247,13 +290,21 @@ def markdown(r: dict) -> str:
         "token for token. Acceptance length = tokens emitted per verify step (bonus included; 1.0 = no draft "
         "accepted).",
         "",
-        "| k | mean acceptance length | decode tokens/s | speed-up vs plain |",
-        "|---|---|---|---|",
+        "Adaptive rows (`generate(..., speculative=k, adaptive=True, draft_threshold=p)`): a request stops "
+        "drafting in a round once its draft's probability under the MTP layer is <= p (the first draft is always "
+        "proposed).",
+        "",
+        "| k | drafting | drafts per round | accepted / proposed | mean acceptance length | decode tokens/s "
+        "| speed-up vs plain |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in r["spec"]:
         k = "plain" if row["k"] == 0 else str(row["k"])
+        how = "-" if row["k"] == 0 else (f"adaptive p>{row['threshold']:g}" if "threshold" in row else "fixed")
         acc = "-" if row["k"] == 0 else f"{row['acceptance']:.2f}"
-        lines.append(f"| {k} | {acc} | {row['tokens_per_s']:.1f} | {row['speedup']:.2f}x |")
+        dr = "-" if row["k"] == 0 else f"{row['drafted']:.2f}"
+        rate = "-" if row["k"] == 0 else f"{row['rate']:.0%}"
+        lines.append(f"| {k} | {how} | {dr} | {rate} | {acc} | {row['tokens_per_s']:.1f} | {row['speedup']:.2f}x |")
     lines += [
         "",
         "The speed-up is set by the acceptance length against the cost of a round: k-1 MTP draft steps (each a "
@@ -269,10 +320,22 @@ def markdown(r: dict) -> str:
     lines += [
         "## Quantized formats",
         "",
-        "Placeholder: filled once quantized execution lands (another engineer works on it): held-out bits per "
-        "byte and speed of this model in the quantized weight formats, against the BF16 numbers above.",
+        "The shipped BF16 weights quantized at load (`GLM52(path, quantization=...)`: fp8_block 128x128 blocks "
+        "with FP8 activations per token per 128; w8a8_dynamic int8 per channel with int8 activations per token; "
+        "w4a8_dynamic for the routed experts, the other linears w8a8) and the caches in FlashMLA's fp8 or "
+        "Ascend's C8 int8 rows (`kv_cache_dtype=`); cpu_ref executes each format exactly (glm52_backends/"
+        "quant.py). Bits/byte on the held-out text above; logits error = ||L_q - L_bf16|| / ||L_bf16|| on 4 "
+        "held-out windows; bytes = the decoder layers' linear weights as held (dense ones counted in bf16) and "
+        "the paged cache per token (all layers).",
         "",
+        "| weights / caches | held-out bits/byte | logits rel. error | argmax agreement | layer linears bytes "
+        "| cache bytes/token |",
+        "|---|---|---|---|---|---|",
     ]
+    for q in r["quant"]:
+        lines.append(f"| {q['name']} | {q['bpb']:.4f} | {q['logits_rel_error']:.2e} | {q['argmax_agreement']:.1%} | "
+                     f"{q['layer_linear_bytes']:,} | {q['cache_bytes_per_token']:,.0f} |")
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -299,6 +362,8 @@ def main(argv=None) -> int:
     t0 = time.time()
     bpb = bpb_variants(ckpt, texts, a.window)
     print(f"bits/byte {bpb} ({time.time() - t0:.0f} s)", file=sys.stderr)
+    quant = quant_rows(ckpt, texts, a.window)
+    print(f"quantized {quant}", file=sys.stderr)
     model = load(ckpt)
     prompts = prompts_from(texts, model, a.spec_prompts, a.spec_prompt_len)
     spec = speculative_rows(model, prompts, a.spec_new)
@@ -315,7 +380,7 @@ def main(argv=None) -> int:
          "window": a.window, "heldout_bytes": sum(len(t.encode("utf-8")) for _, t in texts),
          "yaml_version": yaml.__version__, "spec": spec, "spec_prompts": len(prompts),
          "spec_prompt_len": a.spec_prompt_len, "spec_new": a.spec_new, "samples": samples,
-         "active_params": active,
+         "active_params": active, "quant": quant,
          "size_mb": sum(os.path.getsize(os.path.join(ckpt, n)) for n in os.listdir(ckpt)) / 1e6}
     os.makedirs(os.path.dirname(os.path.abspath(a.markdown)), exist_ok=True)
     with open(a.markdown, "w", encoding="utf-8") as f:

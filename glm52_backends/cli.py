@@ -177,6 +177,10 @@ def cmd_generate(args) -> int:
     path = args.checkpoint or default_checkpoint()
     t0 = time.perf_counter()
     par = dict(tp=args.tp, dp=args.dp, ep=args.ep) if args.tp * args.dp > 1 else {}
+    if args.quantization is not None:
+        par["quantization"] = args.quantization
+    if args.kv_cache_dtype is not None:
+        par["kv_cache_dtype"] = args.kv_cache_dtype
     if args.deployment:
         model = GLM52.from_deployment(args.deployment, model=args.checkpoint or None, progress=not args.quiet,
                                       **({"backend": args.backend} if args.backend != "auto" else {}),
@@ -214,6 +218,9 @@ def cmd_generate(args) -> int:
     fallback = [op for op, how in s["ops"].items() if how in ("fallback", "mixed")]
     print(f"checkpoint : {path}")
     print(f"backend    : {s['backend']}   dtype: {str(model.dtype).replace('torch.', '')}   device: {model.device}")
+    fmts = model.load_stats.get("formats") or {}
+    print(f"formats    : weights {', '.join(f'{k} x{v}' for k, v in fmts.items()) or '-'}; caches latent "
+          f"{model.kv_cache_format}, index {model.index_cache_format}")
     print(f"native ops : {', '.join(native) or '-'}")
     print(f"fell back  : {', '.join(fallback) or '-'}")
     rows = []
@@ -224,7 +231,7 @@ def cmd_generate(args) -> int:
             row.append(_clip(repr(res.text[i]), 40))
         rows.append(row)
     print(_table(rows, ["req", "prompt", "new", "stop", "generated token ids"] + (["text"] if res.text else [])))
-    if res.text and not args.quiet:   # the whole text of each request, when it reads as text
+    if res.text:   # the whole text of each request, when it reads as text
         for i, t in enumerate(res.text):
             whole = (prompts[i] if isinstance(prompts[i], str) else "") + t
             if whole.replace("\n", "").replace("\t", "").isprintable():
@@ -327,6 +334,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="expert-parallel ranks: 1 (experts TP-split) or tp x dp")
     g.add_argument("--deployment", metavar="YAML", help="a deployment config (configs/*.yaml or a bundled name): "
                    "backend, device, dtype and, under torchrun, the parallel layout")
+    g.add_argument("--quantization", choices=("fp8", "w8a8", "w4a8", "none"),
+                   help="weights: default = as stored (BF16, block-FP8, msModelSlim W8A8/W4A8); fp8 | w8a8 | w4a8 "
+                        "quantize a BF16 checkpoint at load; none dequantizes a quantized one")
+    g.add_argument("--kv-cache-dtype", default=None, metavar="DTYPE",
+                   help="auto (the model dtype) | fp8 (FlashMLA's 656-byte latent rows + FP8 index keys) | "
+                        "int8 (Ascend C8) | a format name; the index cache follows")
     g.set_defaults(fn=cmd_generate)
 
     m = sub.add_parser("make-tiny", help="write a small random checkpoint in the real GLM-5.2 format")

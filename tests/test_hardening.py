@@ -557,7 +557,7 @@ def test_readme_stays_inside_the_repository_and_documents_the_rules():
             assert os.path.exists(os.path.join(REPO, target)), target
     for path in re.findall(r"`((?:glm52_backends|backends|conformance|benchmarks|tests|configs)/[\w/.-]+)`", text):
         assert os.path.exists(os.path.join(REPO, path.rstrip("/"))), path
-    assert "GLM52_CACHE" in text and "tiny-default" in text
+    assert "default_checkpoint()" in text and "default_model/" in text and "train_tiny" in text
     assert re.search(r"`0` success; `1` a check failed.*`2` bad input or environment", text, re.S)
     assert "one warning per backend and op" in text and "GLM52_DEBUG" in text
     assert "--version" in text

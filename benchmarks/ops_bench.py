@@ -385,6 +385,16 @@ def _scaled_mm_alone(env: Env, x, w):
     return run
 
 
+
+def _routed_moe(be, ref, logits, bias, K, x, w13, w2):
+    """(ours, reference): routing (GLM-5.2's: one group, renormalised, scale 2.5) + the routed experts."""
+    def run(ops):
+        def call():
+            i, w_ = ops.moe_route(logits, bias, K, 1, 1, True, 2.5)
+            return ops.moe_experts(x, w13, w2, i, w_)
+        return call
+    return run(be), run(ref)
+
 def _inputs(env: Env, be, case: Case):
     """(backend call, baseline call, reference call or None, comparison kind, baseline name) for one case."""
     from glm52_backends import ops as ref
@@ -406,13 +416,7 @@ def _inputs(env: Env, be, case: Case):
         logits = torch.randn(T, d.E, device=dev)
         bias = torch.rand(d.E, device=dev) * 0.1
 
-        def ours():
-            i, w_ = be.moe_route(logits, bias, d.K, 1, 1, True, 2.5)
-            return be.moe_experts(x, w13, w2, i, w_)
-
-        def reference():
-            i, w_ = ref.moe_route(logits, bias, d.K, 1, 1, True, 2.5)
-            return ref.moe_experts(x, w13, w2, i, w_)
+        ours, reference = _routed_moe(be, ref, logits, bias, d.K, x, w13, w2)
 
         ids, _ = ref.moe_route(logits, bias, d.K, 1, 1, True, 2.5)
         order = ids.view(-1).argsort(stable=True)
@@ -466,13 +470,7 @@ def _inputs(env: Env, be, case: Case):
             torch._grouped_mm(xs, w13.transpose(1, 2), offs=offs)
             return torch._grouped_mm(act, w2.transpose(1, 2), offs=offs)
 
-        def ours():
-            i, w_ = be.moe_route(logits, bias, d.K, 1, 1, True, 2.5)
-            return be.moe_experts(x, w13, w2, i, w_)
-
-        def reference():
-            i, w_ = ref.moe_route(logits, bias, d.K, 1, 1, True, 2.5)
-            return ref.moe_experts(x, w13, w2, i, w_)
+        ours, reference = _routed_moe(be, ref, logits, bias, d.K, x, w13, w2)
 
         try:    # the issue's baseline where torch has it for this device and dtype
             grouped_mm_alone()

@@ -12,8 +12,6 @@ head dims, Hi/Di indexer heads/dim, E experts, I expert width, Hd hidden, V voca
 
 from __future__ import annotations
 
-import logging
-import warnings
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
@@ -235,32 +233,10 @@ class Glm52Network:
             idx = prev_idx                                                                   # IndexShare
 
         q_lat = torch.einsum("thd,hdc->thc", q[..., :dn], L.w_uk)                          # absorb W_UK
-        sparse_mla = self._cache_reader("sparse_mla", cache.latent_format)
-        o_lat = sparse_mla(torch.cat([q_lat, q_pe], -1), cache.c[l], cache.k_pe[l], idx, meta.block_table,
-                           meta.seq_lens, meta.cu_seqlens_q, cfg.softmax_scale, meta=meta)  # [T, H, C]
+        o_lat = ops.sparse_mla(torch.cat([q_lat, q_pe], -1), cache.c[l], cache.k_pe[l], idx, meta.block_table,
+                               meta.seq_lens, meta.cu_seqlens_q, cfg.softmax_scale, meta=meta)  # [T, H, C]
         o = torch.einsum("thc,hvc->thv", o_lat, L.w_uv).reshape(T, H * cfg.v_head_dim)     # absorb W_UV
         return self.comm.all_reduce(ops.linear(o, L.wo)), idx                              # row-parallel seam
-
-    def _cache_reader(self, op: str, fmt: str):
-        """The op that reads a cache in format `fmt`: the backend's when it declares the format
-        (`Capabilities.cache_formats`; "dense" always), else the reference, which dequantizes on
-        read, with one warning per op and format, counted as a fallback in `ops.ran_natively()`."""
-        ops = self.ops
-        if fmt == "dense" or fmt in ops.capabilities.cache_formats:
-            return getattr(ops, op)
-        warned = self.__dict__.setdefault("_cache_warned", set())
-        if (op, fmt) not in warned:
-            warned.add((op, fmt))
-            msg = (f"backend {ops.name!r}: {op} falls back to the reference (the cache is {fmt!r}; "
-                   f"the backend reads {', '.join(ops.capabilities.cache_formats)})")
-            warnings.warn(msg, RuntimeWarning, stacklevel=3)
-            logging.getLogger("glm52_backends").warning(msg)
-        ref, counts = getattr(ops.reference, op), ops.calls[op]
-
-        def reference(*args, **kwargs):
-            counts["fallback"] += 1
-            return ref(*args, **kwargs)
-        return reference
 
     def _indexer(self, l: int, ix: Indexer, x, qr, st: Step, cache: PagedCache) -> torch.Tensor:
         cfg, ops, meta = self.cfg, self.ops, st.meta
@@ -271,9 +247,8 @@ class Glm52Network:
         ik = torch.cat([ops.rope(ik[:, :dr], st.positions, cfg.rope_theta), ik[:, dr:]], -1)
         cache.write_index(l, st.slots, ik)                             # in the cache's index format
         w = ops.linear(x, ix.w_proj).float() * (Hi ** -0.5 * Di ** -0.5)                 # [T, Hi] f32
-        indexer_topk = self._cache_reader("indexer_topk", cache.index_format)
-        idx = indexer_topk(iq, w, cache.index_k[l], meta.block_table, meta.seq_lens, meta.cu_seqlens_q,
-                           cfg.index_topk, meta=meta)
+        idx = ops.indexer_topk(iq, w, cache.index_k[l], meta.block_table, meta.seq_lens, meta.cu_seqlens_q,
+                               cfg.index_topk, meta=meta)
         if getattr(ops, "debug", False) and self.comm.world_size > 1:
             # the indexer is replicated: every tp rank must select the same positions (ties decided
             # the same way); compare with the group's first rank, as DeepSeek's reference does

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, Callable
 
+from . import cache_formats
 from .ops import OP_NAMES, REFERENCES, Capabilities, OpUnsupported, check_signature, signature
 
 log = logging.getLogger("glm52_backends")
@@ -247,6 +248,15 @@ _OUTPUT_CHECKS: dict[str, Callable[[tuple, dict, Any], str | None]] = {
 }
 
 
+# Cache-reading ops: the format of the cache they were handed (cache_formats.py: the code view's dtype
+# names it). A backend that does not list the format in `Capabilities.cache_formats` gets the
+# reference, which dequantizes on read, exactly as for an op it declines.
+_CACHE_FORMAT_OF: dict[str, Callable[[tuple, dict], str]] = {
+    "sparse_mla": lambda a, k: cache_formats.latent_format_of(_arg(a, k, 1, "c_cache")),
+    "indexer_topk": lambda a, k: cache_formats.index_format_of(_arg(a, k, 2, "k_cache")),
+}
+
+
 def _non_finite(op: str, out: Any) -> str | None:
     """NaN/inf in a float output (sparse_mla's lse may be -inf: a row with nothing to attend)."""
     import torch
@@ -365,12 +375,19 @@ class BoundBackend:
                 self._check(op, args, kwargs, out, "reference fallback")
             return out
 
+        cache_format = None if isinstance(self.backend, _Reference) else _CACHE_FORMAT_OF.get(op)
+        readable = tuple(dict.fromkeys(("dense",) + tuple(self.capabilities.cache_formats)))
         if native is None:
             def call(*args, **kwargs):
                 self._warn(op, "not implemented by this backend")
                 return fallback(args, kwargs)
         else:
             def call(*args, **kwargs):
+                if cache_format is not None:       # a cache in a format the backend does not read
+                    fmt = cache_format(args, kwargs)
+                    if fmt not in readable:
+                        self._warn(op, f"the cache is {fmt!r}; the backend reads {', '.join(readable)}")
+                        return fallback(args, kwargs)
                 try:
                     out = native(*args, **kwargs)
                 except OpUnsupported as e:

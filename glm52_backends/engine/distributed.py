@@ -8,6 +8,7 @@ the plan, and picks the rank's device (`cuda:LOCAL_RANK`, `npu:LOCAL_RANK`, or t
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from dataclasses import dataclass
@@ -33,6 +34,16 @@ def init_process_group(device_type: str, collective: str | None = None) -> None:
                           f"{', '.join(missing)} in the environment) or call init_process_group first")
     dist.init_process_group(collective or DEFAULT_COLLECTIVE.get(device_type, "gloo"),
                             timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    atexit.register(_destroy_process_group)   # ours: torn down before the interpreter's threads are
+
+
+def _destroy_process_group() -> None:
+    """Destroy the process group this module made, at exit: left to the interpreter's teardown, a
+    backend's threads may still be joinable and abort the process ("terminate called without an
+    active exception") after every result was returned."""
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 @dataclass

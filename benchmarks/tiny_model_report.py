@@ -226,7 +226,7 @@ def markdown(r: dict) -> str:
         "",
         f"`glm52_backends/default_model/` ({r['size_mb']:.1f} MB): BF16 safetensors (router bias F32) + config.json "
         "+ tokenizer.json in the real GLM-5.2 checkpoint format, trained by `python -m glm52_backends.train_tiny "
-        f"--out DIR --steps {a['steps']} --seed {a['seed']}`.",
+        f"--out DIR --steps {a['steps']} --seed {a['seed']} --threads {a['threads']}`.",
         "",
         "| | |",
         "|---|---|",
@@ -259,9 +259,8 @@ def markdown(r: dict) -> str:
         "",
         f"**Training time: {t['train_seconds'] / 60:.1f} min** ({t['total_seconds'] / 60:.1f} min with tokenizer "
         f"and data), **{t['tokens_per_s']:.0f} tokens/s**, on this machine's 2 CPU cores (torch "
-        f"{t['torch']}, {a['threads']} thread{'s' if a['threads'] != 1 else ''}), SHARED with other jobs running at the "
-        f"same time (load average 4-11 during the run; with that many jobs on 2 cores one torch thread wasted less "
-        f"time waiting than two), so the time varies from run to run. Final training loss (EMA): LM {t['log'][-1]['ema_loss_lm']:.3f} nats/token.",
+        f"{t['torch']}, {a['threads']} thread{'s' if a['threads'] != 1 else ''}), shared with other jobs "
+        f"(the test suite ran on the other core for part of the run), so the time varies from run to run. Final training loss (EMA): LM {t['log'][-1]['ema_loss_lm']:.3f} nats/token.",
         "",
         "## Held-out bits per byte",
         "",
@@ -368,7 +367,9 @@ def main(argv=None) -> int:
     prompts = prompts_from(texts, model, a.spec_prompts, a.spec_prompt_len)
     spec = speculative_rows(model, prompts, a.spec_new)
     print(f"speculative {spec}", file=sys.stderr)
-    samples = [("Greedy, prompt `def `:", sample_text(model, "def ", 120)),
+    from glm52_backends.cli import DEFAULT_PROMPTS
+    samples = [(f"Greedy, prompt `{DEFAULT_PROMPTS[0]}` (`glm52 generate`'s first default prompt):",
+                sample_text(model, DEFAULT_PROMPTS[0], 120)),
                ("Sampled (temperature 0.8, top-p 0.95, seed 0), prompt `class Parser:`:",
                 sample_text(model, "class Parser:\n", 160, temperature=0.8))]
     c = model.cfg

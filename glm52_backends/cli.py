@@ -163,7 +163,7 @@ def _ratio(a: float, b: float) -> str:
 
 
 # Text prompts of `glm52 generate` without --prompt/--ids when the checkpoint has a tokenizer.
-DEFAULT_PROMPTS = ("def ", "import ", "class ", "    # ")
+DEFAULT_PROMPTS = ("def __init__(self", "import ", "class ", "    def ")
 
 
 def cmd_generate(args) -> int:

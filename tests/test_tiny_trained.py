@@ -24,8 +24,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # Held-out bits per byte on the sample below (the first 6000 bytes of PyYAML's scanner.py), measured
 # on the shipped model with this scoring (benchmarks/tiny_model_report.py scores more text, see
 # benchmarks/results/tiny-model.md). The bound is ~3.5% above: platform noise passes, a regression fails.
-HELD_OUT_BPB_MEASURED = 2.0104
-HELD_OUT_BPB_BOUND = 2.08
+HELD_OUT_BPB_MEASURED = 1.7402
+HELD_OUT_BPB_BOUND = 1.80
 HELD_OUT_BYTES = 6000
 REL_TOL = 1e-4
 
@@ -102,10 +102,11 @@ def test_greedy_speculative_equals_plain_greedy(ours):
 
 
 def test_generates_python_like_text(ours):
-    out = ours.generate(["def "], max_new_tokens=40, temperature=0.0)
+    from glm52_backends.cli import DEFAULT_PROMPTS                # what `glm52 generate` shows first
+    out = ours.generate([DEFAULT_PROMPTS[0]], max_new_tokens=40, temperature=0.0)
     text = out.text[0]
-    assert text.isprintable() or "\n" in text
-    assert any(w in text for w in ("self", "return", "(", ":")), text
+    assert text.replace("\n", "").isprintable(), text
+    assert sum(w in text for w in ("self", "return", "(", ":", "\n    ")) >= 3, text
 
 
 @torch.inference_mode()

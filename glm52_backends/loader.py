@@ -572,14 +572,6 @@ def _validate_ascend(cfg: ModelConfig, entries: dict[str, TensorEntry], where: s
 
 # ---- reading ---------------------------------------------------------------------------------
 
-def dequantize_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """Block-FP8 -> float32: `W[i, j] = W_fp8[i, j] * scale_inv[i // b0, j // b1]` (partial last blocks)."""
-    rows, cols = w.shape  # w: [out, in]; scale_inv: [ceil(out/b0), ceil(in/b1)]
-    s = scale_inv.float().repeat_interleave(block[0], dim=0)[:rows]
-    s = s.repeat_interleave(block[1], dim=1)[:, :cols]  # [out, in]
-    return w.float() * s
-
-
 class _Reader:
     """safe_open handles kept open while loading; counts the tensor bytes read."""
 

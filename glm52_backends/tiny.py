@@ -26,12 +26,11 @@ from safetensors.torch import save_file
 
 from .config import ModelConfig, indexshare_schedule
 from .loader import (ASCEND_DESCRIPTION, ASCEND_INDEX, ASCEND_NAMES, ASCEND_SINGLE, DEFAULT_FP8_BLOCK, INDEX_FILE,
-                     SCALE_SUFFIX, SINGLE_FILE, ascend_part_name, dequantize_fp8, recipe_format)
-from .weights import expected_tensors, float32_tensor, is_fp8_weight, quantize_weight
+                     SCALE_SUFFIX, SINGLE_FILE, ascend_part_name, recipe_format)
+from .weights import Weight, expected_tensors, float32_tensor, is_fp8_weight, quantize_weight
 
 QUANT_CHOICES = ("fp8", "w8a8", "w4a8")   # make-tiny --quant
 
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 TINY_DEFAULTS = dict(
     hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_attention_heads=4,
@@ -85,21 +84,6 @@ def _init_tensor(name: str, shape: tuple[int, ...], g: torch.Generator) -> torch
     return torch.randn(shape, generator=g) * std
 
 
-def quantize_fp8(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """float `[out, in]` -> (`float8_e4m3fn [out, in]`, F32 `scale_inv [ceil(out/b0), ceil(in/b1)]`),
-    one scale per block (amax / 448), partial last blocks included."""
-    rows, cols = w.shape
-    b0, b1 = block
-    nb0, nb1 = -(-rows // b0), -(-cols // b1)
-    padded = torch.zeros(nb0 * b0, nb1 * b1)
-    padded[:rows, :cols] = w.float()
-    amax = padded.view(nb0, b0, nb1, b1).abs().amax(dim=(1, 3))  # [nb0, nb1]
-    scale_inv = (amax / FP8_MAX).clamp(min=1e-12)
-    s = scale_inv.repeat_interleave(b0, 0)[:rows].repeat_interleave(b1, 1)[:, :cols]
-    q = (w.float() / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return q, scale_inv.float()
-
-
 def tiny_tensors(cfg: ModelConfig, *, fp8: bool, seed: int,
                  include_mtp: bool | None = None) -> dict[str, torch.Tensor]:
     """Every checkpoint tensor in its stored dtype (BF16; F32 router bias; FP8 + scale when fp8)."""
@@ -111,7 +95,8 @@ def tiny_tensors(cfg: ModelConfig, *, fp8: bool, seed: int,
         if float32_tensor(name):
             out[name] = w.float()
         elif fp8 and is_fp8_weight(name):   # quantized from the BF16 values, as an FP8 release is from its BF16 master
-            out[name], out[name + SCALE_SUFFIX] = quantize_fp8(w.to(torch.bfloat16).float(), block)
+            q = quantize_weight(w.to(torch.bfloat16).float(), "fp8_block", block=block)
+            out[name], out[name + SCALE_SUFFIX] = q.data, q.scales
         else:
             out[name] = w.to(torch.bfloat16)
     return out
@@ -443,7 +428,8 @@ def dequantized_twin(path_fp8: str | os.PathLike, out_path: str | os.PathLike) -
     for name, t in raw.items():
         if name.endswith(SCALE_SUFFIX):
             continue
-        out[name] = dequantize_fp8(t, raw[name + SCALE_SUFFIX], block) if t.dtype == torch.float8_e4m3fn else t
+        out[name] = Weight(t, raw[name + SCALE_SUFFIX], "fp8_block", block).dense() \
+            if t.dtype == torch.float8_e4m3fn else t
     _refuse_existing(dst)
     _check_writable(dst)
     with _staged(dst) as tmp:
@@ -492,7 +478,7 @@ def write_tiny_tokenizer(path: str, vocab_size: int) -> bool:
     return True
 
 
-__all__ = ["make_tiny_checkpoint", "tiny_config", "tiny_tensors", "random_state_dict", "quantize_fp8", "dequantized_twin",
+__all__ = ["make_tiny_checkpoint", "tiny_config", "tiny_tensors", "random_state_dict", "dequantized_twin",
            "write_safetensors", "write_tiny_tokenizer", "ascendv1_tensors", "calibrate_static_inputs", "QUANT_CHOICES"]
 
 

@@ -1,9 +1,15 @@
-"""Shared fixtures of the test suite."""
+"""Shared fixtures and helpers of the test suite (test modules import the helpers: `from conftest import ...`)."""
 
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
+
 import pytest
 import torch
+
+from glm52_backends.backends.cpu_ref import CpuRefBackend
+from glm52_backends.tiny import make_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -14,3 +20,37 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """A random 4-layer checkpoint (BF16)."""
+    return make_tiny_checkpoint(tmp_path / "tiny", layers=4, seed=1)
+
+
+@pytest.fixture
+def tiny_fp8(tmp_path):
+    """A random 4-layer block-FP8 checkpoint with 16x16 blocks (several blocks per matrix)."""
+    return make_tiny_checkpoint(tmp_path / "fp8", fp8=True, fp8_block=(16, 16), layers=4, seed=2)
+
+
+@contextmanager
+def env_vars(extra: dict[str, str]):
+    """Set environment variables for the block, then restore them (removing those that were unset)."""
+    old = {k: os.environ.get(k) for k in extra}
+    os.environ.update(extra)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+class Planted(CpuRefBackend):
+    """cpu_ref with some ops replaced (a deliberately wrong backend the suite must catch)."""
+
+    def __init__(self, name: str, **ops):
+        super().__init__()
+        self.name = name
+        for op, fn in ops.items():
+            setattr(self, op, fn)

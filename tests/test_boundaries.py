@@ -13,8 +13,6 @@ Error tests check the reason in the message, not only the name of the culprit.
 from __future__ import annotations
 
 import math
-import os
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -33,6 +31,7 @@ from glm52_backends.registry import get_backend
 from glm52_backends.sampling import probs_from_logits, sample_from
 from glm52_backends.step import StepMeta
 from glm52_backends.tiny import tiny_config
+from conftest import env_vars
 
 BACKENDS = ["cpu_ref", "torch", "ascend"]
 BACKEND_ENV = {"ascend": {"GLM52_ASCEND_EMULATE": "1"}}
@@ -43,23 +42,12 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
-@contextmanager
-def _env(extra: dict[str, str]):
-    old = {k: os.environ.get(k) for k in extra}
-    os.environ.update(extra)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-
-
 _BOUND: dict = {}
 
 
 def _backend(name):
     if name not in _BOUND:
-        with _env(BACKEND_ENV.get(name, {})):
+        with env_vars(BACKEND_ENV.get(name, {})):
             _BOUND[name] = get_backend(name)
     return _BOUND[name]
 

@@ -13,13 +13,13 @@ import torch
 
 from glm52_backends.quant import QUANT_FORMATS
 
-from glm52_backends.backends.cpu_ref import CpuRefBackend
 from glm52_backends import ops as R
 from glm52_backends.ops._paged import gather_paged
 from glm52_backends.cli import main as cli_main
 from glm52_backends.conformance import run
 from glm52_backends.conformance.cases import CASES
 from glm52_backends.registry import register_backend, unregister_backend
+from conftest import Planted
 
 
 def test_cpu_ref_quick_passes_and_reports():
@@ -38,16 +38,6 @@ def test_catalogue_covers_every_hot_op_with_edge_cases():
         assert sum(o == op for o, _ in names) >= 4, op
     assert {("indexer_topk", "relu-ties"), ("sparse_mla", "padding"), ("moe_experts", "empty-experts"),
             ("moe_experts", "one-expert")} <= names
-
-
-class Planted(CpuRefBackend):
-    """cpu_ref with one op replaced."""
-
-    def __init__(self, name: str, **ops):
-        super().__init__()
-        self.name = name
-        for op, fn in ops.items():
-            setattr(self, op, fn)
 
 
 # ---- the wrong ops ---------------------------------------------------------------------------------

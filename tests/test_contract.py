@@ -18,8 +18,7 @@ from glm52_backends.ops.comm import Collectives, default_collectives
 from glm52_backends.registry import (BackendContractError, BackendUnavailable, get_backend, list_backends,
                                      register_backend, unregister_backend)
 from glm52_backends.step import StepMeta
-from glm52_backends.tiny import quantize_fp8
-from glm52_backends.weights import Weight
+from glm52_backends.weights import Weight, quantize_weight
 
 F64 = torch.float64
 
@@ -149,7 +148,8 @@ def test_indexer_topk_never_reads_outside_the_context(poison):
 def test_weight_formats_through_the_reference():
     g = torch.Generator().manual_seed(6)
     w = torch.randn(300, 200, generator=g)
-    q8, s = quantize_fp8(w, (128, 128))
+    q = quantize_weight(w, "fp8_block")
+    q8, s = q.data, q.scales
     fp8 = Weight(q8, s, "fp8_block")
     dense = fp8.dense()
     assert dense.shape == w.shape and (dense - w).abs().max() < 0.07 * w.abs().max()   # e4m3: 3 mantissa bits

@@ -40,16 +40,6 @@ def _edit_config(path, edit):
     return file
 
 
-@pytest.fixture
-def tiny(tmp_path):
-    return make_tiny_checkpoint(tmp_path / "tiny", layers=4, seed=1)
-
-
-@pytest.fixture
-def tiny_fp8(tmp_path):
-    return make_tiny_checkpoint(tmp_path / "fp8", fp8=True, fp8_block=(16, 16), layers=4, seed=2)
-
-
 def _raises(exc, *fragments, **kw):
     """pytest.raises that also checks each fragment appears in the message."""
     class _Ctx:

@@ -216,16 +216,6 @@ def test_malformed_index(tmp_path):
 
 # ---- reasons, not only names --------------------------------------------------------------------------
 
-@pytest.fixture
-def tiny(tmp_path):
-    return make_tiny_checkpoint(tmp_path / "tiny", layers=4, seed=1)
-
-
-@pytest.fixture
-def tiny_fp8(tmp_path):
-    return make_tiny_checkpoint(tmp_path / "fp8", fp8=True, fp8_block=(16, 16), layers=4, seed=2)
-
-
 @pytest.mark.parametrize("name,dtype,reason", [
     ("model.norm.weight", torch.int64, "has dtype I64, expected one of ['BF16', 'F16', 'F32']"),
     ("model.layers.0.mlp.down_proj.weight", torch.float64,

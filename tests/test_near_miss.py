@@ -25,7 +25,6 @@ import math
 import pytest
 import torch
 
-from glm52_backends.backends.cpu_ref import CpuRefBackend
 from glm52_backends.conformance import judges
 from glm52_backends.conformance.cases import BOUNDARY, CASES, Case, verify_ratios
 from glm52_backends.conformance.inputs import Arg, CaseInputs, generator
@@ -36,6 +35,7 @@ from glm52_backends.ops import REFERENCES
 from glm52_backends.registry import get_backend
 from glm52_backends.sampling import probs_from_logits
 from glm52_backends.weights import Weight
+from conftest import Planted
 
 CAUGHT = (2.0, 4.0, 10.0)
 PASSES = 0.5
@@ -60,16 +60,6 @@ def _inputs(case: Case) -> CaseInputs:
 
 def _cases(op: str) -> list[Case]:
     return [c for c in CASES if c.op == op]
-
-
-class Planted(CpuRefBackend):
-    """cpu_ref with some ops replaced."""
-
-    def __init__(self, name: str, **ops):
-        super().__init__()
-        self.name = name
-        for op, fn in ops.items():
-            setattr(self, op, fn)
 
 
 def _run(op: str, fn, dtype: torch.dtype, cases: list[Case] | None = None):

@@ -10,9 +10,7 @@ is still decided by the backend's `mtp_verify` against the target's logits, so a
 from __future__ import annotations
 
 import math
-import os
 import re
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -23,6 +21,7 @@ from glm52_backends.registry import get_backend
 from glm52_backends.sampling import probs_from_logits
 from glm52_backends.engine.speculative import DEFAULT_DRAFT_THRESHOLD, SpeculativeDecoder, generate_speculative
 from glm52_backends.tiny import make_tiny_checkpoint
+from conftest import env_vars
 
 # every backend that runs on this machine: the Ascend backend through its CPU emulator of the
 # torch_npu ops. (The CUDA backend under Triton's interpreter is too slow for these generations;
@@ -51,25 +50,14 @@ _MODELS: dict = {}
 _PLAIN: dict = {}
 
 
-@contextmanager
-def _env(extra: dict[str, str]):
-    old = {k: os.environ.get(k) for k in extra}
-    os.environ.update(extra)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-
-
 def _backend(name):
-    with _env(BACKEND_ENV.get(name, {})):
+    with env_vars(BACKEND_ENV.get(name, {})):
         return get_backend(name)
 
 
 def _model(ckpt, backend):
     if backend not in _MODELS:
-        with _env(BACKEND_ENV.get(backend, {})):
+        with env_vars(BACKEND_ENV.get(backend, {})):
             _MODELS[backend] = GLM52(ckpt, backend=backend, dtype=torch.float32, progress=False)
     return _MODELS[backend]
 

@@ -12,10 +12,13 @@ one is one uint8 tensor per layer `[num_blocks, block_size * bytes_per_token]` (
 these owners), and `c[l]`, `k_pe[l]`, `index_k[l]` are the views the ops receive (the codes, and
 the bf16 rope of the latent rows); `write_latent` / `write_index` quantize and pack what they write.
 
-A step that fails after reserving (a backend op raising mid-step) must leave the cache exactly as
-it was: `with cache.transaction(): ...` records what `reserve` hands out and, in every write, the
-old bytes of every slot it overwrites, and on any exception puts both back (bit-identical), so a
-retry neither appends twice nor reads a half-written step.
+A step that fails after reserving (a backend op raising mid-step, NaN logits) must leave the cache
+as it was: `with cache.transaction(): ...` records each request's length and block count before the
+step's `reserve` and, on any exception, rolls them back by length (blocks handed out return to the
+free list in the order they left it). Nothing is copied: a step writes only positions at or past
+its requests' old lengths, and no op reads a position at or past a request's length, so the rows it
+left behind are unreachable and the next write overwrites them. A retry neither appends twice nor
+reads a half-written step. Rejected drafts roll back the same way (`truncate`).
 """
 
 from __future__ import annotations
@@ -33,18 +36,11 @@ class CacheExhausted(RuntimeError):
     """Not enough free cache blocks for the requested tokens; nothing was allocated."""
 
 
-class _Journal:
-    """What one step changed, to undo it: requests' previous block counts and lengths, and the old
-    rows of every written slot (only the slots a step writes: its new tokens, every layer)."""
+class Checkpoint:
+    """Requests' block counts and lengths before a step grew them: what `rollback` restores."""
 
     def __init__(self) -> None:
         self.reserved: dict[Hashable, tuple[int, int | None]] = {}   # req -> (blocks owned, len or None)
-        # (paged view [NB, BS, w], blocks, offsets, old rows): written rows, in write order
-        self.rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
-
-
-# cache tensor id -> the journal of the open transaction of the cache that owns it (see `write`)
-_JOURNALS: dict[int, _Journal] = {}
 
 
 class PagedCache:
@@ -87,7 +83,7 @@ class PagedCache:
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() hands out low blocks first
         self.blocks: dict[Hashable, list[int]] = {}
         self.lens: dict[Hashable, int] = {}
-        self._journal: _Journal | None = None
+        self._open: Checkpoint | None = None
 
     def tensors(self) -> Iterator[torch.Tensor]:
         """Every tensor that owns cache memory (dense: latent c, k_pe, index keys; quantized: the
@@ -114,29 +110,23 @@ class PagedCache:
     # ---- all or nothing ----------------------------------------------------------------------
     @contextlib.contextmanager
     def transaction(self) -> Iterator["PagedCache"]:
-        """Undo everything the block does to this cache if it raises (any exception, Ctrl-C too).
-        Nested transactions join the outer one."""
-        if self._journal is not None:
+        """Roll every request this block grows back to its length before the block if it raises
+        (any exception, Ctrl-C too). Nested transactions join the outer one."""
+        if self._open is not None:
             yield self
             return
-        journal = self._journal = _Journal()
-        ids = [id(t) for t in self.tensors()]
-        for i in ids:
-            _JOURNALS[i] = journal
+        mark = self._open = Checkpoint()
         try:
             yield self
         except BaseException:
-            self._rollback(journal)
+            self.rollback(mark)
             raise
         finally:
-            for i in ids:
-                _JOURNALS.pop(i, None)
-            self._journal = None
+            self._open = None
 
-    def _rollback(self, journal: _Journal) -> None:
-        for view, blocks, offs, old in reversed(journal.rows):
-            view[blocks, offs] = old
-        for r, (owned, length) in reversed(journal.reserved.items()):  # undo in reverse order of reserve
+    def rollback(self, mark: Checkpoint) -> None:
+        """Lengths and blocks back to what they were when `mark` was taken (by length: no copies)."""
+        for r, (owned, length) in reversed(mark.reserved.items()):  # undo in reverse order of reserve
             blocks = self.blocks[r]
             self._free.extend(reversed(blocks[owned:]))   # back in the order pop() handed them out
             del blocks[owned:]
@@ -163,10 +153,10 @@ class PagedCache:
                 f"cache exhausted: this step needs {total} more blocks of {self.block_size} tokens, "
                 f"{len(self._free)} of {self.num_blocks} are free; lower the batch or context, "
                 f"or build the cache with more blocks")
-        j = self._journal
+        mark = self._open
         for r, n in need.items():
-            if j is not None and r not in j.reserved:
-                j.reserved[r] = (len(self.blocks.get(r, ())), self.lens.get(r))
+            if mark is not None and r not in mark.reserved:
+                mark.reserved[r] = (len(self.blocks.get(r, ())), self.lens.get(r))
             owned = self.blocks.setdefault(r, [])
             owned.extend(self._free.pop() for _ in range(max(n, 0)))
             self.lens[r] = new_lens[r]
@@ -203,41 +193,36 @@ class PagedCache:
     @staticmethod
     def write(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> None:
         """cache[slots] = values for a dense paged tensor `[NB, BS, D]` (slots index the flattened
-        [NB * BS]); inside a transaction the old rows are kept first so a failed step can put them
-        back. Quantized caches are written through `write_latent` / `write_index`."""
+        [NB * BS]). Quantized caches are written through `write_latent` / `write_index`."""
         if not cache.is_floating_point() or cache.dtype == torch.float8_e4m3fn:
             raise TypeError(f"PagedCache.write: a {cache.dtype} cache tensor is a quantized cache's view; "
                             f"write it with cache.write_latent / cache.write_index")
-        _put(cache, slots, values.to(cache.dtype), _JOURNALS.get(id(cache)))
+        _put(cache, slots, values.to(cache.dtype))
 
     def write_latent(self, layer: int, slots: torch.Tensor, c: torch.Tensor, k_pe: torch.Tensor) -> None:
         """Layer `layer`'s latent rows at `slots`: c [N, kv_lora_rank], k_pe [N, rope dim], in the
         cache's format (quantized and packed when it is not dense)."""
         if self.latent_format == "dense":
             for t, v in zip(self._latent_store[layer], (c, k_pe)):
-                _put(t, slots, v.to(t.dtype), self._journal)
+                _put(t, slots, v.to(t.dtype))
             return
         view = cf.part_views(self.latent_format, self._latent_dims, self._latent_store[layer][0], self.block_size)
         for name, rows in cf.encode_latent(self.latent_format, c, k_pe).items():
-            _put(view[name], slots, rows, self._journal)
+            _put(view[name], slots, rows)
 
     def write_index(self, layer: int, slots: torch.Tensor, k: torch.Tensor) -> None:
         """Layer `layer`'s index keys at `slots`: k [N, index_head_dim], in the cache's index format."""
         if self.index_format == "dense":
             t, = self._index_store[layer]
-            _put(t, slots, k.to(t.dtype), self._journal)
+            _put(t, slots, k.to(t.dtype))
             return
         view = cf.part_views(self.index_format, self._index_dims, self._index_store[layer][0], self.block_size)
         for name, rows in cf.encode_index(self.index_format, k).items():
-            _put(view[name], slots, rows, self._journal)
+            _put(view[name], slots, rows)
 
 
-def _put(view: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor, journal: _Journal | None) -> None:
-    """view[slot // BS, slot % BS] = rows for a paged `[NB, BS, w]` tensor or strided view; the old
-    rows go to `journal` first (advanced indexing reads a copy)."""
+def _put(view: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
+    """view[slot // BS, slot % BS] = rows for a paged `[NB, BS, w]` tensor or strided view."""
     slots = slots.to(view.device).long()
     bs = view.shape[1]
-    blocks, offs = slots // bs, slots % bs
-    if journal is not None:
-        journal.rows.append((view, blocks, offs, view[blocks, offs]))
-    view[blocks, offs] = rows
+    view[slots // bs, slots % bs] = rows

@@ -54,3 +54,23 @@ class Planted(CpuRefBackend):
         self.name = name
         for op, fn in ops.items():
             setattr(self, op, fn)
+
+
+def cache_state(cache):
+    """What a cache holds as the ops see it: every request's rows at positions below its length, in
+    every layer (read through the cache's format), its blocks, its lengths and the free list. Rows at
+    or past a request's length are unreachable (no op reads them), so they are not part of it."""
+    from glm52_backends.cache_formats import read_index, read_latent
+    rows = []
+    for r in sorted(cache.lens, key=repr):
+        pos = torch.arange(cache.lens[r])
+        blocks = torch.tensor(cache.blocks[r], dtype=torch.long)[pos // cache.block_size]
+        offs = pos % cache.block_size
+        rows += [t.clone() for l in sorted(cache.c) for t in read_latent(cache.c[l], cache.k_pe[l], blocks, offs)]
+        rows += [read_index(cache.index_k[l], blocks, offs).clone() for l in sorted(cache.index_k)]
+    return rows, {r: list(b) for r, b in cache.blocks.items()}, dict(cache.lens), list(cache._free)
+
+
+def same_cache_state(a, b) -> bool:
+    return (len(a[0]) == len(b[0]) and all(torch.equal(x, y) for x, y in zip(a[0], b[0]))
+            and a[1:] == b[1:])

@@ -32,6 +32,8 @@ from glm52_backends.registry import (BackendContractError, BackendOutputError, B
                                      list_backends, register_backend, unregister_backend)
 from glm52_backends.tiny import make_tiny_checkpoint
 
+from conftest import cache_state, same_cache_state  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 R = CpuRefBackend()
 
@@ -64,16 +66,6 @@ class Wrapping:
         self.capabilities = Capabilities(dtypes=(torch.float32,), weight_formats=("dense", "fp8_block"))
         for op in OP_NAMES:
             setattr(self, op, ops.get(op, getattr(R, op)))
-
-
-def _snapshot(cache):
-    return ([t.clone() for t in cache.tensors()], {r: list(b) for r, b in cache.blocks.items()},
-            dict(cache.lens), list(cache._free))
-
-
-def _same(a, b) -> bool:
-    return (len(a[0]) == len(b[0]) and all(torch.equal(x, y) for x, y in zip(a[0], b[0]))
-            and a[1:] == b[1:])
 
 
 def _edit_config(path, edit):
@@ -181,7 +173,7 @@ def _flaky_mla(state):
     return sparse_mla
 
 
-def test_failed_extend_leaves_the_cache_bit_identical(ckpt):
+def test_failed_extend_leaves_the_cache_as_it_was(ckpt):
     state = {"n": 0}
     flaky = GLM52(ckpt, backend=Wrapping("flaky", sparse_mla=_flaky_mla(state)), progress=False)
     good = GLM52(ckpt, backend="cpu_ref", progress=False)
@@ -190,16 +182,16 @@ def test_failed_extend_leaves_the_cache_bit_identical(ckpt):
         cache, ref = flaky.new_cache(256, block_size=bs), good.new_cache(256, block_size=bs)
         flaky.extend(cache, {"a": a})
         good.extend(ref, {"a": a})
-        snap = _snapshot(cache)
+        snap = cache_state(cache)
         state["fail_at"] = state["n"] + 2                              # the second layer's attention of the next step
         with pytest.raises(RuntimeError, match="device lost") as e:
             flaky.extend(cache, {"a": [7, 7], "b": b})
         assert "backend 'flaky', op sparse_mla" in " ".join(getattr(e.value, "__notes__", []))
-        assert _same(_snapshot(cache), snap), "the failed step left entries, blocks or lengths behind"
+        assert same_cache_state(cache_state(cache), snap), "the failed step left entries, blocks or lengths behind"
         state["nan"] = True                                            # NaN logits: refused, rolled back too
         with pytest.raises(FloatingPointError, match="NaN/inf"):
             flaky.extend(cache, {"a": [7, 7], "b": b})
-        assert _same(_snapshot(cache), snap)
+        assert same_cache_state(cache_state(cache), snap)
         state["nan"] = False
         got = flaky.extend(cache, {"a": [7, 7], "b": b})              # the retry appends once, correctly
         want = good.extend(ref, {"a": [7, 7], "b": b})

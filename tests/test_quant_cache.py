@@ -21,6 +21,8 @@ from glm52_backends.deploy import load_deployment
 from glm52_backends.ops import REFERENCES, Capabilities, OP_NAMES
 from glm52_backends.tiny import make_tiny_checkpoint, tiny_config
 
+from conftest import cache_state, same_cache_state  # noqa: E402
+
 F64, F32 = torch.float64, torch.float32
 R_MLA, R_TOPK = REFERENCES["sparse_mla"], REFERENCES["indexer_topk"]
 LATENT_Q = ("fp8_ds_mla", "c8_sfa")
@@ -397,21 +399,22 @@ def test_reader_refuses_a_codes_tensor_that_is_not_a_packed_view():
 @pytest.mark.parametrize("lat,idx", [("fp8_ds_mla", "fp8"), ("c8_sfa", "c8_li")])
 def test_rollback_restores_quantized_caches(lat, idx):
     cfg, cache, written, *_ , l_idx = _filled(lat, idx, seed=4)
-    before = ([t.clone() for t in cache.tensors()], {r: list(b) for r, b in cache.blocks.items()},
-              dict(cache.lens), list(cache._free))
+    before = cache_state(cache)
+    raw = [t.clone() for t in cache.tensors()]
     g = torch.Generator().manual_seed(5)
     with pytest.raises(RuntimeError, match="boom"):
         with cache.transaction():
             cache.reserve({0: 15, "new": 6})                       # grow a request, add one
-            for r, a, e in ((0, 6, 15), ("new", 0, 6)):             # overwrite old rows and write new ones
+            for r, a, e in ((0, 9, 15), ("new", 0, 6)):             # past the old length (9), and a new request
                 s = cache.slots(r, a, e)
                 cache.write_latent(0, s, torch.randn(e - a, cfg.kv_lora_rank, generator=g),
                                    torch.randn(e - a, cfg.qk_rope_head_dim, generator=g))
                 cache.write_index(l_idx, s, torch.randn(e - a, cfg.index_head_dim, generator=g))
-            assert not all(torch.equal(x, y) for x, y in zip(before[0], cache.tensors()))
+            assert not all(torch.equal(x, y) for x, y in zip(raw, cache.tensors()))
             raise RuntimeError("boom")
-    assert all(torch.equal(x, y) for x, y in zip(before[0], cache.tensors()))
-    assert ({r: list(b) for r, b in cache.blocks.items()}, dict(cache.lens), list(cache._free)) == before[1:]
+    # rolled back by length: what the ops can read (rows below each length, blocks, lengths, free list)
+    # is as before; the rows written past the old lengths are unreachable
+    assert same_cache_state(cache_state(cache), before)
 
 
 # ---- the model ---------------------------------------------------------------------------------------------
@@ -551,14 +554,13 @@ class _FailsAtCall:
 
 
 @pytest.mark.parametrize("kv", ["fp8", "int8"])
-def test_a_failed_step_leaves_a_quantized_cache_bit_identical(ckpt, kv):
+def test_a_failed_step_leaves_a_quantized_cache_as_it_was(ckpt, kv):
     m = GLM52(ckpt, backend=_FailsAtCall(7), progress=False, kv_cache_dtype=kv)   # 4 layers: the 2nd step fails
     cache = m.new_cache(64)
     m.extend(cache, {0: [3, 1, 4, 1, 5]})
-    before = [t.clone() for t in cache.tensors()], dict(cache.lens), list(cache._free)
+    before, raw = cache_state(cache), [t.clone() for t in cache.tensors()]
     with pytest.raises(RuntimeError, match="kernel failed"):
         m.extend(cache, {0: [9, 2], 1: [6, 5, 3]})
-    assert all(torch.equal(a, b) for a, b in zip(before[0], cache.tensors()))
-    assert (dict(cache.lens), list(cache._free)) == before[1:]
+    assert same_cache_state(cache_state(cache), before)           # rolled back by length
     m.extend(cache, {0: [9, 2], 1: [6, 5, 3]})                    # the retry runs from the same state
-    assert not all(torch.equal(a, b) for a, b in zip(before[0], cache.tensors()))
+    assert not all(torch.equal(a, b) for a, b in zip(raw, cache.tensors()))

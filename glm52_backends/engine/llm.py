@@ -159,7 +159,7 @@ class GLM52:
         return self.net.layers
 
     # Every step goes through these three: its inputs are checked here, it runs as one cache
-    # transaction (a failure leaves the cache bit-identical), and logits must come out finite.
+    # transaction (a failure rolls the requests back by length), and logits must come out finite.
     def run(self, cache: PagedCache, chunks: dict[Hashable, Sequence[int]]):
         """Append tokens to requests; (step, final-normed hidden states [T, Hd])."""
         chunks = self._step_inputs(cache, chunks)

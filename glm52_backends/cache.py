@@ -84,6 +84,7 @@ class PagedCache:
         self.blocks: dict[Hashable, list[int]] = {}
         self.lens: dict[Hashable, int] = {}
         self._open: Checkpoint | None = None
+        self._null: int | None = None
 
     def tensors(self) -> Iterator[torch.Tensor]:
         """Every tensor that owns cache memory (dense: latent c, k_pe, index keys; quantized: the
@@ -123,6 +124,21 @@ class PagedCache:
             raise
         finally:
             self._open = None
+
+    def mark(self, reqs: Sequence[Hashable]) -> Checkpoint:
+        """The block counts and lengths of `reqs` now, for `rollback` after a step that grew them."""
+        mark = Checkpoint()
+        mark.reserved = {r: (len(self.blocks.get(r, ())), self.lens.get(r)) for r in reqs}
+        return mark
+
+    def null_block(self) -> int:
+        """A block no request ever gets: padded rows of a static step write there and read nothing
+        (vLLM's null block). Taken from the free list on the first call; the same block after."""
+        if self._null is None:
+            if not self._free:
+                raise CacheExhausted("cache exhausted: no block left for the static step's padding block")
+            self._null = self._free.pop(0)            # the highest block: requests get low blocks first
+        return self._null
 
     def rollback(self, mark: Checkpoint) -> None:
         """Lengths and blocks back to what they were when `mark` was taken (by length: no copies)."""

@@ -20,6 +20,30 @@ from typing import Any
 import torch
 
 
+class HostLengthsUnavailable(RuntimeError):
+    """An op asked for a captured step's host lengths, which change on every replay."""
+
+
+class DeviceOnlyLengths(Sequence):
+    """`seq_lens_host` of a static (captured) step: its length (the bucket's request count) is known,
+    its values live only on the device and change on every replay, so reading one raises. An op
+    that needs them (a reference looping over requests, a kernel given host lists) cannot be
+    captured; the graph runner then keeps that bucket eager."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):
+        raise HostLengthsUnavailable("this step is captured as a graph: its sequence lengths are on the device "
+                                     "only (meta.seq_lens), not on the host")
+
+    def __repr__(self) -> str:
+        return f"DeviceOnlyLengths({self.n})"
+
+
 @dataclass
 class StepMeta:
     """cu_seqlens_q [B+1] int32, seq_lens [B] int32, block_table [B, max_blocks] int32,
@@ -31,7 +55,7 @@ class StepMeta:
     positions: torch.Tensor
     token_request: torch.Tensor
     cu_host: tuple[int, ...]
-    seq_lens_host: tuple[int, ...]
+    seq_lens_host: Sequence[int]                  # a tuple, or DeviceOnlyLengths in a captured step
     block_size: int
     backend_data: Any = field(default=None, repr=False)
 

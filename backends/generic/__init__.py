@@ -33,6 +33,7 @@ from glm52_backends.cache_formats import FORMATS as CACHE_FORMATS
 from glm52_backends.ops import OP_NAMES, REFERENCES, Capabilities
 from glm52_backends.registry import BackendUnavailable
 
+from . import batched
 from .device import resolve_device
 
 ACCELERATOR_PRIORITY = 10  # below native backends (cuda, ascend), above cpu_ref (0)
@@ -65,18 +66,23 @@ class TorchDeviceBackend:
                                          cache_formats=tuple(CACHE_FORMATS))
         for op in OP_NAMES:
             if not callable(getattr(type(self), op, None)):  # a subclass's own op wins
-                ref = functools.update_wrapper(functools.partial(REFERENCES[op], cdt=compute_dtype), REFERENCES[op])
+                fn = batched.OPS.get(op, REFERENCES[op])     # the paged ops batched: no loop over requests
+                ref = functools.update_wrapper(functools.partial(fn, cdt=compute_dtype), fn)
                 setattr(self, op, self._on_device(op, ref))
 
     def _on_device(self, op: str, fn):
-        dev = self.device
+        kind = self.device.type
 
         @functools.wraps(fn)
         def call(*args, **kwargs):
-            for where, a in [*((f"argument {i}", a) for i, a in enumerate(args)), *kwargs.items()]:
-                if isinstance(a, torch.Tensor) and a.device.type != dev.type:
-                    raise ValueError(f"torch backend on {dev}: {op} {where} is on {a.device}; "
-                                     f"move the inputs to {dev}")
+            for i, a in enumerate(args):
+                if isinstance(a, torch.Tensor) and a.device.type != kind:
+                    raise ValueError(f"torch backend on {self.device}: {op} argument {i} is on {a.device}; "
+                                     f"move the inputs to {self.device}")
+            for k, a in kwargs.items():
+                if isinstance(a, torch.Tensor) and a.device.type != kind:
+                    raise ValueError(f"torch backend on {self.device}: {op} {k} is on {a.device}; "
+                                     f"move the inputs to {self.device}")
             return fn(*args, **kwargs)
         call.__name__ = op
         return call

@@ -132,9 +132,11 @@ def positive_int(name: str, v: Any, *, allow_none: bool = False, allow_zero: boo
 
 def generation(*, max_new_tokens: Any, temperature: Any, top_p: Any, seed: Any, speculative: Any,
                prefill_chunk: Any, stop_at_eos: Any, cache_tokens: Any, adaptive: Any = False,
-               draft_threshold: Any = None) -> None:
+               draft_threshold: Any = None, graph: Any = None) -> None:
     """Every argument of `GLM52.generate` except the prompts."""
     positive_int("max_new_tokens", max_new_tokens, allow_zero=True)
+    if graph is not None:
+        graph_choice("generate: graph", graph)
     if not _is_int(speculative) or speculative < 0:
         raise ValueError(f"speculative must be 0 (plain decoding) or a positive integer number of draft tokens, "
                          f"got {speculative!r}")
@@ -154,6 +156,13 @@ def generation(*, max_new_tokens: Any, temperature: Any, top_p: Any, seed: Any, 
     if not isinstance(stop_at_eos, bool):
         raise ValueError(f"stop_at_eos must be True or False, got {stop_at_eos!r}")
     check_sampling(temperature, top_p)
+
+
+def graph_choice(name: str, v: Any) -> Any:
+    """"auto", True, False, or a capture mode by name: "trace" / "compile" (engine/graph.py)."""
+    if not (v in ("auto", "trace", "compile") if isinstance(v, str) else isinstance(v, bool)):
+        raise ValueError(f"{name} must be 'auto', True, False, 'trace' or 'compile', got {v!r}")
+    return v
 
 
 def check_draft_threshold(v: Any, *, allow_none: bool = False) -> float | None:
@@ -221,10 +230,16 @@ def finite_logits(logits: torch.Tensor, ops, what: str = "logits") -> torch.Tens
     if not bool(torch.isfinite(logits).all()):
         bad = ~torch.isfinite(logits)
         rows = bad.any(-1).nonzero().flatten().tolist() if logits.dim() > 1 else [0]
-        hint = "" if ops.debug else "; run with GLM52_DEBUG=1 to find the first op that produced one"
-        raise FloatingPointError(f"backend {ops.name!r}: {what} hold {int(bad.sum())} NaN/inf value(s) "
-                                 f"(rows {rows[:8]}{'...' if len(rows) > 8 else ''}){hint}")
+        nonfinite(ops, what, rows, int(bad.sum()))
     return logits
+
+
+def nonfinite(ops, what: str, rows: list, count: int | None = None) -> None:
+    """Raise FloatingPointError: `what` (logits of a step) held NaN/inf in `rows`."""
+    hint = "" if ops.debug else "; run with GLM52_DEBUG=1 to find the first op that produced one"
+    n = f"{count} NaN/inf value(s)" if count is not None else "NaN/inf values"
+    raise FloatingPointError(f"backend {ops.name!r}: {what} hold {n} (rows {rows[:8]}"
+                             f"{'...' if len(rows) > 8 else ''}){hint}")
 
 
 def finite_float(name: str, v: Any) -> float:

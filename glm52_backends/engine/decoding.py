@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from ..sampling import check_sampling, probs_from_logits, sample_from
-from .arguments import budgets
+from .arguments import budgets, nonfinite
+from .graph import StaticDecode, capture_mode
 
 FINISH_REASONS = ("length", "eos", "context")
 
@@ -58,36 +59,76 @@ def pick(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Gene
 
 
 class PlainDecoder:
-    """One token per request per step from the target model."""
+    """One token per request per step from the target model. Decode steps run through captured
+    graphs where `graph` allows (engine/graph.py), else eagerly; either way the step's tokens and
+    its finiteness come back to the host in one read."""
 
     steps_stat = "decode_steps"
 
     def __init__(self, model, *, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                 cache_tokens: int):
+                 cache_tokens: int, graph="auto", batch: int = 1):
         temperature, top_p = check_sampling(temperature, top_p)
         self.model, self.temperature, self.top_p = model, temperature, top_p
         self.gen = torch.Generator().manual_seed(0 if seed is None else seed)
-        self.cache = model.new_cache(cache_tokens)
         self.last_token: dict[int, int] = {}
+        self.graph = graph
+        self.graph_mode, self.graph_why = capture_mode(model, graph)
+        self.static: StaticDecode | None = None
+        if self.graph_mode:
+            # graphs read one cache and one set of buffers: kept on the model and reused by later runs
+            # that fit them (vLLM captures once per engine), else made anew (and captured anew)
+            kept = getattr(model, "decode_graphs", None)
+            if kept is not None and kept.serves(model, self.graph_mode, cache_tokens, batch):
+                self.static, self.cache = kept, kept.reset()
+            else:
+                self.cache = model.new_cache(cache_tokens + model.block_size)     # + the null block
+                self.static = model.decode_graphs = StaticDecode(model, self.cache, batch, self.graph_mode,
+                                                                 strict=graph != "auto")
+        else:
+            self.cache = model.new_cache(cache_tokens)
+        self.steps = 0
 
-    def _sample(self, logits: dict[int, torch.Tensor], reqs: list[int]) -> list[int]:
-        toks, _ = pick(torch.cat([logits[i] for i in reqs]), self.temperature, self.top_p, self.gen)
-        toks = [int(t) for t in toks.tolist()]
+    def _sample(self, logits: torch.Tensor, reqs: list[int], what: str) -> list[int]:
+        """Tokens of logits [N, V], sampled on the device; the tokens and whether each row was finite
+        come back in the step's one host read. NaN/inf logits raise, naming the step and requests."""
+        toks, _ = pick(logits, self.temperature, self.top_p, self.gen)
+        bad = ~torch.isfinite(logits).all(-1)
+        toks, bad = torch.stack([toks.long(), bad.long()]).tolist()          # the one host read
+        if any(bad):
+            nonfinite(self.model.ops, what, [r for r, b in zip(reqs, bad) if b])
         self.last_token.update(zip(reqs, toks))
         return toks
 
     @torch.inference_mode()
     def prefill(self, prompts: Sequence[Sequence[int]], prefill_chunk: int | None = None) -> list[int]:
         last: dict[int, torch.Tensor] = {}
+        reqs = list(range(len(prompts)))
         for chunks in prefill_chunks(dict(enumerate(prompts)), prefill_chunk):
             last.update(self.model.extend(self.cache, chunks, last_only=True))
-        return self._sample(last, list(range(len(prompts))))
+        return self._sample(torch.cat([last[i] for i in reqs]), reqs, "logits of the prefill")
 
     @torch.inference_mode()
     def step(self, reqs: Sequence[int]) -> dict[int, tuple[int, list[int]]]:
         reqs = list(reqs)
-        last = self.model.extend(self.cache, {i: [self.last_token[i]] for i in reqs}, last_only=True)
-        return {i: (0, [t]) for i, t in zip(reqs, self._sample(last, reqs))}
+        self.steps += 1
+        tokens = [self.last_token[i] for i in reqs]
+        mark = self.cache.mark(reqs)
+        try:
+            logits = self.static.step(reqs, tokens) if self.static is not None else None
+            if logits is None:                        # eager (no graphs, or this bucket stays eager)
+                last = self.model.extend(self.cache, {i: [t] for i, t in zip(reqs, tokens)}, last_only=True,
+                                         check_finite=False)
+                logits = torch.cat([last[i] for i in reqs])
+            toks = self._sample(logits, reqs, f"logits of decode step {self.steps}")
+        except BaseException:
+            self.cache.rollback(mark)                # by length: the step never happened
+            raise
+        return {i: (0, [t]) for i, t in zip(reqs, toks)}
+
+    def stats(self) -> dict[str, Any]:
+        if self.static is not None:
+            return self.static.stats()      # cumulative over the runs that reused these graphs
+        return {"graph": self.graph_why if self.graph_mode is None else self.graph_mode, "graphs_captured": 0}
 
 
 def run_generation(model, decoder, prompts: list[list[int]], *, max_new_tokens: int, stop_at_eos: bool,
@@ -131,6 +172,7 @@ def run_generation(model, decoder, prompts: list[list[int]], *, max_new_tokens: 
         "tokens_per_s": n_new / (t2 - t0) if t2 > t0 else float("nan"),
         "decode_tokens_per_s": (n_new - B) / (t2 - t1) if t2 > t1 and n_new > B else float("nan"),
         **(extra_stats or {}),
+        **(decoder.stats() if hasattr(decoder, "stats") else {}),
         "ops": model.ops.ran_natively(),
     }
     stats["finish_reasons"] = {r: reason.count(r) for r in FINISH_REASONS if r in reason}

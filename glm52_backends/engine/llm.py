@@ -72,8 +72,9 @@ class GLM52:
                  include_mtp: bool | None = None, seed: int = 0, state_dict: dict | None = None,
                  tp: int = 1, dp: int = 1, ep: int = 1, collective: str | None = None,
                  quantization: str | None = None, kv_cache_dtype: str | torch.dtype = "auto",
-                 index_cache_dtype: str | torch.dtype | None = None):
+                 index_cache_dtype: str | torch.dtype | None = None, graph: Any = "auto"):
         _check_init(model, backend, device, dtype, block_size)
+        self.graph = arguments.graph_choice("GLM52: graph", graph)
         arguments.quantization(quantization)
         self.ops: BoundBackend = get_backend(backend)
         caps = self.ops.capabilities
@@ -206,24 +207,29 @@ class GLM52:
                           mtp=mtp and self.has_mtp, latent_format=lat, index_format=idx)
 
     @torch.inference_mode()
-    def extend(self, cache: PagedCache, chunks: dict[Hashable, Sequence[int]], *, last_only: bool = False
-               ) -> dict[Hashable, torch.Tensor]:
+    def extend(self, cache: PagedCache, chunks: dict[Hashable, Sequence[int]], *, last_only: bool = False,
+               check_finite: bool = True) -> dict[Hashable, torch.Tensor]:
         """Append tokens to requests in `cache` (prefill, chunked prefill or decode, mixed freely).
 
         Returns per request the logits [q_len, V] of the new tokens (only the last one if
         `last_only`). The cache advances; a bad token, an over-long context or a full cache raises
         before anything is written, and a step that fails later (a backend op raising, NaN logits)
-        leaves the cache exactly as it was.
+        leaves the cache exactly as it was. `check_finite=False` leaves the NaN/inf check of the
+        logits to the caller (the decoders fold it into their one host read per step, and roll the
+        step back themselves when it fails).
         """
         chunks = self._step_inputs(cache, chunks)
         with cache.transaction():
             st, h = self.net.run(cache, chunks)
             cu = st.meta.cu_host
             if last_only:
-                rows = torch.tensor([e - 1 for e in cu[1:]], device=h.device)
-                lg = self.logits(h[rows])
+                h = h[torch.tensor([e - 1 for e in cu[1:]], device=h.device)]
+            self.ops.at_layer(None)
+            lg = self.net.logits(h)
+            if check_finite:
+                arguments.finite_logits(lg, self.ops)
+            if last_only:
                 return {r: lg[i:i + 1] for i, r in enumerate(st.reqs)}
-            lg = self.logits(h)
             return {r: lg[cu[i]:cu[i + 1]] for i, r in enumerate(st.reqs)}
 
     def __call__(self, input_ids) -> torch.Tensor | list[torch.Tensor]:
@@ -259,7 +265,7 @@ class GLM52:
     def generate(self, prompts, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None, speculative: int = 0, prefill_chunk: int | None = None,
                  stop_at_eos: bool = True, cache_tokens: int | None = None, adaptive: bool = False,
-                 draft_threshold: float | None = None) -> GenerationResult:
+                 draft_threshold: float | None = None, graph: Any = None) -> GenerationResult:
         """Batched generation over paged caches.
 
         prompts: list of token-id lists (or strings with a tokenizer), or a `[B, T]` tensor.
@@ -272,10 +278,13 @@ class GLM52:
         `adaptive=True` (with `speculative=k`) drafts up to k: a request stops drafting in a round
         once the MTP layer's probability of its last draft is `draft_threshold` or less (a number
         in [0, 1], default 0.5; the first draft is always proposed; engine/speculative.py).
+        `graph`: decode steps as captured graphs ("auto", True, False; None = the model's `graph`;
+        engine/graph.py); stats say which mode ran (`graph`) and how many were captured.
         """
         kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                   speculative=speculative, prefill_chunk=prefill_chunk, stop_at_eos=stop_at_eos,
-                  cache_tokens=cache_tokens, adaptive=adaptive, draft_threshold=draft_threshold)
+                  cache_tokens=cache_tokens, adaptive=adaptive, draft_threshold=draft_threshold,
+                  graph=self.graph if graph is None else graph)
         if self.plan.dp > 1:                 # checked on every rank first: a refusal must not strand a group
             from .distributed import generate_dp
             arguments.generation(**kw)

@@ -1,0 +1,176 @@
+"""The paged ops in batched form: gathers over `[T, topk]` and `[T, S]` with masks, no Python loop over
+requests and no read back to the host, so a decode step through them can be captured as a graph.
+
+The references (glm52_backends/ops/) loop over requests with host lengths: the readable oracle. These
+compute the same thing over the whole step at once, token-major:
+  - each token's request comes from `meta.token_request` (or from `cu_seqlens_q` by `searchsorted`,
+    on the device) and its block-table row is gathered per token;
+  - `indexer_topk` scores every position of the block table's width `S = max_blocks * block_size`
+    (positions past a token's own position masked to -inf; the stable sort puts them last, so the
+    selection and its tie rule are the reference's);
+  - `sparse_mla` gathers the `[T, topk]` selected rows (-1 entries read block 0 and are masked out with
+    `where`, so no NaN in an unread row reaches the output);
+  - `moe_experts` gathers each token's K experts' weights (`[T, K, 2I, Hd]`) while that fits
+    `GATHER_ELEMENTS`; else (quantized experts, wide ones) up to `MASKED_TOKENS` tokens it runs every
+    expert over every token, masked; a longer step (a prefill) runs the reference's loop over experts;
+  - `mtp_verify`, greedy: the accepted prefix is a cumulative product of matches.
+Host-side sizes are shapes only (T, topk, the table width): fixed per captured bucket.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from glm52_backends.cache_formats import read_index, read_latent
+from glm52_backends.ops import REFERENCES
+from glm52_backends.quant import matmul_reference
+from glm52_backends.weights import Weight, select
+
+CHUNK_ELEMENTS = 1 << 22     # bounds a chunk's [tokens, Hi, S] scores and [tokens, topk, Dl] gathers
+GATHER_ELEMENTS = 1 << 23    # moe_experts: gathered expert weights per call (dense), beyond this masked experts
+MASKED_TOKENS = 256          # moe_experts: up to this many tokens every expert runs masked; beyond, the reference
+
+
+def as_weight(w) -> Weight:
+    return w if isinstance(w, Weight) else Weight(w)
+
+
+def token_requests(cu_seqlens_q: torch.Tensor, T: int, meta=None) -> torch.Tensor:
+    """[T] int64: the request of each query token (device-side, no host read)."""
+    if meta is not None:
+        return meta.token_request.long()
+    t = torch.arange(T, device=cu_seqlens_q.device)
+    return torch.searchsorted(cu_seqlens_q[1:].long().contiguous(), t, right=True)
+
+
+def token_positions(seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, req: torch.Tensor, meta=None) -> torch.Tensor:
+    """[T] int64: each query token's position, seq_len - q_len + i (right-down causal)."""
+    if meta is not None:
+        return meta.positions.long()
+    t = torch.arange(req.shape[0], device=req.device)
+    end = cu_seqlens_q.long()[req + 1]
+    return seq_lens.long()[req] - (end - t)
+
+
+def _chunks(T: int, per_token: int):
+    step = max(1, CHUNK_ELEMENTS // max(per_token, 1))
+    for a in range(0, T, step):
+        yield a, min(a + step, T)
+
+
+def sparse_mla(q, c_cache, kpe_cache, idx, block_table, seq_lens, cu_seqlens_q, scale, *, return_lse=False,
+               meta=None, cdt=torch.float32):
+    T, H, _ = q.shape
+    Dl, bs, MB = c_cache.shape[-1], c_cache.shape[1], block_table.shape[1]
+    K = idx.shape[1]
+    out = torch.zeros(T, H, Dl, dtype=cdt, device=q.device)
+    lse = torch.full((T, H), float("-inf"), dtype=torch.float32, device=q.device)
+    req = token_requests(cu_seqlens_q, T, meta)
+    for a, e in _chunks(T, K * (Dl + H)):
+        sel = idx[a:e].long()                                                     # [q, K]
+        keep = sel >= 0
+        pos = sel.clamp(min=0)
+        blk = block_table[req[a:e]].long().gather(1, (pos // bs).clamp(max=MB - 1))
+        blk = torch.where(keep, blk, 0)
+        c, kpe = read_latent(c_cache, kpe_cache, blk, pos % bs)                  # [q, K, Dl], [q, K, Dr]
+        c = torch.where(keep[..., None], c.to(cdt), 0.0)
+        kpe = torch.where(keep[..., None], kpe.to(cdt), 0.0)
+        qa = q[a:e].to(cdt)
+        score = (torch.einsum("thd,tkd->thk", qa[..., :Dl], c)
+                 + torch.einsum("thd,tkd->thk", qa[..., Dl:], kpe)) * scale                # [q, H, K]
+        score = score.masked_fill(~keep[:, None, :], float("-inf"))
+        m = torch.logsumexp(score, dim=-1)                                                # [q, H]
+        empty = (m == float("-inf"))[..., None]
+        p = torch.where(empty, 0.0, torch.exp(score - torch.where(empty, 0.0, m[..., None])))
+        out[a:e] = torch.einsum("thk,tkc->thc", p, c)
+        lse[a:e] = m.float()
+    out = out.to(q.dtype)
+    return (out, lse) if return_lse else out
+
+
+def indexer_topk(q, w, k_cache, block_table, seq_lens, cu_seqlens_q, topk, *, meta=None, cdt=torch.float32):
+    T, Hi, Di = q.shape
+    bs, MB = k_cache.shape[1], block_table.shape[1]
+    S = MB * bs                                                   # every position the table can address
+    n = min(topk, S)
+    idx = torch.full((T, topk), -1, dtype=torch.int32, device=q.device)
+    req = token_requests(cu_seqlens_q, T, meta)
+    qpos = token_positions(seq_lens, cu_seqlens_q, req, meta)
+    s = torch.arange(S, device=q.device)
+    for a, e in _chunks(T, S * (Hi + Di)):
+        valid = s[None, :] <= qpos[a:e, None]                                             # [q, S] causal
+        blk = block_table[req[a:e]].long()[:, s // bs]                                     # [q, S]
+        blk = torch.where(valid, blk, 0)
+        k = read_index(k_cache, blk, (s % bs).expand_as(blk))                            # [q, S, Di]
+        k = torch.where(valid[..., None], k.to(cdt), 0.0)
+        score = torch.einsum("th,ths->ts", w[a:e].to(cdt),
+                             torch.relu(torch.einsum("thd,tsd->ths", q[a:e].to(cdt), k)))
+        score = score.masked_fill(~valid, float("-inf"))
+        top = score.sort(dim=-1, descending=True, stable=True).indices[:, :n]             # [q, n]
+        keep = torch.arange(n, device=q.device)[None, :] < (qpos[a:e] + 1).clamp(max=topk)[:, None]
+        idx[a:e, :n] = torch.where(keep, top, -1).to(torch.int32)
+    return idx
+
+
+def moe_experts(x, w13, w2, topk_ids, topk_weights, *, cdt=torch.float32):
+    quant = any(isinstance(w, Weight) and w.quantized for w in (w13, w2))
+    T, K = topk_ids.shape
+    if not quant:
+        w13d = w13.data if isinstance(w13, Weight) else w13
+        w2d = w2.data if isinstance(w2, Weight) else w2
+        if T * K * (w13d[0].numel() + w2d[0].numel()) <= GATHER_ELEMENTS:
+            return _moe_gathered(x, w13d, w2d, topk_ids, topk_weights, cdt)
+    if T <= MASKED_TOKENS:
+        return _moe_masked(x, w13, w2, topk_ids, topk_weights, cdt, quant)
+    return REFERENCES["moe_experts"](x, w13, w2, topk_ids, topk_weights, cdt=cdt)   # a long prefill
+
+
+def _moe_gathered(x, w13, w2, topk_ids, topk_weights, cdt):
+    """Each token's K experts' weights gathered: [T, K, 2I, Hd] and [T, K, Hd, I]."""
+    I = w2.shape[-1]
+    valid = topk_ids >= 0
+    e = topk_ids.long().clamp(min=0)                                                        # [T, K]
+    h = torch.einsum("tkih,th->tki", w13[e].to(cdt), x.to(cdt))                              # [T, K, 2I]
+    a = F.silu(h[..., :I]) * h[..., I:]
+    o = torch.einsum("tkhi,tki->tkh", w2[e].to(cdt), a)                                     # [T, K, Hd]
+    o = torch.where(valid[..., None], o * topk_weights.to(cdt)[..., None], 0.0)
+    return o.sum(1).to(x.dtype)
+
+
+def _moe_masked(x, w13, w2, topk_ids, topk_weights, cdt, quant):
+    """Every expert over every token, weighted by the token's routing weight for it (0 when not routed
+    there): E/K times the routed FLOPs, no data-dependent shapes. Quantized experts compute as the
+    reference does (the format's activation recipe per token, float64 accumulation)."""
+    E, I = w13.shape[0], w2.shape[-1]
+    acc = torch.float64 if quant else cdt
+    y = torch.zeros(x.shape[0], x.shape[1], dtype=acc, device=x.device)
+    wts = topk_weights.to(acc)
+    for e in range(E):
+        we = torch.where(topk_ids == e, wts, 0.0).sum(1)                                     # [T]
+        if quant:
+            h = matmul_reference(x, select(as_weight(w13), e)).to(x.dtype).to(cdt)
+            a = (F.silu(h[:, :I]) * h[:, I:]).to(x.dtype)
+            out = matmul_reference(a, select(as_weight(w2), e))
+        else:
+            h = x.to(cdt) @ as_weight(w13).data[e].to(cdt).T
+            out = (F.silu(h[:, :I]) * h[:, I:]) @ as_weight(w2).data[e].to(cdt).T
+        y += out.to(acc) * we[:, None]
+    return y.to(x.dtype)
+
+
+def mtp_verify(draft, target_logits, draft_probs=None, temperature=0.0, top_p=1.0, uniforms=None,
+               *, cdt=torch.float32):
+    if temperature != 0.0:
+        return REFERENCES["mtp_verify"](draft, target_logits, draft_probs, temperature, top_p, uniforms, cdt=cdt)
+    B, k = draft.shape
+    best = target_logits.argmax(-1)                                                          # [B, k+1]
+    run = torch.cumprod((draft.long() == best[:, :k]).long(), dim=1)                         # accepted prefix
+    accepted = run.sum(1)                                                                    # [B]
+    col = torch.arange(k + 1, device=draft.device)[None, :]
+    drafts = torch.cat([draft.long(), torch.zeros_like(draft[:, :1], dtype=torch.long)], 1)
+    tokens = torch.where(col < accepted[:, None], drafts, torch.where(col == accepted[:, None], best, -1))
+    return accepted.to(torch.int32), tokens.to(torch.int64)
+
+
+OPS = {"sparse_mla": sparse_mla, "indexer_topk": indexer_topk, "moe_experts": moe_experts, "mtp_verify": mtp_verify}

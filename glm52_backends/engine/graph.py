@@ -1,0 +1,242 @@
+"""Decode as captured graphs: persistent step buffers, batches padded to buckets, one graph per bucket.
+
+A decode step (one new token per request) reads its inputs from buffers that live as long as the
+decoder: token ids, positions, cache slots, sequence lengths, and a block table of fixed width (the
+context limit in blocks). The host fills them in place; the batch is padded up to the next bucket
+(1, 2, 4, 8, ... up to the decoder's batch) and padded rows are inert: position -1 (the indexer
+selects nothing, so attention reads nothing), sequence length 0, and their cache writes go to the
+cache's null block, which no request owns. A bucket's step is captured once and replayed on the
+buffers: the ops, their fallback decisions and their output checks run at capture only.
+
+How a step is captured (`capture_mode`):
+  - "cuda" / "npu": `torch.cuda.CUDAGraph` / `torch.npu.NPUGraph` (aclgraph), after a warm-up run on
+    a side stream; replay launches the whole step at once.
+  - "trace": the CPU stand-in of a device graph. The step is recorded as an FX graph of aten ops
+    (`make_fx`, real tensors): weights, caches and buffers are held by reference, so replay reads
+    the buffers' current values and writes the live cache, exactly as a device graph does; any
+    Python value the step used is frozen, exactly as a device graph freezes it.
+  - "compile": "trace", then the recorded graph compiled by torch.compile (inductor: fused C++ on a
+    CPU). It pays off only over long runs: compiling costs tens of seconds per bucket.
+Capture enforces the discipline a device imposes: a host read inside the step (`.item()`,
+`.tolist()`, `nonzero`, ..., see host_reads.py) or an op that asks for the step's host lengths
+(`DeviceOnlyLengths`) refuses the capture with the reason. `graph="auto"` then keeps that bucket
+eager; `graph=True` raises it.
+
+`GLM52(graph="auto")` captures on CUDA and NPU devices and stays eager on the CPU, where replaying
+aten ops costs what eager costs (benchmarks/results/engine-cpu.md) and compiling costs more than a
+short run gains; `graph=True` captures everywhere ("compile" on the CPU), `graph=False` never.
+Not captured: prefill and chunked-prefill steps (their shapes vary), the MTP draft and verify steps,
+runs over several processes (tp/dp/ep: the collectives are not recorded by "trace").
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Hashable, Sequence
+
+import torch
+
+from ..cache import PagedCache
+from ..step import DeviceOnlyLengths, HostLengthsUnavailable, Step, StepMeta
+from .host_reads import HostReadInCapture, HostReads
+
+log = logging.getLogger("glm52_backends")
+
+GRAPH_CHOICES = ("auto", True, False)
+
+
+class GraphUnavailable(RuntimeError):
+    """A step that cannot be captured here (the message says why)."""
+
+
+def buckets(max_batch: int) -> list[int]:
+    """1, 2, 4, 8, ... up to the first power of two >= `max_batch`: the padded batch sizes."""
+    out = [1]
+    while out[-1] < max_batch:
+        out.append(out[-1] * 2)
+    return out
+
+
+def capture_mode(model, graph) -> tuple[str | None, str]:
+    """(mode, why): how decode steps of `model` are captured under `graph` ("auto" | True | False),
+    or (None, the reason they run eagerly)."""
+    if graph is False:
+        return None, "off (graph=False)"
+    strict = graph != "auto"
+    if model.plan.world_size > 1:
+        why = f"eager: tp/dp/ep over {model.plan.world_size} processes (collectives are not captured)"
+        if strict:
+            raise GraphUnavailable(f"graph={graph!r}: {why}")
+        return None, why
+    kind = torch.device(model.device).type
+    if graph in ("trace", "compile"):
+        if kind != "cpu":
+            raise GraphUnavailable(f"graph={graph!r} is the CPU's capture; on {kind} use graph=True")
+        return graph, graph
+    if kind in ("cuda", "npu"):
+        return kind, kind
+    if graph is True:
+        return "compile", "compile"
+    return None, f"eager: on a {kind} device graph='auto' stays eager (graph=True compiles)"
+
+
+class StaticDecode:
+    """Decode steps of up to `max_batch` requests over persistent buffers, one graph per bucket.
+
+    `step(reqs, tokens)` appends `tokens[i]` to request `reqs[i]` in `cache` and returns the
+    f32 logits [len(reqs), V] on the device. Nothing is read back to the host."""
+
+    def __init__(self, model, cache, max_batch: int, mode: str, *, strict: bool = False):
+        self.model, self.cache, self.mode, self.strict = model, cache, mode, strict
+        cfg, dev = model.cfg, model.device
+        self.bs = cache.block_size
+        self.width = -(-min(cfg.max_position_embeddings, cache.num_blocks * self.bs) // self.bs)
+        self.null = cache.null_block()
+        self.buckets = buckets(max_batch)
+        N = self.buckets[-1]
+        i32, i64 = torch.int32, torch.long
+        self.ids = torch.zeros(N, dtype=i64, device=dev)
+        self.positions = torch.full((N,), -1, dtype=i64, device=dev)
+        self.slots = torch.full((N,), self.null * self.bs, dtype=i64, device=dev)
+        self.seq_lens = torch.zeros(N, dtype=i32, device=dev)
+        self.block_table = torch.full((N, self.width), self.null, dtype=i32, device=dev)
+        self.cu = torch.arange(N + 1, dtype=i32, device=dev)          # one query token per row: fixed
+        self.token_request = torch.arange(N, dtype=i32, device=dev)
+        # host mirror of the block table: which request each row holds and how many of its blocks
+        self._bt_host = torch.full((N, self.width), self.null, dtype=i32)
+        self._rows: list[tuple[Hashable, int] | None] = [None] * N
+        self.graphs: dict[int, object] = {}        # bucket -> replay() returning the logits buffer
+        self.eager: dict[int, str] = {}            # bucket -> why it was not captured
+        self.capture_s = 0.0
+        self._pool = None
+
+    # ---- the step, as captured ---------------------------------------------------------------------
+    def _inputs(self) -> tuple[torch.Tensor, ...]:
+        return self.ids, self.positions, self.slots, self.seq_lens, self.block_table
+
+    def _forward(self, n: int, ids, positions, slots, seq_lens, block_table) -> torch.Tensor:
+        """The step of bucket n over the buffers (`_inputs()`): [n, V] f32 logits. What a graph records."""
+        net = self.model.net
+        meta = StepMeta(self.cu[:n + 1], seq_lens[:n], block_table[:n], positions[:n], self.token_request[:n],
+                        tuple(range(n + 1)), DeviceOnlyLengths(n), self.bs)
+        self.model.ops.prepare_step(meta)
+        st = Step([None] * n, ids[:n], slots[:n], meta)
+        return net.logits(net.forward(st, self.cache))
+
+    def _capture(self, n: int):
+        what = f"decode step (bucket {n})"
+        t0 = time.perf_counter()
+        if self.mode in ("trace", "compile"):
+            from torch.fx.experimental.proxy_tensor import make_fx
+            with HostReads(forbid=True, what=what):
+                gm = make_fx(lambda *bufs: self._forward(n, *bufs), tracing_mode="real")(*self._inputs())
+            # inductor compiles the recorded graph (outside the guard: dynamo declines to compile under
+            # an active dispatch mode); the first call compiles, here rather than in a timed step
+            fn = torch.compile(gm, dynamic=False, fullgraph=True) if self.mode == "compile" else gm
+
+            def replay(fn=fn):
+                return fn(*self._inputs())
+            replay()
+        else:
+            api = getattr(torch, self.mode)
+            with HostReads(forbid=True, what=what):
+                side = api.Stream()
+                side.wait_stream(api.current_stream())
+                with api.stream(side):
+                    self._forward(n, *self._inputs())      # warm-up: kernels compiled, workspaces sized
+                api.current_stream().wait_stream(side)
+                g = api.CUDAGraph() if self.mode == "cuda" else api.NPUGraph()
+                if self._pool is None:
+                    self._pool = api.graph_pool_handle()
+                with api.graph(g, pool=self._pool):
+                    out = self._forward(n, *self._inputs())
+
+            def replay(g=g, out=out):
+                g.replay()
+                return out
+        self.capture_s += time.perf_counter() - t0
+        return replay
+
+    def _graph(self, n: int):
+        if n in self.graphs or n in self.eager:
+            return self.graphs.get(n)
+        try:
+            self.graphs[n] = self._capture(n)
+        except (HostReadInCapture, HostLengthsUnavailable) as e:
+            if self.strict:
+                raise GraphUnavailable(f"graph=True: backend {self.model.backend_name!r} cannot capture the "
+                                       f"decode step: {e}") from e
+            self.eager[n] = str(e)
+            log.warning("decode bucket %d stays eager: %s", n, e)
+        return self.graphs.get(n)
+
+    # ---- one step ----------------------------------------------------------------------------------
+    def _fill(self, reqs: Sequence[Hashable], tokens: Sequence[int], N: int) -> None:
+        """Buffers of rows 0..N-1: requests' rows, then inert padding."""
+        cache, bs = self.cache, self.bs
+        n = len(reqs)
+        pos = [cache.lens[r] - 1 for r in reqs]                     # the new token's position
+        slots = [cache.blocks[r][p // bs] * bs + p % bs for r, p in zip(reqs, pos)]
+        pad = N - n
+        host = torch.tensor([list(tokens) + [0] * pad, pos + [-1] * pad, slots + [self.null * bs] * pad,
+                             [p + 1 for p in pos] + [0] * pad], dtype=torch.long)
+        self.ids[:N].copy_(host[0], non_blocking=True)
+        self.positions[:N].copy_(host[1], non_blocking=True)
+        self.slots[:N].copy_(host[2], non_blocking=True)
+        self.seq_lens[:N].copy_(host[3], non_blocking=True)
+        dirty = False
+        for i in range(N):
+            r = reqs[i] if i < n else None
+            nb = len(cache.blocks[r]) if r is not None else 0
+            held = self._rows[i]
+            if held == ((r, nb) if r is not None else None):
+                continue
+            row = self._bt_host[i]
+            start = held[1] if held is not None and held[0] == r and held[1] <= nb else 0
+            if start == 0:
+                row.fill_(self.null)
+            if nb > start:
+                row[start:nb] = torch.tensor(cache.blocks[r][start:nb], dtype=torch.int32)
+            self._rows[i] = (r, nb) if r is not None else None
+            dirty = True
+        if dirty:
+            self.block_table[:N].copy_(self._bt_host[:N], non_blocking=True)
+
+    def step(self, reqs: Sequence[Hashable], tokens: Sequence[int]) -> torch.Tensor | None:
+        """Append one token to each request (reserving its cache room) and replay the bucket's graph:
+        [n, V] f32 logits on the device. None when the bucket runs eagerly (nothing is changed then:
+        the caller runs the step its usual way)."""
+        n = len(reqs)
+        N = next(b for b in self.buckets if b >= n)
+        if N in self.eager:
+            return None
+        cache = self.cache
+        mark = cache.mark(reqs)
+        cache.reserve({r: cache.lens[r] + 1 for r in reqs})
+        try:
+            self._fill(reqs, tokens, N)
+            replay = self._graph(N)
+            if replay is None:
+                cache.rollback(mark)
+                return None
+            return replay()[:n]
+        except BaseException:
+            cache.rollback(mark)
+            raise
+
+    def serves(self, model, mode: str, tokens: int, batch: int) -> bool:
+        """Whether this decoder's cache and buffers can serve a new run of `batch` requests holding up to
+        `tokens` tokens (its graphs are then reused: they read this cache and these buffers)."""
+        return (self.model is model and self.mode == mode and batch <= self.buckets[-1]
+                and (self.cache.num_blocks - 1) * self.bs >= tokens)
+
+    def reset(self) -> PagedCache:
+        """Every request released: the cache and graphs ready for a new run."""
+        for r in list(self.cache.lens):
+            self.cache.release(r)
+        return self.cache
+
+    def stats(self) -> dict:
+        return {"graph": self.mode, "graphs_captured": len(self.graphs), "graph_buckets": sorted(self.graphs),
+                "eager_buckets": sorted(self.eager), "graph_capture_s": round(self.capture_s, 3)}

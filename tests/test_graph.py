@@ -1,0 +1,203 @@
+"""Decode as captured graphs (engine/graph.py): the same tokens as eager decoding, replays that compute the
+new step, inert padding, host reads per step, refusals that name their reason.
+
+On this CPU the capture is "trace" (the step recorded as aten ops over the persistent buffers and the live
+cache, replayed without Python: the stand-in of a CUDA/NPU graph) and, in one test, "compile" (that graph
+compiled by inductor). Every comparison is against eager decoding of the same model on the same inputs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from glm52_backends import GLM52
+from glm52_backends.engine.decoding import PlainDecoder
+from glm52_backends.engine.graph import GraphUnavailable, StaticDecode, buckets
+from glm52_backends.engine.host_reads import HostReadInCapture, HostReads
+from glm52_backends.tiny import make_tiny_checkpoint
+
+from conftest import cache_state, same_cache_state  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_tiny_checkpoint(str(tmp_path_factory.mktemp("graph") / "tiny"), layers=4, seed=11, index_topk=8)
+
+
+def _prompts(n=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 250, (int(L),), generator=g).tolist() for L in torch.randint(2, 30, (n,), generator=g)]
+
+
+def _drive(model, graph, schedule, prompts, cache_tokens=1024):
+    """Prefill, then decode steps over the request subsets in `schedule`; every step's tokens."""
+    dec = PlainDecoder(model, cache_tokens=cache_tokens, graph=graph, batch=len(prompts))
+    out = [dec.prefill(prompts)]
+    for reqs in schedule:
+        res = dec.step(reqs)
+        out.append([res[r][1][0] for r in reqs])
+    return out, dec
+
+
+# batches that cross buckets (5 -> 8, then 4, 3 -> 4, 1, 2) and requests that finish at different times
+SCHEDULE = [[0, 1, 2, 3, 4]] * 6 + [[0, 2, 3, 4]] * 5 + [[0, 3, 4]] * 4 + [[3]] * 9 + [[3, 4]] * 3
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(block_size=4), dict(quantization="fp8"),
+                                dict(kv_cache_dtype="fp8"), dict(kv_cache_dtype="int8", block_size=4)],
+                         ids=["bf16-bs16", "blocks-of-4", "fp8-weights", "fp8-cache", "int8-cache"])
+def test_graph_decode_equals_eager(ckpt, kw):
+    m = GLM52(ckpt, backend="torch", progress=False, **kw)
+    prompts = _prompts()
+    eager, _ = _drive(m, False, SCHEDULE, prompts)
+    graph, dec = _drive(m, "trace", SCHEDULE, prompts)
+    assert graph == eager
+    st = dec.stats()
+    assert st["graph"] == "trace" and st["graph_buckets"] == [1, 2, 4, 8] and not st["eager_buckets"]
+
+
+def test_generate_with_graphs_equals_eager_and_reuses_them(ckpt):
+    m = GLM52(ckpt, backend="torch", progress=False, graph="trace")
+    prompts = _prompts(3, seed=1)
+    ref = m.generate(prompts, max_new_tokens=12, stop_at_eos=False, graph=False)
+    assert ref.stats["graph"] == "off (graph=False)" and ref.stats["graphs_captured"] == 0
+    a = m.generate(prompts, max_new_tokens=12, stop_at_eos=False)
+    kept = m.decode_graphs
+    b = m.generate(prompts[:2], max_new_tokens=12, stop_at_eos=False)        # fits: the same graphs, reused
+    assert m.decode_graphs is kept
+    assert a.tokens == ref.tokens and b.tokens == ref.tokens[:2]
+    assert a.stats["graph"] == "trace" and a.stats["graphs_captured"] >= 1
+
+
+def test_replay_computes_the_new_step_not_the_captured_one(ckpt):
+    """Capture at one step, replay at later ones with other tokens, positions and blocks: the logits
+    equal an eager step on an identical twin cache (the captured values would give other logits)."""
+    m = GLM52(ckpt, backend="torch", progress=False, block_size=4)
+    prompts = _prompts(2, seed=2)
+    cache, twin = m.new_cache(512), m.new_cache(512)
+    for c in (cache, twin):
+        m.extend(c, dict(enumerate(prompts)))
+    static = StaticDecode(m, cache, 2, "trace", strict=True)
+    first = None
+    for step, toks in enumerate(([5, 6], [7, 8], [9, 10], [11, 12], [13, 14])):
+        with torch.inference_mode():
+            got = static.step([0, 1], toks).clone()
+        want = torch.cat([v for v in m.extend(twin, {0: [toks[0]], 1: [toks[1]]}, last_only=True).values()])
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5), f"step {step}"
+        if first is None:
+            first = got
+        else:
+            assert not torch.allclose(got, first)
+    assert len(static.graphs) == 1                                # one capture, four replays
+    assert cache.lens == twin.lens
+
+
+def test_padded_rows_are_inert(ckpt):
+    """3 requests in the bucket of 4: the padding row writes only the null block and reads nothing; the
+    requests' cache rows equal eager decoding's, and a later request never gets the null block."""
+    m = GLM52(ckpt, backend="torch", progress=False, block_size=4)
+    prompts = _prompts(3, seed=3)
+    cache, twin = m.new_cache(512), m.new_cache(512)
+    for c in (cache, twin):
+        m.extend(c, dict(enumerate(prompts)))
+    static = StaticDecode(m, cache, 4, "trace", strict=True)
+    null = static.null
+    twin.null_block()                                             # the same free list on both
+    for toks in ([1, 2, 3], [4, 5, 6], [7, 8, 9]):
+        with torch.inference_mode():
+            static.step([0, 1, 2], toks)
+        m.extend(twin, {0: [toks[0]], 1: [toks[1]], 2: [toks[2]]}, last_only=True)
+    assert sorted(static.graphs) == [4]
+    got, want = cache_state(cache), cache_state(twin)
+    assert got[1:] == want[1:]                                    # blocks, lengths, free list
+    for a, b in zip(got[0], want[0]):                             # rows: a [4, .] GEMM vs a [3, .] one
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), (a - b).abs().max()
+    assert all(null not in b for b in cache.blocks.values())
+    cache.reserve({"new": cache.free_blocks * cache.block_size})   # every free block: never the null one
+    assert null not in cache.blocks["new"]
+
+
+def test_host_reads_per_decode_step(ckpt):
+    """Steady-state decode: one host read per step (the tokens, with the finiteness flags), eager and graph."""
+    for graph in (False, "trace"):
+        m = GLM52(ckpt, backend="torch", progress=False)
+        dec = PlainDecoder(m, cache_tokens=512, graph=graph, batch=3)
+        dec.prefill(_prompts(3, seed=4))
+        dec.step([0, 1, 2])                                       # capture (graph) / warm-up
+        with HostReads() as reads:
+            dec.step([0, 1, 2])
+            dec.step([0, 1, 2])
+        assert reads.count == 2, (graph, reads.where)             # <= 2 is the bar; it is 1 per step
+        assert reads.where == ["Tensor.tolist"] * 2
+
+
+def test_host_read_guard_counts_and_refuses():
+    x = torch.arange(6.0)
+    with HostReads() as r:
+        x.sum().item(), bool(x[1]), x.tolist(), x.nonzero(), int(x[2]), float(x[3])
+    assert r.count == 6
+    with pytest.raises(HostReadInCapture, match="reads tensor values on the host"):
+        with HostReads(forbid=True):
+            x.max().item()
+    assert x.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]               # methods restored after the block
+
+
+def test_a_backend_that_reads_the_host_is_not_captured(ckpt):
+    """cpu_ref loops over requests with host lengths: graph=True refuses, naming why; a bucket whose
+    capture fails under graph='auto' stays eager (and computes what eager computes)."""
+    m = GLM52(ckpt, backend="cpu_ref", progress=False)
+    with pytest.raises(GraphUnavailable, match="backend 'cpu_ref' cannot capture the decode step: .*sequence "
+                                               "lengths are on the device only"):
+        m.generate(_prompts(2), max_new_tokens=3, graph="trace")
+    prompts = _prompts(2, seed=5)
+    eager, _ = _drive(m, False, [[0, 1]] * 3, prompts)
+    dec = PlainDecoder(m, cache_tokens=1024, graph=False, batch=2)
+    dec.static = StaticDecode(m, dec.cache, 2, "trace", strict=False)
+    out = [dec.prefill(prompts)]
+    for _ in range(3):
+        res = dec.step([0, 1])
+        out.append([res[0][1][0], res[1][1][0]])
+    assert out == eager
+    assert sorted(dec.static.eager) == [2] and not dec.static.graphs
+    assert "sequence lengths are on the device only" in dec.static.eager[2]
+
+
+def test_nan_in_a_graph_step_names_the_step_and_rolls_back(ckpt):
+    m = GLM52(ckpt, backend="torch", progress=False)
+    dec = PlainDecoder(m, cache_tokens=512, graph="trace", batch=2)
+    dec.prefill(_prompts(2, seed=6))
+    dec.step([0, 1])
+    before = cache_state(dec.cache)
+    m.net.final_norm.mul_(float("nan"))                            # the captured graph reads the live weight
+    try:
+        with pytest.raises(FloatingPointError, match=r"backend 'torch': logits of decode step 2 hold NaN/inf "
+                                                     r"values \(rows \[0, 1\]\)"):
+            dec.step([0, 1])
+    finally:
+        m.net.final_norm.fill_(1.0)
+    assert same_cache_state(cache_state(dec.cache), before)
+
+
+def test_graph_argument_is_checked(ckpt):
+    with pytest.raises(ValueError, match="GLM52: graph must be 'auto', True, False, 'trace' or 'compile', got 'yes'"):
+        GLM52(ckpt, backend="torch", progress=False, graph="yes")
+    m = GLM52(ckpt, backend="torch", progress=False)
+    with pytest.raises(ValueError, match="generate: graph must be"):
+        m.generate([[1, 2]], max_new_tokens=2, graph=1)
+    assert m.generate([[1, 2]], max_new_tokens=2).stats["graph"].startswith("eager: on a cpu device")
+    assert buckets(1) == [1] and buckets(5) == [1, 2, 4, 8] and buckets(8) == [1, 2, 4, 8]
+
+
+@pytest.mark.slow
+def test_compiled_graph_equals_eager(tmp_path):
+    """graph=True on the CPU: the recorded step compiled by inductor (about 10-30 s on 2 cores)."""
+    ckpt = make_tiny_checkpoint(str(tmp_path / "two"), layers=2, seed=12, index_topk=8)
+    m = GLM52(ckpt, backend="torch", progress=False)
+    prompts = _prompts(2, seed=7)
+    ref = m.generate(prompts, max_new_tokens=10, stop_at_eos=False, graph=False)
+    out = m.generate(prompts, max_new_tokens=10, stop_at_eos=False, graph=True)
+    assert out.tokens == ref.tokens
+    assert out.stats["graph"] == "compile" and out.stats["graph_buckets"] == [2]

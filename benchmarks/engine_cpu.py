@@ -61,53 +61,62 @@ def _hf_generate(hf, prompts: list[list[int]], new: int) -> list[list[int]]:
 
 
 def _ours_generate(model, prompts, new, **kw) -> tuple[list[list[int]], dict]:
+    """Greedy, no EOS stop; `kw`: generate's (graph=...)."""
     r = model.generate(prompts, max_new_tokens=new, temperature=0.0, stop_at_eos=False, **kw)
     return r.tokens, r.stats
 
 
 def compare(path: str, label: str, rows: list[tuple[str, int, int, int]], repeats: int, backend: str,
-            graph) -> list[dict]:
+            graph: bool) -> list[dict]:
+    """Each row: HF, GLM52 eager, and (decode rows, `graph`) GLM52 with decode steps as compiled graphs."""
     hf = _hf(path)
-    kw = {} if graph is None else {"graph": graph}
-    ours = GLM52(path, backend=backend, dtype=torch.float32, progress=False, **kw)
+    ours = GLM52(path, backend=backend, dtype=torch.float32, progress=False)
     out = []
     for name, B, n, new in rows:
         prompts = _prompts(ours.cfg.vocab_size, B, n, seed=B * 1000 + n)
-        _hf_generate(hf, prompts, new), _ours_generate(ours, prompts, new)        # warm-up
+        _hf_generate(hf, prompts, new), _ours_generate(ours, prompts, new, graph=False)        # warm-up
         t_hf, hf_tok = _median_time(lambda: _hf_generate(hf, prompts, new), repeats)
-        t_us, (our_tok, stats) = _median_time(lambda: _ours_generate(ours, prompts, new), repeats)
+        t_us, (our_tok, stats) = _median_time(lambda: _ours_generate(ours, prompts, new, graph=False), repeats)
         toks = B * (n + new) if new == 1 else B * new      # prefill row: prompt tokens per second
-        out.append(dict(model=label, row=name, B=B, prompt=n, new=new, hf_s=t_hf, ours_s=t_us,
-                        hf_tps=toks / t_hf, ours_tps=toks / t_us, ratio=t_hf / t_us,
-                        same=our_tok == hf_tok, backend=stats["backend"], graph=stats.get("graph")))
-        r = out[-1]
+        r = dict(model=label, row=name, B=B, prompt=n, new=new, hf_s=t_hf, ours_s=t_us, hf_tps=toks / t_hf,
+                 ours_tps=toks / t_us, ratio=t_hf / t_us, same=our_tok == hf_tok, backend=stats["backend"],
+                 graph_tps=None, graph_ratio=None, capture_s=None, graph_same=None)
+        if graph and new > 1:
+            t0 = time.perf_counter()
+            _ours_generate(ours, prompts, new, graph=True)                 # captures (compiles) the bucket
+            first = time.perf_counter() - t0
+            t_g, (g_tok, g_stats) = _median_time(lambda: _ours_generate(ours, prompts, new, graph=True), repeats)
+            r.update(graph_tps=toks / t_g, graph_ratio=t_hf / t_g, capture_s=g_stats["graph_capture_s"],
+                     first_s=first, graph_same=g_tok == hf_tok, graph_mode=g_stats["graph"])
+        out.append(r)
+        g = (f"  graph {r['graph_tps']:9.1f} tok/s ratio {r['graph_ratio']:.2f}x capture {r['capture_s']:.0f} s "
+             f"tokens {'equal' if r['graph_same'] else 'DIFFER'}") if r["graph_tps"] else ""
         print(f"{label:>16} {name:>12}: HF {r['hf_tps']:9.1f} tok/s  GLM52 {r['ours_tps']:9.1f} tok/s  "
-              f"ratio {r['ratio']:.2f}x  tokens {'equal' if r['same'] else 'DIFFER'}", flush=True)
+              f"ratio {r['ratio']:.2f}x  tokens {'equal' if r['same'] else 'DIFFER'}{g}", flush=True)
     return out
 
 
-def layer_sweep(depths: list[int], new: int, repeats: int, backend: str, graph, tmp: str) -> list[dict]:
-    """GLM52's time per B=1 decode step at several depths (random weights, the default's widths)."""
-    from glm52_backends.loader import load_config
-    base = load_config(default_checkpoint())
+def layer_sweep(depths: list[int], new: int, repeats: int, backend: str) -> list[dict]:
+    """GLM52's eager time per B=1 decode step at several depths (random weights, the default's widths)."""
     out = []
-    kw = {} if graph is None else {"graph": graph}
     for L in depths:
-        cfg = _deep_config(base, L)
-        m = GLM52(cfg, backend=backend, dtype=torch.float32, progress=False, include_mtp=False, **kw)
+        cfg = _deep_config(L)
+        m = GLM52(cfg, backend=backend, dtype=torch.float32, progress=False, include_mtp=False)
         prompts = _prompts(cfg.vocab_size, 1, 16, seed=L)
-        _ours_generate(m, prompts, new)
-        t, (_, stats) = _median_time(lambda: _ours_generate(m, prompts, new), repeats)
+        _ours_generate(m, prompts, new, graph=False)
+        t, (_, stats) = _median_time(lambda: _ours_generate(m, prompts, new, graph=False), repeats)
         step_ms = 1e3 * stats["decode_s"] / max(stats["decode_steps"], 1)
         out.append(dict(layers=L, step_ms=step_ms))
         print(f"layers {L:3d}: {step_ms:7.2f} ms per decode step", flush=True)
     return out
 
 
-def _deep_config(base, layers: int):
+def _deep_config(layers: int):
     import dataclasses
 
     from glm52_backends.config import indexshare_schedule
+    from glm52_backends.loader import load_config
+    base = load_config(default_checkpoint())
     moe = ["dense"] + ["sparse"] * (layers - 1)
     return dataclasses.replace(base, num_hidden_layers=layers, indexer_types=indexshare_schedule(layers, None, 2, 1),
                                mlp_layer_types=moe)
@@ -134,21 +143,27 @@ def _markdown(rows: list[dict], sweep: list[dict], args) -> str:
                              timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         rev = "?"
-    lines = [f"# GLM52 vs HF transformers eager `generate` on the CPU",
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    lines = ["# GLM52 vs HF transformers eager `generate` on the CPU",
              "",
              f"Device: CPU ({cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} "
              f"threads); float32; greedy; medians of {args.repeats} runs after a warm-up; commit {rev}.",
              f"`python benchmarks/engine_cpu.py {' '.join(sys.argv[1:])}`",
              "",
-             "| model | row | B | prompt | new | HF tok/s | GLM52 tok/s | GLM52 / HF | backend | graph | tokens = HF |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---|---|---|"]
+             "| model | row | B | prompt | new | HF tok/s | GLM52 eager tok/s | eager / HF | GLM52 graph tok/s | "
+             "graph / HF | capture s | backend | tokens = HF |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in rows:
+        same = "yes" if r["same"] and r["graph_same"] in (None, True) else "NO"
         lines.append(f"| {r['model']} | {r['row']} | {r['B']} | {r['prompt']} | {r['new']} | {r['hf_tps']:.1f} | "
-                     f"{r['ours_tps']:.1f} | {r['ratio']:.2f}x | {r['backend']} | {r['graph'] or '-'} | "
-                     f"{'yes' if r['same'] else 'NO'} |")
-    lines += ["", "Decode rows: new tokens per second; prefill rows: (prompt + 1) tokens per second.", ""]
+                     f"{r['ours_tps']:.1f} | {r['ratio']:.2f}x | {fmt(r['graph_tps'], '.1f')} | "
+                     f"{fmt(r['graph_ratio'], '.2f')}{'x' if r['graph_ratio'] else ''} | {fmt(r['capture_s'], '.0f')} | "
+                     f"{r['backend']} | {same} |")
+    lines += ["", "Decode rows: new tokens per second; prefill rows: (prompt + 1) tokens per second. \"graph\": "
+              "`generate(..., graph=True)`, decode steps traced and compiled by inductor once per batch bucket "
+              "(the capture column; not in the timed runs, which replay), prefill eager.", ""]
     if sweep:
-        lines += ["## Time per decode step (B=1) against depth", "",
+        lines += ["## Time per eager decode step (B=1) against depth", "",
                   "| layers | ms per step |", "|---:|---:|"]
         lines += [f"| {s['layers']} | {s['step_ms']:.2f} |" for s in sweep]
         if len(sweep) >= 2:
@@ -162,8 +177,8 @@ def _markdown(rows: list[dict], sweep: list[dict], args) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--backend", default="auto")
-    ap.add_argument("--graph", choices=("auto", "on", "off"), default=None,
-                    help="GLM52(graph=...); default: GLM52's own default")
+    ap.add_argument("--no-graph", action="store_true", help="skip the compiled-graph decode runs (minutes of "
+                                                                "compiling per bucket at 78 layers)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--new", type=int, default=64, help="new tokens of the decode rows")
     ap.add_argument("--prompt-len", type=int, default=32)
@@ -175,14 +190,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.new, args.repeats, args.prefill, args.sweep = 8, 1, 128, [4, 8]
-    graph = {"auto": "auto", "on": True, "off": False, None: None}[args.graph]
     rows = [("decode B=1", 1, args.prompt_len, args.new), ("decode B=8", 8, args.prompt_len, args.new),
             (f"prefill {args.prefill}", 1, args.prefill, 1)]
     with tempfile.TemporaryDirectory() as tmp:
-        results = compare(default_checkpoint(), "default (4 layers)", rows, args.repeats, args.backend, graph)
+        results = compare(default_checkpoint(), "default (4 layers)", rows, args.repeats, args.backend,
+                          not args.no_graph)
         results += compare(deep_checkpoint(tmp, args.depth), f"random ({args.depth} layers)", rows, args.repeats,
-                           args.backend, graph)
-        sweep = layer_sweep(args.sweep, min(args.new, 16), args.repeats, args.backend, graph, tmp)
+                           args.backend, not args.no_graph)
+        sweep = layer_sweep(args.sweep, min(args.new, 16), args.repeats, args.backend)
     md = _markdown(results, sweep, args)
     print(md)
     if args.markdown:

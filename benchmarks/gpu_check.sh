@@ -2,7 +2,7 @@
 # The cuda backend on a GPU machine, in one prepared run: install, GPU tests, conformance at the
 # real GLM-5.2 sizes (bfloat16 and float32), the benchmark table, a tiny-checkpoint model check.
 #
-#   benchmarks/gpu_check.sh OUTDIR [STAGE ...]      stages: env install tests conformance bench model
+#   benchmarks/gpu_check.sh OUTDIR [STAGE ...]      stages: env install tests graph conformance bench model
 #
 # Each stage runs under its own time limit and writes its files to OUTDIR as it goes, so a stage
 # that hangs or dies costs only itself. OUTDIR holds at most 8 files:
@@ -13,13 +13,14 @@
 #   conformance-f32.json     glm52 conformance --backend cuda --dtype float32 --json
 #   bench.log, bench.json    glm52 bench --backend cuda (bf16 ops + block-FP8 linear_fp8 / moe_fp8 rows)
 #   model.log                benchmarks/gpu_model_check.py (greedy/MTP vs cpu_ref; its JSON last)
+#   graph.log, graph.json    benchmarks/graph_decode.py: decode steps as CUDA graphs vs eager, per bucket and depth
 # Without a GPU (a rehearsal here) the same stages run on Triton's interpreter at small sizes
 # (conformance --quick; the interpreter test file; bench --small, one run per case, no e2e).
 # Environment: GPU_CHECK_REPS (bench repetitions, default 50), GPU_CHECK_OPS (bench --ops subset).
 set -u
 OUTDIR=${1:?usage: benchmarks/gpu_check.sh OUTDIR [STAGE ...]}
 shift
-STAGES=${*:-env install tests bench conformance model}
+STAGES=${*:-env install tests graph bench conformance model}
 mkdir -p "$OUTDIR"
 OUTDIR=$(cd "$OUTDIR" && pwd)
 cd "$(dirname "$0")/.."
@@ -37,7 +38,7 @@ else
 fi
 
 # bench: 240 s for the bf16 ops + ~90 s for the FP8 rows (linear_fp8, moe_fp8: 10 cases, fp64 reference checks)
-if [ $GPU = 1 ]; then L_TESTS=180 L_CONF=120 L_BENCH=330 L_MODEL=90; else L_TESTS=500 L_CONF=240 L_BENCH=420 L_MODEL=400; fi
+if [ $GPU = 1 ]; then L_TESTS=180 L_CONF=120 L_BENCH=330 L_MODEL=90 L_GRAPH=150; else L_TESTS=500 L_CONF=240 L_BENCH=420 L_MODEL=400 L_GRAPH=300; fi
 
 # stage NAME LIMIT_S LOG CMD...: run CMD under `timeout`, append its output to LOG, one line to SUMMARY
 stage() {
@@ -102,8 +103,18 @@ for s in $STAGES; do
     model)
         stage model $L_MODEL "$OUTDIR/model.log" $PY benchmarks/gpu_model_check.py
         ;;
+    graph)
+        # decode as CUDA graphs vs eager (tokens must be equal), 4 and 78 layers, buckets 1 and 8, bf16
+        if [ $GPU = 1 ]; then
+            stage graph $L_GRAPH "$OUTDIR/graph.log" $PY benchmarks/graph_decode.py --backend cuda --device cuda \
+                --dtype bfloat16 --layers 4 78 --buckets 1 8 --steps 16 --repeats 2 --json "$OUTDIR/graph.json"
+        else
+            stage graph $L_GRAPH "$OUTDIR/graph.log" $PY benchmarks/graph_decode.py --backend torch --graph trace --small \
+                --json "$OUTDIR/graph.json"
+        fi
+        ;;
     *)
-        echo "unknown stage $s (stages: env install tests conformance bench model)" | tee -a "$SUMMARY"
+        echo "unknown stage $s (stages: env install tests graph conformance bench model)" | tee -a "$SUMMARY"
         exit 2
         ;;
     esac

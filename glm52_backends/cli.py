@@ -166,6 +166,16 @@ def _ratio(a: float, b: float) -> str:
 DEFAULT_PROMPTS = ("def __init__(self", "import ", "class ", "    def ")
 
 
+def _graph_line(s: dict) -> str:
+    """What ran as captured graphs in a generation's stats (engine/graph.py)."""
+    mode = s.get("graph", "-")
+    if not s.get("graphs_captured"):
+        return f"{mode}; none captured" if mode in ("trace", "compile", "cuda", "npu") else str(mode)
+    eager = f"; eager buckets {s['eager_buckets']}" if s.get("eager_buckets") else ""
+    return (f"{mode}: {s['graphs_captured']} captured (decode buckets {s['graph_buckets']}{eager}) in "
+            f"{s['graph_capture_s']:.1f} s")
+
+
 def cmd_generate(args) -> int:
     import torch
     from .engine import GLM52
@@ -181,6 +191,8 @@ def cmd_generate(args) -> int:
         par["quantization"] = args.quantization
     if args.kv_cache_dtype is not None:
         par["kv_cache_dtype"] = args.kv_cache_dtype
+    if args.graph is not None:
+        par["graph"] = args.graph
     if args.deployment:
         model = GLM52.from_deployment(args.deployment, model=args.checkpoint or None, progress=not args.quiet,
                                       **({"backend": args.backend} if args.backend != "auto" else {}),
@@ -223,6 +235,7 @@ def cmd_generate(args) -> int:
           f"{model.kv_cache_format}, index {model.index_cache_format}")
     print(f"native ops : {', '.join(native) or '-'}")
     print(f"fell back  : {', '.join(fallback) or '-'}")
+    print(f"graphs     : {_graph_line(s)}")
     rows = []
     for i, (p, toks) in enumerate(zip(prompts, res.tokens)):
         row = [str(i), str(len(p) if not isinstance(p, str) else len(model.tokenizer.encode(p))),
@@ -324,6 +337,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --adaptive: the probability in [0, 1] below which drafting stops (default 0.5; "
                         "0 = never stop early, 1 = one draft per round)")
     g.add_argument("--prefill-chunk", type=_int_at_least(1), help="chunked prefill size in tokens")
+    gm = g.add_mutually_exclusive_group()
+    gm.add_argument("--graph", dest="graph", action="store_const", const=True, default=None,
+                    help="decode steps as captured graphs everywhere (CUDA/NPU graphs; on a CPU the step traced and "
+                         "compiled by inductor: tens of seconds to minutes per batch bucket, then faster steps)")
+    gm.add_argument("--eager", dest="graph", action="store_const", const=False,
+                    help="never capture (default: 'auto', graphs on CUDA and NPU devices, eager on the CPU)")
     g.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS")
     g.add_argument("--json", action="store_true", help="print a JSON object instead of tables")
     g.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -60,15 +60,19 @@ def test_graph_decode_equals_eager(ckpt, kw):
 
 
 def test_generate_with_graphs_equals_eager_and_reuses_them(ckpt):
-    m = GLM52(ckpt, backend="torch", progress=False, graph="trace")
+    """Later runs that fit reuse the graphs (and their cache and buffers): requests then sit in other
+    blocks than in the run that captured, so the block table must follow them."""
+    m = GLM52(ckpt, backend="torch", progress=False, graph="trace", block_size=4)
     prompts = _prompts(3, seed=1)
+    later = [prompts[2][:3], prompts[0] + prompts[1]]             # other lengths: other blocks per request
     ref = m.generate(prompts, max_new_tokens=12, stop_at_eos=False, graph=False)
+    ref_later = m.generate(later, max_new_tokens=12, stop_at_eos=False, graph=False)
     assert ref.stats["graph"] == "off (graph=False)" and ref.stats["graphs_captured"] == 0
     a = m.generate(prompts, max_new_tokens=12, stop_at_eos=False)
     kept = m.decode_graphs
-    b = m.generate(prompts[:2], max_new_tokens=12, stop_at_eos=False)        # fits: the same graphs, reused
+    b = m.generate(later, max_new_tokens=12, stop_at_eos=False)              # fits: the same graphs, reused
     assert m.decode_graphs is kept
-    assert a.tokens == ref.tokens and b.tokens == ref.tokens[:2]
+    assert a.tokens == ref.tokens and b.tokens == ref_later.tokens
     assert a.stats["graph"] == "trace" and a.stats["graphs_captured"] >= 1
 
 

@@ -103,9 +103,9 @@ class StaticDecode:
         self.block_table = torch.full((N, self.width), self.null, dtype=i32, device=dev)
         self.cu = torch.arange(N + 1, dtype=i32, device=dev)          # one query token per row: fixed
         self.token_request = torch.arange(N, dtype=i32, device=dev)
-        # host mirror of the block table: which request each row holds and how many of its blocks
+        # host mirror of the block table, and the block list each row was last written from
         self._bt_host = torch.full((N, self.width), self.null, dtype=i32)
-        self._rows: list[tuple[Hashable, int] | None] = [None] * N
+        self._rows: list[list[int]] = [[] for _ in range(N)]
         self.graphs: dict[int, object] = {}        # bucket -> replay() returning the logits buffer
         self.eager: dict[int, str] = {}            # bucket -> why it was not captured
         self.capture_s = 0.0
@@ -187,18 +187,17 @@ class StaticDecode:
         self.seq_lens[:N].copy_(host[3], non_blocking=True)
         dirty = False
         for i in range(N):
-            r = reqs[i] if i < n else None
-            nb = len(cache.blocks[r]) if r is not None else 0
-            held = self._rows[i]
-            if held == ((r, nb) if r is not None else None):
+            blocks = cache.blocks[reqs[i]] if i < n else []
+            held = self._rows[i]                      # the blocks this row of the table holds now
+            if held == blocks:
                 continue
             row = self._bt_host[i]
-            start = held[1] if held is not None and held[0] == r and held[1] <= nb else 0
+            start = len(held) if held == blocks[:len(held)] else 0     # grown: write only the new blocks
             if start == 0:
                 row.fill_(self.null)
-            if nb > start:
-                row[start:nb] = torch.tensor(cache.blocks[r][start:nb], dtype=torch.int32)
-            self._rows[i] = (r, nb) if r is not None else None
+            if len(blocks) > start:
+                row[start:len(blocks)] = torch.tensor(blocks[start:], dtype=torch.int32)
+            self._rows[i] = list(blocks)
             dirty = True
         if dirty:
             self.block_table[:N].copy_(self._bt_host[:N], non_blocking=True)

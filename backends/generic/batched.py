@@ -7,7 +7,8 @@ compute the same thing over the whole step at once, token-major:
     on the device) and its block-table row is gathered per token;
   - `indexer_topk` scores every position of the block table's width `S = max_blocks * block_size`
     (positions past a token's own position masked to -inf; the stable sort puts them last, so the
-    selection and its tie rule are the reference's);
+    selection and its tie rule are the reference's); keys are gathered per token, or, for a step of
+    at most `SHARED_KEY_REQUESTS` requests (a prefill), once per request and scored in one GEMM;
   - `sparse_mla` gathers the `[T, topk]` selected rows (-1 entries read block 0 and are masked out with
     `where`, so no NaN in an unread row reaches the output);
   - `moe_experts` gathers each token's K experts' weights (`[T, K, 2I, Hd]`) while that fits
@@ -29,6 +30,7 @@ from glm52_backends.weights import Weight, select
 
 CHUNK_ELEMENTS = 1 << 22     # bounds a chunk's [tokens, Hi, S] scores and [tokens, topk, Dl] gathers
 GATHER_ELEMENTS = 1 << 23    # moe_experts: gathered expert weights per call (dense), beyond this masked experts
+SHARED_KEY_REQUESTS = 2      # indexer_topk: up to this many requests, keys gathered once per request
 MASKED_TOKENS = 256          # moe_experts: up to this many tokens every expert runs masked; beyond, the reference
 
 
@@ -91,21 +93,32 @@ def sparse_mla(q, c_cache, kpe_cache, idx, block_table, seq_lens, cu_seqlens_q, 
 
 def indexer_topk(q, w, k_cache, block_table, seq_lens, cu_seqlens_q, topk, *, meta=None, cdt=torch.float32):
     T, Hi, Di = q.shape
-    bs, MB = k_cache.shape[1], block_table.shape[1]
+    B, MB = block_table.shape
+    bs = k_cache.shape[1]
     S = MB * bs                                                   # every position the table can address
     n = min(topk, S)
     idx = torch.full((T, topk), -1, dtype=torch.int32, device=q.device)
     req = token_requests(cu_seqlens_q, T, meta)
     qpos = token_positions(seq_lens, cu_seqlens_q, req, meta)
     s = torch.arange(S, device=q.device)
-    for a, e in _chunks(T, S * (Hi + Di)):
+    if B <= SHARED_KEY_REQUESTS:
+        # few requests (a prefill): each request's keys gathered once, scored against every token of
+        # the chunk as one GEMM, then each token keeps its own request's row (B x the FLOPs, one GEMM)
+        live = s[None, :] < seq_lens.long()[:, None]                                        # [B, S]
+        blk = torch.where(live, block_table.long()[:, s // bs], 0)
+        keys = read_index(k_cache, blk, (s % bs).expand_as(blk))                          # [B, S, Di]
+        keys = torch.where(live[..., None], keys.to(cdt), 0.0)
+    for a, e in _chunks(T, S * (Hi * B if B <= SHARED_KEY_REQUESTS else Hi + Di)):
         valid = s[None, :] <= qpos[a:e, None]                                             # [q, S] causal
-        blk = block_table[req[a:e]].long()[:, s // bs]                                     # [q, S]
-        blk = torch.where(valid, blk, 0)
-        k = read_index(k_cache, blk, (s % bs).expand_as(blk))                            # [q, S, Di]
-        k = torch.where(valid[..., None], k.to(cdt), 0.0)
-        score = torch.einsum("th,ths->ts", w[a:e].to(cdt),
-                             torch.relu(torch.einsum("thd,tsd->ths", q[a:e].to(cdt), k)))
+        qa, wa = q[a:e].to(cdt), w[a:e].to(cdt)
+        if B <= SHARED_KEY_REQUESTS:
+            sc = torch.einsum("th,thbs->tbs", wa, torch.relu(torch.einsum("thd,bsd->thbs", qa, keys)))
+            score = sc.gather(1, req[a:e, None, None].expand(-1, 1, S)).squeeze(1)        # [q, S]
+        else:
+            blk = torch.where(valid, block_table[req[a:e]].long()[:, s // bs], 0)          # [q, S]
+            k = read_index(k_cache, blk, (s % bs).expand_as(blk))                        # [q, S, Di]
+            k = torch.where(valid[..., None], k.to(cdt), 0.0)
+            score = torch.einsum("th,ths->ts", wa, torch.relu(torch.einsum("thd,tsd->ths", qa, k)))
         score = score.masked_fill(~valid, float("-inf"))
         top = score.sort(dim=-1, descending=True, stable=True).indices[:, :n]             # [q, n]
         keep = torch.arange(n, device=q.device)[None, :] < (qpos[a:e] + 1).clamp(max=topk)[:, None]

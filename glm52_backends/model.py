@@ -136,7 +136,7 @@ class Glm52Network:
         self.cfg, self.ops, self.device = cfg, ops, device
         self.comm = comm if comm is not None else ops.comm                                # the tp group
         self.dp_comm = dp_comm if layout is not None and layout.dispatch else None        # EP stage 2
-        self.dp_counts: list[int] | None = None      # this step's token count per dp group (dispatch)
+        self.dp_counts: list[int] | None = None      # this step's token count per dp group (engine/turns.py)
         tp = layout.plan.tp if layout is not None else 1
         self.heads = cfg.num_attention_heads // tp                                        # local heads
         self.vocab_range = layout.vocab_range(cfg.vocab_size) if layout is not None else (0, cfg.vocab_size)
@@ -152,64 +152,14 @@ class Glm52Network:
             raise RuntimeError(f"internal: tensors left unused after building the model: {sorted(sd)[:5]}")
 
     # ---- one step ---------------------------------------------------------------------------------
-    def plan(self, cache: PagedCache, chunks: dict[Hashable, Sequence[int]], kind: int = 2) -> Step:
+    def plan(self, cache: PagedCache, chunks: dict[Hashable, Sequence[int]]) -> Step:
         """Validate and reserve; the step's metadata is built once and handed to the backend once.
-        With expert dispatch the dp groups first agree on the step (`kind`: RUN or MTP)."""
-        if self.dp_comm is not None:
-            self._take_turn(kind, sum(len(c) for c in chunks.values()), cache)
+        (With expert dispatch the engine has agreed the step with the other dp groups first:
+        engine/turns.py sets `dp_counts`.)"""
         st = plan_step(cache, chunks, vocab_size=self.cfg.vocab_size,
                        max_positions=self.cfg.max_position_embeddings, device=self.device)
         self.ops.prepare_step(st.meta)
         return st
-
-    # ---- EP stage 2: dp groups step together -------------------------------------------------------
-    # A step is one pass through the model (RUN) or through the MTP layer (MTP); every dp group runs
-    # each step, those without tokens for it empty, because every MoE layer gathers all groups' tokens.
-    IDLE, MTP, RUN = 0, 1, 2          # a step of the higher kind goes first
-
-    def _exchange(self, n_tokens: int, kind: int) -> list[tuple[int, int]]:
-        """(token count, kind wanted) of every dp group: one small all-gather per step."""
-        mine = torch.tensor([n_tokens, kind], dtype=torch.int64, device=self.device)
-        return [(int(n), int(k)) for n, k in self.dp_comm.all_gather(mine[None], dim=0).tolist()]
-
-    def _empty_step(self, kind: int, got: list[tuple[int, int]], cache: PagedCache) -> None:
-        """This group's part of another group's step: the same kind of pass with no tokens."""
-        self.dp_counts = [n if k == kind else 0 for n, k in got]
-        st = plan_step(cache, {}, vocab_size=self.cfg.vocab_size,
-                       max_positions=self.cfg.max_position_embeddings, device=self.device)
-        self.ops.prepare_step(st.meta)
-        if kind == self.RUN:
-            self.forward(st, cache)
-        else:
-            self._mtp_forward(st, cache, torch.zeros(0, self.cfg.hidden_size, dtype=self.embed.dtype,
-                                                     device=self.device), None)
-
-    def _take_turn(self, kind: int, n_tokens: int, cache: PagedCache) -> None:
-        """Wait (running the other groups' steps empty) until a step of `kind` runs; set `dp_counts`."""
-        while True:
-            got = self._exchange(n_tokens, kind)
-            step = max(k for _, k in got)
-            if step == kind:
-                self.dp_counts = [n if k == kind else 0 for n, k in got]
-                return
-            self._empty_step(step, got, cache)
-
-    def serve_idle(self, cache: PagedCache) -> None:
-        """Join the other dp groups' steps with no tokens of this group's own until every group is idle.
-
-        With dp > 1 and ep = tp x dp every MoE layer gathers the tokens of all dp groups, so a group
-        whose requests are done (or that has none) still runs each step the others run, empty: the
-        "dummy forward". Each step starts with the exchange of token counts and step kinds, which also
-        tells when all groups have finished; then they return together. A no-op without dispatch.
-        `cache` needs the MTP layer's entries when the others run speculative decoding."""
-        if self.dp_comm is None:
-            return
-        while True:
-            got = self._exchange(0, self.IDLE)
-            step = max(k for _, k in got)
-            if step == self.IDLE:
-                return
-            self._empty_step(step, got, cache)
 
     def _attention(self, l: int, L: Layer, x: torch.Tensor, st: Step, cache: PagedCache,
                    prev_idx: torch.Tensor | None, share: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -232,10 +182,11 @@ class Glm52Network:
         else:
             idx = prev_idx                                                                   # IndexShare
 
-        q_lat = torch.einsum("thd,hdc->thc", q[..., :dn], L.w_uk)                          # absorb W_UK
+        q_lat = torch.matmul(q[..., :dn].transpose(0, 1), L.w_uk).transpose(0, 1)           # absorb W_UK [T, H, C]
         o_lat = ops.sparse_mla(torch.cat([q_lat, q_pe], -1), cache.c[l], cache.k_pe[l], idx, meta.block_table,
                                meta.seq_lens, meta.cu_seqlens_q, cfg.softmax_scale, meta=meta)  # [T, H, C]
-        o = torch.einsum("thc,hvc->thv", o_lat, L.w_uv).reshape(T, H * cfg.v_head_dim)     # absorb W_UV
+        o = torch.matmul(o_lat.transpose(0, 1), L.w_uv.transpose(1, 2))                    # absorb W_UV [H, T, dv]
+        o = o.transpose(0, 1).reshape(T, H * cfg.v_head_dim)
         return self.comm.all_reduce(ops.linear(o, L.wo)), idx                              # row-parallel seam
 
     def _indexer(self, l: int, ix: Indexer, x, qr, st: Step, cache: PagedCache) -> torch.Tensor:
@@ -310,7 +261,7 @@ class Glm52Network:
 
     def run(self, cache: PagedCache, chunks: dict[Hashable, Sequence[int]]) -> tuple[Step, torch.Tensor]:
         """Append tokens to requests; returns the step and the final-normed hidden states [T, Hd]."""
-        st = self.plan(cache, chunks, kind=self.RUN)
+        st = self.plan(cache, chunks)
         return st, self.forward(st, cache)
 
     def run_mtp(self, cache: PagedCache, chunks: dict[Hashable, Sequence[int]], hidden: torch.Tensor,
@@ -326,10 +277,11 @@ class Glm52Network:
         if self.mtp is None:
             raise RuntimeError("this checkpoint has no MTP layer (num_nextn_predict_layers = 0 or "
                                "layer tensors missing); speculative decoding needs it")
-        st = self.plan(cache, chunks, kind=self.MTP)
-        return (st, *self._mtp_forward(st, cache, hidden, shared_idx))
+        st = self.plan(cache, chunks)
+        return (st, *self.mtp_forward(st, cache, hidden, shared_idx))
 
-    def _mtp_forward(self, st: Step, cache: PagedCache, hidden: torch.Tensor, shared_idx: torch.Tensor | None):
+    def mtp_forward(self, st: Step, cache: PagedCache, hidden: torch.Tensor, shared_idx: torch.Tensor | None):
+        """The MTP layer over a planned step: (output hidden [T, Hd], logits [T, V], top-k used)."""
         cfg, ops, M = self.cfg, self.ops, self.mtp
         e = self.embedding(st.ids)
         e = torch.where((st.positions == 0)[:, None], torch.zeros_like(e), e)  # vLLM zeroes position 0

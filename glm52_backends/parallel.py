@@ -16,7 +16,7 @@ Layouts: tp >= 1 with ep = 1 (experts TP-split) or ep = tp (replicated tokens, l
 stage 1); dp > 1 splits the requests over dp groups of tp ranks: with ep = 1 each group is a full
 replica; with ep = tp x dp the groups' tokens meet at every MoE layer (all-gather dispatch over the
 dp group, reduce-scatter combine: EP stage 2), so every group steps in lockstep, idle ones with no
-tokens (model.Glm52Network._take_turn / serve_idle; MTP draft steps included).
+tokens (engine/turns.py: DpTurns.take / serve_idle; MTP draft steps included).
 """
 
 from __future__ import annotations

@@ -73,7 +73,7 @@ class TorchDeviceBackend:
             if not callable(getattr(type(self), op, None)):  # a subclass's own op wins
                 fn = batched.OPS.get(op, REFERENCES[op])     # the paged ops batched: no loop over requests
                 ref = functools.update_wrapper(functools.partial(fn, cdt=compute_dtype), fn)
-                setattr(self, op, self._on_device(op, ref))
+                setattr(self, op, ref if on_cpu else self._on_device(op, ref))   # CPU: torch names a wrong device
 
     def _on_device(self, op: str, fn):
         kind = self.device.type

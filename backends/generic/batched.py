@@ -14,7 +14,8 @@ compute the same thing over the whole step at once, token-major:
   - `moe_experts` gathers each token's K experts' weights (`[T, K, 2I, Hd]`) while that fits
     `GATHER_ELEMENTS`; else (quantized experts, wide ones) up to `MASKED_TOKENS` tokens it runs every
     expert over every token, masked; a longer step (a prefill) runs the reference's loop over experts;
-  - `mtp_verify`, greedy: the accepted prefix is a cumulative product of matches.
+  - `mtp_verify`, greedy: the accepted prefix is a cumulative product of matches;
+  - `rms_norm` is torch's fused one, `rope` one complex multiply per pair (the reference's formulas).
 Host-side sizes are shapes only (T, topk, the table width): fixed per captured bucket.
 """
 
@@ -76,16 +77,13 @@ def sparse_mla(q, c_cache, kpe_cache, idx, block_table, seq_lens, cu_seqlens_q, 
         blk = block_table[req[a:e]].long().gather(1, (pos // bs).clamp(max=MB - 1))
         blk = torch.where(keep, blk, 0)
         c, kpe = read_latent(c_cache, kpe_cache, blk, pos % bs)                  # [q, K, Dl], [q, K, Dr]
-        c = torch.where(keep[..., None], c.to(cdt), 0.0)
-        kpe = torch.where(keep[..., None], kpe.to(cdt), 0.0)
-        qa = q[a:e].to(cdt)
-        score = (torch.einsum("thd,tkd->thk", qa[..., :Dl], c)
-                 + torch.einsum("thd,tkd->thk", qa[..., Dl:], kpe)) * scale                # [q, H, K]
+        kv = torch.where(keep[..., None], torch.cat([c.to(cdt), kpe.to(cdt)], -1), 0.0)  # [q, K, Dl+Dr]
+        score = torch.bmm(q[a:e].to(cdt), kv.transpose(1, 2)) * scale                   # [q, H, K]
         score = score.masked_fill(~keep[:, None, :], float("-inf"))
         m = torch.logsumexp(score, dim=-1)                                                # [q, H]
         empty = (m == float("-inf"))[..., None]
         p = torch.where(empty, 0.0, torch.exp(score - torch.where(empty, 0.0, m[..., None])))
-        out[a:e] = torch.einsum("thk,tkc->thc", p, c)
+        out[a:e] = torch.bmm(p, kv[..., :Dl])                                             # [q, H, Dl]
         lse[a:e] = m.float()
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out
@@ -112,13 +110,14 @@ def indexer_topk(q, w, k_cache, block_table, seq_lens, cu_seqlens_q, topk, *, me
         valid = s[None, :] <= qpos[a:e, None]                                             # [q, S] causal
         qa, wa = q[a:e].to(cdt), w[a:e].to(cdt)
         if B <= SHARED_KEY_REQUESTS:
-            sc = torch.einsum("th,thbs->tbs", wa, torch.relu(torch.einsum("thd,bsd->thbs", qa, keys)))
+            sc = torch.relu(torch.matmul(qa.reshape(-1, Di), keys.reshape(-1, Di).T))     # [q*Hi, B*S]
+            sc = torch.bmm(wa[:, None, :], sc.view(e - a, Hi, B * S)).view(e - a, B, S)   # [q, B, S]
             score = sc.gather(1, req[a:e, None, None].expand(-1, 1, S)).squeeze(1)        # [q, S]
         else:
             blk = torch.where(valid, block_table[req[a:e]].long()[:, s // bs], 0)          # [q, S]
             k = read_index(k_cache, blk, (s % bs).expand_as(blk))                        # [q, S, Di]
             k = torch.where(valid[..., None], k.to(cdt), 0.0)
-            score = torch.einsum("th,ths->ts", wa, torch.relu(torch.einsum("thd,tsd->ths", qa, k)))
+            score = torch.bmm(wa[:, None, :], torch.relu(torch.bmm(qa, k.transpose(1, 2)))).squeeze(1)  # [q, S]
         score = score.masked_fill(~valid, float("-inf"))
         top = score.sort(dim=-1, descending=True, stable=True).indices[:, :n]             # [q, n]
         keep = torch.arange(n, device=q.device)[None, :] < (qpos[a:e] + 1).clamp(max=topk)[:, None]
@@ -144,9 +143,10 @@ def _moe_gathered(x, w13, w2, topk_ids, topk_weights, cdt):
     I = w2.shape[-1]
     valid = topk_ids >= 0
     e = topk_ids.long().clamp(min=0)                                                        # [T, K]
-    h = torch.einsum("tkih,th->tki", w13[e].to(cdt), x.to(cdt))                              # [T, K, 2I]
-    a = F.silu(h[..., :I]) * h[..., I:]
-    o = torch.einsum("tkhi,tki->tkh", w2[e].to(cdt), a)                                     # [T, K, Hd]
+    T, K = e.shape
+    h = torch.bmm(w13[e.flatten()].to(cdt), x.to(cdt).repeat_interleave(K, 0)[:, :, None])  # [T*K, 2I, 1]
+    a = F.silu(h[:, :I]) * h[:, I:]
+    o = torch.bmm(w2[e.flatten()].to(cdt), a).view(T, K, -1)                                 # [T, K, Hd]
     o = torch.where(valid[..., None], o * topk_weights.to(cdt)[..., None], 0.0)
     return o.sum(1).to(x.dtype)
 
@@ -186,4 +186,28 @@ def mtp_verify(draft, target_logits, draft_probs=None, temperature=0.0, top_p=1.
     return accepted.to(torch.int32), tokens.to(torch.int64)
 
 
-OPS = {"sparse_mla": sparse_mla, "indexer_topk": indexer_topk, "moe_experts": moe_experts, "mtp_verify": mtp_verify}
+# ---- the small ops, fused: fewer dispatches per layer (decode on a CPU is bound by them) --------------
+def rms_norm(x, weight, eps, *, cdt=torch.float32):
+    xf = x.to(torch.promote_types(cdt, torch.float32))
+    return F.rms_norm(xf, (x.shape[-1],), weight.to(xf.dtype), eps).to(x.dtype)
+
+
+_INV_FREQ: dict[tuple, torch.Tensor] = {}      # (Dr, theta, device) -> theta^(-2i/Dr): constants only
+
+
+def rope(x, positions, theta, *, cdt=torch.float32):
+    """Interleaved pairs (2i, 2i+1) as complex numbers times e^(i pos theta^(-2i/Dr)): one multiply."""
+    Dr = x.shape[-1]
+    key = (Dr, float(theta), x.device)
+    inv = _INV_FREQ.get(key)
+    if inv is None:
+        inv = _INV_FREQ[key] = 1.0 / (theta ** (torch.arange(0, Dr, 2, dtype=torch.float32, device=x.device) / Dr))
+    ang = positions.to(torch.float32)[:, None] * inv[None, :]                          # [T, Dr/2] f32, like HF
+    rot = torch.complex(ang.cos().to(cdt), ang.sin().to(cdt))
+    rot = rot.view((x.shape[0],) + (1,) * (x.dim() - 2) + (Dr // 2,))
+    xc = torch.view_as_complex(x.to(cdt).reshape(*x.shape[:-1], Dr // 2, 2).contiguous())
+    return torch.view_as_real(xc * rot).flatten(-2).to(x.dtype)
+
+
+OPS = {"sparse_mla": sparse_mla, "indexer_topk": indexer_topk, "moe_experts": moe_experts, "mtp_verify": mtp_verify,
+       "rms_norm": rms_norm, "rope": rope}

@@ -101,7 +101,8 @@ def forward_dp(model, prompts: list[list[int]]) -> list[torch.Tensor]:
     if mine_idx:
         out = model.extend(cache, {i: prompts[i] for i in mine_idx})
         mine = {i: out[i].cpu() for i in mine_idx}
-    model.net.serve_idle(cache)
+    if model.turns is not None:
+        model.turns.serve_idle(cache)
     return [t.to(model.device) for t in gather_results(model.comms, model.layout, mine, len(prompts))]
 
 
@@ -111,7 +112,8 @@ def generate_dp(model, prompts: list[list[int]], run, **kwargs):
     from .decoding import GenerationResult
     mine_idx = own_requests(len(prompts), model.layout)
     res = run(model, [prompts[i] for i in mine_idx], **kwargs) if mine_idx else None
-    model.net.serve_idle(model.new_cache(1, mtp=True))      # empty steps write nothing; MTP layers exist
+    if model.turns is not None:
+        model.turns.serve_idle(model.new_cache(1, mtp=True))  # empty steps write nothing; MTP layers exist
     mine = {i: (toks, why) for i, toks, why in zip(mine_idx, res.tokens, res.finish_reasons)} if res else {}
     both = gather_results(model.comms, model.layout, mine, len(prompts))
     tokens, reasons = [t for t, _ in both], [w for _, w in both]

@@ -26,6 +26,7 @@ from ..registry import BoundBackend, get_backend
 from ..weights import float32_tensor
 from . import arguments
 from .generation import GenerationResult, generate
+from .turns import DpTurns
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -127,6 +128,8 @@ class GLM52:
         self.net = Glm52Network(cfg, sd, self.ops, self.device, include_mtp=self.has_mtp, layout=self.layout,
                                 comm=self.comms.tp if self.comms else None,
                                 dp_comm=self.comms.dp if self.comms else None)
+        # EP stage 2: the dp groups agree on every step before it runs (engine/turns.py)
+        self.turns = DpTurns(self.net, self.net.dp_comm) if self.net.dp_comm is not None else None
 
     from_pretrained = classmethod(lambda cls, *a, **k: cls(*a, **k))
 
@@ -164,6 +167,7 @@ class GLM52:
     def run(self, cache: PagedCache, chunks: dict[Hashable, Sequence[int]]):
         """Append tokens to requests; (step, final-normed hidden states [T, Hd])."""
         chunks = self._step_inputs(cache, chunks)
+        self._turn(DpTurns.RUN, chunks, cache)
         with cache.transaction():
             return self.net.run(cache, chunks)
 
@@ -174,6 +178,7 @@ class GLM52:
         if not isinstance(hidden, torch.Tensor) or tuple(hidden.shape) != (T, self.cfg.hidden_size):
             raise ValueError(f"run_mtp: hidden must be [T={T}, hidden_size={self.cfg.hidden_size}] (one row per "
                              f"token of the chunks), got {tuple(getattr(hidden, 'shape', ())) or type(hidden).__name__}")
+        self._turn(DpTurns.MTP, chunks, cache)
         with cache.transaction():
             st, z, logits, idx = self.net.run_mtp(cache, chunks, hidden, shared_idx)
             arguments.finite_logits(logits, self.ops, "MTP logits")
@@ -189,6 +194,11 @@ class GLM52:
         arguments.cache_fits(self, cache)
         self.ops.at_layer(None)
         return chunks
+
+    def _turn(self, kind: int, chunks: dict, cache: PagedCache) -> None:
+        """With expert dispatch: wait until the dp groups agree to run this step (engine/turns.py)."""
+        if self.turns is not None:
+            self.turns.take(kind, sum(len(c) for c in chunks.values()), cache)
 
     # ---- caches ---------------------------------------------------------------------------------
     def new_cache(self, max_tokens: int, *, block_size: int | None = None, mtp: bool = False,
@@ -219,6 +229,7 @@ class GLM52:
         step back themselves when it fails).
         """
         chunks = self._step_inputs(cache, chunks)
+        self._turn(DpTurns.RUN, chunks, cache)
         with cache.transaction():
             st, h = self.net.run(cache, chunks)
             cu = st.meta.cu_host

@@ -11,8 +11,9 @@ compute the same thing over the whole step at once, token-major:
     at most `SHARED_KEY_REQUESTS` requests (a prefill), once per request and scored in one GEMM;
   - `sparse_mla` gathers the `[T, topk]` selected rows (-1 entries read block 0 and are masked out with
     `where`, so no NaN in an unread row reaches the output);
-  - `moe_experts` gathers each token's K experts' weights (`[T, K, 2I, Hd]`) while that fits
-    `GATHER_ELEMENTS`; else (quantized experts, wide ones) up to `MASKED_TOKENS` tokens it runs every
+  - `moe_experts` runs every expert over every token in two batched GEMMs while the experts are few
+    against the routed slots (`ALL_EXPERTS_RATIO`), else gathers each token's K experts' weights
+    (`[T, K, 2I, Hd]`) while that fits `GATHER_ELEMENTS`; else (quantized experts, wide ones) up to `MASKED_TOKENS` tokens it runs every
     expert over every token, masked; a longer step (a prefill) runs the reference's loop over experts;
   - `mtp_verify`, greedy: the accepted prefix is a cumulative product of matches;
   - `rms_norm` is torch's fused one, `rope` one complex multiply per pair (the reference's formulas).
@@ -32,6 +33,8 @@ from glm52_backends.weights import Weight, select
 CHUNK_ELEMENTS = 1 << 22     # bounds a chunk's [tokens, Hi, S] scores and [tokens, topk, Dl] gathers
 GATHER_ELEMENTS = 1 << 23    # moe_experts: gathered expert weights per call (dense), beyond this masked experts
 SHARED_KEY_REQUESTS = 2      # indexer_topk: up to this many requests, keys gathered once per request
+ALL_EXPERTS_RATIO = 4        # moe_experts: every expert over every token while E <= 4 x the routed slots
+ALL_EXPERTS_ROWS = 4096      # ... and E x T rows stay this small
 MASKED_TOKENS = 256          # moe_experts: up to this many tokens every expert runs masked; beyond, the reference
 
 
@@ -131,11 +134,28 @@ def moe_experts(x, w13, w2, topk_ids, topk_weights, *, cdt=torch.float32):
     if not quant:
         w13d = w13.data if isinstance(w13, Weight) else w13
         w2d = w2.data if isinstance(w2, Weight) else w2
+        E = w13d.shape[0]
+        if E <= ALL_EXPERTS_RATIO * T * K and E * T <= ALL_EXPERTS_ROWS:
+            return _moe_all_experts(x, w13d, w2d, topk_ids, topk_weights, cdt)
         if T * K * (w13d[0].numel() + w2d[0].numel()) <= GATHER_ELEMENTS:
             return _moe_gathered(x, w13d, w2d, topk_ids, topk_weights, cdt)
     if T <= MASKED_TOKENS:
         return _moe_masked(x, w13, w2, topk_ids, topk_weights, cdt, quant)
     return REFERENCES["moe_experts"](x, w13, w2, topk_ids, topk_weights, cdt=cdt)   # a long prefill
+
+
+def _moe_all_experts(x, w13, w2, topk_ids, topk_weights, cdt):
+    """Every expert over every token in two batched GEMMs over the stacked weights (no copies), then each
+    token's routed experts summed with their weights: E/K times the routed FLOPs, for small steps where
+    the experts are used anyway."""
+    E, I = w13.shape[0], w2.shape[-1]
+    xt = x.to(cdt).T.expand(E, -1, -1)                                                     # [E, Hd, T]
+    h = torch.bmm(w13.to(cdt), xt)                                                         # [E, 2I, T]
+    o = torch.bmm(w2.to(cdt), F.silu(h[:, :I]) * h[:, I:])                                 # [E, Hd, T]
+    valid = topk_ids >= 0
+    wts = torch.zeros(x.shape[0], E + 1, dtype=cdt, device=x.device)                      # column E: unused slots
+    wts.scatter_add_(1, torch.where(valid, topk_ids.long(), E), torch.where(valid, topk_weights.to(cdt), 0.0))
+    return torch.einsum("eht,te->th", o, wts[:, :E]).to(x.dtype)
 
 
 def _moe_gathered(x, w13, w2, topk_ids, topk_weights, cdt):

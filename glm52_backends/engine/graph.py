@@ -165,8 +165,8 @@ class StaticDecode:
             self.graphs[n] = self._capture(n)
         except (HostReadInCapture, HostLengthsUnavailable) as e:
             if self.strict:
-                raise GraphUnavailable(f"graph=True: backend {self.model.backend_name!r} cannot capture the "
-                                       f"decode step: {e}") from e
+                raise GraphUnavailable(f"backend {self.model.backend_name!r} cannot capture the decode step as a "
+                                       f"{self.mode} graph: {e}") from e
             self.eager[n] = str(e)
             log.warning("decode bucket %d stays eager: %s", n, e)
         return self.graphs.get(n)

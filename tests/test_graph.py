@@ -76,15 +76,20 @@ def test_generate_with_graphs_equals_eager_and_reuses_them(ckpt):
     assert a.stats["graph"] == "trace" and a.stats["graphs_captured"] >= 1
 
 
-def test_replay_computes_the_new_step_not_the_captured_one(ckpt):
-    """Capture at one step, replay at later ones with other tokens, positions and blocks: the logits
-    equal an eager step on an identical twin cache (the captured values would give other logits)."""
+def _twins(ckpt, n: int, seed: int, batch: int):
+    """A model, two caches holding the same prefilled prompts, and a static decoder over the first."""
     m = GLM52(ckpt, backend="torch", progress=False, block_size=4)
-    prompts = _prompts(2, seed=2)
+    prompts = _prompts(n, seed=seed)
     cache, twin = m.new_cache(512), m.new_cache(512)
     for c in (cache, twin):
         m.extend(c, dict(enumerate(prompts)))
-    static = StaticDecode(m, cache, 2, "trace", strict=True)
+    return m, cache, twin, StaticDecode(m, cache, batch, "trace", strict=True)
+
+
+def test_replay_computes_the_new_step_not_the_captured_one(ckpt):
+    """Capture at one step, replay at later ones with other tokens, positions and blocks: the logits
+    equal an eager step on an identical twin cache (the captured values would give other logits)."""
+    m, cache, twin, static = _twins(ckpt, 2, seed=2, batch=2)
     first = None
     for step, toks in enumerate(([5, 6], [7, 8], [9, 10], [11, 12], [13, 14])):
         with torch.inference_mode():
@@ -102,12 +107,7 @@ def test_replay_computes_the_new_step_not_the_captured_one(ckpt):
 def test_padded_rows_are_inert(ckpt):
     """3 requests in the bucket of 4: the padding row writes only the null block and reads nothing; the
     requests' cache rows equal eager decoding's, and a later request never gets the null block."""
-    m = GLM52(ckpt, backend="torch", progress=False, block_size=4)
-    prompts = _prompts(3, seed=3)
-    cache, twin = m.new_cache(512), m.new_cache(512)
-    for c in (cache, twin):
-        m.extend(c, dict(enumerate(prompts)))
-    static = StaticDecode(m, cache, 4, "trace", strict=True)
+    m, cache, twin, static = _twins(ckpt, 3, seed=3, batch=4)
     null = static.null
     twin.null_block()                                             # the same free list on both
     for toks in ([1, 2, 3], [4, 5, 6], [7, 8, 9]):

@@ -193,6 +193,8 @@ def test_graph_argument_is_checked(ckpt):
         m.generate([[1, 2]], max_new_tokens=2, graph=1)
     assert m.generate([[1, 2]], max_new_tokens=2).stats["graph"].startswith("eager: on a cpu device")
     assert buckets(1) == [1] and buckets(5) == [1, 2, 4, 8] and buckets(8) == [1, 2, 4, 8]
+    with pytest.raises(ValueError, match="graph='trace': the MTP draft and verify steps .* are not captured yet"):
+        m.generate([[1, 2]], max_new_tokens=2, speculative=2, graph="trace")
 
 
 @pytest.mark.slow

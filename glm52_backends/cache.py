@@ -128,8 +128,12 @@ class PagedCache:
     def mark(self, reqs: Sequence[Hashable]) -> Checkpoint:
         """The block counts and lengths of `reqs` now, for `rollback` after a step that grew them."""
         mark = Checkpoint()
-        mark.reserved = {r: (len(self.blocks.get(r, ())), self.lens.get(r)) for r in reqs}
+        mark.reserved = {r: self._state(r) for r in reqs}
         return mark
+
+    def _state(self, r: Hashable) -> tuple[int, int | None]:
+        """(blocks owned, length or None when the request is new)."""
+        return len(self.blocks.get(r, ())), self.lens.get(r)
 
     def null_block(self) -> int:
         """A block no request ever gets: padded rows of a static step write there and read nothing
@@ -172,7 +176,7 @@ class PagedCache:
         mark = self._open
         for r, n in need.items():
             if mark is not None and r not in mark.reserved:
-                mark.reserved[r] = (len(self.blocks.get(r, ())), self.lens.get(r))
+                mark.reserved[r] = self._state(r)
             owned = self.blocks.setdefault(r, [])
             owned.extend(self._free.pop() for _ in range(max(n, 0)))
             self.lens[r] = new_lens[r]

@@ -184,10 +184,11 @@ class GLM52:
             arguments.finite_logits(logits, self.ops, "MTP logits")
         return st, z, logits, idx
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """[T, Hd] final-normed hidden states -> f32 logits [T, V], checked finite."""
+    def logits(self, h: torch.Tensor, check_finite: bool = True) -> torch.Tensor:
+        """[T, Hd] final-normed hidden states -> f32 logits [T, V], checked finite unless told not to."""
         self.ops.at_layer(None)
-        return arguments.finite_logits(self.net.logits(h), self.ops)
+        lg = self.net.logits(h)
+        return arguments.finite_logits(lg, self.ops) if check_finite else lg
 
     def _step_inputs(self, cache: PagedCache, chunks) -> dict[Hashable, list[int]]:
         chunks = arguments.chunks(cache, chunks, self.cfg.vocab_size)
@@ -235,10 +236,7 @@ class GLM52:
             cu = st.meta.cu_host
             if last_only:
                 h = h[torch.tensor([e - 1 for e in cu[1:]], device=h.device)]
-            self.ops.at_layer(None)
-            lg = self.net.logits(h)
-            if check_finite:
-                arguments.finite_logits(lg, self.ops)
+            lg = self.logits(h, check_finite)
             if last_only:
                 return {r: lg[i:i + 1] for i, r in enumerate(st.reqs)}
             return {r: lg[cu[i]:cu[i + 1]] for i, r in enumerate(st.reqs)}

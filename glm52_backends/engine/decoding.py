@@ -77,7 +77,7 @@ class PlainDecoder:
         if self.graph_mode:
             # graphs read one cache and one set of buffers: kept on the model and reused by later runs
             # that fit them (vLLM captures once per engine), else made anew (and captured anew)
-            kept = getattr(model, "decode_graphs", None)
+            kept = model.decode_graphs
             if kept is not None and kept.serves(model, self.graph_mode, cache_tokens, batch):
                 self.static, self.cache = kept, kept.reset()
             else:

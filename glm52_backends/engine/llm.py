@@ -76,6 +76,7 @@ class GLM52:
                  index_cache_dtype: str | torch.dtype | None = None, graph: Any = "auto"):
         _check_init(model, backend, device, dtype, block_size)
         self.graph = arguments.graph_choice("GLM52: graph", graph)
+        self.decode_graphs = None     # engine/graph.StaticDecode: captured decode steps, reused by later runs
         arguments.quantization(quantization)
         self.ops: BoundBackend = get_backend(backend)
         caps = self.ops.capabilities

@@ -32,10 +32,10 @@ def _prompts(n=5, seed=0):
     return [torch.randint(0, 250, (int(L),), generator=g).tolist() for L in torch.randint(2, 30, (n,), generator=g)]
 
 
-def _drive(model, graph, schedule, prompts, cache_tokens=1024):
+def _drive(model, graph, schedule, prompts, cache_tokens=1024, prefill_chunk=None):
     """Prefill, then decode steps over the request subsets in `schedule`; every step's tokens."""
     dec = PlainDecoder(model, cache_tokens=cache_tokens, graph=graph, batch=len(prompts))
-    out = [dec.prefill(prompts)]
+    out = [dec.prefill(prompts, prefill_chunk)]
     for reqs in schedule:
         res = dec.step(reqs)
         out.append([res[r][1][0] for r in reqs])
@@ -57,6 +57,14 @@ def test_graph_decode_equals_eager(ckpt, kw):
     assert graph == eager
     st = dec.stats()
     assert st["graph"] == "trace" and st["graph_buckets"] == [1, 2, 4, 8] and not st["eager_buckets"]
+
+
+def test_graph_decode_after_chunked_prefill_equals_eager(ckpt):
+    m = GLM52(ckpt, backend="torch", progress=False, block_size=4)
+    prompts = _prompts(4, seed=8)
+    schedule = [[0, 1, 2, 3]] * 4 + [[1, 2]] * 4
+    assert (_drive(m, "trace", schedule, prompts, prefill_chunk=5)[0]
+            == _drive(m, False, schedule, prompts, prefill_chunk=5)[0])
 
 
 def test_generate_with_graphs_equals_eager_and_reuses_them(ckpt):

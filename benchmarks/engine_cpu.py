@@ -100,7 +100,7 @@ def layer_sweep(depths: list[int], new: int, repeats: int, backend: str) -> list
     """GLM52's eager time per B=1 decode step at several depths (random weights, the default's widths)."""
     out = []
     for L in depths:
-        cfg = _deep_config(L)
+        cfg = deep_config(L)
         m = GLM52(cfg, backend=backend, dtype=torch.float32, progress=False, include_mtp=False)
         prompts = _prompts(cfg.vocab_size, 1, 16, seed=L)
         _ours_generate(m, prompts, new, graph=False)
@@ -111,7 +111,8 @@ def layer_sweep(depths: list[int], new: int, repeats: int, backend: str) -> list
     return out
 
 
-def _deep_config(layers: int):
+def deep_config(layers: int):
+    """The shipped default's config at another depth (GLM-5.2's IndexShare schedule, layer 0 dense)."""
     import dataclasses
 
     from glm52_backends.config import indexshare_schedule

@@ -15,7 +15,6 @@ bottleneck (a GPU at these widths); on a CPU the CPU does the compute, so nothin
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import sys
@@ -23,15 +22,8 @@ import time
 
 import torch
 
-from glm52_backends import GLM52, default_checkpoint
-from glm52_backends.config import indexshare_schedule
-from glm52_backends.loader import load_config
-
-
-def _config(layers: int):
-    base = load_config(default_checkpoint())
-    return dataclasses.replace(base, num_hidden_layers=layers, indexer_types=indexshare_schedule(layers, None, 2, 1),
-                               mlp_layer_types=["dense"] + ["sparse"] * (layers - 1))
+from glm52_backends import GLM52
+from glm52_backends.benchmarks.engine_cpu import deep_config
 
 
 def _run(model, prompts, steps: int, graph, repeats: int) -> tuple[float, list, dict]:
@@ -65,7 +57,7 @@ def main(argv=None) -> int:
     print(f"{'layers':>6} {'batch':>5} {'eager ms/step':>14} {'graph ms/step':>14} {'eager/graph':>12} "
           f"{'capture s':>10}  tokens", flush=True)
     for L in args.layers:
-        model = GLM52(_config(L), backend=args.backend, device=args.device, dtype=dtype, progress=False,
+        model = GLM52(deep_config(L), backend=args.backend, device=args.device, dtype=dtype, progress=False,
                       include_mtp=False)
         for B in args.buckets:
             g = torch.Generator().manual_seed(B)

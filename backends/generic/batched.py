@@ -13,8 +13,9 @@ compute the same thing over the whole step at once, token-major:
     `where`, so no NaN in an unread row reaches the output);
   - `moe_experts` runs every expert over every token in two batched GEMMs while the experts are few
     against the routed slots (`ALL_EXPERTS_RATIO`), else gathers each token's K experts' weights
-    (`[T, K, 2I, Hd]`) while that fits `GATHER_ELEMENTS`; else (quantized experts, wide ones) up to `MASKED_TOKENS` tokens it runs every
-    expert over every token, masked; a longer step (a prefill) runs the reference's loop over experts;
+    (`[T, K, 2I, Hd]`) while that fits `GATHER_ELEMENTS`; else (quantized or wide experts) up to
+    `MASKED_TOKENS` tokens it runs every expert over every token, masked; a longer step (a prefill)
+    runs the reference's loop over experts;
   - `mtp_verify`, greedy: the accepted prefix is a cumulative product of matches;
   - `rms_norm` is torch's fused one, `rope` one complex multiply per pair (the reference's formulas).
 Host-side sizes are shapes only (T, topk, the table width): fixed per captured bucket.
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 
 from glm52_backends.cache_formats import read_index, read_latent
 from glm52_backends.ops import REFERENCES
+from glm52_backends.ops._paged import masked_softmax
 from glm52_backends.quant import matmul_reference
 from glm52_backends.weights import Weight, select
 
@@ -82,10 +84,7 @@ def sparse_mla(q, c_cache, kpe_cache, idx, block_table, seq_lens, cu_seqlens_q, 
         c, kpe = read_latent(c_cache, kpe_cache, blk, pos % bs)                  # [q, K, Dl], [q, K, Dr]
         kv = torch.where(keep[..., None], torch.cat([c.to(cdt), kpe.to(cdt)], -1), 0.0)  # [q, K, Dl+Dr]
         score = torch.bmm(q[a:e].to(cdt), kv.transpose(1, 2)) * scale                   # [q, H, K]
-        score = score.masked_fill(~keep[:, None, :], float("-inf"))
-        m = torch.logsumexp(score, dim=-1)                                                # [q, H]
-        empty = (m == float("-inf"))[..., None]
-        p = torch.where(empty, 0.0, torch.exp(score - torch.where(empty, 0.0, m[..., None])))
+        p, m = masked_softmax(score, keep)                                                # [q, H, K], [q, H]
         out[a:e] = torch.bmm(p, kv[..., :Dl])                                             # [q, H, Dl]
         lse[a:e] = m.float()
     out = out.to(q.dtype)

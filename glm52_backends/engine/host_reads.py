@@ -21,8 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 _aten = torch.ops.aten
 # aten ops that read values back to the host (item / bool / int / float) or size their output by them
 _READS = {_aten._local_scalar_dense, _aten.nonzero, _aten._unique2, _aten.unique_dim, _aten.unique_consecutive,
-          _aten.masked_select, _aten.nonzero_static.default if hasattr(_aten, "nonzero_static") else None}
-_READS.discard(None)
+          _aten.masked_select}
 # Tensor methods that read values (counted here too: under inference_mode the aten call is not seen)
 _PATCHED = ("tolist", "numpy", "item", "__bool__", "__int__", "__float__", "__index__")
 
@@ -50,7 +49,7 @@ class HostReads(TorchDispatchMode):
                                     f"without the host, so the step must keep these values on the device")
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not self._inside and (func in _READS or func.overloadpacket in _READS):
+        if not self._inside and func.overloadpacket in _READS:
             self._hit(str(func))
         return func(*args, **(kwargs or {}))
 

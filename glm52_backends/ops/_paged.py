@@ -56,3 +56,12 @@ def gather_index(k_cache: torch.Tensor, block_table_row: torch.Tensor, n: int) -
     pos = torch.arange(n, device=k_cache.device)
     blocks, offs = _where(block_table_row, pos, k_cache.shape[1])
     return read_index(k_cache, blocks, offs)
+
+
+def masked_softmax(score: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax of `score [q, H, K]` over the positions `keep [q, K]` marks: (p, lse [q, H]). A row with
+    nothing kept gives p = 0 and lse = -inf (no NaN from an empty softmax)."""
+    score = score.masked_fill(~keep[:, None, :], float("-inf"))
+    m = torch.logsumexp(score, dim=-1)                                           # [q, H]
+    empty = (m == float("-inf"))[..., None]                                      # nothing selected
+    return torch.where(empty, 0.0, torch.exp(score - torch.where(empty, 0.0, m[..., None]))), m

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from ._paged import gather_latent, request_spans
+from ._paged import gather_latent, masked_softmax, request_spans
 
 CHUNK = 64  # query tokens per gather: bounds the [chunk, topk, Dl] working set
 
@@ -48,10 +48,7 @@ def sparse_mla(q, c_cache, kpe_cache, idx, block_table, seq_lens, cu_seqlens_q, 
             qa = q[a:e].to(cdt)
             score = (torch.einsum("thd,tkd->thk", qa[..., :Dl], c)
                      + torch.einsum("thd,tkd->thk", qa[..., Dl:], kpe)) * scale       # [q, H, K]
-            score = score.masked_fill(~keep[:, None, :], float("-inf"))
-            m = torch.logsumexp(score, dim=-1)                                       # [q, H]
-            empty = (m == float("-inf"))[..., None]                                  # nothing selected
-            p = torch.where(empty, 0.0, torch.exp(score - torch.where(empty, 0.0, m[..., None])))
+            p, m = masked_softmax(score, keep)                                       # [q, H, K], [q, H]
             out[a:e] = torch.einsum("thk,tkc->thc", p, c)
             lse[a:e] = m.float()
     out = out.to(q.dtype)

@@ -153,13 +153,11 @@ class Glm52Network:
 
     # ---- one step ---------------------------------------------------------------------------------
     def plan(self, cache: PagedCache, chunks: dict[Hashable, Sequence[int]]) -> Step:
-        """Validate and reserve; the step's metadata is built once and handed to the backend once.
+        """Validate and reserve; the step's metadata is built once (the ops get its tensors).
         (With expert dispatch the engine has agreed the step with the other dp groups first:
         engine/turns.py sets `dp_counts`.)"""
-        st = plan_step(cache, chunks, vocab_size=self.cfg.vocab_size,
-                       max_positions=self.cfg.max_position_embeddings, device=self.device)
-        self.ops.prepare_step(st.meta)
-        return st
+        return plan_step(cache, chunks, vocab_size=self.cfg.vocab_size,
+                         max_positions=self.cfg.max_position_embeddings, device=self.device)
 
     def _attention(self, l: int, L: Layer, x: torch.Tensor, st: Step, cache: PagedCache,
                    prev_idx: torch.Tensor | None, share: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,7 +182,7 @@ class Glm52Network:
 
         q_lat = torch.matmul(q[..., :dn].transpose(0, 1), L.w_uk).transpose(0, 1)           # absorb W_UK [T, H, C]
         o_lat = ops.sparse_mla(torch.cat([q_lat, q_pe], -1), cache.c[l], cache.k_pe[l], idx, meta.block_table,
-                               meta.seq_lens, meta.cu_seqlens_q, cfg.softmax_scale, meta=meta)  # [T, H, C]
+                               meta.seq_lens, meta.cu_seqlens_q, cfg.softmax_scale)           # [T, H, C]
         o = torch.matmul(o_lat.transpose(0, 1), L.w_uv.transpose(1, 2))                    # absorb W_UV [H, T, dv]
         o = o.transpose(0, 1).reshape(T, H * cfg.v_head_dim)
         return self.comm.all_reduce(ops.linear(o, L.wo)), idx                              # row-parallel seam
@@ -199,7 +197,7 @@ class Glm52Network:
         cache.write_index(l, st.slots, ik)                             # in the cache's index format
         w = ops.linear(x, ix.w_proj).float() * (Hi ** -0.5 * Di ** -0.5)                 # [T, Hi] f32
         idx = ops.indexer_topk(iq, w, cache.index_k[l], meta.block_table, meta.seq_lens, meta.cu_seqlens_q,
-                               cfg.index_topk, meta=meta)
+                               cfg.index_topk)
         if getattr(ops, "debug", False) and self.comm.world_size > 1:
             # the indexer is replicated: every tp rank must select the same positions (ties decided
             # the same way); compare with the group's first rank, as DeepSeek's reference does

@@ -2,7 +2,7 @@
 
 A backend is any object with one method per op it implements (names in `ops.OP_NAMES`), plus
 optional `name`, `priority` (higher wins under `auto`), `capabilities` (`ops.Capabilities` or a
-dict), `prepare_step(meta)` and `comm` (see `ops/protocol.py`). Every native op's signature is
+dict), `opaque_ops` and `comm` (see `ops/protocol.py`). Every native op's signature is
 checked against the contract (`ops.check_signature`) when the backend is bound: a backend whose op
 does not match is refused with the op and the difference named. Built-ins register
 through the `glm52_backends.backends` entry-point group exactly like a vendor package; nothing is
@@ -411,11 +411,6 @@ class BoundBackend:
         """The backend's collectives if it brings its own, else torch.distributed's / one device's."""
         from .ops.comm import default_collectives
         return getattr(self.backend, "comm", None) or default_collectives()
-
-    def prepare_step(self, meta) -> None:
-        """Let the backend build its per-step data once (`meta.backend_data`)."""
-        hook = getattr(self.backend, "prepare_step", None)
-        meta.backend_data = hook(meta) if callable(hook) else None
 
     def ran_natively(self) -> dict[str, str]:
         """op -> 'native' | 'fallback' | 'mixed' | 'unused' for the calls made so far."""

@@ -1,12 +1,13 @@
-"""One step's batch metadata, derived once per step and handed to every op of the step.
+"""One step's batch metadata, derived once per step, and the step as the paged ops receive it.
 
-`StepMeta` is what the cache-reading ops (`indexer_topk`, `sparse_mla`) need besides their
-tensors: the request and position of each query token on the device, and host copies of the
-per-request lengths (torch_npu's fused ops take them as lists; kernels size grids from them), so
-no op has to read them back from the device: no host synchronisation on the decode path.
-A backend may add its own per-step data once through `prepare_step(meta)`, stored in
-`meta.backend_data` (vLLM's metadata builder).
+The paged ops (`indexer_topk`, `sparse_mla`) take the step through ONE carrier: the loose device
+tensors `block_table`, `seq_lens`, `cu_seqlens_q` of the contract (what torch_npu's fused ops take,
+what a `torch.library` custom op can carry, what a captured graph reads from its buffers). An op
+derives each token's request and position from them on the device (`token_requests`,
+`token_positions`: no host read) and sizes its work from shapes only.
 
+`StepMeta` is the engine's record of a step: those tensors plus each token's position (for RoPE)
+and host copies of the lengths, validated once when the step is planned. It is not handed to ops.
 `Step` is the model's view of a step: request ids, token ids, cache slots and the `StepMeta`;
 `plan_step` validates the tokens and reserves cache room before anything is written.
 """
@@ -14,10 +15,22 @@ A backend may add its own per-step data once through `prepare_step(meta)`, store
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
+
+
+def token_requests(cu_seqlens_q: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """[T] int64: the request of each query token, on the device (no host read)."""
+    t = torch.arange(num_tokens, device=cu_seqlens_q.device)
+    return torch.searchsorted(cu_seqlens_q[1:].long().contiguous(), t, right=True)
+
+
+def token_positions(seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, req: torch.Tensor) -> torch.Tensor:
+    """[T] int64: each query token's position, seq_len - q_len + i (right-down causal), on the device.
+    `req` is `token_requests(cu_seqlens_q, T)`. A padded decode row (seq_len 0, one token) gets -1."""
+    t = torch.arange(req.shape[0], device=req.device)
+    return seq_lens.long()[req] - (cu_seqlens_q.long()[req + 1] - t)
 
 
 class HostLengthsUnavailable(RuntimeError):
@@ -57,7 +70,6 @@ class StepMeta:
     cu_host: tuple[int, ...]
     seq_lens_host: Sequence[int]                  # a tuple, or DeviceOnlyLengths in a captured step
     block_size: int
-    backend_data: Any = field(default=None, repr=False)
 
     @property
     def num_tokens(self) -> int:

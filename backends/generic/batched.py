@@ -3,8 +3,8 @@ requests and no read back to the host, so a decode step through them can be capt
 
 The references (glm52_backends/ops/) loop over requests with host lengths: the readable oracle. These
 compute the same thing over the whole step at once, token-major:
-  - each token's request comes from `meta.token_request` (or from `cu_seqlens_q` by `searchsorted`,
-    on the device) and its block-table row is gathered per token;
+  - each token's request comes from `cu_seqlens_q` by `searchsorted`, on the device
+    (`step.token_requests`), and its block-table row is gathered per token;
   - `indexer_topk` scores every position of the block table's width `S = max_blocks * block_size`
     (positions past a token's own position masked to -inf; the stable sort puts them last, so the
     selection and its tie rule are the reference's); keys are gathered per token, or, for a step of
@@ -30,6 +30,7 @@ from glm52_backends.cache_formats import read_index, read_latent
 from glm52_backends.ops import REFERENCES
 from glm52_backends.ops._paged import masked_softmax
 from glm52_backends.quant import matmul_reference
+from glm52_backends.step import token_positions, token_requests
 from glm52_backends.weights import Weight, select
 
 CHUNK_ELEMENTS = 1 << 22     # bounds a chunk's [tokens, Hi, S] scores and [tokens, topk, Dl] gathers
@@ -44,23 +45,6 @@ def as_weight(w) -> Weight:
     return w if isinstance(w, Weight) else Weight(w)
 
 
-def token_requests(cu_seqlens_q: torch.Tensor, T: int, meta=None) -> torch.Tensor:
-    """[T] int64: the request of each query token (device-side, no host read)."""
-    if meta is not None:
-        return meta.token_request.long()
-    t = torch.arange(T, device=cu_seqlens_q.device)
-    return torch.searchsorted(cu_seqlens_q[1:].long().contiguous(), t, right=True)
-
-
-def token_positions(seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, req: torch.Tensor, meta=None) -> torch.Tensor:
-    """[T] int64: each query token's position, seq_len - q_len + i (right-down causal)."""
-    if meta is not None:
-        return meta.positions.long()
-    t = torch.arange(req.shape[0], device=req.device)
-    end = cu_seqlens_q.long()[req + 1]
-    return seq_lens.long()[req] - (end - t)
-
-
 def _chunks(T: int, per_token: int):
     step = max(1, CHUNK_ELEMENTS // max(per_token, 1))
     for a in range(0, T, step):
@@ -68,13 +52,13 @@ def _chunks(T: int, per_token: int):
 
 
 def sparse_mla(q, c_cache, kpe_cache, idx, block_table, seq_lens, cu_seqlens_q, scale, *, return_lse=False,
-               meta=None, cdt=torch.float32):
+               cdt=torch.float32):
     T, H, _ = q.shape
     Dl, bs, MB = c_cache.shape[-1], c_cache.shape[1], block_table.shape[1]
     K = idx.shape[1]
     out = torch.zeros(T, H, Dl, dtype=cdt, device=q.device)
     lse = torch.full((T, H), float("-inf"), dtype=torch.float32, device=q.device)
-    req = token_requests(cu_seqlens_q, T, meta)
+    req = token_requests(cu_seqlens_q, T)
     for a, e in _chunks(T, K * (Dl + H)):
         sel = idx[a:e].long()                                                     # [q, K]
         keep = sel >= 0
@@ -91,15 +75,15 @@ def sparse_mla(q, c_cache, kpe_cache, idx, block_table, seq_lens, cu_seqlens_q, 
     return (out, lse) if return_lse else out
 
 
-def indexer_topk(q, w, k_cache, block_table, seq_lens, cu_seqlens_q, topk, *, meta=None, cdt=torch.float32):
+def indexer_topk(q, w, k_cache, block_table, seq_lens, cu_seqlens_q, topk, *, cdt=torch.float32):
     T, Hi, Di = q.shape
     B, MB = block_table.shape
     bs = k_cache.shape[1]
     S = MB * bs                                                   # every position the table can address
     n = min(topk, S)
     idx = torch.full((T, topk), -1, dtype=torch.int32, device=q.device)
-    req = token_requests(cu_seqlens_q, T, meta)
-    qpos = token_positions(seq_lens, cu_seqlens_q, req, meta)
+    req = token_requests(cu_seqlens_q, T)
+    qpos = token_positions(seq_lens, cu_seqlens_q, req)
     s = torch.arange(S, device=q.device)
     if B <= SHARED_KEY_REQUESTS:
         # few requests (a prefill): each request's keys gathered once, scored against every token of

@@ -120,7 +120,6 @@ class StaticDecode:
         net = self.model.net
         meta = StepMeta(self.cu[:n + 1], seq_lens[:n], block_table[:n], positions[:n], self.token_request[:n],
                         tuple(range(n + 1)), DeviceOnlyLengths(n), self.bs)
-        self.model.ops.prepare_step(meta)
         st = Step([None] * n, ids[:n], slots[:n], meta)
         return net.logits(net.forward(st, self.cache))
 

@@ -3,8 +3,9 @@
 One file per op holds its docstring (shapes, dtypes, layout, scale) and its reference in plain
 torch: the definition, the fallback and the test oracle at once. `cpu_ref` binds these references;
 every other backend provides some ops as methods of the same name and signature (the registry
-checks each one against `signature(op)` and refuses a backend whose op differs), declares what it
-executes in `Capabilities`, and may prepare per-step data once through `prepare_step(meta)`.
+checks each one against `signature(op)` and refuses a backend whose op differs) and declares what it
+executes in `Capabilities`. Every op is also a PyTorch custom op, `torch.ops.glm52.<op>` (the
+reference) with one overload per backend (ops/library.py), which graph capture records as one node.
 Collectives are a separate contract: `ops/comm.py`.
 
 Batches are token-major ("TND"): one step processes `T` query tokens of `B` requests.
@@ -13,8 +14,9 @@ Batches are token-major ("TND"): one step processes `T` query tokens of `B` requ
   position of query token i of request b = seq_lens[b] - q_len[b] + i   (right-down causal)
 Caches are paged: `[num_blocks, block_size, D]`; `block_table [B, max_blocks] int32` maps a
 request's position p to slot `block_table[b, p // bs] * bs + p % bs`. Positions (never cache
-slots) cross op boundaries. The ops that read caches take `meta` (a `step.StepMeta` with the
-same facts derived once per step, host copies included): with it they make no host sync.
+slots) cross op boundaries. The step reaches the ops through these loose tensors only (one
+carrier): an op derives each token's request and position on the device (`step.token_requests`,
+`step.token_positions`) and sizes its work from shapes, so a backend's op needs no host read.
 
 Letters: T tokens, B requests, H heads (64), Hi indexer heads (32), Di indexer head dim (128),
 Dl latent (512), Dr rope (64), E experts (256), K experts per token (8), Hd hidden (6144),

@@ -1,7 +1,8 @@
 """Helpers the references share: which tokens belong to which request, paged-cache reads.
 
-Host-side facts come from a `StepMeta` when the caller has one (built once per step, no device
-read); a direct op call without one reads `cu_seqlens_q` / `seq_lens` once here. Cache reads go
+The references loop over requests with host lengths: `request_spans` reads `cu_seqlens_q` and
+`seq_lens` back once per call (the readable oracle; a captured graph refuses it, so a step through
+the references stays eager). Cache reads go
 through the cache's format (glm52_backends/cache_formats.py): a dense cache's rows come back as
 stored, a quantized cache's rows dequantized to float32, and only the rows asked for are read.
 """
@@ -13,13 +14,11 @@ import torch
 from ..cache_formats import read_index, read_latent
 
 
-def request_spans(cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, meta=None
-                  ) -> list[tuple[int, int, int]]:
-    """[(t0, t1, seq_len)] per request: its query tokens t0:t1 and its total length."""
-    if meta is not None:
-        cu, lens = meta.cu_host, meta.seq_lens_host
-    else:
-        cu, lens = cu_seqlens_q.tolist(), seq_lens.tolist()
+def request_spans(cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor) -> list[tuple[int, int, int]]:
+    """[(t0, t1, seq_len)] per request: its query tokens t0:t1 and its total length (one host read)."""
+    n = seq_lens.shape[0]
+    host = torch.cat([cu_seqlens_q.long().flatten(), seq_lens.long().flatten()]).tolist()
+    cu, lens = host[:n + 1], host[n + 1:]
     return [(cu[b], cu[b + 1], int(lens[b])) for b in range(len(lens))]
 
 

@@ -1,6 +1,6 @@
 """indexer_topk: the lightning indexer's scores and the top-k positions each query token attends.
 
-    indexer_topk(q, w, k_cache, block_table, seq_lens, cu_seqlens_q, topk, *, meta=None) -> idx
+    indexer_topk(q, w, k_cache, block_table, seq_lens, cu_seqlens_q, topk) -> idx
     q        [T, Hi, Di]   indexer queries, RoPE applied (interleaved, first Dr dims)
     w        [T, Hi] f32   head weights with Hi^-0.5 * Di^-0.5 folded in
     k_cache  [NB, BS, Di]  paged index keys (LayerNorm + RoPE applied), same dtype as q; or a
@@ -9,7 +9,6 @@
                            scales. q is always the plain query: c8_li stores Hadamard-rotated keys,
                            and a reader undoes that on the keys (the reference) or rotates q the
                            same way (a kernel; cache_formats.hadamard), which scores the same.
-    meta     StepMeta | None   the step's metadata, built once per step (glm52_backends/step.py)
     returns  [T, topk] int32 positions: score[t,s] = sum_h w[t,h] * relu(q[t,h] . k[s]) over
              s <= pos(t); the min(topk, pos+1) best positions first (any order, ties any way),
              -1 after. Cache rows outside 0..seq_len-1 are never read.
@@ -22,10 +21,10 @@ import torch
 from ._paged import gather_index, request_spans
 
 
-def indexer_topk(q, w, k_cache, block_table, seq_lens, cu_seqlens_q, topk, *, meta=None, cdt=torch.float32):
+def indexer_topk(q, w, k_cache, block_table, seq_lens, cu_seqlens_q, topk, *, cdt=torch.float32):
     T = q.shape[0]
     idx = torch.full((T, topk), -1, dtype=torch.int32, device=q.device)
-    for b, (t0, t1, L) in enumerate(request_spans(cu_seqlens_q, seq_lens, meta)):
+    for b, (t0, t1, L) in enumerate(request_spans(cu_seqlens_q, seq_lens)):
         if t1 == t0:
             continue
         k = gather_index(k_cache, block_table[b], L).to(cdt)                    # [L, Di], dequantized if packed

@@ -6,8 +6,9 @@
         capabilities = Capabilities(dtypes=(torch.bfloat16,), devices=("npu",), max_topk=2048)
         device = torch.device("npu", 0)    # where the model puts weights and caches
         def sparse_mla(self, q, c_cache, kpe_cache, idx, block_table, seq_lens, cu_seqlens_q, scale,
-                       *, return_lse=False, meta=None): ...
-        def prepare_step(self, meta): ...  # optional: per-step data, built once (meta.backend_data)
+                       *, return_lse=False): ...
+        opaque_ops = True                  # optional: False = its ops are plain torch, which graph
+                                           # capture may trace through (ops/library.py)
         comm = None                        # optional: Collectives overriding ops/comm.py's
 
 An op the backend lacks, or an input it declines by raising `OpUnsupported`, runs the reference.
@@ -77,6 +78,6 @@ class Capabilities:
 
 @runtime_checkable
 class Backend(Protocol):
-    """The attributes every backend has; ops, `priority`, `device`, `prepare_step` and `comm` are optional."""
+    """The attributes every backend has; ops, `priority`, `device`, `opaque_ops` and `comm` are optional."""
     name: str
     capabilities: Capabilities | Mapping[str, Any]

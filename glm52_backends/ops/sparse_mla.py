@@ -1,7 +1,7 @@
 """sparse_mla: absorbed MLA attention over the positions the indexer selected.
 
     sparse_mla(q, c_cache, kpe_cache, idx, block_table, seq_lens, cu_seqlens_q, scale, *,
-               return_lse=False, meta=None) -> out   (or (out, lse) when return_lse)
+               return_lse=False) -> out   (or (out, lse) when return_lse)
     q          [T, H, Dl+Dr]  absorbed query: q_lat (W_UK^T q_nope) || q_pe (RoPE applied)
     c_cache    [NB, BS, Dl]   paged latent cache, c after kv_a_layernorm (the values, too)
     kpe_cache  [NB, BS, Dr]   paged rope keys, k_pe after RoPE; same dtype as q and c_cache
@@ -30,12 +30,12 @@ CHUNK = 64  # query tokens per gather: bounds the [chunk, topk, Dl] working set
 
 
 def sparse_mla(q, c_cache, kpe_cache, idx, block_table, seq_lens, cu_seqlens_q, scale, *, return_lse=False,
-               meta=None, cdt=torch.float32):
+               cdt=torch.float32):
     T, H, _ = q.shape
     Dl = c_cache.shape[-1]
     out = torch.zeros(T, H, Dl, dtype=cdt, device=q.device)
     lse = torch.full((T, H), float("-inf"), dtype=torch.float32, device=q.device)
-    for b, (t0, t1, _) in enumerate(request_spans(cu_seqlens_q, seq_lens, meta)):
+    for b, (t0, t1, _) in enumerate(request_spans(cu_seqlens_q, seq_lens)):
         for a in range(t0, t1, CHUNK):
             e = min(a + CHUNK, t1)
             sel = idx[a:e].long()                                                    # [q, K]

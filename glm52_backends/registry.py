@@ -291,6 +291,20 @@ class _LayerScope:
         self.bound.layer = self.prev
 
 
+class _LibraryScope:
+    """What `BoundBackend.through_library` returns: sets `library_calls` for a `with` block."""
+
+    def __init__(self, bound: "BoundBackend"):
+        self.bound, self.prev = bound, bound.library_calls
+
+    def __enter__(self) -> "_LibraryScope":
+        self.bound.library_calls = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bound.library_calls = self.prev
+
+
 class BoundBackend:
     """A backend with every op of the contract: native where it has one, reference otherwise.
 
@@ -313,6 +327,10 @@ class BoundBackend:
         self.debug = debug_enabled() if debug is None else bool(debug)
         self.layer: Any = None  # set per layer by the network (`at_layer`); None = unknown
         self._warned: set[str] = set()
+        # while True, ops run through their torch.library custom ops (torch.ops.glm52.<op>.<overload>):
+        # set by graph capture and tracing (`through_library`), so a graph records one node per op
+        self.library_calls = False
+        self._library: tuple[str, int] | None = None          # (overload, instance), made on first use
         for op in OP_NAMES:
             setattr(self, op, self._make(op))
         if not self.native_ops and not isinstance(backend, _Reference):
@@ -327,6 +345,36 @@ class BoundBackend:
         scope = _LayerScope(self, self.layer)
         self.layer = layer
         return scope
+
+    def native_fn(self, op: str) -> Callable[..., Any]:
+        """The backend's own function for `op` (what its custom-op overload calls)."""
+        return getattr(self.backend, op)
+
+    def through_library(self) -> "_LibraryScope":
+        """`with ops.through_library(): ...`: calls in the block go through the ops' custom ops
+        (ops/library.py), so make_fx / torch.compile / graph capture see one `glm52::` node per op."""
+        return _LibraryScope(self)
+
+    def library_op(self, op: str) -> tuple[str, int]:
+        """(overload, instance) of this backend's custom ops, registering them on first use."""
+        if self._library is None:
+            from .ops import library
+            self._library = library.register(self, self.native_ops,
+                                             opaque=bool(getattr(self.backend, "opaque_ops", True)))
+        return self._library
+
+    def _run(self, op: str, fn: Callable[..., Any], args: tuple, kwargs: dict, native: bool) -> Any:
+        """`fn(*args, **kwargs)`, through the custom op while `library_calls` is set."""
+        if self.library_calls and (native or isinstance(self.reference, _Reference)):
+            from .ops import library
+            overload, instance = self.library_op(op) if native else ("default", 0)
+            try:
+                flat = library.flatten(op, args, kwargs)
+            except TypeError:
+                return fn(*args, **kwargs)          # arguments outside the schema: a direct call
+            return library.from_schema_result(
+                op, library.packet(op, overload)(*flat, instance=instance), kwargs)
+        return fn(*args, **kwargs)
 
     def where(self, op: str) -> str:
         """'backend 'x', op linear, layer 3' for messages."""
@@ -367,7 +415,7 @@ class BoundBackend:
         def fallback(args, kwargs):
             counts["fallback"] += 1
             try:
-                out = ref(*args, **kwargs)
+                out = self._run(op, ref, args, kwargs, False)
             except Exception as e:
                 self._note(e, op, "reference fallback")
                 raise
@@ -389,7 +437,7 @@ class BoundBackend:
                         self._warn(op, f"the cache is {fmt!r}; the backend reads {', '.join(readable)}")
                         return fallback(args, kwargs)
                 try:
-                    out = native(*args, **kwargs)
+                    out = self._run(op, native, args, kwargs, True)
                 except OpUnsupported as e:
                     self._warn(op, f"declined: {e}")
                     return fallback(args, kwargs)

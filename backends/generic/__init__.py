@@ -54,6 +54,7 @@ class TorchDeviceBackend:
     """
 
     name = "torch"
+    opaque_ops = False     # plain torch: graph tracing inlines its ops (inductor fuses them)
 
     def __init__(self, device: str | torch.device | None = None, compute_dtype: torch.dtype = torch.float32):
         self.device = resolve_device(device)

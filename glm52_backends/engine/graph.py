@@ -121,7 +121,8 @@ class StaticDecode:
         meta = StepMeta(self.cu[:n + 1], seq_lens[:n], block_table[:n], positions[:n], self.token_request[:n],
                         tuple(range(n + 1)), DeviceOnlyLengths(n), self.bs)
         st = Step([None] * n, ids[:n], slots[:n], meta)
-        return net.logits(net.forward(st, self.cache))
+        with self.model.ops.through_library():           # one torch.ops.glm52 node per op
+            return net.logits(net.forward(st, self.cache))
 
     def _capture(self, n: int):
         what = f"decode step (bucket {n})"
@@ -130,6 +131,10 @@ class StaticDecode:
             from torch.fx.experimental.proxy_tensor import make_fx
             with HostReads(forbid=True, what=what):
                 gm = make_fx(lambda *bufs: self._forward(n, *bufs), tracing_mode="real")(*self._inputs())
+            # an op that declined (OpUnsupported) after it was recorded leaves a node nothing uses: it
+            # would run, and raise again, on every replay
+            gm.graph.eliminate_dead_code()
+            gm.recompile()
             # inductor compiles the recorded graph (outside the guard: dynamo declines to compile under
             # an active dispatch mode); the first call compiles, here rather than in a timed step
             fn = torch.compile(gm, dynamic=False, fullgraph=True) if self.mode == "compile" else gm

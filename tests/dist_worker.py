@@ -59,6 +59,16 @@ def main() -> int:
     if dt == torch.float64:
         from glm52_backends.backends.cpu_ref import CpuRefBackend
         backend = CpuRefBackend(torch.float64)
+    if "--graph" in sys.argv:               # graph mode against eager, both on the capture-safe torch backend
+        mode = sys.argv[sys.argv.index("--graph") + 1]
+        m = GLM52(ckpt, backend="torch", dtype=dt, progress=False, tp=int(tp), ep=int(ep), dp=dp)
+        prompts = [[3, 17, 200, 5, 9, 41, 77, 1, 2, 3, 4, 5], [250, 4], [8] * 9]
+        eager = m.generate(prompts, max_new_tokens=10, stop_at_eos=False, graph=False)
+        graph = m.generate(prompts, max_new_tokens=10, stop_at_eos=False, graph=mode)
+        print(json.dumps({"rank": rank, "eager": eager.tokens, "graph": graph.tokens,
+                          "stats": {k: graph.stats[k] for k in ("graph", "graph_buckets", "eager_buckets")}}))
+        dist.destroy_process_group()
+        return 0
     m = GLM52(ckpt, backend=backend, dtype=dt, progress=False, tp=int(tp), ep=int(ep), dp=dp)
     if die and rank == 1:
         os._exit(3)

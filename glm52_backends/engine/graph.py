@@ -25,8 +25,10 @@ eager; `graph=True` raises it.
 `GLM52(graph="auto")` captures on CUDA and NPU devices and stays eager on the CPU, where replaying
 aten ops costs what eager costs (benchmarks/results/engine-cpu.md) and compiling costs more than a
 short run gains; `graph=True` captures everywhere ("compile" on the CPU), `graph=False` never.
-Not captured: prefill and chunked-prefill steps (their shapes vary), the MTP draft and verify steps,
-runs over several processes (tp/dp/ep: the collectives are not recorded by "trace").
+Over several processes (tp, and ep within the tp group) the step's collectives are captured too:
+while tracing they are torch's functional collectives (ops/comm.py), which the graph records and
+replays. Not captured: prefill and chunked-prefill steps (their shapes vary), the MTP draft and
+verify steps, and runs with several dp groups (they agree on every step on the host).
 """
 
 from __future__ import annotations
@@ -64,8 +66,9 @@ def capture_mode(model, graph) -> tuple[str | None, str]:
     if graph is False:
         return None, "off (graph=False)"
     strict = graph != "auto"
-    if model.plan.world_size > 1:
-        why = f"eager: tp/dp/ep over {model.plan.world_size} processes (collectives are not captured)"
+    if model.plan.dp > 1:
+        why = (f"eager: {model.plan.dp} dp groups agree on every step on the host (engine/turns.py), which a "
+               f"graph cannot replay")
         if strict:
             raise GraphUnavailable(f"graph={graph!r}: {why}")
         return None, why
@@ -121,8 +124,16 @@ class StaticDecode:
         meta = StepMeta(self.cu[:n + 1], seq_lens[:n], block_table[:n], positions[:n], self.token_request[:n],
                         tuple(range(n + 1)), DeviceOnlyLengths(n), self.bs)
         st = Step([None] * n, ids[:n], slots[:n], meta)
-        with self.model.ops.through_library():           # one torch.ops.glm52 node per op
-            return net.logits(net.forward(st, self.cache))
+        comm = net.comm
+        functional = getattr(comm, "functional", None)
+        if functional is not None:          # tp seams as functional collectives: recorded, replayed
+            comm.functional = True
+        try:
+            with self.model.ops.through_library():           # one torch.ops.glm52 node per op
+                return net.logits(net.forward(st, self.cache))
+        finally:
+            if functional is not None:
+                comm.functional = functional
 
     def _capture(self, n: int):
         what = f"decode step (bucket {n})"

@@ -75,9 +75,21 @@ class TorchDistributed(Collectives):
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
 
+    # While a step is being traced as a graph (engine/graph.py sets this), the collectives a decode step
+    # makes are the functional ones (torch.distributed._functional_collectives): they return new tensors
+    # and are recorded as graph nodes, where the in-place `dist.*` calls would run once and vanish.
+    functional = False
+
+    def _funcol(self):
+        import torch.distributed._functional_collectives as funcol
+        return funcol, (self.group if self.group is not None else self.dist.group.WORLD)
+
     def all_reduce(self, x):
         if self.world_size == 1:
             return x
+        if self.functional:
+            funcol, group = self._funcol()
+            return funcol.wait_tensor(funcol.all_reduce(x.contiguous(), "sum", group))
         x = x.contiguous()
         self.dist.all_reduce(x, group=self.group)
         return x
@@ -85,6 +97,9 @@ class TorchDistributed(Collectives):
     def all_gather(self, x, dim=0):
         if self.world_size == 1:
             return x
+        if self.functional:
+            funcol, group = self._funcol()
+            return funcol.wait_tensor(funcol.all_gather_tensor(x.contiguous(), dim, group))
         parts = [torch.empty_like(x) for _ in range(self.world_size)]
         self.dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=dim)

@@ -1,6 +1,6 @@
 """The Ascend backend under its CPU emulator (GLM52_ASCEND_EMULATE=1): each op against the float64
 reference on fresh random inputs (cache rows an op must not read poisoned with NaN), the attention
-op reading the caller's caches in place, no host synchronisation with a StepMeta, documented limits
+op reading the caller's caches in place, no host synchronisation on any call, documented limits
 and other weight formats falling back with a warning, the tiny model's greedy tokens, and the error
 without torch_npu and without emulation."""
 
@@ -19,11 +19,10 @@ from glm52_backends import ops as ref
 from glm52_backends import quant
 from glm52_backends.backends.ascend import EMULATED_NAME, create
 from glm52_backends.backends.ascend.backend import AscendBackend
-from glm52_backends.backends.ascend.common import AscendStep
 from glm52_backends.backends.ascend.emulator import NpuEmulator
 from glm52_backends.ops import OP_NAMES, Capabilities, OpUnsupported, check_signature
 from glm52_backends.registry import BackendUnavailable, BoundBackend, get_backend, list_backends
-from glm52_backends.step import StepMeta
+from glm52_backends import step as step_mod
 from glm52_backends.tiny import make_tiny_checkpoint
 from glm52_backends.weights import Weight, cat_rows, quantize_weight, select, stack
 
@@ -125,8 +124,11 @@ def test_backend_matches_the_contract_and_declares_typed_capabilities(asc):
     assert len(set(caps.block_sizes)) == len(caps.block_sizes) == 64
     assert "CANN 9.1.0" in caps.get("cann") and "26.1.0" in caps.get("cann")
     assert caps.get("emulated") is True and BoundBackend(asc).capabilities.get("max_topk") == 8192
-    for mod in ("backend", "common", "indexer_topk", "sparse_mla"):        # StepMeta.positions replaced it
-        assert not hasattr(sys.modules[f"glm52_backends.backends.ascend.{mod}"], "token_positions"), mod
+    for mod in ("backend", "common", "indexer_topk", "sparse_mla"):     # positions: the core's one helper
+        mod = sys.modules[f"glm52_backends.backends.ascend.{mod}"]
+        assert getattr(mod, "token_positions", step_mod.token_positions) is step_mod.token_positions, mod
+        assert getattr(mod, "token_requests", step_mod.token_requests) is step_mod.token_requests, mod
+    assert not hasattr(asc, "prepare_step")                              # the loose tensors are the one carrier
 
 
 # ---- indexer_topk ------------------------------------------------------------------------------------
@@ -141,8 +143,7 @@ def test_indexer_topk_valid_against_reference(asc, asc_strict, dtype, bs, topk):
     q = torch.randn(T, Hi, Di, generator=g).to(dtype)
     w = torch.randn(T, Hi, generator=g) * Hi ** -0.5 * Di ** -0.5
     idx = be.indexer_topk(q, w, cache, table, lens, cu, topk)
-    meta = StepMeta.from_tensors(table, lens, cu, bs)
-    assert torch.equal(be.indexer_topk(q, w, cache, table, lens, cu, topk, meta=meta), idx)
+    assert torch.equal(be.indexer_topk(q, w, cache, table, lens, cu, topk), idx)          # deterministic
     want = ref.indexer_topk(q, w, cache, table, lens, cu, topk, cdt=F64)
     assert idx.shape == want.shape == (T, topk) and idx.dtype == torch.int32
     t = 0
@@ -275,8 +276,7 @@ def test_sparse_mla_against_reference(asc, asc_strict, dtype, H):
     assert rel_err(out, want) <= tol
     empty = (idx < 0).all(-1)
     assert bool(empty.any()) and bool((out[empty] == 0).all())
-    meta = StepMeta.from_tensors(table, lens, cu, bs)
-    assert torch.equal(be.sparse_mla(q, c, kpe, idx, table, lens, cu, scale, meta=meta), out)
+    assert torch.equal(be.sparse_mla(q, c, kpe, idx, table, lens, cu, scale), out)        # deterministic
 
 
 def test_sparse_indices_valid_first():
@@ -397,10 +397,11 @@ def test_sparse_mla_return_lse_declines_to_the_reference(asc, emulate):
     assert bound.calls["sparse_mla"] == {"native": 1, "fallback": 1}
 
 
-def test_paged_ops_with_step_meta_use_prepared_data_and_make_no_host_sync(monkeypatch):
-    """With a StepMeta (and the per-step data prepare_step built once), indexer_topk and
-    sparse_mla read nothing back from the device outside the torch_npu calls, reuse the prepared
-    block table and lengths, and equal the results of calls without a meta."""
+def test_paged_ops_make_no_host_sync_on_any_call(monkeypatch):
+    """indexer_topk and sparse_mla read nothing back from the device outside the torch_npu calls, on
+    every call (there is no per-step preparation: the loose tensors are the one carrier of the
+    step); the fused ops get the caller's own int32 block table and lengths (the prefix sums a view
+    of cu_seqlens_q), and the results are the reference's."""
     npu = TracingNpu(NpuEmulator())
     be = AscendBackend(npu, name="traced", device=torch.device("cpu"), priority=0, default_dtype=torch.float32)
     bound = BoundBackend(be)
@@ -410,25 +411,48 @@ def test_paged_ops_with_step_meta_use_prepared_data_and_make_no_host_sync(monkey
     T = int(cu[-1])
     q, qi = torch.randn(T, 4, 576, generator=g), torch.randn(T, 3, 128, generator=g)
     w = torch.randn(T, 3, generator=g)
-    meta = StepMeta.from_tensors(table, lens, cu, bs)
     with BackendOps(npu, monkeypatch) as mode:
-        bound.prepare_step(meta)
-        idx = bound.indexer_topk(qi, w, k_idx, table, lens, cu, topk, meta=meta)
-        out = bound.sparse_mla(q, c, kpe, idx, table, lens, cu, 0.1, meta=meta)
+        idx = bound.indexer_topk(qi, w, k_idx, table, lens, cu, topk)
+        out = bound.sparse_mla(q, c, kpe, idx, table, lens, cu, 0.1)
+        idx2 = bound.indexer_topk(qi, w, k_idx, table, lens, cu, topk)                 # every call, not a first
+        out2 = bound.sparse_mla(q, c, kpe, idx.clone(), table, lens, cu, 0.1)          # unmarked: reordered
     assert mode.syncs == []
     assert bound.ran_natively()["indexer_topk"] == bound.ran_natively()["sparse_mla"] == "native"
-    st = meta.backend_data
-    assert isinstance(st, AscendStep)
-    for call in npu.calls:
-        if call.name in ("npu_lightning_indexer", "npu_sparse_flash_attention"):
-            assert call.kwargs["block_table"] is st.block_table and call.kwargs["actual_seq_lengths_query"] is st.act_q
-    assert torch.equal(st.act_q, cu[1:]) and torch.equal(st.act_kv, lens) and torch.equal(st.positions, meta.positions)
-    assert torch.equal(idx, be.indexer_topk(qi, w, k_idx, table, lens, cu, topk))
-    assert torch.equal(out, be.sparse_mla(q, c, kpe, idx, table, lens, cu, 0.1))
+    paged = [call for call in npu.calls if call.name in ("npu_lightning_indexer", "npu_sparse_flash_attention")]
+    assert len(paged) == 4
+    for call in paged:
+        kw = call.kwargs
+        assert kw["block_table"] is table and storage(kw["actual_seq_lengths_query"]) == storage(cu)
+        act_q = kw["actual_seq_lengths_query"]
+        assert torch.equal(act_q, cu[1:]) and act_q.dtype == torch.int32
+        kv = kw.get("actual_seq_lengths_key", kw.get("actual_seq_lengths_kv"))
+        assert kv is lens
+    assert torch.equal(idx, idx2) and torch.equal(out, out2)
+    want = ref.indexer_topk(qi, w, k_idx, table, lens, cu, topk, cdt=F64)
+    assert torch.equal((idx >= 0).sum(-1), (want >= 0).sum(-1))                       # the -1 tail from positions
+    assert rel_err(out, ref.sparse_mla(q, c, kpe, idx, table, lens, cu, 0.1, cdt=F64)) <= 3e-5
+
+
+def test_step_data_is_derived_on_the_device_from_the_loose_tensors():
+    """common.step_for: the fused ops' int32 arguments and the token positions from block_table,
+    seq_lens, cu_seqlens_q alone (int64 inputs cast), equal to the engine's own record of the step."""
+    from glm52_backends.backends.ascend.common import step_for
+    g = gen(15)
+    (_,), table, lens, cu, _ = batch(REQS, 16, g, (8,), torch.float32)
+    T = int(cu[-1])
+    want = step_mod.StepMeta.from_tensors(table, lens, cu, 16)
+    for tb, sl, cq in ((table, lens, cu), (table.long(), lens.long(), cu.long())):
+        st = step_for("indexer_topk", T, tb, sl, cq, positions=True)
+        assert st.act_q.dtype == st.act_kv.dtype == st.block_table.dtype == torch.int32
+        assert st.act_q.is_contiguous() and st.block_table.is_contiguous()
+        assert torch.equal(st.act_q, cu[1:]) and torch.equal(st.act_kv, lens) and torch.equal(st.block_table, table)
+        assert st.positions.dtype == torch.int64 and torch.equal(st.positions, want.positions)
+    assert step_for("sparse_mla", T, table, lens, cu).positions is None                # sparse_mla needs none
 
 
 def sorts(mode):
-    return [str(func) for func, *_ in mode.ops if "sort" in str(func)]
+    """The sorts the backend ran (searchsorted, which derives each token's request, sorts nothing)."""
+    return [str(func) for func, *_ in mode.ops if "sort" in str(func) and "searchsorted" not in str(func)]
 
 
 def test_sparse_mla_takes_the_indexers_own_output_as_it_is(monkeypatch):
@@ -443,16 +467,14 @@ def test_sparse_mla_takes_the_indexers_own_output_as_it_is(monkeypatch):
     T = int(cu[-1])
     qi, w = torch.randn(T, 3, 128, generator=g), torch.randn(T, 3, generator=g)
     q1, q2 = torch.randn(T, 4, 576, generator=g), torch.randn(T, 4, 576, generator=g)
-    meta = StepMeta.from_tensors(table, lens, cu, bs)
-    bound.prepare_step(meta)
-    idx = bound.indexer_topk(qi, w, k_idx, table, lens, cu, topk, meta=meta)
+    idx = bound.indexer_topk(qi, w, k_idx, table, lens, cu, topk)
     with BackendOps(be.npu, monkeypatch) as mode:
-        outs = [bound.sparse_mla(q, c, kpe, idx, table, lens, cu, 0.1, meta=meta) for q in (q1, q2)]
+        outs = [bound.sparse_mla(q, c, kpe, idx, table, lens, cu, 0.1) for q in (q1, q2)]
     sfa = [call for call in be.npu.calls if call.name == "npu_sparse_flash_attention"]
     assert len(sfa) == 2 and all(storage(call.args[3]) == storage(idx) for call in sfa)
     assert sorts(mode) == [] and not [f for f, *_ in mode.ops if "masked_fill" in str(f)]
     with BackendOps(be.npu, monkeypatch) as mode:
-        again = bound.sparse_mla(q1, c, kpe, idx.clone(), table, lens, cu, 0.1, meta=meta)
+        again = bound.sparse_mla(q1, c, kpe, idx.clone(), table, lens, cu, 0.1)
     assert sorts(mode) and torch.equal(again, outs[0])
     for q, out in zip((q1, q2), outs):
         assert rel_err(out, ref.sparse_mla(q, c, kpe, idx, table, lens, cu, 0.1, cdt=F64)) <= 3e-5
@@ -487,21 +509,21 @@ def test_glue_memory_per_call_is_bounded_and_the_caches_are_the_models(monkeypat
     cache_bytes = sum(t.untyped_storage().nbytes() for t in (c, kpe, k_idx))
     qi, w = torch.randn(T, Hi, 128, generator=g).to(dtype), torch.randn(T, Hi, generator=g)
     q = torch.randn(T, H, 576, generator=g).to(dtype)
-    meta = StepMeta.from_tensors(table, lens, cu, bs)
-    be.prepare_step(meta)                                               # once per step, not per call
     before = (c.clone(), kpe.clone(), k_idx.clone())
     everything = (c, kpe, k_idx, qi, w, q, table, lens, cu)
     with BackendOps(be.npu, monkeypatch) as mode:
-        idx = be.indexer_topk(qi, w, k_idx, table, lens, cu, topk, meta=meta)
+        idx = be.indexer_topk(qi, w, k_idx, table, lens, cu, topk)
     li_bytes = new_bytes(mode, everything)
     cast = T * Hi * e if dtype != torch.float32 else 0                  # the weights in the query dtype
-    assert li_bytes <= cast + 5 * T * topk + 8 * topk + 16, li_bytes          # 16: scalars
+    B = table.shape[0]
+    positions = 64 * T + 24 * B + 8                                     # step.token_requests / token_positions
+    assert li_bytes <= cast + 5 * T * topk + 8 * topk + positions + 16, li_bytes   # 16: scalars
     with BackendOps(be.npu, monkeypatch) as mode:
-        be.sparse_mla(q, c, kpe, idx, table, lens, cu, 0.1, meta=meta)
+        be.sparse_mla(q, c, kpe, idx, table, lens, cu, 0.1)
     assert new_bytes(mode, everything + (idx,)) <= q.nbytes + 16, new_bytes(mode, everything + (idx,))
     theirs = idx.clone()                                                # a caller's indices: reordered
     with BackendOps(be.npu, monkeypatch) as mode:
-        be.sparse_mla(q, c, kpe, theirs, table, lens, cu, 0.1, meta=meta)
+        be.sparse_mla(q, c, kpe, theirs, table, lens, cu, 0.1)
     mla_bytes = new_bytes(mode, everything + (theirs,))
     assert mla_bytes <= q.nbytes + 15 * T * topk + T + 16, mla_bytes
     assert max(li_bytes, mla_bytes) < cache_bytes / 20                # a copy of any cache would not fit
@@ -526,16 +548,20 @@ def test_glue_memory_per_call_is_bounded_and_the_caches_are_the_models(monkeypat
     assert [storage(call.args[1][0]) for call in gmm] == [storage(w13), storage(w2)]
 
 
-def test_paged_ops_name_a_step_meta_that_contradicts_the_call(asc):
+def test_paged_ops_name_step_tensors_whose_shapes_contradict(asc):
+    """Shapes that contradict each other raise ValueError naming them (no host read needed); the
+    lengths' values are the caller's contract and are not read back to be checked."""
     g = gen(14)
-    (c, kpe), table, lens, cu, _ = batch([(2, 9), (1, 30)], 16, g, (512, 64), torch.float32)
-    q = torch.randn(3, 4, 576, generator=g)
+    (c, kpe, k_idx), table, lens, cu, _ = batch([(2, 9), (1, 30)], 16, g, (512, 64, 128), torch.float32)
+    q, qi, w = torch.randn(3, 4, 576, generator=g), torch.randn(3, 3, 128, generator=g), torch.randn(3, 3, generator=g)
     idx = torch.tensor([[0, 3, -1], [8, 1, 2], [5, -1, 29]], dtype=torch.int32)
-    other = StepMeta.from_tensors(table[:1], lens[:1], cu[:2], 16)
-    with pytest.raises(ValueError, match="sparse_mla: the step metadata has 2 query tokens, q has 3"):
-        asc.sparse_mla(q, c, kpe, idx, table, lens, cu, 0.1, meta=other)
-    with pytest.raises(ValueError, match="block size 32, the cache has 16"):
-        asc.sparse_mla(q, c, kpe, idx, table, lens, cu, 0.1, meta=StepMeta.from_tensors(table, lens, cu, 32))
+    with pytest.raises(ValueError, match="sparse_mla: block_table has 2 rows, so seq_lens must hold 2 entries and "
+                                         "cu_seqlens_q 3; got 1 and 3"):
+        asc.sparse_mla(q, c, kpe, idx, table, lens[:1], cu, 0.1)
+    with pytest.raises(ValueError, match="indexer_topk: block_table has 1 rows.*got 2 and 3"):
+        asc.indexer_topk(qi, w, k_idx, table[:1], lens, cu, 4)
+    with pytest.raises(ValueError, match="sparse_mla: block_table must be \\[B, max_blocks\\]"):
+        asc.sparse_mla(q, c, kpe, idx, table[0], lens, cu, 0.1)
     with pytest.raises(ValueError, match="kpe_cache"):
         asc.sparse_mla(q, c, kpe[:-1], idx, table, lens, cu, 0.1)
 

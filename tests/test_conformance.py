@@ -57,7 +57,7 @@ def route_without_scaling(router_logits, correction_bias, top_k, n_group=1, topk
     return R.moe_route(router_logits, correction_bias, top_k, n_group, topk_group, norm_topk_prob, 1.0)
 
 
-def indexer_off_by_one(q, w, k_cache, block_table, seq_lens, cu_seqlens_q, topk, *, meta=None):
+def indexer_off_by_one(q, w, k_cache, block_table, seq_lens, cu_seqlens_q, topk):
     """Lets each query see one position past itself (s <= pos + 1)."""
     T = q.shape[0]
     idx = torch.full((T, topk), -1, dtype=torch.int32)
@@ -84,7 +84,7 @@ def indexer_drops_a_winner(*args, **kw):
 
 
 def mla_attends_padding(q, c_cache, kpe_cache, idx, block_table, seq_lens, cu_seqlens_q, scale, *,
-                        return_lse=False, meta=None):
+                        return_lse=False):
     """Gathers -1 like a Python index: the request's last position."""
     idx = idx.clone()
     cu = cu_seqlens_q.tolist()
@@ -118,8 +118,7 @@ def mla_leaves_rows_unwritten(*args, **kw):
     return res
 
 
-def mla_dense(q, c_cache, kpe_cache, idx, block_table, seq_lens, cu_seqlens_q, scale, *, return_lse=False,
-              meta=None):
+def mla_dense(q, c_cache, kpe_cache, idx, block_table, seq_lens, cu_seqlens_q, scale, *, return_lse=False):
     """Ignores the selection and attends to every causal position (a dense fallback)."""
     dense = torch.full_like(idx, -1)
     cu = cu_seqlens_q.tolist()

@@ -33,9 +33,26 @@ class OldSparseMla:
 
 
 class NoMetaIndexer:
+    """Written to the contract: the step arrives as the loose tensors only, no `meta=` keyword."""
     name = "no-meta"
 
     def indexer_topk(self, q, w, k_cache, block_table, seq_lens, cu_seqlens_q, topk):
+        raise AssertionError("never called")
+
+
+class OldMetaIndexer:
+    """Written against the old contract: still takes an optional `meta=` (an extra keyword with a default)."""
+    name = "old-meta"
+
+    def indexer_topk(self, q, w, k_cache, block_table, seq_lens, cu_seqlens_q, topk, *, meta=None):
+        raise AssertionError("never called")
+
+
+class MetaRequiredIndexer:
+    """Needs a `meta` the contract no longer passes."""
+    name = "meta-required"
+
+    def indexer_topk(self, q, w, k_cache, block_table, seq_lens, cu_seqlens_q, topk, *, meta):
         raise AssertionError("never called")
 
 
@@ -44,8 +61,13 @@ def test_wrong_signature_is_refused_by_name():
         get_backend(OldSparseMla())
     msg = str(e.value)
     assert "old-mla" in msg and "sparse_mla" in msg and "'kv_cache'" in msg and "'c_cache'" in msg
-    with pytest.raises(BackendContractError, match=r"indexer_topk: does not accept the keyword 'meta'"):
-        get_backend(NoMetaIndexer())
+    # the contract passes no `meta=`: an op without it binds; one that still has it optional binds too;
+    # one that requires it is refused by name
+    assert get_backend(NoMetaIndexer()).native_ops == ("indexer_topk",)
+    assert get_backend(OldMetaIndexer()).native_ops == ("indexer_topk",)
+    with pytest.raises(BackendContractError, match=r"indexer_topk: has a required parameter 'meta' the contract "
+                                                   r"does not pass"):
+        get_backend(MetaRequiredIndexer())
     # through the registry: asking by name fails loudly, `auto` and the listing skip it with the reason
     register_backend("old-mla", OldSparseMla)
     try:
@@ -59,11 +81,11 @@ def test_wrong_signature_is_refused_by_name():
 
 
 def test_signature_rules():
-    ok = lambda q, c_cache, kpe_cache, idx, block_table, seq_lens, cu_seqlens_q, scale, *, return_lse=False, meta=None, n_splits=None: 0  # noqa: E731,E501
+    ok = lambda q, c_cache, kpe_cache, idx, block_table, seq_lens, cu_seqlens_q, scale, *, return_lse=False, n_splits=None: 0  # noqa: E731,E501
     assert check_signature("sparse_mla", ok) is None
     assert check_signature("sparse_mla", lambda *a, **k: 0) is None
     assert "needs a default" in check_signature("sparse_mla", lambda q, c_cache, kpe_cache, idx, block_table, seq_lens,
-                                                cu_seqlens_q, scale, *, return_lse, meta=None: 0)
+                                                cu_seqlens_q, scale, *, return_lse: 0)
     assert "required parameter 'extra'" in check_signature("rms_norm", lambda x, weight, eps, extra: 0)
     assert "missing 'eps'" in check_signature("rms_norm", lambda x, weight: 0)
     assert "needs a default" in check_signature("moe_route", lambda router_logits, correction_bias, top_k, n_group,
@@ -192,7 +214,10 @@ def test_step_meta_is_derived_once_and_validated():
     assert torch.equal(m2.positions, m.positions) and m2.cu_host == m.cu_host
 
 
-def test_model_builds_the_step_once_and_hands_it_to_the_backend(tmp_path):
+def test_model_hands_the_step_to_the_backend_as_its_loose_tensors_only(tmp_path):
+    """One carrier: each layer's paged ops get the step's own block_table / seq_lens / cu_seqlens_q
+    (the same tensors in every layer of a step), no `meta=` keyword, and a backend's `prepare_step`
+    (the old per-step hook) is never called."""
     from glm52_backends import GLM52
     from glm52_backends.backends.cpu_ref import CpuRefBackend
     from glm52_backends.tiny import make_tiny_checkpoint
@@ -203,25 +228,31 @@ def test_model_builds_the_step_once_and_hands_it_to_the_backend(tmp_path):
         name = "spy"
 
         def prepare_step(self, meta):
-            seen.append(("prepare", meta.num_tokens))
-            return {"built": len(seen)}
+            raise AssertionError("prepare_step is no longer part of the contract: never called")
 
     spy = Spy()
-    orig = spy.sparse_mla
+    orig_mla, orig_idx = spy.sparse_mla, spy.indexer_topk
 
     def sparse_mla(q, c_cache, kpe_cache, idx, block_table, seq_lens, cu_seqlens_q, scale, *, return_lse=False,
-                   meta=None):
-        assert meta is not None and meta.backend_data is not None and not return_lse
-        seen.append(("mla", meta.backend_data["built"]))
-        return orig(q, c_cache, kpe_cache, idx, block_table, seq_lens, cu_seqlens_q, scale, meta=meta)
-    spy.sparse_mla = sparse_mla
+                   **extra):
+        assert not extra and not return_lse
+        seen.append(("mla", block_table, seq_lens, cu_seqlens_q))
+        return orig_mla(q, c_cache, kpe_cache, idx, block_table, seq_lens, cu_seqlens_q, scale)
+
+    def indexer_topk(q, w, k_cache, block_table, seq_lens, cu_seqlens_q, topk, **extra):
+        assert not extra
+        seen.append(("idx", block_table, seq_lens, cu_seqlens_q))
+        return orig_idx(q, w, k_cache, block_table, seq_lens, cu_seqlens_q, topk)
+    spy.sparse_mla, spy.indexer_topk = sparse_mla, indexer_topk
     path = make_tiny_checkpoint(str(tmp_path / "t"), layers=3, seed=1, index_topk=4)
     m = GLM52(path, backend=spy, progress=False)
     cache = m.new_cache(64)
     m.extend(cache, {0: [1, 2, 3, 4, 5], 1: [7]})
-    prepares = [s for s in seen if s[0] == "prepare"]
-    assert prepares == [("prepare", 6)]                               # once per step
-    assert [s for s in seen if s[0] == "mla"] == [("mla", 1)] * 3      # every layer got that step's data
+    assert [s[0] for s in seen].count("mla") == 3                     # every layer
+    first = seen[0][1:]
+    assert all(all(a is b for a, b in zip(s[1:], first)) for s in seen)   # the step's tensors, not copies
+    bt, sl, cu = first
+    assert sl.tolist() == [5, 1] and cu.tolist() == [0, 5, 6] and bt.dtype == sl.dtype == cu.dtype == torch.int32
 
 
 # ---- collectives -------------------------------------------------------------------------------------------

@@ -162,13 +162,12 @@ def test_broken_default_holding_foreign_files_is_not_deleted(tmp_path):
 
 
 def _flaky_mla(state):
-    def sparse_mla(q, c_cache, kpe_cache, idx, block_table, seq_lens, cu_seqlens_q, scale, *, return_lse=False,
-                   meta=None):
+    def sparse_mla(q, c_cache, kpe_cache, idx, block_table, seq_lens, cu_seqlens_q, scale, *, return_lse=False):
         state["n"] += 1
         if state["n"] == state.get("fail_at"):
             raise RuntimeError("device lost")
         out = R.sparse_mla(q, c_cache, kpe_cache, idx, block_table, seq_lens, cu_seqlens_q, scale,
-                           return_lse=return_lse, meta=meta)
+                           return_lse=return_lse)
         return out * float("nan") if state.get("nan") else out
     return sparse_mla
 
@@ -268,7 +267,7 @@ def test_nan_temperature_is_refused_not_sampled(model):
                                                                "dtype torch.float64, expected torch.float32"),
     ("moe_route", lambda *a: R.moe_route(*a)[0], "op moe_route, layer 1 (native): returned a Tensor, "
                                                  "expected the pair (topk_ids, topk_weights)"),
-    ("indexer_topk", lambda *a, meta=None: R.indexer_topk(*a, meta=meta).long(), "idx has dtype torch.int64"),
+    ("indexer_topk", lambda *a: R.indexer_topk(*a).long(), "idx has dtype torch.int64"),
 ])
 def test_wrong_op_output_names_backend_and_op(ckpt, op, fn, fragment):
     model = GLM52(ckpt, backend=Wrapping("bad", **{op: fn}), progress=False)

@@ -175,7 +175,7 @@ def test_near_pass_uses_at_most_the_row():
 # ---- selections: top-k and routing ------------------------------------------------------------------------
 
 @_contract("indexer_topk")
-def indexer_swaps_best_winner(q, w, k_cache, block_table, seq_lens, cu_seqlens_q, topk, *, meta=None):
+def indexer_swaps_best_winner(q, w, k_cache, block_table, seq_lens, cu_seqlens_q, topk):
     """The top-k with its best winner replaced by the best loser (the (k+1)-th), where there is one."""
     args = _f64([q, w, k_cache]) + [block_table, seq_lens, cu_seqlens_q]
     idx = REFERENCES["indexer_topk"](*args, topk, cdt=torch.float64)          # sorted: column 0 = best

@@ -472,14 +472,14 @@ class _DenseOnly:
                 setattr(self, op, REFERENCES[op])
 
     def sparse_mla(self, q, c_cache, kpe_cache, idx, block_table, seq_lens, cu_seqlens_q, scale, *,
-                   return_lse=False, meta=None):
+                   return_lse=False):
         assert c_cache.is_floating_point() and c_cache.dtype != torch.float8_e4m3fn
         return REFERENCES["sparse_mla"](q, c_cache, kpe_cache, idx, block_table, seq_lens, cu_seqlens_q, scale,
-                                        return_lse=return_lse, meta=meta)
+                                        return_lse=return_lse)
 
-    def indexer_topk(self, q, w, k_cache, block_table, seq_lens, cu_seqlens_q, topk, *, meta=None):
+    def indexer_topk(self, q, w, k_cache, block_table, seq_lens, cu_seqlens_q, topk):
         assert k_cache.is_floating_point() and k_cache.dtype != torch.float8_e4m3fn
-        return REFERENCES["indexer_topk"](q, w, k_cache, block_table, seq_lens, cu_seqlens_q, topk, meta=meta)
+        return REFERENCES["indexer_topk"](q, w, k_cache, block_table, seq_lens, cu_seqlens_q, topk)
 
 
 def test_a_backend_without_the_format_gets_the_reference(ckpt):

@@ -13,7 +13,7 @@ and routing bookkeeping are the code that runs on an NPU and the code CI checks.
   supporting.py    rms_norm -> npu_rms_norm, rope -> npu_interleave_rope, mlp -> npu_swiglu; linear, layer_norm
   quantized.py     W8A8 (w8a8_dynamic, w8a8_static): npu_dynamic_quant / npu_quantize + npu_quant_matmul for
                    linear and mlp, the int8 MoE path, and the once-per-weight preparation (`self.prepared`)
-  common.py        documented limits, declines, dense weights, the per-step data (`prepare_step`)
+  common.py        documented limits, declines, dense weights, the paged ops' step data (`step_for`)
   versions.py      the installed CANN and the torch_npu documentation line it belongs to
 
 Each op first checks the documented limits of its torch_npu op (Atlas A2/A3 columns of the docs of
@@ -36,7 +36,7 @@ from . import mtp_verify as _mtp_verify
 from . import sparse_mla as _sparse_mla
 from . import supporting as _supporting
 from .quantized import WEIGHT_FORMATS, PreparedCache
-from .common import BLOCK_SIZES, DEFAULT_BLOCK_SIZE, HALF, AscendStep, build_step, line_limits
+from .common import BLOCK_SIZES, DEFAULT_BLOCK_SIZE, HALF, line_limits
 from .versions import installed
 
 
@@ -66,11 +66,6 @@ class AscendBackend:
 
     def __repr__(self) -> str:
         return f"AscendBackend({self.name!r}, device={self.device}, npu={self.npu!r})"
-
-    def prepare_step(self, meta) -> AscendStep:
-        """The step's int32 lengths, block table and positions for the paged ops, built once per
-        step from the `StepMeta` on the device (no host read); the model keeps it in meta.backend_data."""
-        return build_step(meta)
 
     # hot ops
     indexer_topk = _indexer_topk.indexer_topk

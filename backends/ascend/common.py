@@ -3,14 +3,15 @@
 Limits are the Atlas A2/A3 columns of the torch_npu op docs (section names: emulator.py), of the
 release line the installed CANN belongs to where they differ between lines (versions.py). An input
 outside them raises `OpUnsupported` and the registry runs the reference with one warning; a caller
-error (shapes that contradict each other or the step metadata) raises ValueError naming it.
+error (shapes that contradict each other) raises ValueError naming it.
 
-Per-step data (`AscendStep`, built by `prepare_step(meta)` once per step and kept by the model in
-`meta.backend_data`) holds the tensors the fused ops take besides the activations: TND prefix sums,
-key lengths and the block table, all int32 and contiguous, plus each token's position. They are
-derived on the device from the `StepMeta`'s own tensors (no host read); host facts (token and
-request counts, block size) come from the meta's host tuples. A direct op call without a meta
-builds one with `StepMeta.from_tensors` (one host read of the lengths, which is what it is for).
+Step data (`AscendStep`, built by `step_for` on each paged-op call) holds the tensors the fused
+ops take besides the activations: TND prefix sums, key lengths and the block table, all int32 and
+contiguous, plus (for indexer_topk) each token's position. They come from the op's own loose
+tensors (`block_table`, `seq_lens`, `cu_seqlens_q`, the contract's one carrier of the step) by
+device-side casts, slices and `step.token_requests` / `step.token_positions`: no host read, so a
+decode step through the ops can be captured as a graph. Host facts come from shapes only; the
+values of the lengths are never checked here (a caller's contract violation need not be detected).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from glm52_backends.ops import OpUnsupported
-from glm52_backends.step import StepMeta
+from glm52_backends.step import token_positions, token_requests
 from glm52_backends.weights import Weight, weight_format
 
 from .versions import OLDEST, Installed
@@ -118,44 +119,42 @@ def dense(w: torch.Tensor | Weight, op: str, name: str) -> torch.Tensor:
 
 @dataclass
 class AscendStep:
-    """One step's arguments of the paged torch_npu ops, built once (`prepare_step`).
+    """One paged-op call's arguments of the torch_npu ops besides the activations (`step_for`).
 
     act_q       [B] int32  actual_seq_lengths_query: TND prefix sums (cu_seqlens_q[1:])
-    act_kv      [B] int32  actual_seq_lengths_key / _kv: each request's length
+    act_kv      [B] int32  actual_seq_lengths_key / _kv: each request's length (seq_lens)
     block_table [B, nb] int32, contiguous
-    positions   [T] int64  position of each query token
-    num_tokens, block_size: host ints from the meta
+    positions   [T] int64  position of each query token, or None when the op did not ask for them
     """
     act_q: torch.Tensor
     act_kv: torch.Tensor
     block_table: torch.Tensor
-    positions: torch.Tensor
-    num_tokens: int
-    block_size: int
+    positions: torch.Tensor | None = None
 
 
-def build_step(meta: StepMeta) -> AscendStep:
-    """`AscendStep` from a `StepMeta`: device-side casts and slices only, no host read."""
+def build_step(block_table: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, num_tokens: int,
+               *, positions: bool = False) -> AscendStep:
+    """`AscendStep` from the contract's loose step tensors: device-side casts, slices and the
+    step.py helpers only, no host read. The casts are no-ops (no copy) for the int32, contiguous
+    tensors the model passes. `positions`: also derive each token's position ([T] int64)."""
     i32 = torch.int32
-    return AscendStep(act_q=meta.cu_seqlens_q[1:].to(i32).contiguous(),
-                      act_kv=meta.seq_lens.to(i32).contiguous(),
-                      block_table=meta.block_table.to(i32).contiguous(),
-                      positions=meta.positions.to(torch.int64),
-                      num_tokens=meta.num_tokens, block_size=meta.block_size)
+    pos = None
+    if positions:
+        pos = token_positions(seq_lens, cu_seqlens_q, token_requests(cu_seqlens_q, num_tokens))
+    return AscendStep(act_q=cu_seqlens_q[1:].to(i32).contiguous(), act_kv=seq_lens.to(i32).contiguous(),
+                      block_table=block_table.to(i32).contiguous(), positions=pos)
 
 
-def step_for(backend, op: str, meta: StepMeta | None, T: int, block_table: torch.Tensor, seq_lens: torch.Tensor,
-             cu_seqlens_q: torch.Tensor, block_size: int) -> AscendStep:
-    """The step data for one paged-op call: `meta.backend_data` when the model prepared it, else
-    built now (from `meta`, or from a meta read off the tensors when the caller passed none)."""
-    if meta is None:
-        meta = StepMeta.from_tensors(block_table, seq_lens, cu_seqlens_q, block_size)
-    if meta.block_size != block_size:
-        raise ValueError(f"{op}: the step metadata says block size {meta.block_size}, the cache has {block_size}")
-    if meta.num_tokens != T:
-        raise ValueError(f"{op}: the step metadata has {meta.num_tokens} query tokens, q has {T}")
-    if meta.num_requests != block_table.shape[0]:
-        raise ValueError(f"{op}: the step metadata has {meta.num_requests} requests, block_table has "
-                         f"{block_table.shape[0]} rows")
-    data = meta.backend_data
-    return data if isinstance(data, AscendStep) else backend.prepare_step(meta)
+def step_for(op: str, T: int, block_table: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
+             *, positions: bool = False) -> AscendStep:
+    """The step data for one paged-op call, built now from the call's tensors (no host read).
+    Checks shapes only: one request per block-table row, per `seq_lens` entry, per `cu_seqlens_q`
+    step. That `cu_seqlens_q[-1] == T` and the lengths fit the table is the caller's contract."""
+    if block_table.dim() != 2 or seq_lens.dim() != 1 or cu_seqlens_q.dim() != 1:
+        raise ValueError(f"{op}: block_table must be [B, max_blocks], seq_lens [B], cu_seqlens_q [B+1]; got "
+                         f"{list(block_table.shape)}, {list(seq_lens.shape)}, {list(cu_seqlens_q.shape)}")
+    B = block_table.shape[0]
+    if seq_lens.shape[0] != B or cu_seqlens_q.shape[0] != B + 1:
+        raise ValueError(f"{op}: block_table has {B} rows, so seq_lens must hold {B} entries and cu_seqlens_q "
+                         f"{B + 1}; got {seq_lens.shape[0]} and {cu_seqlens_q.shape[0]}")
+    return build_step(block_table, seq_lens, cu_seqlens_q, T, positions=positions)

@@ -706,7 +706,8 @@ class NpuEmulator:
         # 参数说明 / 约束说明 (torch_npu-npu_moe_token_unpermute.md) and the meta registration
         _check(permuted_tokens.dim() == 2, op, f"permuted_tokens must be 2-D, got {permuted_tokens.dim()}-D")
         _check(sorted_indices.dim() == 1, op, f"sorted_indices must be 1-D, got {sorted_indices.dim()}-D")
-        _check(permuted_tokens.dtype in FLOATS, op, f"permuted_tokens must be float16/bfloat16/float32")
+        _check(permuted_tokens.dtype in FLOATS, op,
+               f"permuted_tokens must be float16/bfloat16/float32, got {permuted_tokens.dtype}")
         _check(sorted_indices.dtype == torch.int32, op, f"sorted_indices must be int32, got {sorted_indices.dtype}")
         _check(not padded_mode and restore_shape is None, op,
                "padded_mode supports only False, restore_shape only None")

@@ -10,7 +10,9 @@ The op leaves the index slots past min(topk, pos+1) unspecified; the contract wa
 they are masked with the step's token positions (`slot j is valid iff j <= pos`). The result is
 valid-first with at least one valid entry per row, and marked so (common.mark_valid_first):
 sparse_mla then hands it to npu_sparse_flash_attention without reordering, on this layer and on
-the IndexShare layers that reuse it. With a `StepMeta` nothing here reads a device value back.
+the IndexShare layers that reuse it. The op's int32 lengths, block table and the token positions
+come from the call's own tensors on the device (common.step_for): nothing here reads a device value
+back, on every call.
 
 Declined (-> reference): a CANN older than 8.5.0 (no such op), index heads the installed line
 does not take (exactly 64 on the 7.3.0 line / CANN 8.5.0, at most 64 from CANN 9.0.0: GLM-5.2's
@@ -18,8 +20,9 @@ does not take (exactly 64 on the 7.3.0 line / CANN 8.5.0, at most 64 from CANN 9
 9.0.0, 3072..8192 step 1024), float32 queries on the device, a key cache of another dtype, block
 sizes that are not a multiple of 16 up to 1024, a non-contiguous cache (the op reads it in place).
 
-Glue memory per call, outside the op: the weights cast [T, Hi] and the masked result [T, topk]
-int32 (+ its [T, topk] bool mask); nothing proportional to the cache.
+Glue memory per call, outside the op: the weights cast [T, Hi], the masked result [T, topk]
+int32 (+ its [T, topk] bool mask) and the token positions (a few [T] and [B+1] int64 vectors);
+nothing proportional to the cache.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import torch
 from .common import LI_HEAD_DIM, decline, mark_valid_first, paged_block_size, step_for, version_decline
 
 
-def indexer_topk(self, q, w, k_cache, block_table, seq_lens, cu_seqlens_q, topk, *, meta=None):
+def indexer_topk(self, q, w, k_cache, block_table, seq_lens, cu_seqlens_q, topk):
     """A method of `AscendBackend` (`self.npu`: torch_npu or the emulator)."""
     T, Hi, Di = q.shape
     lim = version_decline(self, "npu_lightning_indexer")
@@ -50,7 +53,7 @@ def indexer_topk(self, q, w, k_cache, block_table, seq_lens, cu_seqlens_q, topk,
                                      "contiguous (a copy per call would cost the whole cache)")
     if T == 0:
         return mark_valid_first(torch.full((0, topk), -1, dtype=torch.int32, device=q.device))
-    st = step_for(self, "indexer_topk", meta, T, block_table, seq_lens, cu_seqlens_q, k_cache.shape[1])
+    st = step_for("indexer_topk", T, block_table, seq_lens, cu_seqlens_q, positions=True)
     idx, _ = self.npu.npu_lightning_indexer(
         q.contiguous(),                                    # TND  [T, N1, 128]
         k_cache.unsqueeze(2),                              # PA_BSND [NB, BS, N2=1, 128], a view

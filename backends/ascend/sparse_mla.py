@@ -48,8 +48,7 @@ def valid_first(idx: torch.Tensor) -> torch.Tensor:
     return idx.gather(-1, order).to(torch.int32)
 
 
-def sparse_mla(self, q, c_cache, kpe_cache, idx, block_table, seq_lens, cu_seqlens_q, scale, *, return_lse=False,
-               meta=None):
+def sparse_mla(self, q, c_cache, kpe_cache, idx, block_table, seq_lens, cu_seqlens_q, scale, *, return_lse=False):
     """A method of `AscendBackend` (`self.npu`: torch_npu or the emulator)."""
     T, H, D = q.shape
     NB, BS, Dl = c_cache.shape
@@ -77,7 +76,7 @@ def sparse_mla(self, q, c_cache, kpe_cache, idx, block_table, seq_lens, cu_seqle
             "npu_sparse_flash_attention reads the caches in place: c_cache and kpe_cache must be contiguous")
     if T == 0:
         return torch.zeros(0, H, Dl, dtype=q.dtype, device=q.device)
-    st = step_for(self, "sparse_mla", meta, T, block_table, seq_lens, cu_seqlens_q, BS)
+    st = step_for("sparse_mla", T, block_table, seq_lens, cu_seqlens_q)   # no positions: the op needs none
     ours = is_marked_valid_first(idx) and idx.dtype == torch.int32 and idx.is_contiguous()
     sel = idx if ours else valid_first(idx)                             # [T, topk] int32, valid first
     latent = c_cache.unsqueeze(2)                                       # [NB, BS, 1, 512], a view

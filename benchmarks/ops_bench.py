@@ -22,8 +22,9 @@ Timing follows the backend's device: on CUDA, decode-size cases are CUDA-graph r
 prefill-size cases events around plain launches, each run after a 256 MiB write that flushes the
 L2; on another accelerator (npu, xpu, ...), its events when its torch module has them, else
 synchronize + perf_counter, after the same flush; on the CPU, perf_counter after a 32 MiB flush.
-The cache-reading ops get the step's `StepMeta` (built, with the backend's `prepare_step`, once
-before timing), as the model passes it: with it they make no host sync.
+The cache-reading ops get the step as the contract's loose device tensors (block_table, seq_lens,
+cu_seqlens_q, built once before timing), as the model passes them: a backend derives each token's
+request and position from them on the device, so its op can be captured in a graph.
 
 `--small` scales every shape down (tens of tokens, 4-16 heads, 16 experts) so the whole run takes
 seconds on any device, the CPU included: a check that the benchmark and the backend run, not a
@@ -331,16 +332,12 @@ def _paged(env: Env, B: int, L: int, widths: tuple[int, ...]):
     return bt, caches
 
 
-def _decode_meta(env: Env, be, bt, B: int, L: int, q_len: int = 1):
-    """cu_seqlens_q, seq_lens and the StepMeta of B requests of length L with q_len new tokens each;
-    the backend's per-step data prepared once, as the model does."""
-    from glm52_backends.step import StepMeta
+def _decode_step(env: Env, B: int, L: int, q_len: int = 1):
+    """cu_seqlens_q and seq_lens of B requests of length L with q_len new tokens each, on the device."""
     torch = env.torch
     cu = torch.arange(B + 1, dtype=torch.int32, device=env.device) * q_len
     lens = torch.full((B,), L, dtype=torch.int32, device=env.device)
-    meta = StepMeta.from_tensors(bt, lens, cu, env.d.BS)
-    be.prepare_step(meta)
-    return cu, lens, meta
+    return cu, lens
 
 
 def _fp8_weight(env: Env, *shape: int):
@@ -437,21 +434,21 @@ def _inputs(env: Env, be, case: Case):
     if case.op == "indexer_topk":
         B, L, q_len = p["B"], p["L"], p.get("q", 1)
         bt, (kc,) = _paged(env, B, L, (d.DI,))
-        cu, lens, meta = _decode_meta(env, be, bt, B, L, q_len)
+        cu, lens = _decode_step(env, B, L, q_len)
         q = torch.randn(B * q_len, d.HI, d.DI, dtype=dt, device=dev)
         w = torch.randn(B * q_len, d.HI, device=dev) * (d.HI * d.DI) ** -0.5
-        base = lambda: ref.indexer_topk(q, w, kc, bt, lens, cu, d.TOPK, meta=meta)  # noqa: E731
-        return ((lambda: be.indexer_topk(q, w, kc, bt, lens, cu, d.TOPK, meta=meta)), base, base, "topk",
+        base = lambda: ref.indexer_topk(q, w, kc, bt, lens, cu, d.TOPK)  # noqa: E731
+        return ((lambda: be.indexer_topk(q, w, kc, bt, lens, cu, d.TOPK)), base, base, "topk",
                 "reference")
     if case.op == "sparse_mla":
         B, L = p["B"], p["L"]
         bt, (c, kpe) = _paged(env, B, L, (d.DL, d.DR))
-        cu, lens, meta = _decode_meta(env, be, bt, B, L)
+        cu, lens = _decode_step(env, B, L)
         q = torch.randn(B, d.H, d.DL + d.DR, dtype=dt, device=dev)
         idx = torch.stack([torch.randperm(L, device=dev)[:d.TOPK] for _ in range(B)]).to(torch.int32)
         scale = (d.DN + d.DR) ** -0.5
-        base = lambda: ref.sparse_mla(q, c, kpe, idx, bt, lens, cu, scale, meta=meta)  # noqa: E731
-        return ((lambda: be.sparse_mla(q, c, kpe, idx, bt, lens, cu, scale, meta=meta)), base, base, "close",
+        base = lambda: ref.sparse_mla(q, c, kpe, idx, bt, lens, cu, scale)  # noqa: E731
+        return ((lambda: be.sparse_mla(q, c, kpe, idx, bt, lens, cu, scale)), base, base, "close",
                 "reference")
     if case.op == "moe":
         T = p["T"]
@@ -520,7 +517,7 @@ def run_e2e(env: Env, be, timer: Timer, B: int, L: int) -> dict:
     w13, w2 = lin(d.E * 2 * d.I, d.HD).view(d.E, 2 * d.I, d.HD), lin(d.E * d.HD, d.I).view(d.E, d.HD, d.I)
     bias = torch.rand(d.E, device=dev) * 0.1
     bt, (c, kpe, kc) = _paged(env, B, L, (d.DL, d.DR, d.DI))
-    cu, lens, meta = _decode_meta(env, be, bt, B, L)
+    cu, lens = _decode_step(env, B, L)
     x0 = torch.randn(B, d.HD, dtype=dt, device=dev)
     scale = (dn + d.DR) ** -0.5
 
@@ -534,9 +531,9 @@ def run_e2e(env: Env, be, timer: Timer, B: int, L: int) -> dict:
                 iq = be.linear(qr, lw["iq"]).view(B, d.HI, d.DI)
                 be.linear(x, lw["ik"])
                 w = be.linear(x, lw["iw"]).float()
-                idx = be.indexer_topk(iq, w, kc, bt, lens, cu, d.TOPK, meta=meta)
+                idx = be.indexer_topk(iq, w, kc, bt, lens, cu, d.TOPK)
             q_lat = torch.einsum("thd,hdc->thc", q[..., :dn], lw["w_uk"])              # absorb W_UK
-            o = be.sparse_mla(torch.cat([q_lat, q[..., dn:]], -1), c, kpe, idx, bt, lens, cu, scale, meta=meta)
+            o = be.sparse_mla(torch.cat([q_lat, q[..., dn:]], -1), c, kpe, idx, bt, lens, cu, scale)
             o = torch.einsum("thc,hvc->thv", o, lw["w_uv"]).reshape(B, H * d.DV)       # absorb W_UV
             x = x + be.linear(o, lw["wo"])
             ids, wts = be.moe_route(be.linear(x.float(), lw["gate"]), bias, d.K, 1, 1, True, 2.5)

@@ -209,15 +209,15 @@ class _Wrong(CpuRefBackend):
         self.name = "bench_wrong"
         ref_topk, ref_mla = self.indexer_topk, self.sparse_mla
 
-        def indexer_topk(q, w, k_cache, block_table, seq_lens, cu_seqlens_q, topk, *, meta=None):
-            idx = ref_topk(q, w, k_cache, block_table, seq_lens, cu_seqlens_q, topk, meta=meta)
+        def indexer_topk(q, w, k_cache, block_table, seq_lens, cu_seqlens_q, topk):
+            idx = ref_topk(q, w, k_cache, block_table, seq_lens, cu_seqlens_q, topk)
             idx[:, -1] = -1
             return idx
 
         def sparse_mla(q, c_cache, kpe_cache, idx, block_table, seq_lens, cu_seqlens_q, scale, *,
-                       return_lse=False, meta=None):
+                       return_lse=False):
             out = ref_mla(q, c_cache, kpe_cache, idx, block_table, seq_lens, cu_seqlens_q, scale,
-                          return_lse=return_lse, meta=meta)
+                          return_lse=return_lse)
             (out[0] if return_lse else out).neg_()
             return out
 

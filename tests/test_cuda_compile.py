@@ -73,8 +73,6 @@ def _scenario_inputs(name):
     """Build and run one op's wrapper at GLM-5.2 shapes (kernels are intercepted by the caller)."""
     import torch
     from glm52_backends.backends.cuda import indexer_topk, linear, moe_experts, moe_route, mtp_verify, sparse_mla
-    from glm52_backends.backends.cuda.common import prepare
-    from glm52_backends.step import StepMeta
     from glm52_backends.weights import Weight
     bf16 = torch.bfloat16
     dt = torch.float32 if name.endswith("f32") else bf16     # float32: the exact-dot (ieee) variants
@@ -88,33 +86,30 @@ def _scenario_inputs(name):
         n_pages = max(-(-L // BS) for L in lens)
         # every request maps onto the same physical pages: real block-table values, small cache
         bt = torch.arange(n_pages, dtype=torch.int32)[None].repeat(len(reqs), 1)
-        # the step's metadata as the model hands it over: built once, prepared by the backend
-        meta = StepMeta.build([q_len for q_len, _ in reqs], lens, bt, BS)
-        meta.backend_data = prepare(meta)
-        return (meta.cu_seqlens_q, meta.seq_lens, bt, n_pages, meta)
+        # the step as the model hands it over: the contract's loose tensors only
+        return (torch.tensor(cu, dtype=torch.int32), torch.tensor(lens, dtype=torch.int32), bt, n_pages)
 
     if name.startswith("indexer"):
         reqs = {"indexer_decode_b1": [(1, LONG)], "indexer_decode_b2": [(1, LONG), (1, LONG // 2)],
                 "indexer_prefill": [(2048, LONG)], "indexer_prefill_f32": [(2048, LONG)],
                 "indexer_prefill_h64": [(2048, LONG)]}[name]
-        cu, lens, bt, n_pages, meta = batch(reqs)
+        cu, lens, bt, n_pages = batch(reqs)
         T = int(cu[-1])
         Hi = 64 if name.endswith("h64") else 32            # h64: DeepSeek-V3.2's indexer width
         q = torch.randn(T, Hi, 128).to(dt)
         w = torch.randn(T, Hi)
         kc = torch.empty(n_pages, BS, 128, dtype=dt)
-        indexer_topk.indexer_topk(q, w, kc, bt, lens, cu, 2048, meta=meta)
+        indexer_topk.indexer_topk(q, w, kc, bt, lens, cu, 2048)
     elif name.startswith("sparse_mla"):
         reqs = {"sparse_mla_decode": [(1, LONG)] * 4, "sparse_mla_decode_lse": [(1, LONG)] * 4,
                 "sparse_mla_prefill": [(512, LONG)], "sparse_mla_decode_f32": [(1, LONG)] * 4}[name]
-        cu, lens, bt, n_pages, meta = batch(reqs)
+        cu, lens, bt, n_pages = batch(reqs)
         T = int(cu[-1])
         q = torch.randn(T, 64, 512 + 64).to(dt)
         c = torch.empty(n_pages, BS, 512, dtype=dt)
         kpe = torch.empty(n_pages, BS, 64, dtype=dt)
         idx = torch.randint(0, LONG - 1024, (T, 2048), dtype=torch.int32)
-        sparse_mla.sparse_mla(q, c, kpe, idx, bt, lens, cu, 192 ** -0.5, return_lse=name.endswith("_lse"),
-                              meta=meta)
+        sparse_mla.sparse_mla(q, c, kpe, idx, bt, lens, cu, 192 ** -0.5, return_lse=name.endswith("_lse"))
     elif name == "moe_route":
         moe_route.moe_route(torch.randn(16, 256), torch.randn(256), 8, 1, 1, True, 2.5)
     elif name.startswith("linear_fp8"):

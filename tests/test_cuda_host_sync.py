@@ -1,4 +1,4 @@
-"""A decode step of the cuda backend makes no host synchronisation inside its ops (with a StepMeta).
+"""The cuda backend's paged ops make no host synchronisation, on any call.
 
 Method. A host sync is the host waiting for the device: reading a device value back. In Python it
 enters through a few torch entry points: `Tensor.item`, `.tolist`, `.__bool__`, `.__int__`,
@@ -9,17 +9,18 @@ the cuda backend, then calls the original:
   - the calling frame is found by skipping torch's own Python frames (so `x.tolist()` reached
     through a torch wrapper is still attributed to the code that called the wrapper);
   - the call is counted when that frame's file is under backends/cuda/, or when it is core code
-    (glm52_backends/, e.g. `StepMeta.from_tensors`) that a backends/cuda frame further up the stack
-    called: a helper the op calls syncs for the op;
+    (glm52_backends/, e.g. `step.token_requests` or a reference's `request_spans`) that a
+    backends/cuda frame further up the stack called: a helper the op calls syncs for the op;
   - calls made by Triton's interpreter (its stand-in for a kernel launch copies tensors to numpy)
     are not counted: on a GPU a launch reads nothing back.
 The worker then runs, through the registry's bound backend (so a fallback to the reference would
-show in its call counters, and does not happen), `indexer_topk` and `sparse_mla` for a decode
-batch with a `StepMeta` built by `StepMeta.build` and prepared by the backend's `prepare_step`
-(itself under the counter): zero calls must be counted, and the results must match the reference.
-The same ops called without a meta must be counted (they read the lengths back through
-`StepMeta.from_tensors`, and sparse_mla checks idx causality with `bool(...)`): this shows the
-counter sees the backend's syncs, i.e. the measurement can fail. Last, one decode step of a tiny
+show in its call counters, and does not happen), `indexer_topk` and `sparse_mla` on the step as
+the contract's loose tensors (block_table, seq_lens, cu_seqlens_q), with no other carrier, for
+several steps: a decode batch with int32 tensors, the same with int64 tensors, and a mixed batch
+(prefill, decode and MTP-like rows). Zero calls must be counted on every one, and the results must
+match the reference. To show the counter can fail, a probe whose code is attributed to
+backends/cuda/ reads the lengths back directly and through a core helper: both must be counted,
+while the same core helper called from the test itself must not be. Last, one decode step of a tiny
 GLM52 model on the cuda backend (`model.extend` on a paged cache after a prefill) runs under the
 counter: zero counted in every cuda op, with indexer_topk and sparse_mla native in that step.
 
@@ -135,33 +136,73 @@ def _decode_inputs(torch):
                 kpe=torch.randn(nb, bs, Dr, generator=g), scale=0.2)
 
 
+def _mixed_inputs(torch):
+    """A mixed step over shuffled paged caches: a prefill chunk, a decode row, an MTP-like row."""
+    g = torch.Generator().manual_seed(8)
+    q_lens, lens = [5, 1, 3], [21, 40, 17]
+    B, bs, Hi, Di, H, Dl, Dr, topk = len(lens), 8, 4, 32, 5, 40, 16, 12
+    T = sum(q_lens)
+    need = [-(-L // bs) for L in lens]
+    nb = sum(need) + 1
+    perm = torch.randperm(nb, generator=g)
+    bt = torch.zeros(B, max(need), dtype=torch.int32)
+    j = 0
+    for b, n in enumerate(need):
+        bt[b, :n] = perm[j:j + n]
+        j += n
+    cu = torch.tensor([0] + [sum(q_lens[:i + 1]) for i in range(B)], dtype=torch.int32)
+    return dict(lens=lens, cu=cu, bs=bs, topk=topk, bt=bt, q=torch.randn(T, Hi, Di, generator=g),
+                w=torch.randn(T, Hi, generator=g), kc=torch.randn(nb, bs, Di, generator=g),
+                qm=torch.randn(T, H, Dl + Dr, generator=g), c=torch.randn(nb, bs, Dl, generator=g),
+                kpe=torch.randn(nb, bs, Dr, generator=g), scale=0.2)
+
+
+# A probe attributed to backends/cuda/ (compiled under that file name): it reads the lengths back
+# directly and through a core helper, as a cuda op with a host read would.
+PROBE = """
+def probe(cu, lens):
+    from glm52_backends.ops._paged import request_spans
+    spans = request_spans(cu, lens)
+    return spans, bool((lens > 0).all())
+"""
+
+
 def _op_level(counter) -> dict:
     import torch
 
     from glm52_backends import ops as ref
     from glm52_backends.registry import get_backend
-    from glm52_backends.step import StepMeta
     be = get_backend("cuda")
-    d = _decode_inputs(torch)
-    B = len(d["lens"])
-    meta = StepMeta.build([1] * B, d["lens"], d["bt"], d["bs"])
-    args = (meta.block_table, meta.seq_lens, meta.cu_seqlens_q)
-    _, prep = counter.measure(lambda: be.prepare_step(meta))
-    idx, rec_idx = counter.measure(lambda: be.indexer_topk(d["q"], d["w"], d["kc"], *args, d["topk"], meta=meta))
-    out, rec_mla = counter.measure(lambda: be.sparse_mla(d["qm"], d["c"], d["kpe"], idx, *args, d["scale"], meta=meta))
-    # the results are right (a wrong or skipped computation would make "no sync" meaningless)
-    want_idx = ref.indexer_topk(d["q"].double(), d["w"].double(), d["kc"].double(), *args, d["topk"], cdt=torch.float64)
-    same_sets = all(sorted(a) == sorted(b) for a, b in zip(idx.tolist(), want_idx.tolist()))
-    want = ref.sparse_mla(d["qm"].double(), d["c"].double(), d["kpe"].double(), idx, *args, d["scale"],
-                          cdt=torch.float64)
-    err = float((out.double() - want).abs().max() / want.abs().max())
-    # without a meta: the same calls must be counted
-    _, rec_idx_nometa = counter.measure(lambda: be.indexer_topk(d["q"], d["w"], d["kc"], *args, d["topk"]))
-    _, rec_mla_nometa = counter.measure(lambda: be.sparse_mla(d["qm"], d["c"], d["kpe"], idx, *args, d["scale"]))
-    return {"prepare_step": prep, "indexer_topk": rec_idx, "sparse_mla": rec_mla,
-            "indexer_topk_no_meta": rec_idx_nometa, "sparse_mla_no_meta": rec_mla_nometa,
-            "backend_data": type(meta.backend_data).__name__, "same_sets": same_sets, "mla_rel_err": err,
-            "calls": {op: be.calls[op] for op in ("indexer_topk", "sparse_mla")}}
+    res = {}
+    dec = _decode_inputs(torch)
+    dec["cu"] = torch.arange(len(dec["lens"]) + 1, dtype=torch.int32)
+    cases = {"decode": (dec, torch.int32), "decode_int64": (dec, torch.int64),
+             "mixed": (_mixed_inputs(torch), torch.int32)}
+    for name, (d, it) in cases.items():
+        args = (d["bt"].to(it), torch.tensor(d["lens"], dtype=it), d["cu"].to(it))   # the one carrier
+        idx, rec_idx = counter.measure(lambda: be.indexer_topk(d["q"], d["w"], d["kc"], *args, d["topk"]))
+        out, rec_mla = counter.measure(lambda: be.sparse_mla(d["qm"], d["c"], d["kpe"], idx, *args, d["scale"]))
+        lse, rec_lse = counter.measure(lambda: be.sparse_mla(d["qm"], d["c"], d["kpe"], idx, *args, d["scale"],
+                                                             return_lse=True)[1])
+        # the results are right (a wrong or skipped computation would make "no sync" meaningless)
+        want_idx = ref.indexer_topk(d["q"].double(), d["w"].double(), d["kc"].double(), *args, d["topk"],
+                                    cdt=torch.float64)
+        same_sets = all(sorted(a) == sorted(b) for a, b in zip(idx.tolist(), want_idx.tolist()))
+        want, want_lse = ref.sparse_mla(d["qm"].double(), d["c"].double(), d["kpe"].double(), idx, *args,
+                                        d["scale"], return_lse=True, cdt=torch.float64)
+        res[name] = {"indexer_topk": rec_idx, "sparse_mla": rec_mla, "sparse_mla_lse": rec_lse,
+                     "same_sets": same_sets, "mla_rel_err": float((out.double() - want).abs().max() / want.abs().max()),
+                     "lse_abs_err": float((lse.double() - want_lse).abs().max())}
+    res["calls"] = {op: be.calls[op] for op in ("indexer_topk", "sparse_mla")}
+    # the counter can fail: a read in code attributed to backends/cuda/, direct or through a core
+    # helper, is counted; the same core helper called from here is not
+    ns: dict = {}
+    exec(compile(PROBE, os.path.join(counter.cuda_dir, "_sync_probe.py"), "exec"), ns)
+    lens, cu = torch.tensor(dec["lens"], dtype=torch.int32), dec["cu"]
+    _, res["probe"] = counter.measure(lambda: ns["probe"](cu, lens))
+    from glm52_backends.ops._paged import request_spans
+    _, res["core_from_test"] = counter.measure(lambda: request_spans(cu, lens))
+    return res
 
 
 def _model_level(counter) -> dict:
@@ -211,22 +252,28 @@ def measured():
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def test_hot_ops_with_meta_make_no_host_sync(measured):
+@pytest.mark.parametrize("case", ["decode", "decode_int64", "mixed"])
+def test_hot_ops_make_no_host_sync(measured, case):
+    """Every call of indexer_topk and sparse_mla (with and without lse), given the step only as the
+    contract's loose tensors: no host read, native, and right."""
     ops = measured["ops"]
-    assert ops["backend_data"] == "CudaStepData"                 # prepare_step ran and its data is used
     assert ops["calls"]["indexer_topk"]["fallback"] == 0 and ops["calls"]["sparse_mla"]["fallback"] == 0
-    assert ops["same_sets"] and ops["mla_rel_err"] <= 3.05e-5, ops
-    for part in ("prepare_step", "indexer_topk", "sparse_mla"):
-        assert ops[part] == [], f"{part} with a StepMeta made host syncs: {ops[part]}"
+    assert ops["calls"]["indexer_topk"]["native"] == 3 and ops["calls"]["sparse_mla"]["native"] == 6
+    res = ops[case]
+    assert res["same_sets"] and res["mla_rel_err"] <= 3.05e-5 and res["lse_abs_err"] <= 1e-4, res
+    for part in ("indexer_topk", "sparse_mla", "sparse_mla_lse"):
+        assert res[part] == [], f"{part} ({case}) made host syncs: {res[part]}"
 
 
-def test_counter_sees_syncs_without_meta(measured):
-    """The same ops without a meta read the lengths back: the counter must record that."""
+def test_counter_sees_syncs_of_cuda_code(measured):
+    """The measurement can fail: reads made by code under backends/cuda/ (directly, or through core
+    code it calls) are recorded; the same core code called from outside the backend is not."""
     ops = measured["ops"]
-    rec_i, rec_m = ops["indexer_topk_no_meta"], ops["sparse_mla_no_meta"]
-    assert any(r.startswith("Tensor.tolist at glm52_backends/step.py") and "common.py" in r for r in rec_i), rec_i
-    assert any(r.startswith("Tensor.tolist at glm52_backends/step.py") for r in rec_m), rec_m
-    assert any(r.startswith("Tensor.__bool__ at backends/cuda/sparse_mla.py") for r in rec_m), rec_m
+    rec = ops["probe"]
+    assert any(r.startswith("Tensor.tolist at glm52_backends/ops/_paged.py") and "_sync_probe.py" in r
+               for r in rec), rec
+    assert any(r.startswith("Tensor.__bool__ at backends/cuda/_sync_probe.py") for r in rec), rec
+    assert ops["core_from_test"] == [], ops["core_from_test"]
 
 
 def test_model_decode_step_makes_no_host_sync_in_cuda_ops(measured):
@@ -240,31 +287,31 @@ def test_model_decode_step_makes_no_host_sync_in_cuda_ops(measured):
 
 
 def test_no_sync_on_gpu():
-    """On a GPU: the same decode calls with a StepMeta under torch.cuda.set_sync_debug_mode("error"),
-    which raises on any synchronising CUDA call, Python-visible or not."""
+    """On a GPU: the same decode calls (the step as loose device tensors) under
+    torch.cuda.set_sync_debug_mode("error"), which raises on any synchronising CUDA call,
+    Python-visible or not."""
     import torch
     if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         pytest.skip("needs a CUDA GPU without TRITON_INTERPRET")
     pytest.importorskip("triton")
     from glm52_backends.registry import get_backend
-    from glm52_backends.step import StepMeta
     be = get_backend("cuda")
     dev = torch.device("cuda")
     d = _decode_inputs(torch)
+    B = len(d["lens"])
+    args = (d["bt"].to(dev), torch.tensor(d["lens"], dtype=torch.int32, device=dev),
+            torch.arange(B + 1, dtype=torch.int32, device=dev))
     for dt in (torch.float32, torch.bfloat16):
         t = {k: v.to(dev, dt) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in d.items()}
         t["w"] = d["w"].to(dev)
-        meta = StepMeta.build([1] * len(d["lens"]), d["lens"], d["bt"], d["bs"], device=dev)
-        args = (meta.block_table, meta.seq_lens, meta.cu_seqlens_q)
-        be.prepare_step(meta)                                                       # compile outside the check
-        idx = be.indexer_topk(t["q"], t["w"], t["kc"], *args, d["topk"], meta=meta)
-        be.sparse_mla(t["qm"], t["c"], t["kpe"], idx, *args, d["scale"], meta=meta)
+        idx = be.indexer_topk(t["q"], t["w"], t["kc"], *args, d["topk"])           # compile outside the check
+        be.sparse_mla(t["qm"], t["c"], t["kpe"], idx, *args, d["scale"], return_lse=True)
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            be.prepare_step(meta)
-            idx = be.indexer_topk(t["q"], t["w"], t["kc"], *args, d["topk"], meta=meta)
-            out = be.sparse_mla(t["qm"], t["c"], t["kpe"], idx, *args, d["scale"], meta=meta)
+            idx = be.indexer_topk(t["q"], t["w"], t["kc"], *args, d["topk"])
+            out = be.sparse_mla(t["qm"], t["c"], t["kpe"], idx, *args, d["scale"])
+            be.sparse_mla(t["qm"], t["c"], t["kpe"], idx, *args, d["scale"], return_lse=True)
         finally:
             torch.cuda.set_sync_debug_mode("default")
         assert bool(torch.isfinite(out).all())

@@ -1,5 +1,5 @@
 """The cuda backend's Triton kernels under Triton's CPU interpreter, against the contract's references
-(glm52_backends/ops/), with and without a prepared StepMeta.
+(glm52_backends/ops/), the step passed as the contract's loose tensors only.
 
 `triton.jit` reads TRITON_INTERPRET when it decorates, so the checks run in one worker process
 started with TRITON_INTERPRET=1 (this file, run as a script); the pytest process never sets it.

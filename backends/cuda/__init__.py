@@ -2,8 +2,9 @@
 
 Files, one per op and named after it: indexer_topk.py, sparse_mla.py, moe_route.py, moe_experts.py,
 mtp_verify.py, linear.py; fp8.py holds the block-FP8 activation quantizer and rounding helpers
-shared by linear.py and moe_experts.py; common.py the shared host-side checks, the per-step device
-data (`CudaStepData`, built once per step by `prepare_step`) and launch helpers.
+shared by linear.py and moe_experts.py; common.py the shared host-side checks, the step data the
+paged kernels read (`CudaStepData`, derived on the device from the contract's loose tensors at each
+call, no host read) and launch helpers.
 
 Weights: dense (bare tensors or "dense" `Weight`s) and block-FP8 ("fp8_block" `Weight`s: e4m3
 codes + f32 scales per 128x128 block, or 1x128 after a gate/up concatenation of odd widths) run
@@ -32,8 +33,6 @@ from glm52_backends import ops as contract
 from glm52_backends.ops import Capabilities
 from glm52_backends.registry import BackendUnavailable
 
-from .common import prepare
-
 INSTALL = "pip install 'glm52_backends[cuda]'"
 
 
@@ -48,8 +47,8 @@ class CudaBackend:
     or "triton" (dense experts; FP8 experts always run the Triton FP8 kernels).
     `fp8_gemm`: "auto" (torch._scaled_mm where supported and verified, else Triton), "scaled_mm"
     or "triton": the GEMM of FP8 linears. Shapes, layouts and semantics: glm52_backends/ops/<op>.py.
-    `prepare_step(meta)` builds the step's device data once (common.CudaStepData); with a meta the
-    cache-reading ops make no host synchronisation.
+    The cache-reading ops take the step as the contract's loose tensors only and make no host
+    synchronisation on any path (grids sized from shapes): a decode step can be captured as a graph.
     """
 
     priority = 20
@@ -78,21 +77,14 @@ class CudaBackend:
     def __repr__(self) -> str:
         return f"CudaBackend(device={self.device}, interpreter={self.interpreter})"
 
-    # ---- per-step data ------------------------------------------------------------------------
-    def prepare_step(self, meta):
-        """The step's device data (common.CudaStepData): int32 batch tensors, each token's request
-        and position; built once per step, no host synchronisation."""
-        return prepare(meta)
-
     # ---- hot ops (Triton) -------------------------------------------------------------------
-    def indexer_topk(self, q, w, k_cache, block_table, seq_lens, cu_seqlens_q, topk, *, meta=None):
-        return _kernels("indexer_topk").indexer_topk(q, w, k_cache, block_table, seq_lens, cu_seqlens_q, topk,
-                                                     meta=meta)
+    def indexer_topk(self, q, w, k_cache, block_table, seq_lens, cu_seqlens_q, topk):
+        return _kernels("indexer_topk").indexer_topk(q, w, k_cache, block_table, seq_lens, cu_seqlens_q, topk)
 
     def sparse_mla(self, q, c_cache, kpe_cache, idx, block_table, seq_lens, cu_seqlens_q, scale, *,
-                   return_lse=False, meta=None):
+                   return_lse=False):
         return _kernels("sparse_mla").sparse_mla(q, c_cache, kpe_cache, idx, block_table, seq_lens, cu_seqlens_q,
-                                                 scale, return_lse=return_lse, meta=meta)
+                                                 scale, return_lse=return_lse)
 
     def moe_route(self, router_logits, correction_bias, top_k, n_group=1, topk_group=1, norm_topk_prob=True,
                   routed_scaling_factor=1.0):

@@ -1,30 +1,28 @@
-"""Shared host-side helpers of the cuda backend: checks, the per-step device data, launch helpers.
+"""Shared host-side helpers of the cuda backend: checks, the per-call step data, launch helpers.
 
 No kernels and no triton import here: the package imports this module before it knows whether
 Triton runs on a GPU or in its interpreter.
 
-Everything a kernel launch needs from the step comes from `CudaStepData`, built by
-`CudaBackend.prepare_step(meta)` once per step (torch on the device, no host synchronisation,
-capturable in a CUDA graph): int32 copies of the batch tensors, each query token's request and
-position, and memoised per-kernel tables (the indexer's query tiles). Grid sizes come from tensor
-*shapes* and host copies in the `StepMeta` only (T, B, topk, max_blocks * block_size), never from
-device values, so the launches can be captured and replayed.
-
-With a `StepMeta` the ops check shapes only: the meta's values were validated on the host when it
-was built. Without one (a direct op call) `step_data` builds it with `StepMeta.from_tensors`, which
-reads the lengths back once and validates them; that is the only host read of the no-meta path.
+The step reaches the paged ops as the contract's loose device tensors (block_table, seq_lens,
+cu_seqlens_q) and nothing else. `step_data` turns them, at each call, into what a kernel launch
+reads (`CudaStepData`): int32 contiguous copies and each query token's request and position,
+derived on the device (`step.token_requests`, `step.token_positions`). Grid sizes come from tensor
+*shapes* only (T = q.shape[0], B = seq_lens.shape[0], topk, max_blocks * block_size), never from
+device values: no path reads the host, so the launches can be captured in a CUDA graph and
+replayed on new lengths. The ops check shapes and dtypes only; the lengths' values are the
+caller's contract (validated where a step is planned, `step.plan_step`), not re-checked here.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from glm52_backends.ops import OpUnsupported
-from glm52_backends.step import StepMeta
+from glm52_backends.step import token_positions, token_requests
 from glm52_backends.weights import Weight
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -110,16 +108,15 @@ def fp8_block(op: str, name: str, w: Any, lead: int = 0) -> Weight:
     return w
 
 
-# ---- per-step device data -------------------------------------------------------------------------
+# ---- per-call step data ---------------------------------------------------------------------------
 @dataclass
 class CudaStepData:
-    """What the kernels read about a step, on the ops' device (from `prepare_step`).
+    """What the kernels read about the step, on the ops' device, derived from the loose tensors.
 
     cu_seqlens_q [B+1], seq_lens [B], block_table [B, max_blocks] (contiguous): int32;
-    token_request [T] int32 and positions [T] int32: each query token's request and position;
-    num_tokens, num_requests, block_size: the meta's host values (for shape checks).
-    `memo(key, build)` keeps a table a kernel derives from these (built at its first call of the
-    step, e.g. the indexer's query tiles, whose tile size depends on the indexer's head count).
+    token_request [T] int32 and positions [T] int32: each query token's request and position
+    (a padded decode row, seq_len 0, gets position -1 and so selects nothing);
+    num_tokens T, num_requests B: from shapes.
     """
     cu_seqlens_q: torch.Tensor
     seq_lens: torch.Tensor
@@ -128,29 +125,12 @@ class CudaStepData:
     positions: torch.Tensor
     num_tokens: int
     num_requests: int
-    block_size: int
-    _memo: dict = field(default_factory=dict, repr=False)
-
-    def memo(self, key: Any, build: Callable[[], Any]) -> Any:
-        if key not in self._memo:
-            self._memo[key] = build()
-        return self._memo[key]
 
 
-def prepare(meta: StepMeta) -> CudaStepData:
-    """The step's device data, from a `StepMeta` (device ops only: no host synchronisation)."""
-    i32 = torch.int32
-    return CudaStepData(
-        cu_seqlens_q=meta.cu_seqlens_q.to(i32).contiguous(), seq_lens=meta.seq_lens.to(i32).contiguous(),
-        block_table=meta.block_table.to(i32).contiguous(), token_request=meta.token_request.to(i32).contiguous(),
-        positions=meta.positions.to(i32).contiguous(), num_tokens=meta.num_tokens,
-        num_requests=meta.num_requests, block_size=int(meta.block_size))
-
-
-def step_data(op: str, T: int, block_table: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
-              block_size: int, meta: StepMeta | None) -> CudaStepData:
-    """The step data for one op call: from `meta` (shape checks only, no host sync), or, without a
-    meta, from a `StepMeta` built here (`StepMeta.from_tensors`: one host read, values validated)."""
+def step_data(op: str, T: int, block_table: torch.Tensor, seq_lens: torch.Tensor,
+              cu_seqlens_q: torch.Tensor) -> CudaStepData:
+    """The step data for one op call of T query tokens: shape and dtype checks, then device ops only
+    (no host read on any path, so the call can be captured in a CUDA graph)."""
     B = seq_lens.shape[0] if seq_lens.dim() == 1 else -1
     check_shape(op, "seq_lens", seq_lens, (B,))
     check_shape(op, "cu_seqlens_q", cu_seqlens_q, (B + 1,))
@@ -158,27 +138,12 @@ def step_data(op: str, T: int, block_table: torch.Tensor, seq_lens: torch.Tensor
     for name, t in (("seq_lens", seq_lens), ("cu_seqlens_q", cu_seqlens_q), ("block_table", block_table)):
         if t.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"{op}: {name} must be an integer tensor, got {t.dtype}")
-    if meta is None:
-        if capturing():
-            raise ValueError(f"{op}: called without a meta while a CUDA graph is being captured; the lengths "
-                             f"would have to be read back. Build a StepMeta before the capture and pass meta=")
-        try:
-            meta = StepMeta.from_tensors(block_table, seq_lens, cu_seqlens_q, block_size)
-        except ValueError as e:
-            raise ValueError(f"{op}: {e}") from None
-        if meta.num_tokens != T:
-            raise ValueError(f"{op}: cu_seqlens_q ends at {meta.num_tokens}, but q has T={T} tokens")
-        return prepare(meta)
-    if meta.num_tokens != T or meta.num_requests != B:
-        raise ValueError(f"{op}: meta is for {meta.num_tokens} tokens of {meta.num_requests} requests, the "
-                         f"inputs have T={T} tokens of B={B} requests")
-    if meta.block_size != block_size or tuple(meta.block_table.shape) != tuple(block_table.shape):
-        raise ValueError(f"{op}: meta has blocks of {meta.block_size} and a block table of shape "
-                         f"{list(meta.block_table.shape)}; the inputs have blocks of {block_size} and "
-                         f"{list(block_table.shape)}")
-    data = meta.backend_data
-    if not isinstance(data, CudaStepData):        # a meta nobody prepared for this backend
-        data = prepare(meta)
-        if meta.backend_data is None:
-            meta.backend_data = data
-    return data
+    if T > 0 and B == 0:
+        raise ValueError(f"{op}: q has T={T} tokens but the step has no requests (seq_lens is empty)")
+    i32 = torch.int32
+    req = token_requests(cu_seqlens_q, T)
+    pos = token_positions(seq_lens, cu_seqlens_q, req)
+    return CudaStepData(
+        cu_seqlens_q=cu_seqlens_q.to(i32).contiguous(), seq_lens=seq_lens.to(i32).contiguous(),
+        block_table=block_table.to(i32).contiguous(), token_request=req.to(i32), positions=pos.to(i32),
+        num_tokens=T, num_requests=B)

@@ -15,10 +15,10 @@ Kernel versions and their idea:
                   first (k - count_above) keys == tau in position order, i.e. ties go to the earlier
                   position, the same set the reference's stable sort picks. Valid entries first,
                   then -1. Rows with pos + 1 <= k take every position without selecting.
-Host wrapper: the step's int32 tensors and positions come from `CudaStepData` (prepare_step, once
-per step); the query-tile table (request and first token of each tile, over a bound that depends
-on shapes only) is built at the step's first indexer call and reused by every later layer. With a
-meta there is no host synchronisation; without one, `StepMeta.from_tensors` reads the lengths once.
+Host wrapper: the step's int32 tensors, each token's request and position come from the loose
+tensors (common.step_data, device ops at each call); the query-tile table (request and first token
+of each tile, over a bound that depends on shapes only) is built on the device at each call. No
+host read on any path: grids are sized from shapes, so a call can be captured in a CUDA graph.
 
 Constants: BLOCK_N 64 keys x Di 128 per score tile, BLOCK_M up to 4 query tokens (4 x 32 heads =
 128 rows, at most 128 rows for wider indexers), SELECT_BLOCK 1024 scores per select step. Chosen
@@ -175,10 +175,10 @@ def _tiles(data: CudaStepData, T: int, block_m: int) -> tuple[torch.Tensor, torc
     return torch.where(i < cum[-1], tb, -1).to(torch.int32), start.to(torch.int32), bound
 
 
-def indexer_topk(q, w, k_cache, block_table, seq_lens, cu_seqlens_q, topk, *, meta=None):
+def indexer_topk(q, w, k_cache, block_table, seq_lens, cu_seqlens_q, topk):
     """Contract: glm52_backends/ops/indexer_topk.py. q [T, Hi, Di], w [T, Hi] f32, k_cache [NB, BS, Di]
-    (same dtype as q), any strides -> idx [T, topk] int32 on q's device. With `meta` (a StepMeta,
-    ideally prepared by CudaBackend.prepare_step) no host synchronisation."""
+    (same dtype as q), any strides -> idx [T, topk] int32 on q's device. No host synchronisation:
+    shapes and dtypes are checked, the lengths' values are the caller's contract."""
     op = "indexer_topk"
     check_float(op, q=q, k_cache=k_cache)
     need(q.dtype == k_cache.dtype, op, f"q is {q.dtype} but k_cache is {k_cache.dtype}")
@@ -190,7 +190,7 @@ def indexer_topk(q, w, k_cache, block_table, seq_lens, cu_seqlens_q, topk, *, me
     if not isinstance(topk, int) or topk <= 0:
         raise ValueError(f"{op}: topk must be a positive int, got {topk!r}")
     NB, BS, _ = k_cache.shape
-    data = step_data(op, T, block_table, seq_lens, cu_seqlens_q, BS, meta)
+    data = step_data(op, T, block_table, seq_lens, cu_seqlens_q)
     need(Hi <= 128 and Di <= 256, op, f"Hi={Hi}, Di={Di}: kernels take Hi <= 128 and Di <= 256")
     device = q.device
     idx = torch.empty(T, topk, dtype=torch.int32, device=device)
@@ -205,7 +205,7 @@ def indexer_topk(q, w, k_cache, block_table, seq_lens, cu_seqlens_q, topk, *, me
     # a 4-token [512, 256] bf16 query operand alone is 256 KB, over H100's 227 KB shared memory).
     BLOCK_M = min(pow2(T), MAX_BLOCK_M, max(1, MAX_ROWS // HI_P))
     BLOCK_M = max(BLOCK_M, pow2(16 // HI_P))          # tl.dot needs >= 16 rows
-    tile_req, tile_start, bound = data.memo(("indexer_tiles", BLOCK_M), lambda: _tiles(data, T, BLOCK_M))
+    tile_req, tile_start, bound = _tiles(data, T, BLOCK_M)
 
     bt = data.block_table
     Lcap = bt.shape[1] * BS

@@ -14,9 +14,10 @@ Kernel versions and their idea:
                    log-sum-exp, which the merge needs whether or not the caller asked for lse.
   _combine_kernel  merges the splits of one (token, 16 heads, 128 latent values) by log-sum-exp.
 Rows with no valid index: out 0, lse -inf (as the reference).
-Host wrapper: each token's request comes from `CudaStepData` (prepare_step, once per step). With a
-meta there is no host synchronisation; without one, `StepMeta.from_tensors` reads the lengths once
-and the causal check of idx (idx <= the token's position) reads a flag back.
+Host wrapper: each token's request comes from the loose tensors (common.step_data, device ops at
+each call). No host read on any path (grids from shapes), so a call can be captured in a CUDA
+graph. idx is read as given: a position past the token's own is the caller's contract violation,
+not checked here (the check would read back); only positions in 0..seq_len-1 are ever read.
 
 Constants: BLOCK_N 32 rows per step, BLOCK_H up to 32 heads (acc [32, 512] f32 over 8 warps),
 splits chosen so that programs ~ 2 x the SM count. Checked by an sm_90 ahead-of-time compile
@@ -148,10 +149,10 @@ def _num_sms(device: torch.device) -> int:
 
 
 def sparse_mla(q, c_cache, kpe_cache, idx, block_table, seq_lens, cu_seqlens_q, scale, *, return_lse=False,
-               meta=None, n_splits=None):
+               n_splits=None):
     """Contract: glm52_backends/ops/sparse_mla.py. q [T, H, Dl+Dr] (q_lat || q_pe), c_cache [NB, BS, Dl],
     kpe_cache [NB, BS, Dr] (q's dtype, any strides), idx [T, topk] int (-1 = none) -> out [T, H, Dl]
-    in q.dtype, or (out, lse [T, H] f32) with return_lse. With `meta` no host synchronisation.
+    in q.dtype, or (out, lse [T, H] f32) with return_lse. No host synchronisation.
     `n_splits` forces the number of top-k splits (tests, benchmarks); default: enough programs for
     ~2 waves of SMs."""
     op = "sparse_mla"
@@ -170,7 +171,7 @@ def sparse_mla(q, c_cache, kpe_cache, idx, block_table, seq_lens, cu_seqlens_q, 
     check_shape(op, "kpe_cache", kpe_cache, (NB, BS, Dr))
     check_shape(op, "idx", idx, (T, None))
     need(idx.dtype in (torch.int32, torch.int64), op, f"idx has dtype {idx.dtype}, kernels take int32/int64")
-    data = step_data(op, T, block_table, seq_lens, cu_seqlens_q, BS, meta)
+    data = step_data(op, T, block_table, seq_lens, cu_seqlens_q)
     need(Dl <= 1024 and Dr <= 256, op, f"Dl={Dl}, Dr={Dr}: kernels take Dl <= 1024, Dr <= 256")
     topk = idx.shape[1]
     device = q.device
@@ -182,13 +183,6 @@ def sparse_mla(q, c_cache, kpe_cache, idx, block_table, seq_lens, cu_seqlens_q, 
             if lse is not None:
                 lse.fill_(float("-inf"))
         return (out, lse) if return_lse else out
-    if meta is None:              # a direct call: check causality (a meta's producer guarantees it)
-        late = idx.long() > data.positions[:, None].long()
-        if bool(late.any()):
-            t, j = late.nonzero()[0].tolist()
-            raise ValueError(f"{op}: idx[{t}, {j}] = {int(idx[t, j])} is beyond the token's position "
-                             f"{int(data.positions[t])} (positions must be causal; -1 marks none)")
-
     BLOCK_H = min(pow2(H, 16), MAX_BLOCK_H)
     DL_P, DR_P = pow2(Dl, 16), pow2(Dr, 16)
     n_hb = triton.cdiv(H, BLOCK_H)

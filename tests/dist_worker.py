@@ -65,7 +65,10 @@ def main() -> int:
         prompts = [[3, 17, 200, 5, 9, 41, 77, 1, 2, 3, 4, 5], [250, 4], [8] * 9]
         eager = m.generate(prompts, max_new_tokens=10, stop_at_eos=False, graph=False)
         graph = m.generate(prompts, max_new_tokens=10, stop_at_eos=False, graph=mode)
-        print(json.dumps({"rank": rank, "eager": eager.tokens, "graph": graph.tokens,
+        spec_eager = m.generate(prompts, max_new_tokens=10, stop_at_eos=False, speculative=2, graph=False)
+        spec_graph = m.generate(prompts, max_new_tokens=10, stop_at_eos=False, speculative=2, graph=mode)
+        print(json.dumps({"rank": rank, "eager": eager.tokens, "graph": graph.tokens, "spec_eager": spec_eager.tokens,
+                          "spec_graph": spec_graph.tokens, "spec_buckets": spec_graph.stats["graph_buckets"],
                           "stats": {k: graph.stats[k] for k in ("graph", "graph_buckets", "eager_buckets")}}))
         dist.destroy_process_group()
         return 0

@@ -98,15 +98,16 @@ def test_layout_matches_one_process(tmp_path, ckpts, fmt, tp, dp, ep):
 
 @pytest.mark.parametrize("tp,ep", [(2, 1), (2, 2)])
 def test_graph_decode_over_ranks_equals_eager(tmp_path, ckpts, tp, ep):
-    """tp2 under gloo (and ep2 within the tp group): decode steps captured as graphs, with the tp seams as
-    functional collectives recorded in them, give eager's greedy tokens on every rank (3 requests: the
-    bucket of 4 with a padding row, then 2 and 1 as they finish)."""
+    """tp2 under gloo (and ep2 within the tp group): decode steps, and MTP speculative verify and draft
+    steps, captured as graphs with the tp seams as functional collectives recorded in them, give eager's
+    greedy tokens on every rank (3 requests: the bucket of 4 with a padding row)."""
     outs = []
     for rc, o, e in run_ranks(tmp_path, ckpts["bf16"], tp, tp, ep, extra=("--graph", "trace")):
         assert rc == 0, e[-3000:]
         outs.append(json.loads(o.strip().splitlines()[-1]))
     for o in outs:
         assert o["graph"] == o["eager"] == outs[0]["eager"]
+        assert o["spec_graph"] == o["spec_eager"] == o["eager"] and o["spec_buckets"]     # MTP k=2: verify graphs
         assert o["stats"]["graph"] == "trace" and o["stats"]["graph_buckets"] and not o["stats"]["eager_buckets"]
 
 

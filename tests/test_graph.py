@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from glm52_backends import GLM52
+from glm52_backends import GLM52, default_checkpoint
 from glm52_backends.engine.decoding import PlainDecoder
 from glm52_backends.engine.graph import GraphUnavailable, StaticDecode, buckets
 from glm52_backends.engine.host_reads import HostReadInCapture, HostReads
@@ -201,8 +201,8 @@ def test_graph_argument_is_checked(ckpt):
         m.generate([[1, 2]], max_new_tokens=2, graph=1)
     assert m.generate([[1, 2]], max_new_tokens=2).stats["graph"].startswith("eager: on a cpu device")
     assert buckets(1) == [1] and buckets(5) == [1, 2, 4, 8] and buckets(8) == [1, 2, 4, 8]
-    with pytest.raises(ValueError, match="graph='trace': the MTP draft and verify steps .* are not captured yet"):
-        m.generate([[1, 2]], max_new_tokens=2, speculative=2, graph="trace")
+    d = GLM52(default_checkpoint(), backend="torch", progress=False)
+    assert d.generate([[1, 2]], max_new_tokens=2, speculative=2).stats["graph"].startswith("eager: on a cpu")
 
 
 @pytest.mark.slow
@@ -215,3 +215,50 @@ def test_compiled_graph_equals_eager(tmp_path):
     out = m.generate(prompts, max_new_tokens=10, stop_at_eos=False, graph=True)
     assert out.tokens == ref.tokens
     assert out.stats["graph"] == "compile" and out.stats["graph_buckets"] == [2]
+
+
+@pytest.mark.parametrize("kw", [dict(speculative=1), dict(speculative=2), dict(speculative=3),
+                                dict(speculative=3, adaptive=True), dict(speculative=3, adaptive=True, draft_threshold=0.9),
+                                dict(speculative=2, prefill_chunk=3), dict(speculative=3, quantization="fp8"),
+                                dict(speculative=2, kv_cache_dtype="int8", block_size=4)],
+                         ids=["k1", "k2", "k3", "adaptive", "adaptive-0.9", "chunked", "fp8-weights", "int8-cache-bs4"])
+def test_speculative_graphs_equal_eager(kw):
+    """MTP speculative decoding with its verify and draft steps as graphs gives eager's greedy tokens and
+    acceptance, for fixed and adaptive drafts (requests padded to k drafts in the verify graph), over a
+    batch of 5 whose requests finish at different times (buckets 8, 4, 2, 1) and cross cache blocks."""
+    load = {k: kw.pop(k) for k in ("quantization", "kv_cache_dtype", "block_size") if k in kw}
+    m = GLM52(default_checkpoint(), backend="torch", progress=False, **load)      # trained: drafts get accepted
+    prompts = _prompts()
+    budgets = [16, 4, 9, 24, 6]
+    eager = [m.generate([p], max_new_tokens=b, graph=False, stop_at_eos=False, **kw) for p, b in zip(prompts, budgets)]
+    want = [e.tokens[0] for e in eager]
+    out = m.generate(prompts, max_new_tokens=24, graph="trace", stop_at_eos=False, **kw)
+    assert [t[:b] for t, b in zip(out.tokens, budgets)] == want
+    both = m.generate(prompts, max_new_tokens=24, graph=False, stop_at_eos=False, **kw)
+    assert out.tokens == both.tokens and out.stats["mean_acceptance_length"] == both.stats["mean_acceptance_length"]
+    st = out.stats
+    assert st["graph"] == "trace" and st["graph_buckets"] and not st["eager_buckets"]
+    assert bool(st["mtp_graph_buckets"]) == (kw["speculative"] > 1) and not st["mtp_eager_buckets"]
+    if kw.get("adaptive"):                  # some requests drafted fewer than k: padded in the verify graph
+        assert 1 <= st["mean_drafted_tokens"] < kw["speculative"]
+
+
+def test_a_verify_replay_computes_the_new_step():
+    """The verify graph of bucket 2, replayed over other requests and tokens, returns their logits
+    (equal to an eager verify step on a copy of the state), not the captured step's."""
+    m = GLM52(default_checkpoint(), backend="torch", progress=False)
+    cache = m.new_cache(4096, mtp=True)
+    prompts = _prompts(4, seed=9)
+    m.extend(cache, {i: p for i, p in enumerate(prompts)})
+    sd = StaticDecode(m, cache, 2, "trace", strict=True, q=3, kind="verify")
+    h0, lg0 = sd.step([0, 1], [1, 2, 3, 4, 5, 6])
+    for reqs, toks in (([2, 3], [7, 8, 9, 10, 11, 12]), ([1, 0], [13, 14, 15, 16, 17, 18])):
+        lens = {r: cache.lens[r] for r in reqs}
+        h, lg = sd.step(reqs, toks)
+        for r in reqs:                                    # the same tokens again, eagerly, from the same lengths
+            cache.truncate(r, lens[r])
+        _, he = m.run(cache, {r: toks[3 * b:3 * b + 3] for b, r in enumerate(reqs)})
+        torch.testing.assert_close(h, he, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lg, m.logits(he), rtol=1e-5, atol=1e-4)
+        assert not torch.allclose(lg, lg0, atol=1e-3)
+    assert sd.stats()["graph_buckets"] == [2]

@@ -18,16 +18,10 @@ def generate(model, prompts, *, max_new_tokens: int = 32, temperature: float = 0
                          speculative=speculative, prefill_chunk=prefill_chunk, stop_at_eos=stop_at_eos,
                          cache_tokens=cache_tokens, adaptive=adaptive, draft_threshold=draft_threshold, graph=graph)
     if speculative:
-        if graph not in ("auto", False):
-            raise ValueError(f"graph={graph!r}: the MTP draft and verify steps of speculative decoding are not "
-                             f"captured yet; graph='auto' (or False) runs them eagerly")
-        res = generate_speculative(model, prompts, max_new_tokens=max_new_tokens, k=speculative,
-                                   temperature=temperature, top_p=top_p, seed=seed, stop_at_eos=stop_at_eos,
-                                   prefill_chunk=prefill_chunk, cache_tokens=cache_tokens, adaptive=adaptive,
-                                   draft_threshold=draft_threshold)
-        res.stats.update(graph="eager: speculative decoding steps are not captured" if graph else "off (graph=False)",
-                         graphs_captured=0)
-        return res
+        return generate_speculative(model, prompts, max_new_tokens=max_new_tokens, k=speculative,
+                                    temperature=temperature, top_p=top_p, seed=seed, stop_at_eos=stop_at_eos,
+                                    prefill_chunk=prefill_chunk, cache_tokens=cache_tokens, adaptive=adaptive,
+                                    draft_threshold=draft_threshold, graph=graph)
     prompts = model.encode_prompts(prompts)
     # room for each request's prompt and the tokens it may still emit (never past the context)
     budget = arguments.budgets(model, prompts, max_new_tokens)

@@ -27,8 +27,10 @@ aten ops costs what eager costs (benchmarks/results/engine-cpu.md) and compiling
 short run gains; `graph=True` captures everywhere ("compile" on the CPU), `graph=False` never.
 Over several processes (tp, and ep within the tp group) the step's collectives are captured too:
 while tracing they are torch's functional collectives (ops/comm.py), which the graph records and
-replays. Not captured: prefill and chunked-prefill steps (their shapes vary), the MTP draft and
-verify steps, and runs with several dp groups (they agree on every step on the host).
+replays. Speculative decoding (engine/speculative.py) captures its verify step (kind "verify": k+1
+tokens per request) and its MTP draft step (kind "mtp"). Not captured: prefill and chunked-prefill
+steps and the MTP catch-up step (their shapes vary), and runs with several dp groups (they agree on
+every step on the host).
 """
 
 from __future__ import annotations
@@ -84,14 +86,23 @@ def capture_mode(model, graph) -> tuple[str | None, str]:
     return None, f"eager: on a {kind} device graph='auto' stays eager (graph=True compiles)"
 
 
+KINDS = ("decode", "verify", "mtp")
+
+
 class StaticDecode:
-    """Decode steps of up to `max_batch` requests over persistent buffers, one graph per bucket.
+    """Steps of up to `max_batch` requests, `q` new tokens each, over persistent buffers, one graph per
+    bucket. `kind` says what a step computes and returns (f32 logits on the device, nothing read back):
+      "decode"  the target model, q = 1: logits [n, V];
+      "verify"  the target model over q = k+1 tokens per request (the speculative verify step):
+                (final-normed hidden [n*q, Hd], logits [n*q, V]);
+      "mtp"     the MTP layer, q = 1, with the input hidden [n, Hd] and (IndexShare for the MTP
+                iteration) the shared top-k [n, topk] as buffers too: (hidden, logits, top-k)."""
 
-    `step(reqs, tokens)` appends `tokens[i]` to request `reqs[i]` in `cache` and returns the
-    f32 logits [len(reqs), V] on the device. Nothing is read back to the host."""
-
-    def __init__(self, model, cache, max_batch: int, mode: str, *, strict: bool = False):
-        self.model, self.cache, self.mode, self.strict = model, cache, mode, strict
+    def __init__(self, model, cache, max_batch: int, mode: str, *, strict: bool = False, q: int = 1,
+                 kind: str = "decode"):
+        if kind not in KINDS or q < 1 or (kind != "verify" and q != 1):
+            raise ValueError(f"StaticDecode: kind {kind!r} with q={q}")
+        self.model, self.cache, self.mode, self.strict, self.q, self.kind = model, cache, mode, strict, q, kind
         cfg, dev = model.cfg, model.device
         self.bs = cache.block_size
         self.width = -(-min(cfg.max_position_embeddings, cache.num_blocks * self.bs) // self.bs)
@@ -99,38 +110,48 @@ class StaticDecode:
         self.buckets = buckets(max_batch)
         N = self.buckets[-1]
         i32, i64 = torch.int32, torch.long
-        self.ids = torch.zeros(N, dtype=i64, device=dev)
-        self.positions = torch.full((N,), -1, dtype=i64, device=dev)
-        self.slots = torch.full((N,), self.null * self.bs, dtype=i64, device=dev)
+        self.ids = torch.zeros(N * q, dtype=i64, device=dev)
+        self.positions = torch.full((N * q,), -1, dtype=i64, device=dev)
+        self.slots = torch.full((N * q,), self.null * self.bs, dtype=i64, device=dev)
         self.seq_lens = torch.zeros(N, dtype=i32, device=dev)
         self.block_table = torch.full((N, self.width), self.null, dtype=i32, device=dev)
-        self.cu = torch.arange(N + 1, dtype=i32, device=dev)          # one query token per row: fixed
-        self.token_request = torch.arange(N, dtype=i32, device=dev)
+        self.cu = torch.arange(N + 1, dtype=i32, device=dev) * q       # q query tokens per row: fixed
+        self.token_request = torch.arange(N, dtype=i32, device=dev).repeat_interleave(q)
+        self.extra: tuple[torch.Tensor, ...] = ()
+        if kind == "mtp":
+            hidden = torch.zeros(N, cfg.hidden_size, dtype=model.net.embed.dtype, device=dev)
+            share = (torch.full((N, cfg.index_topk), -1, dtype=i32, device=dev)
+                     if cfg.index_share_for_mtp_iteration else None)
+            self.extra = (hidden,) if share is None else (hidden, share)
         # host mirror of the block table, and the block list each row was last written from
         self._bt_host = torch.full((N, self.width), self.null, dtype=i32)
         self._rows: list[list[int]] = [[] for _ in range(N)]
-        self.graphs: dict[int, object] = {}        # bucket -> replay() returning the logits buffer
+        self.graphs: dict[int, object] = {}        # bucket -> replay() returning the output buffers
         self.eager: dict[int, str] = {}            # bucket -> why it was not captured
         self.capture_s = 0.0
         self._pool = None
 
     # ---- the step, as captured ---------------------------------------------------------------------
     def _inputs(self) -> tuple[torch.Tensor, ...]:
-        return self.ids, self.positions, self.slots, self.seq_lens, self.block_table
+        return (self.ids, self.positions, self.slots, self.seq_lens, self.block_table, *self.extra)
 
-    def _forward(self, n: int, ids, positions, slots, seq_lens, block_table) -> torch.Tensor:
-        """The step of bucket n over the buffers (`_inputs()`): [n, V] f32 logits. What a graph records."""
-        net = self.model.net
-        meta = StepMeta(self.cu[:n + 1], seq_lens[:n], block_table[:n], positions[:n], self.token_request[:n],
-                        tuple(range(n + 1)), DeviceOnlyLengths(n), self.bs)
-        st = Step([None] * n, ids[:n], slots[:n], meta)
+    def _forward(self, n: int, ids, positions, slots, seq_lens, block_table, *extra):
+        """The step of bucket n over the buffers (`_inputs()`): what a graph records (see the class)."""
+        net, q = self.model.net, self.q
+        meta = StepMeta(self.cu[:n + 1], seq_lens[:n], block_table[:n], positions[:n * q], self.token_request[:n * q],
+                        tuple(range(0, (n + 1) * q, q)), DeviceOnlyLengths(n), self.bs)
+        st = Step([None] * n, ids[:n * q], slots[:n * q], meta)
         comm = net.comm
         functional = getattr(comm, "functional", None)
         if functional is not None:          # tp seams as functional collectives: recorded, replayed
             comm.functional = True
         try:
             with self.model.ops.through_library():           # one torch.ops.glm52 node per op
-                return net.logits(net.forward(st, self.cache))
+                if self.kind == "mtp":
+                    share = extra[1][:n] if len(extra) > 1 else None
+                    return net.mtp_forward(st, self.cache, extra[0][:n], share)
+                h = net.forward(st, self.cache)
+                return net.logits(h) if self.kind == "decode" else (h, net.logits(h))
         finally:
             if functional is not None:
                 comm.functional = functional
@@ -190,18 +211,19 @@ class StaticDecode:
 
     # ---- one step ----------------------------------------------------------------------------------
     def _fill(self, reqs: Sequence[Hashable], tokens: Sequence[int], N: int) -> None:
-        """Buffers of rows 0..N-1: requests' rows, then inert padding."""
-        cache, bs = self.cache, self.bs
+        """Buffers of rows 0..N-1: requests' rows (q tokens each, just reserved), then inert padding."""
+        cache, bs, q = self.cache, self.bs, self.q
         n = len(reqs)
-        pos = [cache.lens[r] - 1 for r in reqs]                     # the new token's position
-        slots = [cache.blocks[r][p // bs] * bs + p % bs for r, p in zip(reqs, pos)]
-        pad = N - n
-        host = torch.tensor([list(tokens) + [0] * pad, pos + [-1] * pad, slots + [self.null * bs] * pad,
-                             [p + 1 for p in pos] + [0] * pad], dtype=torch.long)
-        self.ids[:N].copy_(host[0], non_blocking=True)
-        self.positions[:N].copy_(host[1], non_blocking=True)
-        self.slots[:N].copy_(host[2], non_blocking=True)
-        self.seq_lens[:N].copy_(host[3], non_blocking=True)
+        pos = [cache.lens[r] - q + j for r in reqs for j in range(q)]          # the new tokens' positions
+        slots = [cache.blocks[r][p // bs] * bs + p % bs for r, p in zip((r for r in reqs for _ in range(q)), pos)]
+        pad = (N - n) * q
+        host = torch.tensor([list(tokens) + [0] * pad, pos + [j - q for j in range(q)] * (N - n),
+                             slots + [self.null * bs] * pad], dtype=torch.long)
+        self.ids[:N * q].copy_(host[0], non_blocking=True)
+        self.positions[:N * q].copy_(host[1], non_blocking=True)
+        self.slots[:N * q].copy_(host[2], non_blocking=True)
+        self.seq_lens[:N].copy_(torch.tensor([cache.lens[r] for r in reqs] + [0] * (N - n), dtype=torch.int32),
+                                non_blocking=True)
         dirty = False
         for i in range(N):
             blocks = cache.blocks[reqs[i]] if i < n else []
@@ -219,24 +241,35 @@ class StaticDecode:
         if dirty:
             self.block_table[:N].copy_(self._bt_host[:N], non_blocking=True)
 
-    def step(self, reqs: Sequence[Hashable], tokens: Sequence[int]) -> torch.Tensor | None:
-        """Append one token to each request (reserving its cache room) and replay the bucket's graph:
-        [n, V] f32 logits on the device. None when the bucket runs eagerly (nothing is changed then:
-        the caller runs the step its usual way)."""
-        n = len(reqs)
+    def step(self, reqs: Sequence[Hashable], tokens: Sequence[int], hidden: torch.Tensor | None = None,
+             shared_idx: torch.Tensor | None = None):
+        """Append `tokens` (q per request, in request order) to `reqs` in the cache (reserving room) and
+        replay the bucket's graph: the step's outputs on the device, rows of the n requests only (see
+        the class). An "mtp" step also takes the input hidden [n, Hd] and, with IndexShare for the MTP
+        iteration, the shared top-k [n, topk]. None when the bucket runs eagerly (nothing is changed
+        then: the caller runs the step its usual way)."""
+        n, q = len(reqs), self.q
+        if len(tokens) != n * q:
+            raise ValueError(f"StaticDecode.step: {len(tokens)} tokens for {n} requests of {q}")
         N = next(b for b in self.buckets if b >= n)
         if N in self.eager:
             return None
         cache = self.cache
         mark = cache.mark(reqs)
-        cache.reserve({r: cache.lens[r] + 1 for r in reqs})
+        cache.reserve({r: cache.lens[r] + q for r in reqs})
         try:
             self._fill(reqs, tokens, N)
+            if self.kind == "mtp":
+                self.extra[0][:n].copy_(hidden, non_blocking=True)
+                if len(self.extra) > 1:
+                    self.extra[1][:n].copy_(shared_idx, non_blocking=True)
+                    self.extra[1][n:N].fill_(-1)          # padding rows select nothing
             replay = self._graph(N)
             if replay is None:
                 cache.rollback(mark)
                 return None
-            return replay()[:n]
+            out = replay()
+            return tuple(t[:n * q] for t in out) if isinstance(out, tuple) else out[:n * q]
         except BaseException:
             cache.rollback(mark)
             raise
@@ -244,7 +277,7 @@ class StaticDecode:
     def serves(self, model, mode: str, tokens: int, batch: int) -> bool:
         """Whether this decoder's cache and buffers can serve a new run of `batch` requests holding up to
         `tokens` tokens (its graphs are then reused: they read this cache and these buffers)."""
-        return (self.model is model and self.mode == mode and batch <= self.buckets[-1]
+        return (self.model is model and self.mode == mode and batch <= self.buckets[-1] and self.kind == "decode"
                 and (self.cache.num_blocks - 1) * self.bs >= tokens)
 
     def reset(self) -> PagedCache:

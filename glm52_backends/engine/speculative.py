@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from ..sampling import check_sampling
 from . import arguments
 from .decoding import pick, prefill_chunks, run_generation
+from .graph import StaticDecode, capture_mode
 
 # draft_filter(request, position, proposed_token) -> token: replaces the MTP layer's token choice
 # (the MTP layer still runs), e.g. the benchmark's synthetic draft source with a set acceptance
@@ -86,7 +87,8 @@ class SpeculativeDecoder:
     steps_stat = "verify_steps"
 
     def __init__(self, model, k: int, *, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                 cache_tokens: int, draft_filter: DraftFilter | None = None, draft_threshold: float | None = None):
+                 cache_tokens: int, draft_filter: DraftFilter | None = None, draft_threshold: float | None = None,
+                 graph="auto", batch: int = 1):
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"speculative needs a positive integer number of draft tokens, got {k!r}")
         if model.mtp is None:
@@ -99,7 +101,19 @@ class SpeculativeDecoder:
         self.sampling = self.temperature > 0.0
         self.gen = torch.Generator().manual_seed(0 if seed is None else seed)
         self.draft_filter = draft_filter
-        self.cache = model.new_cache(cache_tokens, mtp=True)
+        self.graph_mode, self.graph_why = capture_mode(model, graph)
+        self.verify_graph = self.mtp_graph = None
+        if self.graph_mode:
+            # the verify step (k+1 tokens per request) and the MTP draft step as graphs over one cache;
+            # the catch-up MTP step (a+1 tokens, a varies) and the prefill stay eager
+            self.cache = model.new_cache(cache_tokens + model.block_size, mtp=True)    # + the null block
+            strict = graph != "auto"
+            self.verify_graph = StaticDecode(model, self.cache, batch, self.graph_mode, strict=strict, q=k + 1,
+                                             kind="verify")
+            if k > 1:
+                self.mtp_graph = StaticDecode(model, self.cache, batch, self.graph_mode, strict=strict, kind="mtp")
+        else:
+            self.cache = model.new_cache(cache_tokens, mtp=True)
         self.seq: list[list[int]] = []
         # request -> MTP output hidden [Hd], logits [V], top-k row [topk] at position n-1
         self.pending: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -205,7 +219,14 @@ class SpeculativeDecoder:
                 share = share[rows.to(share.device)] if share is not None else None
                 live, d = [live[b] for b in keep], [d[b] for b in keep]
             # MTP at position n+j-1 (j drafts so far): hidden = its own output there, token = d_j
-            _, hid, logits, _ = m.run_mtp(cache, {_mtp_key(i): [t] for i, t in zip(live, d)}, hid, share)
+            out = None
+            if self.mtp_graph is not None:
+                out = self.mtp_graph.step([_mtp_key(i) for i in live], d, hid, share)
+            if out is not None:
+                hid, logits, _ = out
+                arguments.finite_logits(logits, m.ops, "MTP logits")
+            else:
+                _, hid, logits, _ = m.run_mtp(cache, {_mtp_key(i): [t] for i, t in zip(live, d)}, hid, share)
 
     def _verify(self, draft: list[list[int]], tgt: torch.Tensor, dprobs: list[list[torch.Tensor]]
                 ) -> tuple[list[int], list[list[int]]]:
@@ -218,6 +239,26 @@ class SpeculativeDecoder:
                                      temperature=self.temperature, top_p=self.top_p, uniforms=u)
         return acc.tolist(), toks.tolist()
 
+    def _verify_graph(self, reqs: list[int], cap: dict[int, int], drafts: dict[int, list[int]]):
+        """The verify step through its graph: (hidden [n*(k+1), Hd], logits [n*(k+1), V]), or None (no
+        graph, its bucket eager, or a request too near the context's end for k+1 positions). A request
+        with fewer drafts (adaptive) is padded with copies of its last draft: the rows past its own are
+        never read, and its rollback drops their cache entries like any rejected draft's."""
+        if self.verify_graph is None or any(cap[i] < self.k for i in reqs):
+            return None
+        toks = [t for i in reqs for t in ([self.seq[i][-1]] + drafts[i] + [drafts[i][-1]] * (self.k - len(drafts[i])))]
+        return self.verify_graph.step(reqs, toks)
+
+    def stats(self) -> dict:
+        """Whether graphs ran: the verify step's buckets, and the MTP draft step's."""
+        if self.verify_graph is None:
+            return {"graph": self.graph_why, "graphs_captured": 0}
+        v, d = self.verify_graph.stats(), self.mtp_graph.stats() if self.mtp_graph is not None else {}
+        return {"graph": v["graph"], "graphs_captured": v["graphs_captured"] + d.get("graphs_captured", 0),
+                "graph_buckets": v["graph_buckets"], "eager_buckets": v["eager_buckets"],
+                "mtp_graph_buckets": d.get("graph_buckets", []), "mtp_eager_buckets": d.get("eager_buckets", []),
+                "graph_capture_s": round(v["graph_capture_s"] + d.get("graph_capture_s", 0.0), 3)}
+
     def _round(self, reqs: list[int], cap: dict[int, int]) -> dict[int, tuple[int, list[int]]]:
         """One draft/verify round: request i drafts up to cap[i] tokens."""
         m, cache = self.model, self.cache
@@ -225,16 +266,22 @@ class SpeculativeDecoder:
         n = {i: len(self.seq[i]) - 1 for i in reqs}                                  # target cache lengths
         drafts, dprobs = self._draft(reqs, cap, n)
         # ---- verify: one target step over [seq[n], d_1..d_k_i] per request -----------------------
-        st, h = m.run(cache, {i: [self.seq[i][-1]] + drafts[i] for i in reqs})
-        lg = m.logits(h)                                                             # [sum(k_i + 1), V]
-        start = dict(zip(st.reqs, st.meta.cu_host))
+        out = self._verify_graph(reqs, cap, drafts)
+        if out is not None:                 # every request verified k+1 tokens (the last ones padding)
+            h, lg = out
+            arguments.finite_logits(lg, m.ops)
+            start = {i: b * (self.k + 1) for b, i in enumerate(reqs)}
+        else:
+            st, h = m.run(cache, {i: [self.seq[i][-1]] + drafts[i] for i in reqs})
+            lg = m.logits(h)                                                         # [sum(k_i + 1), V]
+            start = dict(zip(st.reqs, st.meta.cu_host))
         by_k: dict[int, list[int]] = {}
         for i in reqs:
             by_k.setdefault(len(drafts[i]), []).append(i)
         verdict: dict[int, tuple[int, list[int]]] = {}
         for k in sorted(by_k, reverse=True):
             group = by_k[k]
-            if len(group) == len(reqs):                                              # the usual case: no copy
+            if len(group) == len(reqs) and lg.shape[0] == len(reqs) * (k + 1):       # the usual case: no copy
                 tgt = lg.view(len(reqs), k + 1, -1)
             else:
                 rows = torch.tensor([start[i] + r for i in group for r in range(k + 1)], device=lg.device)
@@ -277,7 +324,7 @@ def generate_speculative(model, prompts, *, max_new_tokens: int, k: int, tempera
                          top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True,
                          prefill_chunk: int | None = None, cache_tokens: int | None = None,
                          adaptive: bool = False, draft_threshold: float | None = None,
-                         draft_filter: DraftFilter | None = None, return_decoder: bool = False):
+                         draft_filter: DraftFilter | None = None, return_decoder: bool = False, graph="auto"):
     """`GLM52.generate(..., speculative=k)`: same arguments and result as plain generation.
     `adaptive=True` stops a request's drafting early when the MTP layer is unsure (module
     docstring; `draft_threshold`, default `DEFAULT_DRAFT_THRESHOLD`). Stats add `speculative` (k),
@@ -293,7 +340,7 @@ def generate_speculative(model, prompts, *, max_new_tokens: int, k: int, tempera
     C = model.cfg.max_position_embeddings
     need = cache_tokens or sum(2 * (min(len(p) + n + k, C) + model.block_size) for p, n in zip(prompts, budget))
     dec = SpeculativeDecoder(model, k, temperature=temperature, top_p=top_p, seed=seed, cache_tokens=need,
-                             draft_filter=draft_filter, draft_threshold=threshold)
+                             draft_filter=draft_filter, draft_threshold=threshold, graph=graph, batch=len(prompts))
     res = run_generation(model, dec, prompts, max_new_tokens=max_new_tokens, stop_at_eos=stop_at_eos,
                          prefill_chunk=prefill_chunk,
                          extra_stats={"speculative": k, "adaptive": adaptive, "draft_threshold": threshold})

@@ -1161,6 +1161,45 @@ def test_model_step_sorts_no_indices_and_shares_them(tmp_path, monkeypatch):
         assert sorts(mode) == [], sorts(mode)
 
 
+def test_graph_capture_stand_in_records_the_npu_ops_and_replays_them(emulate, tmp_path):
+    """The NPU-graph stand-in ("trace"): the emulated torch_npu ops are device kernels (their reads of
+    their inputs are the device's), so a decode step with every hot op native is captured, one
+    glm52::<op>.ascend_emulated node per op call, and its replays (plain and MTP speculative, k = 2)
+    give eager's greedy tokens. A host read in the backend's own code around the ops still refuses."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from glm52_backends.engine.graph import GraphUnavailable, StaticDecode
+    from glm52_backends.engine.host_reads import HostReads
+    GLM52 = _glm52()
+    path = make_tiny_checkpoint(tmp_path / "graph", layers=2, seed=4, index_topk=8, kv_lora_rank=512,
+                                qk_rope_head_dim=64, index_head_dim=128, mtp=True)
+    bs = get_backend("ascend").capabilities.get("default_block_size")
+    m = GLM52(path, backend="ascend", progress=False, block_size=bs)
+    prompts = _prompts(m.cfg.vocab_size)
+    for kw in (dict(), dict(speculative=2)):
+        eager = m.generate(prompts, max_new_tokens=6, stop_at_eos=False, graph=False, **kw)
+        graph = m.generate(prompts, max_new_tokens=6, stop_at_eos=False, graph="trace", **kw)
+        assert graph.tokens == eager.tokens and graph.stats["graph_buckets"] == [4], kw
+        assert not graph.stats["eager_buckets"]
+        assert all(graph.stats["ops"][op] == "native" for op in ("indexer_topk", "sparse_mla", "moe_experts", "rope"))
+    cache = m.new_cache(4 * bs)
+    m.extend(cache, {0: prompts[0], 1: prompts[1]})
+    sd = StaticDecode(m, cache, 2, "trace", strict=True)
+    with HostReads(forbid=True):
+        gm = make_fx(lambda *b: sd._forward(2, *b), tracing_mode="real")(*sd._inputs())
+    nodes = [str(n.target) for n in gm.graph.nodes if str(n.target).startswith("glm52.")]
+    assert nodes.count("glm52.sparse_mla.ascend_emulated") == 2 and "glm52.indexer_topk.ascend_emulated" in nodes
+    orig = m.ops.backend.sparse_mla
+
+    def reads_host(*a, **k):                     # backend glue (not a device kernel) reading a length
+        int(a[5][0])
+        return orig(*a, **k)
+    m.ops.backend.sparse_mla = reads_host
+    m.decode_graphs = None
+    with pytest.raises(GraphUnavailable, match="reads tensor values on the host"):
+        m.generate(prompts, max_new_tokens=3, graph="trace")
+
+
 def test_tiny_model_bfloat16_documented_dtypes_all_native(tmp_path):
     """bfloat16 through the emulator restricted to the documented dtypes: every hot op native,
     greedy tokens equal to cpu_ref's in bfloat16, logits within the bfloat16 row (1.6e-2)."""

@@ -34,7 +34,11 @@ In this class the instance is called `emu`: torch_npu itself names some tensor a
 
 from __future__ import annotations
 
+import functools
+
 import torch
+
+from glm52_backends.ops.protocol import device_kernel
 
 from .versions import EMULATED_CANN, line_for, parse_cann
 
@@ -193,6 +197,21 @@ def _gmm_groups(op: str, x, weight, group_list, split_item: int, group_list_type
     return ws, list(zip([0] + ends[:-1], ends))
 
 
+def _kernels(cls):
+    """Each `npu_*` op runs as a device kernel (`device_kernel`): the values it reads from its inputs
+    are read on the NPU by the real op, so graph capture (engine/graph.py, the "trace" stand-in of an
+    NPU graph) records the op and replays it on the buffers' current values, while a host read in the
+    backend's own code around the ops still refuses the capture, as on the device."""
+    for name, fn in list(vars(cls).items()):
+        if name.startswith("npu_") and callable(fn):
+            def kernel(*a, _fn=fn, **k):
+                with device_kernel():
+                    return _fn(*a, **k)
+            setattr(cls, name, functools.wraps(fn)(kernel))
+    return cls
+
+
+@_kernels
 class NpuEmulator:
     """The torch_npu ops used by the Ascend backend, on the CPU, as documented for the release line
     of `cann` (a CANN version string; versions.py). `allow_float32` lets the ops documented for

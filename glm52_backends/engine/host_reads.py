@@ -6,7 +6,9 @@ A read is `t.item()`, `bool(t)`, `int(t)`, `float(t)` (aten `_local_scalar_dense
 on an accelerator each one stalls the host until the device catches up, and inside a captured graph
 each one is an error (CUDA) or a value silently baked into the graph. `HostReads()` counts them in a
 block; `HostReads(forbid=True)` raises `HostReadInCapture` at the first one, which is how a graph
-capture (engine/graph.py) refuses a step that reads the host, as the device would.
+capture (engine/graph.py) refuses a step that reads the host, as the device would. Reads inside an
+emulated device kernel (`ops.protocol.device_kernel`: the torch_npu emulator's ops) are the device's
+own and are not counted; the backend code around them is.
 
     with HostReads() as reads:
         decoder.step(reqs)
@@ -17,6 +19,8 @@ from __future__ import annotations
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from ..ops.protocol import in_device_kernel
 
 _aten = torch.ops.aten
 # aten ops that read values back to the host (item / bool / int / float) or size their output by them
@@ -42,6 +46,8 @@ class HostReads(TorchDispatchMode):
         self._inside = 0            # > 0 inside a patched method: its own aten call is not a second read
 
     def _hit(self, name: str) -> None:
+        if in_device_kernel():      # an emulated device kernel reading its inputs: on the device, not a host read
+            return
         self.count += 1
         self.where.append(name)
         if self.forbid:

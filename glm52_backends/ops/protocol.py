@@ -16,10 +16,31 @@ An op the backend lacks, or an input it declines by raising `OpUnsupported`, run
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping, Protocol, runtime_checkable
+from typing import Any, Iterator, Mapping, Protocol, runtime_checkable
 
 import torch
+
+
+_KERNEL = threading.local()
+
+
+@contextmanager
+def device_kernel() -> Iterator[None]:
+    """Marks the body of a device kernel emulated on the CPU (the Ascend backend's torch_npu emulator):
+    the values it reads are read on the device by the real kernel, so the host-read counter and the
+    graph capture guard (engine/host_reads.py) do not count them. Never for a backend's host code."""
+    _KERNEL.depth = getattr(_KERNEL, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _KERNEL.depth -= 1
+
+
+def in_device_kernel() -> bool:
+    return getattr(_KERNEL, "depth", 0) > 0
 
 
 class OpUnsupported(Exception):

@@ -360,7 +360,8 @@ class BoundBackend:
         if self._library is None:
             from .ops import library
             self._library = library.register(self, self.native_ops,
-                                             opaque=bool(getattr(self.backend, "opaque_ops", True)))
+                                             opaque=bool(getattr(self.backend, "opaque_ops", True)),
+                                             triton=bool(getattr(self.backend, "triton_ops", False)))
         return self._library
 
     def _run(self, op: str, fn: Callable[..., Any], args: tuple, kwargs: dict, native: bool) -> Any:

@@ -52,6 +52,7 @@ class CudaBackend:
     """
 
     priority = 20
+    triton_ops = True     # kernels launched through torch.library.wrap_triton: custom ops via triton_op
 
     def __init__(self, device: torch.device, interpreter: bool, moe_gemm: str = "auto", fp8_gemm: str = "auto"):
         if moe_gemm not in ("auto", "grouped_mm", "triton"):

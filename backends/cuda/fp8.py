@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from .common import FP8_GROUP, interpreting, pow2
 
@@ -133,7 +134,7 @@ def quantize_act(x: torch.Tensor, ue8m0: bool, *, scales_k_major: bool = False,
     if M == 0 or K == 0:
         return q, s
     groups = min(QUANT_GROUPS, pow2(G))
-    _act_quant_kernel[(M, triton.cdiv(G, groups))](
+    wrap_triton(_act_quant_kernel)[(M, triton.cdiv(G, groups))](
         x, q, s, K, x.stride(0), x.stride(1), q.stride(0), s.stride(0), s.stride(1),
         UE8M0=ue8m0, GROUP=group, GROUPS=groups, num_warps=4)
     return q, s

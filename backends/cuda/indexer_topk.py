@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from .common import CudaStepData, check_float, check_shape, dot_in_f32, need, pow2, step_data
 
@@ -211,11 +212,11 @@ def indexer_topk(q, w, k_cache, block_table, seq_lens, cu_seqlens_q, topk):
     Lcap = bt.shape[1] * BS
     scores = torch.empty(T, Lcap, dtype=torch.float32, device=device)
     grid = (bound, triton.cdiv(Lcap, BLOCK_N))
-    _scores_kernel[grid](q, w, k_cache, bt, data.seq_lens, data.cu_seqlens_q, tile_req, tile_start, scores,
+    wrap_triton(_scores_kernel)[grid](q, w, k_cache, bt, data.seq_lens, data.cu_seqlens_q, tile_req, tile_start, scores,
                          Hi, Di, BS, Lcap,
                          q.stride(0), q.stride(1), q.stride(2), w.stride(0), w.stride(1),
                          k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), bt.stride(0),
                          BLOCK_M=BLOCK_M, HI_P=HI_P, DI_P=DI_P, BLOCK_N=BLOCK_N,
                          DOT_F32=dot_in_f32(q.dtype), num_warps=4)
-    _select_kernel[(T,)](scores, data.positions, idx, Lcap, topk, BLOCK=SELECT_BLOCK, num_warps=SELECT_WARPS)
+    wrap_triton(_select_kernel)[(T,)](scores, data.positions, idx, Lcap, topk, BLOCK=SELECT_BLOCK, num_warps=SELECT_WARPS)
     return idx

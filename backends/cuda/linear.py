@@ -38,6 +38,7 @@ import warnings
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from glm52_backends.ops import OpUnsupported
 
@@ -94,7 +95,7 @@ def fp8_gemm_triton(q: torch.Tensor, s: torch.Tensor, w, out_dtype: torch.dtype,
     if M == 0:
         return y
     bm, bn, warps, stages = _tiles(M, dot)
-    _fp8_gemm_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
+    wrap_triton(_fp8_gemm_kernel)[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
         q, s, w.data, w.scales, y, M, N, K, q.stride(0), s.stride(0), s.stride(1),
         w.data.stride(0), w.data.stride(1), w.scales.stride(0), w.scales.stride(1), y.stride(0), w.block[0],
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=FP8_GROUP, DOT=dot, num_warps=warps, num_stages=stages)

@@ -43,6 +43,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from glm52_backends.weights import Weight
 
@@ -306,24 +307,24 @@ def moe_experts(x, w13, w2, topk_ids, topk_weights, *, gemm: str = "auto"):
     if _use_grouped_mm(gemm, x):
         h = torch._grouped_mm(x[tok.long()], w13.transpose(1, 2), offs=ends)         # [N, 2I]
         act = torch.empty(N, I, dtype=x.dtype, device=x.device)
-        _silu_mul_kernel[(N, triton.cdiv(I, SILU_BLOCK))](h, act, N, I, BLOCK=SILU_BLOCK, num_warps=4)
+        wrap_triton(_silu_mul_kernel)[(N, triton.cdiv(I, SILU_BLOCK))](h, act, N, I, BLOCK=SILU_BLOCK, num_warps=4)
         ys = torch._grouped_mm(act, w2.transpose(1, 2), offs=ends)                   # [N, Hd]
         has_w = True
     else:
         blk_e, r0, r1, bound = _m_blocks(counts, ends, N, E)
         act = torch.empty(N, I, dtype=x.dtype, device=x.device)
         dot32 = dot_in_f32(x.dtype)
-        _gemm1_kernel[(bound, triton.cdiv(I, BLOCK_N))](
+        wrap_triton(_gemm1_kernel)[(bound, triton.cdiv(I, BLOCK_N))](
             x, w13, tok, blk_e, r0, r1, act, Hd, I, x.stride(0), x.stride(1),
             w13.stride(0), w13.stride(1), w13.stride(2),
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, DOT_F32=dot32, num_warps=4)
         rw = wflat[order]                                                            # weight of each sorted row
         ys = torch.empty(N, Hd, dtype=x.dtype, device=x.device)
-        _gemm2_kernel[(bound, triton.cdiv(Hd, BLOCK_N))](
+        wrap_triton(_gemm2_kernel)[(bound, triton.cdiv(Hd, BLOCK_N))](
             act, w2, rw, blk_e, r0, r1, ys, Hd, I, w2.stride(0), w2.stride(1), w2.stride(2),
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, DOT_F32=dot32, num_warps=4)
         has_w = False
-    _combine_kernel[(T, triton.cdiv(Hd, COMBINE_BLOCK))](ys, inv, ids_flat, wflat, y, Hd, K,
+    wrap_triton(_combine_kernel)[(T, triton.cdiv(Hd, COMBINE_BLOCK))](ys, inv, ids_flat, wflat, y, Hd, K,
                                                          HAS_W=has_w, BLOCK=COMBINE_BLOCK, num_warps=4)
     return y
 
@@ -379,15 +380,15 @@ def _moe_fp8(x, w13, w2, topk_ids, topk_weights, gemm: str):
     aq = torch.empty(N, I, dtype=torch.float8_e4m3fn, device=x.device)
     as_ = torch.empty(N, G2, dtype=torch.float32, device=x.device)
     ws, ws2 = w13.scales, w2.scales
-    _fp8_gemm1_kernel[(bound, G2)](
+    wrap_triton(_fp8_gemm1_kernel)[(bound, G2)](
         xq, xs, w13.data, ws, tok, blk_e, r0, r1, aq, as_, Hd, I, G2, xq.stride(0), xs.stride(0),
         *w13.data.stride(), *ws.stride(), w13.block[0],
         H_DTYPE=TL_DTYPE[x.dtype], UE8M0=w2.recipe.endswith("ue8m0"), BLOCK_M=bm, BLOCK_N=FP8_GROUP,
         BLOCK_K=FP8_GROUP, DOT=dot, num_warps=8 if bm > 16 else 4, num_stages=3)
     ys = torch.empty(N, Hd, dtype=torch.float32, device=x.device)
-    _fp8_gemm2_kernel[(bound, triton.cdiv(Hd, FP8_BLOCK_N))](
+    wrap_triton(_fp8_gemm2_kernel)[(bound, triton.cdiv(Hd, FP8_BLOCK_N))](
         aq, as_, w2.data, ws2, rw, blk_e, r0, r1, ys, Hd, I, G2, *w2.data.stride(), *ws2.stride(), w2.block[0],
         BLOCK_M=bm, BLOCK_N=FP8_BLOCK_N, BLOCK_K=FP8_GROUP, DOT=dot, num_warps=8 if bm > 16 else 4, num_stages=3)
-    _combine_kernel[(T, triton.cdiv(Hd, COMBINE_BLOCK))](ys, inv, topk_ids.reshape(-1).contiguous(), wflat, y, Hd,
+    wrap_triton(_combine_kernel)[(T, triton.cdiv(Hd, COMBINE_BLOCK))](ys, inv, topk_ids.reshape(-1).contiguous(), wflat, y, Hd,
                                                          K, HAS_W=False, BLOCK=COMBINE_BLOCK, num_warps=4)
     return y

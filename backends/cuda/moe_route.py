@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from .common import FLOATS, check_shape, need, pow2
 
@@ -77,7 +78,7 @@ def moe_route(router_logits, correction_bias, top_k, n_group=1, topk_group=1, no
     if T == 0:
         return ids, wts
     bias = correction_bias.float().contiguous()
-    _route_kernel[(T,)](router_logits, bias, ids, wts, E, router_logits.stride(0), router_logits.stride(1),
+    wrap_triton(_route_kernel)[(T,)](router_logits, bias, ids, wts, E, router_logits.stride(0), router_logits.stride(1),
                         float(routed_scaling_factor), E_P=pow2(E), G=G, EG=pow2(E) // G,
                         TOPK_GROUP=topk_group if G > 1 else 1, K=top_k, K_P=pow2(top_k),
                         NORM=bool(norm_topk_prob), num_warps=4)

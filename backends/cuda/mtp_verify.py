@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from .common import check_float, check_shape, need
 
@@ -187,13 +188,13 @@ def mtp_verify(draft, target_logits, draft_probs=None, temperature=0.0, top_p=1.
     am = torch.empty(rows, n_split, dtype=torch.int32, device=device)
     sm = torch.empty(rows, n_split, dtype=torch.float32, device=device) if sample else mx
     inv_temp = 1.0 / temperature if sample else 1.0
-    _stats_kernel[(rows, n_split)](logits, mx, am, sm, V, n_split, inv_temp,
+    wrap_triton(_stats_kernel)[(rows, n_split)](logits, mx, am, sm, V, n_split, inv_temp,
                                    SPLIT=SPLIT, BLOCK=BLOCK, SAMPLE=sample, num_warps=8)
     dprob = draft_probs.contiguous() if (sample and draft_probs is not None) else logits
     u = uniforms.float().contiguous() if sample else mx
     if k == 0:  # the kernel reads draft[b, 0] unconditionally; give it a row to read
         draft = torch.full((B, 1), -1, dtype=torch.int64, device=device)
-    _verify_kernel[(B,)](logits, draft, dprob, u, mx, am, sm, accepted, tokens, V, k, n_split, inv_temp,
+    wrap_triton(_verify_kernel)[(B,)](logits, draft, dprob, u, mx, am, sm, accepted, tokens, V, k, n_split, inv_temp,
                          draft.stride(0), draft.stride(1), NS_P=triton.next_power_of_2(n_split), BLOCK=BLOCK,
                          SAMPLE=sample, HAS_Q=sample and draft_probs is not None, num_warps=8)
     return accepted, tokens

@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from .common import check_float, check_shape, dot_in_f32, need, pow2, step_data
 
@@ -202,7 +203,7 @@ def sparse_mla(q, c_cache, kpe_cache, idx, block_table, seq_lens, cu_seqlens_q, 
         pl = torch.empty(T, n_splits, H, dtype=torch.float32, device=device)
     warps = 8 if Dl * BLOCK_H >= 8192 else 4    # 8 warps once the f32 accumulator is >= 8192 values
     bt = data.block_table
-    _partial_kernel[(T, n_splits, n_hb)](
+    wrap_triton(_partial_kernel)[(T, n_splits, n_hb)](
         q, c_cache, kpe_cache, idx, bt, data.token_request, data.seq_lens, out, lse_arg, po, pl,
         H, Dl, Dr, BS, topk, chunk, n_splits, float(scale) * LOG2E,
         q.stride(0), q.stride(1), q.stride(2), c_cache.stride(0), c_cache.stride(1), c_cache.stride(2),
@@ -214,7 +215,7 @@ def sparse_mla(q, c_cache, kpe_cache, idx, block_table, seq_lens, cu_seqlens_q, 
         # [16 heads, 128 values] per program: a [32, 512] f32 accumulator on 4 warps (128 registers
         # a thread for it alone) spilled on sm_90; smaller tiles also give decode (T=1) more programs
         CB_H, CB_D = min(BLOCK_H, 16), min(DL_P, 128)
-        _combine_kernel[(T, triton.cdiv(H, CB_H), triton.cdiv(Dl, CB_D))](
+        wrap_triton(_combine_kernel)[(T, triton.cdiv(H, CB_H), triton.cdiv(Dl, CB_D))](
             po, pl, out, lse_arg, H, Dl, n_splits, out.stride(0), out.stride(1), out.stride(2),
             BLOCK_H=CB_H, BLOCK_D=CB_D, WRITE_LSE=bool(return_lse), num_warps=4)
     return (out, lse) if return_lse else out

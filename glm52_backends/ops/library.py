@@ -13,7 +13,9 @@ A backend is registered once per name (`register`): its overload dispatches on t
 argument to the bound backend that made the call (two backends of one name, e.g. two CUDA
 configurations, never share an implementation). A backend whose ops are native kernels
 (Triton, torch_npu, a vendor's) is *opaque*: graph capture and torch.compile record one node per
-op and call the kernel on replay. A backend whose ops are plain torch says `opaque_ops = False`:
+op and call the kernel on replay; one whose ops launch Triton kernels through `wrap_triton` says
+`triton_ops = True` and is defined with `torch.library.triton_op`, which torch.compile traces into.
+A backend whose ops are plain torch says `opaque_ops = False`:
 its overloads are implicit composites, which tracing (make_fx, torch.compile) inlines, so inductor
 can fuse them; eager calls stay one call.
 
@@ -24,10 +26,11 @@ the dispatcher's few microseconds per op (78 layers x ~20 ops per decode step).
 
 from __future__ import annotations
 
+import inspect
 import re
 import threading
 import weakref
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -59,21 +62,39 @@ SCHEMAS: dict[str, tuple[tuple[tuple[str, str], ...], str]] = {
 }
 
 
-def _schema_args(op: str) -> str:
+def _flat_params(op: str) -> list[tuple[str, str, str]]:
+    """The schema's parameters of `op`, flattened: [(name, type, default or "")]."""
     out = []
     for name, kind in SCHEMAS[op][0]:
         kind, _, default = kind.partition("=")
-        if kind == "Weight":
-            out += [f"Tensor {name}", f"Tensor? {name}_scales", f"str {name}_format", f"int[] {name}_block",
-                    f"str[] {name}_aux_names", f"Tensor[] {name}_aux", f"str? {name}_recipe"]
+        if kind == "Weight":      # aux names travel comma-joined (torch's schema inference takes no str[])
+            out += [(name, "Tensor", ""), (f"{name}_scales", "Tensor?", ""), (f"{name}_format", "str", ""),
+                    (f"{name}_block", "int[]", ""), (f"{name}_aux_names", "str", ""), (f"{name}_aux", "Tensor[]", ""),
+                    (f"{name}_recipe", "str?", "")]
         else:
-            out.append(f"{kind} {name}" + (f"={default}" if default else ""))
-    return ", ".join(out + ["*", "int instance=0"])
+            out.append((name, kind, default))
+    return out
 
 
 def schema(op: str) -> str:
-    """The schema string of `op`'s overloads, e.g. 'rms_norm(Tensor x, ...) -> Tensor'."""
-    return f"({_schema_args(op)}) -> {SCHEMAS[op][1]}"
+    """The schema string of `op`'s overloads, e.g. '(Tensor x, ...) -> Tensor'."""
+    args = [f"{t} {n}" + (f"={d}" if d else "") for n, t, d in _flat_params(op)]
+    return f"({', '.join(args + ['*', 'int instance=0'])}) -> {SCHEMAS[op][1]}"
+
+
+_PY_TYPES = {"Tensor": torch.Tensor, "Tensor?": Optional[torch.Tensor], "Tensor[]": list[torch.Tensor],
+             "float": float, "int": int, "bool": bool, "str": str, "str?": Optional[str], "int[]": list[int]}
+
+
+def python_signature(op: str) -> inspect.Signature:
+    """The schema as an annotated Python signature (what `torch.library.triton_op` infers a schema from)."""
+    P = inspect.Parameter
+    params = [P(n, P.POSITIONAL_OR_KEYWORD, annotation=_PY_TYPES[t],
+                **({"default": _default(t, d)} if d else {})) for n, t, d in _flat_params(op)]
+    params.append(P("instance", P.KEYWORD_ONLY, annotation=int, default=0))
+    ret = SCHEMAS[op][1]
+    return inspect.Signature(params, return_annotation=tuple[torch.Tensor, torch.Tensor] if ret.startswith("(")
+                             else torch.Tensor)
 
 
 # ---- the contract's arguments <-> the schema's ---------------------------------------------------
@@ -104,7 +125,7 @@ def flatten(op: str, args: tuple, kwargs: dict) -> list:
         if kind == "Weight":
             w = v if isinstance(v, Weight) else Weight(v)
             names = sorted(w.aux)
-            out += [w.data, w.scales, w.format, list(w.block), names, [w.aux[n] for n in names], w.recipe]
+            out += [w.data, w.scales, w.format, list(w.block), ",".join(names), [w.aux[n] for n in names], w.recipe]
         else:
             out.append(float(v) if kind == "float" else v)
     return out
@@ -120,6 +141,7 @@ def unflatten(op: str, flat: tuple) -> tuple[list, dict]:
         if kind == "Weight":
             data, scales, fmt, block, names, aux, recipe = flat[i:i + 7]
             i += 7
+            names = names.split(",") if names else []
             v: Any = data if fmt == "dense" else Weight(data, scales, fmt, tuple(block), dict(zip(names, aux)),
                                                           recipe)
         else:               # the dispatcher may leave off trailing arguments that equal their defaults
@@ -154,7 +176,10 @@ def from_schema_result(op: str, out: Any, kwargs: dict) -> Any:
 
 def _fresh(out: Any, flat: tuple) -> Any:
     """Outputs that alias an input are copied (a custom op must return new tensors)."""
-    ins = {t.untyped_storage().data_ptr() for t in flat if isinstance(t, torch.Tensor) and t.numel()}
+    try:
+        ins = {t.untyped_storage().data_ptr() for t in flat if isinstance(t, torch.Tensor) and t.numel()}
+    except RuntimeError:          # fake tensors (tracing): no storage to compare
+        return out
 
     def own(t):
         if isinstance(t, torch.Tensor) and t.numel() and t.untyped_storage().data_ptr() in ins:
@@ -212,14 +237,16 @@ def _library() -> torch.library.Library:
     return _LIB
 
 
-def _define(op: str, overload: str, target: Callable[[], Callable[..., Any]] | None, *, opaque: bool) -> None:
+def _define(op: str, overload: str, target: Callable[[], Callable[..., Any]] | None, *, opaque: bool,
+            triton: bool = False) -> None:
     """Define `glm52::op.overload`; `target()` gives the function to call (None: the calling instance's)."""
     key = f"{op}.{overload}"
     if key in _DEFINED:
         return
     lib = _LIB
     name = op if overload == "default" else key
-    lib.define(name + schema(op))
+    if not triton:
+        lib.define(name + schema(op))
 
     def impl(*flat, instance=0):
         fn = target() if target is not None else _INSTANCES[instance].native_fn(op)
@@ -227,7 +254,16 @@ def _define(op: str, overload: str, target: Callable[[], Callable[..., Any]] | N
         out = _as_schema_result(op, fn(*args, **kwargs), kwargs, flat[0])
         return _fresh(out, flat) if opaque else out
 
-    if opaque:
+    if triton:            # Triton kernels launched through wrap_triton: inductor traces into the op
+        sig = python_signature(op)
+
+        def traced(*a, **kw):
+            bound = sig.bind(*a, **kw)
+            bound.apply_defaults()              # the dispatcher may leave off arguments equal to their defaults
+            return impl(*bound.args, instance=bound.kwargs.get("instance", 0))
+        traced.__signature__ = sig
+        torch.library.triton_op(f"{NAMESPACE}::{name}", traced, mutates_args=())
+    elif opaque:
         lib.impl(name, impl, "CompositeExplicitAutograd")
         torch.library.register_fake(f"{NAMESPACE}::{name}", _fake(op), lib=lib)
     else:
@@ -241,14 +277,16 @@ def overload_name(backend_name: str) -> str:
     return "b_" + name if name[0].isdigit() or name == "default" else name
 
 
-def register(bound: Any, ops: tuple[str, ...], *, opaque: bool) -> tuple[str, int]:
+def register(bound: Any, ops: tuple[str, ...], *, opaque: bool, triton: bool = False) -> tuple[str, int]:
     """Define the overloads of `bound`'s native ops (once per backend name) and enrol `bound` as an
-    instance they dispatch to: (overload name, instance handle). `bound.native_fn(op)` is called."""
+    instance they dispatch to: (overload name, instance handle). `bound.native_fn(op)` is called.
+    `triton`: the ops launch Triton kernels through `torch.library.wrap_triton`; they are defined with
+    `torch.library.triton_op`, so torch.compile sees their kernels (their fake kernels are traced)."""
     overload = overload_name(bound.name) + ("" if opaque else "_inline")
     with _LOCK:
         _library()
         for op in ops:
-            _define(op, overload, None, opaque=opaque)
+            _define(op, overload, None, opaque=opaque, triton=triton)
         handle = _NEXT[0]
         _NEXT[0] += 1
         _INSTANCES[handle] = bound

@@ -9,6 +9,8 @@
                        *, return_lse=False): ...
         opaque_ops = True                  # optional: False = its ops are plain torch, which graph
                                            # capture may trace through (ops/library.py)
+        triton_ops = False                 # optional: True = its ops launch Triton kernels through
+                                           # torch.library.wrap_triton (defined with triton_op)
         comm = None                        # optional: Collectives overriding ops/comm.py's
 
 An op the backend lacks, or an input it declines by raising `OpUnsupported`, runs the reference.

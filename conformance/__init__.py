@@ -6,9 +6,11 @@
 
 `cases.py` is the catalogue, `tolerances.py` the one tolerance table, `judges.py` how outputs are
 judged, `runner.py` runs them, `report.py` prints them; `glm52 conformance` is the command line.
+`e2e.py` runs the whole model end to end (`run_e2e`, `glm52 conformance --e2e`).
 """
 
+from .e2e import E2EReport, run_e2e
 from .report import CaseResult, Report
 from .runner import run
 
-__all__ = ["run", "Report", "CaseResult"]
+__all__ = ["run", "run_e2e", "Report", "E2EReport", "CaseResult"]

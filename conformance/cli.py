@@ -1,4 +1,7 @@
-"""`glm52 conformance --backend NAME|all [--quick] [--json PATH] [--markdown PATH]`.
+"""`glm52 conformance --backend NAME|all [--quick] [--e2e] [--json PATH] [--markdown PATH]`.
+
+`--e2e` runs the end-to-end rows (conformance/e2e.py: the whole trained default model against the
+float64 reference per weight format, cache format, mode and dtype) instead of the op cases.
 
 Exit status: 0 every case passed; 1 a case failed, or a backend ran none of its cases natively
 (everything fell back to the reference, so nothing of it was checked); 2 bad input (an unknown
@@ -58,6 +61,10 @@ def conformance_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-model", action="store_true", help="skip the model-level case")
     ap.add_argument("--json", metavar="PATH", type=_writable, help="write the report(s) as JSON")
     ap.add_argument("--markdown", metavar="PATH", type=_writable, help="write the report(s) as a markdown table")
+    ap.add_argument("--e2e", action="store_true",
+                    help="end to end instead: the whole trained default model per weight format, cache format, "
+                         "mode (greedy, chunked, speculative, adaptive, sampled, graph) and dtype against the float64 "
+                         "reference: logits, top-1, greedy divergence, MTP acceptance, degenerate output")
     ap.add_argument("-v", "--verbose", action="store_true", help="print each case as it finishes")
     args = ap.parse_args(argv)
 
@@ -75,8 +82,24 @@ def conformance_main(argv: list[str] | None = None) -> int:
     dtypes = args.dtype or None
     if args.no_model and args.op == ["model"]:
         ap.error("--op model with --no-model selects no case")
+    if args.e2e and (args.op or args.dtype or args.no_model):
+        ap.error("--e2e runs the whole model: --op, --dtype and --no-model do not apply")
     reports, ok = [], True
     for name in names:
+        if args.e2e:
+            from .e2e import run_e2e
+            try:
+                rep = run_e2e(name, quick=args.quick, progress=args.verbose)
+            except BackendUnavailable as e:
+                print(f"glm52 conformance: {e}", file=sys.stderr)
+                return 2
+            reports.append(rep)
+            if not args.verbose:
+                for r in rep.failures:
+                    print(r.line())
+            print(rep.summary())
+            ok = ok and rep.passed
+            continue
         try:
             rep = run(name, quick=args.quick, dtypes=dtypes, ops=args.op, model=not args.no_model,
                       progress=args.verbose)

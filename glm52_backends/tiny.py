@@ -172,8 +172,8 @@ def static_input_params(lo: float, hi: float) -> tuple[float, float]:
     return scale, float(offset if offset != 0 else 1)
 
 
-def ascendv1_tensors(cfg: ModelConfig, quant: str, *, seed: int,
-                     include_mtp: bool | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def ascendv1_tensors(cfg: ModelConfig, quant: str, *, seed: int, include_mtp: bool | None = None,
+                     raw: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """An msModelSlim AscendV1 checkpoint of the tiny random model: (tensors, quant_model_description).
 
     The GLM-5 mixed recipe (`loader.recipe_format`): attention projections W8A8 (static, calibrated
@@ -181,10 +181,12 @@ def ascendv1_tensors(cfg: ModelConfig, quant: str, *, seed: int,
     routed experts W4A8_DYNAMIC), kv_b_proj, indexer wk / weights_proj, router and the rest FLOAT (BF16;
     router bias F32). Weights are quantized from the BF16 values with `weights.quantize_weight`
     (symmetric per channel, offset 0). msModelSlim's recipe also applies QuaRot rotation and smoothing
-    before quantizing; that is NOT done here (these weights are random: nothing to rotate for)."""
+    before quantizing; that is NOT done here (these weights are random: nothing to rotate for).
+    `raw`: the float checkpoint tensors to quantize instead (e.g. a trained model's)."""
     if quant not in ("w8a8", "w4a8"):
         raise ValueError(f"ascendv1_tensors: quant must be 'w8a8' or 'w4a8', got {quant!r}")
-    raw = tiny_tensors(cfg, fp8=False, seed=seed, include_mtp=include_mtp)
+    if raw is None:
+        raw = tiny_tensors(cfg, fp8=False, seed=seed, include_mtp=include_mtp)
     fmts = {n: recipe_format(n, quant) for n in raw}
     static = [n for n, f in fmts.items() if f == "w8a8_static"]
     params = {n: static_input_params(*r) for n, r in

@@ -8,8 +8,8 @@ backend and, on the same prompts, on cpu_ref in float64 with the same weight and
 (quantized at load from the default's float weights, or, for `w8a8-static`, an msModelSlim folder
 of the default with calibrated static attention), and judges each row (`ROWS`):
 
-  logits      teacher-forced on the reference's own greedy sequences: max|out - ref| / max|ref| over
-              every position, within `E2E_GROWTH` x the op-level bound of the row's dtype and format
+  logits      teacher-forced on the reference's own greedy sequences: max|out - ref| / max|ref| per
+              position, its 99th percentile within `GROWTH` x the op-level bound of the row's dtype, weight format and cache format
               (tolerances.py), and the fraction of positions whose top-1 token agrees;
   greedy      the row's mode's tokens against the reference's plain greedy tokens: the first
               divergence is allowed only at a near-tie of the reference (the margin between its token
@@ -42,9 +42,24 @@ import torch
 from glm52_backends.backends.cpu_ref import CpuRefBackend
 from glm52_backends.registry import BoundBackend, get_backend
 
-from .tolerances import format_tolerance, tolerance
+from .tolerances import format_tolerance, parse_dtype, tolerance
 
-PROMPTS = ("def __init__(self, ", "import os\nimport sys\n\n", "class Parser:\n    def ", "    for i in range(")
+# Python source (what the default model was trained on), long enough that prompt + new tokens pass the
+# indexer's top-k (64): the sparse selection, IndexShare and the index cache matter in every row
+PROMPTS = (
+    "import os\nimport sys\n\n\ndef main(argv=None):\n    \"\"\"Parse the command line and run.\"\"\"\n"
+    "    if argv is None:\n        argv = sys.argv[1:]\n    for name in argv:\n        path = os.path.join(os.getcwd(), name)\n"
+    "        if not os.path.exists(path):\n            print('missing:', path)\n            continue\n",
+    "class Parser:\n    \"\"\"A small parser for key = value lines.\"\"\"\n\n    def __init__(self, text, strict=False):\n"
+    "        self.text = text\n        self.strict = strict\n        self.items = {}\n\n    def parse(self):\n"
+    "        for lineno, line in enumerate(self.text.splitlines(), 1):\n            line = line.strip()\n",
+    "def _read(fp, size=-1):\n    data = fp.read(size)\n    if not isinstance(data, bytes):\n"
+    "        raise TypeError('expected bytes, got %s' % type(data).__name__)\n    return data\n\n\n"
+    "def copy(src, dst, length=16 * 1024):\n    while True:\n        buf = _read(src, length)\n",
+    "    def __repr__(self):\n        return '%s(%r, %r)' % (self.__class__.__name__, self.name, self.value)\n\n"
+    "    def __eq__(self, other):\n        if not isinstance(other, Item):\n            return NotImplemented\n"
+    "        return self.name == other.name and self.value == other.value\n",
+)
 NEW_TOKENS = 24
 # what a dense weight name means in each row's weights column: the format the model's linears run in
 WEIGHT_FORMATS = {"none": None, "fp8": "fp8_block", "w8a8": "w8a8_dynamic", "w8a8-static": "w8a8_static",
@@ -52,17 +67,26 @@ WEIGHT_FORMATS = {"none": None, "fp8": "fp8_block", "w8a8": "w8a8_dynamic", "w8a
 MODES = ("greedy", "chunked", "spec1", "spec2", "spec3", "adaptive", "sampled", "graph")
 
 # thresholds, each with its reason (the e2e rows of the tolerance table)
-E2E_GROWTH = 8.0
-E2E_GROWTH_WHY = ("4 layers + the final norm and head chain ~60 ops; an honest backend's errors are far below "
-                  "its op bound and partly cancel (measured: float32 backends 1e-6..1e-5 of max|logit|), "
-                  "while a backend erring near the op bound in every op compounds past 8x")
+GROWTH = {"float32": 2.0, "coarse": 8.0, "quantized": 16.0, "cache": 4.0}
+GROWTH_WHY = ("float32: 2x the op bound (honest float32 backends land 1e-6..1e-5 of max|logit|, ~0.03x the op bound; a "
+              "backend erring near its op bound in every op compounds past 2x); float16/bfloat16: 8x (the model's "
+              "activations are rounded to the dtype between ops, ~60 ops); quantized weights or caches: 16x the "
+              "format's one-code-step bound (an activation or cache code moves by one step wherever the float32 value "
+              "sits at a rounding boundary the float64 one does not, in every quantized op of every layer); a quantized "
+              "cache alone: 4x its format's bound (a row is quantized once and read by one op per layer, 4 layers; "
+              "honest: int8 1e-5, fp8 1e-4 of max|logit|)")
+LOGITS_QUANTILE = 0.99
+LOGITS_QUANTILE_WHY = ("per position max|out - ref| / max|ref|, judged at its 99th percentile: under quantized "
+                       "activations a code that moves by one step changes the next layers' inputs, so a few positions "
+                       "err far more than the rest (float32 cpu_ref itself, w8a8: median 4e-7, p99 4.5e-3, max 5.8e-2); "
+                       "a wrong backend errs at most positions. The max is reported")
 TOP1_MIN = {"float32": 0.99, "other": 0.90}
 TOP1_WHY = ("float32: a flip needs a near-tie (< 1 % of positions); coarser dtypes move logits by ~1e-2 "
             "and flip up to a few % of the positions")
 TIE_FLOOR = 1e-4
 TIE_WHY = ("a divergence is a near-tie when the reference's margin between its token and ours is at most "
-           "2x our measured logits error at that position (both logits move by at most that), or 1e-4 of "
-           "the row's largest logit")
+           "2x our measured logits error at that position (both logits move by at most that; the error counted "
+           "at most up to the row's logits bound), or 1e-4 of the row's largest logit")
 ACCEPTANCE_RATIO = 0.9
 ACCEPTANCE_WHY = ("a draft flips only at an MTP near-tie (rare: acceptance equal in every honest run here); a "
                   "broken MTP path (wrong hidden, wrong cache) drops the acceptance length toward 1.0")
@@ -70,7 +94,9 @@ SAMPLED_NATS = 0.5
 SAMPLED_WHY = ("same seed and temperature: an honest backend's samples are the reference's or near them; "
                "0.5 nat per token below the reference's own mean log-probability is a different distribution")
 
-THRESHOLDS = [("logits", f"<= {E2E_GROWTH:g} x the op bound of the dtype / format", E2E_GROWTH_WHY),
+THRESHOLDS = [("logits", "p99 over positions <= 2x (float32), 8x (float16/bfloat16), 16x (quantized weights), "
+                          "4x (quantized cache) the op bound of the dtype / format", GROWTH_WHY),
+              ("logits quantile", "99th percentile of the per-position error", LOGITS_QUANTILE_WHY),
               ("top-1", f">= {TOP1_MIN['float32']:.2f} (float32), >= {TOP1_MIN['other']:.2f} (coarser)", TOP1_WHY),
               ("greedy", "equal, or first divergence at a near-tie", TIE_WHY),
               ("acceptance", f">= {ACCEPTANCE_RATIO:.1f} x the reference's", ACCEPTANCE_WHY),
@@ -83,7 +109,7 @@ class Row:
     weights: str = "none"      # WEIGHT_FORMATS key
     cache: str = "auto"        # kv_cache_dtype: "auto" (the model dtype), "fp8", "int8"
     mode: str = "greedy"       # MODES
-    dtype: str = "float32"     # the model dtype on the backend ("native": the backend's default dtype)
+    dtype: str = "float32"     # the model dtype on the backend ("native": its own 16-bit dtype, _half_dtype)
 
     @property
     def name(self) -> str:
@@ -113,7 +139,8 @@ class E2EResult:
     dtype: str
     passed: bool = False
     skipped: str = ""                  # why the row did not run here (e.g. no graph capture on this backend)
-    logits_rel: float = float("nan")
+    logits_rel: float = float("nan")     # the LOGITS_QUANTILE of the per-position error (judged)
+    logits_max: float = float("nan")     # the largest per-position error (reported)
     logits_bound: float = float("nan")
     top1: float = float("nan")
     greedy: str = "-"                  # "equal", "near-tie at r/p", "DIVERGES at r/p", "reported"
@@ -133,7 +160,8 @@ class E2EResult:
     def line(self) -> str:
         status = "SKIP" if self.skipped else "PASS" if self.passed else "FAIL"
         acc = "" if self.acceptance is None else f" accept {self.acceptance:.2f} (ref {self.ref_acceptance:.2f})"
-        return (f"{status} {self.name:<32} logits {_num(self.logits_rel)} (<= {_num(self.logits_bound)}) "
+        return (f"{status} {self.name:<32} logits p99 {_num(self.logits_rel)} (<= {_num(self.logits_bound)}) "
+                f"max {_num(self.logits_max)} "
                 f"top1 {_num(self.top1, '.3f')} greedy {self.greedy}{acc} {self.seconds:5.1f} s  "
                 f"{self.skipped or self.detail}").rstrip()
 
@@ -146,7 +174,7 @@ def _num(x, fmt: str = ".1e") -> str:
 class E2EReport:
     backend: str
     device: str
-    quick: bool
+    scale: str                          # "quick" | "full" | "selected" (run_e2e(select=...))
     results: list[E2EResult] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -162,14 +190,14 @@ class E2EReport:
     def summary(self) -> str:
         ran = [r for r in self.results if not r.skipped]
         skipped = len(self.results) - len(ran)
-        return (f"e2e conformance {self.backend} ({'quick' if self.quick else 'full'}, {self.device}): "
+        return (f"e2e conformance {self.backend} ({self.scale}, {self.device}): "
                 f"{len(ran) - len(self.failures)} passed, {len(self.failures)} failed of {len(ran)} rows"
                 f"{f', {skipped} skipped' if skipped else ''}; {self.seconds:.1f} s")
 
     def to_dict(self) -> dict:
         def clean(v):
             return None if isinstance(v, float) and not math.isfinite(v) else v
-        return {"backend": self.backend, "device": self.device, "quick": self.quick, "passed": self.passed,
+        return {"backend": self.backend, "device": self.device, "scale": self.scale, "passed": self.passed,
                 "seconds": self.seconds, "thresholds": [dict(check=c, bound=b, reason=w) for c, b, w in THRESHOLDS],
                 "results": [{k: clean(v) for k, v in asdict(r).items()} for r in self.results]}
 
@@ -178,17 +206,17 @@ class E2EReport:
 
     def to_markdown(self) -> str:
         lines = [f"# End-to-end conformance: {self.backend}", "", self.summary(), "",
-                 "| weights | cache | mode | dtype | result | logits err (bound) | top-1 | greedy | acceptance (ref) "
-                 "| sampled log p (ref) | path | s |", "|---|---|---|---|---|---|---|---|---|---|---|---:|"]
+                 "| weights | cache | mode | dtype | result | logits err p99 (bound) | max | top-1 | greedy | "
+                 "acceptance (ref) | sampled log p (ref) | path | s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---:|"]
         for r in self.results:
             res = "skip" if r.skipped else "pass" if r.passed else "**FAIL**"
             acc = "-" if r.acceptance is None else f"{r.acceptance:.2f} ({r.ref_acceptance:.2f})"
             smp = "-" if r.sampled_logp is None else f"{r.sampled_logp:.2f} ({r.ref_sampled_logp:.2f})"
             lines.append(f"| {r.weights} | {r.cache} | {r.mode} | {r.dtype} | {res} | {_num(r.logits_rel)} "
-                         f"({_num(r.logits_bound)}) | {_num(r.top1, '.3f')} | {r.greedy} | {acc} | {smp} | {r.path} | "
+                         f"({_num(r.logits_bound)}) | {_num(r.logits_max)} | {_num(r.top1, '.3f')} | {r.greedy} | {acc} | {smp} | {r.path} | "
                          f"{r.seconds:.1f} |")
             if r.skipped or (not r.passed and r.detail):
-                lines[-1] += f"\n| | | | | {(r.skipped or r.detail).replace('|', '/')} | | | | | | | |"
+                lines[-1] += f"\n| | | | | {(r.skipped or r.detail).replace('|', '/')} | | | | | | | | |"
         lines += ["", "| check | bound | reason |", "|---|---|---|"]
         lines += [f"| {c} | {b} | {w} |" for c, b, w in THRESHOLDS]
         return "\n".join(lines) + "\n"
@@ -307,12 +335,27 @@ def _first_divergence(got: list[list[int]], want: list[list[int]]) -> tuple[int,
     return None
 
 
+# a quantized cache's code step, as the format rows of the tolerance table budget it
+CACHE_FORMAT_ROWS = {"fp8": "fp8_block", "int8": "w8a8_dynamic"}
+
+
 def _bound(row: Row, dtype: torch.dtype) -> float:
-    tol = tolerance(dtype).tol
-    fmt = WEIGHT_FORMATS[row.weights]
-    if fmt is not None:
-        tol = max(tol, format_tolerance(fmt).tol)
-    return E2E_GROWTH * tol
+    """The row's logits bound: its dtype's op bound x GROWTH, or its quantized weight / cache format's."""
+    bound = tolerance(dtype).tol * GROWTH["float32" if dtype == torch.float32 else "coarse"]
+    for fmt, growth in ((WEIGHT_FORMATS[row.weights], GROWTH["quantized"]), (CACHE_FORMAT_ROWS.get(row.cache), GROWTH["cache"])):
+        if fmt is not None:
+            bound = max(bound, format_tolerance(fmt).tol * growth)
+    return bound
+
+
+def _half_dtype(caps) -> torch.dtype | None:
+    """The row dtype "native": the backend's own 16-bit dtype (its default when that is one, else
+    bfloat16 or float16 where it runs them)."""
+    default = caps.get("default_dtype")
+    if default in (torch.bfloat16, torch.float16):
+        return default
+    runs = caps.get("dtypes", ())
+    return next((d for d in (torch.bfloat16, torch.float16) if d in runs), None)
 
 
 def _path(ops: dict[str, str]) -> str:
@@ -322,11 +365,11 @@ def _path(ops: dict[str, str]) -> str:
 
 def run_row(bound: BoundBackend, row: Row) -> E2EResult:
     caps = bound.capabilities
-    dtype = torch.float32 if row.dtype == "float32" else (caps.get("default_dtype") or torch.float32)
-    dname = str(dtype).removeprefix("torch.")
-    res = E2EResult(row.weights, row.cache, row.mode, dname if row.dtype == "native" else row.dtype)
-    if row.dtype == "native" and dtype == torch.float32:
-        res.skipped = "the backend's own dtype is float32: the float32 rows cover it"
+    dtype = _half_dtype(caps) if row.dtype == "native" else parse_dtype(row.dtype)
+    dname = str(dtype).removeprefix("torch.") if dtype is not None else "none"
+    res = E2EResult(row.weights, row.cache, row.mode, dname)
+    if dtype is None:
+        res.skipped = "the backend runs neither bfloat16 nor float16"
         return res
     if dtype not in caps.get("dtypes", (torch.float32,)):
         res.skipped = f"the backend does not run {dname}"
@@ -342,14 +385,16 @@ def run_row(bound: BoundBackend, row: Row) -> E2EResult:
             res.degenerate = "NaN/inf logits"
         err = [(a - b).abs() for a, b in zip(got, ref.logits)]
         scale = max(float(b.abs().max()) for b in ref.logits)
-        res.logits_rel = max(float(e.max()) for e in err) / scale
+        per_position = torch.cat([e.amax(-1) for e in err]) / scale
+        res.logits_rel = float(torch.quantile(per_position, LOGITS_QUANTILE))
+        res.logits_max = float(per_position.max())
         res.logits_bound = _bound(row, dtype)
         agree = [(a.argmax(-1) == b.argmax(-1)).double() for a, b in zip(got, ref.logits)]
         res.top1 = float(torch.cat(agree).mean())
         top1_min = TOP1_MIN["float32" if exact else "other"]
         fails = []
         if not res.logits_rel <= res.logits_bound:
-            fails.append(f"logits error {res.logits_rel:.2e} > {res.logits_bound:.2e}")
+            fails.append(f"logits error {res.logits_rel:.2e} (p99 over positions) > {res.logits_bound:.2e}")
         if not res.top1 >= top1_min:
             fails.append(f"top-1 agreement {res.top1:.3f} < {top1_min}")
         # the row's mode
@@ -384,7 +429,8 @@ def run_row(bound: BoundBackend, row: Row) -> E2EResult:
                 want_lg = ref.logits[r][p]
                 ours = toks[r][j] if j < len(toks[r]) else None
                 margin = float(want_lg.max() - want_lg[ours]) if ours is not None else math.inf
-                tie = margin <= max(2 * float(err[r][p].max()), TIE_FLOOR * float(want_lg.abs().max()))
+                ours_err = min(float(err[r][p].max()), res.logits_bound * scale)     # a wrong backend excuses nothing
+                tie = margin <= max(2 * ours_err, TIE_FLOOR * float(want_lg.abs().max()))
                 if tie:
                     res.greedy = f"near-tie at {r}/{j}"
                 elif exact:
@@ -419,7 +465,7 @@ def run_e2e(backend: Any = "cpu_ref", quick: bool = False, *, select: list[Row] 
     `BoundBackend`) against the float64 reference. Returns an `E2EReport`."""
     bound = get_backend(backend)
     device = str(getattr(bound.backend, "device", None) or "cpu")
-    report = E2EReport(bound.name, device, quick)
+    report = E2EReport(bound.name, device, "selected" if select is not None else "quick" if quick else "full")
     t0 = time.perf_counter()
     for row in (select if select is not None else rows(quick)):
         r = run_row(bound, row)

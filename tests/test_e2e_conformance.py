@@ -322,3 +322,14 @@ def test_reordered_honest_backend_passes_op_level_and_end_to_end():
     res = _e2e(ours, [Row(), Row(mode="spec2"), Row(mode="chunked"), Row(cache="int8", mode="spec2"),
                       Row(weights="w8a8", mode="spec2")])
     assert all(r.passed and r.path == "native" for r in res.values()), [r.line() for r in res.values()]
+
+
+def test_torch_backend_passes_the_quick_rows_including_bfloat16_and_graph():
+    """The generic backend on the CPU: every quick row runs (graph mode through the trace stand-in, its
+    own 16-bit dtype as bfloat16) and passes."""
+    rep = e2e.run_e2e("torch", quick=True)
+    assert rep.passed and not [r for r in rep.results if r.skipped], str(rep)
+    by = {r.name: r for r in rep.results}
+    assert by["none/auto/graph/float32"].greedy == "equal"
+    assert by["none/auto/greedy/bfloat16"].passed and by["none/auto/greedy/bfloat16"].logits_rel > 1e-4   # really bf16
+    assert "| none | auto | spec2 | float32 | pass |" in rep.to_markdown()

@@ -166,6 +166,11 @@ class E2EResult:
                 f"{self.skipped or self.detail}").rstrip()
 
 
+def _cell(text: str) -> str:
+    """Text for a markdown table cell: its pipes escaped."""
+    return text.replace("|", "\\|")
+
+
 def _num(x, fmt: str = ".1e") -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
@@ -218,7 +223,7 @@ class E2EReport:
             if r.skipped or (not r.passed and r.detail):
                 lines[-1] += f"\n| | | | | {(r.skipped or r.detail).replace('|', '/')} | | | | | | | | |"
         lines += ["", "| check | bound | reason |", "|---|---|---|"]
-        lines += [f"| {c} | {b} | {w} |" for c, b, w in THRESHOLDS]
+        lines += [f"| {_cell(c)} | {_cell(b)} | {_cell(w)} |" for c, b, w in THRESHOLDS]
         return "\n".join(lines) + "\n"
 
     def __str__(self) -> str:

@@ -796,6 +796,23 @@ def check_custom_ops_equal_direct_calls_and_trace_as_one_node():
     assert nodes[f"glm52.sparse_mla.{ov}"] == 2
 
 
+def check_e2e_conformance_reduced():
+    """e2e conformance on the CUDA backend at a reduced size (the interpreter runs ~2 min per full row):
+    two short prompts, 4 new tokens, the speculative k=2 row: logits, greedy and MTP acceptance against
+    the float64 reference."""
+    from glm52_backends.conformance import e2e
+    saved = e2e.PROMPTS, e2e.NEW_TOKENS
+    e2e.PROMPTS, e2e.NEW_TOKENS = ("def main(argv):\n    for ", "class A:\n    x = "), 4
+    e2e.reference.cache_clear()
+    try:
+        rep = e2e.run_e2e("cuda", select=[e2e.Row(mode="spec2")])
+    finally:
+        e2e.PROMPTS, e2e.NEW_TOKENS = saved
+        e2e.reference.cache_clear()
+    (r,) = rep.results
+    assert rep.passed and r.greedy == "equal" and r.acceptance is not None, r.line()
+
+
 def check_fp8_model_greedy_matches_cpu_ref():
     """A block-FP8 tiny checkpoint (one MoE layer) held as stored: GLM52(backend='cuda') gives the
     same greedy tokens as cpu_ref, with the FP8 linears, shared-expert mlp and experts native."""

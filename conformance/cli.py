@@ -86,23 +86,13 @@ def conformance_main(argv: list[str] | None = None) -> int:
         ap.error("--e2e runs the whole model: --op, --dtype and --no-model do not apply")
     reports, ok = [], True
     for name in names:
-        if args.e2e:
-            from .e2e import run_e2e
-            try:
-                rep = run_e2e(name, quick=args.quick, progress=args.verbose)
-            except BackendUnavailable as e:
-                print(f"glm52 conformance: {e}", file=sys.stderr)
-                return 2
-            reports.append(rep)
-            if not args.verbose:
-                for r in rep.failures:
-                    print(r.line())
-            print(rep.summary())
-            ok = ok and rep.passed
-            continue
         try:
-            rep = run(name, quick=args.quick, dtypes=dtypes, ops=args.op, model=not args.no_model,
-                      progress=args.verbose)
+            if args.e2e:
+                from .e2e import run_e2e
+                rep = run_e2e(name, quick=args.quick, progress=args.verbose)
+            else:
+                rep = run(name, quick=args.quick, dtypes=dtypes, ops=args.op, model=not args.no_model,
+                          progress=args.verbose)
         except BackendUnavailable as e:
             print(f"glm52 conformance: {e}", file=sys.stderr)
             return 2
@@ -112,6 +102,8 @@ def conformance_main(argv: list[str] | None = None) -> int:
                 print(r.line())
         print(rep.summary())
         ok = ok and rep.passed
+        if args.e2e:
+            continue
         ran = [r for r in rep.results if r.path != "-"]
         native = {r.op for r in ran if r.path in ("native", "mixed")}
         if ran and not native:

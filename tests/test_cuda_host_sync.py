@@ -117,19 +117,25 @@ class SyncCounter:
 
 
 # ---- worker (TRITON_INTERPRET=1) ------------------------------------------------------------------
+def _shuffled_table(torch, g, lens, bs):
+    """(number of blocks, block table [B, max blocks]): each request's blocks at shuffled places, one spare."""
+    need = [-(-L // bs) for L in lens]
+    nb = sum(need) + 1
+    perm = torch.randperm(nb, generator=g)
+    bt = torch.zeros(len(lens), max(need), dtype=torch.int32)
+    j = 0
+    for b, n in enumerate(need):
+        bt[b, :n] = perm[j:j + n]
+        j += n
+    return nb, bt
+
+
 def _decode_inputs(torch):
     """A decode batch (1 token per request, contexts below, at and above topk) over shuffled paged caches."""
     g = torch.Generator().manual_seed(7)
     lens = [45, 9, 130]
     B, bs, Hi, Di, H, Dl, Dr, topk = len(lens), 16, 4, 32, 5, 40, 16, 16
-    need = [-(-L // bs) for L in lens]
-    nb = sum(need) + 1
-    perm = torch.randperm(nb, generator=g)
-    bt = torch.zeros(B, max(need), dtype=torch.int32)
-    j = 0
-    for b, n in enumerate(need):
-        bt[b, :n] = perm[j:j + n]
-        j += n
+    nb, bt = _shuffled_table(torch, g, lens, bs)
     return dict(lens=lens, bs=bs, topk=topk, bt=bt, q=torch.randn(B, Hi, Di, generator=g),
                 w=torch.randn(B, Hi, generator=g), kc=torch.randn(nb, bs, Di, generator=g),
                 qm=torch.randn(B, H, Dl + Dr, generator=g), c=torch.randn(nb, bs, Dl, generator=g),
@@ -142,14 +148,7 @@ def _mixed_inputs(torch):
     q_lens, lens = [5, 1, 3], [21, 40, 17]
     B, bs, Hi, Di, H, Dl, Dr, topk = len(lens), 8, 4, 32, 5, 40, 16, 12
     T = sum(q_lens)
-    need = [-(-L // bs) for L in lens]
-    nb = sum(need) + 1
-    perm = torch.randperm(nb, generator=g)
-    bt = torch.zeros(B, max(need), dtype=torch.int32)
-    j = 0
-    for b, n in enumerate(need):
-        bt[b, :n] = perm[j:j + n]
-        j += n
+    nb, bt = _shuffled_table(torch, g, lens, bs)
     cu = torch.tensor([0] + [sum(q_lens[:i + 1]) for i in range(B)], dtype=torch.int32)
     return dict(lens=lens, cu=cu, bs=bs, topk=topk, bt=bt, q=torch.randn(T, Hi, Di, generator=g),
                 w=torch.randn(T, Hi, generator=g), kc=torch.randn(nb, bs, Di, generator=g),

@@ -77,19 +77,30 @@ def main() -> int:
                                                    "dtypes.kv_cache": "bf16"})
         planned = sum(r.bytes for r in plan(d, cfg).rows if r.component in COMPONENTS)
         read = [o["bytes_read"] for o in outs]
+        moe = [o["moe"] for o in outs]
+        per_rank = ("-" if ep == 1 else
+                    ", ".join(f"{m['rows']}/{m['tokens']}" for m in moe)
+                    + f" ({max(m['rows'] / m['tokens'] for m in moe):.2f} at most)")
+        sent = "-" if ep == 1 else f"{min(o['sent_bytes'] for o in outs) / 1e3:.0f}-{max(o['sent_bytes'] for o in outs) / 1e3:.0f} kB"
         rows.append([f"{fmt} tp{tp} dp{dp} ep{ep}", f"{diff:.1e}", str(all(o["greedy"] == greedy for o in outs)),
                      "-" if outs[0]["spec"] is None else str(all(o["spec"] == spec for o in outs)),
                      f"{min(read) / 1e3:.0f}-{max(read) / 1e3:.0f} of {outs[0]['bytes_total'] / 1e3:.0f} kB",
-                     "-" if held is None else f"{held / 1e3:.1f} / {planned / 1e3:.1f} kB", f"{wall:.1f}"])
+                     "-" if held is None else f"{held / 1e3:.1f} / {planned / 1e3:.1f} kB", per_rank, sent,
+                     f"{wall:.1f}"])
         print(" | ".join(rows[-1]), flush=True)
     head = ["layout (tiny checkpoint)", "max logit diff / max logit", "greedy + chunked equal", "MTP spec equal",
-            "read per rank", "held / planned per rank (bf16)", "wall s"]
+            "read per rank", "held / planned per rank (bf16)", "MoE rows computed / tokens seen, per rank",
+            "sent in dispatch + combine, per rank", "wall s"]
     md = ["# Layouts on CPU processes (gloo) vs one process", "",
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"cpu_ref float32, `python benchmarks/distributed_cpu.py`. Wall times include process start; on a "
           f"machine shared with other jobs they are upper bounds. Held = what one rank's network holds with "
           f"bfloat16 weights; planned = `glm52 plan`'s per-device weight bytes for the same layout "
-          f"(fp8 rows: `-`, the planner counts 128-wide blocks, this checkpoint uses 8x8).", "",
+          f"(fp8 rows: `-`, the planner counts 128-wide blocks, this checkpoint uses 8x8). MoE rows: with ep > 1 "
+          f"each token is dispatched to the ranks owning its experts (all-to-all over gloo), so a rank's "
+          f"moe_experts computes only the rows routed to it; before dispatch every rank computed every token the "
+          f"layer saw (rows = tokens). Tokens seen = the step's tokens (ep = tp) or all dp groups' (EP stage 2), "
+          f"summed over the MoE layers and steps of the run (logits, greedy, chunked, MTP, sampled).", "",
           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
     text = "\n".join(md) + "\n"
     print(text)

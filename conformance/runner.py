@@ -102,11 +102,25 @@ def judge_case(case: Case, out: Any, inputs, dtype: torch.dtype) -> judges.Verdi
     raise AssertionError(case.judge)
 
 
+def prepared(bound: BoundBackend, case: Case, inputs, dtype: torch.dtype):
+    """The case with its quantized weights as the backend prepares them at load (`prepare_weight`): the
+    backend and the reference both get the prepared values, so the case judges the backend's kernels,
+    and the preparation is what the format row's arithmetic runs on (e.g. Ascend's bfloat16-rounded
+    W8A8 expert scales in a bfloat16 model)."""
+    import dataclasses
+    args = {}
+    for name, a in inputs.args.items():
+        if a.role == "qweight":
+            a = dataclasses.replace(a, value=bound.prepare_weight(f"{case.op}.{name}", a.value, dtype=dtype))
+        args[name] = a
+    return dataclasses.replace(inputs, args=args)
+
+
 def run_case(bound: BoundBackend, case: Case, dtype: torch.dtype, scale: str, device: torch.device,
              inputs=None) -> CaseResult:
     res = CaseResult(op=case.op, case=case.name, dtype=str(dtype).removeprefix("torch."), about=case.about)
     try:
-        inputs = inputs or case.build(scale)
+        inputs = prepared(bound, case, inputs or case.build(scale), dtype)
         args = inputs.for_backend(dtype, device)
         before = dict(bound.calls[case.op])
         _poison_allocator(device)

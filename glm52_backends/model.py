@@ -128,14 +128,19 @@ class Glm52Network:
     rank's slices: H / tp heads in q_b, kv_b and o_proj (all-reduce after o_proj), the MLP widths
     / tp (all-reduce after the FFN, the routed and shared experts summed first), the vocabulary / tp
     in the embedding (masked lookup + all-reduce) and lm_head (logits all-gathered), the routed
-    experts of this rank (ep > 1: other experts' slots become -1) or every expert's width / tp.
+    experts of this rank (ep > 1: each token dispatched to the ranks owning its experts and combined
+    back, `_moe_dispatched`) or every expert's width / tp.
     """
 
     def __init__(self, cfg: ModelConfig, sd: dict[str, torch.Tensor], ops: BoundBackend, device: torch.device,
-                 include_mtp: bool, layout=None, comm=None, dp_comm=None):
+                 include_mtp: bool, layout=None, comm=None, dp_comm=None, ep_comm=None):
         self.cfg, self.ops, self.device = cfg, ops, device
         self.comm = comm if comm is not None else ops.comm                                # the tp group
         self.dp_comm = dp_comm if layout is not None and layout.dispatch else None        # EP stage 2
+        # ep > 1: the expert-parallel group (every rank: ep = tp x dp); tokens are dispatched to the ranks
+        # owning their experts and combined back (ops/comm.py moe_dispatch / moe_combine)
+        self.ep_comm = ep_comm if layout is not None and layout.plan.ep > 1 else None
+        self.moe_stats = {"rows": 0, "tokens": 0}    # rows moe_experts computed here; tokens the layers saw
         self.dp_counts: list[int] | None = None      # this step's token count per dp group (engine/turns.py)
         tp = layout.plan.tp if layout is not None else 1
         self.heads = cfg.num_attention_heads // tp                                        # local heads
@@ -150,6 +155,25 @@ class Glm52Network:
         self.mtp = self.layers.pop() if include_mtp else None
         if sd:
             raise RuntimeError(f"internal: tensors left unused after building the model: {sorted(sd)[:5]}")
+
+    def prepare_weights(self, prepare) -> int:
+        """Replace every `Weight` of the network by `prepare(name, weight)` (the backend's load-time
+        preparation, registry.BoundBackend.prepare_weight), once; returns how many changed."""
+        from dataclasses import fields
+        changed = 0
+        owners = [(f"layers.{i}", L) for i, L in enumerate(self.layers)] + ([("mtp", self.mtp)] if self.mtp else [])
+        owners += [(f"{n}.indexer", L.indexer) for n, L in owners if L.indexer is not None]
+        for prefix, obj in owners:
+            for f in fields(obj):
+                w = getattr(obj, f.name)
+                if isinstance(w, Weight):
+                    new = prepare(f"{prefix}.{f.name}", w)
+                    changed += new is not w
+                    setattr(obj, f.name, new)
+        new = prepare("lm_head", self.lm_head)
+        changed += new is not self.lm_head
+        self.lm_head = new
+        return changed
 
     # ---- one step ---------------------------------------------------------------------------------
     def plan(self, cache: PagedCache, chunks: dict[Hashable, Sequence[int]]) -> Step:
@@ -215,8 +239,10 @@ class Glm52Network:
         logits = ops.linear(x.float(), L.gate)                                             # fp32 router
         ids, w = ops.moe_route(logits, L.gate_bias, cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group,
                                cfg.norm_topk_prob, cfg.routed_scaling_factor)
+        if self.ep_comm is not None and not getattr(self.comm, "functional", False):
+            return self._moe_dispatched(L, x, ids, w)
         x_own = x
-        if self.dp_comm is not None:     # EP stage 2: every dp group's tokens meet here (all-gather dispatch)
+        if self.dp_comm is not None:     # EP stage 2 in a captured step: every dp group's tokens meet here
             counts = self.dp_counts
             x, ids, w = (self.dp_comm.all_gather_rows(t, counts) for t in (x, ids, w))
         if self.expert_range is not None:                    # EP: this rank's experts; the others' slots -1
@@ -230,6 +256,25 @@ class Glm52Network:
             return self.dp_comm.reduce_scatter_rows(self.comm.all_reduce(y), counts)  # combine: own rows, summed
         if L.s_w13 is not None:
             y = y + ops.mlp(x, L.s_w13, L.s_w2)
+        return self.comm.all_reduce(y)                                                     # EP/TP seam
+
+    def _moe_dispatched(self, L: Layer, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Routed experts by dispatch: this tp rank takes its slice of the step's tokens (the tp ranks hold
+        the same tokens), sends each token to the ranks owning its experts, computes the rows it receives,
+        and gets the weighted outputs of its tokens back. The routed outputs land on the slice's rows, the
+        shared expert's TP partial on every row, and the tp all-reduce sums them: every tp rank ends with
+        every token's output. A captured step (static shapes) keeps the replicated form (_ffn)."""
+        T, tp, r = x.shape[0], self.comm.world_size, self.comm.rank
+        a, b = T * r // tp, T * (r + 1) // tp
+        per = self.cfg.n_routed_experts // self.ep_comm.world_size
+        xr, idr, wr, handle = self.ep_comm.moe_dispatch(x[a:b], ids[a:b], w[a:b], per)
+        self.moe_stats["rows"] += xr.shape[0]
+        self.moe_stats["tokens"] += T if self.dp_comm is None else sum(self.dp_counts)   # what the layer saw before
+        yr = self.ops.moe_experts(xr, L.e_w13, L.e_w2, idr, wr) if xr.shape[0] else xr.new_zeros(xr.shape)
+        y = x.new_zeros(x.shape)
+        y[a:b] = self.ep_comm.moe_combine(yr, handle)
+        if L.s_w13 is not None:
+            y = y + self.ops.mlp(x, L.s_w13, L.s_w2)
         return self.comm.all_reduce(y)                                                     # EP/TP seam
 
     def _layer(self, l: int, L: Layer, h, st: Step, cache: PagedCache, prev_idx, share: bool = False):

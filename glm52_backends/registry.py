@@ -377,6 +377,26 @@ class BoundBackend:
                 op, library.packet(op, overload)(*flat, instance=instance), kwargs)
         return fn(*args, **kwargs)
 
+    def prepare_weight(self, name: str, weight: Any, *, dtype: Any) -> Any:
+        """The backend's load-time preparation of one weight (`backend.prepare_weight(name, weight,
+        dtype=)`, optional: e.g. scales in the form its kernels take), called once per weight after
+        loading and sharding. The result must be a `Weight` of the same logical shape and format, or
+        the weight itself; anything else is refused, naming the backend and the weight."""
+        hook = getattr(self.backend, "prepare_weight", None)
+        if not callable(hook):
+            return weight
+        from .weights import Weight
+        out = hook(name, weight, dtype=dtype)
+        if out is weight:
+            return weight
+        if not isinstance(out, Weight) or not isinstance(weight, Weight) or tuple(out.shape) != tuple(weight.shape) \
+                or out.format != weight.format:
+            raise BackendContractError(
+                f"backend {self.name!r}: prepare_weight({name!r}) returned {type(out).__name__} "
+                f"{tuple(getattr(out, 'shape', ()))} {getattr(out, 'format', '')!r}; expected a Weight of shape "
+                f"{tuple(weight.shape)} in format {getattr(weight, 'format', 'dense')!r}")
+        return out
+
     def where(self, op: str) -> str:
         """'backend 'x', op linear, layer 3' for messages."""
         layer = "layer unknown" if self.layer is None else f"layer {self.layer}"

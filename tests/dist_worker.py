@@ -97,7 +97,8 @@ def main() -> int:
     out = {"rank": rank, "dp_rank": m.layout.dp_rank, "logits": logits, "greedy": greedy, "chunked": chunked, "spec": spec, "sampled": sampled,
            "topk": hashlib.sha1("".join(digests).encode()).hexdigest(), "n_topk": len(digests),
            "bytes_read": m.load_stats.get("bytes_read"), "bytes_total": m.load_stats.get("bytes_total"),
-           "held": held_bytes(m.net)}
+           "held": held_bytes(m.net), "moe": dict(m.net.moe_stats),
+           "sent_bytes": getattr(m.net.ep_comm, "sent_bytes", 0) if m.net.ep_comm is not None else 0}
     print(json.dumps(out))
     dist.destroy_process_group()
     return 0

@@ -1250,3 +1250,29 @@ def test_emulation_env_values(monkeypatch):
                 create()
     with pytest.raises(TypeError, match="unknown options"):
         create(emulate=True, bogus=1)
+
+
+def test_w8a8_checkpoint_moe_native_in_bfloat16_and_float16_with_its_float32_scales(emulate, tmp_path):
+    """`make-tiny --quant w8a8` (msModelSlim float32 scales, as written) on the emulated backend: the int8
+    MoE runs natively in bfloat16 (its expert scales rounded to bfloat16 values once at load, by
+    `prepare_weight`, as vllm-ascend does) and in float16 (float32 scales as they are); greedy tokens
+    equal cpu_ref's in the same dtype. Dense and non-expert weights are left as loaded."""
+    GLM52 = _glm52()
+    path = make_tiny_checkpoint(tmp_path / "w8a8", layers=2, seed=3, quant="w8a8", mtp=True)
+    prompts = _prompts(256)
+    for dt in (torch.bfloat16, torch.float16):
+        npu = GLM52(path, backend="ascend", dtype=dt, progress=False)
+        got = npu.generate(prompts, max_new_tokens=5, stop_at_eos=False)
+        assert got.stats["ops"]["moe_experts"] == "native", dt
+        ref = GLM52(path, backend="cpu_ref", dtype=dt, progress=False)
+        assert got.tokens == ref.generate(prompts, max_new_tokens=5, stop_at_eos=False).tokens, dt
+        moe = [L for L in npu.net.layers if L.e_w13 is not None]
+        for L, R in zip(moe, [L for L in ref.net.layers if L.e_w13 is not None]):
+            s, s0 = L.e_w13.scales, R.e_w13.scales
+            assert s.dtype == s0.dtype == torch.float32
+            if dt == torch.bfloat16:
+                assert torch.equal(s, s.to(torch.bfloat16).float()) and not torch.equal(s, s0)
+                assert float(((s - s0).abs() / s0.abs()).max()) <= 2 ** -8     # one bfloat16 rounding
+            else:
+                assert torch.equal(s, s0)
+            assert L.wq_a is not None and torch.equal(L.wq_a.scales, R.wq_a.scales)   # attention untouched

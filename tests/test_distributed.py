@@ -94,6 +94,15 @@ def test_layout_matches_one_process(tmp_path, ckpts, fmt, tp, dp, ep):
     assert all(0 < o["bytes_read"] <= total for o in outs)
     assert all(o["bytes_read"] < total for o in outs) or (tp == 1 and ep == 1)
     assert sum(o["bytes_read"] for o in outs) >= total          # together: all of it (replicated ones W times)
+    if ep > 1:   # expert parallelism dispatches: a rank computes the rows routed to its experts, not every token
+        # (8 experts, 2 per token: a token reaches a given one of 2 ranks with p = 1 - C(4,2)/C(8,2) = 0.79,
+        # one of 4 ranks with p = 1 - C(6,2)/C(8,2) = 0.46)
+        bound = 0.75 if ep >= 4 else 0.9
+        for o in outs:
+            assert 0 < o["moe"]["rows"] <= bound * o["moe"]["tokens"], o["moe"]
+            assert o["sent_bytes"] > 0
+    else:
+        assert all(o["moe"] == {"rows": 0, "tokens": 0} for o in outs)
 
 
 @pytest.mark.parametrize("tp,ep", [(2, 1), (2, 2)])

@@ -25,6 +25,8 @@ Shapes and semantics of the ops: glm52_backends/ops/<op>.py.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from glm52_backends.ops import Capabilities
@@ -66,6 +68,22 @@ class AscendBackend:
 
     def __repr__(self) -> str:
         return f"AscendBackend({self.name!r}, device={self.device}, npu={self.npu!r})"
+
+    def prepare_weight(self, name: str, weight, *, dtype: torch.dtype):
+        """Once per weight at load (registry.BoundBackend.prepare_weight). In a bfloat16 model a W8A8 expert
+        stack's float32 scales are rounded to bfloat16 values (kept as float32), as vllm-ascend does at load
+        (`moe_mlp.py`): Atlas A2/A3's int8 npu_grouped_matmul outputs bfloat16 only with bfloat16 scales, so
+        without this the MoE falls back for every real checkpoint (msModelSlim writes float32 scales). The
+        format's arithmetic then runs on the rounded scales, which conformance hands the reference too.
+        Chosen over the recipe's int32 output + npu_dequant_swiglu_quant chain because vllm-ascend, the
+        engine GLM-5.2 users serve with, does this and it keeps one int8 MoE path. float16 models keep the
+        float32 scales (the op takes them with float16 output)."""
+        if dtype != torch.bfloat16 or getattr(weight, "format", "dense") != "w8a8_dynamic" or weight.data.dim() != 3:
+            return weight
+        rounded = weight.scales.to(torch.bfloat16).to(weight.scales.dtype)
+        if torch.equal(rounded, weight.scales):
+            return weight
+        return dataclasses.replace(weight, scales=rounded)
 
     # hot ops
     indexer_topk = _indexer_topk.indexer_topk

@@ -11,8 +11,10 @@ HCCL through torch_npu, gloo on CPU) on a process group; a backend may supply it
     reduce_scatter(x, dim)         sum over the group, this rank's 1/world slice along dim
     all_to_all(x, in_splits, out_splits)   rows of x sent to ranks by in_splits (dim 0)
     broadcast(x, src)              src's x on every rank
-    moe_dispatch(x, topk_ids) / moe_combine(y, handle)   tokens to the ranks owning their experts
-                                   and back (defaults: the identity at one device)
+    moe_dispatch(x, topk_ids, topk_weights, experts_per_rank) / moe_combine(y, handle)
+                                   expert parallelism: each token to the ranks owning its experts (once per
+                                   rank, its other slots -1, ids made local), and the experts' weighted
+                                   outputs back, summed per token (one device: the identity)
 """
 
 from __future__ import annotations
@@ -55,11 +57,17 @@ class Collectives:
     def all_gather_object(self, obj: Any) -> list[Any]:
         return [obj]
 
-    def moe_dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        """(tokens this rank computes, their expert ids, a handle for moe_combine)."""
-        return x, topk_ids, None
+    def moe_dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                     experts_per_rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
+        """Expert parallelism over this group (rank r holds experts r*experts_per_rank ...): every token
+        of x [T, Hd] goes once to each rank owning one of its experts. Returns what this rank computes:
+        (rows [m, Hd], their expert ids [m, K] local to this rank, -1 where another rank's, their
+        weights [m, K] f32, a handle for `moe_combine`)."""
+        return x, topk_ids, topk_weights, None
 
     def moe_combine(self, y: torch.Tensor, handle: Any) -> torch.Tensor:
+        """The weighted expert outputs y [m, Hd] of `moe_dispatch`'s rows back to their tokens, summed
+        over the ranks that computed them: [T, Hd] in y's dtype."""
         return y
 
 
@@ -113,6 +121,14 @@ class TorchDistributed(Collectives):
         x = self.all_reduce(x.clone())   # gloo has no reduce_scatter: sum, then keep this rank's slice
         return x.chunk(self.world_size, dim=dim)[self.rank].contiguous()
 
+    def _exchange_counts(self, in_splits: list[int], device: torch.device) -> list[int]:
+        """What every rank sends here, from what this rank sends each: one all_to_all of the counts, on
+        the collective's device (HCCL and NCCL take no CPU tensors), read back once."""
+        counts = torch.tensor(list(in_splits), dtype=torch.int64, device=device)
+        got = torch.empty_like(counts)
+        self.dist.all_to_all_single(got, counts, group=self.group)
+        return [int(v) for v in got.tolist()]
+
     def all_to_all(self, x, in_splits=None, out_splits=None):
         if self.world_size == 1:
             return x
@@ -122,10 +138,7 @@ class TorchDistributed(Collectives):
                                  "pass in_splits")
             in_splits = [x.shape[0] // self.world_size] * self.world_size
         if out_splits is None:   # learn what every rank sends here
-            counts = torch.tensor(list(in_splits), dtype=torch.int64)
-            got = [torch.empty_like(counts) for _ in range(self.world_size)]
-            self.dist.all_gather(got, counts, group=self.group)
-            out_splits = [int(g[self.rank]) for g in got]
+            out_splits = self._exchange_counts(in_splits, x.device)
         out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
         self.dist.all_to_all_single(out, x.contiguous(), list(out_splits), list(in_splits), group=self.group)
         return out
@@ -158,6 +171,38 @@ class TorchDistributed(Collectives):
         out = [None] * self.world_size
         self.dist.all_gather_object(out, obj, group=self.group)
         return out
+
+    # ---- expert parallelism: dispatch and combine (the generic all-to-all form) --------------------
+    sent_bytes = 0          # bytes this rank sent in dispatch and combine (all-to-all payloads)
+
+    def moe_dispatch(self, x, topk_ids, topk_weights, experts_per_rank):
+        if self.world_size == 1:
+            return x, topk_ids, topk_weights, None
+        W, (T, K) = self.world_size, topk_ids.shape
+        ids = topk_ids.long()
+        owner = torch.where(ids >= 0, ids // experts_per_rank, -1)                      # [T, K]
+        hit = torch.zeros(W, T, dtype=torch.bool, device=x.device)
+        tok_of = torch.arange(T, device=x.device)[:, None].expand(T, K)
+        valid = owner >= 0
+        hit[owner[valid], tok_of[valid]] = True
+        dst, tok = hit.nonzero(as_tuple=True)                 # rank-major: each rank's tokens in order
+        in_splits = [int(v) for v in torch.bincount(dst, minlength=W).tolist()]
+        out_splits = self._exchange_counts(in_splits, x.device)
+        local = torch.where(owner[tok] == dst[:, None], ids[tok] - dst[:, None] * experts_per_rank, -1)
+        send = (x[tok], local, topk_weights[tok].float())
+        self.sent_bytes += sum(t.numel() * t.element_size() for t in send)
+        xr, idr, wr = (self.all_to_all(t, in_splits, out_splits) for t in send)
+        return xr, idr, wr, (tok, in_splits, out_splits, T)
+
+    def moe_combine(self, y, handle):
+        if handle is None:
+            return y
+        tok, in_splits, out_splits, T = handle
+        self.sent_bytes += y.numel() * y.element_size()
+        back = self.all_to_all(y, out_splits, in_splits)                             # [sum(in_splits), Hd]
+        out = torch.zeros((T,) + tuple(y.shape[1:]), dtype=torch.float32, device=y.device)
+        out.index_add_(0, tok, back.float())
+        return out.to(y.dtype)
 
 
 def _pad_rows(x: torch.Tensor, n: int) -> torch.Tensor:

@@ -11,6 +11,8 @@
                                            # capture may trace through (ops/library.py)
         triton_ops = False                 # optional: True = its ops launch Triton kernels through
                                            # torch.library.wrap_triton (defined with triton_op)
+        def prepare_weight(self, name, weight, *, dtype): ...   # optional: once per weight at load, the
+                                           # form its kernels take (same shape and format; registry.py)
         comm = None                        # optional: Collectives overriding ops/comm.py's
 
 An op the backend lacks, or an input it declines by raising `OpUnsupported`, runs the reference.

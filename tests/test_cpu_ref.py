@@ -207,3 +207,31 @@ def test_sample_from_never_returns_a_token_without_mass():
     assert sample_from(p, torch.tensor([0.0, 0.0])).tolist() == [0, 1]
     assert sample_from(p, torch.tensor([0.29, 0.49])).tolist() == [0, 1]
     assert sample_from(p, torch.tensor([0.31, 0.51])).tolist() == [1, 2]
+
+
+def test_reference_indexer_scores_a_long_prefill_in_bounded_chunks(monkeypatch):
+    """The reference indexer (every backend's fallback) scores query tokens in chunks of at most
+    CHUNK_ELEMENTS / (Hi x L), so an 8K-token prefill with 32 heads holds ~64 MB of scores, not 8.6 GB;
+    chunk boundaries change nothing (ties included: the same stable rule per row)."""
+    import importlib
+    ref = importlib.import_module("glm52_backends.ops.indexer_topk")    # the module (the package exports the function)
+    g = torch.Generator().manual_seed(3)
+    q_lens, lens, Hi, Di, bs, topk = [37, 1, 20], [50, 9, 20], 4, 8, 8, 12
+    cu = torch.tensor([0, 37, 38, 58], dtype=torch.int32)
+    nb = sum(-(-L // bs) for L in lens)
+    table = torch.arange(nb, dtype=torch.int32)
+    bt = torch.stack([torch.nn.functional.pad(table[i:i + 7], (0, 7 - len(table[i:i + 7])))
+                      for i in (0, 7, 9)])
+    q = torch.relu(torch.randn(58, Hi, Di, generator=g)) * (torch.rand(58, Hi, 1, generator=g) > 0.5)
+    w, kc = torch.randn(58, Hi, generator=g), torch.randn(nb, bs, Di, generator=g)
+    sl = torch.tensor(lens, dtype=torch.int32)
+    whole = ref.indexer_topk(q, w, kc, bt, sl, cu, topk)
+    assert ref.CHUNK_ELEMENTS // (32 * 8192) == 64      # the 8K prefill: 64 query tokens per chunk
+    seen = []
+    real = ref._select
+    monkeypatch.setattr(ref, "_select", lambda idx, q, w, k, a, e, *r: (seen.append(e - a), real(idx, q, w, k, a, e, *r)))
+    for elements in (1, Hi * 50 * 7, 1 << 30):
+        seen.clear()
+        monkeypatch.setattr(ref, "CHUNK_ELEMENTS", elements)
+        assert torch.equal(ref.indexer_topk(q, w, kc, bt, sl, cu, topk), whole), elements
+        assert max(seen) <= max(1, elements // (Hi * 20)) and sum(seen) == 58

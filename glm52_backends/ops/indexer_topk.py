@@ -21,23 +21,34 @@ import torch
 from ._paged import gather_index, request_spans
 
 
+CHUNK_ELEMENTS = 1 << 24   # query tokens per chunk: bounds the [chunk, Hi, L] scores (64 MB in float32)
+
+
 def indexer_topk(q, w, k_cache, block_table, seq_lens, cu_seqlens_q, topk, *, cdt=torch.float32):
-    T = q.shape[0]
+    T, Hi = q.shape[:2]
     idx = torch.full((T, topk), -1, dtype=torch.int32, device=q.device)
     for b, (t0, t1, L) in enumerate(request_spans(cu_seqlens_q, seq_lens)):
         if t1 == t0:
             continue
         k = gather_index(k_cache, block_table[b], L).to(cdt)                    # [L, Di], dequantized if packed
-        qb, wb = q[t0:t1].to(cdt), w[t0:t1].to(cdt)                             # [q, Hi, Di], [q, Hi]
-        score = torch.einsum("th,ths->ts", wb, torch.relu(torch.einsum("thd,sd->ths", qb, k)))
-        pos = torch.arange(L - (t1 - t0), L, device=q.device)                   # query positions
-        causal = torch.arange(L, device=q.device)[None, :] <= pos[:, None]       # [q, L]
-        score = score.masked_fill(~causal, float("-inf"))
-        n = min(topk, L)
-        # stable sort: exact ties (ReLU zeros are common) go to the earlier position, whatever
-        # the row length, so decode, chunked prefill and verify steps select the same set
-        top = score.sort(dim=-1, descending=True, stable=True).indices[:, :n]    # [q, n]
-        n_valid = (pos + 1).clamp(max=topk)                                      # min(topk, pos+1)
-        keep = torch.arange(n, device=q.device)[None, :] < n_valid[:, None]
-        idx[t0:t1, :n] = torch.where(keep, top, -1).to(torch.int32)
+        step = max(1, CHUNK_ELEMENTS // max(Hi * L, 1))   # an 8K-token prefill: 64 queries at a time, not 8.6 GB
+        for a in range(t0, t1, step):
+            _select(idx, q, w, k, a, min(a + step, t1), L - (t1 - a), topk, cdt)
     return idx
+
+
+def _select(idx, q, w, k, a, e, first, topk, cdt):
+    """Rows a:e of idx: the top-k of query tokens a..e-1, whose positions start at `first`."""
+    L = k.shape[0]
+    qb, wb = q[a:e].to(cdt), w[a:e].to(cdt)                                 # [q, Hi, Di], [q, Hi]
+    score = torch.einsum("th,ths->ts", wb, torch.relu(torch.einsum("thd,sd->ths", qb, k)))
+    pos = torch.arange(first, first + (e - a), device=q.device)             # query positions
+    causal = torch.arange(L, device=q.device)[None, :] <= pos[:, None]       # [q, L]
+    score = score.masked_fill(~causal, float("-inf"))
+    n = min(topk, L)
+    # stable sort: exact ties (ReLU zeros are common) go to the earlier position, whatever
+    # the row length, so decode, chunked prefill and verify steps select the same set
+    top = score.sort(dim=-1, descending=True, stable=True).indices[:, :n]    # [q, n]
+    n_valid = (pos + 1).clamp(max=topk)                                      # min(topk, pos+1)
+    keep = torch.arange(n, device=q.device)[None, :] < n_valid[:, None]
+    idx[a:e, :n] = torch.where(keep, top, -1).to(torch.int32)

@@ -188,7 +188,8 @@ class TorchDistributed(Collectives):
         dst, tok = hit.nonzero(as_tuple=True)                 # rank-major: each rank's tokens in order
         in_splits = [int(v) for v in torch.bincount(dst, minlength=W).tolist()]
         out_splits = self._exchange_counts(in_splits, x.device)
-        local = torch.where(owner[tok] == dst[:, None], ids[tok] - dst[:, None] * experts_per_rank, -1)
+        # int32 ids: HCCL's AIV-expanded all-to-all (HCCL_OP_EXPANSION_MODE=AIV) takes no int64
+        local = torch.where(owner[tok] == dst[:, None], ids[tok] - dst[:, None] * experts_per_rank, -1).to(torch.int32)
         send = (x[tok], local, topk_weights[tok].float())
         self.sent_bytes += sum(t.numel() * t.element_size() for t in send)
         xr, idr, wr = (self.all_to_all(t, in_splits, out_splits) for t in send)

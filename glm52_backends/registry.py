@@ -377,6 +377,22 @@ class BoundBackend:
                 op, library.packet(op, overload)(*flat, instance=instance), kwargs)
         return fn(*args, **kwargs)
 
+    def expert_collectives(self, comms: Any, layout: Any) -> Any:
+        """The collectives expert parallelism dispatches through, set up once with the process groups:
+        the backend's own (`backend.setup_parallel(comms, layout)` returning a `Collectives` with its
+        `moe_dispatch` / `moe_combine`, e.g. Ascend's MC2) or torch.distributed's all-to-all over every
+        rank (`comms.world`). The hook also hands the backend the groups (tp, dp, world) it may need."""
+        hook = getattr(self.backend, "setup_parallel", None)
+        own = hook(comms, layout) if callable(hook) else None
+        if own is None:
+            return comms.world
+        from .ops.comm import Collectives
+        if not isinstance(own, Collectives) or own.world_size != comms.world.world_size:
+            raise BackendContractError(
+                f"backend {self.name!r}: setup_parallel returned {type(own).__name__}; expected None or a "
+                f"Collectives over all {comms.world.world_size} ranks (ops/comm.py) for the expert dispatch")
+        return own
+
     def prepare_weight(self, name: str, weight: Any, *, dtype: Any) -> Any:
         """The backend's load-time preparation of one weight (`backend.prepare_weight(name, weight,
         dtype=)`, optional: e.g. scales in the form its kernels take), called once per weight after

@@ -56,6 +56,24 @@ def main() -> int:
     from glm52_backends import GLM52
     dt = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}[dtype]
     backend = "cpu_ref"
+    if "--own-dispatch" in sys.argv:        # a backend that brings its own expert dispatch (as MC2 would)
+        from glm52_backends.backends.cpu_ref import CpuRefBackend
+        from glm52_backends.ops.comm import TorchDistributed
+
+        class CountingDispatch(TorchDistributed):
+            calls = 0
+
+            def moe_dispatch(self, *a, **k):
+                CountingDispatch.calls += 1
+                return super().moe_dispatch(*a, **k)
+
+        class OwnDispatch(CpuRefBackend):
+            name = "own dispatch"
+
+            def setup_parallel(self, comms, layout):
+                self.groups = comms
+                return CountingDispatch()
+        backend = OwnDispatch()
     if dt == torch.float64:
         from glm52_backends.backends.cpu_ref import CpuRefBackend
         backend = CpuRefBackend(torch.float64)
@@ -98,7 +116,8 @@ def main() -> int:
            "topk": hashlib.sha1("".join(digests).encode()).hexdigest(), "n_topk": len(digests),
            "bytes_read": m.load_stats.get("bytes_read"), "bytes_total": m.load_stats.get("bytes_total"),
            "held": held_bytes(m.net), "moe": dict(m.net.moe_stats),
-           "sent_bytes": getattr(m.net.ep_comm, "sent_bytes", 0) if m.net.ep_comm is not None else 0}
+           "sent_bytes": getattr(m.net.ep_comm, "sent_bytes", 0) if m.net.ep_comm is not None else 0,
+           "own_dispatch_calls": type(m.net.ep_comm).calls if hasattr(type(m.net.ep_comm), "calls") else None}
     print(json.dumps(out))
     dist.destroy_process_group()
     return 0

@@ -105,6 +105,17 @@ def test_layout_matches_one_process(tmp_path, ckpts, fmt, tp, dp, ep):
         assert all(o["moe"] == {"rows": 0, "tokens": 0} for o in outs)
 
 
+def test_a_backend_brings_its_own_expert_dispatch(tmp_path, ckpts):
+    """setup_parallel: the backend gets the process groups at setup and may return the collectives the
+    experts are dispatched through (where Ascend's MC2 plugs in); tokens still equal one process."""
+    ref = single(ckpts["bf16"])
+    for rc, o, e in run_ranks(tmp_path, ckpts["bf16"], 2, 2, 2, extra=("--own-dispatch",)):
+        assert rc == 0, e[-3000:]
+        out = json.loads(o.strip().splitlines()[-1])
+        assert out["greedy"] == ref["greedy"] and out["spec"] == ref["spec"]
+        assert out["own_dispatch_calls"] > 0 and out["moe"]["rows"] > 0
+
+
 @pytest.mark.parametrize("tp,ep", [(2, 1), (2, 2)])
 def test_graph_decode_over_ranks_equals_eager(tmp_path, ckpts, tp, ep):
     """tp2 under gloo (and ep2 within the tp group): decode steps, and MTP speculative verify and draft

@@ -129,7 +129,7 @@ class GLM52:
         self.net = Glm52Network(cfg, sd, self.ops, self.device, include_mtp=self.has_mtp, layout=self.layout,
                                 comm=self.comms.tp if self.comms else None,
                                 dp_comm=self.comms.dp if self.comms else None,
-                                ep_comm=self.comms.world if self.comms else None)
+                                ep_comm=self.ops.expert_collectives(self.comms, self.layout) if self.comms else None)
         self.net.prepare_weights(lambda name, w: self.ops.prepare_weight(name, w, dtype=self.dtype))
         # EP stage 2: the dp groups agree on every step before it runs (engine/turns.py)
         self.turns = DpTurns(self.net, self.net.dp_comm) if self.net.dp_comm is not None else None

@@ -13,6 +13,8 @@
                                            # torch.library.wrap_triton (defined with triton_op)
         def prepare_weight(self, name, weight, *, dtype): ...   # optional: once per weight at load, the
                                            # form its kernels take (same shape and format; registry.py)
+        def setup_parallel(self, comms, layout): ...  # optional, over several ranks: the process groups;
+                                           # may return Collectives for the expert dispatch (e.g. MC2)
         comm = None                        # optional: Collectives overriding ops/comm.py's
 
 An op the backend lacks, or an input it declines by raising `OpUnsupported`, runs the reference.

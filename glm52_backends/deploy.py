@@ -31,6 +31,7 @@ Schema (types; defaults for optional keys):
     cache_block_size: int|null = null   tokens per paged-cache block (null: the backend's default)
     capabilities: {weight_dtypes: [str], kv_cache_dtypes: [str],
                    hbm_tbs: number|null, bf16_tflops: number|null, fp8_tflops: number|null}
+    env: {NAME: str|number} = {}        environment set at setup unless already exported (HCCL_BUFFSIZE, ...)
 
 Units: `memory_per_device_gb` is the capacity the vendor quotes; HBM capacities are binary, so the
 planner reads it as GiB (2**30 bytes).
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,6 +109,7 @@ _TOP: dict[str, tuple[str, Any]] = {
     "max_batched_tokens": ("int", 8192),
     "cache_block_size": ("int|null", None),
     "capabilities": ("dict", _REQUIRED),
+    "env": ("dict", None),
 }
 _DTYPES = {"weights": ("str", _REQUIRED), "kv_cache": ("str", _REQUIRED), "index_cache": ("str", None)}
 _PARALLEL = {"tp": ("int", _REQUIRED), "ep": ("int", 1), "dp": ("int", 1), "dcp": ("int", 1)}
@@ -149,6 +152,7 @@ class DeploymentConfig:
     hbm_tbs: float | None = None
     bf16_tflops: float | None = None
     fp8_tflops: float | None = None
+    env: tuple[tuple[str, str], ...] = ()      # environment the runtime reads at setup (e.g. HCCL_BUFFSIZE)
     source: str = "<dict>"
     raw: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -222,6 +226,16 @@ class DeploymentConfig:
             overrides.setdefault("collective", self.collective)
         return model_arg, dict(backend=backend, device=device, dtype=dtype, **overrides)
 
+
+    def apply_env(self) -> dict[str, str]:
+        """Set the YAML's `env` variables (communication libraries read them when the process group is
+        created: HCCL_BUFFSIZE, HCCL_OP_EXPANSION_MODE, ...) where the environment does not already set
+        them: an explicit `export` wins. Returns what was set."""
+        done = {}
+        for k, v in self.env:
+            if k not in os.environ:
+                os.environ[k] = done[k] = v
+        return done
 
     def checkpoint_quantization(self, model: Any) -> str:
         """`GLM52(quantization=...)` for `dtypes.weights` on checkpoint `model` (a folder or a
@@ -403,6 +417,14 @@ def from_dict(raw: dict, *, source: str = "<dict>", name: str | None = None,
         if isinstance(v, (int, float)) and not isinstance(v, bool) and v <= 0:
             raise bad(f"capabilities.{k}", f"must be > 0 or null, got {v}")
 
+    env = []
+    for k, v in (top["env"] or {}).items():
+        if not isinstance(k, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k):
+            raise bad("env", f"{k!r} is not an environment variable name")
+        if isinstance(v, bool) or not isinstance(v, (str, int, float)) or v == "":
+            raise bad(f"env.{k}", f"must be a non-empty string or a number, got {v!r}")
+        env.append((k, str(v)))
+
     # enumerations
     if top["device_type"] not in DEVICE_TYPES:
         raise bad("device_type", f"{top['device_type']!r} is not a torch device type this project knows "
@@ -492,7 +514,7 @@ def from_dict(raw: dict, *, source: str = "<dict>", name: str | None = None,
         max_batched_tokens=top["max_batched_tokens"], cache_block_size=top["cache_block_size"],
         weight_dtypes=tuple(caps["weight_dtypes"]), kv_cache_dtypes=tuple(caps["kv_cache_dtypes"]),
         hbm_tbs=caps["hbm_tbs"], bf16_tflops=caps["bf16_tflops"], fp8_tflops=caps["fp8_tflops"],
-        source=source, raw=_deepcopy(raw),
+        env=tuple(env), source=source, raw=_deepcopy(raw),
     )
 
 

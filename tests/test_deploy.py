@@ -216,3 +216,21 @@ def test_ascend_yamls_pick_block_size_128_and_the_engine_defaults_to_the_backend
     assert GLM52(cfg, backend="ascend", progress=False).block_size == 128     # the backend's default
     assert GLM52(cfg, backend="cpu_ref", progress=False).block_size == 16
     assert GLM52(cfg, backend="ascend", block_size=32, progress=False).block_size == 32
+
+
+def test_env_section_is_validated_and_applied_unless_exported(monkeypatch):
+    """`env:` (e.g. the Ascend YAMLs' HCCL settings): names and values checked when the YAML is read, set
+    before the process group is created, never over a variable the user exported."""
+    from glm52_backends.deploy import DeploymentError, from_dict, load_deployment
+    d = load_deployment("ascend-910c")
+    assert dict(d.env) == {"HCCL_BUFFSIZE": "200", "HCCL_OP_EXPANSION_MODE": "AIV"}
+    monkeypatch.delenv("HCCL_BUFFSIZE", raising=False)
+    monkeypatch.setenv("HCCL_OP_EXPANSION_MODE", "HOST")
+    assert d.apply_env() == {"HCCL_BUFFSIZE": "200"}
+    import os
+    assert os.environ["HCCL_BUFFSIZE"] == "200" and os.environ["HCCL_OP_EXPANSION_MODE"] == "HOST"
+    raw = dict(d.raw)
+    for env, key in (({"bad name": 1}, "env"), ({"X": True}, "env.X"), ({"X": ""}, "env.X"), ({"X": [1]}, "env.X")):
+        with pytest.raises(DeploymentError, match=key.replace(".", "\\.")):
+            from_dict({**raw, "env": env}, source="t.yaml")
+    assert from_dict({k: v for k, v in raw.items() if k != "env"}, source="t.yaml").env == ()

@@ -149,7 +149,9 @@ class GLM52:
         if unknown:
             raise ValueError(f"from_deployment: unknown override{'s' if len(unknown) > 1 else ''} "
                              f"{', '.join(map(repr, unknown))}; known: {', '.join(sorted(known))}")
-        model, kwargs = load_deployment(deployment).model_arguments(**overrides)
+        d = load_deployment(deployment)
+        d.apply_env()                     # before the process group: HCCL / NCCL read it at setup
+        model, kwargs = d.model_arguments(**overrides)
         return cls(model, **kwargs)
 
     # ---- the network's parts, for callers that drive steps themselves ---------------------------

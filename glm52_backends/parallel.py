@@ -12,11 +12,14 @@ by rows, over the tp ranks; routed experts whole over ep ranks (ep = tp x dp), o
 dense MLP when ep = 1. Column/row splits of a block-FP8 weight must cut whole 128-blocks so each
 rank's scales are whole rows/columns of the scale grid.
 
-Layouts: tp >= 1 with ep = 1 (experts TP-split) or ep = tp (replicated tokens, local experts: EP
-stage 1); dp > 1 splits the requests over dp groups of tp ranks: with ep = 1 each group is a full
-replica; with ep = tp x dp the groups' tokens meet at every MoE layer (all-gather dispatch over the
-dp group, reduce-scatter combine: EP stage 2), so every group steps in lockstep, idle ones with no
-tokens (engine/turns.py: DpTurns.take / serve_idle; MTP draft steps included).
+Layouts: tp >= 1 with ep = 1 (experts TP-split) or ep = tp (local experts: EP stage 1); dp > 1 splits
+the requests over dp groups of tp ranks: with ep = 1 each group is a full replica; with ep = tp x dp
+every rank's experts serve every group (EP stage 2), so every group steps in lockstep, idle ones with
+no tokens (engine/turns.py: DpTurns.take / serve_idle; MTP draft steps included). With ep > 1 each tp
+rank dispatches its slice of the step's tokens to the ranks owning their experts and combines the
+results back (model._moe_dispatched, ops/comm.py moe_dispatch / moe_combine); a captured step keeps
+the replicated form (all tokens on every rank, others' expert slots -1; EP stage 2: all-gather over
+the dp group, reduce-scatter back).
 """
 
 from __future__ import annotations

@@ -241,19 +241,12 @@ class Glm52Network:
                                cfg.norm_topk_prob, cfg.routed_scaling_factor)
         if self.ep_comm is not None and not getattr(self.comm, "functional", False):
             return self._moe_dispatched(L, x, ids, w)
-        x_own = x
-        if self.dp_comm is not None:     # EP stage 2 in a captured step: every dp group's tokens meet here
-            counts = self.dp_counts
-            x, ids, w = (self.dp_comm.all_gather_rows(t, counts) for t in (x, ids, w))
-        if self.expert_range is not None:                    # EP: this rank's experts; the others' slots -1
+        # one device, experts TP-split (ep = 1), or a captured step with ep = tp (static shapes; dp > 1 is
+        # never captured): every token here, the other ranks' expert slots -1
+        if self.expert_range is not None:
             e0, e1 = self.expert_range
             ids = torch.where((ids >= e0) & (ids < e1), ids - e0, -1)
         y = ops.moe_experts(x, L.e_w13, L.e_w2, ids, w)
-        if self.dp_comm is not None:
-            start = sum(counts[:self.dp_comm.rank])
-            if L.s_w13 is not None:
-                y[start:start + x_own.shape[0]] += ops.mlp(x_own, L.s_w13, L.s_w2)
-            return self.dp_comm.reduce_scatter_rows(self.comm.all_reduce(y), counts)  # combine: own rows, summed
         if L.s_w13 is not None:
             y = y + ops.mlp(x, L.s_w13, L.s_w2)
         return self.comm.all_reduce(y)                                                     # EP/TP seam

@@ -17,9 +17,8 @@ the requests over dp groups of tp ranks: with ep = 1 each group is a full replic
 every rank's experts serve every group (EP stage 2), so every group steps in lockstep, idle ones with
 no tokens (engine/turns.py: DpTurns.take / serve_idle; MTP draft steps included). With ep > 1 each tp
 rank dispatches its slice of the step's tokens to the ranks owning their experts and combines the
-results back (model._moe_dispatched, ops/comm.py moe_dispatch / moe_combine); a captured step keeps
-the replicated form (all tokens on every rank, others' expert slots -1; EP stage 2: all-gather over
-the dp group, reduce-scatter back).
+results back (model._moe_dispatched, ops/comm.py moe_dispatch / moe_combine); a captured step (ep = tp;
+dp > 1 is never captured) keeps the replicated form: all tokens on every rank, others' slots -1.
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
 """EP stage 2: the dp groups step together (spec/distributed.md §2.3).
 
-With dp > 1 and ep = tp x dp every MoE layer gathers the tokens of all dp groups, so every group runs
-every step that any group runs: a group with no tokens for it runs it empty (the "dummy forward").
+With dp > 1 and ep = tp x dp every MoE layer dispatches tokens to the experts of every rank (an
+all-to-all all ranks join), so every group runs every step that any group runs: a group with no
+tokens for it runs it empty (the "dummy forward").
 A step is one pass through the model (RUN) or through the MTP layer (MTP). Before each of its own
 steps a group exchanges (token count, step kind) with the others, one small all-gather; the higher
 kind goes first, and the groups that wanted the other kind run it empty and exchange again. The
-network only reads the agreed token counts (`net.dp_counts`) at its MoE seam.
+network reads the agreed token counts (`net.dp_counts`) only for its statistics (`net.moe_stats`).
 
 This is the engine's business, not the network's: it decides what runs when, and it reads the
 exchange back to the host (one read per step, only in this layout).

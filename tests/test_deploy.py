@@ -224,7 +224,8 @@ def test_env_section_is_validated_and_applied_unless_exported(monkeypatch):
     from glm52_backends.deploy import DeploymentError, from_dict, load_deployment
     d = load_deployment("ascend-910c")
     assert dict(d.env) == {"HCCL_BUFFSIZE": "200", "HCCL_OP_EXPANSION_MODE": "AIV"}
-    monkeypatch.delenv("HCCL_BUFFSIZE", raising=False)
+    monkeypatch.setenv("HCCL_BUFFSIZE", "recorded")      # so the teardown restores the variable's absence
+    monkeypatch.delenv("HCCL_BUFFSIZE")
     monkeypatch.setenv("HCCL_OP_EXPANSION_MODE", "HOST")
     assert d.apply_env() == {"HCCL_BUFFSIZE": "200"}
     import os

@@ -42,6 +42,7 @@ import torch
 from glm52_backends.backends.cpu_ref import CpuRefBackend
 from glm52_backends.registry import BoundBackend, get_backend
 
+from .model_case import _path
 from .tolerances import format_tolerance, parse_dtype, tolerance
 
 # Python source (what the default model was trained on), long enough that prompt + new tokens pass the
@@ -361,11 +362,6 @@ def _half_dtype(caps) -> torch.dtype | None:
         return default
     runs = caps.get("dtypes", ())
     return next((d for d in (torch.bfloat16, torch.float16) if d in runs), None)
-
-
-def _path(ops: dict[str, str]) -> str:
-    used = {how for how in ops.values() if how != "unused"}
-    return "native" if used == {"native"} else "fallback" if used == {"fallback"} else "mixed"
 
 
 def run_row(bound: BoundBackend, row: Row) -> E2EResult:

@@ -189,10 +189,6 @@ def _fresh(out: Any, flat: tuple) -> Any:
 
 
 # ---- fake kernels: the contract's output shapes ---------------------------------------------------
-def _logical_rows(data: torch.Tensor, fmt: str) -> int:
-    return data.shape[-2] * 2 if fmt == "w4a8_dynamic" else data.shape[-2]   # int4 codes packed in pairs
-
-
 def _fake(op: str) -> Callable[..., Any]:
     def fake(*flat, instance=0):
         args, kwargs = unflatten(op, flat)
@@ -200,9 +196,9 @@ def _fake(op: str) -> Callable[..., Any]:
         if op in ("rms_norm", "layer_norm", "rope", "moe_experts"):
             return x.new_empty(x.shape)
         if op == "linear":
-            return x.new_empty((*x.shape[:-1], _logical_rows(flat[1], flat[3])))
+            return x.new_empty((*x.shape[:-1], args[1].shape[-2]))     # a Weight's logical shape
         if op == "mlp":
-            return x.new_empty((*x.shape[:-1], _logical_rows(flat[8], flat[10])))
+            return x.new_empty((*x.shape[:-1], args[2].shape[-2]))
         if op == "moe_route":
             T, k = x.shape[0], args[2]
             return x.new_empty((T, k), dtype=torch.int64), x.new_empty((T, k), dtype=torch.float32)

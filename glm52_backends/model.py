@@ -140,7 +140,8 @@ class Glm52Network:
         # ep > 1: the expert-parallel group (every rank: ep = tp x dp); tokens are dispatched to the ranks
         # owning their experts and combined back (ops/comm.py moe_dispatch / moe_combine)
         self.ep_comm = ep_comm if layout is not None and layout.plan.ep > 1 else None
-        self.moe_stats = {"rows": 0, "tokens": 0}    # rows moe_experts computed here; tokens the layers saw
+        self.moe_stats = {"rows": 0, "pairs": 0, "tokens": 0}   # rows moe_experts got here, their (row, expert)
+        # pairs; tokens the layers saw
         self.dp_counts: list[int] | None = None      # this step's token count per dp group (engine/turns.py)
         tp = layout.plan.tp if layout is not None else 1
         self.heads = cfg.num_attention_heads // tp                                        # local heads
@@ -260,8 +261,10 @@ class Glm52Network:
         T, tp, r = x.shape[0], self.comm.world_size, self.comm.rank
         a, b = T * r // tp, T * (r + 1) // tp
         per = self.cfg.n_routed_experts // self.ep_comm.world_size
-        xr, idr, wr, handle = self.ep_comm.moe_dispatch(x[a:b], ids[a:b], w[a:b], per)
+        most = -(-(T if self.dp_comm is None else max(self.dp_counts)) // tp)       # the largest slice of any rank
+        xr, idr, wr, handle = self.ep_comm.moe_dispatch(x[a:b], ids[a:b], w[a:b], per, max_rows=most)
         self.moe_stats["rows"] += xr.shape[0]
+        self.moe_stats["pairs"] += int((idr >= 0).sum())                                 # (row, expert) computed here
         self.moe_stats["tokens"] += T if self.dp_comm is None else sum(self.dp_counts)   # what the layer saw before
         yr = self.ops.moe_experts(xr, L.e_w13, L.e_w2, idr, wr) if xr.shape[0] else xr.new_zeros(xr.shape)
         y = x.new_zeros(x.shape)

@@ -102,7 +102,7 @@ def test_layout_matches_one_process(tmp_path, ckpts, fmt, tp, dp, ep):
             assert 0 < o["moe"]["rows"] <= bound * o["moe"]["tokens"], o["moe"]
             assert o["sent_bytes"] > 0
     else:
-        assert all(o["moe"] == {"rows": 0, "tokens": 0} for o in outs)
+        assert all(o["moe"] == {"rows": 0, "pairs": 0, "tokens": 0} for o in outs)
 
 
 def test_a_backend_brings_its_own_expert_dispatch(tmp_path, ckpts):

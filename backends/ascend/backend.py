@@ -37,8 +37,9 @@ from . import moe_route as _moe_route
 from . import mtp_verify as _mtp_verify
 from . import sparse_mla as _sparse_mla
 from . import supporting as _supporting
-from .quantized import WEIGHT_FORMATS, PreparedCache
 from .common import BLOCK_SIZES, DEFAULT_BLOCK_SIZE, HALF, line_limits
+from .mc2 import Mc2Collectives
+from .quantized import WEIGHT_FORMATS, PreparedCache
 from .versions import installed
 
 
@@ -84,6 +85,16 @@ class AscendBackend:
         if torch.equal(rounded, weight.scales):
             return weight
         return dataclasses.replace(weight, scales=rounded)
+
+    def setup_parallel(self, comms, layout):
+        """Over several ranks with ep > 1: expert dispatch and combine through MC2 (mc2.py), on a process
+        group of its own over every rank (MC2's communication domain admits no other op); None otherwise
+        (the generic all-to-all dispatch)."""
+        if layout.plan.ep <= 1 or comms.world.world_size < 2:
+            return None
+        import torch.distributed as dist
+        group = dist.new_group(list(range(comms.world.world_size)), timeout=getattr(comms, "timeout", None))
+        return Mc2Collectives(self.npu, group, comms.world)
 
     # hot ops
     indexer_topk = _indexer_topk.indexer_topk

@@ -40,6 +40,7 @@ import torch
 
 from glm52_backends.ops.protocol import device_kernel
 
+from .emulator_mc2 import Mc2Emulation
 from .versions import EMULATED_CANN, line_for, parse_cann
 
 INT64_MAX = 9223372036854775807  # default of pre_tokens / next_tokens in every schema
@@ -212,7 +213,7 @@ def _kernels(cls):
 
 
 @_kernels
-class NpuEmulator:
+class NpuEmulator(_kernels(Mc2Emulation)):
     """The torch_npu ops used by the Ascend backend, on the CPU, as documented for the release line
     of `cann` (a CANN version string; versions.py). `allow_float32` lets the ops documented for
     bfloat16/float16 only on Atlas A2/A3 (npu_lightning_indexer, npu_sparse_flash_attention,

@@ -6,7 +6,8 @@ tokens for it runs it empty (the "dummy forward").
 A step is one pass through the model (RUN) or through the MTP layer (MTP). Before each of its own
 steps a group exchanges (token count, step kind) with the others, one small all-gather; the higher
 kind goes first, and the groups that wanted the other kind run it empty and exchange again. The
-network reads the agreed token counts (`net.dp_counts`) only for its statistics (`net.moe_stats`).
+network reads the agreed token counts (`net.dp_counts`) for the most rows any rank dispatches (the
+`max_rows` of a fused dispatch such as MC2, which sizes its buffers by it) and its statistics.
 
 This is the engine's business, not the network's: it decides what runs when, and it reads the
 exchange back to the host (one read per step, only in this layout).

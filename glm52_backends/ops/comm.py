@@ -58,11 +58,16 @@ class Collectives:
         return [obj]
 
     def moe_dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                     experts_per_rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
+                     experts_per_rank: int, max_rows: int | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
         """Expert parallelism over this group (rank r holds experts r*experts_per_rank ...): every token
-        of x [T, Hd] goes once to each rank owning one of its experts. Returns what this rank computes:
-        (rows [m, Hd], their expert ids [m, K] local to this rank, -1 where another rank's, their
-        weights [m, K] f32, a handle for `moe_combine`)."""
+        of x [T, Hd] reaches each rank owning one of its experts. Returns what this rank computes:
+        (rows [m, Hd], their expert ids [m, K'] local to this rank, -1 where not computed here, their
+        weights [m, K'] f32, a handle for `moe_combine`). The generic form sends a token once per rank
+        (K' = K, the other ranks' slots -1); a fused form may send one row per (token, expert) pair
+        (K' = 1, weight 1, the routing weights applied in its combine). `max_rows`: the most rows any
+        rank passes in this call, the same number on every rank (None: not known), for forms that size
+        fixed buffers by it (MC2's global_bs)."""
         return x, topk_ids, topk_weights, None
 
     def moe_combine(self, y: torch.Tensor, handle: Any) -> torch.Tensor:
@@ -175,7 +180,7 @@ class TorchDistributed(Collectives):
     # ---- expert parallelism: dispatch and combine (the generic all-to-all form) --------------------
     sent_bytes = 0          # bytes this rank sent in dispatch and combine (all-to-all payloads)
 
-    def moe_dispatch(self, x, topk_ids, topk_weights, experts_per_rank):
+    def moe_dispatch(self, x, topk_ids, topk_weights, experts_per_rank, max_rows=None):
         if self.world_size == 1:
             return x, topk_ids, topk_weights, None
         W, (T, K) = self.world_size, topk_ids.shape

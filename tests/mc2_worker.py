@@ -124,6 +124,10 @@ def run_ops(rank: int, W: int) -> dict:
     gap = torch.tensor([True, False, True])
     res["mask"] = expect_error(lambda: emu.npu_moe_distribute_dispatch_v2(x, ids, name, W, rank, E,
                                                                         x_active_mask=gap), "true must come before")
+    os.environ["HCCL_BUFFSIZE"] = "1"          # 1 MB: below what max_bs 512 x 4 local experts x W cards need
+    res["buffer"] = expect_error(lambda: emu.npu_moe_distribute_dispatch_v2(x, ids, name, W, rank, E, global_bs=512 * W),
+                                 "HCCL buffer", "HCCL_BUFFSIZE is 1 MB")
+    del os.environ["HCCL_BUFFSIZE"]
     # global_bs = 0 with cards of different BS: every card raises (they all see the sizes)
     res["global_bs"] = expect_error(lambda: emu.npu_moe_distribute_dispatch_v2(
         x[:1 + rank % 2], ids[:1 + rank % 2], name, W, rank, E), "global_bs=0 needs the same BS")

@@ -46,8 +46,22 @@ def ranks(tmp_path, world, *args, timeout=240):
 def test_dispatch_and_combine_match_the_oracle(tmp_path, world):
     for o in ranks(tmp_path, world, "ops"):
         assert o["ragged"]["err"] <= o["ragged"]["bound"] and o["masked"]["err"] <= o["masked"]["bound"]
-        for key in ("dup", "h", "name", "rank", "experts", "tp", "mask", "global_bs"):
+        for key in ("dup", "h", "name", "rank", "experts", "tp", "mask", "global_bs", "buffer"):
             assert o[key].startswith("npu_moe_distribute_dispatch_v2: "), o[key]
+
+
+def test_mc2_fits_the_documented_limits_and_the_hccl_buffer(monkeypatch):
+    from glm52_backends.backends.ascend.mc2 import mc2_fits
+    monkeypatch.delenv("HCCL_BUFFSIZE", raising=False)
+    # GLM-5.2 at ep16 on A3: 2 * (16 * bs * 16 * 12800 + 8 * bs * 12288) bytes = 6.4375 MB per token per card
+    assert mc2_fits(6144, 31, 8, 256, 16) is None
+    assert "need a 206 MB HCCL buffer, HCCL_BUFFSIZE is 200 MB" in mc2_fits(6144, 32, 8, 256, 16)
+    monkeypatch.setenv("HCCL_BUFFSIZE", "1024")
+    assert mc2_fits(6144, 159, 8, 256, 16) is None and mc2_fits(6144, 160, 8, 256, 16) is not None
+    assert "hidden size 512" in mc2_fits(512, 4, 8, 256, 16)
+    assert "513 tokens per card" in mc2_fits(6144, 513, 8, 256, 16)
+    assert "top-k 17" in mc2_fits(6144, 4, 17, 256, 16)
+    assert "experts over" in mc2_fits(6144, 4, 8, 250, 16)
 
 
 @pytest.fixture(scope="module")

@@ -34,6 +34,26 @@ MC2_MAX_EXPERTS = 1024              # moe_expert_num
 MC2_MAX_EXPERT_SLOTS = 2048         # local_expert_num * ep_world_size
 MC2_ASSIST_WIDTH = 128              # assist_info_for_combine: A * 128 entries
 MC2_DTYPES = (torch.bfloat16, torch.float16)
+HCCL_BUFFSIZE_DEFAULT_MB = 200      # 约束说明 "HCCL通信域缓存区大小 ... 不配置时默认为200MB"
+
+
+def _align(x: int, a: int) -> int:
+    return (x + a - 1) // a * a
+
+
+def mc2_buffer_bytes(local: int, max_bs: int, W: int, K: int, H: int, shared_expert_num: int = 0) -> int:
+    """约束说明, Atlas A3, EP domain, comm_alg "" / "fullmesh_v1": the HCCL buffer the pair needs,
+    2 * (local_expert_num * max_bs * ep_world_size * Align512(Align32(2H) + 64)
+         + (K + shared_expert_num) * max_bs * Align512(2H))."""
+    return 2 * (local * max_bs * W * _align(_align(2 * H, 32) + 64, 512) + (K + shared_expert_num) * max_bs
+                * _align(2 * H, 512))
+
+
+def hccl_buffer_mb() -> int:
+    """HCCL_BUFFSIZE (MB per communicator), CANN's default 200 when unset."""
+    import os
+    raw = os.environ.get("HCCL_BUFFSIZE", "").strip()
+    return int(raw) if raw.isdigit() and int(raw) > 0 else HCCL_BUFFSIZE_DEFAULT_MB
 
 
 def _fail(op: str, msg: str):
@@ -183,6 +203,10 @@ class Mc2Emulation:
         _check(expert_token_nums_type in (0, 1), op, "the expert_token_nums_type should be 0 or 1")
         W, K = ep_world_size, expert_ids.shape[1]
         max_bs, A, n_active = emu._mc2_sizes(op, group, W, BS, K, local, global_bs, x_active_mask)
+        need = mc2_buffer_bytes(local, max_bs, W, K, H)
+        _check(need <= hccl_buffer_mb() * 2 ** 20, op,
+               f"the HCCL buffer of group_ep must hold {need / 2 ** 20:.1f} MB for max_bs {max_bs} (约束说明); "
+               f"HCCL_BUFFSIZE is {hccl_buffer_mb()} MB")
         # 功能说明 (quant_mode 0): expand_x = alltoallv(x): every active (token, slot) row to its expert's card
         pad = max_bs - BS
         xs = _gather(torch.cat([x, x.new_zeros(pad, H)]) if pad else x, group, W)                  # [W, max_bs, H]

@@ -16,7 +16,9 @@ rows (`max_rows`, the step's largest tp slice, padded with inactive rows named b
 so BS > 0 on every card even at batch 1 with tp 8, and `global_bs` is max_bs * ep_world_size.
 
 Outside the documented Atlas A3 limits (H in [1024, 8192], BS <= 512, K <= 16, at most 1024 experts,
-local experts x cards <= 2048) a call takes the generic all-to-all dispatch (ops/comm.py) instead;
+local experts x cards <= 2048, and the HCCL buffer the doc's formula asks for within HCCL_BUFFSIZE:
+about 6.4 MB per token per card for GLM-5.2 at ep16, so 31 tokens per card at the default 200 MB)
+a call takes the generic all-to-all dispatch (ops/comm.py) instead;
 the decision depends on shapes every rank shares, so all ranks take the same path. One host read
 per call remains: the number of rows received, to size the grouped GEMMs (as the generic form
 reads its split counts).
@@ -28,7 +30,8 @@ import torch
 
 from glm52_backends.ops.comm import TorchDistributed
 
-from .emulator_mc2 import MC2_EP_RANGE, MC2_H_RANGE, MC2_MAX_BS, MC2_MAX_EXPERT_SLOTS, MC2_MAX_EXPERTS, MC2_MAX_K
+from .emulator_mc2 import (MC2_EP_RANGE, MC2_H_RANGE, MC2_MAX_BS, MC2_MAX_EXPERT_SLOTS, MC2_MAX_EXPERTS, MC2_MAX_K,
+                           hccl_buffer_mb, mc2_buffer_bytes)
 
 
 def comm_name(npu, group, rank: int) -> str:
@@ -49,6 +52,9 @@ def mc2_fits(hidden: int, rows: int, k: int, experts: int, cards: int) -> str | 
     if not (MC2_EP_RANGE[0] <= cards <= MC2_EP_RANGE[1] and experts <= MC2_MAX_EXPERTS and experts % cards == 0
             and experts <= MC2_MAX_EXPERT_SLOTS):
         return f"{experts} experts over {cards} cards outside the documented ranges"
+    need = mc2_buffer_bytes(experts // cards, rows, cards, k, hidden)
+    if need > hccl_buffer_mb() * 2 ** 20:
+        return f"{rows} tokens per card need a {need / 2 ** 20:.0f} MB HCCL buffer, HCCL_BUFFSIZE is {hccl_buffer_mb()} MB"
     return None
 
 

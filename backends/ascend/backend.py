@@ -88,10 +88,12 @@ class AscendBackend:
 
     def setup_parallel(self, comms, layout):
         """Over several ranks with ep > 1: expert dispatch and combine through MC2 (mc2.py), on a process
-        group of its own over every rank (MC2's communication domain admits no other op); None otherwise
-        (the generic all-to-all dispatch)."""
+        group of its own over every rank (MC2's communication domain admits no other op), on Atlas A3 and on
+        the emulator (which follows A3's page); None otherwise (the generic all-to-all dispatch)."""
         if layout.plan.ep <= 1 or comms.world.world_size < 2:
             return None
+        if not self.emulated and "910_93" not in str(torch.npu.get_device_name()):
+            return None       # MC2 is emulated and wired for Atlas A3 (Ascend910_93xx); A2's limits differ
         import torch.distributed as dist
         group = dist.new_group(list(range(comms.world.world_size)), timeout=getattr(comms, "timeout", None))
         return Mc2Collectives(self.npu, group, comms.world)

@@ -646,9 +646,9 @@ def bench_main(argv: list[str]) -> int:
         for c in cases:
             print(f"{c.op:13s} {c.shape:44s} bytes {c.bytes / 1e6:10.2f} MB  flops {c.flops / 1e9:10.2f} G  "
                   f"{'cuda graph' if c.graph else 'events    '}  target {c.target or '-'}")
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"plan": [asdict(c) for c in cases]}, f, indent=1)
+        if args.json:                       # a temporary file renamed into place (glm52_backends/files.py)
+            from glm52_backends.files import write_text
+            write_text(args.json, json.dumps({"plan": [asdict(c) for c in cases]}, indent=1))
         return 0
     import torch
     interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -674,8 +674,8 @@ def bench_main(argv: list[str]) -> int:
     res = run(be, cases, args.reps, small=args.small, dtype=dtype)
     res["wall_s"] = time.perf_counter() - t0
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1, default=str)
+        from glm52_backends.files import write_text
+        write_text(args.json, json.dumps(res, indent=1, default=str))
     return 0
 
 

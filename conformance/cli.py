@@ -114,16 +114,13 @@ def conformance_main(argv: list[str] | None = None) -> int:
         elif ran and {r.op for r in ran} - native:
             print(f"note: these ops ran only on the reference, not on {rep.backend!r}: "
                   f"{', '.join(sorted({r.op for r in ran} - native))}")
-    try:
+    from glm52_backends.files import write_text
+    try:   # a temporary file renamed into place: a full disk leaves the previous report as it was
         if args.json:
             import json
-            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-            with open(args.json, "w", encoding="utf-8") as f:
-                json.dump([json.loads(r.to_json()) for r in reports], f, indent=2)
+            write_text(args.json, json.dumps([json.loads(r.to_json()) for r in reports], indent=2))
         if args.markdown:
-            os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
-            with open(args.markdown, "w", encoding="utf-8") as f:
-                f.write("\n".join(r.to_markdown() for r in reports))
+            write_text(args.markdown, "\n".join(r.to_markdown() for r in reports))
     except OSError as e:
         print(f"glm52 conformance: cannot write the report: {e}", file=sys.stderr)
         return 2

@@ -454,8 +454,9 @@ def run_row(bound: BoundBackend, row: Row) -> E2EResult:
         res.path = _path(model.ops.ran_natively())
         res.passed = not fails
         res.detail = "; ".join(fails)
-    except Exception as e:  # noqa: BLE001 - a crash is a failed row, reported with its cause
-        res.passed, res.detail = False, f"{type(e).__name__}: {e}"
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - a crash (sys.exit too) is a failed row, with its cause
+        res.passed, res.detail = False, (f"{type(e).__name__}: {e}" if not isinstance(e, SystemExit) else
+                                         f"the backend called sys.exit({e.code!r}) (it must raise, not end the process)")
     res.seconds = time.perf_counter() - t0
     return res
 

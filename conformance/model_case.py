@@ -69,8 +69,9 @@ def run_model_case(bound, quick: bool = False) -> list[CaseResult]:
         greedy.passed = a == b
         greedy.detail = "" if a == b else f"greedy tokens differ: {a} vs reference {b}"
         logits.path = greedy.path = _path(ours.ops.ran_natively())
-    except Exception as e:  # noqa: BLE001 - reported as a failed case with its cause
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - reported as a failed case with its cause
+        from .runner import crash_detail
         for r in (logits, greedy):
             if not r.passed:
-                r.detail = r.detail or f"{type(e).__name__}: {e}"
+                r.detail = r.detail or crash_detail(e, bound.name)
     return [logits, greedy]

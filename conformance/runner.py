@@ -116,6 +116,13 @@ def prepared(bound: BoundBackend, case: Case, inputs, dtype: torch.dtype):
     return dataclasses.replace(inputs, args=args)
 
 
+def crash_detail(e: BaseException, backend: str) -> str:
+    """A failed case's detail for an exception out of the backend's code (a SystemExit named as such)."""
+    if isinstance(e, SystemExit):
+        return f"backend {backend!r} called sys.exit({e.code!r}) (a backend must raise, not end the process)"
+    return f"{type(e).__name__}: {e}"
+
+
 def run_case(bound: BoundBackend, case: Case, dtype: torch.dtype, scale: str, device: torch.device,
              inputs=None) -> CaseResult:
     res = CaseResult(op=case.op, case=case.name, dtype=str(dtype).removeprefix("torch."), about=case.about)
@@ -132,8 +139,9 @@ def run_case(bound: BoundBackend, case: Case, dtype: torch.dtype, scale: str, de
         after = bound.calls[case.op]
         res.path = "native" if after["native"] > before["native"] else "fallback"
         v = judge_case(case, _to_cpu(out), inputs, dtype)
-    except Exception as e:  # noqa: BLE001 - a crashing op is a failed case, reported with its cause
-        res.passed, res.detail = False, f"{type(e).__name__}: {e}"
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - a crashing op is a failed case, reported with its cause
+        # (a backend op calling sys.exit too: it must not end the suite; Ctrl-C still does)
+        res.passed, res.detail = False, crash_detail(e, bound.name)
         res.traceback = traceback.format_exc(limit=4)
         return res
     res.passed, res.max_abs, res.rel, res.detail = v.passed, v.max_abs, v.rel, v.detail
@@ -158,6 +166,15 @@ def run(backend: Any = "cpu_ref", quick: bool = False, *, dtypes: Iterable[torch
     report = Report(backend=bound.name, scale=scale, device=str(device), dtypes=[str(d).removeprefix("torch.")
                                                                                 for d in dtypes])
     wanted = set(ops) if ops is not None else None
+    if wanted is not None:            # an unknown op would select no case and "pass" with nothing run
+        from glm52_backends.ops import OP_NAMES
+        unknown = sorted(map(str, wanted - set(OP_NAMES) - {"model"}))
+        if unknown or not wanted:
+            raise ValueError(f"conformance.run: unknown op{'s' if len(unknown) > 1 else ''} "
+                             f"{', '.join(map(repr, unknown)) or '(none given)'}; the ops are "
+                             f"{', '.join(OP_NAMES)}, and 'model' for the model case")
+        if wanted == {"model"} and not model:
+            raise ValueError("conformance.run: ops=['model'] with model=False selects no case")
     t_start = time.perf_counter()
     for case in CASES:
         if wanted is not None and case.op not in wanted:

@@ -14,6 +14,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from .files import regular_file
+
 
 class ConfigError(ValueError):
     """A `config.json` (or a deployment YAML) that cannot describe a valid model."""
@@ -284,6 +286,9 @@ class ModelConfig:
         path = os.fspath(path)
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")
+        if os.path.exists(path) and not regular_file(path):    # a FIFO would block open() forever
+            raise ConfigError(f"{path}: not a regular file (a FIFO, socket, device or folder); config.json must be "
+                              f"a JSON file")
         try:
             with open(path, encoding="utf-8") as f:
                 d = json.load(f)

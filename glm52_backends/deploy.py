@@ -219,11 +219,19 @@ class DeploymentConfig:
         floats = {"fp32": torch.float32, "bf16": torch.bfloat16}
         for key, yaml_value in (("kv_cache_dtype", self.kv_cache_dtype), ("index_cache_dtype", self.index_cache_dtype)):
             overrides.setdefault(key, "auto" if floats.get(yaml_value) == dtype else yaml_value)
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from .engine.distributed import launched_world
+        world = launched_world()       # WORLD_SIZE checked: garbage there is refused naming it
+        if world > 1:
             # under torchrun: the YAML's layout over the launched ranks (one process: the whole model)
             for k in ("tp", "dp", "ep"):
                 overrides.setdefault(k, getattr(self, k))
             overrides.setdefault("collective", self.collective)
+            n = overrides["tp"] * overrides["dp"]
+            if n != world:   # a one-device layout would run the whole model on every rank and exit 0
+                raise DeploymentError(os.path.basename(self.source), "parallel",
+                                      f"tp x dp = {overrides['tp']} x {overrides['dp']} = {n} device(s), but "
+                                      f"{world} processes were launched (WORLD_SIZE={world}); launch {n}, or "
+                                      f"set parallel.tp / parallel.dp to match")
         return model_arg, dict(backend=backend, device=device, dtype=dtype, **overrides)
 
 
@@ -285,6 +293,8 @@ class _StrictLoader(yaml.SafeLoader):
 def _no_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
     seen = set()
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue         # `<<: *anchor`: merged keys may be overridden by the mapping's own (YAML merge)
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
             raise DeploymentError(loader.name, str(key), f"duplicate key (line {key_node.start_mark.line + 1})")
@@ -293,6 +303,20 @@ def _no_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = F
 
 
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`--set KEY=VALUE` -> (dotted key, the value parsed as YAML); a missing `=` or a value that is
+    not YAML is refused naming the key (`glm52 plan --set`)."""
+    key, eq, value = text.partition("=")
+    key = key.strip()
+    if not eq or not key:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE (e.g. parallel.dp=2)")
+    try:
+        return key, yaml.load(value, Loader=_StrictLoader)
+    except yaml.YAMLError as e:
+        why = " ".join(str(e).split())
+        raise ConfigError(f"--set {key}: the value {value!r} is not valid YAML ({why})") from None
 
 
 def bundled_names() -> list[str]:

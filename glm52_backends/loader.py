@@ -40,7 +40,8 @@ from typing import Any
 import torch
 
 from .config import ConfigError, ModelConfig
-from .quant import INT4_MAX, INT4_MIN, layout, pack_int4_rows
+from .files import regular_file
+from .quant import INT4_MAX, INT4_MIN, layout, pack_int4_rows, part_problem
 from .weights import Weight, expected_tensors, float32_tensor, fp8_scale_shape, is_fp8_weight, quantize_weight
 
 SINGLE_FILE = "model.safetensors"
@@ -91,6 +92,9 @@ def load_config(path: str | os.PathLike) -> ModelConfig:
     naming the file."""
     path = os.fspath(path)
     cfg_path = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    if os.path.exists(cfg_path) and not regular_file(cfg_path):    # a FIFO would block open() forever
+        raise ConfigError(f"{cfg_path}: not a regular file (a FIFO, socket, device or folder); config.json must "
+                          f"be a JSON file")
     try:
         if os.path.isdir(path) and os.path.isfile(os.path.join(path, ASCEND_DESCRIPTION)):
             return _ascend_config(cfg_path)
@@ -140,8 +144,15 @@ class Tokenizer:
         return self.tokenizer.token_to_id(token)
 
 
-def load_tokenizer(path: str | os.PathLike) -> Tokenizer | None:
-    """The folder's `tokenizer.json` as a `Tokenizer`, or None when there is none."""
+# A checkpoint's embedding may be padded past its tokenizer (to a multiple of 64 .. 128 x tp: Megatron,
+# HF); a tokenizer covering less than this share of `vocab_size` is another model's.
+TOKENIZER_MIN_SHARE = 7 / 8
+
+
+def load_tokenizer(path: str | os.PathLike, vocab_size: int | None = None) -> Tokenizer | None:
+    """The folder's `tokenizer.json` as a `Tokenizer`, or None when there is none. Checked against the
+    model's `vocab_size` (default: the folder's config.json): a tokenizer with more ids than the model
+    embeds, or far fewer (another model's: the ids it lacks would decode to nothing), is refused."""
     file = os.path.join(os.fspath(path), "tokenizer.json")
     if not os.path.isfile(file):
         return None
@@ -150,9 +161,19 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer | None:
     except ImportError as e:
         raise ImportError(f"{file} needs the 'tokenizers' package: pip install 'glm52_backends[tokenizer]'") from e
     try:
-        return Tokenizer(_HFTokenizer.from_file(file))
+        tok = Tokenizer(_HFTokenizer.from_file(file))
     except Exception as e:  # tokenizers raises its own Exception type on malformed files
         raise ValueError(f"{file}: cannot read tokenizer ({e})") from None
+    if vocab_size is None:
+        vocab_size = load_config(path).vocab_size
+    n = tok.vocab_size
+    if n > vocab_size or n < TOKENIZER_MIN_SHARE * vocab_size:
+        why = ("its ids past the embedding cannot be embedded" if n > vocab_size else
+               f"{vocab_size - n} of the model's ids would decode to nothing")
+        raise CheckpointError(f"{file}: the tokenizer has {n} tokens, but the model's vocab_size is {vocab_size} "
+                              f"({why}); is it another model's tokenizer.json? (a padded embedding may exceed the "
+                              f"tokenizer by up to {1 - TOKENIZER_MIN_SHARE:.1%})")
+    return tok
 
 
 # ---- safetensors headers ---------------------------------------------------------------------
@@ -220,6 +241,11 @@ def _weight_files(folder: str) -> tuple[dict[str, TensorEntry], str]:
         return _sharded_entries(folder, index), index
     if not os.path.isdir(folder):
         raise CheckpointError(f"{folder}: not a checkpoint folder")
+    ascend = sorted(glob.glob(os.path.join(glob.escape(folder), "quant_model_weight*.safetensors")))
+    if ascend:   # msModelSlim weights without their description: say that, not "no model.safetensors"
+        raise CheckpointError(f"{folder}: holds {os.path.basename(ascend[0])} (an msModelSlim AscendV1 folder) but "
+                              f"no {ASCEND_DESCRIPTION}, which gives each tensor's quantization type; copy it from "
+                              f"the msModelSlim output next to the weights")
     raise CheckpointError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE} (only safetensors checkpoints "
                           f"are supported)")
 
@@ -662,6 +688,14 @@ def _refuse_non_finite(t: torch.Tensor, e: TensorEntry, how: str) -> None:
                               f"(first at index {first}); a checkpoint with non-finite weights is refused")
 
 
+def _refuse_impossible(fmt: str, part: str, t: torch.Tensor, e: TensorEntry, K: int) -> None:
+    """A scale, offset or `deq_scale` no quantizer writes (quant.part_problem: the range and its reason)
+    is refused naming the file and tensor: loaded, it would change the logits without a word."""
+    why = part_problem(fmt, part, t, K)
+    if why:
+        raise CheckpointError(f"{e.file}: tensor '{e.name}' ({ASCEND_NAMES.get(fmt, fmt)} {part}): {why}")
+
+
 def _read_weight(reader: _Reader, name: str, fmt: str, entries: dict[str, TensorEntry], where,
                  block: tuple[int, int]) -> Weight:
     """A stored quantized weight (or this rank's slice of it) as a `Weight`, on the CPU."""
@@ -671,6 +705,7 @@ def _read_weight(reader: _Reader, name: str, fmt: str, entries: dict[str, Tensor
         scale = reader.read(se, _scale_slice(where, block, name))
         _refuse_non_finite(scale, se, "")
         _refuse_non_finite(data, e, "")
+        _refuse_impossible(fmt, "scales", scale.float(), se, e.shape[1])
         return Weight(data, scale.float(), fmt, block)
     e = entries[name]
     packed = fmt == "w4a8_dynamic" and e.shape[0] * 2 == expected_rows(e, entries, name)
@@ -680,6 +715,8 @@ def _read_weight(reader: _Reader, name: str, fmt: str, entries: dict[str, Tensor
         t = reader.read(pe, _part_where(fmt, part, where, block, name, packed))
         t = _part_tensor(fmt, part, t, pe)
         _refuse_non_finite(t, pe, "")
+        if part != "data":
+            _refuse_impossible(fmt, part, t, pe, e.shape[1])
         parts[part] = t
     data = parts.pop("data")
     if fmt == "w4a8_dynamic" and not packed:     # unpacked int4 codes in int8: pack them (quant.py's layout)
@@ -814,11 +851,23 @@ def _wanted(name: str, stored: str, scheme: str, quantization: str | None) -> st
     return recipe_format(name, quantization, static_attention=False)   # a float checkpoint, quantized online
 
 
+def _check_expert_count(cfg: ModelConfig, entries: dict[str, TensorEntry], where: str) -> None:
+    """A config whose routed experts need more tensors than the checkpoint holds in all is refused before
+    the expected inventory is built (n_routed_experts = 1e8 would need a dict of 1e8 x 3 x layers names)."""
+    moe_layers = sum(cfg.is_moe(i) for i in range(cfg.num_hidden_layers))
+    need = 3 * cfg.n_routed_experts * moe_layers
+    if need > len(entries):
+        raise CheckpointError(f"checkpoint {where} does not match its config: n_routed_experts = "
+                              f"{cfg.n_routed_experts} in {moe_layers} MoE layer(s) needs {need:,} expert tensors "
+                              f"(gate, up, down each), but the checkpoint holds {len(entries):,} tensors in all")
+
+
 def _prepare(folder: str, cfg: ModelConfig | None, include_mtp: bool | None, quantization: Any):
     check_quantization(quantization)
     if cfg is None:
         cfg = load_config(folder)
     entries, where = _weight_files(folder)
+    _check_expert_count(cfg, entries, where)
     use_mtp = _resolve_mtp(cfg, entries, where, include_mtp)
     if not use_mtp and cfg.num_nextn_predict_layers:
         mtp = cfg.num_hidden_layers  # skip the MTP layer's tensors if present (include_mtp=False)

@@ -23,6 +23,7 @@ dp > 1 is never captured) keeps the replicated form: all tokens on every rank, o
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .config import ConfigError, ModelConfig
@@ -77,18 +78,18 @@ class ParallelPlan:
             if n % parts:
                 raise LayoutError(f"parallel plan tp={tp} ep={ep}: {what} = {n} does not divide over {parts} ranks")
         if fp8_block is not None and tp > 1:
-            b0, b1 = fp8_block
-            H = cfg.num_attention_heads
+            b0, b1 = fp8_block      # rows (column-parallel cuts) in b0, columns (row-parallel cuts) in b1;
+            H = cfg.num_attention_heads   # an MLP width is cut both ways (gate/up rows, down columns)
             cuts = [("q_b_proj rows per rank", H * cfg.qk_head_dim // tp, b0),
                     ("kv_b_proj rows per rank", H * (cfg.qk_nope_head_dim + cfg.v_head_dim) // tp, b0),
                     ("o_proj columns per rank", H * cfg.v_head_dim // tp, b1)]
             if any(not cfg.is_moe(i) for i in range(cfg.num_hidden_layers)):
-                cuts.append(("dense MLP width per rank", cfg.intermediate_size // tp, min(b0, b1)))
+                cuts.append(("dense MLP width per rank", cfg.intermediate_size // tp, math.lcm(b0, b1)))
             if cfg.n_shared_experts:
                 cuts.append(("shared expert width per rank", cfg.moe_intermediate_size * cfg.n_shared_experts // tp,
-                             min(b0, b1)))
+                             math.lcm(b0, b1)))
             if ep == 1:
-                cuts.append(("expert width per rank", cfg.moe_intermediate_size // tp, min(b0, b1)))
+                cuts.append(("expert width per rank", cfg.moe_intermediate_size // tp, math.lcm(b0, b1)))
             for what, n, b in cuts:
                 if n % b:
                     raise LayoutError(f"parallel plan tp={tp} ep={ep}: {what} = {n} is not a whole number of "

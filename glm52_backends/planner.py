@@ -52,7 +52,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -447,11 +446,6 @@ def plans_markdown(plans: list[Plan]) -> str:
     return "\n".join(out) + "\n"
 
 
-def _parse_value(text: str) -> Any:
-    import yaml
-    return yaml.safe_load(text)
-
-
 def plan_main(argv: list[str] | None = None) -> int:
     """`glm52 plan CONFIG`: print the per-device memory plan; exit 0 if it fits, else 1."""
     from .config import ConfigError
@@ -509,19 +503,13 @@ def _write(path: str, text: str) -> None:
     if path == "-":
         sys.stdout.write(text)
         return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
+    from .files import write_text
+    write_text(path, text)                           # a temp file renamed over: never half-written
 
 
 def _apply_sets(d: DeploymentConfig, sets: list[str]) -> DeploymentConfig:
-    from .config import ConfigError
-    changes = {}
-    for s in sets:
-        key, eq, value = s.partition("=")
-        if not eq or not key:
-            raise ConfigError(f"--set {s!r}: expected KEY=VALUE")
-        changes[key.strip()] = _parse_value(value)
+    from .deploy import parse_override
+    changes = dict(parse_override(s) for s in sets)
     return d.replace(**changes) if changes else d
 
 

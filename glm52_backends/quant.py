@@ -114,6 +114,82 @@ def layout_nbytes(fmt: str, shape: tuple[int, ...], block: tuple[int, int] = (12
     return sum(math.prod(s) * torch.empty((), dtype=dt).element_size() for s, dt in parts.values())
 
 
+# ---- the values each part admits (the loader's check; `check_weight` for Weights built in memory) ---------
+F32_TINY = torch.finfo(torch.float32).tiny      # smallest normal float32 (1.2e-38)
+F32_MAX = torch.finfo(torch.float32).max
+
+
+def _positive_normal(t: torch.Tensor, what: str, top: float, top_why: str) -> str | None:
+    """Every value a positive normal float32 no larger than `top`; else why not (first offender named)."""
+    v = t.double().reshape(-1)
+    if not v.numel():
+        return None
+    checks = ((~torch.isfinite(v), "NaN/inf"), (v <= 0, "<= 0"), (v < F32_TINY, "denormal (< 1.2e-38)"),
+              (v > top, f"> {top:.3g} ({top_why})"))
+    for bad, label in checks:
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0])
+            return (f"{int(bad.sum())} value(s) {label}, first {float(v[i]):.6g} at flat index {i}; {what}")
+    return None
+
+
+def part_problem(fmt: str, part: str, t: torch.Tensor, K: int) -> str | None:
+    """Why the stored values of part `part` of a `fmt` weight `[N, K]` cannot come from a quantizer (None
+    when they can). The ranges and their reasons:
+    - scales (`weight_scale_inv`, `weight_scale`): positive normal float32, times the largest code still
+      finite. Quantizers write amax / code max floored at a positive value; 0 erases a block or channel, a
+      negative scale flips its sign, a denormal loses its precision.
+    - `offset` (`weight_offset`): a zero point inside the code range (int8 [-128, 127], int4 [-8, 7]).
+    - `input_scale`: positive normal (the activation quantizer multiplies by its reciprocal).
+    - `input_offset`: inside int8 [-128, 127] (it is added to int8 codes before they are clamped there).
+    - `deq_scale`: positive normal, and the largest accumulator (127 x 128 x K + |quant_bias|) times it
+      still finite in float32 (`npu_quant_matmul`'s output).
+    Finiteness (NaN/inf) is checked for every float part besides."""
+    if part == "scales":
+        what = ("block-FP8 weight_scale_inv must be a positive normal float32: a quantizer writes amax / 448, "
+                "floored above 0" if fmt == "fp8_block" else
+                "a per-channel weight_scale must be a positive normal float32: a quantizer writes amax / code max, "
+                "floored above 0")
+        return _positive_normal(t, what, F32_MAX / (FP8_MAX if fmt == "fp8_block" else 128.0),
+                                "the largest code times it overflows float32")
+    if part == "offset":
+        lo, hi = (INT4_MIN, INT4_MAX) if fmt == "w4a8_dynamic" else (INT8_MIN, INT8_MAX)
+        bad = ~torch.isfinite(t) | (t < lo) | (t > hi)
+        if bool(bad.any()):
+            i = int(bad.reshape(-1).nonzero()[0])
+            return (f"{int(bad.sum())} value(s) outside the code range [{lo}, {hi}], first "
+                    f"{float(t.reshape(-1)[i]):.6g} at flat index {i}; a weight_offset is a zero point among the codes")
+    if part == "input_scale":
+        return _positive_normal(t, "input_scale must be a positive normal float32: the activations are multiplied "
+                                   "by its reciprocal", F32_MAX, "not finite")
+    if part == "input_offset":
+        v = float(t.reshape(-1)[0]) if t.numel() else 0.0
+        if not (math.isfinite(v) and INT8_MIN <= v <= INT8_MAX):
+            return (f"value {v:.6g} outside int8 [{INT8_MIN}, {INT8_MAX}]; input_offset is added to the int8 "
+                    f"activation codes before they are clamped to that range")
+    if part == "deq_scale":
+        return _positive_normal(t, "deq_scale (input_scale x weight_scale) must be a positive normal float32",
+                                F32_MAX / (INT8_MAX * 128.0 * max(K, 1) + 2.0 ** 31),
+                                f"the largest int32 accumulator of K = {K} inputs times it overflows float32")
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        return f"{int((~torch.isfinite(t)).sum())} NaN/inf value(s)"
+    return None
+
+
+def check_weight(w, name: str = "weight") -> None:
+    """`part_problem` for every part of a quantized `Weight` (a stack of experts too): ValueError naming
+    the weight and the part."""
+    if getattr(w, "format", "dense") == "dense":
+        return
+    K = w.shape[-1]
+    for part, t in w.tensors().items():
+        if part == "data":
+            continue
+        why = part_problem(w.format, part, t, K)
+        if why:
+            raise ValueError(f"{name} ({w.format}): its {part}: {why}")
+
+
 # ---- int4 packing -------------------------------------------------------------------------------------
 
 def pack_int4_rows(q: torch.Tensor) -> torch.Tensor:
@@ -209,17 +285,29 @@ def dequantize(w, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return (q - w.aux["offset"].to(dtype)[..., None]) * w.scales.to(dtype)[..., None]
 
 
+def nonfinite_rows(x: torch.Tensor) -> torch.Tensor:
+    """float64 `[...]`: 0 for a row of x `[..., K]` that is finite, NaN for one holding NaN/inf. Added to a
+    quantized product it keeps a non-finite activation visible: the int8 codes have no NaN (a cast turns
+    NaN into code 0 and inf into 127), so without it a W8A8 model would launder NaN into numbers that the
+    per-step finiteness check never sees, where a BF16 model trips it. On the device, no host read."""
+    ok = torch.isfinite(x).all(dim=-1)
+    return torch.where(ok, 0.0, math.nan).to(torch.float64)
+
+
 def matmul_reference(x: torch.Tensor, w) -> torch.Tensor:
     """The exact arithmetic of format `w.format`: x `[..., K]` quantized by the recipe, both operands
-    dequantized, products accumulated in float64. Returns float64 `[..., N]` (w one matrix)."""
+    dequantized, products accumulated in float64. Returns float64 `[..., N]` (w one matrix). A row of x
+    holding NaN/inf gives a NaN row (`nonfinite_rows`), whatever the recipe does with it."""
     if w.format == "dense":
         return x.double() @ w.data.double().T
     if w.format == "fp8_block":
         q, s = quantize_activation(x, w)
-        return dequantize_fp8_groups(q, s, w.block[1]) @ dequantize(w, torch.float64).T
-    if w.format == "w8a8_static":
+        y = dequantize_fp8_groups(q, s, w.block[1]) @ dequantize(w, torch.float64).T
+    elif w.format == "w8a8_static":
         q, _ = quantize_activation(x, w)
         acc = q.double() @ w.data.double().T + w.aux["quant_bias"].double()
-        return acc * w.aux["deq_scale"].double()
-    q, s = quantize_activation(x, w)
-    return (q.double() * s.double()[..., None]) @ dequantize(w, torch.float64).T
+        y = acc * w.aux["deq_scale"].double()
+    else:
+        q, s = quantize_activation(x, w)
+        y = (q.double() * s.double()[..., None]) @ dequantize(w, torch.float64).T
+    return y + nonfinite_rows(x)[..., None]

@@ -453,6 +453,9 @@ class BoundBackend:
             counts["fallback"] += 1
             try:
                 out = self._run(op, ref, args, kwargs, False)
+            except SystemExit as e:
+                raise BackendOutputError(f"{self.where(op)} (reference fallback): called sys.exit({e.code!r}); "
+                                         f"an op must raise, not end the process") from None
             except Exception as e:
                 self._note(e, op, "reference fallback")
                 raise
@@ -478,6 +481,9 @@ class BoundBackend:
                 except OpUnsupported as e:
                     self._warn(op, f"declined: {e}")
                     return fallback(args, kwargs)
+                except SystemExit as e:     # a plugin's op must not end the process; name it and its layer
+                    raise BackendOutputError(f"{self.where(op)} (native): called sys.exit({e.code!r}); a backend "
+                                             f"must raise, not end the process") from None
                 except Exception as e:
                     self._note(e, op, "native")
                     raise

@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 from .config import ModelConfig, indexshare_schedule
+from .files import atomic_path, umask
 from .loader import (ASCEND_DESCRIPTION, ASCEND_INDEX, ASCEND_NAMES, ASCEND_SINGLE, DEFAULT_FP8_BLOCK, INDEX_FILE,
                      SCALE_SUFFIX, SINGLE_FILE, ascend_part_name, recipe_format)
 from .weights import Weight, expected_tensors, float32_tensor, is_fp8_weight, quantize_weight
@@ -237,28 +238,8 @@ def _shard_names(names: list[str], shards: int) -> list[list[str]]:
     return [sum(groups[k * per:(k + 1) * per], []) for k in range(shards) if groups[k * per:(k + 1) * per]]
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _atomic(file: str) -> "contextlib.AbstractContextManager[str]":
-    """Yield a temporary name beside `file`; on success it is renamed to `file` (atomic), on
-    failure removed: a reader never sees a half-written file."""
-    @contextlib.contextmanager
-    def cm():
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(file) or ".", prefix="." + os.path.basename(file) + ".",
-                                   suffix=".tmp")
-        os.close(fd)
-        try:
-            yield tmp
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a plain open() would not
-            os.replace(tmp, file)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(tmp)
-    return cm()
+_umask = umask
+_atomic = atomic_path   # one helper for every file the package writes (files.py)
 
 
 def _write_json(file: str, d: dict) -> None:
@@ -496,11 +477,13 @@ DEFAULT_TINY = tiny_default_dir()
 
 def _default_is_whole(path: str) -> str | None:
     """None when the folder holds a readable checkpoint (headers checked, no tensor read); else why not."""
-    from .loader import load_config, validate_entries, _resolve_mtp, _weight_files
+    from .loader import _description, _resolve_mtp, _weight_files, load_config, validate_entries
     try:
         cfg = load_config(path)
         entries, where = _weight_files(path)
-        validate_entries(cfg, entries, where, include_mtp=_resolve_mtp(cfg, entries, where, None))
+        # with the AscendV1 description when there is one: an msModelSlim folder is whole, never rebuilt
+        validate_entries(cfg, entries, where, include_mtp=_resolve_mtp(cfg, entries, where, None),
+                         desc=_description(path))
     except (ValueError, OSError) as e:
         return str(e).splitlines()[0]
     return None

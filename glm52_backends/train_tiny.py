@@ -366,8 +366,9 @@ def write_checkpoint(out: str, tensors: dict, tok, a, vocab_size: int, eos: int,
         raise RuntimeError(f"export does not match the checkpoint layout: unexpected {sorted(stray)[:5]}, "
                            f"missing {sorted(missing)[:5]}, wrong shapes {bad[:5]}")
     cast = lambda d: {k: v.float() if float32_tensor(k) else v.to(torch.bfloat16) for k, v in d.items()}
-    tiny._refuse_existing(out)
-    tiny._check_writable(out)
+    why = out_problem(out)
+    if why:
+        raise OSError(why)
     with tiny._staged(out) as tmp:
         tiny.write_safetensors(tmp, cast(main))
         save_file(cast(side), os.path.join(tmp, PER_LAYER_INDEXERS), metadata={"format": "pt"})
@@ -378,6 +379,23 @@ def write_checkpoint(out: str, tensors: dict, tok, a, vocab_size: int, eos: int,
             os.chmod(os.path.join(tmp, n), 0o666 & ~tiny._umask())
         tiny._write_config(tmp, cfg_dict)
     return out
+
+
+def out_problem(out: str) -> str | None:
+    """Why `--out` cannot take the checkpoint (checked before training; `write_checkpoint` checks again):
+    a file there, a folder holding a file the checkpoint writes, or no writable folder; None when fine."""
+    from . import tiny
+    try:
+        tiny._refuse_existing(out)
+        tiny._check_writable(out)
+    except (FileExistsError, PermissionError) as e:
+        return str(e)
+    if os.path.isdir(out):
+        clash = sorted(n for n in os.listdir(out) if n in (PER_LAYER_INDEXERS, "training.json"))
+        if clash:
+            return (f"{out} already holds {', '.join(clash)}; nothing was written (files are never replaced: choose a "
+                    f"new or empty folder, or remove them first)")
+    return None
 
 
 # ---- training -------------------------------------------------------------------------------------
@@ -560,10 +578,9 @@ def train(a) -> dict:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    if os.path.isdir(a.out) and any(n in ("config.json", "model.safetensors", "tokenizer.json")
-                                    for n in os.listdir(a.out)):
-        print(f"train_tiny: error: {a.out} already holds a checkpoint; choose a new or empty folder",
-              file=sys.stderr)
+    why = out_problem(a.out)
+    if why:                     # before the corpus is read and the model trained, not after
+        print(f"train_tiny: error: {why}", file=sys.stderr)
         return 2
     try:
         import tokenizers  # noqa: F401

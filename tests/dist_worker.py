@@ -1,6 +1,7 @@
 """One rank of a distributed test run (tests/test_distributed.py starts W of these).
 
     python tests/dist_worker.py INIT_FILE RANK WORLD CKPT TP EP DTYPE [--dp N] [--die-after-load] [--skew-topk]
+        [--adaptive] [--own-dispatch] [--graph MODE] [--stop-after-load]
 
 Initialises gloo from a file:// rendezvous (no ports), builds GLM52(CKPT, backend="cpu_ref", tp, ep)
 -- which finds the process group up and lays the model out over it -- and prints one JSON line:
@@ -90,7 +91,20 @@ def main() -> int:
                           "stats": {k: graph.stats[k] for k in ("graph", "graph_buckets", "eager_buckets")}}))
         dist.destroy_process_group()
         return 0
+    if "--adaptive" in sys.argv:            # adaptive drafts only (EP stage 2: the groups want different step kinds)
+        m = GLM52(ckpt, backend=backend, dtype=dt, progress=False, tp=int(tp), ep=int(ep), dp=dp)
+        prompts = [[3, 17, 200, 5, 9, 41, 77, 1, 2, 3, 4, 5], [250, 4], [8] * 9, [1, 2]]
+        runs = {str(t): m.generate(prompts, max_new_tokens=9, stop_at_eos=False, speculative=3, adaptive=True,
+                                   draft_threshold=t) for t in (0.0, 0.02)}
+        print(json.dumps({"rank": rank, "adaptive": {t: r.tokens for t, r in runs.items()},
+                          "drafted": {t: r.stats.get("mean_drafted_tokens") for t, r in runs.items()},
+                          "empty_steps": {str(k): v for k, v in m.turns.empty_steps.items()}}))
+        dist.destroy_process_group()
+        return 0
     m = GLM52(ckpt, backend=backend, dtype=dt, progress=False, tp=int(tp), ep=int(ep), dp=dp)
+    if "--stop-after-load" in sys.argv and rank == 1:     # hung (SIGSTOP): the others must fail by the timeout
+        import signal
+        os.kill(os.getpid(), signal.SIGSTOP)
     if die and rank == 1:
         os._exit(3)
     digests = []

@@ -34,8 +34,9 @@ PROMPTS = [[3, 17, 200, 5, 9, 41, 77, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [250, 
 def ckpts(tmp_path_factory):
     d = tmp_path_factory.mktemp("dist")
     return {"bf16": make_tiny_checkpoint(str(d / "bf16"), layers=4, seed=3, mtp=True, index_topk=8),
+            # non-square blocks: a rank's slice of the scale grid uses the block of the cut dim (rows 8, columns 16)
             "fp8": make_tiny_checkpoint(str(d / "fp8"), layers=4, seed=4, mtp=True, index_topk=8, fp8=True,
-                                        fp8_block=(8, 8))}
+                                        fp8_block=(8, 16))}
 
 
 def run_ranks(tmp_path, ckpt, world, tp, ep, dtype="float32", extra=(), timeout=240, dp=1, debug=False):
@@ -103,6 +104,24 @@ def test_layout_matches_one_process(tmp_path, ckpts, fmt, tp, dp, ep):
             assert o["sent_bytes"] > 0
     else:
         assert all(o["moe"] == {"rows": 0, "pairs": 0, "tokens": 0} for o in outs)
+
+
+def test_ep_stage2_adaptive_drafts_where_the_groups_want_different_steps(tmp_path, ckpts):
+    """EP stage 2 (tp2 dp2 ep4) with adaptive MTP drafts: the dp groups draft different numbers of tokens,
+    so one group wants an MTP draft step while the other wants its verify step; the one that waits runs
+    the other's step empty (engine/turns.py). Every rank returns plain greedy's tokens, for a threshold
+    that never stops early and one that does."""
+    prompts = [[3, 17, 200, 5, 9, 41, 77, 1, 2, 3, 4, 5], [250, 4], [8] * 9, [1, 2]]
+    want = GLM52(ckpts["bf16"], backend="cpu_ref", dtype=torch.float32, progress=False).generate(
+        prompts, max_new_tokens=9, stop_at_eos=False).tokens
+    outs = []
+    for rc, o, e in run_ranks(tmp_path, ckpts["bf16"], 4, 2, 4, dp=2, extra=("--adaptive",), timeout=180):
+        assert rc == 0, e[-3000:]
+        outs.append(json.loads(o.strip().splitlines()[-1]))
+    for o in outs:
+        assert o["adaptive"] == {"0.0": want, "0.02": want}, o["rank"]
+    # the groups wanted different step kinds at least once: a group ran an MTP step empty
+    assert sum(o["empty_steps"]["1"] for o in outs) > 0, [o["empty_steps"] for o in outs]
 
 
 def test_a_backend_brings_its_own_expert_dispatch(tmp_path, ckpts):

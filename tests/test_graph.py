@@ -240,7 +240,8 @@ def test_speculative_graphs_equal_eager(kw):
     assert st["graph"] == "trace" and st["graph_buckets"] and not st["eager_buckets"]
     assert bool(st["mtp_graph_buckets"]) == (kw["speculative"] > 1) and not st["mtp_eager_buckets"]
     if kw.get("adaptive"):                  # some requests drafted fewer than k: padded in the verify graph
-        assert 1 <= st["mean_drafted_tokens"] < kw["speculative"]
+        # (a request's round with one token left drafts none: the mean may dip under 1)
+        assert 0 < st["mean_drafted_tokens"] < kw["speculative"]
 
 
 def test_a_verify_replay_computes_the_new_step():

@@ -275,12 +275,14 @@ def test_sampling_preserves_target_distribution(small_vocab, k, temperature, top
     as N identical requests, against the exact target joint: Pearson chi-square at ALPHA."""
     model, N, n = small_vocab, 1000, 3
     prompt = [1, 3, 0, 2, 2, 1]                                              # longer than index_topk
-    res, dec = generate_speculative(model, [prompt] * N, max_new_tokens=n, k=k, temperature=temperature,
+    # n + k - 1 new tokens: a request drafts at most (tokens left - 1), so the second round can still
+    # draft all k and both verify outcomes occur; the joint is judged on the first n tokens
+    res, dec = generate_speculative(model, [prompt] * N, max_new_tokens=n + k - 1, k=k, temperature=temperature,
                                     top_p=top_p, seed=11, stop_at_eos=False, return_decoder=True)
     joint = _target_joint(model, prompt, n, temperature, top_p)
     counts: dict[tuple, int] = {}
     for t in res.tokens:
-        counts[tuple(t)] = counts.get(tuple(t), 0) + 1
+        counts[tuple(t[:n])] = counts.get(tuple(t[:n]), 0) + 1
     assert sum(counts.values()) == N
     impossible = sum(c for cell, c in counts.items() if joint[cell] == 0.0)
     assert impossible == 0, "sampled a continuation the target (top-p) gives probability 0"
@@ -440,17 +442,22 @@ class DraftRule:
 
     Per request and round: the catch-up MTP step gives the logits that propose d_1; each later MTP
     step of the round feeds the previous draft d_j, which adaptive drafting allows only when
-    q(d_j) > threshold and j < cap = min(k, context - 1 - n), q being the distribution of the logits
-    that proposed d_j: softmax at temperature 1 under greedy, the sampling distribution (temperature,
-    top-p) otherwise; the verify step feeds [seq[n], d_1..d_m], whose last draft must be at the cap
-    or have q(d_m) <= threshold (threshold None: fixed k, every round drafts the cap). Records the
-    drafts of each round per request (`rounds`) and every proposed draft's probability (`probs`)."""
+    q(d_j) > threshold and j < cap = min(k, context - 1 - n, left - 1), left being the new tokens the
+    request may still emit (`max_new_tokens` less those emitted, bounded by the context: a round emits
+    at most its drafts + 1, so a request with one token left drafts none), q being the distribution of
+    the logits that proposed d_j: softmax at temperature 1 under greedy, the sampling distribution
+    (temperature, top-p) otherwise; the verify step feeds [seq[n], d_1..d_m], whose last draft must be
+    at the cap or have q(d_m) <= threshold (threshold None: fixed k, every round drafts the cap).
+    Records the drafts of each round per request (`rounds`) and every proposed draft's probability
+    (`probs`)."""
 
     def __init__(self, model, k: int, threshold: float | None, eps: float = 1e-6, temperature: float = 0.0,
-                 top_p: float = 1.0):
+                 top_p: float = 1.0, *, max_new_tokens: int):
         self.model, self.k, self.thr, self.eps = model, k, threshold, eps
         self.temperature, self.top_p = temperature, top_p
         self.C = model.cfg.max_position_embeddings
+        self.max_new = max_new_tokens
+        self.plen: dict[int, int] = {}                  # prompt length of each request (its prefill chunks)
         self.state: dict[int, str] = {}
         self.latest: dict[int, torch.Tensor] = {}
         self.fed: dict[int, list[int]] = {}
@@ -462,6 +469,11 @@ class DraftRule:
             return float(torch.softmax(self.latest[i].float(), -1)[d])
         return float(probs_from_logits(self.latest[i][None], self.temperature, self.top_p)[0, d])
 
+    def cap(self, i: int, n: int) -> int:
+        """Drafts request i may propose with n tokens in its target cache."""
+        left = min(self.max_new, self.C - self.plen[i]) - (n - self.plen[i] + 1)
+        return max(0, min(self.k, self.C - 1 - n, left - 1))
+
     def __enter__(self):
         m = self.model
         run, run_mtp = m.run, m.run_mtp
@@ -470,9 +482,17 @@ class DraftRule:
             n = {i: cache.lens.get(i, 0) for i in chunks}
             out = run(cache, chunks)
             for i, toks in chunks.items():
+                if self.state.get(i, "prefill") == "prefill":                  # a prefill chunk
+                    self.plen[i] = self.plen.get(i, 0) + len(toks)
+                    self.state[i] = "prefill"
+                    continue
                 if self.state.get(i) == "drafting":                            # a verify step
-                    drafts, cap = [int(t) for t in toks[1:]], min(self.k, self.C - 1 - n[i])
-                    assert 1 <= len(drafts) <= cap, (i, drafts, cap)
+                    drafts, cap = [int(t) for t in toks[1:]], self.cap(i, n[i])
+                    assert min(1, cap) <= len(drafts) <= cap, (i, drafts, cap)
+                    if not drafts:                                             # one token left: a plain step
+                        self.rounds.setdefault(i, []).append(0)
+                        self.state[i] = "catch-up"
+                        continue
                     assert drafts[:-1] == self.fed[i], "the verified drafts are the ones the MTP steps fed"
                     p = self._prob(i, drafts[-1])
                     self.probs.append(p)
@@ -494,7 +514,7 @@ class DraftRule:
                     d, p = int(toks[0]), self._prob(i, int(toks[0]))
                     self.probs.append(p)
                     self.fed[i].append(d)
-                    assert len(self.fed[i]) < min(self.k, self.C - 1 - cache.lens[i]), "drafted past the cap"
+                    assert len(self.fed[i]) < self.cap(i, cache.lens[i]), "drafted past the cap"
                     if self.thr is not None:
                         assert p > self.thr - self.eps, f"request {i} drafted on after a draft of probability {p}"
                 else:                                                          # the catch-up: a new round
@@ -548,7 +568,7 @@ def test_adaptive_greedy_equals_plain_for_every_threshold(ckpt, backend):
     drafts = MixedDrafts([p + o for p, o in zip(prompts, plain)], [0.9, 0.5, None], V, seed=7)
 
     def run(threshold, adaptive=True):
-        with DraftRule(model, k, threshold) as rule:
+        with DraftRule(model, k, threshold, max_new_tokens=NEW_TOKENS) as rule:
             res, dec = generate_speculative(model, prompts, max_new_tokens=NEW_TOKENS, k=k, stop_at_eos=False,
                                             draft_filter=drafts, adaptive=adaptive,
                                             draft_threshold=threshold, return_decoder=True)
@@ -559,7 +579,8 @@ def test_adaptive_greedy_equals_plain_for_every_threshold(ckpt, backend):
         return res, dec, rule
 
     fixed, fdec, frule = run(None, adaptive=False)
-    assert {n for v in fdec.drafted.values() for n in v} == {k} and fixed.stats["mean_drafted_tokens"] == k
+    # fixed k: every round drafts its cap (DraftRule checks it), k until the last tokens of a request
+    assert max(n for v in fdec.drafted.values() for n in v) == k and fixed.stats["mean_drafted_tokens"] > k - 1
     lo, hi = _between(frule.probs, 0.3), _between(frule.probs, 0.7)
     assert 0.0 < lo < hi < 1.0
     if backend != "cpu_ref":
@@ -573,13 +594,13 @@ def test_adaptive_greedy_equals_plain_for_every_threshold(ckpt, backend):
         counts = {n for v in dec.drafted.values() for n in v}
         if t == 0.0:                                            # never stops early: exactly fixed k
             assert dec.drafted == fdec.drafted and dec.accepted == fdec.accepted
-        elif t == 1.0:                                          # always stops after d_1
-            assert counts == {1} and res.stats["mean_acceptance_length"] <= 2.0
+        elif t == 1.0:                                          # always stops after d_1 (none with one token left)
+            assert 1 in counts and counts <= {0, 1} and res.stats["mean_acceptance_length"] <= 2.0
         else:                                                   # rounds of different lengths, within a step too
             assert len(counts) >= 2 and 1.0 < means[-1] < k, (t, counts)
             assert _mixed_round(dec.drafted)
             assert max(a for v in dec.accepted.values() for a in v) >= (2 if t == lo else 1)
-    assert means[0] == k and means[-1] == 1.0
+    assert means[0] == fixed.stats["mean_drafted_tokens"] and means[-1] <= 1.0
     assert means == sorted(means, reverse=True) and means[1] > means[2], means
 
 
@@ -604,7 +625,7 @@ def test_adaptive_greedy_up_to_the_context_end(short_model):
     for t in (0.0, "mid", 1.0):
         if t == "mid":
             t = _between(probs, 0.5)
-        with DraftRule(model, k, t) as rule:
+        with DraftRule(model, k, t, max_new_tokens=100) as rule:
             res, dec = generate_speculative(model, prompts, max_new_tokens=100, k=k, stop_at_eos=False,
                                             draft_filter=drafts, adaptive=True, draft_threshold=t,
                                             return_decoder=True)
@@ -625,8 +646,9 @@ def test_adaptive_sampling_preserves_target_distribution(small_vocab, temperatur
     distribution of the first three new tokens is the target's (chi-square)."""
     model, N, n, k = small_vocab, 1000, 3, 3
     prompt = [1, 3, 0, 2, 2, 1]
-    with DraftRule(model, k, threshold, temperature=temperature, top_p=top_p) as rule:
-        res, dec = generate_speculative(model, [prompt] * N, max_new_tokens=n, k=k, temperature=temperature,
+    new = n + k - 1                 # so that a round can draft all k (one with b tokens left drafts <= b - 1)
+    with DraftRule(model, k, threshold, temperature=temperature, top_p=top_p, max_new_tokens=new) as rule:
+        res, dec = generate_speculative(model, [prompt] * N, max_new_tokens=new, k=k, temperature=temperature,
                                         top_p=top_p, seed=12, stop_at_eos=False, adaptive=True,
                                         draft_threshold=threshold, return_decoder=True)
     assert rule.rounds == dec.drafted
@@ -637,7 +659,7 @@ def test_adaptive_sampling_preserves_target_distribution(small_vocab, temperatur
     joint = _target_joint(model, prompt, n, temperature, top_p)
     counts: dict[tuple, int] = {}
     for t in res.tokens:
-        counts[tuple(t)] = counts.get(tuple(t), 0) + 1
+        counts[tuple(t[:n])] = counts.get(tuple(t[:n]), 0) + 1
     assert sum(c for cell, c in counts.items() if joint[cell] == 0.0) == 0
     stat, df = _chi2(counts, joint, N)
     assert _chi2_sf(stat, df) > ALPHA, f"chi2 = {stat:.1f} on {df} df"
@@ -681,8 +703,13 @@ def test_cli_generate_adaptive(ckpt, capsys):
     out = capsys.readouterr().out
     assert rc == 0
     assert "with speculation (k=2, adaptive p>0)" in out
-    assert "drafts per verify step: 2.00 of 2" in out                   # threshold 0: never stops early
     assert "same tokens as plain greedy: yes" in out
+    assert main(["generate", ckpt, "--backend", "cpu_ref", "--speculative", "2", "--batch", "2", "--max-new-tokens",
+                 "6", "--ignore-eos", "--quiet"]) == 0
+    fixed = capsys.readouterr().out
+    line = [x for x in out.splitlines() if x.startswith("drafts per verify step:")]
+    assert line and line == [x for x in fixed.splitlines() if x.startswith("drafts per verify step:")]   # threshold 0:
+    # never stops early, the drafts of fixed k (which drafts fewer only for a request's last tokens)
     assert main(["generate", ckpt, "--backend", "cpu_ref", "--adaptive", "--quiet"]) == 2
     assert "--adaptive needs --speculative K > 0" in capsys.readouterr().err
     assert main(["generate", ckpt, "--speculative", "2", "--draft-threshold", "0.3", "--quiet"]) == 2

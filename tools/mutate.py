@@ -3,6 +3,8 @@
     python tools/mutate.py conformance/judges.py --tests tests/test_conformance.py tests/test_near_miss.py
     python tools/mutate.py glm52_backends/ops/*.py --tests tests/test_cpu_ref.py --max 40 --seed 1
     python tools/mutate.py conformance/tolerances.py --list          # the mutants, nothing run
+    python tools/mutate.py --known                                   # the audits' survivors, each with its tests
+    python tools/mutate.py --known --only transaction,stack --list
 
 Each mutant is one small change to a module's syntax tree: a comparison flipped (< to <=, == to !=,
 < to >), an integer constant off by one, a float constant doubled or halved, an arithmetic operator
@@ -23,7 +25,13 @@ A mutant is killed when the tests fail (or time out), survives when they pass. T
 the score per module and lists every survivor with its line, so each can be judged: a test gap,
 or an equivalent mutant (one that cannot change behaviour; say why in the report).
 
+`--known` runs the mutants earlier audits found surviving (`KNOWN`: each a text change of one
+module and the tests that must kill it), so they stay caught; a known mutant whose text no longer
+occurs in its module is an error (update its entry with the code). tests/test_reliability.py checks
+that every entry still applies.
+
 Exit status: 0 when every module reached --min-score (default 0), 1 otherwise, 2 on usage errors.
+With --known: 0 when every known mutant was killed, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -64,6 +72,91 @@ class Mutant:
     @property
     def ident(self) -> str:
         return f"{self.module}:{self.line}#{self.index}"
+
+
+@dataclass(frozen=True)
+class Known:
+    """A mutant an audit found surviving: `old` -> `new` (exactly one occurrence) in `module`, and the
+    tests that kill it now."""
+    name: str
+    module: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+    why: str
+
+
+_R = "tests/test_reliability.py"
+# The survivors of the issue-26 audit (every one changed behaviour and passed the whole suite then).
+KNOWN: tuple[Known, ...] = (
+    Known("fp8-scale-slice-block", "glm52_backends/loader.py", "    bs = block[dim]\n", "    bs = block[0]\n",
+          (f"{_R}::test_rank_slices_of_non_square_fp8_blocks_equal_the_whole",),
+          "a rank's slice of an FP8 scale grid cut in the row block on every dim (square blocks hide it)"),
+    Known("plan-o-proj-block", "glm52_backends/parallel.py",
+          '("o_proj columns per rank", H * cfg.v_head_dim // tp, b1)',
+          '("o_proj columns per rank", H * cfg.v_head_dim // tp, b0)',
+          (f"{_R}::test_the_plan_checks_o_proj_columns_against_the_column_block",),
+          "the plan checks o_proj's columns against the row block"),
+    Known("online-cut-end", "glm52_backends/loader.py", "    if a % block or (b % block and b != n):\n",
+          "    if a % block:\n", (f"{_R}::test_an_online_quantized_cut_is_checked_at_both_ends",),
+          "the online-quantized rank cut checked at the start of a slice only"),
+    Known("stack-block-recipe", "glm52_backends/weights.py",
+          "fmts = {(w.format, w.block, w.recipe) for w in ws}", "fmts = {(w.format,) for w in ws}",
+          (f"{_R}::test_stack_refuses_experts_of_different_blocks_or_recipes",),
+          "stack accepts experts of different FP8 blocks or recipes and computes them with the first's"),
+    Known("transaction-interrupt", "glm52_backends/cache.py", "        except BaseException:\n            self.rollback(mark)",
+          "        except Exception:\n            self.rollback(mark)",
+          (f"{_R}::test_ctrl_c_inside_a_step_rolls_the_cache_back",),
+          "the cache transaction rolls back on Exception only: Ctrl-C leaves lengths advanced, blocks taken"),
+    Known("registry-output-device", "glm52_backends/registry.py",
+          "    if device is not None and t.device != device:", "    if False and device is not None and t.device != device:",
+          (f"{_R}::test_an_op_output_on_another_device_is_refused",),
+          "the registry's check of an op output's device"),
+    Known("ep-stage2-empty-step-kind", "glm52_backends/engine/turns.py", "        if kind == self.RUN:\n",
+          "        if kind != self.IDLE:\n",
+          ("tests/test_distributed.py::test_ep_stage2_adaptive_drafts_where_the_groups_want_different_steps",),
+          "EP stage 2 with adaptive drafts: a group runs the other's MTP step empty as a full pass (gloo: "
+          "'640 vs 512'); the only test ran fixed-k drafts"),
+    Known("sparse-mla-idx-rows", "glm52_backends/ops/sparse_mla.py", "    if idx.dim() != 2 or idx.shape[0] != T:",
+          "    if idx.dim() != 2:", (f"{_R}::test_sparse_mla_refuses_an_index_with_more_rows_than_tokens",),
+          "the reference sparse_mla accepts an index tensor with more rows than tokens"),
+    Known("group-timeout", "glm52_backends/engine/distributed.py",
+          "dist.new_group(layout.tp_group_ranks(d), timeout=timeout)", "dist.new_group(layout.tp_group_ranks(d))",
+          (f"{_R}::test_every_process_group_gets_the_collective_timeout",),
+          "a tp group made without the timeout: a hung rank stalls the others for torch's 30 minutes"),
+    Known("int8-nan-laundering", "glm52_backends/quant.py", "    return y + nonfinite_rows(x)[..., None]",
+          "    return y", (f"{_R}::test_quantized_matmul_keeps_nan_and_inf_visible",
+                         f"{_R}::test_a_w8a8_model_trips_the_finiteness_check_like_a_bf16_one"),
+          "the int8 activation codes turn NaN into 0: a W8A8 model never trips the finiteness check"),
+    Known("c8-li-unrounded-scale", "glm52_backends/cache_formats.py", "    s = s16.float()\n",
+          "    s = (kr.abs().amax(dim=-1) / 127).clamp(max=F16_MAX)\n",
+          (f"{_R}::test_c8_li_codes_use_the_stored_f16_scale",),
+          "c8_li codes computed with the unrounded f32 scale while the f16 scale is stored"),
+    Known("scale-ranges", "glm52_backends/loader.py", "    why = part_problem(fmt, part, t, K)\n",
+          "    why = None\n", (f"{_R}::test_scales_no_quantizer_writes_are_refused_naming_the_tensor",
+                            f"{_R}::test_all_zero_fp8_scale_is_refused"),
+          "the loader checks only that scales are finite"),
+    Known("draft-budget", "glm52_backends/engine/speculative.py", "                cap[i] = max(0, min(cap[i], left - 1))\n",
+          "                pass\n", (f"{_R}::test_a_request_with_one_token_left_drafts_none",),
+          "speculative=k drafts k tokens even when a request has one token left"),
+)
+
+
+def known_mutants(names: list[str] | None = None, root: Path = REPO) -> list[tuple[Known, Mutant]]:
+    """The `KNOWN` mutants (those named, or all) with their mutated sources; a stale entry raises."""
+    chosen = [k for k in KNOWN if not names or k.name in names]
+    unknown = sorted(set(names or ()) - {k.name for k in KNOWN})
+    if unknown:
+        raise SystemExit(f"mutate: no known mutant {', '.join(unknown)}; known: {', '.join(k.name for k in KNOWN)}")
+    out = []
+    for i, k in enumerate(chosen):
+        src = (root / k.module).read_text(encoding="utf-8")
+        if src.count(k.old) != 1:
+            raise SystemExit(f"mutate: known mutant {k.name!r}: its text occurs {src.count(k.old)} times in "
+                             f"{k.module} (expected once); update its entry in KNOWN with the code")
+        line = src[:src.index(k.old)].count("\n") + 1
+        out.append((k, Mutant(k.module, i, line, f"[{k.name}] {k.why}", src.replace(k.old, k.new, 1))))
+    return out
 
 
 _CMP_SWAP = {ast.Lt: [ast.LtE, ast.Gt], ast.LtE: [ast.Lt, ast.GtE], ast.Gt: [ast.GtE, ast.Lt],
@@ -298,7 +391,10 @@ def check_import_root(root: Path, module: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="tools/mutate.py", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("modules", nargs="+", help="module files relative to the repository root")
+    ap.add_argument("modules", nargs="*", help="module files relative to the repository root")
+    ap.add_argument("--known", action="store_true",
+                    help="run the known survivors of earlier audits (KNOWN), each against its own tests (or --tests)")
+    ap.add_argument("--only", metavar="NAMES", help="with --known: a comma-separated subset of the names")
     ap.add_argument("--tests", nargs="+", default=None, help="pytest paths/ids run against each mutant")
     ap.add_argument("--max", type=int, default=None, help="sample at most this many mutants per module")
     ap.add_argument("--sample", type=int, default=None,
@@ -312,6 +408,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", metavar="PATH", help="write every mutant's outcome as JSON")
     ap.add_argument("--min-score", type=float, default=0.0, help="exit 1 when a module scores below this")
     args = ap.parse_args(argv)
+    if args.known:
+        return run_known(args)
+    if not args.modules:
+        ap.error("give module files, or --known")
 
     modules = []
     for m in args.modules:
@@ -407,8 +507,56 @@ def main(argv: list[str] | None = None) -> int:
         for r in survivors:
             print(f"  {r['mutant']:<44}{r['what']}")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        from glm52_backends.files import write_text
+        write_text(args.json, json.dumps(results, indent=2) + "\n")
     return 0 if ok else 1
+
+
+def run_known(args) -> int:
+    """`--known`: every known mutant against its tests (or --tests); 0 when each is killed."""
+    chosen = known_mutants(args.only.split(",") if args.only else None)
+    if args.list:
+        for k, m in chosen:
+            print(f"  {k.name:<28} {m.module}:{m.line}  {k.why}\n  {'':<28} tests: {' '.join(args.tests or k.tests)}")
+        return 0
+
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGINT, interrupted)
+    signal.signal(signal.SIGTERM, interrupted)
+    tmp = Path(tempfile.mkdtemp(prefix="mutate-"))
+    results = []
+    try:
+        root = make_copy(tmp / "repo")
+        for k, m in chosen:
+            check_import_root(root, m.module)
+            tests = list(args.tests or k.tests)
+            status, base = run_tests(root, tests, timeout=3600, extra=args.pytest_arg)
+            if status != "passed":
+                print(f"mutate: {k.name}: its tests fail without the mutant ({status}); fix them first", file=sys.stderr)
+                return 2
+            target = root / m.module
+            original = target.read_text(encoding="utf-8")
+            try:
+                target.write_text(m.source, encoding="utf-8")
+                status, secs = run_tests(root, tests, args.timeout or 4 * base + 30, args.pytest_arg)
+            finally:
+                target.write_text(original, encoding="utf-8")
+            verdict = "survived" if status == "passed" else "killed"
+            results.append({"mutant": k.name, "module": m.module, "line": m.line, "outcome": verdict,
+                            "tests": status, "seconds": round(secs, 1)})
+            print(f"{verdict:<9}{k.name:<28}{m.module}:{m.line}  ({status}, {secs:.0f} s)", flush=True)
+    except KeyboardInterrupt:
+        print("\nmutate: interrupted; the copy is removed, the working tree was never touched", file=sys.stderr)
+        return 130
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    killed = sum(r["outcome"] == "killed" for r in results)
+    print(f"\nknown mutants killed: {killed} / {len(results)}")
+    if args.json:
+        from glm52_backends.files import write_text
+        write_text(args.json, json.dumps(results, indent=2) + "\n")
+    return 0 if killed == len(results) else 1
 
 
 if __name__ == "__main__":

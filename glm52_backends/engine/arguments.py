@@ -77,6 +77,12 @@ def prompts(model, prompts: Any) -> list[list[int]]:
         if isinstance(p, str):
             if model.tokenizer is None:
                 raise ValueError("text prompts need a tokenizer.json in the checkpoint; pass token ids instead")
+            try:
+                p.encode("utf-8")
+            except UnicodeEncodeError as e:   # lone surrogates: bytes the command line could not decode
+                raise ValueError(f"prompt {i} is not valid UTF-8 text: character {e.start} is "
+                                 f"{p[e.start]!r}, a lone surrogate (undecodable bytes, e.g. from a command "
+                                 f"line in another encoding); pass UTF-8 text or token ids") from None
             p = model.tokenizer.encode(p)
         ids = token_ids(p, f"prompt {i}", cfg.vocab_size)
         if not ids:
@@ -193,6 +199,7 @@ def state_dict(cfg, sd: Any, include_mtp: bool) -> None:
     """User-supplied weights for a `ModelConfig`: every expected name, its shape, a float dtype, finite
     (a linear may also be a `weights.Weight`: its logical shape and finite scales are checked)."""
     from ..loader import SCALE_SUFFIX
+    from ..quant import check_weight
     from ..weights import Weight, expected_tensors
     if not isinstance(sd, Mapping):
         raise ValueError(f"state_dict must be a dict of tensors, got {_kind(sd)}")
@@ -211,6 +218,10 @@ def state_dict(cfg, sd: Any, include_mtp: bool) -> None:
             for part, v in t.tensors().items():
                 if v.is_floating_point() and not bool(torch.isfinite(v.float()).all()):
                     problems.append(f"Weight '{k}': its {part} hold NaN/inf value(s)")
+            try:                       # the loader's ranges: scales no quantizer writes (quant.part_problem)
+                check_weight(t, f"Weight '{k}'")
+            except ValueError as e:
+                problems.append(str(e))
             continue
         if not isinstance(t, torch.Tensor):
             problems.append(f"'{k}' is {_kind(t)}, not a tensor")

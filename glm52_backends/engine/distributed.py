@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import math
 import os
 from dataclasses import dataclass
 
@@ -20,7 +21,75 @@ from ..ops.comm import TorchDistributed
 from ..parallel import LayoutError, ParallelPlan, RankLayout
 
 DEFAULT_COLLECTIVE = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo"}
-TIMEOUT_S = float(os.environ.get("GLM52_COLLECTIVE_TIMEOUT_S", "300"))   # a dead rank fails the others by then
+TIMEOUT_ENV = "GLM52_COLLECTIVE_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 300.0          # a dead or stopped rank fails the others by then (torch's own default: 30 min)
+
+
+def collective_timeout() -> datetime.timedelta:
+    """The timeout of every process group this package makes (the default group and each tp / dp group):
+    `GLM52_COLLECTIVE_TIMEOUT_S` seconds, default 300. A value that is not a positive finite number is
+    refused naming the variable."""
+    text = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not text:
+        return datetime.timedelta(seconds=DEFAULT_TIMEOUT_S)
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not math.isfinite(v) or v <= 0 or v > 86400 * 365:
+        raise LayoutError(f"{TIMEOUT_ENV}={text!r}: must be a positive number of seconds (default "
+                          f"{DEFAULT_TIMEOUT_S:g}): how long a rank waits for a stopped one before failing")
+    return datetime.timedelta(seconds=v)
+
+
+def env_int(name: str, low: int, high: int | None = None, default: int | None = None) -> int:
+    """An integer from torchrun's environment in [low, high], refused naming the variable."""
+    text = os.environ.get(name)
+    if text is None or not text.strip():
+        if default is not None:
+            return default
+        raise LayoutError(f"{name} is not set in the environment (torchrun sets it)")
+    try:
+        v = int(text.strip())
+    except ValueError:
+        raise LayoutError(f"{name}={text!r} in the environment is not an integer (torchrun sets it; "
+                          f"check the launcher)") from None
+    if v < low or (high is not None and v > high):
+        rng = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise LayoutError(f"{name}={v} in the environment is outside {rng}")
+    return v
+
+
+def launch_env() -> tuple[int, int]:
+    """(RANK, WORLD_SIZE) of a torchrun launch, MASTER_PORT and LOCAL_RANK checked too: each refused
+    naming the variable, before torch.distributed reads them (it fails with C++ backtraces)."""
+    world = env_int("WORLD_SIZE", 1)
+    rank = env_int("RANK", 0, world - 1)
+    env_int("MASTER_PORT", 1, 65535)
+    if os.environ.get("LOCAL_RANK", "").strip():
+        env_int("LOCAL_RANK", 0, world - 1)
+    return rank, world
+
+
+def launched_world() -> int:
+    """WORLD_SIZE of the launch this process belongs to (1 outside torchrun or an initialised group)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    if os.environ.get("WORLD_SIZE", "").strip():
+        return env_int("WORLD_SIZE", 1)
+    return 1
+
+
+def check_world(plan: ParallelPlan) -> None:
+    """A plan for one process under a launch of several is refused: every rank would run the whole model
+    on its own (and print), exiting 0 (the layout must come from --tp/--dp/--ep or the deployment)."""
+    world = launched_world()
+    if plan.world_size != world:
+        raise LayoutError(f"this process is one of WORLD_SIZE={world} launched processes, but the parallel plan "
+                          f"(tp={plan.tp}, dp={plan.dp}, ep={plan.ep}) needs {plan.world_size}: give the layout "
+                          f"(--tp / --dp / --ep, or a deployment's parallel section) with tp x dp = {world}, or "
+                          f"launch {plan.world_size} process(es)")
 
 
 def init_process_group(device_type: str, collective: str | None = None) -> None:
@@ -32,8 +101,9 @@ def init_process_group(device_type: str, collective: str | None = None) -> None:
     if missing:
         raise LayoutError(f"a parallel plan needs torch.distributed: launch with torchrun (missing "
                           f"{', '.join(missing)} in the environment) or call init_process_group first")
-    dist.init_process_group(collective or DEFAULT_COLLECTIVE.get(device_type, "gloo"),
-                            timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    launch_env()
+    timeout = collective_timeout()
+    dist.init_process_group(collective or DEFAULT_COLLECTIVE.get(device_type, "gloo"), timeout=timeout)
     atexit.register(_destroy_process_group)   # ours: torn down before the interpreter's threads are
 
 
@@ -49,10 +119,12 @@ def _destroy_process_group() -> None:
 @dataclass
 class Comms:
     """The collectives this rank uses: over its tp group (the TP seams), over its dp group (the
-    MoE dispatch/combine between dp groups), over the whole world (gathering results)."""
+    MoE dispatch/combine between dp groups), over the whole world (gathering results); `timeout`: the
+    one every group is made with (`collective_timeout`), for groups a backend makes in `setup_parallel`."""
     tp: TorchDistributed
     dp: TorchDistributed
     world: TorchDistributed
+    timeout: datetime.timedelta | None = None    # of every group; a backend's own groups take it too
 
 
 def setup(plan: ParallelPlan, cfg: ModelConfig, device: torch.device, collective: str | None = None
@@ -60,17 +132,21 @@ def setup(plan: ParallelPlan, cfg: ModelConfig, device: torch.device, collective
     """(this rank's layout, its device, its collectives). Every rank creates every group, in the
     same order (torch.distributed requires it)."""
     import torch.distributed as dist
+    timeout = collective_timeout()       # checked before anything waits on another rank
     init_process_group(device.type, collective)
     plan.validate(cfg, fp8_block=cfg.fp8_block, world_size=dist.get_world_size())
     rank = dist.get_rank()
     if device.type in ("cuda", "npu") and device.index is None:
-        device = torch.device(device.type, int(os.environ.get("LOCAL_RANK", rank)))
+        local = env_int("LOCAL_RANK", 0, default=rank)
+        device = torch.device(device.type, local)
         getattr(torch, device.type).set_device(device)
     layout = plan.layout(rank, cfg)
-    tp_groups = [dist.new_group(layout.tp_group_ranks(d)) for d in range(plan.dp)]
-    dp_groups = [dist.new_group(layout.dp_group_ranks(t)) for t in range(plan.tp)]
+    # every group gets the timeout: a hung rank (SIGSTOP, a stuck kernel) fails the others after it, not
+    # after torch's 30-minute default for groups made without one
+    tp_groups = [dist.new_group(layout.tp_group_ranks(d), timeout=timeout) for d in range(plan.dp)]
+    dp_groups = [dist.new_group(layout.dp_group_ranks(t), timeout=timeout) for t in range(plan.tp)]
     comms = Comms(TorchDistributed(tp_groups[layout.dp_rank]), TorchDistributed(dp_groups[layout.tp_rank]),
-                  TorchDistributed())
+                  TorchDistributed(), timeout)
     return layout, device, comms
 
 

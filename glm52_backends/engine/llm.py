@@ -98,6 +98,9 @@ class GLM52:
             from .distributed import setup
             cfg0 = model if isinstance(model, ModelConfig) else load_config(model)
             self.layout, self.device, self.comms = setup(self.plan, cfg0, self.device, collective)
+        else:   # a one-process plan under a launch of several would run the whole model on every rank
+            from .distributed import check_world
+            check_world(self.plan)
         if isinstance(model, ModelConfig):
             self.cfg = model
             if state_dict is None:  # random weights in the real layout (benchmarks, planner checks)

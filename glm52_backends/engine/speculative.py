@@ -88,7 +88,7 @@ class SpeculativeDecoder:
 
     def __init__(self, model, k: int, *, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                  cache_tokens: int, draft_filter: DraftFilter | None = None, draft_threshold: float | None = None,
-                 graph="auto", batch: int = 1):
+                 graph="auto", batch: int = 1, budget: Sequence[int] | None = None):
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"speculative needs a positive integer number of draft tokens, got {k!r}")
         if model.mtp is None:
@@ -115,6 +115,10 @@ class SpeculativeDecoder:
         else:
             self.cache = model.new_cache(cache_tokens, mtp=True)
         self.seq: list[list[int]] = []
+        self.prompt_len: list[int] = []
+        # request -> the most new tokens it may emit (`max_new_tokens`, less near the context's end): a
+        # request with b tokens left drafts at most b - 1 (a round emits up to its drafts + 1), none at 1
+        self.budget = None if budget is None else [int(b) for b in budget]
         # request -> MTP output hidden [Hd], logits [V], top-k row [topk] at position n-1
         self.pending: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         # request -> (tokens seq[m+1..n], target hiddens [n-m, Hd]) the MTP cache still lacks
@@ -153,6 +157,7 @@ class SpeculativeDecoder:
         for i, t in zip(reqs, first.tolist()):
             p = [int(x) for x in prompts[i - base]]
             self.seq.append(p + [int(t)])
+            self.prompt_len.append(len(p))
             self.stale[i] = (self.seq[i][1:], torch.cat(hidden[i]))                   # token j+1 at position j
         return [int(t) for t in first.tolist()]
 
@@ -175,7 +180,8 @@ class SpeculativeDecoder:
     def step(self, reqs: Sequence[int]) -> dict[int, tuple[int, list[int]]]:
         """One draft/verify round for `reqs`; returns per request (accepted drafts a, the a+1 tokens
         emitted: accepted drafts then the target's own token). `seq` and the caches advance.
-        A request within k tokens of the context's end drafts only as many as still fit."""
+        A request within k tokens of the context's end drafts only as many as still fit, and one with
+        b new tokens left (`budget`) at most b - 1: with one left it drafts none (a plain decode step)."""
         C = self.model.cfg.max_position_embeddings
         cap: dict[int, int] = {}
         for i in reqs:
@@ -183,6 +189,9 @@ class SpeculativeDecoder:
             if n + 1 >= C:
                 raise ValueError(f"request {i} has filled the context ({C} tokens); nothing more fits")
             cap[i] = min(self.k, C - 1 - n)
+            if self.budget is not None and i < len(self.budget):
+                left = self.budget[i] - (len(self.seq[i]) - self.prompt_len[i])    # new tokens still wanted
+                cap[i] = max(0, min(cap[i], left - 1))
         return self._round(list(reqs), cap) if cap else {}
 
     def _draft(self, reqs: list[int], cap: dict[int, int], n: dict[int, int]
@@ -264,7 +273,11 @@ class SpeculativeDecoder:
         m, cache = self.model, self.cache
         self.catch_up(reqs)
         n = {i: len(self.seq[i]) - 1 for i in reqs}                                  # target cache lengths
-        drafts, dprobs = self._draft(reqs, cap, n)
+        drafting = [i for i in reqs if cap[i] > 0]       # the others verify their last token alone
+        drafts, dprobs = self._draft(drafting, cap, n) if drafting else ({}, {})
+        for i in reqs:
+            drafts.setdefault(i, [])
+            dprobs.setdefault(i, [])
         # ---- verify: one target step over [seq[n], d_1..d_k_i] per request -----------------------
         out = self._verify_graph(reqs, cap, drafts)
         if out is not None:                 # every request verified k+1 tokens (the last ones padding)
@@ -286,7 +299,10 @@ class SpeculativeDecoder:
             else:
                 rows = torch.tensor([start[i] + r for i in group for r in range(k + 1)], device=lg.device)
                 tgt = lg[rows].view(len(group), k + 1, -1)                           # [G, k+1, V]
-            acc, toks = self._verify([drafts[i] for i in group], tgt, [dprobs[i] for i in group])
+            if k == 0:       # no draft: the target's own token, picked as plain decoding picks it
+                acc, toks = [0] * len(group), [[t] for t in self._pick(tgt[:, 0])[0].tolist()]
+            else:
+                acc, toks = self._verify([drafts[i] for i in group], tgt, [dprobs[i] for i in group])
             verdict.update((i, (int(a), t)) for i, a, t in zip(group, acc, toks))
         # ---- commit, roll back, queue the MTP catch-up ------------------------------------------
         out = {}
@@ -317,7 +333,7 @@ def speculative_stats(dec: SpeculativeDecoder) -> dict[str, float]:
     return {"mean_acceptance_length": (sum(acc) + len(acc)) / len(acc) if acc else nan,
             "mean_accepted_drafts": sum(acc) / len(acc) if acc else nan,
             "mean_drafted_tokens": sum(drafted) / len(drafted) if drafted else nan,
-            "draft_acceptance_rate": sum(acc) / sum(drafted) if drafted else nan}
+            "draft_acceptance_rate": sum(acc) / sum(drafted) if sum(drafted) else nan}
 
 
 def generate_speculative(model, prompts, *, max_new_tokens: int, k: int, temperature: float = 0.0,
@@ -340,7 +356,8 @@ def generate_speculative(model, prompts, *, max_new_tokens: int, k: int, tempera
     C = model.cfg.max_position_embeddings
     need = cache_tokens or sum(2 * (min(len(p) + n + k, C) + model.block_size) for p, n in zip(prompts, budget))
     dec = SpeculativeDecoder(model, k, temperature=temperature, top_p=top_p, seed=seed, cache_tokens=need,
-                             draft_filter=draft_filter, draft_threshold=threshold, graph=graph, batch=len(prompts))
+                             draft_filter=draft_filter, draft_threshold=threshold, graph=graph, batch=len(prompts),
+                             budget=budget)
     res = run_generation(model, dec, prompts, max_new_tokens=max_new_tokens, stop_at_eos=stop_at_eos,
                          prefill_chunk=prefill_chunk,
                          extra_stats={"speculative": k, "adaptive": adaptive, "draft_threshold": threshold})

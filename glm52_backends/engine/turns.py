@@ -23,6 +23,7 @@ class DpTurns:
 
     def __init__(self, net, dp_comm):
         self.net, self.dp_comm = net, dp_comm
+        self.empty_steps = {self.RUN: 0, self.MTP: 0}   # steps of each kind this group ran empty (for tests)
 
     def _exchange(self, n_tokens: int, kind: int) -> list[tuple[int, int]]:
         """(token count, kind wanted) of every dp group: one small all-gather per step."""
@@ -32,6 +33,7 @@ class DpTurns:
     def _empty_step(self, kind: int, got: list[tuple[int, int]], cache) -> None:
         """This group's part of another group's step: the same kind of pass with no tokens."""
         net = self.net
+        self.empty_steps[kind] += 1
         net.dp_counts = [n if k == kind else 0 for n, k in got]
         st = net.plan(cache, {})
         if kind == self.RUN:

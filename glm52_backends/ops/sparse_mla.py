@@ -32,6 +32,8 @@ CHUNK = 64  # query tokens per gather: bounds the [chunk, topk, Dl] working set
 def sparse_mla(q, c_cache, kpe_cache, idx, block_table, seq_lens, cu_seqlens_q, scale, *, return_lse=False,
                cdt=torch.float32):
     T, H, _ = q.shape
+    if idx.dim() != 2 or idx.shape[0] != T:          # shapes only: no host read
+        raise ValueError(f"sparse_mla: idx must be [T={T}, topk] (one row per query token), got {tuple(idx.shape)}")
     Dl = c_cache.shape[-1]
     out = torch.zeros(T, H, Dl, dtype=cdt, device=q.device)
     lse = torch.full((T, H), float("-inf"), dtype=torch.float32, device=q.device)

@@ -19,11 +19,20 @@ free list in the order they left it). Nothing is copied: a step writes only posi
 its requests' old lengths, and no op reads a position at or past a request's length, so the rows it
 left behind are unreachable and the next write overwrites them. A retry neither appends twice nor
 reads a half-written step. Rejected drafts roll back the same way (`truncate`).
+
+Prefix sharing (the serving engine's prefix cache, engine/scheduler.py): a full block can be
+`publish`ed under a content hash (of every token up to its end) and later requests whose prompts
+hash the same start on it (`share`) instead of recomputing it. A block counts the requests holding
+it; `release` / `truncate` / `rollback` drop one reference, and a published block nobody holds is
+kept, still findable, in least-recently-used order: `reserve` takes free blocks first and then
+evicts the least recently used of these. `free_blocks` counts both (every block a step may take).
+A shared block is always full and its holders only write past it, so no step writes into it.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
 from collections.abc import Hashable, Iterator, Sequence
 
 import torch
@@ -85,6 +94,13 @@ class PagedCache:
         self.lens: dict[Hashable, int] = {}
         self._open: Checkpoint | None = None
         self._null: int | None = None
+        # prefix sharing: holders of each block; content hash <-> block of published full blocks; the
+        # published blocks no request holds, least recently used first (evicted in that order)
+        self._refs: list[int] = [0] * num_blocks
+        self._hash_of: dict[int, Hashable] = {}
+        self._by_hash: dict[Hashable, int] = {}
+        self._cached: OrderedDict[int, None] = OrderedDict()
+        self.evictions = 0
 
     def tensors(self) -> Iterator[torch.Tensor]:
         """Every tensor that owns cache memory (dense: latent c, k_pe, index keys; quantized: the
@@ -148,7 +164,7 @@ class PagedCache:
         """Lengths and blocks back to what they were when `mark` was taken (by length: no copies)."""
         for r, (owned, length) in reversed(mark.reserved.items()):  # undo in reverse order of reserve
             blocks = self.blocks[r]
-            self._free.extend(reversed(blocks[owned:]))   # back in the order pop() handed them out
+            self._drop(reversed(blocks[owned:]))          # back in the order pop() handed them out
             del blocks[owned:]
             if length is None:
                 self.blocks.pop(r, None)
@@ -159,7 +175,40 @@ class PagedCache:
     # ---- bookkeeping -------------------------------------------------------------------------
     @property
     def free_blocks(self) -> int:
-        return len(self._free)
+        """Blocks a step may take: free ones and published ones no request holds (evicted LRU first)."""
+        return len(self._free) + len(self._cached)
+
+    @property
+    def used_blocks(self) -> int:
+        """Blocks some request holds (shared blocks counted once)."""
+        return self.num_blocks - self.free_blocks - (self._null is not None)
+
+    @property
+    def cached_blocks(self) -> int:
+        """Published blocks no request holds: reusable by a prefix hit until evicted."""
+        return len(self._cached)
+
+    def _take(self) -> int:
+        """One block for a request: a free one, else the least recently used unheld published one."""
+        if self._free:
+            b = self._free.pop()
+        else:
+            b, _ = self._cached.popitem(last=False)
+            del self._by_hash[self._hash_of.pop(b)]
+            self.evictions += 1
+        self._refs[b] = 1
+        return b
+
+    def _drop(self, blocks) -> None:
+        """One holder less for each block; a block nobody holds is free again, or kept for prefix
+        hits (most recently used last) when it is published."""
+        for b in blocks:
+            self._refs[b] -= 1
+            if self._refs[b] == 0:
+                if b in self._hash_of:
+                    self._cached[b] = None
+                else:
+                    self._free.append(b)
 
     def blocks_needed(self, n_tokens: int) -> int:
         return -(-n_tokens // self.block_size)
@@ -168,17 +217,17 @@ class PagedCache:
         """Grow requests to the given total lengths, all or nothing."""
         need = {r: self.blocks_needed(n) - len(self.blocks.get(r, ())) for r, n in new_lens.items()}
         total = sum(max(n, 0) for n in need.values())
-        if total > len(self._free):
+        if total > self.free_blocks:
             raise CacheExhausted(
                 f"cache exhausted: this step needs {total} more blocks of {self.block_size} tokens, "
-                f"{len(self._free)} of {self.num_blocks} are free; lower the batch or context, "
+                f"{self.free_blocks} of {self.num_blocks} are free; lower the batch or context, "
                 f"or build the cache with more blocks")
         mark = self._open
         for r, n in need.items():
             if mark is not None and r not in mark.reserved:
                 mark.reserved[r] = self._state(r)
             owned = self.blocks.setdefault(r, [])
-            owned.extend(self._free.pop() for _ in range(max(n, 0)))
+            owned.extend(self._take() for _ in range(max(n, 0)))
             self.lens[r] = new_lens[r]
 
     def truncate(self, req: Hashable, new_len: int) -> None:
@@ -187,13 +236,53 @@ class PagedCache:
             raise ValueError(f"cannot truncate request {req!r} from {self.lens[req]} to {new_len} tokens")
         owned = self.blocks[req]
         keep = self.blocks_needed(new_len)
-        self._free.extend(reversed(owned[keep:]))
+        self._drop(reversed(owned[keep:]))
         del owned[keep:]
         self.lens[req] = new_len
 
     def release(self, req: Hashable) -> None:
-        self._free.extend(reversed(self.blocks.pop(req, [])))
+        self._drop(reversed(self.blocks.pop(req, [])))
         self.lens.pop(req, None)
+
+    # ---- prefix sharing ----------------------------------------------------------------------
+    def publish(self, block: int, key: Hashable) -> bool:
+        """Make a full, finished block findable under `key` (the hash of every token up to its end).
+        False when `key` already names a block or this block is published already."""
+        if key in self._by_hash or block in self._hash_of:
+            return False
+        if self._refs[block] <= 0:
+            raise ValueError(f"publish: block {block} is held by no request")
+        self._by_hash[key], self._hash_of[block] = block, key
+        return True
+
+    def lookup(self, keys: Sequence[Hashable]) -> list[int]:
+        """The published blocks of the longest run of `keys` from the first (a prompt's block hashes)."""
+        out = []
+        for k in keys:
+            b = self._by_hash.get(k)
+            if b is None:
+                break
+            out.append(b)
+        return out
+
+    def holders(self, block: int) -> int:
+        """Requests holding `block` (0: free, or published and kept for prefix hits)."""
+        return self._refs[block]
+
+    def share(self, req: Hashable, blocks: Sequence[int]) -> None:
+        """Start the new request `req` on published blocks (a prefix hit): it holds them too, and its
+        length is their tokens. Its own tokens go to blocks after them."""
+        if req in self.blocks:
+            raise ValueError(f"share: request {req!r} already holds blocks; a prefix hit starts a new request")
+        for b in blocks:
+            if b not in self._hash_of:
+                raise ValueError(f"share: block {b} is not published")
+        for b in blocks:
+            if self._refs[b] == 0:
+                del self._cached[b]
+            self._refs[b] += 1
+        self.blocks[req] = list(blocks)
+        self.lens[req] = len(blocks) * self.block_size
 
     # ---- step metadata -----------------------------------------------------------------------
     def block_table(self, reqs: Sequence[Hashable]) -> torch.Tensor:

@@ -79,6 +79,35 @@ def _error_line(e: BaseException) -> str:
     return msg + "".join(f" [{n}]" for n in notes)
 
 
+def json_safe(v):
+    """`v` with every non-finite float as null: JSON has no NaN/inf (a rate over no decode step is NaN)."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [json_safe(x) for x in v]
+    return v
+
+
+def _exit_origin(e: SystemExit) -> str | None:
+    """Where a SystemExit came from when it was not argparse (a backend op or plugin calling sys.exit):
+    'file:line (function)' of the raising frame; None for argparse's own exits (errors, --help)."""
+    tb, last, op = e.__traceback__, None, ""
+    while tb is not None:
+        loc = tb.tb_frame.f_locals
+        bound = loc.get("self")
+        if type(bound).__name__ == "BoundBackend" and isinstance(loc.get("op"), str):
+            op = f"{bound.where(loc['op'])}: "       # the registry's op call: name the backend and the op
+        last, tb = tb, tb.tb_next
+    if last is None:
+        return None
+    code = last.tb_frame.f_code
+    if os.path.basename(code.co_filename) == "argparse.py":
+        return None
+    return f"{op}{code.co_filename}:{last.tb_lineno} ({code.co_name})"
+
+
 def guarded(prog: str, fn, *args) -> int:
     """Run a command: its exit status, or 2 with one line for any error (130 on Ctrl-C)."""
     try:
@@ -86,8 +115,15 @@ def guarded(prog: str, fn, *args) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except SystemExit:
-        raise  # argparse's own errors and --help
+    except SystemExit as e:
+        where = _exit_origin(e)
+        if where is None:
+            raise  # argparse's own errors and --help
+        # code that is not ours ended the run (a backend op, a plugin): say so instead of exiting silently
+        notes = "".join(f" [{n}]" for n in getattr(e, "__notes__", []) if n)
+        print(f"{prog}: error: sys.exit({e.code!r}) called at {where}{notes}; a backend or plugin must raise an "
+              f"exception, not end the process", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except Exception as e:  # noqa: BLE001 - the one place a user error becomes a message
         if os.environ.get("GLM52_DEBUG", "").strip().lower() not in ("", "0", "false", "no"):
             raise
@@ -184,6 +220,10 @@ def cmd_generate(args) -> int:
         raise ValueError("--adaptive needs --speculative K > 0 (it adapts how many of the K drafts a round proposes)")
     if args.draft_threshold is not None and not args.adaptive:
         raise ValueError("--draft-threshold is used only with --adaptive (and --speculative K)")
+    if not args.deployment:   # under torchrun the layout must cover the launched ranks (else each runs it all)
+        from .engine.distributed import check_world
+        from .parallel import ParallelPlan
+        check_world(ParallelPlan(tp=args.tp, dp=args.dp, ep=args.ep))
     path = args.checkpoint or default_checkpoint()
     t0 = time.perf_counter()
     par = dict(tp=args.tp, dp=args.dp, ep=args.ep) if args.tp * args.dp > 1 else {}
@@ -224,7 +264,7 @@ def cmd_generate(args) -> int:
              "load_s": load_s}
         if plain is not None:
             d["plain_stats"] = plain.stats
-        print(json.dumps(d, default=str))
+        print(json.dumps(json_safe(d), default=str, allow_nan=False))
         return 0
     native = [op for op, how in s["ops"].items() if how == "native"]
     fallback = [op for op, how in s["ops"].items() if how in ("fallback", "mixed")]
@@ -300,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     delegates = {"conformance": ("glm52_backends.conformance.cli", "conformance_main"),
                  "plan": ("glm52_backends.planner", "plan_main"),
-                 "bench": ("glm52_backends.benchmarks.ops_bench", "bench_main")}
+                 "bench": ("glm52_backends.benchmarks.ops_bench", "bench_main"),
+                 "serve": ("glm52_backends.serve", "serve_main")}
     if argv and argv[0] in delegates:
         return _delegate(argv[0], *delegates[argv[0]], argv[1:])
 
@@ -378,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     m.set_defaults(fn=cmd_make_tiny)
 
     for name, help_ in (("conformance", "check a backend against the reference"),
-                        ("plan", "memory plan of a deployment YAML"), ("bench", "per-op benchmarks")):
+                        ("plan", "memory plan of a deployment YAML"), ("bench", "per-op benchmarks"),
+                        ("serve", "OpenAI-compatible server over the continuous-batching engine")):
         sub.add_parser(name, help=help_, add_help=False)
 
     args = ap.parse_args(argv)

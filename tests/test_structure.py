@@ -3,12 +3,12 @@
 Read from the source with `ast` (every import, also those inside functions), so the picture is
 the code's own: `python tests/test_structure.py` prints each core module's imports of the core.
 Layers, bottom to top (a module may import its own layer or lower ones):
-  0  config, sampling, configs (the bundled YAMLs), quant (the formats' arithmetic)
+  0  config, sampling, configs (the bundled YAMLs), quant (the formats' arithmetic), files (atomic writes)
   1  weights, cache, cache_formats (paged-cache row formats), step, ops (the contract)
   2  registry, loader, parallel
   3  model (the network), tiny
   4  engine (GLM52, generation), deploy, planner
-  5  cli, train_tiny (trains the embedded default model)
+  5  cli, serve (`glm52 serve`: the HTTP server over the engine), train_tiny (trains the embedded default model)
 No core module imports a backend package, the conformance suite or the benchmarks.
 """
 
@@ -19,9 +19,9 @@ import os
 import sys
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "glm52_backends")
-LAYER = {"quant": 0, "config": 0, "sampling": 0, "configs": 0, "weights": 1, "cache": 1, "cache_formats": 1, "step": 1, "ops": 1, "registry": 2, "loader": 2,
+LAYER = {"quant": 0, "config": 0, "files": 0, "sampling": 0, "configs": 0, "weights": 1, "cache": 1, "cache_formats": 1, "step": 1, "ops": 1, "registry": 2, "loader": 2,
          "parallel": 2,
-         "model": 3, "tiny": 3, "engine": 4, "deploy": 4, "planner": 4, "cli": 5, "train_tiny": 5}
+         "model": 3, "tiny": 3, "engine": 4, "deploy": 4, "planner": 4, "cli": 5, "serve": 5, "train_tiny": 5}
 OUTSIDE = ("glm52_backends.backends", "glm52_backends.conformance", "glm52_backends.benchmarks")
 
 

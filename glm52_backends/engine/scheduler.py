@@ -1,0 +1,656 @@
+"""Continuous batching: requests join and leave a running batch step by step (DESIGN.md §8).
+
+    engine = Engine(model, cache_tokens=1 << 16)
+    rid = engine.add_request(prompt_ids, SamplingParams(max_tokens=32, temperature=0.7, seed=1))
+    while engine.has_unfinished():
+        for out in engine.step():          # RequestOutput: new token ids and text, finish reason
+            ...
+    engine.abort(rid)                      # at any time: its blocks are free at once
+
+A request holds `ids` (prompt + emitted tokens) and `computed`, how many of them the cache holds.
+Whenever `computed < len(ids)` the request feeds `ids[computed:computed + n]` in a step: a prefill
+chunk, a resumed request's recompute, or a decode (n = 1, only the last emitted token missing);
+a chunk that reaches the end of `ids` samples the next token from its last row.
+
+One step (`_schedule`, then one target `model.run` over every chunk, vLLM v1's scheduler):
+  1. running requests, oldest first: 1 token each (decode; 1 + drafts under MTP speculation) or
+     the next prefill chunk, within `max_num_batched_tokens`. A request whose blocks cannot be
+     reserved preempts the newest running request (recompute: its blocks are released, it goes to
+     the front of the waiting queue with `computed = 0` and later prefills prompt + emitted tokens
+     again, so it continues where it stopped), or waits itself when it is the newest.
+  2. waiting requests, first come first served, while the budget, `max_num_seqs` and the free
+     blocks allow: the longest run of published full blocks whose content hashes match the
+     request's first tokens (a prefix hit: `PagedCache.share`), then a prefill chunk.
+After the step every full block of a request is published under the hash of all tokens up to its
+end (`PagedCache.publish`): later requests with that prefix skip computing it. Published blocks no
+request holds stay findable until `reserve` needs them (least recently used first).
+Finished requests (max tokens, EOS or a stop id, a stop string, the end of the context) release
+their blocks in the step that finishes them.
+
+MTP speculative decoding per request (`SamplingParams.speculative`, up to the engine's k): a decoding
+request drafts with the MTP layer first (its catch-up step over the positions verified since its
+last round, then up to k - 1 draft steps, each batched over the requests drafting), and its verify
+chunk [last token, d_1..d_k] joins the target step with the other requests' rows; `mtp_verify`
+accepts a prefix of the drafts, the target cache is truncated past them and the MTP cache back to the
+verified length (engine/speculative.py describes the same round for `generate`). Requests decoding
+speculatively skip prefix hits (their MTP cache needs the target's hidden states of every position).
+
+Sampling is per request: temperature (0 = greedy), top-p, and a seed driving the request's own
+generator, so a seeded request draws the same numbers whatever else runs beside it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+import random
+import time
+from collections import deque
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..cache import CacheExhausted, PagedCache
+from ..sampling import check_sampling, probs_from_logits, sample_from
+from .arguments import positive_int, token_ids
+
+FINISH_REASONS = ("stop", "length", "abort", "error")
+
+
+# ---- per-request parameters ------------------------------------------------------------------------
+@dataclass
+class SamplingParams:
+    """What one request asks for. `max_tokens` new tokens at most (fewer where the context ends
+    first); `stop`: strings that end the output (not included in its text; needs a tokenizer);
+    `stop_token_ids`: ids that end it (included, like EOS); `ignore_eos`: do not stop at the model's
+    EOS; `seed`: the request's own generator (None: drawn from the engine's seed);
+    `speculative`: MTP drafts per round (None = the engine's k, 0 = plain decoding)."""
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: Sequence[str] = ()
+    stop_token_ids: Sequence[int] = ()
+    ignore_eos: bool = False
+    speculative: int | None = None
+
+    def check(self, vocab_size: int, has_tokenizer: bool, max_k: int) -> None:
+        """Each field; a bad one raises `ParamError` naming it."""
+        _checked("max_tokens", positive_int, "max_tokens", self.max_tokens)
+        _checked("temperature", check_sampling, self.temperature, 1.0)
+        _checked("top_p", check_sampling, 0.0, self.top_p)
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ParamError("seed", f"seed must be an integer or null, got {self.seed!r}")
+        if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
+            raise ParamError("stop", f"stop must be a list of non-empty strings, got {self.stop!r}")
+        if self.stop and not has_tokenizer:
+            raise ParamError("stop", "stop strings need the checkpoint's tokenizer; this model has none")
+        _checked("stop_token_ids", token_ids, list(self.stop_token_ids), "stop_token_ids", vocab_size)
+        if not isinstance(self.ignore_eos, bool):
+            raise ParamError("ignore_eos", f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+        k = self.speculative
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= max_k):
+            raise ParamError("speculative", f"speculative must be an integer in [0, {max_k}] (the engine's MTP "
+                                            f"drafts per round), got {k!r}")
+
+
+class ParamError(ValueError):
+    """A request refused because of one field (`param`, as the OpenAI API names it)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+def _checked(param: str, check, *args):
+    """Run a boundary check (its result); its ValueError becomes a ParamError naming `param`."""
+    try:
+        return check(*args)
+    except ParamError:
+        raise
+    except ValueError as e:
+        raise ParamError(param, str(e)) from None
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request: its new token ids and the new text they complete
+    (text is held back while it may still become a stop string or ends in a partial character)."""
+    request_id: Hashable
+    token_ids: list[int]
+    text: str
+    finished: bool = False
+    finish_reason: str | None = None     # "stop" (EOS, a stop id or string), "length", "abort", "error"
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass
+class Request:
+    rid: Hashable
+    prompt: list[int]
+    params: SamplingParams
+    arrival: float
+    budget: int                             # new tokens it may emit (max_tokens, or the context's end)
+    k: int                                  # MTP drafts per round; 0 = plain decoding
+    gen: torch.Generator
+    eos: frozenset[int]
+    ids: list[int] = field(default_factory=list)
+    computed: int = 0                       # tokens of ids in the target cache
+    published: int = 0                      # its leading blocks already published
+    hashes: list[bytes] = field(default_factory=list)   # chained content hash of each full block of ids
+    cached_tokens: int = 0                  # prompt tokens served by prefix hits (first admission)
+    admitted: bool = False
+    # detokenization and stop strings
+    text: str = ""
+    sent: int = 0                           # chars of text already returned
+    # speculative state: MTP output (hidden [Hd], logits [V], top-k) at the last verified position, and
+    # the (tokens, target hiddens) the MTP cache still lacks (engine/speculative.py's `pending`/`stale`)
+    pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    stale_tokens: list[int] = field(default_factory=list)
+    stale_hidden: list[torch.Tensor] = field(default_factory=list)
+    finish: str | None = None
+
+    @property
+    def n_out(self) -> int:
+        return len(self.ids) - len(self.prompt)
+
+
+@dataclass
+class _Row:
+    """One request's chunk in a step: its tokens, and its drafts when it verifies."""
+    req: Request
+    tokens: list[int]
+    drafts: list[int] = field(default_factory=list)
+    dprobs: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def samples(self) -> bool:
+        """The chunk reaches the end of ids: its last row picks the next token."""
+        return self.req.computed + len(self.tokens) - len(self.drafts) == len(self.req.ids)
+
+
+def _block_hash(parent: bytes, tokens: Sequence[int]) -> bytes:
+    """Content hash of a full block: the parent block's hash and this block's token ids."""
+    return hashlib.blake2b(parent + b"".join(int(t).to_bytes(4, "little") for t in tokens), digest_size=16).digest()
+
+
+class Engine:
+    """A continuous-batching engine over one model and one paged cache (module docstring).
+
+    `cache_tokens`: cache size in tokens (all requests together); `max_num_batched_tokens`: a step's
+    token budget (decode tokens and prefill chunks together); `max_num_seqs`: requests running at
+    once; `speculative`: MTP drafts per round for requests that do not say (0 = off; needs the MTP
+    layer); `prefix_caching`: share full prompt blocks by content hash; `static_batching`: admit
+    only into an empty batch (the batch runs to its end before others join: a baseline for
+    benchmarks); `seed`: where unseeded requests' generators come from.
+    """
+
+    def __init__(self, model, *, cache_tokens: int = 1 << 15, max_num_batched_tokens: int = 512,
+                 max_num_seqs: int = 64, speculative: int = 0, prefix_caching: bool = True,
+                 static_batching: bool = False, seed: int = 0, block_size: int | None = None):
+        positive_int("Engine: cache_tokens", cache_tokens)
+        positive_int("Engine: max_num_batched_tokens", max_num_batched_tokens)
+        positive_int("Engine: max_num_seqs", max_num_seqs)
+        positive_int("Engine: speculative", speculative, allow_zero=True)
+        if speculative and model.mtp is None:
+            raise ValueError("Engine: speculative decoding needs the MTP layer, which this model does not have")
+        if speculative >= max_num_batched_tokens:
+            raise ValueError(f"Engine: max_num_batched_tokens ({max_num_batched_tokens}) must exceed speculative + 1 "
+                             f"= {speculative + 1} tokens (one verify chunk)")
+        if getattr(model, "plan", None) is not None and model.plan.world_size > 1:
+            raise ValueError(f"Engine: one process only; this model is laid out over {model.plan.world_size} ranks "
+                             f"(serving under torchrun is not supported yet)")
+        self.model, self.cfg = model, model.cfg
+        self.cache: PagedCache = model.new_cache(cache_tokens, block_size=block_size, mtp=bool(speculative))
+        self.bs = self.cache.block_size
+        self.max_tokens_step, self.max_seqs, self.k = max_num_batched_tokens, max_num_seqs, speculative
+        self.prefix_caching, self.static = prefix_caching, static_batching
+        self.tokenizer = model.tokenizer
+        self._seeds = random.Random(seed)
+        self._ids = itertools.count()
+        self.requests: dict[Hashable, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.stats = {"steps": 0, "prompt_tokens": 0, "generation_tokens": 0, "prefix_query_tokens": 0,
+                      "prefix_hit_tokens": 0, "preemptions": 0, "verify_rounds": 0, "drafted_tokens": 0,
+                      "accepted_tokens": 0, "finished": 0, "aborted": 0, "errors": 0}
+        self.last_step_tokens = 0
+
+    # ---- requests in and out -----------------------------------------------------------------------
+    def check_request(self, prompt_ids: Sequence[int], params: SamplingParams) -> list[int]:
+        """The prompt as a list of ids, if the engine can serve it with these parameters; a refusal
+        raises `ParamError` naming the field. Reads only the model's config and the cache's size: any
+        thread may call it."""
+        if isinstance(prompt_ids, (str, bytes)):
+            raise ParamError("prompt", "prompt: give token ids (the engine does not tokenize)")
+        prompt = _checked("prompt", token_ids, prompt_ids, "prompt", self.cfg.vocab_size)
+        if not prompt:
+            raise ParamError("prompt", "prompt: empty; give at least one token")
+        C = self.cfg.max_position_embeddings
+        if len(prompt) >= C:
+            raise ParamError("prompt", f"prompt: {len(prompt)} tokens leave no room in the model's context of "
+                                       f"{C} tokens")
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        params.check(self.cfg.vocab_size, self.tokenizer is not None, self.k)
+        k = self.k if params.speculative is None else params.speculative
+        usable = self.cache.num_blocks - 1
+        need = self.cache.blocks_needed(len(prompt) + 1 + k) * (2 if k else 1)
+        if need > usable:
+            raise ParamError("prompt", f"prompt: {len(prompt)} tokens need {need} cache blocks of {self.bs} tokens, "
+                                       f"the engine's cache has {usable}; raise cache_tokens")
+        return prompt
+
+    def add_request(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
+                    request_id: Hashable | None = None) -> Hashable:
+        """Queue a request (token ids); it joins the running batch at a later step. Returns its id."""
+        params = params or SamplingParams()
+        prompt = self.check_request(prompt_ids, params)
+        rid = next(self._ids) if request_id is None else request_id
+        if rid in self.requests:
+            raise ValueError(f"request_id {rid!r} is already in the engine")
+        k = self.k if params.speculative is None else params.speculative
+        C = self.cfg.max_position_embeddings
+        seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
+        eos = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(self.cfg.eos_token_id))
+        req = Request(rid, prompt, params, time.perf_counter(), min(params.max_tokens, C - len(prompt)), k,
+                      torch.Generator().manual_seed(seed), eos, ids=list(prompt))
+        self.requests[rid] = req
+        self.waiting.append(req)
+        return rid
+
+    def abort(self, request_id: Hashable) -> bool:
+        """Drop a request now, waiting or running; its blocks are free when this returns. False when
+        the engine does not hold it (finished already, or never added)."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self._free(req)
+        req.finish = "abort"
+        self.stats["aborted"] += 1
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def _free(self, req: Request) -> None:
+        self.cache.release(req.rid)
+        self.cache.release(("mtp", req.rid))
+        req.computed, req.published, req.pending = 0, 0, None
+        req.stale_tokens, req.stale_hidden = [], []
+
+    # ---- scheduling ------------------------------------------------------------------------------------
+    def _blocks_for(self, req: Request, n_tokens: int, drafts: int) -> int:
+        """New blocks `req` needs to feed `n_tokens` more (target), and its MTP entries under drafting."""
+        c = self.cache
+        need = c.blocks_needed(req.computed + n_tokens) - len(c.blocks.get(req.rid, ()))
+        if drafts:   # MTP cache: caught up to the verified length, then drafts - 1 draft positions
+            need += c.blocks_needed(req.computed + drafts - 1) - len(c.blocks.get(("mtp", req.rid), ()))
+        return max(need, 0)
+
+    def _drafts(self, req: Request) -> int:
+        """Drafts `req` proposes this round: 0 unless it is decoding with speculation; never more than
+        the context or its remaining budget can use."""
+        if not req.k or req.computed != len(req.ids) - 1 or not (req.stale_tokens or req.pending):
+            return 0
+        n = req.computed
+        return max(0, min(req.k, self.cfg.max_position_embeddings - 1 - n, req.budget - req.n_out - 1))
+
+    def _preempt(self, req: Request) -> None:
+        """Recompute later: blocks released, back to the front of the queue, emitted tokens kept."""
+        self.running.remove(req)
+        self._free(req)
+        self.waiting.appendleft(req)
+        self.stats["preemptions"] += 1
+
+    def _schedule(self) -> list[_Row]:
+        rows: list[_Row] = []
+        budget, spare = self.max_tokens_step, self.cache.free_blocks
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            d = self._drafts(req)
+            n = min(len(req.ids) - req.computed + d, budget)
+            d = min(d, n - 1)
+            need = self._blocks_for(req, n, d)
+            if need > spare and d:                 # short of blocks: no drafts this round first
+                n, d = n - d, 0
+                need = self._blocks_for(req, n, d)
+            while need > spare and req in self.running:
+                victim = self.running[-1]
+                if victim is req and len(self.running) == 1:
+                    req.finish = "length"          # alone and still short: the cache cannot hold it
+                    break
+                before = self.cache.free_blocks
+                self._preempt(victim)              # the newest (never one scheduled already)
+                spare += self.cache.free_blocks - before
+            if req.finish is not None:
+                i += 1
+                continue
+            if req not in self.running:            # it was the newest: preempted itself
+                break
+            if n:
+                rows.append(_Row(req, req.ids[req.computed:req.computed + n - d], drafts=[0] * d))
+            spare -= need
+            budget -= n
+            i += 1
+        if self.static and self.running:
+            return rows
+        while self.waiting and len(self.running) < self.max_seqs and (budget > 0 or self.static):
+            req = self.waiting[0]
+            hit = self._prefix_hit(req)
+            start = len(hit) * self.bs
+            n = min(len(req.ids) - start, budget)
+            # unheld published blocks it takes out of the free count, then the blocks of its chunk
+            need = sum(self.cache.holders(b) == 0 for b in hit) + self.cache.blocks_needed(start + n) - len(hit)
+            if need > spare:
+                break
+            self.waiting.popleft()
+            if hit:
+                self.cache.share(req.rid, hit)
+                req.computed = start
+            if not req.admitted:
+                req.admitted, req.cached_tokens = True, start
+                self.stats["prompt_tokens"] += len(req.prompt)
+                if self.prefix_caching and not req.k:
+                    self.stats["prefix_query_tokens"] += len(req.prompt)
+                    self.stats["prefix_hit_tokens"] += start
+            req.published = len(hit)
+            self.running.append(req)
+            if n:
+                rows.append(_Row(req, req.ids[start:start + n]))
+            spare -= need
+            budget -= n
+        return rows
+
+    def _hashes(self, req: Request) -> list[bytes]:
+        """Chained content hashes of the full blocks of `req.ids` (extended as it grows)."""
+        h, bs = req.hashes, self.bs
+        while (len(h) + 1) * bs <= len(req.ids):
+            j = len(h)
+            h.append(_block_hash(h[-1] if h else b"", req.ids[j * bs:(j + 1) * bs]))
+        return h
+
+    def _prefix_hit(self, req: Request) -> list[int]:
+        """Published blocks matching the start of `req.ids`, leaving at least its last token to compute."""
+        if not self.prefix_caching or req.k:
+            return []
+        keys = self._hashes(req)[:(len(req.ids) - 1) // self.bs]
+        return self.cache.lookup(keys)
+
+    def _publish(self, req: Request) -> None:
+        if not self.prefix_caching:
+            return
+        full = min(req.computed // self.bs, len(self._hashes(req)))
+        blocks = self.cache.blocks.get(req.rid, [])
+        for j in range(req.published, full):
+            self.cache.publish(blocks[j], req.hashes[j])
+        req.published = max(req.published, full)
+
+    # ---- one step ---------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        """Schedule and run one step; the outputs of every request that emitted tokens or finished."""
+        outs: list[RequestOutput] = []
+        rows = self._schedule()
+        for req in [r for r in self.running if r.finish is not None]:      # could not grow: cache too small
+            outs.append(self._finish(req))
+        rows = [r for r in rows if r.req.finish is None]
+        if not rows:
+            self.last_step_tokens = 0
+            return outs
+        self.stats["steps"] += 1
+        m = self.model
+        spec = [r for r in rows if r.drafts]
+        if spec:
+            self._draft(spec)
+        chunks = {r.req.rid: r.tokens + r.drafts for r in rows}
+        self.last_step_tokens = sum(len(c) for c in chunks.values())
+        try:
+            st, h = m.run(self.cache, chunks)
+        except CacheExhausted:
+            # the scheduler's count was off: the target step rolled back; so do the draft steps, and
+            # the newest request waits to be recomputed
+            for r in spec:
+                self.cache.truncate(("mtp", r.req.rid), r.req.computed)
+            self._preempt(self.running[-1])
+            return outs
+        start = dict(zip(st.reqs, st.meta.cu_host))
+        # logits of the rows that pick tokens: the last row of a sampling chunk, every row of a verify chunk
+        want: list[int] = []
+        for r in rows:
+            s = start[r.req.rid]
+            if r.drafts:
+                want.extend(range(s + len(r.tokens) - 1, s + len(r.tokens) + len(r.drafts)))
+            elif r.samples:
+                want.append(s + len(r.tokens) - 1)
+        lg = m.logits(h[torch.tensor(want, dtype=torch.long, device=h.device)], check_finite=False) if want else None
+        bad = (~torch.isfinite(lg).all(-1)).tolist() if want else []
+        j = 0
+        picks: dict[Hashable, tuple[int, list[int]]] = {}   # request -> (row of its first logits, its logits count)
+        for r in rows:
+            if r.drafts or r.samples:
+                cnt = len(r.drafts) + 1
+                picks[r.req.rid] = (j, cnt)
+                j += cnt
+        failed = {r.req.rid for r in rows if r.req.rid in picks
+                  and any(bad[picks[r.req.rid][0]:sum(picks[r.req.rid])])}
+        new = self._pick(rows, lg, picks, failed)
+        for r in rows:
+            req = r.req
+            s = start[req.rid]
+            if req.rid in failed:
+                outs.append(self._finish(req, "error", f"non-finite logits (NaN/inf) from backend {m.backend_name!r}"))
+                continue
+            fed = len(r.tokens)
+            toks = new.get(req.rid, [])
+            if r.drafts:
+                a = len(toks) - 1                       # drafts accepted
+                self.stats["verify_rounds"] += 1
+                self.stats["drafted_tokens"] += len(r.drafts)
+                self.stats["accepted_tokens"] += a
+                self.cache.truncate(req.rid, req.computed + fed + a)
+                self.cache.truncate(("mtp", req.rid), req.computed)
+                fed += a
+            if req.k:                                   # the MTP cache's catch-up: token j+1 at position j
+                req.stale_hidden.append(h[s:s + fed])
+            req.computed += fed
+            if not toks:
+                self._publish(req)
+                if req.k:
+                    req.stale_tokens.extend(req.ids[req.computed - fed + 1:req.computed + 1])
+                continue
+            out = self._emit(req, toks)
+            if req.k:
+                req.stale_tokens.extend(req.ids[req.computed - fed + 1:req.computed + 1])
+            self._publish(req)
+            if out is not None:
+                outs.append(out)
+        return outs
+
+    def _pick(self, rows: list[_Row], lg: torch.Tensor | None, picks: dict, failed: set) -> dict[Hashable, list[int]]:
+        """The tokens each sampling or verifying request emits this step: one for a plain chunk, the
+        accepted drafts and one more for a verify chunk. One host read for the plain rows."""
+        out: dict[Hashable, list[int]] = {}
+        plain = [r for r in rows if r.samples and not r.drafts and r.req.rid not in failed]
+        if plain:
+            idx = torch.tensor([picks[r.req.rid][0] for r in plain], dtype=torch.long, device=lg.device)
+            toks, _ = self._sample(lg[idx], [r.req for r in plain])
+            for r, t in zip(plain, toks.tolist()):
+                out[r.req.rid] = [int(t)]
+        groups: dict[tuple, list[_Row]] = {}
+        for r in rows:
+            if r.drafts and r.req.rid not in failed:
+                p = r.req.params
+                groups.setdefault((len(r.drafts), p.temperature, p.top_p), []).append(r)
+        for (k, temp, top_p), grp in groups.items():
+            tgt = torch.stack([lg[picks[r.req.rid][0]:picks[r.req.rid][0] + k + 1] for r in grp])     # [G, k+1, V]
+            draft = torch.tensor([r.drafts for r in grp], dtype=torch.long, device=tgt.device)
+            dprobs = uni = None
+            if temp > 0:
+                dprobs = torch.stack([torch.stack(r.dprobs) for r in grp]).to(tgt.device)              # [G, k, V]
+                uni = torch.cat([torch.rand(1, k + 1, generator=r.req.gen) for r in grp]).to(tgt.device)
+            acc, toks = self.model.ops.mtp_verify(draft, tgt, dprobs, temperature=temp, top_p=top_p, uniforms=uni)
+            for r, a, t in zip(grp, acc.tolist(), toks.tolist()):
+                if not 0 <= a <= k or any(x < 0 for x in t[:a + 1]):
+                    raise RuntimeError(f"backend {self.model.backend_name!r}: mtp_verify returned accepted={a} and "
+                                       f"tokens {t} for k={k}; expected 0..k accepted and a+1 valid tokens")
+                out[r.req.rid] = [int(x) for x in t[:a + 1]]
+        return out
+
+    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """logits [N, V] -> tokens [N] (argmax where greedy, else drawn with each request's generator)
+        and per row the distribution a token was drawn from (None where greedy)."""
+        toks = logits.argmax(-1)
+        probs: list[torch.Tensor | None] = [None] * len(reqs)
+        groups: dict[tuple[float, float], list[int]] = {}
+        for i, r in enumerate(reqs):
+            if r.params.temperature > 0:
+                groups.setdefault((r.params.temperature, r.params.top_p), []).append(i)
+        for (temp, top_p), idx in groups.items():
+            p = probs_from_logits(logits[idx], temp, top_p)
+            u = torch.cat([torch.rand(1, generator=reqs[i].gen) for i in idx]).to(p.device)
+            toks[idx] = sample_from(p, u).to(toks.dtype)
+            for j, i in enumerate(idx):
+                probs[i] = p[j]
+        return toks, probs
+
+    # ---- speculative drafting ----------------------------------------------------------------------------
+    def _draft(self, rows: list[_Row]) -> None:
+        """Catch the MTP cache of these requests up to their verified length, then draft: d_1 from the
+        pending MTP logits, each further draft from one more MTP step (batched over the rows still drafting)."""
+        m = self.model
+        todo = [r.req for r in rows if r.req.stale_tokens]
+        if todo:
+            chunks = {("mtp", q.rid): q.stale_tokens for q in todo}
+            hid = torch.cat([x for q in todo for x in q.stale_hidden])
+            _, z, logits, idx = m.run_mtp(self.cache, chunks, hid)
+            ends = torch.tensor([len(c) for c in chunks.values()]).cumsum(0) - 1
+            for q, e in zip(todo, ends.tolist()):
+                q.pending = (z[e], logits[e], idx[e])
+                q.stale_tokens, q.stale_hidden = [], []
+        live = list(rows)
+        hid = torch.stack([r.req.pending[0] for r in live])
+        logits = torch.stack([r.req.pending[1] for r in live])
+        share = torch.stack([r.req.pending[2] for r in live]) if self.cfg.index_share_for_mtp_iteration else None
+        want = {id(r): len(r.drafts) for r in live}
+        for r in live:
+            r.drafts = []
+        while True:
+            d, q = self._sample(logits, [r.req for r in live])
+            d = d.tolist()
+            for b, r in enumerate(live):
+                r.drafts.append(int(d[b]))
+                if q[b] is not None:
+                    r.dprobs.append(q[b])
+            keep = [b for b, r in enumerate(live) if len(r.drafts) < want[id(r)]]
+            if not keep:
+                return
+            if len(keep) < len(live):
+                sel = torch.tensor(keep, dtype=torch.long, device=hid.device)
+                hid, share = hid[sel], (share[sel.to(share.device)] if share is not None else None)
+                live, d = [live[b] for b in keep], [d[b] for b in keep]
+            # the MTP layer at position n + j - 1 (j drafts so far): its own output hidden, token d_j
+            _, hid, logits, _ = m.run_mtp(self.cache, {("mtp", r.req.rid): [t] for r, t in zip(live, d)}, hid, share)
+
+    # ---- emitting and finishing --------------------------------------------------------------------------
+    def _emit(self, req: Request, toks: list[int]) -> RequestOutput | None:
+        """Append new tokens up to the budget, the first stop id, or a stop string."""
+        took: list[int] = []
+        for t in toks:
+            req.ids.append(t)
+            took.append(t)
+            if t in req.eos:
+                req.finish = "stop"
+                break
+            if req.n_out >= req.budget:
+                req.finish = "length"
+                break
+        self.stats["generation_tokens"] += len(took)
+        text = self._detokenize(req)
+        if req.finish is not None:
+            return self._finish(req, req.finish, new_tokens=took, text=text)
+        return RequestOutput(req.rid, took, text, prompt_tokens=len(req.prompt), output_tokens=req.n_out)
+
+    def _detokenize(self, req: Request) -> str:
+        """New text safe to return: not a possible start of a stop string, not a partial character."""
+        if self.tokenizer is None:
+            return ""
+        text = self.tokenizer.decode(req.ids[len(req.prompt):])
+        stops = req.params.stop
+        if stops:
+            lo = max(0, len(req.text) - max(map(len, stops)))
+            hits = [i for i in (text.find(s, lo) for s in stops) if i >= 0]
+            if hits:
+                text, req.finish = text[:min(hits)], "stop"
+        req.text = text
+        end = len(text)
+        if req.finish is None:
+            if stops:
+                end -= max(map(len, stops)) - 1
+            if text.endswith("\ufffd"):
+                end = min(end, len(text) - 1)
+        end = max(end, req.sent)
+        new, req.sent = text[req.sent:end], end
+        return new
+
+    def _finish(self, req: Request, reason: str | None = None, error: str | None = None, *,
+                new_tokens: list[int] | None = None, text: str | None = None) -> RequestOutput:
+        reason = reason or req.finish or "length"
+        req.finish = reason
+        if req in self.running:
+            self.running.remove(req)
+        self.requests.pop(req.rid, None)
+        self._free(req)
+        self.stats["finished"] += 1
+        self.stats["errors"] += reason == "error"
+        if text is None:
+            text = req.text[req.sent:] if self.tokenizer is not None else ""
+        return RequestOutput(req.rid, new_tokens or [], text, True, reason, len(req.prompt), req.n_out, error)
+
+    # ---- whole runs --------------------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams] | None = None
+                 ) -> list[dict[str, Any]]:
+        """Run `prompts` to the end: per prompt {"token_ids", "text", "finish_reason"}."""
+        ps = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        ids = [self.add_request(p, q) for p, q in zip(prompts, ps)]
+        res = {i: {"token_ids": [], "text": "", "finish_reason": None} for i in ids}
+        while any(res[i]["finish_reason"] is None for i in ids):
+            for o in self.step():
+                if o.request_id in res:
+                    res[o.request_id]["token_ids"] += o.token_ids
+                    res[o.request_id]["text"] += o.text
+                    if o.finished:
+                        res[o.request_id]["finish_reason"] = o.finish_reason
+        return [res[i] for i in ids]
+
+    def metrics(self) -> dict[str, float]:
+        """Gauges and counters for /metrics: requests, cache blocks, prefix hits, acceptance length."""
+        c, s = self.cache, self.stats
+        rounds = s["verify_rounds"]
+        return {"running": len(self.running), "waiting": len(self.waiting),
+                "cache_blocks_total": c.num_blocks, "cache_blocks_used": c.used_blocks,
+                "cache_blocks_cached": c.cached_blocks, "cache_usage": c.used_blocks / c.num_blocks,
+                "prefix_evictions": c.evictions,
+                "mean_acceptance_length": (s["accepted_tokens"] + rounds) / rounds if rounds else math.nan,
+                **s}
+
+
+__all__ = ["Engine", "SamplingParams", "RequestOutput", "ParamError", "FINISH_REASONS"]

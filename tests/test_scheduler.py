@@ -1,0 +1,290 @@
+"""The continuous-batching engine (engine/scheduler.py) and the prefix sharing of the paged cache.
+
+Greedy output through the engine is compared token for token with `GLM52.generate` on the shipped
+default model (trained: its greedy continuations are far from ties), whatever the batch, the step
+budget, preemptions, prefix hits or MTP speculation.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from glm52_backends import GLM52, default_checkpoint
+from glm52_backends.cache import CacheExhausted, PagedCache
+from glm52_backends.loader import load_config
+from glm52_backends.engine.scheduler import Engine, ParamError, SamplingParams
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TEXTS = ["def __init__(self", "import ", "class Foo:", "    def ", "for i in range(10):\n", "x = "]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return GLM52(default_checkpoint(), backend="torch", progress=False)
+
+
+@pytest.fixture(scope="module")
+def prompts(model):
+    return [model.tokenizer.encode(t) for t in TEXTS]
+
+
+@pytest.fixture(scope="module")
+def reference(model, prompts):
+    """Plain greedy generation of every prompt, 24 new tokens."""
+    return model.generate(prompts, max_new_tokens=24).tokens
+
+
+LONG = '''class Cache:
+    """A small cache of computed values, keyed by name."""
+
+    def __init__(self, size=16):
+        self.size = size
+        self.data = {}
+        self.order = []
+
+    def get(self, key, default=None):
+        if key in self.data:
+            self.order.remove(key)
+            self.order.append(key)
+            return self.data[key]
+        return default
+
+    def put(self, key, value):
+        if key not in self.data and len(self.data) >= self.size:
+            del self.data[self.order.pop(0)]
+        self.data[key] = value
+        self.order.append(key)
+'''
+
+
+@pytest.fixture(scope="module")
+def long_prompt(model):
+    ids = model.tokenizer.encode(LONG)
+    assert len(ids) > 100                                # many full blocks of 16
+    return ids
+
+
+def _run(engine: Engine, prompts, params) -> list[list[int]]:
+    return [o["token_ids"] for o in engine.generate(prompts, params)]
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(max_num_batched_tokens=8), dict(max_num_seqs=2)],
+                         ids=["one-step-prefill", "budget-8", "two-at-a-time"])
+def test_greedy_equals_generate(model, prompts, reference, kw):
+    e = Engine(model, **kw)
+    assert _run(e, prompts, SamplingParams(max_tokens=24)) == reference
+    assert e.cache.used_blocks == 0 and not e.has_unfinished()
+
+
+def test_speculative_greedy_equals_plain(model, prompts, reference):
+    e = Engine(model, speculative=3, max_num_batched_tokens=16)
+    assert _run(e, prompts, SamplingParams(max_tokens=24)) == reference
+    m = e.metrics()
+    assert m["verify_rounds"] > 0 and m["accepted_tokens"] > 0 and 1.0 < m["mean_acceptance_length"] <= 4.0
+    # per request: plain decoding beside speculative requests in the same steps
+    mixed = [SamplingParams(max_tokens=24, speculative=i % 2 * 2) for i in range(len(prompts))]
+    assert _run(Engine(model, speculative=2), prompts, mixed) == reference
+
+
+def test_preemption_resumes_where_it_stopped(model, prompts):
+    ref = model.generate(prompts, max_new_tokens=40).tokens
+    for kw in (dict(cache_tokens=96), dict(cache_tokens=64, max_num_batched_tokens=4),
+               dict(cache_tokens=128, speculative=2)):
+        e = Engine(model, **kw)
+        assert _run(e, prompts, SamplingParams(max_tokens=40)) == ref, kw
+        assert e.stats["preemptions"] > 0, kw            # the cache was too small for all at once
+        assert e.cache.used_blocks == 0
+
+
+def test_abort_frees_blocks_at_once(model, prompts, reference):
+    e = Engine(model, max_num_seqs=2)
+    ids = [e.add_request(p, SamplingParams(max_tokens=24)) for p in prompts]
+    got = {o.request_id: list(o.token_ids) for o in e.step()}      # two running, four waiting
+    assert e.num_running == 2 and e.num_waiting == 4
+    held = e.cache.used_blocks
+    assert held > 0
+    assert e.abort(ids[0]) and e.abort(ids[5])           # one running, one waiting
+    assert e.cache.used_blocks < held and e.num_running == 1 and e.num_waiting == 3
+    assert not e.abort(ids[0]) and not e.abort("never added")
+    while e.has_unfinished():
+        for o in e.step():
+            assert o.request_id not in (ids[0], ids[5])
+            got.setdefault(o.request_id, []).extend(o.token_ids)
+    assert [got[i] for i in ids[1:5]] == reference[1:5]  # the others as if alone
+    assert e.cache.used_blocks == 0 and e.stats["aborted"] == 2
+
+
+def test_steps_mix_decode_and_prefill_within_budget(model, prompts, long_prompt):
+    e = Engine(model, max_num_batched_tokens=8)
+    a = e.add_request(prompts[0], SamplingParams(max_tokens=60, ignore_eos=True))
+    while e.requests[a].n_out == 0:
+        e.step()
+    b = e.add_request(long_prompt, SamplingParams(max_tokens=2))
+    req_b = e.requests[b]
+    mixed = 0
+    while req_b.n_out == 0:
+        before = req_b.computed
+        outs = e.step()
+        assert e.last_step_tokens <= 8
+        if any(o.request_id == a and o.token_ids for o in outs) and 0 < req_b.computed - before:
+            mixed += 1                                   # a decoded while b prefilled a chunk of 7
+            assert req_b.computed - before == min(7, len(long_prompt) - before)
+    assert mixed == -(-len(long_prompt) // 7)            # every chunk of b's prompt ran beside a's decode
+    got = list(e.requests[a].ids[len(prompts[0]):])
+    while e.has_unfinished():
+        for o in e.step():
+            got += o.token_ids if o.request_id == a else []
+    assert got == model.generate([prompts[0]], max_new_tokens=60, stop_at_eos=False).tokens[0]
+
+
+def test_sampling_per_request_seed(model, prompts):
+    sp = SamplingParams(max_tokens=16, temperature=0.8, top_p=0.9, seed=7)
+    together = _run(Engine(model), prompts, sp)
+    alone = _run(Engine(model), prompts[2:3], sp)
+    assert together[2] == alone[0]                       # the same draws whatever runs beside it
+    other = _run(Engine(model), prompts[2:3], SamplingParams(max_tokens=16, temperature=0.8, top_p=0.9, seed=8))
+    greedy = _run(Engine(model), prompts[2:3], SamplingParams(max_tokens=16))
+    assert other != alone or greedy != alone             # seeds matter; sampling is not greedy
+    spec = _run(Engine(model, speculative=2), prompts, sp)
+    assert all(len(t) == 16 for t in spec)
+
+
+def test_stop_strings_and_ids(model, prompts, reference):
+    e = Engine(model)
+    text = model.tokenizer.decode(reference[0])
+    stop = text[8:12]
+    out = e.generate([prompts[0]], SamplingParams(max_tokens=24, stop=[stop]))[0]
+    assert out["finish_reason"] == "stop" and out["text"] == text[:text.index(stop)]
+    out = e.generate([prompts[0]], SamplingParams(max_tokens=24, stop_token_ids=[reference[0][5]]))[0]
+    assert out["finish_reason"] == "stop" and out["token_ids"] == reference[0][:reference[0].index(reference[0][5]) + 1]
+    out = e.generate([prompts[0]], SamplingParams(max_tokens=24))[0]
+    assert out["finish_reason"] == "length" and out["text"] == text
+
+
+@pytest.mark.parametrize("field,kw", [("max_tokens", dict(max_tokens=-5)), ("temperature", dict(temperature=-1.0)),
+                                      ("top_p", dict(top_p=0.0)), ("stop_token_ids", dict(stop_token_ids=[99999])),
+                                      ("stop", dict(stop=[""])), ("speculative", dict(speculative=3))])
+def test_bad_params_name_the_field(model, prompts, field, kw):
+    e = Engine(model)
+    with pytest.raises(ParamError) as info:
+        e.add_request(prompts[0], SamplingParams(**kw))
+    assert info.value.param == field and field in str(info.value)
+    with pytest.raises(ParamError, match="prompt"):
+        e.add_request([], SamplingParams())
+    assert not e.has_unfinished()
+
+
+def test_static_batching_admits_only_into_an_empty_batch(model, prompts, reference):
+    e = Engine(model, static_batching=True)
+    a = e.add_request(prompts[0], SamplingParams(max_tokens=24))
+    got = {a: [t for o in e.step() for t in o.token_ids]}
+    b = e.add_request(prompts[1], SamplingParams(max_tokens=24))
+    got[b] = []
+    while e.requests.get(a) is not None:
+        assert e.num_waiting == 1                        # b waits for a's batch to end
+        for o in e.step():
+            got[o.request_id] += o.token_ids
+    while e.has_unfinished():
+        for o in e.step():
+            got[o.request_id] += o.token_ids
+    assert [got[a], got[b]] == reference[:2]
+
+
+# ---- prefix caching -------------------------------------------------------------------------------------
+def test_prefix_hits_share_blocks_and_give_the_same_tokens(model, long_prompt):
+    tails = [model.tokenizer.encode(t) for t in ("\nx = 1", "\ndef f(")]
+    ps = [long_prompt + t for t in tails]
+    ref = model.generate(ps, max_new_tokens=12).tokens
+    e = Engine(model)
+    a = e.add_request(ps[0], SamplingParams(max_tokens=12))
+    e.step()                                             # a prefilled: its full blocks published
+    b = e.add_request(ps[1], SamplingParams(max_tokens=12))
+    e.step()
+    ra, rb = e.requests[a], e.requests[b]
+    n_shared = len(long_prompt) // e.bs
+    assert rb.cached_tokens == n_shared * e.bs > 0
+    shared = e.cache.blocks[a][:n_shared]
+    assert e.cache.blocks[b][:n_shared] == shared
+    assert all(e.cache.holders(x) == 2 for x in shared)
+    got = {a: list(ra.ids[len(ps[0]):]), b: list(rb.ids[len(ps[1]):])}
+    while e.has_unfinished():
+        for o in e.step():
+            got[o.request_id] += o.token_ids
+    assert [got[a], got[b]] == ref
+    assert e.cache.used_blocks == 0 and e.cache.cached_blocks >= n_shared   # kept for later hits
+    assert all(e.cache.holders(x) == 0 for x in shared)
+    assert e.stats["prefix_hit_tokens"] == n_shared * e.bs
+    off = Engine(model, prefix_caching=False)
+    assert _run(off, ps, SamplingParams(max_tokens=12)) == ref and off.stats["prefix_hit_tokens"] == 0
+
+
+def _tiny_cache(num_blocks=4, bs=4) -> PagedCache:
+    return PagedCache(load_config(default_checkpoint()), num_blocks, bs)
+
+
+def test_cache_refcounts_publish_share_release():
+    c = _tiny_cache()
+    c.reserve({"a": 8})                                  # blocks 0, 1
+    assert c.blocks["a"] == [0, 1] and c.holders(0) == 1
+    assert c.publish(0, "h0") and c.publish(1, "h1")
+    assert not c.publish(0, "again") and not c.publish(1, "h1")     # each block and each hash once
+    assert c.lookup(["h0", "h1", "h2"]) == [0, 1] and c.lookup(["h1"]) == [1] and c.lookup(["zz", "h0"]) == []
+    c.share("b", [0, 1])
+    assert c.lens["b"] == 8 and c.holders(0) == c.holders(1) == 2 and c.used_blocks == 2
+    c.reserve({"b": 9})                                  # b's own token goes past the shared blocks
+    assert c.blocks["b"] == [0, 1, 2]
+    c.release("a")
+    assert c.holders(0) == 1 and c.used_blocks == 3 and c.free_blocks == 1
+    c.release("b")
+    assert c.used_blocks == 0 and c.cached_blocks == 2 and c.free_blocks == 4
+    assert c.lookup(["h0", "h1"]) == [0, 1]              # unheld but still findable
+    c.reserve({"x": 1})
+    with pytest.raises(ValueError, match="already holds"):
+        c.share("x", [0])                                # a prefix hit starts a request
+    c.release("x")
+    with pytest.raises(ValueError, match="not published"):
+        c.share("y", [3])
+
+
+def test_cache_evicts_least_recently_used_published_blocks():
+    c = _tiny_cache()
+    c.reserve({"a": 4, "b": 4})                          # a: block 0, b: block 1
+    c.publish(c.blocks["a"][0], "A")
+    c.publish(c.blocks["b"][0], "B")
+    c.release("a")
+    c.release("b")                                       # LRU order: A, then B
+    c.share("c", c.lookup(["B"]))                        # B held again: not evictable
+    c.release("c")                                       # now A, B in use order (B most recent)
+    c.reserve({"d": 12})                                 # 2 free blocks + 1 eviction: A goes first
+    assert c.evictions == 1 and c.lookup(["A"]) == [] and c.lookup(["B"]) != []
+    with pytest.raises(CacheExhausted):
+        c.reserve({"e": 8})                              # B alone is left: one block
+    assert c.lookup(["B"]) != [] and "e" not in c.blocks  # all or nothing: nothing evicted
+    c.reserve({"e": 4})
+    assert c.lookup(["B"]) == [] and c.evictions == 2
+
+
+def test_cache_rollback_with_shared_blocks():
+    c = _tiny_cache(num_blocks=6)
+    c.reserve({"a": 8})
+    c.publish(0, "h0")
+    c.share("b", [0])
+    free_before = list(c._free)
+    with pytest.raises(RuntimeError):
+        with c.transaction():
+            c.reserve({"b": 10, "a": 12})
+            raise RuntimeError("a step failing part-way")
+    assert c.blocks == {"a": [0, 1], "b": [0]} and c.lens == {"a": 8, "b": 4} and c._free == free_before
+    assert c.holders(0) == 2
+    c.truncate("b", 0)                                   # drops its hold on the shared block
+    assert c.holders(0) == 1 and c.blocks["b"] == []
+
+
+def test_engine_refuses_what_its_cache_or_budget_cannot_hold(model, long_prompt):
+    e = Engine(model, cache_tokens=64)
+    with pytest.raises(ParamError, match="cache blocks") as info:
+        e.add_request(long_prompt, SamplingParams())
+    assert info.value.param == "prompt"
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        Engine(model, speculative=4, max_num_batched_tokens=4)

@@ -35,14 +35,15 @@ FORMATS = (("bf16", None, None), ("fp8", "fp8", None), ("w8a8", "w8a8", None), (
 
 
 def held_bytes(net) -> int:
-    """Bytes of every tensor a `Glm52Network` holds: Weights (data, scales, aux) and plain tensors."""
+    """Bytes of every tensor a `Glm52Network` holds: Weights (data, scales, aux, what the backend prepared at
+    load) and plain tensors."""
     seen: set[int] = set()
     total = 0
 
     def add(v) -> None:
         nonlocal total
         if isinstance(v, Weight):
-            for t in v.tensors().values():
+            for t in v.held_tensors():          # the format's tensors and any the backend prepared at load
                 add(t)
         elif isinstance(v, torch.Tensor):
             if id(v) not in seen:

@@ -41,6 +41,10 @@ class Weight:
     block: tuple[int, int] = FP8_BLOCK
     aux: dict = field(default_factory=dict)
     recipe: str | None = None
+    # What a backend's load-time preparation (`prepare_weight`, registry.py) attached: its kernels' forms
+    # of this weight (e.g. a scale in the dtype an op takes). The reference never reads it; a new Weight
+    # made from this one (slices, stacks, .to) starts without it. `held_tensors` counts what it allocated.
+    prepared: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         if self.format not in WEIGHT_FORMATS:
@@ -91,6 +95,12 @@ class Weight:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def held_tensors(self) -> list[torch.Tensor]:
+        """Every tensor this weight keeps alive: the format's (`tensors`) and those its backend preparation
+        allocated besides them (`prepared.tensors()`, when it has that method)."""
+        extra = getattr(self.prepared, "tensors", None)
+        return list(self.tensors().values()) + (list(extra().values()) if callable(extra) else [])
 
     def dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight as a plain tensor (`dtype`: default the data's for dense, float32 otherwise)."""

@@ -865,35 +865,70 @@ def moe_int8(g, dtype=torch.float32, fmt="w8a8_dynamic"):
     return x, w13, w2, ids, torch.rand(T, K, generator=g)
 
 
-def test_int8_weights_are_prepared_once_and_read_nothing_back_after(monkeypatch):
-    """The kernels' view of a weight (transposed codes, scale vectors, the checks that read values)
-    is built on its first use only: later calls build nothing and read nothing back to the host; a
-    weight modified in place is rebuilt, and a freed one leaves the cache."""
-    be = traced()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_int8_weights_are_prepared_at_load_and_read_nothing_back(monkeypatch, dtype):
+    """prepare_weight builds the kernels' view of each int8 weight once, on the weight (the backend keeps
+    no per-weight state): calls with prepared weights prepare nothing and read nothing back to the host,
+    and equal a per-call preparation of the same (rounded, NZ-cast) tensors; a weight modified in place
+    is prepared per call again, its load-time preparation no longer describing it."""
+    import dataclasses
+    import gc
+    import weakref
+    from glm52_backends.backends.ascend.quantized import Prepared
+    be = int8_backend(dtype)
     g = gen(53)
-    x = torch.randn(6, 32, generator=g)
-    W = qweight(torch.randn(16, 32, generator=g), "w8a8_dynamic")
-    S = qweight(torch.randn(16, 32, generator=g), "w8a8_static", x)
+    x = torch.randn(6, 32, generator=g).to(dtype)
     mx, e13, e2, ids, wts = moe_int8(g)
-    m13, m2 = cat_rows([W, W]), qweight(torch.randn(32, 16, generator=g), "w8a8_dynamic")
+    mx = mx.to(dtype)
+    W = qweight(torch.randn(16, 32, generator=g), "w8a8_dynamic")
+    raw = {"W": W, "S": qweight(torch.randn(16, 32, generator=g), "w8a8_static", x), "e13": e13, "e2": e2,
+           "m13": cat_rows([W, W]), "m2": qweight(torch.randn(32, 16, generator=g), "w8a8_dynamic")}
+    prep = {k: be.prepare_weight(k, w, dtype=dtype) for k, w in raw.items()}
+    assert all(isinstance(w.prepared, Prepared) and w.shape == raw[k].shape for k, w in prep.items())
+    assert be.npu.get_npu_format(prep["W"].data) == 29 and be.npu.get_npu_format(raw["W"].data) == 2
 
-    def run():
-        return (be.linear(x, W), be.linear(x, S), be.moe_experts(mx, e13, e2, ids, wts), be.mlp(x, m13, m2))
-    first = run()
-    assert be.prepared.built == len(be.prepared) == 6                      # W, S, e13, e2, m13, m2
+    def run(ws):
+        return (be.linear(x, ws["W"]), be.linear(x, ws["S"]), be.moe_experts(mx, ws["e13"], ws["e2"], ids, wts),
+                be.mlp(x, ws["m13"], ws["m2"]))
     with BackendOps(be.npu, monkeypatch) as mode:
-        again = run()
-    assert mode.syncs == [] and be.prepared.built == 6
-    assert all(torch.equal(a, b) for a, b in zip(first, again))
-    W.scales.mul_(2)                                                         # in place: rebuilt
-    assert torch.allclose(be.linear(x, W), 2 * first[0], rtol=1e-6) and be.prepared.built == 7
-    n = len(be.prepared)
-    tmp = qweight(torch.randn(8, 32, generator=g), "w8a8_dynamic")
+        first = run(prep)
+    assert mode.syncs == [] and be.preparations == 0
+    again = run({k: dataclasses.replace(w, prepared=None) for k, w in prep.items()})
+    assert be.preparations == 6 and all(torch.equal(a, b) for a, b in zip(first, again))
+    prep["W"].scales.mul_(2)                                                 # in place: prepared per call
+    assert torch.allclose(be.linear(x, prep["W"]).float(), 2 * first[0].float(), rtol=1e-2) and be.preparations == 7
+    tmp = be.prepare_weight("tmp", qweight(torch.randn(8, 32, generator=g), "w8a8_dynamic"), dtype=dtype)
     be.linear(x, tmp)
-    assert len(be.prepared) == n + 1
+    codes = weakref.ref(tmp.data)
     be.npu.calls.clear()                                                     # the trace holds the codes too
     del tmp
-    assert len(be.prepared) == n                                             # the cache keeps no weight alive
+    gc.collect()
+    assert codes() is None                                                   # nothing in the backend holds it
+
+
+def test_prepared_tensors_are_the_declared_parts():
+    """What prepare makes besides the weight's own tensors is exactly `prepared_parts` (the planner counts
+    those), for every int8 format, shape and activation dtype; the float16 static scale is the int64
+    encoding of the truncated deq_scale the weight now holds, which the reference computes with."""
+    from glm52_backends.backends.ascend.emulator import trans_quant_scale
+    from glm52_backends.backends.ascend.quantized import prepared_parts
+    g = gen(57)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        be = int8_backend(dtype)
+        x = torch.randn(4, 32, generator=g).to(dtype)
+        for fmt, w in (("w8a8_dynamic", qweight(torch.randn(16, 32, generator=g), "w8a8_dynamic")),
+                       ("w8a8_static", qweight(torch.randn(16, 32, generator=g), "w8a8_static", x)),
+                       ("w8a8_dynamic", moe_int8(g)[1])):
+            p = be.prepare_weight("w", w, dtype=dtype)
+            made = {k: (tuple(t.shape), t.dtype) for k, t in p.prepared.tensors().items()}
+            assert made == prepared_parts(fmt, tuple(w.shape), dtype), (fmt, dtype, made)
+            if fmt == "w8a8_static" and dtype == torch.float16:
+                deq = p.aux["deq_scale"]
+                assert torch.equal(trans_quant_scale(p.prepared.scale), deq)
+                assert (deq - w.aux["deq_scale"]).abs().max() <= 2 ** -10 * w.aux["deq_scale"].abs().max()
+                y = be.linear(x, p)
+                assert calls(be, "npu_quant_matmul")[-1].args[2].dtype == torch.int64
+                assert_ulp(y, quant.matmul_reference(x, p), dtype, "linear", oracle_slack(x, p))
 
 
 def test_int8_declines_name_their_reason(asc, asc_strict, emulate):
@@ -990,7 +1025,7 @@ def test_tiny_model_w8a8_greedy_tokens_match_cpu_ref(emulate, tmp_path):
     weights = calibrated_w8a8(cpu, prompts)
     assert {w.format for _, _, w in weights} == {"w8a8_static", "w8a8_dynamic"}
     install(cpu, weights)
-    install(npu, weights)
+    install(npu, [(i, path, npu.ops.prepare_weight(path, w, dtype=npu.dtype)) for i, path, w in weights])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         got = npu.generate(prompts, max_new_tokens=6, stop_at_eos=False, prefill_chunk=8)
@@ -1000,7 +1035,7 @@ def test_tiny_model_w8a8_greedy_tokens_match_cpu_ref(emulate, tmp_path):
     assert ops["linear"] == ops["mlp"] == ops["moe_experts"] == "native"
     fell_back = [str(w.message) for w in caught if "falls back" in str(w.message)]
     assert not [m for m in fell_back if any(f"{op} falls back" in m for op in ("linear", "mlp", "moe_experts"))]
-    assert npu.ops.backend.prepared.built == len(weights)                  # once per weight, whole run
+    assert npu.ops.backend.preparations == 0                               # prepared once, at install
     for a, b in zip(npu(prompts), cpu(prompts)):                           # logits: float32 row
         assert float((a - b).abs().max()) <= 3e-5 * float(b.abs().max())
 

@@ -974,7 +974,9 @@ QMM_REJECTED = {
     "2-D scale (int4 only)": dict(scale=torch.ones(1, 5)),
     "scale length": dict(scale=torch.ones(4)),
     "float16 scale": dict(scale=torch.ones(5, dtype=torch.float16)),
-    "int64 scale (not emulated)": dict(scale=torch.ones(5, dtype=torch.int64)),
+    "int64 scale with bfloat16 output (not in 表 2)": dict(scale=torch.ones(5, dtype=torch.int64)),
+    "int64 scale with a per-token scale, float16 output": dict(scale=torch.ones(5, dtype=torch.int64),
+                                                              output_dtype=torch.float16),
     "offset with bfloat16 output": dict(offset=torch.zeros(5)),
     "pertoken with int8 output": dict(output_dtype=torch.int8),
     "pertoken length": dict(pertoken_scale=torch.ones(4)),
@@ -1094,3 +1096,61 @@ def test_grouped_matmul_int8_rejects(case):
     a.update(GMM_INT8_REJECTED[case])
     with pytest.raises(NpuOpError, match="npu_grouped_matmul"):
         emu.npu_grouped_matmul(a.pop("x"), a.pop("weight"), **a)
+
+
+# ---- npu_trans_quant_param, int64 scales, npu_format_cast ---------------------------------------------------
+def _f32(bits: int) -> torch.Tensor:
+    return torch.tensor([bits], dtype=torch.int32).view(torch.float32)
+
+
+def test_trans_quant_param_encodes_as_its_page_shows():
+    """功能说明: out = (bits(scale) & 0xFFFFE000) | 1 << 46, the offset's 9 bits at 37-45. The page's own
+    example outputs decode as scale 0x3F85E000 with offset 1 and scale 0x3E326000 with offset -2."""
+    from glm52_backends.backends.ascend.emulator import trans_quant_scale
+    emu = NpuEmulator()
+    assert emu.npu_trans_quant_param(_f32(0x3F85E000), _f32(0x3F800000)).tolist() == [70507248869376]
+    assert emu.npu_trans_quant_param(_f32(0x3E326000), torch.tensor([-2.0])).tolist() == [140463653937152]
+    s = torch.randn(37, generator=gen(90)) * 1e-3
+    enc = emu.npu_trans_quant_param(s)
+    assert enc.dtype == torch.int64 and enc.shape == (37,)                                  # meta: scale's shape
+    kept = trans_quant_scale(enc)
+    assert torch.equal(kept.view(torch.int32) & 0x1FFF, torch.zeros(37, dtype=torch.int32))   # 19 bits kept
+    assert ((kept - s).abs() <= s.abs() * 2 ** -10).all() and ((kept.abs() <= s.abs())).all()   # truncation
+    with pytest.raises(NpuOpError, match="round_mode=1"):
+        emu.npu_trans_quant_param(s, round_mode=1)
+    with pytest.raises(NpuOpError, match="only \\(1, \\) and \\(1, n\\)"):
+        emu.npu_trans_quant_param(s.reshape(1, 37).expand(2, 37).contiguous())
+
+
+def test_quant_matmul_takes_the_int64_scale_for_float16_output():
+    emu = NpuEmulator(allow_float32=False)
+    g = gen(91)
+    x1 = torch.randint(-128, 128, (5, 24), generator=g, dtype=torch.int8)
+    x2 = torch.randint(-128, 128, (24, 7), generator=g, dtype=torch.int8)
+    s = torch.rand(7, generator=g) * 1e-3
+    enc = emu.npu_trans_quant_param(s)
+    from glm52_backends.backends.ascend.emulator import trans_quant_scale
+    want = (x1.double() @ x2.double() * trans_quant_scale(enc).double()).to(torch.float16)
+    assert torch.equal(emu.npu_quant_matmul(x1, x2, enc, output_dtype=torch.float16), want)
+    with pytest.raises(NpuOpError, match="unsupported combination"):          # bfloat16 output: no int64 scale
+        emu.npu_quant_matmul(x1, x2, enc, output_dtype=torch.bfloat16)
+
+
+def test_format_cast_to_nz_is_checked_where_the_weight_goes():
+    """A FRACTAL_NZ operand: the weight operand only, as cast ([.., k, n] contiguous); a view of it with
+    other strides, or an NZ activation, is refused; the values are the cast tensor's."""
+    emu = NpuEmulator(allow_float32=False)
+    g = gen(92)
+    x1 = torch.randint(-128, 128, (5, 24), generator=g, dtype=torch.int8)
+    w = torch.randint(-128, 128, (7, 24), generator=g, dtype=torch.int8)             # [n, k] as stored
+    nz = emu.npu_format_cast(w.t().contiguous(), 29)
+    assert emu.get_npu_format(nz) == 29 and emu.get_npu_format(w) == 2 and torch.equal(nz, w.t())
+    s = torch.rand(7, generator=g)
+    y = emu.npu_quant_matmul(x1, nz, s, output_dtype=torch.bfloat16)
+    assert torch.equal(y, emu.npu_quant_matmul(x1, w.t(), s, output_dtype=torch.bfloat16))
+    with pytest.raises(NpuOpError, match="x2 is a view .* of a FRACTAL_NZ tensor"):
+        emu.npu_quant_matmul(x1[:, :7].contiguous(), nz.t(), torch.rand(24, generator=g), output_dtype=torch.bfloat16)
+    with pytest.raises(NpuOpError, match="x1 is in FRACTAL_NZ"):
+        emu.npu_quant_matmul(emu.npu_format_cast(x1, 29), nz, s, output_dtype=torch.bfloat16)
+    with pytest.raises(NpuOpError, match="contiguous tensor"):
+        emu.npu_format_cast(w.t(), 29)

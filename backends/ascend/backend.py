@@ -12,7 +12,7 @@ and routing bookkeeping are the code that runs on an NPU and the code CI checks.
   mtp_verify.py    batched torch ops (torch_npu has no verify op)
   supporting.py    rms_norm -> npu_rms_norm, rope -> npu_interleave_rope, mlp -> npu_swiglu; linear, layer_norm
   quantized.py     W8A8 (w8a8_dynamic, w8a8_static): npu_dynamic_quant / npu_quantize + npu_quant_matmul for
-                   linear and mlp, the int8 MoE path, and the once-per-weight preparation (`self.prepared`)
+                   linear and mlp, the int8 MoE path, and the once-per-weight preparation (`prepare_weight`)
   common.py        documented limits, declines, dense weights, the paged ops' step data (`step_for`)
   versions.py      the installed CANN and the torch_npu documentation line it belongs to
 
@@ -26,6 +26,7 @@ Shapes and semantics of the ops: glm52_backends/ops/<op>.py.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 
@@ -39,7 +40,7 @@ from . import sparse_mla as _sparse_mla
 from . import supporting as _supporting
 from .common import BLOCK_SIZES, DEFAULT_BLOCK_SIZE, HALF, line_limits
 from .mc2 import Mc2Collectives
-from .quantized import WEIGHT_FORMATS, PreparedCache
+from .quantized import INT8_FORMATS, WEIGHT_FORMATS, nz_codes, prepare, trunc19
 from .versions import installed
 
 
@@ -57,8 +58,10 @@ class AscendBackend:
         self.half_op_dtypes = tuple(getattr(npu, "half_op_dtypes", HALF))
         self.installed = installed(npu)                 # CANN version and torch_npu doc line
         self.line_limits = line_limits(self.installed)  # None: no fused attention ops in that line
-        # int8 weights as the kernels take them, built once per weight (quantized.py)
-        self.prepared = PreparedCache()
+        # int8 weights are prepared once at load (prepare_weight; the result rides on each Weight): this
+        # counts the preparations made per call instead, for weights that skipped it (quantized.py)
+        self.preparations = 0
+        self.nz = os.environ.get("GLM52_ASCEND_NZ", "1").strip().lower() not in ("0", "false", "no", "off")
         self.capabilities = Capabilities(
             dtypes=(torch.bfloat16, torch.float16, torch.float32), default_dtype=default_dtype,
             devices=(device.type,), weight_formats=WEIGHT_FORMATS, cache_formats=("dense",),
@@ -71,20 +74,28 @@ class AscendBackend:
         return f"AscendBackend({self.name!r}, device={self.device}, npu={self.npu!r})"
 
     def prepare_weight(self, name: str, weight, *, dtype: torch.dtype):
-        """Once per weight at load (registry.BoundBackend.prepare_weight). In a bfloat16 model a W8A8 expert
-        stack's float32 scales are rounded to bfloat16 values (kept as float32), as vllm-ascend does at load
-        (`moe_mlp.py`): Atlas A2/A3's int8 npu_grouped_matmul outputs bfloat16 only with bfloat16 scales, so
-        without this the MoE falls back for every real checkpoint (msModelSlim writes float32 scales). The
-        format's arithmetic then runs on the rounded scales, which conformance hands the reference too.
-        Chosen over the recipe's int32 output + npu_dequant_swiglu_quant chain because vllm-ascend, the
-        engine GLM-5.2 users serve with, does this and it keeps one int8 MoE path. float16 models keep the
-        float32 scales (the op takes them with float16 output)."""
-        if dtype != torch.bfloat16 or getattr(weight, "format", "dense") != "w8a8_dynamic" or weight.data.dim() != 3:
+        """Once per weight at load (registry.BoundBackend.prepare_weight): the int8 weights in the forms the
+        kernels take (quantized.py, "Preparation"): bfloat16 expert scales in a bfloat16 model, int64
+        deq_scale in a float16 one, the codes in FRACTAL_NZ; the result rides on the weight
+        (`Weight.prepared`). Chosen over the recipe's int32 output + npu_dequant_swiglu_quant chain for the
+        bfloat16 MoE because vllm-ascend, the engine GLM-5.2 users serve with, rounds the scales at load,
+        and it keeps one int8 MoE path."""
+        fmt = getattr(weight, "format", "dense")
+        if fmt not in INT8_FORMATS:
             return weight
-        rounded = weight.scales.to(torch.bfloat16).to(weight.scales.dtype)
-        if torch.equal(rounded, weight.scales):
-            return weight
-        return dataclasses.replace(weight, scales=rounded)
+        w = weight
+        if dtype == torch.bfloat16 and fmt == "w8a8_dynamic" and w.data.dim() == 3:
+            rounded = w.scales.to(torch.bfloat16).to(w.scales.dtype)
+            if not torch.equal(rounded, w.scales):
+                w = dataclasses.replace(w, scales=rounded, prepared=None)
+        if dtype == torch.float16 and fmt == "w8a8_static":
+            deq = w.aux["deq_scale"]
+            kept = trunc19(deq).to(deq.dtype)
+            if not torch.equal(kept, deq):
+                w = dataclasses.replace(w, aux={**w.aux, "deq_scale": kept}, prepared=None)
+        if self.nz:
+            w = dataclasses.replace(w, data=nz_codes(self.npu, w.data), prepared=None)
+        return dataclasses.replace(w, prepared=prepare(self.npu, w, dtype))
 
     def setup_parallel(self, comms, layout):
         """Over several ranks with ep > 1: expert dispatch and combine through MC2 (mc2.py), on a process

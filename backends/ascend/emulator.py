@@ -35,6 +35,7 @@ In this class the instance is called `emu`: torch_npu itself names some tensor a
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 
@@ -44,6 +45,7 @@ from .emulator_mc2 import Mc2Emulation
 from .versions import EMULATED_CANN, line_for, parse_cann
 
 INT64_MAX = 9223372036854775807  # default of pre_tokens / next_tokens in every schema
+ACL_FORMAT_ND, ACL_FORMAT_FRACTAL_NZ = 2, 29     # npu_format_cast's acl_format values
 HALF = (torch.float16, torch.bfloat16)
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -196,6 +198,12 @@ def _gmm_groups(op: str, x, weight, group_list, split_item: int, group_list_type
         _check(sum(gl) == M, op, f"group_list sums to {sum(gl)} but x has {M} rows")
         ends = torch.tensor(gl).cumsum(0).tolist()
     return ws, list(zip([0] + ends[:-1], ends))
+
+
+def trans_quant_scale(encoded: torch.Tensor) -> torch.Tensor:
+    """The float32 scale an npu_trans_quant_param int64 carries (its low 32 bits; the offset bits are read
+    only where the op takes an offset too, which the backend never passes)."""
+    return (encoded & 0xFFFFFFFF).to(torch.int32).view(torch.float32)
 
 
 def _kernels(cls):
@@ -602,6 +610,10 @@ class NpuEmulator(_kernels(Mc2Emulation)):
         _check(isinstance(x, (list, tuple)) and isinstance(weight, (list, tuple)), op,
                "x and weight are lists of tensors")
         _check(0 < len(x) <= 128 and 0 < len(weight) <= 128, op, "x and weight hold 1..128 tensors")
+        for i, t in enumerate(x):
+            emu._nz_input(op, f"x[{i}]", t, weight=False)
+        for i, t in enumerate(weight):
+            emu._nz_input(op, f"weight[{i}]", t, weight=True)
         _check(x_dtype is None and weight_dtype is None and scale_dtype is None and per_token_scale_dtype is None, op,
                "x_dtype / weight_dtype / scale_dtype / per_token_scale_dtype are not supported on Atlas A2/A3")
         _check(offset is None, op, "offset supports only None")
@@ -861,9 +873,9 @@ class NpuEmulator(_kernels(Mc2Emulation)):
         _check(K == K2, op, f"x1 [..., M, K={K}] and x2 [..., K={K2}, N] do not chain")
         _check(x1.shape[-1] <= 65535 and x2.shape[-1] <= 65535, op,
                f"the last dims of x1 and x2 must not exceed 65535, got {x1.shape[-1]} and {x2.shape[-1]}")
-        if scale.dtype == torch.int64:
-            raise _not_emulated(op, "int64 scale (npu_trans_quant_param bit patterns)")
-        _check(scale.dtype in (torch.float32, torch.bfloat16), op,
+        emu._nz_input(op, "x1", x1, weight=False)
+        emu._nz_input(op, "x2", x2, weight=True)
+        _check(scale.dtype in (torch.float32, torch.bfloat16, torch.int64), op,
                f"scale must be float32, bfloat16 or int64 on Atlas A2/A3, got {scale.dtype}")
         _check(scale.dim() == 1 and scale.shape[0] in (1, N), op,
                f"scale must be 1-D (1,) or (n={N},) for int8, got {tuple(scale.shape)}")
@@ -892,12 +904,15 @@ class NpuEmulator(_kernels(Mc2Emulation)):
         if out == torch.int32:
             raise _not_emulated(op, "output_dtype=int32")
         if out == torch.int8:
-            ok = scale.dtype == torch.float32 and pertoken_scale is None and not fb
+            ok = scale.dtype in (torch.float32, torch.int64) and pertoken_scale is None and not fb
         elif out == torch.float16:
-            ok = scale.dtype == torch.float32 and offset is None and (
-                not fb or (pertoken_scale is not None and bias.dtype in (torch.bfloat16, torch.float32)))
+            # float32 scale, or npu_trans_quant_param's int64 without a per-token scale (the page's example:
+            # "pertoken_scale为空时，输出fp16必须先调用npu_trans_quant_param" in graph mode)
+            ok = (scale.dtype == torch.float32 or (scale.dtype == torch.int64 and pertoken_scale is None)) and \
+                offset is None and (not fb or (pertoken_scale is not None and bias.dtype in (torch.bfloat16, torch.float32)))
         elif out == torch.bfloat16 or (out == torch.float32 and emu.allow_float32):
-            ok = offset is None and (out == torch.bfloat16 or scale.dtype == torch.float32) and (
+            ok = offset is None and scale.dtype in ((torch.float32, torch.bfloat16) if out == torch.bfloat16
+                                                    else (torch.float32,)) and (
                 not fb or bias.dtype in (torch.bfloat16, torch.float32))
         else:
             _check(False, op, f"output_dtype must be int8, float16, bfloat16 or int32, got {output_dtype}")
@@ -905,7 +920,7 @@ class NpuEmulator(_kernels(Mc2Emulation)):
         acc = torch.matmul(x1.long(), x2.long())                                     # exact accumulation
         if ib:
             acc = acc + bias.long()
-        y = acc.float() * scale.float()
+        y = acc.float() * (trans_quant_scale(scale) if scale.dtype == torch.int64 else scale.float())
         if pertoken_scale is not None:
             y = y * pertoken_scale.float()[:, None]
         if fb:
@@ -915,6 +930,58 @@ class NpuEmulator(_kernels(Mc2Emulation)):
         if out == torch.int8:
             return torch.round(y).clamp(-128, 127).to(torch.int8)
         return y.to(out)
+
+    def npu_trans_quant_param(emu, scale, offset=None, round_mode=0):
+        op = "npu_trans_quant_param"
+        # 功能说明 (torch_npu-npu_trans_quant_param.md): out = (bits(scale) & 0xFFFFE000) | (1 << 46), the
+        # offset (rounded, clamped to [-256, 255]) in bits 37-45; round_mode 0 truncates to the 19 high bits
+        _check(scale.dtype == torch.float32 and scale.numel() > 0, op, f"scale must be a non-empty float32 tensor, "
+                                                                       f"got {scale.dtype} {tuple(scale.shape)}")
+        _check(scale.is_contiguous(), op, "scale must be contiguous (不支持非连续的Tensor)")
+        _check(scale.dim() == 1 or (scale.dim() == 2 and scale.shape[0] == 1), op,
+               f"the scale shape support only (1, ) and (1, n), got {tuple(scale.shape)}")    # meta
+        _check(round_mode in (0, 1), op, f"round_mode should be 0 or 1, got {round_mode}")
+        if round_mode == 1:
+            raise _not_emulated(op, "round_mode=1 (R_INT)")
+        out = (scale.view(torch.int32).long() & 0xFFFFE000) | (1 << 46)
+        if offset is not None:
+            _check(offset.dtype == torch.float32 and offset.shape == scale.shape, op,
+                   "offset must be float32 of scale's shape (the shapes the backend passes)")
+            o = torch.round(offset).clamp(-256, 255).long()
+            out = (out & 0x4000FFFFFFFF) | ((o & 0x1FF) << 37)
+        return out                                                                # meta: scale's shape, int64
+
+    def npu_format_cast(emu, self, acl_format):
+        op = "npu_format_cast"
+        # the storage format is a property of the device tensor; here a copy whose format is recorded (by
+        # storage, shape and strides: `get_npu_format`), which the ops that take FRACTAL_NZ operands check
+        _check(acl_format in (ACL_FORMAT_ND, ACL_FORMAT_FRACTAL_NZ), op,
+               f"acl_format {acl_format} is not emulated (ND {ACL_FORMAT_ND}, FRACTAL_NZ {ACL_FORMAT_FRACTAL_NZ})")
+        out = self.clone(memory_format=torch.contiguous_format)
+        if acl_format == ACL_FORMAT_FRACTAL_NZ:
+            _check(self.is_contiguous() and self.dim() >= 2, op,
+                   "cast to FRACTAL_NZ a contiguous tensor of 2 or more dims, in the layout the op takes (the "
+                   "npu_quant_matmul page: transposed to (k, n), made contiguous, then cast)")
+            formats = emu.__dict__.setdefault("_nz", {})
+            key = out.data_ptr()
+            formats[key] = (tuple(out.shape), tuple(out.stride()))
+            weakref.finalize(out, formats.pop, key, None)
+        return out
+
+    def get_npu_format(emu, t) -> int:
+        """torch_npu.get_npu_format: 29 for a tensor cast to FRACTAL_NZ (and its views), else 2 (ND)."""
+        return ACL_FORMAT_FRACTAL_NZ if t.data_ptr() in emu.__dict__.get("_nz", {}) else ACL_FORMAT_ND
+
+    def _nz_input(emu, op: str, name: str, t, *, weight: bool) -> None:
+        """An operand in FRACTAL_NZ: only the weight operands take it, and as cast (a view of an NZ tensor
+        with other strides would be read in the wrong order)."""
+        cast = emu.__dict__.get("_nz", {}).get(t.data_ptr())
+        if cast is None:
+            return
+        _check(weight, op, f"{name} is in FRACTAL_NZ; only the weight operand takes it (activations are ND)")
+        _check((tuple(t.shape), tuple(t.stride())) == cast, op,
+               f"{name} is a view {tuple(t.shape)} strides {tuple(t.stride())} of a FRACTAL_NZ tensor cast as "
+               f"{cast[0]}: pass the cast tensor itself ([.., k, n])")
 
     # ---- supporting ops ---------------------------------------------------------------------------
     def npu_rms_norm(emu, self, gamma, epsilon=1e-06):

@@ -19,25 +19,32 @@ scales in float32). Declined (-> reference), each with its reason:
     per-token scale take no weight offset; the msModelSlim dynamic weights are symmetric);
   - w8a8_static with half activations when the input offset is not an int8 integer (npu_quantize's
     division form takes int8/int32/bfloat16 zero points; see `_static_quantize`);
-  - bfloat16 MoE when a weight's float32 scales are not exactly bfloat16 values: Atlas A2/A3's int8
-    grouped matmul outputs bfloat16 only with bfloat16 scales (表 2 of its page), and rounding the
-    scales would change the format's arithmetic by up to 2^-9 per channel (float16 uses float32 scales);
+  - bfloat16 MoE when a weight's float32 scales are not exactly bfloat16 values: only for weights that
+    did not go through the load-time preparation, which rounds them once (below);
   - w8a8_static experts (static is the recipe's attention format; no per-expert static path here),
     w4a8_dynamic everywhere (see `W4A8_DECLINE`), a weight matrix over the ops' 65535 / 65536 limits.
 
-Preparation: what the kernels need besides the stored tensors (float32/bfloat16 scale vectors, the
-static format's quantize arguments and int32 bias, and the checks above that read values) is built
-ONCE per weight and kept in the backend (`PreparedCache`, keyed by the weight's code tensor; an entry
-is rebuilt when any of the weight's tensors is replaced or modified in place, and dropped when the
-code tensor is freed: it holds no reference to the codes, which go to the ops as transposed views
-`[.., K, N]` made per call, a stride change and no copy). The first call with a weight pays
-the host reads of those checks; later calls read nothing back. The codes stay ND (npu_format_cast to
-FRACTAL_NZ, which the docs recommend for speed on a device, is not applied: see README).
+Preparation, once per weight at load (AscendBackend.prepare_weight; the result rides on the weight as
+`Weight.prepared`, no cache in the backend):
+  - bfloat16 model, expert stacks: the float32 scales rounded to bfloat16 values (Atlas A2/A3's int8
+    npu_grouped_matmul outputs bfloat16 only with bfloat16 scales, 表 2), as vllm-ascend does at load,
+    and kept as a bfloat16 tensor for the op;
+  - float16 model, static linears: deq_scale truncated to the 19 bits npu_trans_quant_param keeps and
+    encoded by it as int64 (npu_quant_matmul's float16 output without a per-token scale takes that form;
+    its page requires it in graph mode);
+  - the codes cast to FRACTAL_NZ (npu_format_cast, 29) in the layout the ops take them, [.., K, N]
+    contiguous, the weight keeping a transposed view of it ([.., N, K], same bytes; GLM52_ASCEND_NZ=0
+    keeps them ND);
+  - the checks that read values (a non-zero offset, an offset that is not int8), the int32 bias, the
+    static format's npu_quantize arguments for the model's dtype.
+The rounded scales replace the weight's own, so the reference (conformance, fallbacks) computes with
+the values the kernels use. `prepared_parts` declares the tensors made besides the weight's; the planner
+counts them. A weight that skipped the preparation, or was modified in place since, is prepared for
+each call instead (correct, with host reads).
 """
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -63,15 +70,27 @@ def _name(dt: torch.dtype) -> str:
 
 @dataclass
 class Prepared:
-    """What the int8 kernels take for one `Weight` (a matrix [N, K] or an expert stack [E, N, K])."""
+    """What the int8 kernels take for one `Weight` (a matrix [N, K] or an expert stack [E, N, K]) and
+    activations of `dtype`, built once at load by `prepare` (AscendBackend.prepare_weight) and kept on the
+    weight (`Weight.prepared`). Tensors are the weight's own where the kernels take them as they are;
+    `tensors()` lists the ones made besides (what `prepared_parts` declares, what the planner counts)."""
     fmt: str
-    scale: torch.Tensor                    # float32 [..., N]: weight scale (dynamic) or deq_scale (static)
+    dtype: torch.dtype                     # the activations it was built for
+    signature: tuple                       # the weight's tensors it was built from (storage, shape, version)
+    scale: torch.Tensor                    # the matmul scale: float32 [..., N] (dynamic: weight scale; static:
+    #                                        deq_scale), bfloat16 [E, N] (experts, bfloat16 x) or int64 [N]
+    #                                        (static, float16 x: npu_trans_quant_param's encoding)
     why_not: str | None = None             # a reason to decline every call with this weight
-    scale_bf16: torch.Tensor | None = None  # the scales as bfloat16 when exactly representable (grouped matmul)
     bias: torch.Tensor | None = None       # static: quant_bias int32 [N]
-    quant_f32: tuple | None = None         # static, float32 x: npu_quantize(div_mode=False) scales, zero points
-    quant_half: tuple | None = None        # static, half x: npu_quantize(div_mode=True) scales, zero points
-    why_not_half: str | None = None        # static: why half activations are declined
+    quant: tuple | None = None             # static: npu_quantize's (scale, zero point, div_mode) for `dtype`
+    made: tuple = ()                       # names of the fields above that are new tensors
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name in self.made:
+            v = getattr(self, name.split(".")[0])
+            out[name] = v[int(name.split(".")[1])] if "." in name else v
+        return out
 
 
 def _version(t: torch.Tensor):
@@ -82,52 +101,81 @@ def _version(t: torch.Tensor):
 
 
 def _signature(w: Weight) -> tuple:
+    """Host metadata only (no device read): the preparation holds while this is unchanged."""
     return (w.format, w.recipe) + tuple(
         (k, t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, t.device, _version(t))
         for k, t in w.tensors().items())
 
 
-class PreparedCache:
-    """Prepared weights keyed by their code tensor (`Weight.data`): rebuilt when the weight's tensors
-    change (storage, shape, strides, dtype or in-place version), dropped when the code tensor dies."""
-
-    def __init__(self):
-        self._entries: dict[int, tuple[weakref.ref, tuple, Prepared]] = {}
-        self.built = 0                      # how many preparations ran (tests count them)
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def get(self, w: Weight) -> Prepared:
-        key, sig = id(w.data), _signature(w)
-        hit = self._entries.get(key)
-        if hit is not None and hit[0]() is w.data and hit[1] == sig:
-            return hit[2]
-        p = _prepare(w)
-        self.built += 1
-        if hit is None or hit[0]() is not w.data:
-            weakref.finalize(w.data, self._entries.pop, key, None)
-        self._entries[key] = (weakref.ref(w.data), sig, p)
-        return p
+def prepared_parts(fmt: str, shape: tuple[int, ...], dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The tensors `prepare` makes at load (after prepare_weight's rounding) for a weight of `fmt` and
+    logical `shape` run with activations of `dtype`, besides the weight's own: {name: (shape, dtype)}.
+    One declaration for the planner and the test that holds `prepare` to it."""
+    N = tuple(shape[:-1])                                  # [..., N]: one per output channel
+    if fmt == "w8a8_dynamic" and len(shape) == 3 and dtype == torch.bfloat16:
+        return {"scale": (N, torch.bfloat16)}             # experts: npu_grouped_matmul's bfloat16 scales
+    if fmt == "w8a8_static":
+        parts = {"scale": (N, torch.int64)} if dtype == torch.float16 else {}
+        if dtype == torch.float32:
+            parts["quant.0"] = ((1,), torch.float32)       # 1 / input_scale (div_mode=False)
+        else:
+            parts["quant.1"] = ((1,), torch.int8)          # the zero point as int8 (div_mode=True)
+        return parts
+    return {}
 
 
-def _prepare(w: Weight) -> Prepared:
-    """The kernels' view of `w` (host reads: the offset and exactness checks, once)."""
-    scale = w.scales.float().contiguous()
-    p = Prepared(w.format, scale)
-    bf = scale.to(torch.bfloat16)
-    p.scale_bf16 = bf if bool(torch.equal(bf.float(), scale)) else None
+ACL_FORMAT_FRACTAL_NZ = 29
+
+
+def nz_codes(npu, data: torch.Tensor) -> torch.Tensor:
+    """int8 codes [.., N, K] cast to FRACTAL_NZ in the layout the ops take them, [.., K, N] contiguous (the
+    npu_quant_matmul page's A2/A3 example: x2 transposed to (k, n), made contiguous, then cast to 29);
+    returned as the weight's [.., N, K] view of that tensor, so `data.transpose(-1, -2)` is the cast one."""
+    kn = data.transpose(-1, -2).contiguous()
+    return npu.npu_format_cast(kn, ACL_FORMAT_FRACTAL_NZ).transpose(-1, -2)
+
+
+def trunc19(scale: torch.Tensor) -> torch.Tensor:
+    """float32 values kept to the 19 high bits npu_trans_quant_param stores (sign, exponent, 10 mantissa
+    bits: round_mode=0 truncates), as float32."""
+    return (scale.float().contiguous().view(torch.int32) & -8192).view(torch.float32)
+
+
+def prepare(npu, w: Weight, dtype: torch.dtype) -> Prepared:
+    """The kernels' view of `w` for activations of `dtype` (host reads: the offset and exactness checks,
+    once). In a float16 model a static weight's deq_scale in `trunc19` values (prepare_weight truncates
+    it) goes to the op as its exact int64 encoding."""
+    sig = _signature(w)
     if w.format == "w8a8_dynamic":
+        p = Prepared(w.format, dtype, sig, w.scales.float().contiguous())
+        if w.data.dim() == 3 and dtype == torch.bfloat16:
+            bf = p.scale.to(torch.bfloat16)
+            if bool(torch.equal(bf.float(), p.scale)):
+                p.scale, p.made = bf, ("scale",)
+            else:
+                p.why_not = ("its float32 scales are not bfloat16 values: Atlas A2/A3's int8 npu_grouped_matmul "
+                             "outputs bfloat16 only with bfloat16 scales (表 2); prepared at load "
+                             "(AscendBackend.prepare_weight) they are rounded once, as vllm-ascend does")
         if bool(w.aux["offset"].any()):
             p.why_not = ("w8a8_dynamic weight with a non-zero offset: npu_quant_matmul / npu_grouped_matmul "
                          "with a per-token scale take no weight offset (symmetric weights only)")
         return p
     # w8a8_static: y = deq_scale * (q_x @ q_W^T + quant_bias); q_x = round(x * (1 / input_scale) + input_offset)
+    deq = w.aux["deq_scale"].float().contiguous()
+    p = Prepared(w.format, dtype, sig, deq, bias=w.aux["quant_bias"].to(torch.int32).contiguous())
     isc, ioff = w.aux["input_scale"].float().reshape(1), w.aux["input_offset"].float().reshape(1)
-    p.scale = w.aux["deq_scale"].float().contiguous()
-    p.bias = w.aux["quant_bias"].to(torch.int32).contiguous()
-    # float32 x (emulator only): div_mode=False with float32 scales = the recipe's own arithmetic
-    p.quant_f32 = ((1.0 / isc).contiguous(), ioff.contiguous())
+    if dtype == torch.float16 and bool(torch.equal(trunc19(deq), deq)):
+        # npu_quant_matmul with float16 output and no per-token scale takes the scale as npu_trans_quant_param's
+        # int64 (its page: required in graph mode), which keeps 19 bits of the float32: prepare_weight
+        # truncates deq_scale to them at load. A weight that skipped that keeps the float32 scale, which
+        # 表 2 admits in eager mode.
+        p.scale = npu.npu_trans_quant_param(deq)
+        p.made = ("scale",)
+    if dtype == torch.float32:
+        # float32 x (emulator only): div_mode=False with float32 scales = the recipe's own arithmetic
+        p.quant = ((1.0 / isc).contiguous(), ioff.contiguous(), False)
+        p.made += ("quant.0",)
+        return p
     # half x: div_mode=False would need scales in x's dtype (1/input_scale rounded to bfloat16/float16:
     # up to 2^-9 off, shifting codes on many elements); div_mode=True takes float32 scales and divides:
     # x / input_scale differs from x * (1 / input_scale) by at most one float32 rounding, which moves a
@@ -135,10 +183,11 @@ def _prepare(w: Weight) -> Prepared:
     # allowance of spec/quantization.md §2). Its zero points are int8/int32/bfloat16: int8 here.
     o = float(ioff)
     if o == round(o) and -128 <= o <= 127:
-        p.quant_half = (isc.contiguous(), ioff.to(torch.int8))
+        p.quant = (isc.contiguous(), ioff.to(torch.int8), True)
+        p.made += ("quant.1",)
     else:
-        p.why_not_half = (f"w8a8_static input_offset {o} is not an int8 integer: npu_quantize's division form "
-                          f"(float32 scale) takes int8/int32/bfloat16 zero points")
+        p.why_not = p.why_not or (f"w8a8_static input_offset {o} is not an int8 integer: npu_quantize's division "
+                                  f"form (float32 scale) takes int8/int32/bfloat16 zero points")
     return p
 
 
@@ -149,9 +198,15 @@ def _format(w, op: str, name: str) -> None:
                                  f"{', '.join(WEIGHT_FORMATS)} weights")
 
 
-def _prepared(backend, w: Weight, op: str, name: str) -> Prepared:
+def _prepared(backend, w: Weight, op: str, name: str, dtype: torch.dtype) -> Prepared:
+    """The preparation made at load when it still describes `w` (same tensors, same version, same
+    activation dtype); otherwise one made for this call (a weight that never went through
+    prepare_weight, or was modified in place since: correct, but with host reads every call)."""
     _format(w, op, name)
-    p = backend.prepared.get(w)
+    p = w.prepared
+    if not (isinstance(p, Prepared) and p.dtype == dtype and p.signature == _signature(w)):
+        p = prepare(backend.npu, w, dtype)
+        backend.preparations += 1
     decline(p.why_not is None, f"{op}: weight {name}: {p.why_not}")
     return p
 
@@ -173,10 +228,7 @@ def check_linear(backend, x_dtype_of: torch.Tensor, K: int, w, op: str, name: st
     decline(K == Kw, f"{op}: x has {K} inputs, weight {name} takes {Kw}")
     decline(K <= QMM_LAST_DIM and N <= QMM_LAST_DIM,
             f"{op}: npu_quant_matmul takes x1 / x2 last dims <= {QMM_LAST_DIM}, weight {name} is [{N}, {K}]")
-    p = _prepared(backend, w, op, name)
-    if p.fmt == "w8a8_static" and x_dtype_of.dtype != torch.float32:
-        decline(p.why_not_half is None, f"{op}: weight {name}: {p.why_not_half}")
-    return p
+    return _prepared(backend, w, op, name, x_dtype_of.dtype)
 
 
 def quant_linear(backend, x: torch.Tensor, w: Weight, p: Prepared) -> torch.Tensor:
@@ -197,12 +249,9 @@ def quant_linear(backend, x: torch.Tensor, w: Weight, p: Prepared) -> torch.Tens
 def _static_quantize(npu, x2: torch.Tensor, p: Prepared) -> torch.Tensor:
     """The int8_static recipe through npu_quantize: float32 x (emulator) multiplies by 1/input_scale
     (div_mode=False, scales of x's dtype = float32, exactly the recipe); half x divides by the float32
-    input_scale (div_mode=True; see `_prepare`)."""
-    if x2.dtype == torch.float32:
-        sc, zp = p.quant_f32
-        return npu.npu_quantize(x2, sc, zp, torch.qint8, -1, False)
-    sc, zp = p.quant_half
-    return npu.npu_quantize(x2, sc, zp, torch.qint8, -1, True)
+    input_scale (div_mode=True; see `prepare`)."""
+    sc, zp, div = p.quant
+    return npu.npu_quantize(x2, sc, zp, torch.qint8, -1, div)
 
 
 def linear(backend, x, weight):
@@ -261,18 +310,9 @@ def check_moe(backend, x, w13, w2, K: int) -> tuple[torch.Tensor, torch.Tensor]:
                                       f"(group_list of length 1 is rejected), got {E}")
     decline(max(Hd, I2 // 2) < GMM_INNER_LIMIT, f"npu_grouped_matmul inner dims must be < {GMM_INNER_LIMIT}")
     decline(K <= UNPERMUTE_MAX_TOPK, f"npu_moe_token_unpermute takes topK <= {UNPERMUTE_MAX_TOPK}, got {K}")
-    p13, p2 = _prepared(backend, w13, op, "w13"), _prepared(backend, w2, op, "w2")
-    scales = []
-    for p, name in ((p13, "w13"), (p2, "w2")):
-        if x.dtype == torch.bfloat16:
-            decline(p.scale_bf16 is not None,
-                    f"{op}: weight {name}'s float32 scales are not bfloat16 values; Atlas A2/A3's int8 "
-                    f"npu_grouped_matmul outputs bfloat16 only with bfloat16 scales (表 2), and rounding them "
-                    f"would change the format's arithmetic (float16 activations take float32 scales)")
-            scales.append(p.scale_bf16)
-        else:                               # float16 output: float32 scales; float32 (emulator): float32
-            scales.append(p.scale)
-    return scales[0], scales[1]
+    # bfloat16 x: the bfloat16 scales prepared at load; float16 output and float32 (emulator): float32
+    p13, p2 = _prepared(backend, w13, op, "w13", x.dtype), _prepared(backend, w2, op, "w2", x.dtype)
+    return p13.scale, p2.scale
 
 
 def moe_experts_int8(backend, x, w13, w2, s13, s2, ids, T: int, K: int, E: int):

@@ -122,18 +122,34 @@ def _tensor_parts(name: str, shape: tuple[int, ...], weights_dtype: str, block: 
 _WEIGHT_TABLES: dict[tuple, tuple[dict, dict]] = {}
 
 
-def _weight_table(cfg: ModelConfig, weights_dtype: str, include_mtp: bool, ep: bool = True
-                  ) -> tuple[dict[tuple[str, str], float], dict[str, int]]:
+def _weight_table(cfg: ModelConfig, weights_dtype: str, include_mtp: bool, ep: bool = True, prepared=None,
+                  act_dtype: torch.dtype = torch.bfloat16) -> tuple[dict[tuple[str, str], float], dict[str, int]]:
     """(component, split) -> bytes over the whole model, and component -> parameter count.
-    `ep`: routed experts whole over EP ranks (else TP-split like a dense MLP)."""
-    key = (repr(cfg), weights_dtype, include_mtp, ep)  # ModelConfig is unhashable; its repr is complete
+    `ep`: routed experts whole over EP ranks (else TP-split like a dense MLP). `prepared`: the backend's
+    declaration of what its load-time preparation allocates (registry.declared_preparation)."""
+    key = (repr(cfg), weights_dtype, include_mtp, ep, prepared, act_dtype)   # ModelConfig's repr is complete
     if key not in _WEIGHT_TABLES:
-        _WEIGHT_TABLES[key] = _count_weights(cfg, weights_dtype, include_mtp, ep)
+        _WEIGHT_TABLES[key] = _count_weights(cfg, weights_dtype, include_mtp, ep, prepared, act_dtype)
     return _WEIGHT_TABLES[key]
 
 
-def _count_weights(cfg: ModelConfig, weights_dtype: str, include_mtp: bool, ep: bool = True
-                   ) -> tuple[dict[tuple[str, str], float], dict[str, int]]:
+def _prepared_parts(prepared, fmt: str, shape: tuple[int, ...], act_dtype: torch.dtype, kind: str,
+                    expert: bool) -> tuple[int, int]:
+    """(bytes split over the ranks, bytes every rank holds whole) of what a backend's load-time preparation
+    allocates for one checkpoint tensor, besides the format's tensors. Per-output-channel parts follow the
+    output rows as the scales do; single values are whole. An expert's share is its row of the stack's."""
+    split = whole = 0
+    for pshape, dt in prepared(fmt, ((1,) + tuple(shape)) if expert else tuple(shape), act_dtype).values():
+        b = math.prod(pshape) * dt.itemsize
+        if math.prod(pshape) > 1 and kind in ("column", "vocab"):
+            split += b
+        else:
+            whole += b
+    return split, whole
+
+
+def _count_weights(cfg: ModelConfig, weights_dtype: str, include_mtp: bool, ep: bool = True, prepared=None,
+                   act_dtype: torch.dtype = torch.bfloat16) -> tuple[dict[tuple[str, str], float], dict[str, int]]:
     by: dict[tuple[str, str], float] = {}
     params: dict[str, int] = {c: 0 for c in COMPONENTS}
     block = cfg.fp8_block or DEFAULT_FP8_BLOCK
@@ -144,6 +160,10 @@ def _count_weights(cfg: ModelConfig, weights_dtype: str, include_mtp: bool, ep: 
         if kind == "expert":                         # EP: whole experts; else TP-split as a dense MLP
             kind = "replicated" if ep else ("row" if name.endswith("down_proj.weight") else "column")
         split, whole = _tensor_parts(name, shape, weights_dtype, block, kind)
+        fmt = tensor_format(name, shape, weights_dtype, block)[0]
+        if prepared is not None and fmt != "dense":
+            ps, pw = _prepared_parts(prepared, fmt, shape, act_dtype, kind, where.kind == "expert")
+            split, whole = split + ps, whole + pw
         if where.kind == "expert" and ep:
             split, whole = split + whole, 0
         for s, b in ((where.split, split), ("rep", whole)):
@@ -292,12 +312,18 @@ def _count(n: int) -> str:
 
 
 def plan(deploy_cfg: DeploymentConfig | str, model_cfg: ModelConfig | None = None) -> Plan:
-    """Per-device memory of `deploy_cfg` (a `DeploymentConfig`, a path or a bundled name)."""
+    """Per-device memory of `deploy_cfg` (a `DeploymentConfig`, a path or a bundled name). Weights include
+    what the deployment's backend allocates at load besides them, where it declares that
+    (registry.declared_preparation: e.g. Ascend's bfloat16 expert scales), with bfloat16 activations
+    (float32 for fp32 weights)."""
+    from .registry import declared_preparation
     d = load_deployment(deploy_cfg)
     cfg = model_cfg or d.model_config()
     mtp = d.mtp_draft_tokens > 0 and cfg.num_nextn_predict_layers > 0
     wd = d.weights_dtype
-    by, params = _weight_table(cfg, wd, mtp, ep=d.ep > 1)
+    prepared = declared_preparation(d.backend)
+    by, params = _weight_table(cfg, wd, mtp, ep=d.ep > 1, prepared=prepared,
+                               act_dtype=torch.float32 if wd == "fp32" else torch.bfloat16)
     divisor = {"tp": d.tp, "ep": d.expert_shards, "rep": 1}
 
     def per_device(comp: str) -> float:
@@ -317,6 +343,9 @@ def plan(deploy_cfg: DeploymentConfig | str, model_cfg: ModelConfig | None = Non
         "norms + router": f"{'fp32' if wd == 'fp32' else 'bf16; router weight and bias f32'}, replicated",
         "MTP layer": f"layer {cfg.num_hidden_layers} by the same rules" if mtp else "not loaded (mtp_draft_tokens = 0)",
     }
+    if prepared is not None and wd in ("fp8", "w8a8", "w4a8"):
+        for c in ("attention + indexer", "dense MLP + shared experts", "routed experts"):
+            how[c] += f"; + what {d.backend} prepares at load"
     rows = [PlanRow(c, per_device(c), how[c]) for c in COMPONENTS]
     weights = sum(r.bytes for r in rows)
 

@@ -121,6 +121,21 @@ def _factories() -> dict[str, tuple[str, Callable[[], Callable[..., Any]]]]:
     return out
 
 
+def declared_preparation(name: str) -> Callable[..., dict] | None:
+    """What backend `name` declares its load-time preparation (`prepare_weight`) allocates besides each
+    weight's own tensors: its factory's `prepared_parts(fmt, shape, activation dtype) -> {part: (shape,
+    dtype)}`, read without creating the backend (no device needed: `glm52 plan` on any machine). None
+    when the backend declares nothing, or is "auto" or unknown."""
+    facs = _factories()
+    if name not in facs:
+        return None
+    try:
+        fn = getattr(facs[name][1](), "prepared_parts", None)
+    except Exception:  # noqa: BLE001 - an unloadable plugin declares nothing; get_backend reports why
+        return None
+    return fn if callable(fn) else None
+
+
 def _instantiate(name: str, **kwargs) -> Any:
     facs = _factories()
     if name not in facs:

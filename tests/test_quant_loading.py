@@ -275,9 +275,11 @@ def test_rank_slices_equal_slices_of_the_whole_weights(ckpts, tmp_path_factory, 
 
 
 # ---- the planner counts what the model holds -------------------------------------------------------------
-def _tiny_deployment(ckpt: str, weights: str):
+def _tiny_deployment(ckpt: str, weights: str, backend: str | None = None):
     raw = yaml.safe_load(bundled_configs()["cpu-tiny"].read_text(encoding="utf-8"))
     raw["model"] = ckpt
+    if backend is not None:           # the plan is the same arithmetic on any device type
+        raw["backend"], raw["device_type"] = backend, {"ascend": "npu"}.get(backend, raw["device_type"])
     raw["dtypes"] = {"weights": weights, "kv_cache": "bf16"}
     raw["capabilities"]["weight_dtypes"] = ["fp32", "bf16", "fp8", "w8a8", "w4a8"]
     return from_dict(raw)
@@ -295,6 +297,26 @@ def test_planned_weight_bytes_equal_the_bytes_the_model_holds(ckpts, fmt):
     if fmt != "bf16":
         assert held < 0.8 * held_bytes(GLM52(ckpts["bf16"], backend="cpu_ref", dtype=torch.bfloat16,
                                              progress=False).net)
+
+
+def test_planned_bytes_equal_held_bytes_after_the_ascend_preparation(ckpts, monkeypatch):
+    """The Ascend backend prepares W8A8 weights at load (bfloat16 expert scales, the static format's int8
+    zero point; codes cast to NZ in place): `glm52 plan` for an ascend deployment counts what that
+    allocates, read from the backend's declaration without creating it, and equals what a loaded model
+    holds, preparation included."""
+    from glm52_backends.planner import plan
+    from glm52_backends.weights import COMPONENTS, Weight
+    monkeypatch.setenv("GLM52_ASCEND_EMULATE", "1")
+    m = GLM52(ckpts["w8a8"], backend="ascend", dtype=torch.bfloat16, progress=False)
+    made = 0
+    for L in m.net.layers + [m.net.mtp]:
+        for v in [*vars(L).values(), *(vars(L.indexer).values() if L.indexer is not None else ())]:
+            if isinstance(v, Weight) and v.prepared is not None:
+                made += sum(t.numel() * t.element_size() for t in v.prepared.tensors().values())
+    assert made > 0 and m.ops.backend.preparations == 0
+    planned = sum(r.bytes for r in plan(_tiny_deployment(ckpts["w8a8"], "w8a8", "ascend"), m.cfg).rows
+                  if r.component in COMPONENTS)
+    assert planned == held_bytes(m.net) == planned_bytes(m.cfg, "w8a8") + made
 
 
 def test_deployment_weights_dtype_is_honoured_or_refused_by_name(ckpts):

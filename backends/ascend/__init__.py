@@ -97,4 +97,13 @@ def create(*, emulate: bool | None = None, allow_float32: bool = True, cann: str
                          priority=30, default_dtype=torch.bfloat16)
 
 
+def _prepared_parts(fmt, shape, dtype):
+    """What `AscendBackend.prepare_weight` allocates besides a weight's own tensors (quantized.prepared_parts),
+    declared on the factory so the planner counts it without creating the backend."""
+    from .quantized import prepared_parts
+    return prepared_parts(fmt, tuple(shape), dtype)
+
+
+create.prepared_parts = _prepared_parts
+
 __all__ = ["create", "emulation_requested", "ENV_EMULATE", "EMULATED_NAME", "MIN_CANN"]

@@ -906,6 +906,22 @@ def test_int8_weights_are_prepared_at_load_and_read_nothing_back(monkeypatch, dt
     assert codes() is None                                                   # nothing in the backend holds it
 
 
+@pytest.mark.parametrize("fmt", INT8)
+def test_int8_linear_keeps_a_nonfinite_row_nonfinite(fmt):
+    """The int8 codes hold no NaN: a NaN or inf input row gives a non-finite output row (as the reference,
+    quant.nonfinite_rows), never numbers; the other rows are untouched."""
+    be = int8_backend(torch.bfloat16)
+    g = gen(58)
+    x = torch.randn(4, 32, generator=g).bfloat16()
+    w = be.prepare_weight("w", qweight(torch.randn(16, 32, generator=g), fmt, x), dtype=torch.bfloat16)
+    clean = be.linear(x, w)
+    x[1, 3], x[2, 0] = float("nan"), float("inf")
+    y = be.linear(x, w)
+    assert bool((~torch.isfinite(y[1:3])).all())
+    assert torch.equal(y[[0, 3]], clean[[0, 3]])
+    assert bool(quant.matmul_reference(x, w)[1:3].isnan().all())
+
+
 def test_prepared_tensors_are_the_declared_parts():
     """What prepare makes besides the weight's own tensors is exactly `prepared_parts` (the planner counts
     those), for every int8 format, shape and activation dtype; the float16 static scale is the int64

@@ -243,6 +243,9 @@ def quant_linear(backend, x: torch.Tensor, w: Weight, p: Prepared) -> torch.Tens
     else:
         q = _static_quantize(npu, x2, p)
         y = npu.npu_quant_matmul(q, w.data.t(), p.scale, bias=p.bias, output_dtype=x.dtype)
+        # int8 codes hold no NaN (a NaN input becomes code 0): keep a non-finite input row visible, as the
+        # reference does (quant.nonfinite_rows), so the model's finiteness check sees it; no host read
+        y = y + torch.where(torch.isfinite(x2).all(-1, keepdim=True), 0.0, float("nan")).to(y.dtype)
     return y.view(*x.shape[:-1], N)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from contextlib import contextmanager
 
 import pytest
@@ -74,3 +75,21 @@ def cache_state(cache):
 def same_cache_state(a, b) -> bool:
     return (len(a[0]) == len(b[0]) and all(torch.equal(x, y) for x, y in zip(a[0], b[0]))
             and a[1:] == b[1:])
+
+
+def spawn_ranks(argv_of, world: int, *, env: dict | None = None, timeout: float = 240) -> list[tuple[int, str, str]]:
+    """Start `world` processes, `argv_of(rank)` each (the ranks of a gloo run), and collect (return code,
+    stdout, stderr) in rank order. A rank still running after `timeout` s kills them all: a hang fails the
+    test instead of stalling the suite."""
+    procs = [subprocess.Popen(argv_of(r), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for r in range(world)]
+    results = []
+    for p in procs:
+        try:
+            o, e = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise AssertionError(f"a rank hung for {timeout} s") from None
+        results.append((p.returncode, o, e))
+    return results

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 
 import pytest
 import torch
+from conftest import spawn_ranks
 
 from glm52_backends import GLM52
 from glm52_backends.tiny import make_tiny_checkpoint
@@ -27,17 +27,10 @@ PROMPT_TOKENS = 18 + 2 + 9          # the worker's three prompts
 def ranks(tmp_path, world, *args, timeout=240):
     init = tmp_path / f"rdzv-{time.monotonic_ns()}"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", GLM52_ASCEND_EMULATE="1")
-    procs = [subprocess.Popen([sys.executable, WORKER, str(init), str(r), str(world), *map(str, args)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for r in range(world)]
     outs = []
-    for p in procs:
-        try:
-            o, e = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise AssertionError(f"a rank hung for {timeout} s")
-        assert p.returncode == 0, e[-3000:]
+    for rc, o, e in spawn_ranks(lambda r: [sys.executable, WORKER, str(init), str(r), str(world), *map(str, args)],
+                                world, env=env, timeout=timeout):
+        assert rc == 0, e[-3000:]
         outs.append(json.loads(o.strip().splitlines()[-1]))
     return outs
 

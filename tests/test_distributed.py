@@ -17,6 +17,7 @@ import time
 
 import pytest
 import torch
+from conftest import spawn_ranks
 
 from glm52_backends import GLM52
 from glm52_backends.config import ConfigError
@@ -42,19 +43,8 @@ def ckpts(tmp_path_factory):
 def run_ranks(tmp_path, ckpt, world, tp, ep, dtype="float32", extra=(), timeout=240, dp=1, debug=False):
     init = tmp_path / f"rdzv-{tp}-{ep}-{time.monotonic_ns()}"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", GLM52_DEBUG="1" if debug else "0")
-    procs = [subprocess.Popen([sys.executable, WORKER, str(init), str(r), str(world), ckpt, str(tp), str(ep), dtype,
-                               "--dp", str(dp), *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for r in range(world)]
-    results = []
-    for p in procs:
-        try:
-            o, e = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise AssertionError(f"a rank hung for {timeout} s")
-        results.append((p.returncode, o, e))
-    return results
+    return spawn_ranks(lambda r: [sys.executable, WORKER, str(init), str(r), str(world), ckpt, str(tp), str(ep), dtype,
+                                  "--dp", str(dp), *extra], world, env=env, timeout=timeout)
 
 
 def single(ckpt, dtype=torch.float32):

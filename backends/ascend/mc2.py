@@ -73,9 +73,11 @@ class Mc2Collectives(TorchDistributed):
         W, (T, K) = self.world_size, topk_ids.shape
         E = experts_per_rank * W
         rows = max(max_rows if max_rows is not None else T, 1)
+        # the choice depends only on what every rank shares (shapes, max_rows), never on this rank's values:
+        # ranks taking different paths would wait on each other forever. (topk_ids are the router's: K
+        # distinct experts per token, no unused -1 slot, which MC2 does not take.)
         why = mc2_fits(x.shape[1], rows, K, E, W) if max_rows is not None else "no agreed row count"
-        if why is not None or bool((topk_ids < 0).any()):        # MC2 takes no unused (-1) slots
-            why = why or "unused expert slots (-1)"
+        if why is not None:
             self.fallbacks[why] = self.fallbacks.get(why, 0) + 1
             xr, idr, wr, h = self.generic.moe_dispatch(x, topk_ids, topk_weights, experts_per_rank)
             return xr, idr, wr, ("generic", h)

@@ -52,7 +52,8 @@ def main() -> int:
     from glm52_backends import GLM52
     from glm52_backends.deploy import load_deployment
     from glm52_backends.planner import plan
-    from glm52_backends.tiny import make_tiny_checkpoint, tiny_config
+    from glm52_backends.devtools.make_tiny import make_tiny_checkpoint
+    from glm52_backends.tiny import tiny_config
     from glm52_backends.weights import COMPONENTS
 
     tmp = tempfile.mkdtemp()

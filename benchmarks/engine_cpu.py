@@ -126,7 +126,7 @@ def deep_config(layers: int):
 def deep_checkpoint(tmp: str, layers: int) -> str:
     """A random checkpoint with the default model's widths and `layers` layers (HF can read it)."""
     from glm52_backends.loader import load_config
-    from glm52_backends.tiny import make_tiny_checkpoint
+    from glm52_backends.devtools.make_tiny import make_tiny_checkpoint
     base = load_config(default_checkpoint())
     widths = {k: getattr(base, k) for k in ("hidden_size", "intermediate_size", "moe_intermediate_size",
                                             "num_attention_heads", "q_lora_rank", "kv_lora_rank",

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from glm52_backends import GLM52
     from glm52_backends.engine.speculative import generate_speculative
-    from glm52_backends.tiny import make_tiny_checkpoint
+    from glm52_backends.devtools.make_tiny import make_tiny_checkpoint
 
     res: dict = {"torch": torch.__version__, "checks": {}}
     ok = True

@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     from test_ascend_mc2 import ranks
 
     from glm52_backends import GLM52
-    from glm52_backends.tiny import make_tiny_checkpoint
+    from glm52_backends.devtools.make_tiny import make_tiny_checkpoint
     tmp = tempfile.mkdtemp()
     ckpt = make_tiny_checkpoint(os.path.join(tmp, "h1024"), layers=3, seed=5, mtp=True, hidden_size=1024)
     one = GLM52(ckpt, backend="ascend", dtype=torch.float32, progress=False)

@@ -44,10 +44,12 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
+from glm52_backends.config import FLOAT_DTYPES, GLM52_CONFIG
+
 OPS = ("indexer_topk", "sparse_mla", "moe", "linear_fp8", "moe_fp8", "mtp_verify", "e2e")
 FP8_OPS = ("linear_fp8", "moe_fp8")   # block-FP8 weights (1 byte a weight + f32 scales per 128x128 block)
 F32 = 4
-DTYPES = {"bfloat16": 2, "float16": 2, "float32": 4}
+DTYPES = {name: FLOAT_DTYPES[name].itemsize for name in ("bfloat16", "float16", "float32")}   # -> bytes
 
 
 @dataclass(frozen=True)
@@ -70,8 +72,16 @@ class Dims:
     BS: int      # paged-cache block (tokens)
 
 
-FULL = Dims(HI=32, DI=128, TOPK=2048, H=64, DL=512, DR=64, DN=192, DV=256, QL=2048, E=256, K=8, HD=6144,
-            I=2048, V=154880, BS=64)
+    @classmethod
+    def of(cls, cfg, block_size: int) -> "Dims":
+        """The dimensions of a `ModelConfig`, with a paged-cache block of `block_size` tokens."""
+        return cls(HI=cfg.index_n_heads, DI=cfg.index_head_dim, TOPK=cfg.index_topk, H=cfg.num_attention_heads,
+                   DL=cfg.kv_lora_rank, DR=cfg.qk_rope_head_dim, DN=cfg.qk_nope_head_dim, DV=cfg.v_head_dim,
+                   QL=cfg.q_lora_rank, E=cfg.n_routed_experts, K=cfg.num_experts_per_tok, HD=cfg.hidden_size,
+                   I=cfg.moe_intermediate_size, V=cfg.vocab_size, BS=block_size)
+
+
+FULL = Dims.of(GLM52_CONFIG, block_size=64)
 # odd where the kernels must not care (vocabulary, lengths below): a run in seconds on a CPU
 SMALL = Dims(HI=4, DI=32, TOPK=64, H=8, DL=64, DR=16, DN=24, DV=32, QL=64, E=16, K=4, HD=128, I=64, V=1001,
              BS=16)

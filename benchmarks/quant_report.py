@@ -73,7 +73,7 @@ def _prompts(vocab: int, seed: int) -> list[list[int]]:
 
 def quant_report(workdir: str, *, layers: int = 4, seed: int = 0, progress: bool = False) -> list[dict]:
     """One row per format: bytes held (bf16 load), planned bytes, ratio to BF16, logits error vs float."""
-    from glm52_backends.tiny import make_tiny_checkpoint
+    from glm52_backends.devtools.make_tiny import make_tiny_checkpoint
     paths = {"bf16": make_tiny_checkpoint(os.path.join(workdir, "bf16"), mtp=True, layers=layers, seed=seed)}
     for q in ("fp8", "w8a8", "w4a8"):
         paths[q] = make_tiny_checkpoint(os.path.join(workdir, q), quant=q, mtp=True, layers=layers, seed=seed)

@@ -41,6 +41,7 @@ import time
 import torch
 
 from glm52_backends import GLM52
+from glm52_backends.config import FLOAT_DTYPES
 from glm52_backends.engine.speculative import generate_speculative
 from glm52_backends.tiny import tiny_config
 
@@ -128,7 +129,7 @@ def _load_prompts(path: str, model) -> list[list[int]]:
 
 def _setup(args):
     """(model, prompts, description of the model) from --checkpoint or --size."""
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    dtype = FLOAT_DTYPES[args.dtype]
     if args.checkpoint:
         model = GLM52(args.checkpoint, backend=args.backend, device=args.device, dtype=dtype, progress=False)
         if not model.has_mtp:

@@ -1,4 +1,4 @@
-"""Report on the embedded default model (the tiny GLM-5.2 trained by glm52_backends/train_tiny.py).
+"""Report on the embedded default model (the tiny GLM-5.2 trained by glm52_backends/devtools/train_tiny.py).
 
     python benchmarks/tiny_model_report.py [--checkpoint DIR] [--markdown benchmarks/results/tiny-model.md]
 
@@ -225,7 +225,7 @@ def markdown(r: dict) -> str:
         "## The model",
         "",
         f"`glm52_backends/default_model/` ({r['size_mb']:.1f} MB): BF16 safetensors (router bias F32) + config.json "
-        "+ tokenizer.json in the real GLM-5.2 checkpoint format, trained by `python -m glm52_backends.train_tiny "
+        "+ tokenizer.json in the real GLM-5.2 checkpoint format, trained by `python -m glm52_backends.devtools.train_tiny "
         f"--out DIR --steps {a['steps']} --seed {a['seed']} --threads {a['threads']}`.",
         "",
         "| | |",

@@ -22,9 +22,11 @@ from typing import Callable
 
 import torch
 
+from glm52_backends.config import GLM52_CONFIG as _G
+
 from .inputs import Arg, Batch, CaseInputs, generator, page, rand, randn, randperm
 
-JUDGES = ("close", "mla", "topk", "route", "exact")
+JUDGES = ("close", "mla", "topk", "route", "exact", "dcp")
 
 
 @dataclass(frozen=True)
@@ -41,8 +43,11 @@ class Case:
 
 
 SIZES = {
-    #            indexer         MLA                  MoE                          vocab
-    "full": dict(Hi=32, Di=128, K=2048, H=64, Dl=512, Dr=64, E=256, top=8, Hd=6144, I=2048, V=154880, BS=64),
+    # the real GLM-5.2 dimensions (config.GLM52_CONFIG) and a 64-token paged-cache block
+    "full": dict(Hi=_G.index_n_heads, Di=_G.index_head_dim, K=_G.index_topk,                      # indexer
+                 H=_G.num_attention_heads, Dl=_G.kv_lora_rank, Dr=_G.qk_rope_head_dim,            # MLA
+                 E=_G.n_routed_experts, top=_G.num_experts_per_tok, Hd=_G.hidden_size,           # MoE
+                 I=_G.moe_intermediate_size, V=_G.vocab_size, BS=64),
     "quick": dict(Hi=4, Di=16, K=16, H=4, Dl=32, Dr=8, E=32, top=4, Hd=64, I=32, V=97, BS=16),
 }
 
@@ -189,6 +194,51 @@ def _mla(kind: str):
                                lse=True)
         raise KeyError(kind)
     return build
+
+
+DCP_RANKS = 4     # decode context parallelism cases: the ranks simulated on one device
+
+
+def _dcp_partition(g, batch: Batch, seqs: list[torch.Tensor], bs: int, D: int):
+    """One device standing in for D ranks of decode context parallelism (glm52_backends/ops/dcp.py): each
+    rank's local rows (positions p % D == r) of every request paged with block size bs / D, and the
+    ops' rows as a rank passes them: one one-token request per (rank, query token), rank-major, over
+    the local rows it may see. -> (cache, block_table [D*T, W], seq_lens [D*T], cu_seqlens_q [D*T+1])."""
+    from glm52_backends.ops.dcp import visible_rows
+    B = len(seqs)
+    cache, table = page(g, [s[r::D] for r in range(D) for s in seqs], bs // D)        # row r*B + b
+    req = torch.tensor([b for _, b, _ in batch.tokens()], dtype=torch.long)
+    rows = torch.cat([table[r * B + req] for r in range(D)])
+    lens = torch.cat([visible_rows(batch.positions, D, r) for r in range(D)])
+    return cache, rows, lens, torch.arange(D * batch.T + 1, dtype=torch.int32)
+
+
+def _mla_dcp(scale: str) -> CaseInputs:
+    """sparse_mla as each of 4 DCP ranks calls it (its rows of the cache, every selected position mapped
+    to its local row or -1), in one call; judged after the merge by log-sum-exp against the reference on
+    the whole cache (runner.judge_case, judge "dcp")."""
+    from glm52_backends.ops.dcp import to_local
+    s = SIZES[scale]
+    K, D, bs = s["K"], DCP_RANKS, s["BS"]
+    g = _g("sparse_mla", "dcp-merge", scale)
+    batch = Batch([(1, 4 * K + 7), (3, 2 * K + 3), (1, 2), (2, K // 4 + 2)])   # decode, verify, short, prefill
+    H, Dl, Dd = s["H"], s["Dl"], s["Dl"] + s["Dr"]
+    kv = [randn(g, L, Dd) for L in batch.seq_lens]
+    q = randn(g, batch.T, H, Dd)
+    idx = _random_topk(g, batch, K, scatter_pad=True)
+    idx[1] = -1                                              # a query with nothing selected
+    cache, rows, lens, cu = _dcp_partition(g, batch, kv, bs, D)
+    whole, table = page(g, kv, bs)
+    scale_ = (3 * s["Dr"] + s["Dr"]) ** -0.5
+    return CaseInputs(
+        {"q": Arg(q.repeat(D, 1, 1), "act"), "c_cache": Arg(cache[..., :Dl].contiguous(), "act"),
+         "kpe_cache": Arg(cache[..., Dl:].contiguous(), "act"),
+         "idx": Arg(torch.cat([to_local(idx, D, r) for r in range(D)]), "int"), "block_table": Arg(rows, "int"),
+         "seq_lens": Arg(lens, "int"), "cu_seqlens_q": Arg(cu, "int"), "scale": Arg(scale_, "const")},
+        meta={"batch": batch, "dcp": D,
+              "whole": (q, whole[..., :Dl].contiguous(), whole[..., Dl:].contiguous(), idx, table,
+                        batch.seq_lens_t, batch.cu_seqlens_q, scale_)},
+        kwargs={"return_lse": True})
 
 
 def _mla_odd(scale: str) -> CaseInputs:
@@ -519,6 +569,8 @@ CASES: list[Case] = [
     Case("sparse_mla", "padding", _mla("padding"), "mla", "-1 scattered, two rows with no valid index (+ lse)"),
     Case("sparse_mla", "lse", _mla("lse"), "mla", "the mixed batch with return_lse=True: out and lse"),
     Case("sparse_mla", "odd", _mla_odd, "mla", "5 heads, latent 40+8, top-7, block size 3"),
+    Case("sparse_mla", "dcp-merge", _mla_dcp, "dcp",
+         f"{DCP_RANKS} DCP ranks' partial outputs + lse merged vs the whole cache (decode, verify, prefill)"),
     Case("sparse_mla", "head-dims", _mla_head_dims("plain"), "mla", "latent 512+64 at any scale, 8 heads, top-16"),
     Case("sparse_mla", "head-dims-padding", _mla_head_dims("padding"), "mla",
          "latent 512+64, -1 scattered, a row with no valid index"),

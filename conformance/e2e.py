@@ -235,12 +235,11 @@ class E2EReport:
 @functools.lru_cache(maxsize=1)
 def _static_checkpoint() -> str:
     """An msModelSlim W8A8 folder of the default model: attention projections static (calibrated on
-    the float model), MLP and experts dynamic (the GLM-5 mixed recipe, tiny.ascendv1_tensors)."""
+    the float model), MLP and experts dynamic (the GLM-5 mixed recipe, make_tiny.ascendv1_tensors)."""
     from safetensors.torch import load_file
 
-    from glm52_backends import default_checkpoint
-    from glm52_backends.loader import load_config
-    from glm52_backends.tiny import ASCEND_DESCRIPTION, ascendv1_tensors, write_safetensors
+    from glm52_backends.devtools.make_tiny import ascendv1_tensors, write_safetensors
+    from glm52_backends.loader import ASCEND_DESCRIPTION, default_checkpoint, load_config
     src = default_checkpoint()
     cfg = load_config(src)
     raw = load_file(os.path.join(src, "model.safetensors"))

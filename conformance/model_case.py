@@ -18,7 +18,7 @@ from glm52_backends.backends.cpu_ref import CpuRefBackend
 
 from . import judges
 from .inputs import generator
-from .report import CaseResult
+from .report import CaseResult, crash_detail
 from .tolerances import tolerance
 
 PROMPT_LENGTHS = (5, 8, 27, 1)  # < top-k, = top-k, > 3x top-k, one token (top-k 8)
@@ -70,7 +70,6 @@ def run_model_case(bound, quick: bool = False) -> list[CaseResult]:
         greedy.detail = "" if a == b else f"greedy tokens differ: {a} vs reference {b}"
         logits.path = greedy.path = _path(ours.ops.ran_natively())
     except (Exception, SystemExit) as e:  # noqa: BLE001 - reported as a failed case with its cause
-        from .runner import crash_detail
         for r in (logits, greedy):
             if not r.passed:
                 r.detail = r.detail or crash_detail(e, bound.name)

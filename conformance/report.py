@@ -85,3 +85,10 @@ class Report:
 
     def __str__(self) -> str:
         return "\n".join([r.line() for r in self.results] + [self.summary()])
+
+
+def crash_detail(e: BaseException, backend: str) -> str:
+    """A failed case's detail for an exception out of the backend's code (a SystemExit named as such)."""
+    if isinstance(e, SystemExit):
+        return f"backend {backend!r} called sys.exit({e.code!r}) (a backend must raise, not end the process)"
+    return f"{type(e).__name__}: {e}"

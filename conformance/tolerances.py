@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
+from glm52_backends.config import FLOAT_DTYPES
+
 
 @dataclass(frozen=True)
 class Tolerance:
@@ -101,10 +103,8 @@ def parse_dtype(d: str | torch.dtype) -> torch.dtype:
     """'bfloat16' | 'bf16' | torch.bfloat16 -> torch.bfloat16."""
     if isinstance(d, torch.dtype):
         return d
-    aliases = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16", "f16": "float16",
-               "half": "float16", "float": "float32", "fp64": "float64", "f64": "float64", "double": "float64"}
     name = str(d).removeprefix("torch.")
-    dt = getattr(torch, aliases.get(name, name), None)
+    dt = FLOAT_DTYPES.get(name) or getattr(torch, name, None)      # torch's own names: float, double, int8, ...
     if not isinstance(dt, torch.dtype):
         raise ValueError(f"unknown dtype {d!r}")
     return dt

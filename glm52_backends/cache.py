@@ -27,6 +27,13 @@ it; `release` / `truncate` / `rollback` drop one reference, and a published bloc
 kept, still findable, in least-recently-used order: `reserve` takes free blocks first and then
 evicts the least recently used of these. `free_blocks` counts both (every block a step may take).
 A shared block is always full and its holders only write past it, so no step writes into it.
+
+Decode context parallelism (`dcp_size` D > 1, `dcp_rank` r; ops/dcp.py has the layout): this
+cache is one rank's part. Blocks, block tables, lengths, rollback and prefix sharing are kept
+exactly as without it (a block still covers `block_size` positions, and every rank of the dcp group
+hands out the same block ids), but each block holds only `local_block_size` = block_size / D rows:
+those of the positions p with p % D == r, at local row p // D. So a cache of N blocks holds 1/D of
+the bytes; `local_slots` says where this rank writes a step's rows.
 """
 
 from __future__ import annotations
@@ -55,13 +62,20 @@ class Checkpoint:
 class PagedCache:
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int = 16, *,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", mtp: bool = False,
-                 latent_format: str = "dense", index_format: str = "dense"):
-        for what, v in (("num_blocks", num_blocks), ("block_size", block_size)):
+                 latent_format: str = "dense", index_format: str = "dense", dcp_size: int = 1, dcp_rank: int = 0):
+        for what, v in (("num_blocks", num_blocks), ("block_size", block_size), ("dcp_size", dcp_size)):
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"cache: {what} must be a positive integer, got {v!r}")
+        if isinstance(dcp_rank, bool) or not isinstance(dcp_rank, int) or not 0 <= dcp_rank < dcp_size:
+            raise ValueError(f"cache: dcp_rank must be an integer in [0, {dcp_size}), got {dcp_rank!r}")
+        if block_size % dcp_size:
+            raise ValueError(f"cache: block_size {block_size} must be a multiple of dcp = {dcp_size} (each rank of "
+                             f"the dcp group holds block_size / dcp rows of every block)")
         cf.check_format(latent_format, cf.LATENT)
         cf.check_format(index_format, cf.INDEX)
         self.num_blocks, self.block_size = num_blocks, block_size
+        self.dcp_size, self.dcp_rank = dcp_size, dcp_rank
+        self.local_block_size = lbs = block_size // dcp_size     # rows of each block held here
         self.dtype = dtype                       # the model's dtype: what a dense cache holds
         self.device = torch.device(device)
         self.latent_format, self.index_format = latent_format, index_format
@@ -73,22 +87,22 @@ class PagedCache:
         self._latent_store: dict[int, tuple[torch.Tensor, ...]] = {}
         self._index_store: dict[int, tuple[torch.Tensor, ...]] = {}
         self.c, self.k_pe, self.index_k = {}, {}, {}
-        zeros = lambda w: torch.zeros(num_blocks, block_size, w, dtype=dtype, device=device)  # noqa: E731
+        zeros = lambda w: torch.zeros(num_blocks, lbs, w, dtype=dtype, device=device)  # noqa: E731
         for l in layers:
             if latent_format == "dense":
                 self.c[l], self.k_pe[l] = self._latent_store[l] = (zeros(cfg.kv_lora_rank), zeros(cfg.qk_rope_head_dim))
             else:
-                st = cf.allocate(latent_format, self._latent_dims, num_blocks, block_size, device)
+                st = cf.allocate(latent_format, self._latent_dims, num_blocks, lbs, device)
                 self._latent_store[l] = (st,)
-                self.c[l], self.k_pe[l] = cf.op_views(latent_format, self._latent_dims, st, block_size)
+                self.c[l], self.k_pe[l] = cf.op_views(latent_format, self._latent_dims, st, lbs)
         for l in index_layers:
             if index_format == "dense":
                 self.index_k[l] = zeros(cfg.index_head_dim)
                 self._index_store[l] = (self.index_k[l],)
             else:
-                st = cf.allocate(index_format, self._index_dims, num_blocks, block_size, device)
+                st = cf.allocate(index_format, self._index_dims, num_blocks, lbs, device)
                 self._index_store[l] = (st,)
-                self.index_k[l], = cf.op_views(index_format, self._index_dims, st, block_size)
+                self.index_k[l], = cf.op_views(index_format, self._index_dims, st, lbs)
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() hands out low blocks first
         self.blocks: dict[Hashable, list[int]] = {}
         self.lens: dict[Hashable, int] = {}
@@ -294,10 +308,21 @@ class PagedCache:
         return bt.to(self.device)
 
     def slots(self, req: Hashable, start: int, end: int) -> torch.Tensor:
-        """Cache slots of positions start..end-1 of `req` (flat index into [NB * BS])."""
+        """Cache slots of positions start..end-1 of `req` (flat index into [NB * BS]). With DCP these
+        name a position's place in its block, not a row of this rank: writes use `local_slots`."""
         pos = torch.arange(start, end)
         blocks = torch.tensor(self.blocks[req], dtype=torch.long)[pos // self.block_size]
         return blocks * self.block_size + pos % self.block_size
+
+    def local_slots(self, req: Hashable, start: int, end: int) -> tuple[list[int], list[int]]:
+        """Of positions start..end-1 of `req`, those this rank stores (p % dcp_size == dcp_rank): (their
+        offsets from `start`, their slots in this rank's [NB * local_block_size] rows). Without DCP:
+        every position, at `slots`."""
+        D, r, bs, lbs = self.dcp_size, self.dcp_rank, self.block_size, self.local_block_size
+        blocks = self.blocks[req]
+        first = start + (r - start) % D
+        mine = range(first, end, D)
+        return [p - start for p in mine], [blocks[p // bs] * lbs + (p % bs) // D for p in mine]
 
     @staticmethod
     def write(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> None:
@@ -315,7 +340,7 @@ class PagedCache:
             for t, v in zip(self._latent_store[layer], (c, k_pe)):
                 _put(t, slots, v.to(t.dtype))
             return
-        view = cf.part_views(self.latent_format, self._latent_dims, self._latent_store[layer][0], self.block_size)
+        view = cf.part_views(self.latent_format, self._latent_dims, self._latent_store[layer][0], self.local_block_size)
         for name, rows in cf.encode_latent(self.latent_format, c, k_pe).items():
             _put(view[name], slots, rows)
 
@@ -325,7 +350,7 @@ class PagedCache:
             t, = self._index_store[layer]
             _put(t, slots, k.to(t.dtype))
             return
-        view = cf.part_views(self.index_format, self._index_dims, self._index_store[layer][0], self.block_size)
+        view = cf.part_views(self.index_format, self._index_dims, self._index_store[layer][0], self.local_block_size)
         for name, rows in cf.encode_index(self.index_format, k).items():
             _put(view[name], slots, rows)
 

@@ -66,6 +66,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .config import FLOAT_DTYPES
 from .quant import FP8_MAX, quantize_fp8_groups, quantize_int8_token
 
 GROUP = 128                  # values per scale in the latent formats and the fp8 index keys
@@ -98,8 +99,7 @@ INDEX_FORMATS = ("dense", "fp8", "c8_li")
 QUANTIZED_FORMATS = tuple(f for f in FORMATS if f != "dense")
 
 # user-facing cache dtype names (vLLM's `kv_cache_dtype` spellings and the deployment YAML's) -> format
-_FLOAT_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+_FLOAT_NAMES = {k: v for k, v in FLOAT_DTYPES.items() if v != torch.float64}   # caches hold no float64
 _QUANT_NAMES = {
     LATENT: {"fp8": "fp8_ds_mla", "fp8_e4m3": "fp8_ds_mla", "fp8_ds_mla": "fp8_ds_mla",
              "int8": "c8_sfa", "c8": "c8_sfa", "c8_sfa": "c8_sfa"},

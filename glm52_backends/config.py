@@ -10,9 +10,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 from .files import regular_file
 
@@ -39,8 +42,17 @@ _BOOLS = ("norm_topk_prob", "rope_interleave", "indexer_rope_interleave", "index
           "tie_word_embeddings")
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+# Floating dtypes by name: torch's own and the short spellings. The one table the CLI, the deployment
+# YAML, the cache dtypes, conformance and the benchmarks read (each may accept fewer).
+FLOAT_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "f32": torch.float32,
+                "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                "float16": torch.float16, "fp16": torch.float16, "f16": torch.float16, "half": torch.float16,
+                "float64": torch.float64, "fp64": torch.float64, "f64": torch.float64}
+
+
+def is_int(v: Any) -> bool:
+    """An integer (Python's or numpy's) that is not a bool (JSON/YAML `true` must not pass as 1)."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 def _is_number(v: Any) -> bool:
@@ -92,8 +104,8 @@ class ModelConfig:
     quantization_config: dict | None = None
 
     def __post_init__(self) -> None:
-        if _is_int(self.eos_token_id) or isinstance(self.eos_token_id, tuple):  # Python callers: 7 or (7, 8)
-            self.eos_token_id = [self.eos_token_id] if _is_int(self.eos_token_id) else list(self.eos_token_id)
+        if is_int(self.eos_token_id) or isinstance(self.eos_token_id, tuple):  # Python callers: 7 or (7, 8)
+            self.eos_token_id = [self.eos_token_id] if is_int(self.eos_token_id) else list(self.eos_token_id)
         self._validate_scalars()  # before deriving anything from them (moe_layer_freq 0 would divide by 0)
         n = self.num_hidden_layers
         if not self.indexer_types:
@@ -154,11 +166,11 @@ class ModelConfig:
 
         for name in _POSITIVE_INTS:
             v = getattr(self, name)
-            if not _is_int(v) or v <= 0:
+            if not is_int(v) or v <= 0:
                 raise bad(f"'{name}' must be a positive integer, got {v!r}")
         for name in _NON_NEGATIVE_INTS:
             v = getattr(self, name)
-            if not _is_int(v) or v < 0:
+            if not is_int(v) or v < 0:
                 raise bad(f"'{name}' must be an integer >= 0, got {v!r}")
         for name in _POSITIVE_FLOATS:
             v = getattr(self, name)
@@ -167,12 +179,12 @@ class ModelConfig:
         for name in _BOOLS:
             if not isinstance(getattr(self, name), bool):
                 raise bad(f"'{name}' must be true or false, got {getattr(self, name)!r}")
-        if not isinstance(self.eos_token_id, list) or not all(_is_int(t) for t in self.eos_token_id):
+        if not isinstance(self.eos_token_id, list) or not all(is_int(t) for t in self.eos_token_id):
             raise bad(f"'eos_token_id' must be an integer or a list of integers, got {self.eos_token_id!r}")
         for t in self.eos_token_id:
             if not 0 <= t < self.vocab_size:
                 raise bad(f"'eos_token_id' {t} is outside the vocabulary [0, {self.vocab_size})")
-        if self.pad_token_id is not None and (not _is_int(self.pad_token_id)
+        if self.pad_token_id is not None and (not is_int(self.pad_token_id)
                                               or not 0 <= self.pad_token_id < self.vocab_size):
             raise bad(f"'pad_token_id' must be null or a token id in [0, {self.vocab_size}), got {self.pad_token_id!r}")
         for name in ("indexer_types", "mlp_layer_types"):
@@ -258,13 +270,13 @@ class ModelConfig:
         elif "rope_theta" in d:
             kw["rope_theta"] = d["rope_theta"]
         eos = d.get("eos_token_id")
-        if eos is not None and not (_is_int(eos) or isinstance(eos, list)):
+        if eos is not None and not (is_int(eos) or isinstance(eos, list)):
             raise ConfigError(f"config.json: 'eos_token_id' must be an integer or a list of integers, got {eos!r}")
-        kw["eos_token_id"] = [] if eos is None else ([eos] if _is_int(eos) else list(eos))
+        kw["eos_token_id"] = [] if eos is None else ([eos] if is_int(eos) else list(eos))
         types = {f.name: f.type for f in dataclasses.fields(cls)}
         for k, v in list(kw.items()):
             typ = types[k]
-            if typ in ("int", "int | None") and not _is_int(v):
+            if typ in ("int", "int | None") and not is_int(v):
                 raise ConfigError(f"config.json: '{k}' must be an integer, got {v!r}")
             if typ == "float" and (not _is_number(v) or not math.isfinite(v)):
                 raise ConfigError(f"config.json: '{k}' must be a finite number, got {v!r}")
@@ -326,7 +338,7 @@ class ModelConfig:
 
 def indexshare_schedule(num_layers: int, pattern=None, freq: int = 1, offset: int = 2) -> list[str]:
     """IndexShare layer types (spec §6): an F/S pattern wins, else HF/vLLM's freq/offset rule."""
-    if not _is_int(num_layers) or num_layers <= 0:
+    if not is_int(num_layers) or num_layers <= 0:
         raise ConfigError(f"config.json: 'num_hidden_layers' must be a positive integer, got {num_layers!r}")
     if pattern is not None:
         if not isinstance(pattern, (str, list)):
@@ -336,7 +348,7 @@ def indexshare_schedule(num_layers: int, pattern=None, freq: int = 1, offset: in
             raise ConfigError(f"config.json: 'index_topk_pattern' must have one F/S per layer "
                               f"({num_layers}), got {pattern!r}")
         return types
-    if not _is_int(freq) or not _is_int(offset):
+    if not is_int(freq) or not is_int(offset):
         raise ConfigError(f"config.json: 'index_topk_freq'/'index_skip_topk_offset' must be integers, "
                           f"got {freq!r}/{offset!r}")
     freq = max(freq, 1)

@@ -223,7 +223,7 @@ class DeploymentConfig:
         world = launched_world()       # WORLD_SIZE checked: garbage there is refused naming it
         if world > 1:
             # under torchrun: the YAML's layout over the launched ranks (one process: the whole model)
-            for k in ("tp", "dp", "ep"):
+            for k in ("tp", "dp", "ep", "dcp"):
                 overrides.setdefault(k, getattr(self, k))
             overrides.setdefault("collective", self.collective)
             n = overrides["tp"] * overrides["dp"]
@@ -273,7 +273,7 @@ def tiny_model_config() -> ModelConfig:
 
 def tiny_checkpoint() -> str:
     """The embedded default: the tiny trained GLM-5.2 shipped in the package (`default_checkpoint()`)."""
-    from . import default_checkpoint
+    from .loader import default_checkpoint
     return default_checkpoint()
 
 

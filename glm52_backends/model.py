@@ -19,7 +19,8 @@ import torch
 
 from .cache import PagedCache
 from .config import ModelConfig
-from .registry import BoundBackend
+from .ops import dcp as dcp_ops
+from .registry import BackendOutputError, BoundBackend
 from .step import Step, plan_step
 from .weights import Weight, cat_rows, stack
 
@@ -129,13 +130,22 @@ class Glm52Network:
     / tp (all-reduce after the FFN, the routed and shared experts summed first), the vocabulary / tp
     in the embedding (masked lookup + all-reduce) and lm_head (logits all-gathered), the routed
     experts of this rank (ep > 1: each token dispatched to the ranks owning its experts and combined
-    back, `_moe_dispatched`) or every expert's width / tp.
+    back, `_moe_dispatched`) or every expert's width / tp. With decode context parallelism (`dcp_comm`,
+    dcp consecutive ranks of the tp group) each rank's cache holds 1/dcp of every request's rows: the
+    indexer's local top-k are merged over the group (`_topk_dcp`), attention runs on the rank's rows for
+    the group's heads and merges by log-sum-exp (`_sparse_mla_dcp`); ops/dcp.py has the layout.
     """
 
     def __init__(self, cfg: ModelConfig, sd: dict[str, torch.Tensor], ops: BoundBackend, device: torch.device,
-                 include_mtp: bool, layout=None, comm=None, dp_comm=None, ep_comm=None):
+                 include_mtp: bool, layout=None, comm=None, dp_comm=None, ep_comm=None, dcp_comm=None):
         self.cfg, self.ops, self.device = cfg, ops, device
         self.comm = comm if comm is not None else ops.comm                                # the tp group
+        # dcp > 1: decode context parallelism over `dcp_comm` (dcp consecutive ranks of the tp group): each
+        # holds 1/dcp of every request's cache rows (ops/dcp.py); None: every rank holds every row
+        self.dcp = layout.plan.dcp if layout is not None else 1
+        self.dcp_comm = dcp_comm if self.dcp > 1 else None
+        if self.dcp > 1 and (dcp_comm is None or dcp_comm.world_size != self.dcp):
+            raise RuntimeError(f"internal: dcp = {self.dcp} needs the collectives of a dcp group of that size")
         self.dp_comm = dp_comm if layout is not None and layout.dispatch else None        # EP stage 2
         # ep > 1: the expert-parallel group (every rank: ep = tp x dp); tokens are dispatched to the ranks
         # owning their experts and combined back (ops/comm.py moe_dispatch / moe_combine)
@@ -181,8 +191,69 @@ class Glm52Network:
         """Validate and reserve; the step's metadata is built once (the ops get its tensors).
         (With expert dispatch the engine has agreed the step with the other dp groups first:
         engine/turns.py sets `dp_counts`.)"""
+        want = (self.dcp, self.dcp_comm.rank if self.dcp_comm is not None else 0)
+        got = (getattr(cache, "dcp_size", 1), getattr(cache, "dcp_rank", 0))
+        if got != want:
+            raise ValueError(f"cache: built for dcp {got[0]} (rank {got[1]}), but this model runs decode context "
+                             f"parallelism dcp {want[0]} (rank {want[1]}); use model.new_cache(...)")
         return plan_step(cache, chunks, vocab_size=self.cfg.vocab_size,
                          max_positions=self.cfg.max_position_embeddings, device=self.device)
+
+    # ---- the cache seam: which rows this rank writes and reads --------------------------------------
+    @staticmethod
+    def _write_latent(l: int, st: Step, cache: PagedCache, c: torch.Tensor, k_pe: torch.Tensor) -> None:
+        if st.dcp is None:
+            if getattr(cache, "dcp_size", 1) > 1:
+                raise RuntimeError("a step over a decode-context-parallel cache needs this rank's view of it "
+                                   "(step.DcpStep, made by plan_step); a captured graph's step carries none")
+            cache.write_latent(l, st.slots, c, k_pe)
+        elif st.dcp.rows.numel():               # DCP: only the rows this rank stores (maybe none this step)
+            cache.write_latent(l, st.dcp.slots, c[st.dcp.rows], k_pe[st.dcp.rows])
+
+    @staticmethod
+    def _write_index(l: int, st: Step, cache: PagedCache, k: torch.Tensor) -> None:
+        if st.dcp is None:
+            cache.write_index(l, st.slots, k)
+        elif st.dcp.rows.numel():
+            cache.write_index(l, st.dcp.slots, k[st.dcp.rows])
+
+    def _score_dtype(self, q: torch.Tensor) -> torch.dtype:
+        """The precision the backend's indexer scores in (the reference's cdt): float64 for a float64
+        model or a float64 reference, else float32."""
+        f64 = q.dtype == torch.float64 or getattr(self.ops.backend, "compute_dtype", None) == torch.float64
+        return torch.float64 if f64 else torch.float32
+
+    def _topk_dcp(self, iq: torch.Tensor, w: torch.Tensor, k_cache: torch.Tensor, st: Step, topk: int) -> torch.Tensor:
+        """The global top-k [T, topk] (positions) under DCP: this rank's `indexer_topk` over its rows,
+        the candidates' scores, one all-gather of (score, position) over the dcp group, the merge
+        (ops/dcp.py merge_topk): one process's selection, in its order, on every rank."""
+        d = st.dcp
+        local = self.ops.indexer_topk(iq, w, k_cache, d.block_table, d.seq_lens, d.cu_seqlens_q, topk)
+        score = dcp_ops.candidate_scores(iq, w, k_cache, d.block_table, local, self._score_dtype(iq))
+        pos = dcp_ops.to_global(local, d.size, d.rank)
+        both = torch.stack([score.double(), pos.double()], 1)                   # [T, 2, topk]: positions exact
+        both = self.dcp_comm.all_gather(both, dim=2)                            # [T, 2, D * topk]
+        return dcp_ops.merge_topk(both[:, 0], both[:, 1].long(), st.positions, topk)
+
+    def _sparse_mla_dcp(self, q: torch.Tensor, l: int, idx: torch.Tensor, st: Step, cache: PagedCache) -> torch.Tensor:
+        """MLA under DCP (the reduce-scatter form): the dcp group's queries gathered (every head of the
+        group), this rank's `sparse_mla` over the selected positions it holds (with their log-sum-exp),
+        each partial weighted by exp(lse_r - lse) and summed over the group, each rank keeping its heads."""
+        d, comm = st.dcp, self.dcp_comm
+        qg = comm.all_gather(q, dim=1)                                           # [T, D*H, C+dr]
+        try:
+            o, lse = self.ops.sparse_mla(qg, cache.c[l], cache.k_pe[l], dcp_ops.to_local(idx, d.size, d.rank),
+                                         d.block_table, d.seq_lens, d.cu_seqlens_q, self.cfg.softmax_scale,
+                                         return_lse=True)
+        except BackendOutputError as e:     # e.g. a backend that returns `out` alone
+            raise BackendOutputError(f"decode context parallelism merges sparse_mla's partial outputs by their "
+                                     f"log-sum-exp, which backend {self.ops.name!r} must return when asked "
+                                     f"(return_lse=True): {e}") from None
+        acc = torch.promote_types(o.dtype, torch.float32)
+        lse_all = comm.all_gather(lse.to(acc)[None], dim=0)                      # [D, T, D*H]
+        f, _ = dcp_ops.lse_weights(lse.to(acc), lse_all)
+        mine = comm.reduce_scatter(o.to(acc) * f[..., None], dim=1)              # [T, H, C]: this rank's heads
+        return mine.to(q.dtype)
 
     def _attention(self, l: int, L: Layer, x: torch.Tensor, st: Step, cache: PagedCache,
                    prev_idx: torch.Tensor | None, share: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,7 +266,7 @@ class Glm52Network:
         q = ops.linear(qr, L.wq_b).view(T, H, dn + dr)
         q_pe = ops.rope(q[..., dn:], st.positions, cfg.rope_theta)                         # [T, H, dr]
         kva = ops.linear(x, L.wkv_a)                                                       # [T, C+dr]
-        cache.write_latent(l, st.slots, ops.rms_norm(kva[:, :C], L.kv_norm, cfg.latent_norm_eps),
+        self._write_latent(l, st, cache, ops.rms_norm(kva[:, :C], L.kv_norm, cfg.latent_norm_eps),
                            ops.rope(kva[:, C:], st.positions, cfg.rope_theta))   # in the cache's format
 
         if L.indexer is not None and not share:
@@ -206,8 +277,11 @@ class Glm52Network:
             idx = prev_idx                                                                   # IndexShare
 
         q_lat = torch.matmul(q[..., :dn].transpose(0, 1), L.w_uk).transpose(0, 1)           # absorb W_UK [T, H, C]
-        o_lat = ops.sparse_mla(torch.cat([q_lat, q_pe], -1), cache.c[l], cache.k_pe[l], idx, meta.block_table,
-                               meta.seq_lens, meta.cu_seqlens_q, cfg.softmax_scale)           # [T, H, C]
+        if st.dcp is None:
+            o_lat = ops.sparse_mla(torch.cat([q_lat, q_pe], -1), cache.c[l], cache.k_pe[l], idx, meta.block_table,
+                                   meta.seq_lens, meta.cu_seqlens_q, cfg.softmax_scale)       # [T, H, C]
+        else:
+            o_lat = self._sparse_mla_dcp(torch.cat([q_lat, q_pe], -1), l, idx, st, cache)
         o = torch.matmul(o_lat.transpose(0, 1), L.w_uv.transpose(1, 2))                    # absorb W_UV [H, T, dv]
         o = o.transpose(0, 1).reshape(T, H * cfg.v_head_dim)
         return self.comm.all_reduce(ops.linear(o, L.wo)), idx                              # row-parallel seam
@@ -219,10 +293,13 @@ class Glm52Network:
         iq = torch.cat([ops.rope(iq[..., :dr], st.positions, cfg.rope_theta), iq[..., dr:]], -1)
         ik = ops.layer_norm(ops.linear(x, ix.wk), ix.k_norm_w, ix.k_norm_b, cfg.indexer_norm_eps)
         ik = torch.cat([ops.rope(ik[:, :dr], st.positions, cfg.rope_theta), ik[:, dr:]], -1)
-        cache.write_index(l, st.slots, ik)                             # in the cache's index format
+        self._write_index(l, st, cache, ik)                            # in the cache's index format
         w = ops.linear(x, ix.w_proj).float() * (Hi ** -0.5 * Di ** -0.5)                 # [T, Hi] f32
-        idx = ops.indexer_topk(iq, w, cache.index_k[l], meta.block_table, meta.seq_lens, meta.cu_seqlens_q,
-                               cfg.index_topk)
+        if st.dcp is None:
+            idx = ops.indexer_topk(iq, w, cache.index_k[l], meta.block_table, meta.seq_lens, meta.cu_seqlens_q,
+                                   cfg.index_topk)
+        else:
+            idx = self._topk_dcp(iq, w, cache.index_k[l], st, cfg.index_topk)
         if getattr(ops, "debug", False) and self.comm.world_size > 1:
             # the indexer is replicated: every tp rank must select the same positions (ties decided
             # the same way); compare with the group's first rank, as DeepSeek's reference does

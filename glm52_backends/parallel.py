@@ -12,6 +12,11 @@ by rows, over the tp ranks; routed experts whole over ep ranks (ep = tp x dp), o
 dense MLP when ep = 1. Column/row splits of a block-FP8 weight must cut whole 128-blocks so each
 rank's scales are whole rows/columns of the scale grid.
 
+Decode context parallelism (`dcp`, dividing tp): the tp group's ranks form tp / dcp groups of dcp
+consecutive ranks (tp ranks g*dcp .. g*dcp + dcp-1); within one, each rank stores 1/dcp of every
+request's cache rows (position p on dcp rank p % dcp, ops/dcp.py has the layout and the merges), and
+the ranks with the same dcp rank in different groups hold the same rows.
+
 Layouts: tp >= 1 with ep = 1 (experts TP-split) or ep = tp (local experts: EP stage 1); dp > 1 splits
 the requests over dp groups of tp ranks: with ep = 1 each group is a full replica; with ep = tp x dp
 every rank's experts serve every group (EP stage 2), so every group steps in lockstep, idle ones with
@@ -39,12 +44,16 @@ class ParallelPlan:
     tp: int = 1
     dp: int = 1
     ep: int = 1
+    dcp: int = 1
 
     def __post_init__(self):
-        for k in ("tp", "dp", "ep"):
+        for k in ("tp", "dp", "ep", "dcp"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise LayoutError(f"parallel plan: {k} must be a positive integer, got {v!r}")
+        if self.tp % self.dcp:
+            raise LayoutError(f"parallel plan: dcp = {self.dcp} must divide tp = {self.tp} (decode context "
+                              f"parallelism splits the cache over ranks of one tp group)")
 
     @property
     def world_size(self) -> int:
@@ -115,6 +124,16 @@ class RankLayout:
     @property
     def dp_rank(self) -> int:
         return self.rank // self.plan.tp
+
+    @property
+    def dcp_rank(self) -> int:
+        """This rank's place in its dcp group: it stores the cache rows of positions p with p % dcp == dcp_rank."""
+        return self.tp_rank % self.plan.dcp
+
+    def dcp_group_ranks(self, dp_rank: int, group: int) -> list[int]:
+        """The global ranks of dcp group `group` (0 .. tp/dcp - 1) of tp group `dp_rank`: consecutive tp ranks."""
+        D = self.plan.dcp
+        return [dp_rank * self.plan.tp + group * D + i for i in range(D)]
 
     @property
     def dispatch(self) -> bool:

@@ -241,6 +241,8 @@ class Plan:
     kv_bytes_per_token_device: float  # latent + index per token on one device (after DCP)
     max_context_at_batch: int        # largest context for `max_batch` requests (capped at the model's)
     max_batch_at_context: int        # most requests of `max_context` tokens
+    max_context_one_request: int = 0             # largest context at batch 1, with the YAML's DCP
+    max_context_one_request_without_dcp: int = 0  # the same with the latent cache replicated (DCP1)
     assumptions: list[str] = field(default_factory=list)
 
     @property
@@ -266,6 +268,8 @@ class Plan:
             "index_bytes_per_token": self.index_bytes_per_token,
             "kv_bytes_per_token_device": self.kv_bytes_per_token_device,
             "max_context_at_batch": self.max_context_at_batch,
+            "max_context_one_request": self.max_context_one_request,
+            "max_context_one_request_without_dcp": self.max_context_one_request_without_dcp,
             "max_batch_at_context": self.max_batch_at_context,
             "assumptions": list(self.assumptions),
         }
@@ -303,6 +307,8 @@ class Plan:
             f"{self.kv_bytes_per_token_device:,.0f} B (DCP{d.dcp})",
             f"  largest context at batch {d.max_batch}: {self.max_context_at_batch:,} tokens; "
             f"largest batch at context {d.max_context:,}: {self.max_batch_at_context}",
+            f"  largest context of one request: {self.max_context_one_request:,} tokens with DCP{d.dcp}, "
+            f"{self.max_context_one_request_without_dcp:,} with the latent cache on every TP rank (DCP1)",
         ]
         return "\n".join(lines)
 
@@ -367,12 +373,12 @@ def plan(deploy_cfg: DeploymentConfig | str, model_cfg: ModelConfig | None = Non
     def step_tokens(c: int, b: int) -> int:
         return max(min(d.max_batched_tokens, c * b), b * (1 + k))
 
-    def parts(c: int, b: int) -> dict[str, float]:
-        return {"latent": c * b * lat / d.dcp, "index": c * b * idx / d.dcp,
+    def parts(c: int, b: int, dcp: int = d.dcp) -> dict[str, float]:
+        return {"latent": c * b * lat / dcp, "index": c * b * idx / dcp,
                 "act": step_tokens(c, b) * act_tok + logits_bytes(b), "ws": c * ws_per_ctx}
 
-    def need(c: int, b: int) -> float:
-        return weights + reserve + sum(parts(c, b).values())
+    def need(c: int, b: int, dcp: int = d.dcp) -> float:
+        return weights + reserve + sum(parts(c, b, dcp).values())
 
     p = parts(d.max_context, d.max_batch)
     rows += [
@@ -392,6 +398,9 @@ def plan(deploy_cfg: DeploymentConfig | str, model_cfg: ModelConfig | None = Non
     max_pos = cfg.max_position_embeddings
     max_ctx = _largest(lambda c: need(c, d.max_batch) <= usable, max_pos)
     max_b = _largest(lambda b: need(d.max_context, b) <= usable, 1 << 24)
+    # one request: the longest context with the YAML's DCP, and with the latent cache replicated (DCP1)
+    ctx1 = _largest(lambda c: need(c, 1) <= usable, max_pos)
+    ctx1_no_dcp = _largest(lambda c: need(c, 1, 1) <= usable, max_pos)
 
     n_mtp = sum(params.values())
     without = n_mtp - params["MTP layer"]
@@ -410,7 +419,8 @@ def plan(deploy_cfg: DeploymentConfig | str, model_cfg: ModelConfig | None = Non
                 fits=total <= usable, total_params=n_mtp if mtp else without,
                 params_without_mtp=without, full_layers=len(cfg.full_layers), num_layers=cfg.num_hidden_layers,
                 latent_bytes_per_token=lat, index_bytes_per_token=idx, kv_bytes_per_token_device=kv_dev,
-                max_context_at_batch=max_ctx, max_batch_at_context=max_b, assumptions=assumptions)
+                max_context_at_batch=max_ctx, max_batch_at_context=max_b, max_context_one_request=ctx1,
+                max_context_one_request_without_dcp=ctx1_no_dcp, assumptions=assumptions)
 
 
 def _model_name(d: DeploymentConfig) -> str:
@@ -440,7 +450,8 @@ def all_plans_table(plans: list[Plan] | None = None) -> str:
     """One line per bundled config: layout, dtypes, per-device need vs usable, largest context."""
     plans = all_plans() if plans is None else plans
     head = (f"{'config':<20}{'devices':>12}  {'layout':<20}{'weights':<8}{'kv':<6}"
-            f"{'need GiB':>9}{'usable':>8}  {'fits':<5}{'context x batch':>18}{'max ctx @batch':>16}")
+            f"{'need GiB':>9}{'usable':>8}  {'fits':<5}{'context x batch':>18}{'max ctx @batch':>16}"
+            f"{'1 request':>12}{'1 req, DCP1':>13}")
     lines = [head, "-" * len(head)]
     for p in plans:
         d = p.deployment
@@ -449,7 +460,8 @@ def all_plans_table(plans: list[Plan] | None = None) -> str:
             f"{d.name:<20}{f'{d.world_size}x{d.memory_per_device_gb:g}G':>12}  {layout:<20}{d.weights_dtype:<8}"
             f"{d.kv_cache_dtype:<6}{p.need_bytes / GiB:>9.1f}{p.usable_bytes / GiB:>8.1f}  "
             f"{'yes' if p.fits else 'NO':<5}{f'{d.max_context:,} x {d.max_batch}':>18}"
-            f"{f'{p.max_context_at_batch:,}':>16}")
+            f"{f'{p.max_context_at_batch:,}':>16}{f'{p.max_context_one_request:,}':>12}"
+            f"{f'{p.max_context_one_request_without_dcp:,}':>13}")
     return "\n".join(lines)
 
 
@@ -458,8 +470,8 @@ def plans_markdown(plans: list[Plan]) -> str:
     g = lambda b: f"{b / GiB:.1f}"  # noqa: E731
     out = ["| config | chip | devices | layout | weights / cache | weights GiB | latent + index GiB | "
            "act + workspace GiB | reserve GiB | need / usable GiB | fits | context x batch | "
-           "max context @ batch | max batch @ context |",
-           "|---|---|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+           "max context @ batch | max batch @ context | max context, 1 request | same, DCP1 |",
+           "|---|---|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
     for p in plans:
         d, by = p.deployment, {r.component: r.bytes for r in p.rows}
         weights = sum(by[c] for c in COMPONENTS)
@@ -469,7 +481,8 @@ def plans_markdown(plans: list[Plan]) -> str:
             f"| {layout} | {d.weights_dtype} / {d.kv_cache_dtype} | {g(weights)} "
             f"| {g(by['latent cache'] + by['index-key cache'])} | {g(by['activations'] + by['context workspace'])} "
             f"| {g(by['runtime reserve'])} | {g(p.need_bytes)} / {g(p.usable_bytes)} | {'yes' if p.fits else '**no**'} "
-            f"| {d.max_context:,} x {d.max_batch} | {p.max_context_at_batch:,} | {p.max_batch_at_context} |")
+            f"| {d.max_context:,} x {d.max_batch} | {p.max_context_at_batch:,} | {p.max_batch_at_context} "
+            f"| {p.max_context_one_request:,} | {p.max_context_one_request_without_dcp:,} |")
     for p in plans:
         out += ["", f"### {p.deployment.name}", "", "```text", p.table(), "```"]
     return "\n".join(out) + "\n"

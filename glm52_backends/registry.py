@@ -272,6 +272,17 @@ _CACHE_FORMAT_OF: dict[str, Callable[[tuple, dict], str]] = {
 }
 
 
+# the weight arguments of the ops that take `Weight`s: their formats must be among the backend's
+# `Capabilities.weight_formats`, else the call runs on the reference (as a cache format it does not read)
+_WEIGHT_ARGS: dict[str, tuple[tuple[int, str], ...]] = {
+    "linear": ((1, "weight"),), "mlp": ((1, "w13"), (2, "w2")), "moe_experts": ((1, "w13"), (2, "w2")),
+}
+
+
+def _weight_format(w: Any) -> str:
+    return getattr(w, "format", "dense")
+
+
 def _non_finite(op: str, out: Any) -> str | None:
     """NaN/inf in a float output (sparse_mla's lse may be -inf: a row with nothing to attend)."""
     import torch
@@ -480,6 +491,8 @@ class BoundBackend:
 
         cache_format = None if isinstance(self.backend, _Reference) else _CACHE_FORMAT_OF.get(op)
         readable = tuple(dict.fromkeys(("dense",) + tuple(self.capabilities.cache_formats)))
+        weight_args = None if isinstance(self.backend, _Reference) else _WEIGHT_ARGS.get(op)
+        runs = tuple(dict.fromkeys(("dense",) + tuple(self.capabilities.weight_formats)))
         if native is None:
             def call(*args, **kwargs):
                 self._warn(op, "not implemented by this backend")
@@ -491,6 +504,13 @@ class BoundBackend:
                     if fmt not in readable:
                         self._warn(op, f"the cache is {fmt!r}; the backend reads {', '.join(readable)}")
                         return fallback(args, kwargs)
+                if weight_args is not None:        # a weight in a format the backend does not run
+                    for i, name in weight_args:
+                        fmt = _weight_format(_arg(args, kwargs, i, name))
+                        if fmt not in runs:
+                            self._warn(op, f"weight {name} is {fmt!r}; the backend runs {', '.join(runs)} "
+                                           f"(Capabilities.weight_formats)")
+                            return fallback(args, kwargs)
                 try:
                     out = self._run(op, native, args, kwargs, True)
                 except OpUnsupported as e:

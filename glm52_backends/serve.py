@@ -19,8 +19,14 @@ request bodies are checked by hand below, so that every refusal names its field 
 
 Refusals are HTTP 400 with `{"error": {"message", "type": "invalid_request_error", "param", "code"}}`
 (404 for an unknown model). Chat prompts use the checkpoint's chat template (`chat_template.jinja`,
-or `chat_template` in `tokenizer_config.json`), else `DEFAULT_CHAT_TEMPLATE`. Serving under torchrun
-(world size > 1) is refused: ranks do not follow rank 0's steps yet.
+or `chat_template` in `tokenizer_config.json`), else `DEFAULT_CHAT_TEMPLATE`.
+
+Under torchrun (`--tp`, `--dp`, `--ep`, or a deployment's parallel section): the first rank of each tp
+group builds the engine, serves HTTP and leads; the other ranks of its group follow its model steps
+(engine/lockstep.py) and bind nothing. With dp > 1 (ep = 1: independent replicas) each dp group's first
+rank serves its share on its own port, `--port` + the group's index (a load balancer in front spreads
+the requests). Expert parallelism across dp groups (ep = tp x dp) is refused: every group would have to
+join every other group's MoE steps while idle (engine/turns.py), which this engine loop does not do.
 """
 
 # no `from __future__ import annotations`: FastAPI reads the handlers' annotations (`Request`) at run time
@@ -40,6 +46,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from .config import is_int
 from .engine.scheduler import Engine, ParamError, RequestOutput, SamplingParams
 
 log = logging.getLogger("glm52_backends.serve")
@@ -65,8 +72,7 @@ class BadRequest(Exception):
 
 
 # ---- request fields ---------------------------------------------------------------------------------
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+_is_int = is_int   # config.is_int: one definition
 
 
 def _number(body: dict, name: str, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
@@ -130,9 +136,13 @@ def sampling_params(body: dict, default_max_tokens: int | None) -> tuple[Samplin
     max_tokens = _max_tokens(body, "max_tokens", None)
     if "max_completion_tokens" in body and body["max_completion_tokens"] is not None:
         max_tokens = _max_tokens(body, "max_completion_tokens", None)
+    spec = body.get("speculative")
+    if spec is not None and not _is_int(spec):
+        raise BadRequest(f"speculative must be an integer (MTP drafts per round for this request), got {spec!r}",
+                         "speculative")
     params = SamplingParams(max_tokens=1, temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
                             top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True), seed=seed,
-                            stop=_stop(body), stop_token_ids=ids, ignore_eos=ignore_eos)
+                            stop=_stop(body), stop_token_ids=ids, ignore_eos=ignore_eos, speculative=spec)
     return params, max_tokens if max_tokens is not None else default_max_tokens
 
 
@@ -256,12 +266,23 @@ class EngineLoop:
                 self._sinks.pop(cmd[1], None)
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:                                # under torchrun: the followers stop with the leader
+            try:
+                self.engine.close()
+            except Exception:  # noqa: BLE001 - a follower already gone; nothing left to stop
+                log.exception("could not stop the ranks following this engine")
+
+    def _loop(self) -> None:
         import torch
         with torch.inference_mode():
             while not self._stop.is_set():
                 self._drain(block=not self.engine.has_unfinished())
                 if not self.engine.has_unfinished():
+                    self.engine.keepalive()     # followers wait inside a collective: keep it from timing out
                     continue
+                stop = False
                 try:
                     outs = self.engine.step()
                 except Exception as e:  # noqa: BLE001 - a failed step fails its requests, not the server
@@ -271,6 +292,9 @@ class EngineLoop:
                     for rid in list(self.engine.requests):
                         self.engine.abort(rid)
                         outs.append(RequestOutput(rid, [], "", True, "error", error=f"engine step failed: {e}"))
+                    # under torchrun the ranks may have left the step at different collectives: they cannot
+                    # be trusted to agree again, so serving ends (/health answers 503)
+                    stop = self.engine.lockstep is not None
                 now = time.monotonic()
                 self._rate.append((now, self.engine.stats["generation_tokens"]))
                 while self._rate and self._rate[0][0] < now - self.window:
@@ -279,6 +303,9 @@ class EngineLoop:
                     sink = self._sinks.pop(o.request_id, None) if o.finished else self._sinks.get(o.request_id)
                     if sink is not None:
                         sink(o)
+                if stop:
+                    log.error("the tp ranks following this engine may have diverged: the engine stops")
+                    return
 
 
 # ---- the app ----------------------------------------------------------------------------------------
@@ -303,6 +330,8 @@ def metrics_text(loop: EngineLoop, model_name: str) -> str:
         ("prefix_cache_evictions_total", "counter", "Published blocks evicted for new ones.", m["prefix_evictions"]),
         ("preemptions_total", "counter", "Requests preempted (to be recomputed).", m["preemptions"]),
         ("steps_total", "counter", "Engine steps run.", m["steps"]),
+        ("graph_steps_total", "counter", "Target steps replayed from captured graphs (decode, verify).",
+         m["graph_steps"]),
         ("requests_finished_total", "counter", "Requests finished (any reason).", m["finished"]),
         ("requests_aborted_total", "counter", "Requests aborted (client gone).", m["aborted"]),
         ("spec_verify_rounds_total", "counter", "Speculative verify rounds.", m["verify_rounds"]),
@@ -414,6 +443,11 @@ def build_app(loop: EngineLoop, model_name: str, chat_template: str | None = Non
                 except asyncio.TimeoutError:
                     if await request.is_disconnected():
                         return
+                    if not loop.alive():        # the engine stopped: nothing more comes
+                        for sub in sorted(live):
+                            yield int(sub.rsplit("-", 1)[1]), RequestOutput(sub, [], "", True, "error",
+                                                                             error="the engine stopped")
+                        live.clear()
                     continue
                 if o.finished:
                     live.discard(o.request_id)
@@ -509,7 +543,8 @@ def build_app(loop: EngineLoop, model_name: str, chat_template: str | None = Non
 
 # ---- the command ------------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
-    from .cli import _dtype_name, _int_at_least
+    from .engine.arguments import dtype_name as _dtype_name
+    from .engine.arguments import int_at_least as _int_at_least
     ap = argparse.ArgumentParser(prog="glm52 serve", description="OpenAI-compatible server (completions, chat "
                                  "completions, models, health, metrics) over the continuous-batching engine.")
     ap.add_argument("checkpoint", nargs="?", help="HF-format GLM-5.x folder (default: the embedded tiny model)")
@@ -521,7 +556,18 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--quantization", choices=("fp8", "w8a8", "w4a8", "none"), help="as for glm52 generate")
     ap.add_argument("--kv-cache-dtype", metavar="DTYPE", help="auto | fp8 | int8 | a format name")
     ap.add_argument("--speculative", type=_int_at_least(0), default=0, metavar="K",
-                    help="MTP draft tokens per verify round for every request (0 = off; needs the MTP layer)")
+                    help="MTP draft tokens per verify round (0 = off; needs the MTP layer); a request may ask "
+                         "for fewer with the body field \"speculative\"")
+    ap.add_argument("--graph", choices=("auto", "on", "off", "trace", "compile"),
+                    help="decode steps as captured graphs: auto (CUDA/NPU graphs on those devices, eager on the "
+                         "CPU), on (everywhere; the CPU compiles), off, trace | compile (the CPU's captures); "
+                         "default: the model's (auto)")
+    ap.add_argument("--tp", type=_int_at_least(1), default=1,
+                    help="tensor-parallel ranks (under torchrun: --nproc-per-node = tp x dp)")
+    ap.add_argument("--dp", type=_int_at_least(1), default=1,
+                    help="data-parallel replicas; each serves on --port + its index (needs --ep 1)")
+    ap.add_argument("--ep", type=_int_at_least(1), default=1,
+                    help="expert-parallel ranks: 1 (experts TP-split) or tp (within the tp group)")
     ap.add_argument("--cache-tokens", type=_int_at_least(1), default=1 << 15,
                     help="paged cache size in tokens, all requests together (default 32768)")
     ap.add_argument("--max-num-batched-tokens", type=_int_at_least(1), default=512,
@@ -535,12 +581,23 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+class _Terminated(BaseException):
+    """SIGTERM reached `serve_main` (after uvicorn's graceful shutdown, or before it started)."""
+
+
+def _terminated(signum, frame):
+    raise _Terminated()
+
+
 def serve_main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world > 1:
-        raise ValueError(f"serving under torchrun (WORLD_SIZE={world}) is not supported yet: the other ranks do not "
-                         f"follow rank 0's steps; run one process (tp = dp = 1)")
+    if args.dp > 1 and args.ep > 1:
+        raise ValueError(f"--dp {args.dp} with --ep {args.ep}: expert parallelism across dp groups is not served "
+                         f"(every group would join every other group's MoE steps while idle); use --ep 1 for dp "
+                         f"replicas, or --dp 1 with --ep {args.tp} (within the tp group)")
+    if args.port and args.port + args.dp - 1 > 65535:
+        raise ValueError(f"--port {args.port} with --dp {args.dp}: the dp groups serve on ports {args.port}.."
+                         f"{args.port + args.dp - 1}, past 65535")
     import importlib.util
     missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
     if missing:
@@ -549,13 +606,21 @@ def serve_main(argv: list[str]) -> int:
     import torch
     import uvicorn
 
-    from . import default_checkpoint
-    from .cli import _parse_dtype
+    from .engine.arguments import parse_dtype as _parse_dtype
+    from .loader import default_checkpoint
     from .engine import GLM52
     if args.threads:
         torch.set_num_threads(args.threads)
     path = args.checkpoint or default_checkpoint()
+    if not args.deployment:   # under torchrun the layout must cover the launched ranks (else each runs it all)
+        from .engine.distributed import check_world
+        from .parallel import ParallelPlan
+        check_world(ParallelPlan(tp=args.tp, dp=args.dp, ep=args.ep))
     kw: dict[str, Any] = {"progress": False}
+    if args.tp * args.dp > 1:
+        kw.update(tp=args.tp, dp=args.dp, ep=args.ep)
+    if args.graph is not None:
+        kw["graph"] = {"on": True, "off": False}.get(args.graph, args.graph)
     if args.quantization is not None:
         kw["quantization"] = args.quantization
     if args.kv_cache_dtype is not None:
@@ -571,25 +636,47 @@ def serve_main(argv: list[str]) -> int:
     engine = Engine(model, cache_tokens=args.cache_tokens, max_num_batched_tokens=args.max_num_batched_tokens,
                     max_num_seqs=args.max_num_seqs, speculative=args.speculative,
                     prefix_caching=not args.no_prefix_caching, seed=args.seed)
+    layout = model.layout
+    where = "" if layout is None else f" (rank {layout.rank}: tp {layout.tp_rank}/{model.plan.tp}, dp group " \
+                                      f"{layout.dp_rank}/{model.plan.dp})"
+    if not engine.leads:
+        print(f"glm52 serve{where}: following the tp group's first rank", file=sys.stderr, flush=True)
+        engine.follow()
+        return 0
     name = args.served_model_name or ("glm52-tiny" if os.path.abspath(path) == os.path.abspath(default_checkpoint())
                                       else os.path.basename(os.path.normpath(path)))
-    loop = EngineLoop(engine).start()
-    app = build_app(loop, name, load_chat_template(model.path))
+    port = args.port + layout.dp_rank if layout is not None and args.port else args.port
     import socket
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((args.host, args.port))                 # port 0: the system picks a free one, printed below
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, access_log=False))
-    print(f"glm52 serve: {name} on backend {model.backend_name}, cache {engine.cache.num_blocks} blocks of "
-          f"{engine.bs} tokens, speculative {args.speculative}; listening on http://{args.host}:{port}",
-          file=sys.stderr, flush=True)
     try:
-        server.run(sockets=[sock])
-    finally:
-        loop.stop()
+        sock.bind((args.host, port))                  # port 0: the system picks a free one, printed below
+    except OSError as e:
         sock.close()
+        engine.close()                                # the followers stop too
+        raise ValueError(f"--host {args.host} --port {port}: cannot bind ({e.strerror or e})") from None
+    port = sock.getsockname()[1]
+    loop = EngineLoop(engine).start()
+    # uvicorn shuts down gracefully on SIGTERM and then raises it again: with this handler that ends
+    # serve_main through its `finally` (the engine thread stops, and stops the ranks following it)
+    import signal
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if main else None
+    try:
+        app = build_app(loop, name, load_chat_template(model.path))
+        server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, access_log=False))
+        print(f"glm52 serve{where}: {name} on backend {model.backend_name}, cache {engine.cache.num_blocks} blocks "
+              f"of {engine.bs} tokens, speculative {args.speculative}, graphs {engine.graph_mode or engine.graph_why}; "
+              f"listening on http://{args.host}:{port}", file=sys.stderr, flush=True)
+        server.run(sockets=[sock])
+    except _Terminated:
+        pass                                          # SIGTERM: a graceful stop, exit status 0
+    finally:
+        loop.stop()                                   # the engine thread stops the followers as it ends
+        sock.close()
+        if main:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

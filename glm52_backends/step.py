@@ -10,6 +10,12 @@ derives each token's request and position from them on the device (`token_reques
 and host copies of the lengths, validated once when the step is planned. It is not handed to ops.
 `Step` is the model's view of a step: request ids, token ids, cache slots and the `StepMeta`;
 `plan_step` validates the tokens and reserves cache room before anything is written.
+
+With decode context parallelism (a cache with `dcp_size` > 1) the step also carries `DcpStep`:
+this rank's view of it for the paged ops (ops/dcp.py). Each query token becomes a one-token
+request over the rank's local rows that it may see (its request's block-table row, `seq_len` = the
+local rows at or before its position), so the ops run unchanged, and the tokens whose rows this rank
+stores with their local slots.
 """
 
 from __future__ import annotations
@@ -130,13 +136,45 @@ class StepMeta:
 
 
 @dataclass
+class DcpStep:
+    """One dcp rank's view of a step (ops/dcp.py). For the paged ops, one row per query token:
+    block_table [T, max_blocks] int32 (its request's row), seq_lens [T] int32 (this rank's rows at
+    positions <= the token's), cu_seqlens_q [T+1] int32 (0, 1, ..., T). For the cache writes: rows
+    [n] int64, the step tokens this rank stores, and slots [n] int64, their local slots."""
+    size: int
+    rank: int
+    block_table: torch.Tensor
+    seq_lens: torch.Tensor
+    cu_seqlens_q: torch.Tensor
+    rows: torch.Tensor
+    slots: torch.Tensor
+
+    @classmethod
+    def build(cls, cache, meta: StepMeta, reqs: Sequence[Hashable], starts: Sequence[int]) -> "DcpStep":
+        from .ops.dcp import visible_rows
+        D, r = cache.dcp_size, cache.dcp_rank
+        rows: list[int] = []
+        slots: list[int] = []
+        for b, (req, start) in enumerate(zip(reqs, starts)):
+            offs, sl = cache.local_slots(req, start, meta.seq_lens_host[b])
+            rows += [meta.cu_host[b] + o for o in offs]
+            slots += sl
+        dev = meta.block_table.device
+        T = meta.num_tokens
+        return cls(D, r, meta.block_table.index_select(0, meta.token_request.long()),
+                   visible_rows(meta.positions, D, r), torch.arange(T + 1, dtype=torch.int32, device=dev),
+                   torch.tensor(rows, dtype=torch.long, device=dev), torch.tensor(slots, dtype=torch.long, device=dev))
+
+
+@dataclass
 class Step:
     """The model's step: requests in batch order, token ids [T] int64 and cache slots [T] int64 on
-    the device, and the ops' metadata."""
+    the device, and the ops' metadata; `dcp`: this rank's view under decode context parallelism."""
     reqs: list
     ids: torch.Tensor
     slots: torch.Tensor
     meta: StepMeta
+    dcp: DcpStep | None = None
 
     @property
     def positions(self) -> torch.Tensor:
@@ -179,4 +217,5 @@ def plan_step(cache, chunks: dict[Hashable, Sequence[int]], *, vocab_size: int, 
     slots = torch.cat([cache.slots(r, start[r], new_lens[r]) for r in reqs]) if reqs else torch.zeros(0, dtype=torch.long)
     meta = StepMeta.build([len(chunks[r]) for r in reqs], [new_lens[r] for r in reqs], cache.block_table(reqs),
                           cache.block_size, device)
-    return Step(reqs, ids.to(device), slots.to(device), meta)
+    dcp = DcpStep.build(cache, meta, reqs, [start[r] for r in reqs]) if getattr(cache, "dcp_size", 1) > 1 else None
+    return Step(reqs, ids.to(device), slots.to(device), meta, dcp)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from glm52_backends.backends.cpu_ref import CpuRefBackend
-from glm52_backends.tiny import make_tiny_checkpoint
+from glm52_backends.devtools.make_tiny import make_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

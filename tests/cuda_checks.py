@@ -735,7 +735,7 @@ def check_model_greedy_matches_cpu_ref():
     import tempfile
     import torch
     from glm52_backends import GLM52
-    from glm52_backends.tiny import make_tiny_checkpoint
+    from glm52_backends.devtools.make_tiny import make_tiny_checkpoint
     with tempfile.TemporaryDirectory() as d:
         path = make_tiny_checkpoint(d, layers=4, seed=3, index_topk=8)
         m = GLM52(path, backend="cuda", dtype=torch.float32, progress=False)
@@ -761,7 +761,7 @@ def check_custom_ops_equal_direct_calls_and_trace_as_one_node():
     from glm52_backends.conformance.cases import CASES
     from glm52_backends.engine.graph import StaticDecode
     from glm52_backends.registry import get_backend
-    from glm52_backends.tiny import make_tiny_checkpoint
+    from glm52_backends.devtools.make_tiny import make_tiny_checkpoint
     be = get_backend("cuda")
     dev = be.backend.device
     native = set(be.native_ops)
@@ -819,7 +819,7 @@ def check_fp8_model_greedy_matches_cpu_ref():
     import tempfile
     import torch
     from glm52_backends import GLM52
-    from glm52_backends.tiny import make_tiny_checkpoint
+    from glm52_backends.devtools.make_tiny import make_tiny_checkpoint
     with tempfile.TemporaryDirectory() as d:
         path = make_tiny_checkpoint(d, layers=1, seed=4, index_topk=8, fp8=True, first_k_dense_replace=0)
         m = GLM52(path, backend="cuda", dtype=torch.float32, progress=False)
@@ -842,7 +842,7 @@ def check_speculative_greedy_matches_plain():
     import torch
     from glm52_backends import GLM52
     from glm52_backends.engine.speculative import generate_speculative
-    from glm52_backends.tiny import make_tiny_checkpoint
+    from glm52_backends.devtools.make_tiny import make_tiny_checkpoint
     with tempfile.TemporaryDirectory() as d:
         path = make_tiny_checkpoint(d, layers=2, seed=5, index_topk=8, mtp=True)
         m = GLM52(path, backend="cuda", dtype=torch.float32, progress=False)

@@ -18,7 +18,7 @@ import torch
 from conftest import spawn_ranks
 
 from glm52_backends import GLM52
-from glm52_backends.tiny import make_tiny_checkpoint
+from glm52_backends.devtools.make_tiny import make_tiny_checkpoint
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mc2_worker.py")
 PROMPT_TOKENS = 18 + 2 + 9          # the worker's three prompts

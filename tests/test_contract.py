@@ -18,7 +18,7 @@ from glm52_backends.ops.comm import Collectives, default_collectives
 from glm52_backends.registry import (BackendContractError, BackendUnavailable, get_backend, list_backends,
                                      register_backend, unregister_backend)
 from glm52_backends.step import StepMeta
-from glm52_backends.weights import Weight, quantize_weight
+from glm52_backends.weights import WEIGHT_FORMATS, Weight, quantize_weight
 
 F64 = torch.float64
 
@@ -198,7 +198,7 @@ def test_capabilities_typed_and_from_old_dicts():
     c = Capabilities.coerce({"dtypes": [torch.bfloat16], "fp8": True, "max_topk": 2048, "moe_gemm": "auto"})
     assert c.dtypes == (torch.bfloat16,) and "fp8_block" in c.weight_formats and c.max_topk == 2048
     assert c.extra == {"moe_gemm": "auto"} and c.get("moe_gemm") == "auto" and c.get("default_dtype", 7) == 7
-    assert get_backend("cpu_ref").capabilities.weight_formats == ("dense", "fp8_block")
+    assert get_backend("cpu_ref").capabilities.weight_formats == WEIGHT_FORMATS      # the reference runs every format
 
 
 def test_step_meta_is_derived_once_and_validated():
@@ -220,7 +220,7 @@ def test_model_hands_the_step_to_the_backend_as_its_loose_tensors_only(tmp_path)
     (the old per-step hook) is never called."""
     from glm52_backends import GLM52
     from glm52_backends.backends.cpu_ref import CpuRefBackend
-    from glm52_backends.tiny import make_tiny_checkpoint
+    from glm52_backends.devtools.make_tiny import make_tiny_checkpoint
 
     seen = []
 
@@ -306,7 +306,7 @@ def test_torch_distributed_collectives_on_two_gloo_ranks(tmp_path):
 # ---- RoPE mode ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("key", ["rope_interleave", "indexer_rope_interleave"])
 def test_non_interleaved_rope_is_refused(tmp_path, key):
-    from glm52_backends.tiny import make_tiny_checkpoint
+    from glm52_backends.devtools.make_tiny import make_tiny_checkpoint
     path = make_tiny_checkpoint(str(tmp_path / "t"), layers=2, seed=1)
     cfg = json.loads(open(os.path.join(path, "config.json")).read())
     cfg[key] = False

@@ -212,7 +212,7 @@ def _model_level(counter) -> dict:
         from glm52_backends import GLM52
     except ImportError as e:
         return {"skipped": f"GLM52 is not importable: {e}"}
-    from glm52_backends.tiny import make_tiny_checkpoint
+    from glm52_backends.devtools.make_tiny import make_tiny_checkpoint
     with tempfile.TemporaryDirectory() as tmp:
         path = make_tiny_checkpoint(tmp, layers=2, seed=4, index_topk=8)
         m = GLM52(path, backend="cuda", dtype=torch.float32, progress=False)

@@ -14,7 +14,7 @@ from glm52_backends.configs import bundled_configs
 from glm52_backends.deploy import DeploymentError, chip_lacks, load_deployment
 from glm52_backends.engine import GLM52
 from glm52_backends.registry import BackendUnavailable
-from glm52_backends.tiny import make_tiny_checkpoint
+from glm52_backends.devtools.make_tiny import make_tiny_checkpoint
 
 BUNDLED = bundled_configs()
 VENDORS_IN_ISSUE = ("nvidia-h100", "nvidia-h200", "nvidia-h20", "ascend-910b", "ascend-910c", "ascend-950",

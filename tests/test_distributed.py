@@ -24,7 +24,8 @@ from glm52_backends.config import ConfigError
 from glm52_backends.deploy import load_deployment
 from glm52_backends.parallel import LayoutError, ParallelPlan
 from glm52_backends.planner import plan as plan_memory
-from glm52_backends.tiny import make_tiny_checkpoint, tiny_config
+from glm52_backends.devtools.make_tiny import make_tiny_checkpoint
+from glm52_backends.tiny import tiny_config
 from glm52_backends.weights import COMPONENTS
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_worker.py")
@@ -249,3 +250,30 @@ def test_debug_mode_catches_a_rank_whose_topk_differs(tmp_path, ckpts):
     rc, _, err = res[1]
     assert rc != 0 and "the indexer's top-k on tp rank 1 differs from tp rank 0's" in err, err[-2000:]
     assert res[0][0] != 0                                   # the other rank stops too, it does not hang
+
+
+AG_SCRIPT = """
+import sys, torch, torch.distributed as dist
+from torch.fx.experimental.proxy_tensor import make_fx
+from glm52_backends.ops.comm import TorchDistributed
+rank = int(sys.argv[2])
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=rank, world_size=2)
+comm = TorchDistributed()
+comm.functional = True
+traced = make_fx(lambda x: comm.all_gather(x, dim=-1))(torch.zeros(1, 4))
+print(traced(torch.full((1, 4), float(rank))).tolist(), flush=True)
+dist.destroy_process_group()
+import os
+os._exit(0)   # torch's functional-collective threads may abort the interpreter's teardown; the result is out
+"""
+
+
+def test_functional_all_gather_of_one_row_along_the_last_dim(tmp_path):
+    """The logits' vocabulary seam of a captured one-request step: the functional all-gather of a single row
+    along dim -1 (torch's own mis-reshapes a negative dim there; comm.py passes it non-negative)."""
+    init = tmp_path / f"rdzv-{time.monotonic_ns()}"
+    outs = spawn_ranks(lambda r: [sys.executable, "-c", AG_SCRIPT, str(init), str(r)], 2,
+                       env=dict(os.environ, PYTHONWARNINGS="ignore"), timeout=120)
+    for rc, o, e in outs:
+        assert rc == 0, e[-2000:]
+        assert json.loads(o.strip().splitlines()[-1]) == [[0.0] * 4 + [1.0] * 4]

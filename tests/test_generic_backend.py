@@ -24,7 +24,7 @@ from glm52_backends.ops._paged import gather_paged
 from glm52_backends.backends.generic import TorchDeviceBackend, create
 from glm52_backends.ops import OP_NAMES
 from glm52_backends.registry import BackendUnavailable, get_backend, list_backends
-from glm52_backends.tiny import make_tiny_checkpoint
+from glm52_backends.devtools.make_tiny import make_tiny_checkpoint
 
 F64 = torch.float64
 PLUGIN_SRC = Path(__file__).parent / "vendor_plugin"

@@ -15,7 +15,7 @@ from glm52_backends import GLM52, default_checkpoint
 from glm52_backends.engine.decoding import PlainDecoder
 from glm52_backends.engine.graph import GraphUnavailable, StaticDecode, buckets
 from glm52_backends.engine.host_reads import HostReadInCapture, HostReads
-from glm52_backends.tiny import make_tiny_checkpoint
+from glm52_backends.devtools.make_tiny import make_tiny_checkpoint
 
 from conftest import cache_state, same_cache_state  # noqa: E402
 

@@ -21,6 +21,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from glm52_backends import GLM52, tiny
+from glm52_backends.devtools import make_tiny
 from glm52_backends.backends.cpu_ref import CpuRefBackend
 from glm52_backends.cli import main
 from glm52_backends.config import ConfigError, ModelConfig
@@ -30,7 +31,7 @@ from glm52_backends.loader import CheckpointError, load_checkpoint, load_config
 from glm52_backends.ops import OP_NAMES, Capabilities
 from glm52_backends.registry import (BackendContractError, BackendOutputError, BackendUnavailable, get_backend,
                                      list_backends, register_backend, unregister_backend)
-from glm52_backends.tiny import make_tiny_checkpoint
+from glm52_backends.devtools.make_tiny import make_tiny_checkpoint
 
 from conftest import cache_state, same_cache_state  # noqa: E402
 
@@ -124,7 +125,7 @@ def test_refused_make_tiny_writes_nothing(ckpt, tmp_path):
 def test_make_tiny_killed_part_way_leaves_nothing(tmp_path, monkeypatch):
     def killed(path, vocab_size):
         raise KeyboardInterrupt
-    monkeypatch.setattr(tiny, "write_tiny_tokenizer", killed)
+    monkeypatch.setattr(make_tiny, "write_tiny_tokenizer", killed)
     with pytest.raises(KeyboardInterrupt):
         make_tiny_checkpoint(tmp_path / "ck", layers=1)
     assert os.listdir(tmp_path) == []                                 # neither the folder nor a temporary one
@@ -132,13 +133,13 @@ def test_make_tiny_killed_part_way_leaves_nothing(tmp_path, monkeypatch):
 
 def test_killed_first_run_is_rebuilt_next_time(tmp_path, monkeypatch):
     default = str(tmp_path / "cache" / "tiny-default")
-    real = tiny.write_tiny_tokenizer
-    monkeypatch.setattr(tiny, "write_tiny_tokenizer", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    real = make_tiny.write_tiny_tokenizer
+    monkeypatch.setattr(make_tiny, "write_tiny_tokenizer", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):                            # Ctrl-C while the default is made
-        tiny.ensure_default_checkpoint(default)
-    monkeypatch.setattr(tiny, "write_tiny_tokenizer", real)
+        make_tiny.ensure_default_checkpoint(default)
+    monkeypatch.setattr(make_tiny, "write_tiny_tokenizer", real)
     assert not os.path.exists(default)
-    assert tiny.ensure_default_checkpoint(default) == default
+    assert make_tiny.ensure_default_checkpoint(default) == default
     GLM52(default, backend="cpu_ref", progress=False)
     # a default left broken by an older version killed mid-write: config.json there, weights cut short
     file = os.path.join(default, "model.safetensors")
@@ -146,7 +147,7 @@ def test_killed_first_run_is_rebuilt_next_time(tmp_path, monkeypatch):
         f.truncate(os.path.getsize(file) // 2)
     with pytest.raises(CheckpointError):
         load_checkpoint(default, progress=False)
-    tiny.ensure_default_checkpoint(default)                           # the old code kept the broken one
+    make_tiny.ensure_default_checkpoint(default)                           # the old code kept the broken one
     out = GLM52(default, backend="cpu_ref", progress=False).generate([[1, 2, 3]], max_new_tokens=2)
     assert len(out.tokens[0]) >= 1
 
@@ -157,7 +158,7 @@ def test_broken_default_holding_foreign_files_is_not_deleted(tmp_path):
     (default / "config.json").write_text("{")
     (default / "my-notes.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match="my-notes.txt"):
-        tiny.ensure_default_checkpoint(str(default))
+        make_tiny.ensure_default_checkpoint(str(default))
     assert (default / "my-notes.txt").read_text() == "keep me"
 
 

@@ -1,4 +1,4 @@
-"""Checkpoint loading (glm52_backends.loader), the tiny checkpoint writer (glm52_backends.tiny) and
+"""Checkpoint loading (glm52_backends.loader), the tiny checkpoint writer (glm52_backends.devtools.make_tiny) and
 the config's IndexShare schedule."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from glm52_backends.config import ConfigError, ModelConfig, indexshare_schedule
 from glm52_backends.loader import CheckpointError, load_checkpoint, load_config, load_tokenizer
-from glm52_backends.tiny import dequantized_twin, make_tiny_checkpoint, random_state_dict
+from glm52_backends.devtools.make_tiny import dequantized_twin, make_tiny_checkpoint
+from glm52_backends.tiny import random_state_dict
 from glm52_backends.weights import Weight, expected_tensors, is_fp8_weight
 
 KV_A = "model.layers.1.self_attn.kv_a_proj_with_mqa.weight"  # [40, 64]: partial blocks with block 16

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from glm52_backends.loader import CheckpointError, load_checkpoint, load_config
-from glm52_backends.tiny import make_tiny_checkpoint
+from glm52_backends.devtools.make_tiny import make_tiny_checkpoint
 from glm52_backends.weights import Weight, fp8_scale_shape
 
 KV_A = "model.layers.1.self_attn.kv_a_proj_with_mqa.weight"      # [40, 64] in the tiny config

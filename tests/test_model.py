@@ -5,7 +5,7 @@ import torch
 
 from glm52_backends import GLM52
 from glm52_backends.cache import CacheExhausted
-from glm52_backends.tiny import make_tiny_checkpoint
+from glm52_backends.devtools.make_tiny import make_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -43,7 +43,7 @@ from glm52_backends import GLM52
 from glm52_backends.backends.cpu_ref import CpuRefBackend
 from glm52_backends.engine.speculative import SpeculativeDecoder
 from glm52_backends.ops import REFERENCES
-from glm52_backends.tiny import make_tiny_checkpoint
+from glm52_backends.devtools.make_tiny import make_tiny_checkpoint
 
 REL_TOL = 1e-9
 LOGIT_TOL = 2.0 ** -23

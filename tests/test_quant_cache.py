@@ -19,7 +19,8 @@ from glm52_backends.cache import PagedCache
 from glm52_backends.config import GLM52_CONFIG
 from glm52_backends.deploy import load_deployment
 from glm52_backends.ops import REFERENCES, Capabilities, OP_NAMES
-from glm52_backends.tiny import make_tiny_checkpoint, tiny_config
+from glm52_backends.devtools.make_tiny import make_tiny_checkpoint
+from glm52_backends.tiny import tiny_config
 
 from conftest import cache_state, same_cache_state  # noqa: E402
 

@@ -20,7 +20,7 @@ from glm52_backends.loader import (ASCEND_DESCRIPTION, ASCEND_SINGLE, Checkpoint
                                    load_checkpoint_shard, recipe_format, slice_weight)
 from glm52_backends.parallel import ParallelPlan
 from glm52_backends.quant import layout_nbytes, matmul_reference, unpack_int4_rows
-from glm52_backends.tiny import dequantized_twin, make_tiny_checkpoint
+from glm52_backends.devtools.make_tiny import dequantized_twin, make_tiny_checkpoint
 from glm52_backends.weights import Weight, expected_tensors, is_fp8_weight, quantize_weight
 
 SEED, LAYERS = 5, 3

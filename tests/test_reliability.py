@@ -27,7 +27,7 @@ from glm52_backends import GLM52
 from glm52_backends.config import ConfigError
 from glm52_backends.loader import CheckpointError, load_checkpoint, load_checkpoint_shard, load_tokenizer
 from glm52_backends.parallel import LayoutError, ParallelPlan
-from glm52_backends.tiny import make_tiny_checkpoint
+from glm52_backends.devtools.make_tiny import make_tiny_checkpoint
 
 from conftest import Planted, cache_state, env_vars, same_cache_state  # noqa: E402
 
@@ -345,10 +345,10 @@ def test_ctrl_c_inside_a_step_rolls_the_cache_back(bf16):
 def test_the_default_on_an_msmodelslim_folder_is_kept(w8a8, tmp_path):
     """ensure_default_checkpoint validates an AscendV1 folder with its description: a whole one is kept,
     never deleted and replaced by a random model."""
-    from glm52_backends import tiny
+    from glm52_backends.devtools import make_tiny
     d = _copy(w8a8, tmp_path / "default")
     before = {n: open(os.path.join(d, n), "rb").read() for n in os.listdir(d)}
-    assert tiny.ensure_default_checkpoint(d) == d
+    assert make_tiny.ensure_default_checkpoint(d) == d
     assert {n: open(os.path.join(d, n), "rb").read() for n in os.listdir(d)} == before
 
 
@@ -428,7 +428,7 @@ def test_an_ascend_folder_without_its_description_says_so(w8a8, tmp_path):
 
 
 def test_train_tiny_refuses_an_occupied_out_before_training(tmp_path, monkeypatch, capsys):
-    from glm52_backends import train_tiny
+    from glm52_backends.devtools import train_tiny
     out = tmp_path / "out"
     out.mkdir()
     (out / "training.json").write_text("{}")
@@ -564,7 +564,7 @@ def test_the_plan_checks_o_proj_columns_against_the_column_block():
 
 
 def test_an_online_quantized_cut_is_checked_at_both_ends():
-    from glm52_backends.loader import _check_cut
+    from glm52_backends.loader.slicing import _check_cut
     _check_cut("w", (0, 0, 128), 256, 128, "FP8")
     _check_cut("w", (0, 128, 200), 200, 128, "FP8")                     # the last slice may end at the edge
     with pytest.raises(CheckpointError, match=r"w: the rank's slice \[0, 100\) cuts a 128-wide FP8 block"):

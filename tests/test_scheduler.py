@@ -288,3 +288,31 @@ def test_engine_refuses_what_its_cache_or_budget_cannot_hold(model, long_prompt)
     assert info.value.param == "prompt"
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
         Engine(model, speculative=4, max_num_batched_tokens=4)
+
+
+# ---- captured graphs --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kw", [dict(), dict(speculative=3, max_num_batched_tokens=16)], ids=["decode", "mtp-k3"])
+def test_graph_steps_equal_eager(model, prompts, reference, kw):
+    """graph="trace" (the CPU's capture, engine/graph.py): plain decode steps, and under MTP the verify
+    steps and the draft steps, replay their batch bucket's graph over the engine's cache; the greedy
+    tokens are eager generate's. Prefill chunks and mixed steps stay eager."""
+    e = Engine(model, graph="trace", **kw)
+    assert e.graph_mode == "trace" and set(e.graphs) == ({"decode", "verify", "mtp"} if kw else {"decode"})
+    assert _run(e, prompts, SamplingParams(max_tokens=24)) == reference
+    assert 0 < e.stats["graph_steps"] < e.stats["steps"]           # the prefill step ran eagerly
+    used = "verify" if kw else "decode"
+    assert e.graphs[used].stats()["graph_buckets"] and not e.graphs[used].stats()["eager_buckets"]
+    if kw:
+        assert e.graphs["mtp"].stats()["graph_buckets"] and e.metrics()["accepted_tokens"] > 0
+    assert e.cache.used_blocks == 0
+    eager = Engine(model)                                          # auto on a CPU: eager
+    assert eager.graph_mode is None and not eager.graphs and "eager" in eager.graph_why
+
+
+def test_one_process_engine_leads_and_has_no_followers(model):
+    e = Engine(model)
+    assert e.leads and e.lockstep is None
+    e.keepalive(0.0)
+    e.close()                                                      # no-ops in one process
+    with pytest.raises(RuntimeError, match="only the ranks of a tp group other than its first follow"):
+        e.follow()

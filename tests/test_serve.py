@@ -11,6 +11,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -33,29 +34,21 @@ SHARED = ("class Cache:\n    def __init__(self, size=16):\n        self.size = s
 START_S, STOP_S = 60.0, 15.0
 
 
-@contextlib.contextmanager
-def running_server(*extra: str):
-    """(base url, process) of `glm52 serve` on the default model, a free port on 127.0.0.1."""
-    cmd = [sys.executable, "-m", "glm52_backends.cli", "serve", "--host", "127.0.0.1", "--port", "0",
-           "--threads", "1", "--cache-tokens", "8192", "--max-num-batched-tokens", "256", *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    lines: list[str] = []
-    found = threading.Event()
-
-    def read():                                   # the port is in the startup line; keep draining after
-        for line in proc.stderr:
-            lines.append(line)
-            if "listening on" in line:
-                found.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    try:
-        assert found.wait(START_S), f"server did not start in {START_S} s: {''.join(lines)[-2000:]}"
-        url = re.search(r"listening on (http://127\.0\.0\.1:\d+)", "".join(lines)).group(1)
-        deadline = time.monotonic() + START_S
+def _wait_listening(procs, logs, n_urls: int) -> list[str]:
+    """The `n_urls` urls the leading ranks print once they listen, then each answering /health."""
+    deadline = time.monotonic() + START_S
+    while True:
+        urls = [m.group(1) for lines in logs for m in (re.search(r"listening on (http://127\.0\.0\.1:\d+)", x)
+                                                         for x in list(lines)) if m]
+        if len(urls) >= n_urls:
+            break
+        dead = [(i, p.returncode) for i, p in enumerate(procs) if p.poll() is not None]
+        assert not dead, f"rank(s) exited {dead} before listening: {''.join(logs[dead[0][0]])[-3000:]}"
+        assert time.monotonic() < deadline, f"server did not start in {START_S} s: {''.join(logs[0])[-2000:]}"
+        time.sleep(0.05)
+    for url in urls:
         while True:
-            assert proc.poll() is None, f"server exited with {proc.returncode}: {''.join(lines)[-2000:]}"
+            assert all(p.poll() is None for p in procs), f"a rank exited: {[p.returncode for p in procs]}"
             try:
                 if httpx.get(url + "/health", timeout=2).status_code == 200:
                     break
@@ -63,15 +56,64 @@ def running_server(*extra: str):
                 pass
             assert time.monotonic() < deadline, "server never became healthy"
             time.sleep(0.1)
-        yield url, proc
+    return sorted(urls)
+
+
+def _drain(stream, lines: list[str]) -> None:
+    """Collect a process's stderr lines as they come (it never blocks on a full pipe)."""
+    for line in stream:
+        lines.append(line)
+
+
+def _stop(procs, logs) -> list[int]:
+    """SIGTERM to the ranks that serve (each stops the ranks following it; all of them when none got to
+    serve), SIGKILL to any still running after STOP_S; every process waited for. Their exit codes."""
+    serving = [p for p, lines in zip(procs, logs) if any("listening on" in x for x in list(lines))]
+    for p in serving or procs:
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_S
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.kill(p.pid, signal.SIGKILL)
+            p.wait(timeout=STOP_S)
+    return [p.returncode for p in procs]
+
+
+@contextlib.contextmanager
+def running_ranks(world: int, *extra: str, n_urls: int = 1):
+    """`glm52 serve` on the default model, launched as `world` ranks the way torchrun launches them
+    (RANK / WORLD_SIZE / MASTER_ADDR=127.0.0.1 / MASTER_PORT: a free port; gloo). Yields (the leading
+    ranks' urls, every rank's process, every rank's stderr lines); stopped by process id."""
+    cmd = [sys.executable, "-m", "glm52_backends.cli", "serve", "--host", "127.0.0.1", "--port", "0",
+           "--threads", "1", "--cache-tokens", "8192", "--max-num-batched-tokens", "256", *extra]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if world > 1:
+        with socket.socket() as s:                   # a free loopback port for the rendezvous
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), OMP_NUM_THREADS="1",
+                   GLM52_COLLECTIVE_TIMEOUT_S="120")
+    procs, logs = [], []
+    try:
+        for r in range(world):
+            rank_env = dict(env, RANK=str(r), LOCAL_RANK=str(r)) if world > 1 else env
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                          env=rank_env))
+            logs.append([])
+            threading.Thread(target=_drain, args=(procs[-1].stderr, logs[-1]), daemon=True).start()
+        yield _wait_listening(procs, logs, n_urls), procs, logs
     finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=STOP_S)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=STOP_S)
+        _stop(procs, logs)
+
+
+@contextlib.contextmanager
+def running_server(*extra: str):
+    """(base url, process) of `glm52 serve` on the default model, a free port on 127.0.0.1."""
+    with running_ranks(1, *extra) as (urls, procs, _):
+        yield urls[0], procs[0]
 
 
 @pytest.fixture(scope="module")
@@ -106,9 +148,9 @@ def wait_for(cond, what: str, timeout: float = 20.0):
         time.sleep(0.05)
 
 
-def greedy(client, model_id, prompt, n=12, **kw):
+def greedy(client, model_id, prompt, n=12, extra: dict | None = None, **kw):
     r = client.completions.create(model=model_id, prompt=prompt, max_tokens=n, temperature=0,
-                                  extra_body={"return_token_ids": True}, **kw)
+                                  extra_body={"return_token_ids": True, **(extra or {})}, **kw)
     c = r.choices[0]
     return c.text, c.model_extra["token_ids"], c.finish_reason
 
@@ -231,3 +273,78 @@ def test_speculative_server_gives_the_plain_greedy_tokens(client, model_id):
         m = metrics(url)
     assert spec == plain
     assert m["spec_verify_rounds_total"] > 0 and 1.0 < m["spec_mean_acceptance_length"] <= 3.0
+
+
+# ---- under torchrun -------------------------------------------------------------------------------------
+def test_tp2_server_equals_one_process_generate():
+    """tp2 with ep2 (experts dispatched within the tp group) over gloo, two processes: rank 0 serves and
+    leads, rank 1 follows its steps. Concurrent greedy completions, plain and MTP-speculative per request
+    in the same steps, under preemption (a 16-block cache) and prefix hits, give one process's
+    `GLM52.generate` tokens; rank 1 binds nothing and, stopped with rank 0, exits 0 (its cache matched
+    rank 0's at every heartbeat and at the stop)."""
+    ref = GLM52(default_checkpoint(), backend="torch", progress=False)
+    want = ref.generate(PROMPTS, max_new_tokens=16).tokens
+    tails = ["\n    def put(self, key, value):\n", "\n    def clear(self):\n"]
+    want_shared = ref.generate([SHARED + t for t in tails], max_new_tokens=8).tokens
+    with running_ranks(2, "--tp", "2", "--ep", "2", "--backend", "torch", "--speculative", "2",
+                       "--cache-tokens", "256") as (urls, procs, logs):
+        assert len(urls) == 1 and "following the tp group's first rank" in "".join(logs[1])
+        client = openai.OpenAI(base_url=urls[0] + "/v1", api_key="unused", timeout=60, max_retries=0)
+
+        def one(i):
+            return greedy(client, "glm52-tiny", PROMPTS[i], n=16, extra={"speculative": 2 * (i % 2)})[1]
+        with cf.ThreadPoolExecutor(len(PROMPTS)) as ex:
+            got = list(ex.map(one, range(len(PROMPTS))))
+        text, _, _ = greedy(client, "glm52-tiny", PROMPTS[0], n=16)
+        stream = client.completions.create(model="glm52-tiny", prompt=PROMPTS[0], max_tokens=16, temperature=0,
+                                           stream=True)
+        assert "".join(c.choices[0].text for c in stream if c.choices) == text
+        shared = [greedy(client, "glm52-tiny", SHARED + t, n=8, extra={"speculative": 0})[1] for t in tails]
+        m = metrics(urls[0])
+        codes = _stop(procs, logs)
+    assert got == want
+    assert shared == want_shared
+    assert m["preemptions_total"] > 0 and m["spec_verify_rounds_total"] > 0 and m["prefix_cache_hits_total"] > 0
+    assert m["cache_blocks_used"] == 0
+    assert codes == [0, 0], "".join(logs[1])[-2000:]
+
+
+def test_dp2_tp2_each_group_serves_its_share():
+    """tp2 x dp2 (ep = 1: two replicas), four processes: each dp group's first rank serves on its own
+    port and leads its tp group (the second group's leader is global rank 2). Each server's greedy
+    tokens are one process's, and each counts only its own share."""
+    want = GLM52(default_checkpoint(), backend="torch", progress=False).generate(PROMPTS[:8], max_new_tokens=12).tokens
+    with running_ranks(4, "--tp", "2", "--dp", "2", "--backend", "torch", n_urls=2) as (urls, procs, logs):
+        assert len(set(urls)) == 2
+        assert sum("following the tp group's first rank" in "".join(x) for x in logs) == 2
+        clients = [openai.OpenAI(base_url=u + "/v1", api_key="unused", timeout=60, max_retries=0) for u in urls]
+        with cf.ThreadPoolExecutor(8) as ex:
+            got = list(ex.map(lambda i: greedy(clients[i % 2], "glm52-tiny", PROMPTS[i])[1], range(8)))
+        ms = [metrics(u) for u in urls]
+        codes = _stop(procs, logs)
+    assert got == want
+    assert [m["requests_finished_total"] for m in ms] == [4, 4]
+    assert codes == [0, 0, 0, 0], [("".join(x))[-3000:] for x in logs[1:2]]
+
+
+def test_tp2_server_replays_captured_decode_graphs():
+    """`--graph trace` over tp2 ep2: the decode steps of both ranks replay their captured graphs (rank 0
+    sends each step's requests and tokens; the tp seams are functional collectives recorded in the
+    graphs); the tokens are eager one-process generate's."""
+    want = GLM52(default_checkpoint(), backend="torch", progress=False).generate(PROMPTS[:4], max_new_tokens=12).tokens
+    with running_ranks(2, "--tp", "2", "--ep", "2", "--backend", "torch", "--graph", "trace", "--max-num-seqs", "2"
+                       ) as (urls, procs, logs):
+        client = openai.OpenAI(base_url=urls[0] + "/v1", api_key="unused", timeout=60, max_retries=0)
+        with cf.ThreadPoolExecutor(4) as ex:
+            got = list(ex.map(lambda p: greedy(client, "glm52-tiny", p)[1], PROMPTS[:4]))
+        m = metrics(urls[0])
+        codes = _stop(procs, logs)
+    assert got == want
+    assert m["graph_steps_total"] > 0 and "graphs trace" in "".join(logs[0])
+    assert codes == [0, 0], "".join(logs[1])[-2000:]
+
+
+def test_serve_refuses_expert_parallelism_across_dp_groups():
+    from glm52_backends.serve import serve_main
+    with pytest.raises(ValueError, match="--dp 2 with --ep 4: expert parallelism across dp groups is not served"):
+        serve_main(["--tp", "2", "--dp", "2", "--ep", "4"])

@@ -20,7 +20,7 @@ from glm52_backends.ops._paged import gather_paged
 from glm52_backends.registry import get_backend
 from glm52_backends.sampling import probs_from_logits
 from glm52_backends.engine.speculative import DEFAULT_DRAFT_THRESHOLD, SpeculativeDecoder, generate_speculative
-from glm52_backends.tiny import make_tiny_checkpoint
+from glm52_backends.devtools.make_tiny import make_tiny_checkpoint
 from conftest import env_vars
 
 # every backend that runs on this machine: the Ascend backend through its CPU emulator of the

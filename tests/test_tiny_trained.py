@@ -1,4 +1,4 @@
-"""The embedded default model (glm52_backends/default_model, trained by glm52_backends/train_tiny.py).
+"""The embedded default model (glm52_backends/default_model, trained by glm52_backends/devtools/train_tiny.py).
 
 * it loads with this repository's loader and its logits match HF transformers' independent
   `GlmMoeDsaForCausalLM` loaded from the same folder (IndexShare, contexts beyond index_topk);
@@ -17,7 +17,8 @@ import os
 import pytest
 import torch
 
-from glm52_backends import GLM52, default_checkpoint
+from glm52_backends import GLM52
+from glm52_backends.loader import default_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -128,7 +129,7 @@ def test_held_out_bits_per_byte(ours):
 def test_training_script_runs_and_its_output_loads(tmp_path):
     pytest.importorskip("transformers", minversion="5.23")
     pytest.importorskip("tokenizers")
-    from glm52_backends import train_tiny
+    from glm52_backends.devtools import train_tiny
     out = str(tmp_path / "ck")
     rc = train_tiny.main(["--out", out, "--steps", "3", "--max-corpus-mb", "0.2", "--vocab", "320",
                           "--context", "48", "--batch", "2", "--hidden", "32", "--intermediate", "48",

@@ -66,8 +66,8 @@ class AscendBackend:
             dtypes=(torch.bfloat16, torch.float16, torch.float32), default_dtype=default_dtype,
             devices=(device.type,), weight_formats=WEIGHT_FORMATS, cache_formats=("dense",),
             max_topk=self.line_limits.max_topk if self.line_limits else 0, block_sizes=BLOCK_SIZES,
-            extra={"half_op_dtypes": self.half_op_dtypes, "emulated": self.emulated,
-                   "default_block_size": DEFAULT_BLOCK_SIZE, "cann": self.installed.describe(),
+            default_block_size=DEFAULT_BLOCK_SIZE,
+            extra={"half_op_dtypes": self.half_op_dtypes, "emulated": self.emulated, "cann": self.installed.describe(),
                    "limits": f"Atlas A2/A3 columns of the torch_npu op docs ({self.installed.describe()})"})
 
     def __repr__(self) -> str:

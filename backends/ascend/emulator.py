@@ -42,6 +42,7 @@ import torch
 from glm52_backends.ops.protocol import device_kernel
 
 from .emulator_mc2 import Mc2Emulation
+from .npu_errors import NpuOpError, _check, _not_emulated
 from .versions import EMULATED_CANN, line_for, parse_cann
 
 INT64_MAX = 9223372036854775807  # default of pre_tokens / next_tokens in every schema
@@ -55,19 +56,6 @@ LI_SPARSE_COUNTS_LARGE = (3072, 4096, 5120, 6144, 7168, 8192)
 IROPE_DIM = 64
 # npu_sparse_flash_attention, 参数说明 query: N1 on Atlas A2/A3
 SFA_HEADS = (1, 2, 4, 8, 16, 32, 64, 128)
-
-
-class NpuOpError(RuntimeError):
-    """An argument the real op would reject (torch_npu raises RuntimeError for these too)."""
-
-
-def _check(cond: bool, op: str, msg: str) -> None:
-    if not cond:
-        raise NpuOpError(f"{op}: {msg}")
-
-
-def _not_emulated(op: str, what: str) -> NpuOpError:
-    return NpuOpError(f"{op}: {what} is not emulated (the Ascend backend never uses it)")
 
 
 def _contiguous(op: str, **tensors) -> None:

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import torch
 
+from .npu_errors import NpuOpError, _check, _not_emulated
+
 # 约束说明 / 参数说明, Atlas A3
 MC2_H_RANGE = (1024, 8192)          # H
 MC2_MAX_BS = 512                    # BS, comm_alg "" / "fullmesh_v1"
@@ -56,14 +58,8 @@ def hccl_buffer_mb() -> int:
     return int(raw) if raw.isdigit() and int(raw) > 0 else HCCL_BUFFSIZE_DEFAULT_MB
 
 
-def _fail(op: str, msg: str):
-    from .emulator import NpuOpError
+def _fail(op: str, msg: str) -> NpuOpError:
     return NpuOpError(f"{op}: {msg}")
-
-
-def _check(cond: bool, op: str, msg: str) -> None:
-    if not cond:
-        raise _fail(op, msg)
 
 
 def _gather(t: torch.Tensor, group, world: int) -> torch.Tensor:
@@ -287,10 +283,6 @@ class Mc2Emulation:
         if x_active_mask is not None:
             out[~x_active_mask] = float("nan")       # not said by the docs: left unspecified here
         return out.to(expand_x.dtype)                                              # meta: (BS, H), expand_x's dtype
-
-
-def _not_emulated(op: str, what: str):
-    return _fail(op, f"{what} is not emulated (the Ascend backend never uses it)")
 
 
 __all__ = ["Mc2Emulation"]

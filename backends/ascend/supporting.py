@@ -19,9 +19,9 @@ width other than 64 (the op's only D), float32 on the device (bfloat16/float16 o
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
+from glm52_backends.ops.rope import rope_angles
 from glm52_backends.weights import weight_format
 
 from . import quantized
@@ -46,8 +46,7 @@ def rope(self, x, positions, theta):
     if T == 0:
         return x.clone()
     N = x[0].numel() // Dr
-    inv_freq = 1.0 / (theta ** (torch.arange(0, Dr, 2, dtype=torch.float32, device=x.device) / Dr))
-    ang = positions.to(torch.float32)[:, None] * inv_freq[None, :]                   # [T, Dr/2]
+    ang = rope_angles(positions, Dr, theta, x.device)                                # [T, Dr/2]
     cos = ang.cos().to(x.dtype).repeat(1, 2).view(T, 1, 1, Dr)                      # half layout, twice
     sin = ang.sin().to(x.dtype).repeat(1, 2).view(T, 1, 1, Dr)
     y = self.npu.npu_interleave_rope(x.reshape(T, N, 1, Dr).contiguous(), cos, sin)   # [T, N, 1, Dr], halves

@@ -11,6 +11,7 @@ import torch
 
 from glm52_backends.cache_formats import FORMATS as CACHE_FORMATS
 from glm52_backends.ops import OP_NAMES, REFERENCES, Capabilities
+from glm52_backends.weights import WEIGHT_FORMATS
 
 
 class CpuRefBackend:
@@ -26,7 +27,7 @@ class CpuRefBackend:
         self.device = torch.device(device)
         self.capabilities = Capabilities(
             dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16), devices=("cpu",),
-            weight_formats=("dense", "fp8_block"), cache_formats=tuple(CACHE_FORMATS))
+            weight_formats=WEIGHT_FORMATS, cache_formats=tuple(CACHE_FORMATS))
         for op in OP_NAMES:
             fn = functools.partial(REFERENCES[op], cdt=compute_dtype)
             functools.update_wrapper(fn, REFERENCES[op])

@@ -35,6 +35,7 @@ import torch
 
 from glm52_backends.cache_formats import FORMATS as CACHE_FORMATS
 from glm52_backends.ops import OP_NAMES, REFERENCES, Capabilities
+from glm52_backends.weights import WEIGHT_FORMATS
 from glm52_backends.registry import BackendUnavailable
 
 from . import batched
@@ -68,7 +69,7 @@ class TorchDeviceBackend:
             self.priority = CPU_PRIORITY if on_cpu else ACCELERATOR_PRIORITY
         dtypes = (torch.float32, torch.bfloat16, torch.float16) + (() if self.device.type == "mps" else (torch.float64,))
         self.capabilities = Capabilities(dtypes=dtypes, default_dtype=torch.float32 if on_cpu else torch.bfloat16,
-                                         devices=(self.device.type,), weight_formats=("dense", "fp8_block"),
+                                         devices=(self.device.type,), weight_formats=WEIGHT_FORMATS,
                                          cache_formats=tuple(CACHE_FORMATS))
         for op in OP_NAMES:
             if not callable(getattr(type(self), op, None)):  # a subclass's own op wins

@@ -9,6 +9,7 @@ with the finish reason "context" (engine/decoding.py).
 
 from __future__ import annotations
 
+import argparse
 import math
 import numbers
 from collections.abc import Hashable, Mapping, Sequence
@@ -16,11 +17,38 @@ from typing import Any
 
 import torch
 
+from ..config import FLOAT_DTYPES, is_int
 from ..sampling import check_sampling
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+_is_int = is_int
+
+
+# ---- command-line argument types (argparse `type=`), shared by the CLI and `glm52 serve` --------------
+def int_at_least(low: int):
+    """An argparse type: an integer >= `low`."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"{v} must be >= {low}")
+        return v
+    parse.__name__ = "integer"
+    return parse
+
+
+def dtype_name(text: str) -> str:
+    """An argparse type: a float dtype name of config.FLOAT_DTYPES."""
+    if text not in FLOAT_DTYPES:
+        raise argparse.ArgumentTypeError(f"unknown dtype {text!r}; choose from {', '.join(FLOAT_DTYPES)}")
+    return text
+
+
+def parse_dtype(name: str | None):
+    """A dtype name (or None) -> the torch dtype (or None)."""
+    return None if name is None else FLOAT_DTYPES[dtype_name(name)]
 
 
 def _kind(v: Any) -> str:

@@ -1,6 +1,6 @@
 """Setting up one rank of a parallel plan: the process group, the device, this rank's layout.
 
-`GLM52(..., tp=, dp=, ep=)` calls `setup(plan, ...)`: inside torchrun (RANK / WORLD_SIZE /
+`GLM52(..., tp=, dp=, ep=, dcp=)` calls `setup(plan, ...)`: inside torchrun (RANK / WORLD_SIZE /
 MASTER_ADDR in the environment) it initialises the default process group itself when the caller
 has not (`collective`: nccl / hccl / gloo; default by device type), checks that the world equals
 the plan, and picks the rank's device (`cuda:LOCAL_RANK`, `npu:LOCAL_RANK`, or the CPU).
@@ -125,6 +125,7 @@ class Comms:
     dp: TorchDistributed
     world: TorchDistributed
     timeout: datetime.timedelta | None = None    # of every group; a backend's own groups take it too
+    dcp: TorchDistributed | None = None          # dcp > 1: this rank's dcp group (consecutive tp ranks)
 
 
 def setup(plan: ParallelPlan, cfg: ModelConfig, device: torch.device, collective: str | None = None
@@ -145,8 +146,14 @@ def setup(plan: ParallelPlan, cfg: ModelConfig, device: torch.device, collective
     # after torch's 30-minute default for groups made without one
     tp_groups = [dist.new_group(layout.tp_group_ranks(d), timeout=timeout) for d in range(plan.dp)]
     dp_groups = [dist.new_group(layout.dp_group_ranks(t), timeout=timeout) for t in range(plan.tp)]
+    dcp = None
+    if plan.dcp > 1:        # tp / dcp groups of dcp consecutive ranks in every tp group (parallel.RankLayout)
+        D = plan.dcp
+        dcp_groups = {(d, g): dist.new_group(layout.dcp_group_ranks(d, g), timeout=timeout)
+                      for d in range(plan.dp) for g in range(plan.tp // D)}
+        dcp = TorchDistributed(dcp_groups[layout.dp_rank, layout.tp_rank // D])
     comms = Comms(TorchDistributed(tp_groups[layout.dp_rank]), TorchDistributed(dp_groups[layout.tp_rank]),
-                  TorchDistributed(), timeout)
+                  TorchDistributed(), timeout, dcp)
     return layout, device, comms
 
 

@@ -29,8 +29,9 @@ Over several processes (tp, and ep within the tp group) the step's collectives a
 while tracing they are torch's functional collectives (ops/comm.py), which the graph records and
 replays. Speculative decoding (engine/speculative.py) captures its verify step (kind "verify": k+1
 tokens per request) and its MTP draft step (kind "mtp"). Not captured: prefill and chunked-prefill
-steps and the MTP catch-up step (their shapes vary), and runs with several dp groups (they agree on
-every step on the host).
+steps and the MTP catch-up step (their shapes vary), and runs whose dp groups share their experts
+(ep = tp x dp: they agree on every step on the host); dp replicas (ep = 1) capture as one group does.
+The serving engine (engine/scheduler.py) replays these graphs for its decode, verify and draft steps.
 """
 
 from __future__ import annotations
@@ -68,7 +69,13 @@ def capture_mode(model, graph) -> tuple[str | None, str]:
     if graph is False:
         return None, "off (graph=False)"
     strict = graph != "auto"
-    if model.plan.dp > 1:
+    dcp = getattr(getattr(model, "plan", None), "dcp", 1)
+    if dcp > 1:          # decode context parallelism: each rank's rows of a step are planned on the host
+        why = f"eager: decode context parallelism (dcp={dcp}) plans each rank's rows of a step on the host"
+        if strict:
+            raise GraphUnavailable(f"graph={graph!r}: {why}")
+        return None, why
+    if getattr(model, "turns", None) is not None:       # dp > 1 with expert dispatch across the groups
         why = (f"eager: {model.plan.dp} dp groups agree on every step on the host (engine/turns.py), which a "
                f"graph cannot replay")
         if strict:

@@ -71,7 +71,7 @@ class GLM52:
     def __init__(self, model: str | os.PathLike | ModelConfig, *, backend: Any = "auto", device=None,
                  dtype: torch.dtype | None = None, block_size: int | None = None, progress: bool = True,
                  include_mtp: bool | None = None, seed: int = 0, state_dict: dict | None = None,
-                 tp: int = 1, dp: int = 1, ep: int = 1, collective: str | None = None,
+                 tp: int = 1, dp: int = 1, ep: int = 1, dcp: int = 1, collective: str | None = None,
                  quantization: str | None = None, kv_cache_dtype: str | torch.dtype = "auto",
                  index_cache_dtype: str | torch.dtype | None = None, graph: Any = "auto"):
         _check_init(model, backend, device, dtype, block_size)
@@ -87,11 +87,18 @@ class GLM52:
         # index keys, "int8" -> Ascend c8_sfa + c8_li; the index cache follows the latent's unless named
         self.kv_cache_format, self.index_cache_format = _cache_formats(kv_cache_dtype, index_cache_dtype, self.dtype)
         # tokens per cache block: asked for, else the backend's (Ascend's fused attention: 128), else 16
-        self.block_size = block_size or int(caps.get("default_block_size") or 16)
+        self.block_size = block_size or caps.default_block_size or 16
         self.path = None
         self.tokenizer = None
         # many devices: this rank's layout, device and collectives (parallel.py, engine/distributed.py)
-        self.plan = ParallelPlan(tp=tp, dp=dp, ep=ep)
+        self.plan = ParallelPlan(tp=tp, dp=dp, ep=ep, dcp=dcp)
+        if self.plan.dcp > 1:     # decode context parallelism: each rank of a dcp group holds 1/dcp of every block
+            if self.block_size % self.plan.dcp:
+                raise ValueError(f"GLM52: block_size {self.block_size} must be a multiple of dcp = {self.plan.dcp} "
+                                 f"(each rank of the dcp group holds block_size / dcp rows of every cache block)")
+            if self.graph is True or self.graph in ("trace", "compile"):
+                raise ValueError(f"GLM52: graph={self.graph!r} with dcp = {self.plan.dcp}: decode steps under decode "
+                                 f"context parallelism run eagerly (graph='auto' or False)")
         self.layout, self.comms, self.load_stats = None, None, {}
         if self.plan.world_size > 1:
             from ..loader import load_config
@@ -132,7 +139,8 @@ class GLM52:
         self.net = Glm52Network(cfg, sd, self.ops, self.device, include_mtp=self.has_mtp, layout=self.layout,
                                 comm=self.comms.tp if self.comms else None,
                                 dp_comm=self.comms.dp if self.comms else None,
-                                ep_comm=self.ops.expert_collectives(self.comms, self.layout) if self.comms else None)
+                                ep_comm=self.ops.expert_collectives(self.comms, self.layout) if self.comms else None,
+                                dcp_comm=self.comms.dcp if self.comms else None)
         self.net.prepare_weights(lambda name, w: self.ops.prepare_weight(name, w, dtype=self.dtype))
         # EP stage 2: the dp groups agree on every step before it runs (engine/turns.py)
         self.turns = DpTurns(self.net, self.net.dp_comm) if self.net.dp_comm is not None else None
@@ -215,15 +223,18 @@ class GLM52:
                   index_cache_dtype: str | torch.dtype | None = None) -> PagedCache:
         """A paged cache holding `max_tokens` tokens in total over all requests (a positive integer;
         more than the requests can use is allowed, but a request never grows past the context).
-        `kv_cache_dtype` / `index_cache_dtype`: as `GLM52(...)` takes them; None = the model's."""
+        `kv_cache_dtype` / `index_cache_dtype`: as `GLM52(...)` takes them; None = the model's.
+        With dcp > 1 this rank's part: the same blocks, each holding block_size / dcp rows (1/dcp of the bytes)."""
         arguments.positive_int("new_cache: max_tokens", max_tokens)
         arguments.positive_int("new_cache: block_size", block_size, allow_none=True)
         bs = block_size or self.block_size
         lat, idx = self.kv_cache_format, self.index_cache_format
         if kv_cache_dtype is not None or index_cache_dtype is not None:
             lat, idx = _cache_formats(lat if kv_cache_dtype is None else kv_cache_dtype, index_cache_dtype, self.dtype)
+        D = self.plan.dcp
         return PagedCache(self.cfg, max(1, -(-max_tokens // bs)), bs, dtype=self.dtype, device=self.device,
-                          mtp=mtp and self.has_mtp, latent_format=lat, index_format=idx)
+                          mtp=mtp and self.has_mtp, latent_format=lat, index_format=idx, dcp_size=D,
+                          dcp_rank=self.layout.dcp_rank if D > 1 else 0)
 
     @torch.inference_mode()
     def extend(self, cache: PagedCache, chunks: dict[Hashable, Sequence[int]], *, last_only: bool = False,

@@ -37,12 +37,22 @@ speculatively skip prefix hits (their MTP cache needs the target's hidden states
 
 Sampling is per request: temperature (0 = greedy), top-p, and a seed driving the request's own
 generator, so a seeded request draws the same numbers whatever else runs beside it.
+
+Captured graphs (`graph=`, engine/graph.py): a target step whose rows are all plain decodes replays
+the "decode" graph of its batch bucket, one whose rows all verify the engine's k drafts the "verify"
+graph, and MTP draft steps the "mtp" graph, over persistent buffers reading this engine's cache (one
+more block: the null block the padding rows write to); anything else runs eagerly.
+
+Several processes (torchrun, tp > 1, ep within the tp group): every rank of a tp group builds the
+same engine; the first rank's engine schedules and broadcasts every model step and cache change it
+makes (`_call`, `_cache_op`) before making it; the others make them in `follow()` (engine/lockstep.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
+import logging
 import math
 import random
 import time
@@ -55,9 +65,12 @@ import torch
 
 from ..cache import CacheExhausted, PagedCache
 from ..sampling import check_sampling, probs_from_logits, sample_from
-from .arguments import positive_int, token_ids
+from .arguments import finite_logits, graph_choice, positive_int, token_ids
+from .graph import StaticDecode, capture_mode
+from .lockstep import CacheDiverged, Lockstep, cache_digest, step_keys
 
 FINISH_REASONS = ("stop", "length", "abort", "error")
+log = logging.getLogger("glm52_backends.engine")
 
 
 # ---- per-request parameters ------------------------------------------------------------------------
@@ -187,12 +200,22 @@ class Engine:
     once; `speculative`: MTP drafts per round for requests that do not say (0 = off; needs the MTP
     layer); `prefix_caching`: share full prompt blocks by content hash; `static_batching`: admit
     only into an empty batch (the batch runs to its end before others join: a baseline for
-    benchmarks); `seed`: where unseeded requests' generators come from.
+    benchmarks); `seed`: where unseeded requests' generators come from; `graph`: decode steps as
+    captured graphs ("auto", True, False, "trace", "compile" as `GLM52.generate` takes it; None = the
+    model's `graph`): a step whose rows are all plain decodes (one token each, no MTP), a verify step
+    whose rows all carry the engine's k drafts, and the MTP draft steps replay a graph of their batch
+    bucket (engine/graph.py, over persistent buffers reading this engine's cache); prefill chunks, mixed
+    steps and the MTP catch-up run eagerly.
+
+    Under torchrun with tp > 1 (ep within the tp group) every rank of the tp group builds the same
+    Engine: the first rank's (`leads`) schedules and calls `step`, the others call `follow()` and run
+    its model steps until it calls `close()` (engine/lockstep.py).
     """
 
     def __init__(self, model, *, cache_tokens: int = 1 << 15, max_num_batched_tokens: int = 512,
                  max_num_seqs: int = 64, speculative: int = 0, prefix_caching: bool = True,
-                 static_batching: bool = False, seed: int = 0, block_size: int | None = None):
+                 static_batching: bool = False, seed: int = 0, block_size: int | None = None,
+                 graph: Any = None):
         positive_int("Engine: cache_tokens", cache_tokens)
         positive_int("Engine: max_num_batched_tokens", max_num_batched_tokens)
         positive_int("Engine: max_num_seqs", max_num_seqs)
@@ -202,12 +225,37 @@ class Engine:
         if speculative >= max_num_batched_tokens:
             raise ValueError(f"Engine: max_num_batched_tokens ({max_num_batched_tokens}) must exceed speculative + 1 "
                              f"= {speculative + 1} tokens (one verify chunk)")
-        if getattr(model, "plan", None) is not None and model.plan.world_size > 1:
-            raise ValueError(f"Engine: one process only; this model is laid out over {model.plan.world_size} ranks "
-                             f"(serving under torchrun is not supported yet)")
+        plan = getattr(model, "plan", None)
+        if getattr(model, "turns", None) is not None:
+            raise ValueError(f"Engine: expert parallelism across dp groups (tp={plan.tp}, dp={plan.dp}, ep={plan.ep}) "
+                             f"is not served: every dp group joins every MoE step, so an idle group's engine would "
+                             f"have to keep running the others' steps empty while it admits requests; serve with "
+                             f"ep = 1 (dp replicas) or ep within one tp group (dp = 1)")
         self.model, self.cfg = model, model.cfg
-        self.cache: PagedCache = model.new_cache(cache_tokens, block_size=block_size, mtp=bool(speculative))
+        comms = getattr(model, "comms", None)
+        if comms is not None and plan is not None and plan.tp > 1:
+            timeout = getattr(comms, "timeout", None)
+            self.lockstep: Lockstep | None = Lockstep(comms.tp, timeout.total_seconds() if timeout else None)
+        else:
+            self.lockstep = None
+        graph = getattr(model, "graph", "auto") if graph is None else graph_choice("Engine: graph", graph)
+        self.graph_mode, self.graph_why = capture_mode(model, graph)
+        bs = block_size or model.block_size
+        # graphs: one more block, the null block the padding rows of a bucket write to
+        self.cache: PagedCache = model.new_cache(cache_tokens + (bs if self.graph_mode else 0), block_size=bs,
+                                                 mtp=bool(speculative))
         self.bs = self.cache.block_size
+        self.graphs: dict[str, StaticDecode] = {}
+        if self.graph_mode:
+            strict = graph != "auto"
+            self.graphs["decode"] = StaticDecode(model, self.cache, max_num_seqs, self.graph_mode, strict=strict)
+            if speculative:
+                self.graphs["verify"] = StaticDecode(model, self.cache, max_num_seqs, self.graph_mode, strict=strict,
+                                                     q=speculative + 1, kind="verify")
+            if speculative > 1:
+                self.graphs["mtp"] = StaticDecode(model, self.cache, max_num_seqs, self.graph_mode, strict=strict,
+                                                  kind="mtp")
+        self._h: torch.Tensor | None = None          # the last target step's hidden states ("logits" reads rows)
         self.max_tokens_step, self.max_seqs, self.k = max_num_batched_tokens, max_num_seqs, speculative
         self.prefix_caching, self.static = prefix_caching, static_batching
         self.tokenizer = model.tokenizer
@@ -218,7 +266,7 @@ class Engine:
         self.running: list[Request] = []
         self.stats = {"steps": 0, "prompt_tokens": 0, "generation_tokens": 0, "prefix_query_tokens": 0,
                       "prefix_hit_tokens": 0, "preemptions": 0, "verify_rounds": 0, "drafted_tokens": 0,
-                      "accepted_tokens": 0, "finished": 0, "aborted": 0, "errors": 0}
+                      "accepted_tokens": 0, "finished": 0, "aborted": 0, "errors": 0, "graph_steps": 0}
         self.last_step_tokens = 0
 
     # ---- requests in and out -----------------------------------------------------------------------
@@ -250,6 +298,7 @@ class Engine:
                     request_id: Hashable | None = None) -> Hashable:
         """Queue a request (token ids); it joins the running batch at a later step. Returns its id."""
         params = params or SamplingParams()
+        self._leading("add_request")
         prompt = self.check_request(prompt_ids, params)
         rid = next(self._ids) if request_id is None else request_id
         if rid in self.requests:
@@ -291,8 +340,8 @@ class Engine:
         return len(self.waiting)
 
     def _free(self, req: Request) -> None:
-        self.cache.release(req.rid)
-        self.cache.release(("mtp", req.rid))
+        self._cache_op("release", req.rid)
+        self._cache_op("release", ("mtp", req.rid))
         req.computed, req.published, req.pending = 0, 0, None
         req.stale_tokens, req.stale_hidden = [], []
 
@@ -364,7 +413,7 @@ class Engine:
                 break
             self.waiting.popleft()
             if hit:
-                self.cache.share(req.rid, hit)
+                self._cache_op("share", req.rid, hit)
                 req.computed = start
             if not req.admitted:
                 req.admitted, req.cached_tokens = True, start
@@ -401,13 +450,14 @@ class Engine:
         full = min(req.computed // self.bs, len(self._hashes(req)))
         blocks = self.cache.blocks.get(req.rid, [])
         for j in range(req.published, full):
-            self.cache.publish(blocks[j], req.hashes[j])
+            self._cache_op("publish", blocks[j], req.hashes[j])
         req.published = max(req.published, full)
 
     # ---- one step ---------------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         """Schedule and run one step; the outputs of every request that emitted tokens or finished."""
+        self._leading("step")
         outs: list[RequestOutput] = []
         rows = self._schedule()
         for req in [r for r in self.running if r.finish is not None]:      # could not grow: cache too small
@@ -421,28 +471,17 @@ class Engine:
         spec = [r for r in rows if r.drafts]
         if spec:
             self._draft(spec)
-        chunks = {r.req.rid: r.tokens + r.drafts for r in rows}
-        self.last_step_tokens = sum(len(c) for c in chunks.values())
+        self.last_step_tokens = sum(len(r.tokens) + len(r.drafts) for r in rows)
         try:
-            st, h = m.run(self.cache, chunks)
+            start, h, lg = self._target(rows)
         except CacheExhausted:
             # the scheduler's count was off: the target step rolled back; so do the draft steps, and
             # the newest request waits to be recomputed
             for r in spec:
-                self.cache.truncate(("mtp", r.req.rid), r.req.computed)
+                self._cache_op("truncate", ("mtp", r.req.rid), r.req.computed)
             self._preempt(self.running[-1])
             return outs
-        start = dict(zip(st.reqs, st.meta.cu_host))
-        # logits of the rows that pick tokens: the last row of a sampling chunk, every row of a verify chunk
-        want: list[int] = []
-        for r in rows:
-            s = start[r.req.rid]
-            if r.drafts:
-                want.extend(range(s + len(r.tokens) - 1, s + len(r.tokens) + len(r.drafts)))
-            elif r.samples:
-                want.append(s + len(r.tokens) - 1)
-        lg = m.logits(h[torch.tensor(want, dtype=torch.long, device=h.device)], check_finite=False) if want else None
-        bad = (~torch.isfinite(lg).all(-1)).tolist() if want else []
+        bad = (~torch.isfinite(lg).all(-1)).tolist() if lg is not None else []
         j = 0
         picks: dict[Hashable, tuple[int, list[int]]] = {}   # request -> (row of its first logits, its logits count)
         for r in rows:
@@ -466,8 +505,8 @@ class Engine:
                 self.stats["verify_rounds"] += 1
                 self.stats["drafted_tokens"] += len(r.drafts)
                 self.stats["accepted_tokens"] += a
-                self.cache.truncate(req.rid, req.computed + fed + a)
-                self.cache.truncate(("mtp", req.rid), req.computed)
+                self._cache_op("truncate", req.rid, req.computed + fed + a)
+                self._cache_op("truncate", ("mtp", req.rid), req.computed)
                 fed += a
             if req.k:                                   # the MTP cache's catch-up: token j+1 at position j
                 req.stale_hidden.append(h[s:s + fed])
@@ -484,6 +523,126 @@ class Engine:
             if out is not None:
                 outs.append(out)
         return outs
+
+    def _target(self, rows: list[_Row]) -> tuple[dict[Hashable, int], torch.Tensor | None, torch.Tensor | None]:
+        """The target step over every row: (each request's first row in the step, the final-normed
+        hidden states [T, Hd] (None from the decode graph), the f32 logits of the rows that pick tokens:
+        the last row of a sampling chunk, every row of a verify chunk, in row order (None: none picks))."""
+        chunks = {r.req.rid: r.tokens + r.drafts for r in rows}
+        kind = self._graph_kind(rows)
+        if kind is not None:
+            reqs = list(chunks)
+            out = self._call(("graph", kind, reqs, [t for c in chunks.values() for t in c]))
+            if out is not None:                   # None: the bucket stays eager (its capture was refused)
+                self.stats["graph_steps"] += 1
+                q = self.graphs[kind].q
+                start = {rid: b * q for b, rid in enumerate(reqs)}
+                return (start, None, out) if kind == "decode" else (start, *out)
+        st, h = self._call(("run", chunks))
+        start = dict(zip(st.reqs, st.meta.cu_host))
+        want: list[int] = []
+        for r in rows:
+            s = start[r.req.rid]
+            if r.drafts:
+                want.extend(range(s + len(r.tokens) - 1, s + len(r.tokens) + len(r.drafts)))
+            elif r.samples:
+                want.append(s + len(r.tokens) - 1)
+        return start, h, self._call(("logits", want)) if want else None
+
+    def _graph_kind(self, rows: list[_Row]) -> str | None:
+        """Which captured step serves these rows: "decode" (every row one token that samples, from a
+        request with a cache and no MTP state to feed), "verify" (every row a decode with the engine's
+        k drafts), else None (eager)."""
+        if not self.graphs or any(r.req.computed == 0 for r in rows):
+            return None
+        if all(len(r.tokens) == 1 and not r.drafts and r.samples and not r.req.k for r in rows):
+            return "decode"
+        if "verify" in self.graphs and all(len(r.tokens) == 1 and len(r.drafts) == self.k for r in rows):
+            return "verify"
+        return None
+
+    # ---- model steps and cache changes: the leader's, followed by the other tp ranks -------------------
+    def _cache_op(self, name: str, *args):
+        """A change of the cache outside a model step; under lockstep it goes with the next message."""
+        out = getattr(self.cache, name)(*args)
+        if self.lockstep is not None:
+            self.lockstep.ops.append((name, args))
+        return out
+
+    def _call(self, call: tuple, tensors: Sequence[torch.Tensor | None] = ()):
+        """Run a model step (`_exec`); under lockstep, broadcast it first so every tp rank runs it."""
+        if self.lockstep is not None:
+            self.lockstep.send(call, tensors, cache_digest(self.cache, step_keys(call)))
+        return self._exec(call, tensors)
+
+    def _exec(self, call: tuple, tensors: Sequence[torch.Tensor | None] = ()):
+        kind, m = call[0], self.model
+        if kind == "run":                         # ("run", chunks) -> (step, hidden)
+            st, self._h = m.run(self.cache, call[1])
+            return st, self._h
+        if kind == "logits":                      # ("logits", rows of the last run's hidden) -> f32 logits
+            rows = torch.tensor(call[1], dtype=torch.long, device=self._h.device)
+            return m.logits(self._h[rows], check_finite=False)
+        if kind == "mtp":                         # ("mtp", chunks) + (hidden, shared top-k)
+            return m.run_mtp(self.cache, call[1], *tensors)
+        if kind == "graph":                       # ("graph", kind, requests, tokens) [+ (hidden, shared top-k)]
+            return self.graphs[call[1]].step(call[2], call[3], *tensors)
+        raise ValueError(f"Engine: unknown model step {kind!r}")
+
+    @property
+    def leads(self) -> bool:
+        """Whether this engine schedules (one process, or the first rank of its tp group)."""
+        return self.lockstep is None or self.lockstep.leader
+
+    def _leading(self, what: str) -> None:
+        if not self.leads:
+            raise RuntimeError(f"Engine.{what}: tp rank {self.lockstep.rank} follows rank 0's steps (Engine.follow); "
+                               f"requests go to the tp group's first rank")
+
+    def keepalive(self, every: float | None = None) -> None:
+        """Leader, idle: a heartbeat to the followers when nothing was sent for `every` seconds (default
+        `KEEPALIVE_S`, or a quarter of the collective timeout: they wait inside a collective, which times
+        out), with a digest of the cache they compare."""
+        ls = self.lockstep
+        if ls is None or not ls.leader or ls.closed:
+            return
+        if time.monotonic() - ls.sent_at >= (ls.keepalive_s if every is None else every):
+            ls.send(("idle", cache_digest(self.cache)))
+
+    def close(self) -> None:
+        """Leader: stop the followers (their `follow()` returns). Idempotent; a no-op in one process."""
+        ls = self.lockstep
+        if ls is not None and ls.leader and not ls.closed:
+            ls.send(("stop", cache_digest(self.cache)))
+
+    @torch.inference_mode()
+    def follow(self) -> int:
+        """A tp rank other than the first: run the leader's model steps, with its cache changes, until it
+        calls `close()`; returns the number of messages. A step that raises here raised on the leader
+        too (the same inputs and state): it is logged, and the leader's recovery arrives as cache changes.
+        Cache entries that differ from the leader's (before a step, at a heartbeat) raise `CacheDiverged`."""
+        ls = self.lockstep
+        if ls is None or ls.leader:
+            raise RuntimeError("Engine.follow: only the ranks of a tp group other than its first follow")
+        while True:
+            ops, call, tensors, check = ls.recv(self.model.device)
+            for name, args in ops:
+                getattr(self.cache, name)(*args)
+            if check is not None and check != cache_digest(self.cache, step_keys(call)):
+                raise CacheDiverged(f"tp rank {ls.rank}: the cache entries of step {call[0]!r} differ from rank 0's "
+                                    f"(requests {step_keys(call)[:4]}): a step ran differently on this rank")
+            if call[0] in ("idle", "stop"):
+                mine = cache_digest(self.cache)
+                if call[1] != mine:
+                    raise CacheDiverged(f"tp rank {ls.rank}: the paged cache differs from rank 0's (digest {mine} "
+                                        f"against {call[1]}): a step ran differently on this rank")
+                if call[0] == "stop":
+                    return ls.messages
+                continue
+            try:
+                self._exec(call, tensors)
+            except Exception as e:  # noqa: BLE001 - the leader met the same failure and recovers from it
+                log.warning("tp rank %d: step %r failed as on rank 0 (%s: %s)", ls.rank, call[0], type(e).__name__, e)
 
     def _pick(self, rows: list[_Row], lg: torch.Tensor | None, picks: dict, failed: set) -> dict[Hashable, list[int]]:
         """The tokens each sampling or verifying request emits this step: one for a plain chunk, the
@@ -541,7 +700,7 @@ class Engine:
         if todo:
             chunks = {("mtp", q.rid): q.stale_tokens for q in todo}
             hid = torch.cat([x for q in todo for x in q.stale_hidden])
-            _, z, logits, idx = m.run_mtp(self.cache, chunks, hid)
+            _, z, logits, idx = self._call(("mtp", chunks), (hid, None))
             ends = torch.tensor([len(c) for c in chunks.values()]).cumsum(0) - 1
             for q, e in zip(todo, ends.tolist()):
                 q.pending = (z[e], logits[e], idx[e])
@@ -568,7 +727,13 @@ class Engine:
                 hid, share = hid[sel], (share[sel.to(share.device)] if share is not None else None)
                 live, d = [live[b] for b in keep], [d[b] for b in keep]
             # the MTP layer at position n + j - 1 (j drafts so far): its own output hidden, token d_j
-            _, hid, logits, _ = m.run_mtp(self.cache, {("mtp", r.req.rid): [t] for r, t in zip(live, d)}, hid, share)
+            keys = [("mtp", r.req.rid) for r in live]
+            out = self._call(("graph", "mtp", keys, d), (hid, share)) if "mtp" in self.graphs else None
+            if out is not None:
+                hid, logits, _ = out
+                finite_logits(logits, m.ops, "MTP logits")
+            else:
+                _, hid, logits, _ = self._call(("mtp", dict(zip(keys, ([t] for t in d)))), (hid, share))
 
     # ---- emitting and finishing --------------------------------------------------------------------------
     def _emit(self, req: Request, toks: list[int]) -> RequestOutput | None:

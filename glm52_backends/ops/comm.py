@@ -112,7 +112,8 @@ class TorchDistributed(Collectives):
             return x
         if self.functional:
             funcol, group = self._funcol()
-            return funcol.wait_tensor(funcol.all_gather_tensor(x.contiguous(), dim, group))
+            # a non-negative dim: torch's functional all_gather mis-reshapes a negative one for a single row
+            return funcol.wait_tensor(funcol.all_gather_tensor(x.contiguous(), dim % x.dim(), group))
         parts = [torch.empty_like(x) for _ in range(self.world_size)]
         self.dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=dim)

@@ -64,6 +64,8 @@ class Capabilities:
     cache_formats   paged-cache row formats its attention ops read ("dense" = the model dtype)
     max_topk        the largest indexer top-k its kernels take (None: any)
     block_sizes     paged-cache block sizes it supports (None: any)
+    default_block_size  the paged-cache block size the engine takes when the user names none
+                    (None: the engine's own default)
     extra           anything backend-specific (e.g. the CUDA backend's MoE GEMM choice)
     """
     dtypes: tuple[torch.dtype, ...] = (torch.float32,)
@@ -73,7 +75,13 @@ class Capabilities:
     cache_formats: tuple[str, ...] = ("dense",)
     max_topk: int | None = None
     block_sizes: tuple[int, ...] | None = None
+    default_block_size: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        given = self.extra.pop("default_block_size", None)    # where backends gave it before it was typed
+        if self.default_block_size is None:
+            self.default_block_size = given
 
     @classmethod
     def coerce(cls, caps: "Capabilities | Mapping[str, Any] | None") -> "Capabilities":

@@ -10,10 +10,15 @@ from __future__ import annotations
 import torch
 
 
+def rope_angles(positions, Dr: int, theta: float, device) -> torch.Tensor:
+    """float32 [T, Dr/2]: position x inverse frequency, the angles of interleaved RoPE (every backend's)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, Dr, 2, dtype=torch.float32, device=device) / Dr))
+    return positions.to(torch.float32)[:, None] * inv_freq[None, :]
+
+
 def rope(x, positions, theta, *, cdt=torch.float32):
     Dr = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (torch.arange(0, Dr, 2, dtype=torch.float32, device=x.device) / Dr))
-    ang = positions.to(torch.float32)[:, None] * inv_freq[None, :]               # [T, Dr/2]
+    ang = rope_angles(positions, Dr, theta, x.device)                            # [T, Dr/2]
     cos, sin = ang.cos().to(cdt), ang.sin().to(cdt)
     shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (Dr // 2,)
     cos, sin = cos.view(shape), sin.view(shape)

@@ -1,6 +1,6 @@
 """Train a tiny GLM-5.2 on the Python standard library's source and write it as a checkpoint.
 
-    python -m glm52_backends.train_tiny --out DIR [--steps N] [--seed S] [--hidden 128] ...
+    python -m glm52_backends.devtools.train_tiny --out DIR [--steps N] [--seed S] [--hidden 128] ...
 
 The model has the real GLM-5.2 architecture at tiny size (spec §3-§8): MLA with q/kv LoRA latents
 and a decoupled interleaved RoPE part, the DSA lightning indexer with IndexShare ("full"/"shared"
@@ -120,7 +120,7 @@ def encode_corpus(tok, texts: list[str]):
 
 # ---- model ----------------------------------------------------------------------------------------
 def indexshare_types(layers: int, freq: int, offset: int) -> list[str]:
-    from .config import indexshare_schedule
+    from ..config import indexshare_schedule
     return indexshare_schedule(layers, None, freq, offset)
 
 
@@ -348,8 +348,9 @@ def write_checkpoint(out: str, tensors: dict, tok, a, vocab_size: int, eos: int,
     """The shipped checkpoint: IndexShare config, shared layers' indexers in a side file."""
     import torch
     from safetensors.torch import save_file
-    from . import tiny
-    from .weights import expected_tensors, float32_tensor
+    from .. import tiny
+    from ..weights import expected_tensors, float32_tensor
+    from . import make_tiny
 
     types = indexshare_types(a.layers, a.index_freq, a.index_offset)
     cfg, cfg_dict = tiny.tiny_config(mtp=True, layers=a.layers, vocab_size=vocab_size, index_topk=a.index_topk,
@@ -369,25 +370,25 @@ def write_checkpoint(out: str, tensors: dict, tok, a, vocab_size: int, eos: int,
     why = out_problem(out)
     if why:
         raise OSError(why)
-    with tiny._staged(out) as tmp:
-        tiny.write_safetensors(tmp, cast(main))
+    with make_tiny._staged(out) as tmp:
+        make_tiny.write_safetensors(tmp, cast(main))
         save_file(cast(side), os.path.join(tmp, PER_LAYER_INDEXERS), metadata={"format": "pt"})
         tok.save(os.path.join(tmp, "tokenizer.json"))
         with open(os.path.join(tmp, "training.json"), "w", encoding="utf-8") as f:
             json.dump(info, f, indent=2)
         for n in (PER_LAYER_INDEXERS, "tokenizer.json", "training.json"):
-            os.chmod(os.path.join(tmp, n), 0o666 & ~tiny._umask())
-        tiny._write_config(tmp, cfg_dict)
+            os.chmod(os.path.join(tmp, n), 0o666 & ~make_tiny._umask())
+        make_tiny._write_config(tmp, cfg_dict)
     return out
 
 
 def out_problem(out: str) -> str | None:
     """Why `--out` cannot take the checkpoint (checked before training; `write_checkpoint` checks again):
     a file there, a folder holding a file the checkpoint writes, or no writable folder; None when fine."""
-    from . import tiny
+    from . import make_tiny
     try:
-        tiny._refuse_existing(out)
-        tiny._check_writable(out)
+        make_tiny._refuse_existing(out)
+        make_tiny._check_writable(out)
     except (FileExistsError, PermissionError) as e:
         return str(e)
     if os.path.isdir(out):
@@ -401,7 +402,7 @@ def out_problem(out: str) -> str | None:
 # ---- training -------------------------------------------------------------------------------------
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(
-        prog="python -m glm52_backends.train_tiny",
+        prog="python -m glm52_backends.devtools.train_tiny",
         description="Train a tiny GLM-5.2 (MLA + DSA indexer with IndexShare + MoE + MTP) on the Python "
                     "standard library's source, on the CPU, and write it as a BF16 checkpoint in the real "
                     "format (config.json + model.safetensors + tokenizer.json) that GLM52(DIR) loads.",

@@ -1,0 +1,86 @@
+"""One rank of a decode-context-parallel test run (tests/test_dcp.py starts W of these).
+
+    python tests/dcp_worker.py INIT_FILE RANK WORLD CKPT TP DCP OUT_JSON [--ep N] [--kv-cache-dtype D]
+
+Initialises gloo from a file:// rendezvous, builds GLM52(CKPT, backend="cpu_ref", tp=TP, ep, dcp=DCP)
+and writes one JSON object to OUT_JSON (`run`): the logits of a ragged batch of prompts several
+times the indexer's top-k, greedy tokens (whole and chunked prefill), MTP speculative tokens, a
+digest of every top-k the model attended, cache bytes, wall time. tests/test_dcp.py computes the same
+in one process (`run` with no layout) and compares.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+
+import torch
+
+
+def prompts(vocab: int) -> list[list[int]]:
+    """Three prompts of 41, 30 and 57 tokens (several times the tiny checkpoints' top-k of 8)."""
+    g = torch.Generator().manual_seed(11)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (41, 30, 57)]
+
+
+def run(m, cache_tokens: int = 4096) -> dict:
+    """What a rank (or one process) reports for model `m`."""
+    digests: list[str] = []
+    net = m.net
+    if net.dcp > 1:                   # the merged selection of every full layer (the shared ones reuse it)
+        orig = net._topk_dcp
+
+        def spy(*a, **k):
+            out = orig(*a, **k)
+            digests.append(hashlib.sha1(out.cpu().numpy().tobytes()).hexdigest()[:12])
+            return out
+        net._topk_dcp = spy
+    else:
+        orig_op = m.ops.indexer_topk
+
+        def spy_op(*a, **k):
+            out = orig_op(*a, **k)
+            digests.append(hashlib.sha1(out.cpu().numpy().tobytes()).hexdigest()[:12])
+            return out
+        m.ops.indexer_topk = spy_op
+    P = prompts(m.cfg.vocab_size)
+    t0 = time.perf_counter()
+    logits = [x.double().tolist() for x in m(P)]
+    forward_topk = hashlib.sha1("".join(digests).encode()).hexdigest()
+    greedy = m.generate(P, max_new_tokens=10, stop_at_eos=False).tokens
+    chunked = m.generate(P, max_new_tokens=6, stop_at_eos=False, prefill_chunk=7).tokens
+    spec = m.generate(P, max_new_tokens=10, stop_at_eos=False, speculative=3, prefill_chunk=16).tokens
+    wall = time.perf_counter() - t0
+    sampled = m.generate(P, max_new_tokens=6, stop_at_eos=False, temperature=0.8, seed=5).tokens
+    held = m.new_cache(cache_tokens, mtp=True)
+    return {"logits": logits, "greedy": greedy, "chunked": chunked, "spec": spec, "sampled": sampled,
+            "forward_topk": forward_topk,
+            "topk": hashlib.sha1("".join(digests).encode()).hexdigest(), "n_topk": len(digests),
+            "cache_bytes": held.nbytes, "cache_blocks": held.num_blocks, "wall_s": wall}
+
+
+def main() -> int:
+    init, rank, world, ckpt, tp, dcp, out = sys.argv[1:8]
+    ep = int(sys.argv[sys.argv.index("--ep") + 1]) if "--ep" in sys.argv else 1
+    kv = sys.argv[sys.argv.index("--kv-cache-dtype") + 1] if "--kv-cache-dtype" in sys.argv else "auto"
+    torch.set_num_threads(1)
+    import datetime
+
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=int(rank), world_size=int(world),
+                            timeout=datetime.timedelta(seconds=120))
+    from glm52_backends import GLM52
+    m = GLM52(ckpt, backend="cpu_ref", dtype=torch.float32, progress=False, tp=int(tp), ep=ep, dcp=int(dcp),
+              kv_cache_dtype=kv)
+    res = run(m)
+    res.update(rank=int(rank), dcp_rank=m.layout.dcp_rank)
+    with open(out, "w") as f:
+        json.dump(res, f)
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

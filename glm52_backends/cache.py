@@ -34,6 +34,11 @@ exactly as without it (a block still covers `block_size` positions, and every ra
 hands out the same block ids), but each block holds only `local_block_size` = block_size / D rows:
 those of the positions p with p % D == r, at local row p // D. So a cache of N blocks holds 1/D of
 the bytes; `local_slots` says where this rank writes a step's rows.
+
+Host offload (`offload_blocks` S; `HostOffload` below): the latent rows of every block live in host memory
+(`_latent_store`), the index keys on the device; `c[l]` / `k_pe[l]` are then the op views of a device
+staging area of S blocks (+ one null block) per layer, filled per IndexShare group by the model's
+fetch plan and kept equal to the host rows by `write_latent` (write-through). Off by default.
 """
 
 from __future__ import annotations
@@ -62,7 +67,8 @@ class Checkpoint:
 class PagedCache:
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int = 16, *,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", mtp: bool = False,
-                 latent_format: str = "dense", index_format: str = "dense", dcp_size: int = 1, dcp_rank: int = 0):
+                 latent_format: str = "dense", index_format: str = "dense", dcp_size: int = 1, dcp_rank: int = 0,
+                 offload_blocks: int | None = None):
         for what, v in (("num_blocks", num_blocks), ("block_size", block_size), ("dcp_size", dcp_size)):
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"cache: {what} must be a positive integer, got {v!r}")
@@ -87,12 +93,15 @@ class PagedCache:
         self._latent_store: dict[int, tuple[torch.Tensor, ...]] = {}
         self._index_store: dict[int, tuple[torch.Tensor, ...]] = {}
         self.c, self.k_pe, self.index_k = {}, {}, {}
-        zeros = lambda w: torch.zeros(num_blocks, lbs, w, dtype=dtype, device=device)  # noqa: E731
+        zeros = lambda w, dev=device: torch.zeros(num_blocks, lbs, w, dtype=dtype, device=dev)  # noqa: E731
+        # host offload (HostOffload): the latent rows live in host memory, the ops read a device staging area
+        host = device if offload_blocks is None else "cpu"
         for l in layers:
             if latent_format == "dense":
-                self.c[l], self.k_pe[l] = self._latent_store[l] = (zeros(cfg.kv_lora_rank), zeros(cfg.qk_rope_head_dim))
+                self.c[l], self.k_pe[l] = self._latent_store[l] = (zeros(cfg.kv_lora_rank, host),
+                                                                   zeros(cfg.qk_rope_head_dim, host))
             else:
-                st = cf.allocate(latent_format, self._latent_dims, num_blocks, lbs, device)
+                st = cf.allocate(latent_format, self._latent_dims, num_blocks, lbs, host)
                 self._latent_store[l] = (st,)
                 self.c[l], self.k_pe[l] = cf.op_views(latent_format, self._latent_dims, st, lbs)
         for l in index_layers:
@@ -115,13 +124,35 @@ class PagedCache:
         self._by_hash: dict[Hashable, int] = {}
         self._cached: OrderedDict[int, None] = OrderedDict()
         self.evictions = 0
+        self.offload: HostOffload | None = None
+        if offload_blocks is not None:
+            if self.device.type != "cpu" and torch.cuda.is_available():     # pinned: asynchronous fetches
+                self._latent_store = {l: tuple(t.pin_memory() for t in ts) for l, ts in self._latent_store.items()}
+            self.offload = HostOffload(self, cfg, offload_blocks, layers)
+            for l in layers:                     # the ops see the device staging area (HostOffload)
+                if latent_format == "dense":
+                    self.c[l], self.k_pe[l] = self.offload.stage[l]
+                else:
+                    self.c[l], self.k_pe[l] = cf.op_views(latent_format, self._latent_dims, self.offload.stage[l][0], lbs)
 
     def tensors(self) -> Iterator[torch.Tensor]:
         """Every tensor that owns cache memory (dense: latent c, k_pe, index keys; quantized: the
-        packed uint8 tensor of each layer), every layer. Their bytes are the whole cache."""
+        packed uint8 tensor of each layer), every layer. Their bytes are the whole cache. With host
+        offload the latent ones are in host memory, and the staging area (`offload.stage`) comes last."""
         for store in (self._latent_store, self._index_store):
             for ts in store.values():
                 yield from ts
+        if self.offload is not None:
+            for ts in self.offload.stage.values():
+                yield from ts
+
+    @property
+    def device_nbytes(self) -> int:
+        """Bytes the cache holds on its device: `nbytes`, less the host-offloaded latent rows."""
+        if self.offload is None:
+            return self.nbytes
+        host = sum(t.numel() * t.element_size() for ts in self._latent_store.values() for t in ts)
+        return self.nbytes - host
 
     @property
     def nbytes(self) -> int:
@@ -335,14 +366,22 @@ class PagedCache:
 
     def write_latent(self, layer: int, slots: torch.Tensor, c: torch.Tensor, k_pe: torch.Tensor) -> None:
         """Layer `layer`'s latent rows at `slots`: c [N, kv_lora_rank], k_pe [N, rope dim], in the
-        cache's format (quantized and packed when it is not dense)."""
+        cache's format (quantized and packed when it is not dense). With host offload: the host rows,
+        and the staged copy of a block resident on the device (HostOffload)."""
+        self._put_latent(self._latent_store[layer], slots, c, k_pe)
+        if self.offload is not None:
+            self.offload.write_through(layer, slots, lambda store, at, keep: self._put_latent(store, at, c[keep.to(c.device)],
+                                                                                            k_pe[keep.to(k_pe.device)]))
+
+    def _put_latent(self, store: tuple[torch.Tensor, ...], slots: torch.Tensor, c: torch.Tensor,
+                    k_pe: torch.Tensor) -> None:
         if self.latent_format == "dense":
-            for t, v in zip(self._latent_store[layer], (c, k_pe)):
-                _put(t, slots, v.to(t.dtype))
+            for t, v in zip(store, (c, k_pe)):
+                _put(t, slots, v.to(t.device, t.dtype))
             return
-        view = cf.part_views(self.latent_format, self._latent_dims, self._latent_store[layer][0], self.local_block_size)
+        view = cf.part_views(self.latent_format, self._latent_dims, store[0], self.local_block_size)
         for name, rows in cf.encode_latent(self.latent_format, c, k_pe).items():
-            _put(view[name], slots, rows)
+            _put(view[name], slots, rows.to(view[name].device))
 
     def write_index(self, layer: int, slots: torch.Tensor, k: torch.Tensor) -> None:
         """Layer `layer`'s index keys at `slots`: k [N, index_head_dim], in the cache's index format."""
@@ -360,3 +399,179 @@ def _put(view: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
     slots = slots.to(view.device).long()
     bs = view.shape[1]
     view[slots // bs, slots % bs] = rows
+
+
+# ---- host offload of cold latent blocks -----------------------------------------------------------
+# Host offload of cold latent blocks, one fetch plan per IndexShare group.
+#
+# `PagedCache(..., offload_blocks=S)` (`GLM52(..., offload=S)`, `model.new_cache(..., offload_blocks=S)`)
+# keeps the cache in two places:
+#
+# - host memory: the latent rows (`c`, `k_pe`, in the cache's format) of every block of every layer,
+#   authoritative (pinned when the device is not the CPU);
+# - the device: the index keys of every block (the indexer scores every position, so they stay fully
+#   resident), and per latent layer a staging area of S blocks plus one null block. `cache.c[l]` and
+#   `cache.k_pe[l]` are the op views of that staging area.
+#
+# IndexShare groups: a full layer and the shared layers after it use one top-k, so they read the same
+# blocks; the MTP layer is a group of its own. Each group has one residency map (block -> staging slot),
+# used by all its layers: a block is resident for the group or not, in every layer of it at once.
+#
+# A step, per group, when the group's top-k is known (its full layer, or the MTP layer):
+#   plan      the blocks the top-k selects (every query token's positions, through its request's block
+#             table), minus those resident: that is the fetch. Slots come from free ones, then from the
+#             least recently used resident blocks the step does not select.
+#   fetch     host -> staging, once for the whole group: the block's rows of every layer of the group.
+#   attend    each layer calls `sparse_mla` unchanged on the staging views, with the step's block table
+#             remapped (block id -> slot; every block not staged -> the null block, filled with NaN / 0xFF
+#             bytes: the op contract says unselected rows never reach the output, and the poison makes any
+#             read of an unstaged block visible).
+# The shared layers of the group find every block resident: they fetch nothing.
+#
+# Writes go to the host rows and, for a block resident in the layer's group, to its staged copy too
+# (write-through), so a staged block always equals its host rows and needs no write-back.
+#
+# A step whose selected blocks exceed S (a prefill chunk: every early position is selected) runs
+# `sparse_mla` over consecutive runs of its query tokens whose selections fit, each staged in turn;
+# then a layer may fetch again what an earlier layer of the group evicted (the bytes are counted).
+# One query token needing more than S blocks raises `OffloadTooSmall`.
+#
+# `log` records per step and group the blocks selected, fetched, and the dense fetch (every block of
+# the step's requests), for the tables (benchmarks/offload_cpu.py). Not combined with decode context
+# parallelism or captured graph steps (both refused with the reason).
+class OffloadTooSmall(RuntimeError):
+    """A query token selects more blocks than the offload staging area holds."""
+
+
+class HostOffload:
+    """The staging area, residency maps and fetch plans of one `PagedCache` (see the comment above)."""
+
+    def __init__(self, cache, cfg, slots: int, layers: Sequence[int]):
+        if isinstance(slots, bool) or not isinstance(slots, int) or slots <= 0:
+            raise ValueError(f"cache: offload_blocks must be a positive integer (device-resident latent blocks "
+                             f"per layer), got {slots!r}")
+        if cache.dcp_size > 1:
+            raise ValueError(f"cache: offload_blocks with decode context parallelism (dcp = {cache.dcp_size}) is not "
+                             f"supported; use one or the other")
+        self.cache, self.slots, self.null = cache, slots, slots      # slot `slots` is the null block
+        n = cfg.num_hidden_layers
+        self.group_of = {l: (cfg.index_source(l) if l < n else n) for l in layers}   # leader layer of each
+        self.members: dict[int, list[int]] = {}
+        for l in layers:
+            self.members.setdefault(self.group_of[l], []).append(l)
+        fmt, dims, lbs, dev = cache.latent_format, cache._latent_dims, cache.local_block_size, cache.device
+        self.stage: dict[int, tuple[torch.Tensor, ...]] = {}
+        for l in layers:                           # the device staging area: S blocks + the null block
+            if fmt == "dense":
+                st = tuple(torch.zeros(slots + 1, lbs, w, dtype=cache.dtype, device=dev) for w in dims)
+                for t in st:
+                    t[slots] = float("nan")
+            else:
+                st = (cf.allocate(fmt, dims, slots + 1, lbs, dev),)
+                st[0][slots] = 0xFF
+            self.stage[l] = st
+        self.block_bytes = sum(t[0].numel() * t.element_size() for t in self.stage[layers[0]])   # one layer
+        NB = cache.num_blocks
+        self.lut = {g: torch.full((NB,), self.null, dtype=torch.long) for g in self.members}  # block -> slot
+        self.lut_dev = {g: t.to(dev) for g, t in self.lut.items()}
+        self.owner = {g: [-1] * slots for g in self.members}                                  # slot -> block
+        self.used = {g: [0] * slots for g in self.members}                                    # last step used
+        self.plans: dict[int, list[tuple[int, int, list[int]]]] = {}   # group -> this step's token runs
+        self.step, self.kind, self.reqs = 0, None, []
+        self.log: list[dict] = []
+
+    # ---- bytes -----------------------------------------------------------------------------------
+    @property
+    def device_bytes(self) -> int:
+        """Bytes of the staging areas (every latent layer, S + 1 blocks each)."""
+        return sum(t.numel() * t.element_size() for st in self.stage.values() for t in st)
+
+    # ---- a step ----------------------------------------------------------------------------------
+    def begin(self, st, kind: str) -> None:
+        """A new step (`kind` "target" or "mtp") of the model over this cache."""
+        if not isinstance(st.meta.seq_lens_host, tuple):
+            raise RuntimeError("a cache with host offload plans each step's fetch on the host from the top-k; a "
+                               "captured graph step cannot replay that (run decode steps eagerly: graph=False)")
+        self.step += 1
+        self.kind, self.reqs, self.plans = kind, list(st.reqs), {}
+
+    def _dense_blocks(self) -> int:
+        """Distinct blocks the step's requests hold: what fetching their whole context would move."""
+        return len({b for r in self.reqs for b in self.cache.blocks[r]})
+
+    def plan(self, layer: int, idx: torch.Tensor, st) -> None:
+        """The group's top-k `idx` [T, topk] (positions, -1 none) is known: split its query tokens into
+        runs whose selected blocks fit the staging area (one run when the step fits) and log them."""
+        g = self.group_of[layer]
+        meta, bs = st.meta, self.cache.block_size
+        bt = meta.block_table.index_select(0, meta.token_request.long()).long()       # [T, maxb]
+        keep = idx >= 0
+        blk = torch.where(keep, bt.gather(1, (idx.long().clamp(min=0) // bs)), -1)
+        per_token = [sorted(set(row) - {-1}) for row in blk.tolist()]                   # the plan's host read
+        runs: list[tuple[int, int, list[int]]] = []
+        a, cur = 0, set()
+        for t, need in enumerate(per_token):
+            if len(need) > self.slots:
+                raise OffloadTooSmall(
+                    f"host offload: query token {t} of this step selects {len(need)} blocks at layer {layer}, more "
+                    f"than the {self.slots} blocks of the staging area; build the cache with offload_blocks >= "
+                    f"{len(need)} (the top-k spans at most index_topk blocks)")
+            if len(cur | set(need)) > self.slots:
+                runs.append((a, t, sorted(cur)))
+                a, cur = t, set()
+            cur |= set(need)
+        runs.append((a, len(per_token), sorted(cur)))
+        self.plans[g] = runs
+        union = set().union(*map(set, per_token)) if per_token else set()
+        self.log.append({"step": self.step, "kind": self.kind, "group": g, "layers": len(self.members[g]),
+                         "tokens": len(per_token), "dense_blocks": self._dense_blocks(), "selected_blocks": len(union),
+                         "runs": len(runs), "fetched_blocks": 0, "fetched_bytes": 0})
+
+    def runs(self, layer: int) -> list[tuple[int, int, list[int]]]:
+        g = self.group_of[layer]
+        if g not in self.plans:
+            raise RuntimeError(f"internal: layer {layer} attends before its IndexShare group (layer {g}) planned "
+                               f"its fetch this step")
+        return self.plans[g]
+
+    def stage_blocks(self, layer: int, blocks: list[int]) -> torch.Tensor:
+        """Make `blocks` resident for the group of `layer` (fetching the missing ones for every layer
+        of the group); returns the group's block -> slot map on the device [num_blocks]."""
+        g = self.group_of[layer]
+        lut, owner, used = self.lut[g], self.owner[g], self.used[g]
+        want = set(blocks)
+        missing = [b for b in blocks if int(lut[b]) == self.null]
+        if missing:
+            free = [s for s in range(self.slots) if owner[s] < 0]
+            free += sorted((s for s in range(self.slots) if owner[s] >= 0 and owner[s] not in want),
+                           key=lambda s: (used[s], s))                          # least recently used first
+            slots = free[:len(missing)]
+            if len(slots) < len(missing):
+                raise RuntimeError(f"internal: host offload planned {len(blocks)} blocks for {self.slots} slots")
+            for s in slots:
+                if owner[s] >= 0:
+                    lut[owner[s]] = self.null
+            src = torch.tensor(missing, dtype=torch.long)
+            dst = torch.tensor(slots, dtype=torch.long, device=self.cache.device)
+            for m in self.members[g]:                           # one fetch for the whole group
+                for host, stg in zip(self.cache._latent_store[m], self.stage[m]):
+                    stg[dst] = host[src].to(stg.device, non_blocking=True)
+            for b, s in zip(missing, slots):
+                owner[s], lut[b] = b, s
+            self.lut_dev[g] = lut.to(self.cache.device)
+            rec = next(r for r in reversed(self.log) if r["group"] == g)
+            rec["fetched_blocks"] += len(missing)
+            rec["fetched_bytes"] += len(missing) * self.block_bytes * len(self.members[g])
+        for b in blocks:
+            used[int(lut[b])] = self.step
+        return self.lut_dev[g]
+
+    def write_through(self, layer: int, slots: torch.Tensor, put) -> None:
+        """Rows just written to the host at `slots` also go to the staged copies of resident blocks:
+        `put(store, slots, rows_mask)` writes the kept rows into a staging store at the given slots."""
+        lbs = self.cache.local_block_size
+        slots = slots.long().cpu()
+        where = self.lut[self.group_of[layer]][slots // lbs]
+        keep = where != self.null
+        if bool(keep.any()):
+            put(self.stage[layer], where[keep] * lbs + slots[keep] % lbs, keep)

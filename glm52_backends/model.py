@@ -255,6 +255,35 @@ class Glm52Network:
         mine = comm.reduce_scatter(o.to(acc) * f[..., None], dim=1)              # [T, H, C]: this rank's heads
         return mine.to(q.dtype)
 
+    def _sparse_mla_offloaded(self, q: torch.Tensor, l: int, idx: torch.Tensor, st: Step,
+                              cache: PagedCache) -> torch.Tensor:
+        """`sparse_mla` over the device staging area of a host-offloaded cache (cache.HostOffload): for each run of
+        query tokens of the group's plan (one when the step's selection fits), its blocks staged, the
+        block table remapped to staging slots. One run is the plain call with only the table changed."""
+        off, meta, cfg = cache.offload, st.meta, self.cfg
+        runs = off.runs(l)
+        if len(runs) == 1:
+            lut = off.stage_blocks(l, runs[0][2])
+            return self.ops.sparse_mla(q, cache.c[l], cache.k_pe[l], idx, lut[meta.block_table.long()].int(),
+                                       meta.seq_lens, meta.cu_seqlens_q, cfg.softmax_scale)
+        out = []
+        for a, e, blocks in runs:
+            lut = off.stage_blocks(l, blocks)
+            reqs, q_lens, seq_lens = [], [], []              # the requests' tokens within a..e, as requests
+            for b, (t0, t1) in enumerate(zip(meta.cu_host, meta.cu_host[1:])):
+                lo, hi = max(a, t0), min(e, t1)
+                if lo < hi:
+                    reqs.append(b)
+                    q_lens.append(hi - lo)
+                    seq_lens.append(meta.seq_lens_host[b] - (t1 - hi))
+            dev = meta.block_table.device
+            cu = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0).to(device=dev, dtype=torch.int32)
+            bt = lut[meta.block_table[torch.tensor(reqs, device=dev)].long()].int()
+            out.append(self.ops.sparse_mla(q[a:e], cache.c[l], cache.k_pe[l], idx[a:e], bt,
+                                           torch.tensor(seq_lens, dtype=torch.int32, device=dev), cu,
+                                           cfg.softmax_scale))
+        return torch.cat(out)
+
     def _attention(self, l: int, L: Layer, x: torch.Tensor, st: Step, cache: PagedCache,
                    prev_idx: torch.Tensor | None, share: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """MLA over the selected positions. A layer with an indexer runs it unless `share`;
@@ -277,7 +306,11 @@ class Glm52Network:
             idx = prev_idx                                                                   # IndexShare
 
         q_lat = torch.matmul(q[..., :dn].transpose(0, 1), L.w_uk).transpose(0, 1)           # absorb W_UK [T, H, C]
-        if st.dcp is None:
+        if getattr(cache, "offload", None) is not None:     # host offload: the group's fetch plan, staged reads
+            if (L.indexer is not None and not share) or l == cfg.num_hidden_layers:     # the group's top-k is new
+                cache.offload.plan(l, idx, st)
+            o_lat = self._sparse_mla_offloaded(torch.cat([q_lat, q_pe], -1), l, idx, st, cache)
+        elif st.dcp is None:
             o_lat = ops.sparse_mla(torch.cat([q_lat, q_pe], -1), cache.c[l], cache.k_pe[l], idx, meta.block_table,
                                    meta.seq_lens, meta.cu_seqlens_q, cfg.softmax_scale)       # [T, H, C]
         else:
@@ -369,6 +402,8 @@ class Glm52Network:
 
     def forward(self, st: Step, cache: PagedCache) -> torch.Tensor:
         """One step through every layer; returns the final-normed hidden state [T, Hd]."""
+        if getattr(cache, "offload", None) is not None:
+            cache.offload.begin(st, "target")
         h = self.embedding(st.ids)
         idx = None
         for l, L in enumerate(self.layers):
@@ -399,6 +434,8 @@ class Glm52Network:
     def mtp_forward(self, st: Step, cache: PagedCache, hidden: torch.Tensor, shared_idx: torch.Tensor | None):
         """The MTP layer over a planned step: (output hidden [T, Hd], logits [T, V], top-k used)."""
         cfg, ops, M = self.cfg, self.ops, self.mtp
+        if getattr(cache, "offload", None) is not None:
+            cache.offload.begin(st, "mtp")
         e = self.embedding(st.ids)
         e = torch.where((st.positions == 0)[:, None], torch.zeros_like(e), e)  # vLLM zeroes position 0
         e = ops.rms_norm(e, M.enorm, cfg.rms_norm_eps)

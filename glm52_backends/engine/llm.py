@@ -73,9 +73,21 @@ class GLM52:
                  include_mtp: bool | None = None, seed: int = 0, state_dict: dict | None = None,
                  tp: int = 1, dp: int = 1, ep: int = 1, dcp: int = 1, collective: str | None = None,
                  quantization: str | None = None, kv_cache_dtype: str | torch.dtype = "auto",
-                 index_cache_dtype: str | torch.dtype | None = None, graph: Any = "auto"):
+                 index_cache_dtype: str | torch.dtype | None = None, graph: Any = "auto",
+                 offload: int | None = None):
         _check_init(model, backend, device, dtype, block_size)
         self.graph = arguments.graph_choice("GLM52: graph", graph)
+        # host offload of cold latent blocks (cache.HostOffload): the device-resident latent blocks per layer of
+        # every cache `new_cache` makes; None: the whole cache on the device
+        arguments.positive_int("GLM52: offload", offload, allow_none=True)
+        self.offload = offload
+        if offload is not None:
+            if dcp > 1:
+                raise ValueError(f"GLM52: offload={offload} with dcp = {dcp} is not supported; use one or the other")
+            if self.graph is True or self.graph in ("trace", "compile"):
+                raise ValueError(f"GLM52: graph={self.graph!r} with offload={offload}: each step's fetch is planned on "
+                                 f"the host from the top-k, which a captured graph cannot replay (graph=False)")
+            self.graph = False      # "auto": decode steps run eagerly
         self.decode_graphs = None     # engine/graph.StaticDecode: captured decode steps, reused by later runs
         arguments.quantization(quantization)
         self.ops: BoundBackend = get_backend(backend)
@@ -220,12 +232,15 @@ class GLM52:
     # ---- caches ---------------------------------------------------------------------------------
     def new_cache(self, max_tokens: int, *, block_size: int | None = None, mtp: bool = False,
                   kv_cache_dtype: str | torch.dtype | None = None,
-                  index_cache_dtype: str | torch.dtype | None = None) -> PagedCache:
+                  index_cache_dtype: str | torch.dtype | None = None, offload_blocks: int | None = None) -> PagedCache:
         """A paged cache holding `max_tokens` tokens in total over all requests (a positive integer;
         more than the requests can use is allowed, but a request never grows past the context).
         `kv_cache_dtype` / `index_cache_dtype`: as `GLM52(...)` takes them; None = the model's.
-        With dcp > 1 this rank's part: the same blocks, each holding block_size / dcp rows (1/dcp of the bytes)."""
+        With dcp > 1 this rank's part: the same blocks, each holding block_size / dcp rows (1/dcp of the bytes).
+        `offload_blocks`: host offload (cache.HostOffload) with that many device-resident latent blocks per layer;
+        None = the model's `offload`."""
         arguments.positive_int("new_cache: max_tokens", max_tokens)
+        arguments.positive_int("new_cache: offload_blocks", offload_blocks, allow_none=True)
         arguments.positive_int("new_cache: block_size", block_size, allow_none=True)
         bs = block_size or self.block_size
         lat, idx = self.kv_cache_format, self.index_cache_format
@@ -234,7 +249,8 @@ class GLM52:
         D = self.plan.dcp
         return PagedCache(self.cfg, max(1, -(-max_tokens // bs)), bs, dtype=self.dtype, device=self.device,
                           mtp=mtp and self.has_mtp, latent_format=lat, index_format=idx, dcp_size=D,
-                          dcp_rank=self.layout.dcp_rank if D > 1 else 0)
+                          dcp_rank=self.layout.dcp_rank if D > 1 else 0,
+                          offload_blocks=self.offload if offload_blocks is None else offload_blocks)
 
     @torch.inference_mode()
     def extend(self, cache: PagedCache, chunks: dict[Hashable, Sequence[int]], *, last_only: bool = False,

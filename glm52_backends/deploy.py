@@ -32,6 +32,9 @@ Schema (types; defaults for optional keys):
     capabilities: {weight_dtypes: [str], kv_cache_dtypes: [str],
                    hbm_tbs: number|null, bf16_tflops: number|null, fp8_tflops: number|null}
     env: {NAME: str|number} = {}        environment set at setup unless already exported (HCCL_BUFFSIZE, ...)
+    offload_gb: number = 0      host memory per device for cold latent-cache blocks (0: no offload;
+                                the planner models GLM52(offload=...): index keys and a staging area on
+                                the device, the latent rows of the whole context on the host)
 
 Units: `memory_per_device_gb` is the capacity the vendor quotes; HBM capacities are binary, so the
 planner reads it as GiB (2**30 bytes).
@@ -110,6 +113,7 @@ _TOP: dict[str, tuple[str, Any]] = {
     "cache_block_size": ("int|null", None),
     "capabilities": ("dict", _REQUIRED),
     "env": ("dict", None),
+    "offload_gb": ("number", 0.0),
 }
 _DTYPES = {"weights": ("str", _REQUIRED), "kv_cache": ("str", _REQUIRED), "index_cache": ("str", None)}
 _PARALLEL = {"tp": ("int", _REQUIRED), "ep": ("int", 1), "dp": ("int", 1), "dcp": ("int", 1)}
@@ -150,6 +154,7 @@ class DeploymentConfig:
     kv_cache_dtypes: tuple[str, ...]
     description: str = ""
     hbm_tbs: float | None = None
+    offload_gb: float = 0.0                    # host memory per device for offloaded latent blocks
     bf16_tflops: float | None = None
     fp8_tflops: float | None = None
     env: tuple[tuple[str, str], ...] = ()      # environment the runtime reads at setup (e.g. HCCL_BUFFSIZE)
@@ -437,6 +442,11 @@ def from_dict(raw: dict, *, source: str = "<dict>", name: str | None = None,
         raise bad("memory_utilization", f"must be in (0, 1], got {top['memory_utilization']}")
     if top["runtime_reserve_gb"] < 0:
         raise bad("runtime_reserve_gb", f"must be >= 0, got {top['runtime_reserve_gb']}")
+    if top["offload_gb"] < 0:
+        raise bad("offload_gb", f"must be >= 0, got {top['offload_gb']}")
+    if top["offload_gb"] > 0 and par["dcp"] > 1:
+        raise bad("offload_gb", "host offload together with decode context parallelism (parallel.dcp > 1) is not "
+                                "implemented (GLM52 refuses offload= with dcp > 1)")
     for k, v in caps.items():
         if isinstance(v, (int, float)) and not isinstance(v, bool) and v <= 0:
             raise bad(f"capabilities.{k}", f"must be > 0 or null, got {v}")
@@ -538,7 +548,7 @@ def from_dict(raw: dict, *, source: str = "<dict>", name: str | None = None,
         max_batched_tokens=top["max_batched_tokens"], cache_block_size=top["cache_block_size"],
         weight_dtypes=tuple(caps["weight_dtypes"]), kv_cache_dtypes=tuple(caps["kv_cache_dtypes"]),
         hbm_tbs=caps["hbm_tbs"], bf16_tflops=caps["bf16_tflops"], fp8_tflops=caps["fp8_tflops"],
-        env=tuple(env), source=source, raw=_deepcopy(raw),
+        env=tuple(env), offload_gb=float(top["offload_gb"]), source=source, raw=_deepcopy(raw),
     )
 
 

@@ -70,6 +70,7 @@ GiB = 2 ** 30
 # the indexer's prefill gather buffer (40 * max_model_len * 132 B) inside it.
 # source: vllm/v1/attention/backends/mla/indexer.py, get_max_prefill_buffer_size() comment
 WORKSPACE_ROWS_PER_CONTEXT_TOKEN = 5
+OFFLOAD_BLOCK = 64             # staging block size the planner assumes when the YAML names none (FlashMLA's)
 
 
 
@@ -243,6 +244,7 @@ class Plan:
     max_batch_at_context: int        # most requests of `max_context` tokens
     max_context_one_request: int = 0             # largest context at batch 1, with the YAML's DCP
     max_context_one_request_without_dcp: int = 0  # the same with the latent cache replicated (DCP1)
+    max_context_one_request_without_offload: int = 0  # the same without host offload (offload_gb: 0)
     assumptions: list[str] = field(default_factory=list)
 
     @property
@@ -270,6 +272,7 @@ class Plan:
             "max_context_at_batch": self.max_context_at_batch,
             "max_context_one_request": self.max_context_one_request,
             "max_context_one_request_without_dcp": self.max_context_one_request_without_dcp,
+            "max_context_one_request_without_offload": self.max_context_one_request_without_offload,
             "max_batch_at_context": self.max_batch_at_context,
             "assumptions": list(self.assumptions),
         }
@@ -308,7 +311,8 @@ class Plan:
             f"  largest context at batch {d.max_batch}: {self.max_context_at_batch:,} tokens; "
             f"largest batch at context {d.max_context:,}: {self.max_batch_at_context}",
             f"  largest context of one request: {self.max_context_one_request:,} tokens with DCP{d.dcp}, "
-            f"{self.max_context_one_request_without_dcp:,} with the latent cache on every TP rank (DCP1)",
+            f"{self.max_context_one_request_without_dcp:,} with the latent cache on every TP rank (DCP1)"
+            + (f", {self.max_context_one_request_without_offload:,} without host offload" if d.offload_gb else ""),
         ]
         return "\n".join(lines)
 
@@ -373,18 +377,34 @@ def plan(deploy_cfg: DeploymentConfig | str, model_cfg: ModelConfig | None = Non
     def step_tokens(c: int, b: int) -> int:
         return max(min(d.max_batched_tokens, c * b), b * (1 + k))
 
-    def parts(c: int, b: int, dcp: int = d.dcp) -> dict[str, float]:
-        return {"latent": c * b * lat / dcp, "index": c * b * idx / dcp,
+    # host offload (GLM52(offload=...)): the latent rows of the whole context on the host, a staging area on
+    # the device sized for the worst decode step, every selected position in its own block:
+    # (1 + draft tokens) x index_topk blocks per request
+    block = d.cache_block_size or OFFLOAD_BLOCK
+    host = d.offload_gb * GiB
+
+    def latent_tokens(c: int, offload: bool) -> int:
+        return min(c, (1 + k) * cfg.index_topk * block) if offload else c
+
+    def parts(c: int, b: int, dcp: int = d.dcp, offload: bool = host > 0) -> dict[str, float]:
+        return {"latent": latent_tokens(c, offload) * b * lat / dcp, "index": c * b * idx / dcp,
                 "act": step_tokens(c, b) * act_tok + logits_bytes(b), "ws": c * ws_per_ctx}
 
-    def need(c: int, b: int, dcp: int = d.dcp) -> float:
-        return weights + reserve + sum(parts(c, b, dcp).values())
+    def need(c: int, b: int, dcp: int = d.dcp, offload: bool = host > 0) -> float:
+        return weights + reserve + sum(parts(c, b, dcp, offload).values())
+
+    def fits(c: int, b: int, dcp: int = d.dcp, offload: bool = host > 0) -> bool:
+        return need(c, b, dcp, offload) <= usable and (not offload or c * b * lat <= host)
 
     p = parts(d.max_context, d.max_batch)
     rows += [
         PlanRow("latent cache", p["latent"],
                 f"{lat:,} B/token ({n_layers} layers x {latent_bytes_per_token_layer(cfg, d.kv_cache_dtype)} B "
-                f"{d.kv_cache_dtype}) / DCP{d.dcp}"),
+                f"{d.kv_cache_dtype}) / DCP{d.dcp}" + (
+                    f"; offload: {latent_tokens(d.max_context, True):,} tokens staged per request "
+                    f"((1 + {k}) x top-{cfg.index_topk} blocks of {block}), the context's "
+                    f"{d.max_context * d.max_batch * lat / GiB:.1f} GiB on the host (offload_gb {d.offload_gb:g})"
+                    if host > 0 else "")),
         PlanRow("index-key cache", p["index"],
                 f"{idx:,} B/token ({n_full} full layers x {index_bytes_per_token_layer(cfg, d.index_cache_dtype)} B "
                 f"{d.index_cache_dtype}) / DCP{d.dcp}"),
@@ -396,11 +416,13 @@ def plan(deploy_cfg: DeploymentConfig | str, model_cfg: ModelConfig | None = Non
     total = need(d.max_context, d.max_batch)
 
     max_pos = cfg.max_position_embeddings
-    max_ctx = _largest(lambda c: need(c, d.max_batch) <= usable, max_pos)
-    max_b = _largest(lambda b: need(d.max_context, b) <= usable, 1 << 24)
-    # one request: the longest context with the YAML's DCP, and with the latent cache replicated (DCP1)
-    ctx1 = _largest(lambda c: need(c, 1) <= usable, max_pos)
-    ctx1_no_dcp = _largest(lambda c: need(c, 1, 1) <= usable, max_pos)
+    max_ctx = _largest(lambda c: fits(c, d.max_batch), max_pos)
+    max_b = _largest(lambda b: fits(d.max_context, b), 1 << 24)
+    # one request: the longest context as the YAML says, with the latent cache replicated (DCP1), and
+    # without host offload
+    ctx1 = _largest(lambda c: fits(c, 1), max_pos)
+    ctx1_no_dcp = _largest(lambda c: fits(c, 1, 1), max_pos)
+    ctx1_no_offload = _largest(lambda c: fits(c, 1, offload=False), max_pos)
 
     n_mtp = sum(params.values())
     without = n_mtp - params["MTP layer"]
@@ -420,7 +442,8 @@ def plan(deploy_cfg: DeploymentConfig | str, model_cfg: ModelConfig | None = Non
                 params_without_mtp=without, full_layers=len(cfg.full_layers), num_layers=cfg.num_hidden_layers,
                 latent_bytes_per_token=lat, index_bytes_per_token=idx, kv_bytes_per_token_device=kv_dev,
                 max_context_at_batch=max_ctx, max_batch_at_context=max_b, max_context_one_request=ctx1,
-                max_context_one_request_without_dcp=ctx1_no_dcp, assumptions=assumptions)
+                max_context_one_request_without_dcp=ctx1_no_dcp,
+                max_context_one_request_without_offload=ctx1_no_offload, assumptions=assumptions)
 
 
 def _model_name(d: DeploymentConfig) -> str:

@@ -55,6 +55,30 @@ def test_fp8_on_8xh200_fits_1m_context_for_one_request():
     assert not replicated.fits and 0 < replicated.max_context_at_batch < 1048576
 
 
+def test_one_request_context_with_and_without_dcp_and_offload():
+    """The largest one-request context, per YAML: with its DCP and with the latent cache replicated, from
+    the same arithmetic as the plan; host offload keeps a staging area on the device (sized for the
+    worst decode step: every selected position in its own block) and the whole context's latent rows on
+    the host, so the context is bounded by both; offload with DCP is refused by name."""
+    from glm52_backends.deploy import DeploymentError
+    d = load_deployment("nvidia-h200")
+    p = plan(d)
+    assert p.max_context_one_request == 1048576 and p.max_context_one_request_without_dcp == \
+        plan(d.replace(**{"parallel.dcp": 1})).max_context_at_batch < 1048576
+    small = load_deployment("ascend-910c").replace(**{"dtypes.kv_cache": "bf16", "cache_block_size": 1})   # token-granular staging
+    base = plan(small)
+    lat = base.latent_bytes_per_token
+    host = plan(small.replace(offload_gb=base.max_context_one_request * 2 * lat / GiB))   # room for 2x the context
+    assert host.max_context_one_request > base.max_context_one_request
+    assert host.max_context_one_request_without_offload == base.max_context_one_request
+    tight = plan(small.replace(offload_gb=1000 * lat / GiB))                             # the host holds 1000 tokens
+    assert tight.max_context_one_request == 1000
+    with pytest.raises(DeploymentError, match="offload_gb.*decode context parallelism"):
+        load_deployment("nvidia-h200").replace(offload_gb=10)
+    with pytest.raises(DeploymentError, match="offload_gb.*>= 0"):
+        small.replace(offload_gb=-1)
+
+
 def test_bf16_on_one_8xh100_node_does_not_fit():
     d = load_deployment("nvidia-h100").replace(nodes=1, **{"dtypes.weights": "bf16", "parallel.dp": 1,
                                                             "parallel.ep": 8})

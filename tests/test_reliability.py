@@ -406,6 +406,8 @@ def test_a_prompt_that_is_not_utf8_is_refused(bf16):
     ({"MASTER_PORT": "http"}, "MASTER_PORT='http' in the environment is not an integer"),
     ({"MASTER_PORT": "99999"}, "MASTER_PORT=99999 in the environment is outside [1, 65535]"),
     ({"RANK": "5"}, "RANK=5 in the environment is outside [0, 1]"),
+    ({"LOCAL_RANK": "2"}, "LOCAL_RANK=2 in the environment is outside [0, 1]"),
+    ({"LOCAL_RANK": "-1"}, "LOCAL_RANK=-1 in the environment is outside [0, 1]"),
     ({"GLM52_COLLECTIVE_TIMEOUT_S": "a while"}, "GLM52_COLLECTIVE_TIMEOUT_S='a while'"),
 ])
 def test_garbage_in_the_launch_environment_is_refused_by_name(env, fragment):
@@ -417,6 +419,32 @@ def test_garbage_in_the_launch_environment_is_refused_by_name(env, fragment):
         with pytest.raises(LayoutError, match=__import__("re").escape(fragment)):
             init_process_group("cpu")
     assert not dist.is_initialized()
+
+
+def test_launch_env_takes_every_rank_in_range():
+    from glm52_backends.engine.distributed import launch_env
+    for rank in ("0", "1"):
+        with env_vars({"RANK": rank, "WORLD_SIZE": "2", "MASTER_PORT": "1", "LOCAL_RANK": rank}):
+            assert launch_env() == (int(rank), 2)
+
+
+def test_the_temporary_file_is_written_beside_its_target(tmp_path, monkeypatch):
+    """The rename is atomic only within one file system: the temporary file lives in the target's folder
+    (and in the working folder for a bare name), never elsewhere."""
+    from glm52_backends import files
+    made = []
+    real = files.tempfile.mkstemp
+
+    def spy(*a, **k):
+        fd, path = real(*a, **k)
+        made.append(path)
+        return fd, path
+    monkeypatch.setattr(files.tempfile, "mkstemp", spy)
+    files.write_text(tmp_path / "sub" / "plan.md", "x")
+    monkeypatch.chdir(tmp_path)
+    files.write_text("bare.md", "y")
+    assert [os.path.dirname(os.path.abspath(p)) for p in made] == [str(tmp_path / "sub"), str(tmp_path)]
+    assert (tmp_path / "sub" / "plan.md").read_text() == "x" and (tmp_path / "bare.md").read_text() == "y"
 
 
 def test_an_ascend_folder_without_its_description_says_so(w8a8, tmp_path):

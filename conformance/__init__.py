@@ -4,8 +4,8 @@
     report = run("cuda", quick=False)          # or a backend object registered at run time
     report.passed, report.failures, report.to_json(), report.to_markdown()
 
-`cases.py` is the catalogue, `tolerances.py` the one tolerance table, `judges.py` how outputs are
-judged, `runner.py` runs them, `report.py` prints them; `glm52 conformance` is the command line.
+`cases/` is the catalogue (one file per op, `cases/<op>.py`), `tolerances.py` the one tolerance
+table, `judges.py` how outputs are judged, `runner.py` runs them, `report.py` prints them; `glm52 conformance` is the command line.
 `e2e.py` runs the whole model end to end (`run_e2e`, `glm52 conformance --e2e`).
 """
 

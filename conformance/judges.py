@@ -65,12 +65,10 @@ def close(out, ref, tol: float, *, name: str = "out", dtype: torch.dtype | None 
     return Verdict(ok, err, rel, "" if ok else f"{name}: relative error {rel:.3e} > tol {tol:.3e}")
 
 
-def close_lse(out: torch.Tensor, lse: torch.Tensor, ref_out, ref_lse, tol: float, dtype,
-              out_tol: float | None = None) -> Verdict:
-    """sparse_mla: `out` by `close` (within `out_tol`, default tol); `lse` -inf exactly where the
-    reference's is (empty rows), the finite entries within tol * max(1, max|lse|) (an error delta in
-    every score moves lse by delta)."""
-    v = close(out, ref_out, tol if out_tol is None else out_tol, name="out", dtype=dtype)
+def close_lse(out: torch.Tensor, lse: torch.Tensor, ref_out, ref_lse, tol: float, dtype) -> Verdict:
+    """sparse_mla: `out` by `close`; `lse` -inf exactly where the reference's is (empty rows), the
+    finite entries within tol * max(1, max|lse|) (an error delta in every score moves lse by delta)."""
+    v = close(out, ref_out, tol, name="out", dtype=dtype)
     if not v.passed:
         return v
     if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != tuple(ref_lse.shape) or lse.dtype != torch.float32:

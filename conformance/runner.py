@@ -20,6 +20,7 @@ from glm52_backends.registry import BoundBackend, get_backend
 
 from . import judges
 from .cases import CASES, Case, indexer_scores, selection_scores
+from .cases.sparse_mla import judge_dcp
 from .report import CaseResult, Report, crash_detail
 from .tolerances import format_tolerance, tolerance
 
@@ -87,26 +88,7 @@ def judge_case(case: Case, out: Any, inputs, dtype: torch.dtype) -> judges.Verdi
             return judges.Verdict(False, detail="sparse_mla(..., return_lse=True) must return (out, lse)")
         return judges.close_lse(out[0], out[1], ref[0], ref[1], tol, dtype)
     if case.judge == "dcp":       # decode context parallelism: the ranks' partials merged, vs the whole cache
-        from glm52_backends.ops.dcp import merge_attention
-        if not (isinstance(out, (tuple, list)) and len(out) == 2):
-            return judges.Verdict(False, detail="sparse_mla(..., return_lse=True) must return (out, lse)")
-        D, T = inputs.meta["dcp"], inputs.meta["batch"].T
-        o, lse = out
-        if tuple(o.shape[:1]) != (D * T,) or tuple(lse.shape[:1]) != (D * T,) or lse.dtype != torch.float32:
-            return judges.Verdict(False, detail=f"sparse_mla: out {tuple(o.shape)}, lse {tuple(lse.shape)} {lse.dtype}; "
-                                                f"expected {D * T} rows and float32 lse")
-        merged, total = merge_attention(o.view(D, T, *o.shape[1:]), lse.view(D, T, -1))
-        whole = [x.to(dtype).double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
-                 for x in inputs.meta["whole"]]
-        ref_out, ref_lse = REFERENCE.sparse_mla(*whole, return_lse=True)
-        # the per-op bounds carried through the merge: each partial's out within tol, its lse within
-        # tol * max(1, max|lse|) absolute; a weight exp(lse_r - LSE) then moves by that relative error
-        # twice over (lse_r and the total), so the merged out is within tol * (1 + 2 max(1, max|lse|));
-        # the merged lse (a log-sum-exp of values each within the lse bound) keeps the lse bound
-        finite = ref_lse[torch.isfinite(ref_lse)]
-        scale = max(1.0, finite.abs().max().item()) if finite.numel() else 1.0
-        return judges.close_lse(merged.to(o.dtype), total.float(), ref_out, ref_lse, tol, dtype,
-                                out_tol=tol * (1 + 2 * scale))
+        return judge_dcp(out, inputs, dtype, tol, REFERENCE, ref)
     if case.judge == "route":
         if not (isinstance(out, (tuple, list)) and len(out) == 2):
             return judges.Verdict(False, detail="moe_route must return (topk_ids, topk_weights)")

@@ -14,7 +14,7 @@ This module is the boundary between the model and a backend, checked in both dir
     the factory); a factory that raises, or calls `sys.exit`, makes that backend unavailable, never
     the process exit (`glm52 backends` lists it with the reason);
   - every native op's output is checked against the contract (tuple arity, shape, dtype, device:
-    `_OUTPUT_CHECKS`; metadata only, always on) and an exception from inside an op gets a note
+    each op's `check_output` in ops/<op>.py; metadata only, always on) and an exception from inside an op gets a note
     naming backend, op and layer; a wrong output raises `BackendOutputError` with the same names;
   - with `GLM52_DEBUG=1` (or `BoundBackend(..., debug=True)`) every op's output, native or
     fallback, is also checked for NaN/inf, which finds the first op that produced one.
@@ -31,8 +31,9 @@ from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, Callable
 
-from . import cache_formats
-from .ops import OP_NAMES, REFERENCES, Capabilities, OpUnsupported, check_signature, signature
+from .ops import (CACHE_FORMAT_OF, NEG_INF_OUTPUTS, OP_NAMES, OUTPUT_CHECKS, REFERENCES, WEIGHT_ARGS, Capabilities,
+                  OpUnsupported, check_signature, signature)
+from .ops._checks import arg
 
 log = logging.getLogger("glm52_backends")
 
@@ -177,124 +178,27 @@ class _Reference:
 
 
 # ---- the output contract ---------------------------------------------------------------------------
-# op -> check(args, kwargs, out) -> what is wrong, or None. Metadata only (no device sync), so they
-# run on every native call. Expected shapes and dtypes are the contract's (glm52_backends/ops/<op>.py).
-def _arg(args: tuple, kwargs: dict, i: int, name: str, default: Any = None) -> Any:
-    return args[i] if len(args) > i else kwargs.get(name, default)
-
-
-def _tensor(what: str, t: Any, shape: tuple | None, dtypes: tuple, device) -> str | None:
-    import torch
-    if not isinstance(t, torch.Tensor):
-        return f"{what} is a {type(t).__name__}, expected a tensor"
-    if shape is not None and tuple(t.shape) != tuple(shape):
-        return f"{what} has shape {list(t.shape)}, expected {list(shape)}"
-    if dtypes and t.dtype not in dtypes:
-        return f"{what} has dtype {t.dtype}, expected {' or '.join(str(d) for d in dtypes)}"
-    if device is not None and t.device != device:
-        return f"{what} is on {t.device}, expected {device} (where its inputs are)"
-    return None
-
-
-def _pair(out: Any, names: str) -> str | None:
-    if not isinstance(out, (tuple, list)) or len(out) != 2:
-        return f"returned a {type(out).__name__}, expected the pair ({names})"
-    return None
-
-
-def _shape_of(w: Any) -> tuple:
-    return tuple(w.shape)  # a tensor or a weights.Weight
-
-
-def _check_same(args, kwargs, out):           # rms_norm, layer_norm, rope, moe_experts: x's shape and dtype
-    x = _arg(args, kwargs, 0, "x")
-    return _tensor("the output", out, x.shape, (x.dtype,), x.device)
-
-
-def _check_linear(args, kwargs, out):
-    x, w = _arg(args, kwargs, 0, "x"), _arg(args, kwargs, 1, "weight")
-    return _tensor("the output", out, (*x.shape[:-1], _shape_of(w)[-2]), (x.dtype,), x.device)
-
-
-def _check_mlp(args, kwargs, out):
-    x, w2 = _arg(args, kwargs, 0, "x"), _arg(args, kwargs, 2, "w2")
-    return _tensor("the output", out, (*x.shape[:-1], _shape_of(w2)[-2]), (x.dtype,), x.device)
-
-
-def _check_indexer_topk(args, kwargs, out):
-    import torch
-    q, topk = _arg(args, kwargs, 0, "q"), _arg(args, kwargs, 6, "topk")
-    return _tensor("idx", out, (q.shape[0], topk), (torch.int32,), q.device)
-
-
-def _check_sparse_mla(args, kwargs, out):
-    import torch
-    q, c = _arg(args, kwargs, 0, "q"), _arg(args, kwargs, 1, "c_cache")
-    want = (q.shape[0], q.shape[1], c.shape[-1])
-    if not kwargs.get("return_lse", False):
-        if isinstance(out, (tuple, list)):
-            return "returned a tuple, expected `out` alone (return_lse=False)"
-        return _tensor("out", out, want, (q.dtype,), q.device)
-    return (_pair(out, "out, lse") or _tensor("out", out[0], want, (q.dtype,), q.device)
-            or _tensor("lse", out[1], want[:2], (torch.float32,), q.device))
-
-
-def _check_moe_route(args, kwargs, out):
-    import torch
-    logits, k = _arg(args, kwargs, 0, "router_logits"), _arg(args, kwargs, 2, "top_k")
-    want = (logits.shape[0], k)
-    return (_pair(out, "topk_ids, topk_weights")
-            or _tensor("topk_ids", out[0], want, (torch.int64, torch.int32), logits.device)
-            or _tensor("topk_weights", out[1], want, (torch.float32,), logits.device))
-
-
-def _check_mtp_verify(args, kwargs, out):
-    import torch
-    draft = _arg(args, kwargs, 0, "draft")
-    B, k = draft.shape
-    return (_pair(out, "accepted, tokens") or _tensor("accepted", out[0], (B,), (torch.int32,), draft.device)
-            or _tensor("tokens", out[1], (B, k + 1), (torch.int64,), draft.device))
-
-
-_OUTPUT_CHECKS: dict[str, Callable[[tuple, dict, Any], str | None]] = {
-    "rms_norm": _check_same, "layer_norm": _check_same, "rope": _check_same, "moe_experts": _check_same,
-    "linear": _check_linear, "mlp": _check_mlp, "indexer_topk": _check_indexer_topk,
-    "sparse_mla": _check_sparse_mla, "moe_route": _check_moe_route, "mtp_verify": _check_mtp_verify,
-}
-
-
-# Cache-reading ops: the format of the cache they were handed (cache_formats.py: the code view's dtype
-# names it). A backend that does not list the format in `Capabilities.cache_formats` gets the
-# reference, which dequantizes on read, exactly as for an op it declines.
-_CACHE_FORMAT_OF: dict[str, Callable[[tuple, dict], str]] = {
-    "sparse_mla": lambda a, k: cache_formats.latent_format_of(_arg(a, k, 1, "c_cache")),
-    "indexer_topk": lambda a, k: cache_formats.index_format_of(_arg(a, k, 2, "k_cache")),
-}
-
-
-# the weight arguments of the ops that take `Weight`s: their formats must be among the backend's
-# `Capabilities.weight_formats`, else the call runs on the reference (as a cache format it does not read)
-_WEIGHT_ARGS: dict[str, tuple[tuple[int, str], ...]] = {
-    "linear": ((1, "weight"),), "mlp": ((1, "w13"), (2, "w2")), "moe_experts": ((1, "w13"), (2, "w2")),
-}
-
-
+# Each op's output check, cache format and weight arguments are declared in its contract file
+# (glm52_backends/ops/<op>.py) and collected in `ops` (OUTPUT_CHECKS, CACHE_FORMAT_OF, WEIGHT_ARGS).
+# A backend that does not list a cache's format in `Capabilities.cache_formats`, or a weight's format
+# in `Capabilities.weight_formats`, gets the reference for that call, exactly as for an op it declines.
 def _weight_format(w: Any) -> str:
     return getattr(w, "format", "dense")
 
 
 def _non_finite(op: str, out: Any) -> str | None:
-    """NaN/inf in a float output (sparse_mla's lse may be -inf: a row with nothing to attend)."""
+    """NaN/inf in a float output (an output the op declares in NEG_INF_OUTPUTS, e.g. sparse_mla's lse,
+    may be -inf: a row with nothing to attend)."""
     import torch
     outs = list(out) if isinstance(out, (tuple, list)) else [out]
+    neg_inf = NEG_INF_OUTPUTS.get(op, {})
     for i, t in enumerate(outs):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             continue
-        lse = op == "sparse_mla" and i == 1
-        bad = (torch.isnan(t) | torch.isposinf(t)) if lse else ~torch.isfinite(t)
+        bad = (torch.isnan(t) | torch.isposinf(t)) if i in neg_inf else ~torch.isfinite(t)
         n = int(bad.sum())
         if n:
-            what = "lse" if lse else "the output" if len(outs) == 1 else f"output {i}"
+            what = neg_inf[i] if i in neg_inf else "the output" if len(outs) == 1 else f"output {i}"
             return f"{what} holds {n} NaN/inf value(s) of {t.numel()}"
     return None
 
@@ -462,7 +366,7 @@ class BoundBackend:
         why = None
         if path == "native":
             try:
-                why = _OUTPUT_CHECKS[op](args, kwargs, out)
+                why = OUTPUT_CHECKS[op](args, kwargs, out)
             except (AttributeError, TypeError, ValueError, IndexError):
                 why = None  # inputs outside the contract that the op accepted: nothing to compare against
         if why is None and self.debug:
@@ -489,9 +393,9 @@ class BoundBackend:
                 self._check(op, args, kwargs, out, "reference fallback")
             return out
 
-        cache_format = None if isinstance(self.backend, _Reference) else _CACHE_FORMAT_OF.get(op)
+        cache_format = None if isinstance(self.backend, _Reference) else CACHE_FORMAT_OF.get(op)
         readable = tuple(dict.fromkeys(("dense",) + tuple(self.capabilities.cache_formats)))
-        weight_args = None if isinstance(self.backend, _Reference) else _WEIGHT_ARGS.get(op)
+        weight_args = None if isinstance(self.backend, _Reference) else WEIGHT_ARGS.get(op)
         runs = tuple(dict.fromkeys(("dense",) + tuple(self.capabilities.weight_formats)))
         if native is None:
             def call(*args, **kwargs):
@@ -506,7 +410,7 @@ class BoundBackend:
                         return fallback(args, kwargs)
                 if weight_args is not None:        # a weight in a format the backend does not run
                     for i, name in weight_args:
-                        fmt = _weight_format(_arg(args, kwargs, i, name))
+                        fmt = _weight_format(arg(args, kwargs, i, name))
                         if fmt not in runs:
                             self._warn(op, f"weight {name} is {fmt!r}; the backend runs {', '.join(runs)} "
                                            f"(Capabilities.weight_formats)")

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from glm52_backends.backends.cpu_ref import CpuRefBackend
-from glm52_backends.benchmarks.ops_bench import (E, K, SMALL, EventTimer, SyncTimer, Timer, bench_main,
-                                                 expected_experts, floor_s, plan)
+from glm52_backends.benchmarks.ops.common import E, K, SMALL, expected_experts
+from glm52_backends.benchmarks.ops_bench import EventTimer, SyncTimer, Timer, bench_main, floor_s, plan
 from glm52_backends.cli import main
 from glm52_backends.registry import register_backend, unregister_backend
 
@@ -23,8 +23,8 @@ def test_plan_covers_every_target_of_the_issue():
                       ("sparse_mla", "decode B=1 L=131072"), ("mtp_verify", "greedy B=64 k=3 V=154880"),
                       ("mtp_verify", "greedy B=1 k=3 V=154880")]:
         assert (op, shape) in shapes
-    assert [c.params["T"] for c in cases if c.op == "moe"] == [1, 16, 128, 4096]
-    assert [c.params["T"] for c in cases if c.op == "moe_fp8"] == [1, 16, 128, 4096]
+    assert [c.params["T"] for c in cases if c.op == "moe_experts"] == [1, 16, 128, 4096]
+    assert [c.params["T"] for c in cases if c.op == "moe_experts_fp8"] == [1, 16, 128, 4096]
     # block-FP8 linears at GLM-5.2's q_b_proj [64 x 256, 2048] and o_proj [6144, 64 x 256] shapes
     assert [(c.params["N"], c.params["K"], c.params["M"]) for c in cases if c.op == "linear_fp8"] == \
         [(16384, 2048, 1), (16384, 2048, 64), (16384, 2048, 4096), (6144, 16384, 1), (6144, 16384, 64),
@@ -44,11 +44,11 @@ def test_plan_bytes_and_flops_follow_the_shapes():
     m = by[("sparse_mla", "decode B=32 L=32768")]
     assert m.flops == 2 * 32 * 64 * 2048 * (576 + 512)
     assert 32 * 2048 * 576 * 2 <= m.bytes < 1.1 * 32 * 2048 * 576 * 2
-    moe1 = next(c for c in plan({"moe"}) if c.params["T"] == 1)
+    moe1 = next(c for c in plan({"moe_experts"}) if c.params["T"] == 1)
     assert moe1.bytes == pytest.approx(8 * 3 * 6144 * 2048 * 2, rel=0.01)   # 8 experts streamed
     assert [c.op for c in plan({"mtp_verify"})] == ["mtp_verify"] * 2
     # FP8: one byte a weight + an f32 scale per 128x128 block; half the bf16 expert bytes
-    moe8 = next(c for c in plan({"moe_fp8"}) if c.params["T"] == 1)
+    moe8 = next(c for c in plan({"moe_experts_fp8"}) if c.params["T"] == 1)
     scales = 4 * (2 * 2048 // 128 * 6144 // 128 + 6144 // 128 * 2048 // 128)
     assert moe8.bytes == pytest.approx(8 * (3 * 6144 * 2048 + scales), rel=1e-3)
     assert moe8.flops == moe1.flops and moe8.bytes < 0.51 * moe1.bytes
@@ -69,11 +69,12 @@ def test_expected_experts_and_floor():
 
 def test_list_prints_and_writes_the_plan(tmp_path, capsys):
     path = tmp_path / "plan.json"
+    # `moe` (the name before the benchmarks were named after their ops) still selects moe_experts
     assert main(["bench", "--list", "--ops", "moe,mtp_verify", "--json", str(path)]) == 0
     out = capsys.readouterr().out
     assert "moe" in out and "T=4096" in out and "mtp_verify" in out and "indexer_topk" not in out
     data = json.loads(path.read_text())
-    assert [r["op"] for r in data["plan"]] == ["moe"] * 4 + ["mtp_verify"] * 2
+    assert [r["op"] for r in data["plan"]] == ["moe_experts"] * 4 + ["mtp_verify"] * 2
 
 
 def test_bad_arguments(capsys):
@@ -191,11 +192,12 @@ def test_small_run_on_cpu_ref_is_complete_and_agrees(tmp_path, capsys, one_threa
         assert r["ratio"] == pytest.approx(r["ms"] / r["floor_ms"])
         assert r["timing"] == r["baseline_timing"] == "perf_counter"
         # FP8 linear: no torch._scaled_mm on the CPU, the dense GEMM on the dequantized weight instead
-        assert r["baseline"] == {"moe": "torch._grouped_mm", "moe_fp8": "torch._grouped_mm (float32)",
+        assert r["baseline"] == {"moe_experts": "torch._grouped_mm", "moe_experts_fp8": "torch._grouped_mm (float32)",
                                  "linear_fp8": "float32 GEMM"}.get(r["op"], "reference")
         # cpu_ref is the float32 reference: its outputs are the reference's, bit for bit
-        want = {"indexer_topk": "set overlap 1.0000", "sparse_mla": "rel err 0.0e+00", "moe": "rel err 0.0e+00",
-                "moe_fp8": "rel err 0.0e+00", "linear_fp8": "rel err 0.0e+00", "mtp_verify": "exact"}[r["op"]]
+        want = {"indexer_topk": "set overlap 1.0000", "sparse_mla": "rel err 0.0e+00",
+                "moe_experts": "rel err 0.0e+00", "moe_experts_fp8": "rel err 0.0e+00", "linear_fp8": "rel err 0.0e+00",
+                "mtp_verify": "exact"}[r["op"]]
         assert r["check"] == want, (r["op"], r["shape"], r["check"])
     out = capsys.readouterr().out
     assert "(--small shapes)" in out and "IndexShare" in out

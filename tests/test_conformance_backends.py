@@ -29,7 +29,7 @@ RUN_AS = {
 }
 DEFAULT = ({}, "quick")
 # The Ascend emulator must run its fused attention ops natively, not only their fallbacks: the
-# cases at GLM-5.2's head widths (conformance/cases.py HEAD_DIMS) at every scale, and at the full
+# cases at GLM-5.2's head widths (conformance/cases/common.py HEAD_DIMS) at every scale, and at the full
 # scale every indexer and sparse-attention case the torch_npu ops' limits admit.
 ASCEND_NATIVE = {"quick": {("indexer_topk", "head-dims"), ("sparse_mla", "head-dims"),
                            ("sparse_mla", "head-dims-padding"), ("rope", "head-dims")},

@@ -1,5 +1,5 @@
-"""The op contract's own guarantees: signature checks at registration, references that never read
-unselected cache rows, Weight formats, typed capabilities, step metadata, collectives, RoPE mode."""
+"""The op contract's own guarantees: signature checks at registration, Weight formats, typed capabilities,
+step metadata, collectives, RoPE mode. Each op's reference tests are tests/ops/test_<op>.py."""
 
 from __future__ import annotations
 
@@ -97,73 +97,7 @@ def test_every_builtin_backend_matches_the_contract():
         assert "does not match the op contract" not in b.reason, (b.name, b.reason)
 
 
-# ---- references read only what the contract lets them read ---------------------------------------------
-def _paged_case(g, lens, bs, D, n_blocks_extra=3):
-    need = [-(-L // bs) for L in lens]
-    nb = sum(need) + n_blocks_extra
-    order = torch.randperm(nb, generator=g)
-    table = torch.full((len(lens), max(need) + 1), int(order[-1]), dtype=torch.int32)
-    j = 0
-    for b, n in enumerate(need):
-        table[b, :n] = order[j:j + n].int()
-        j += n
-    cache = torch.randn(nb, bs, D, generator=g, dtype=F64)
-    return cache, table
-
-
-@pytest.mark.parametrize("poison", [float("nan"), float("inf"), float("-inf")])
-def test_sparse_mla_never_reads_unselected_rows(poison):
-    g = torch.Generator().manual_seed(4)
-    lens, q_lens, bs, H, Dl, Dr, K = [37, 9, 64], [3, 1, 2], 8, 3, 16, 4, 6
-    c, table = _paged_case(g, lens, bs, Dl)
-    kpe = torch.randn(c.shape[0], bs, Dr, generator=g, dtype=F64)
-    cu = torch.tensor([0, 3, 4, 6], dtype=torch.int32)
-    seq = torch.tensor(lens, dtype=torch.int32)
-    T = 6
-    idx = torch.full((T, K), -1, dtype=torch.int32)
-    t = 0
-    for b, (L, q) in enumerate(zip(lens, q_lens)):
-        for i in range(q):
-            pos = L - q + i
-            n = min(K - 1, pos + 1)
-            idx[t, torch.randperm(K, generator=g)[:n]] = torch.randperm(pos + 1, generator=g)[:n].int()
-            t += 1
-    q = torch.randn(T, H, Dl + Dr, generator=g, dtype=F64)
-    want, want_lse = R.sparse_mla(q, c, kpe, idx, table, seq, cu, 0.3, return_lse=True, cdt=F64)
-    # poison every row no token selected, in both caches
-    sel = torch.zeros(c.shape[0] * bs, dtype=torch.bool)
-    t = 0
-    for b, q_len in enumerate(q_lens):
-        for _ in range(q_len):
-            for p in idx[t].tolist():
-                if p >= 0:
-                    sel[int(table[b, p // bs]) * bs + p % bs] = True
-            t += 1
-    c2, kpe2 = c.clone().view(-1, Dl), kpe.clone().view(-1, Dr)
-    c2[~sel], kpe2[~sel] = poison, poison
-    got, got_lse = R.sparse_mla(q, c2.view_as(c), kpe2.view_as(kpe), idx, table, seq, cu, 0.3, return_lse=True, cdt=F64)
-    assert torch.isfinite(got).all()
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
-    torch.testing.assert_close(got_lse, want_lse, rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
-def test_indexer_topk_never_reads_outside_the_context(poison):
-    g = torch.Generator().manual_seed(5)
-    lens, q_lens, bs, Hi, Di, K = [30, 5, 70], [2, 1, 3], 8, 4, 12, 7
-    kc, table = _paged_case(g, lens, bs, Di)
-    cu = torch.tensor([0, 2, 3, 6], dtype=torch.int32)
-    seq = torch.tensor(lens, dtype=torch.int32)
-    q = torch.randn(6, Hi, Di, generator=g, dtype=F64)
-    w = torch.randn(6, Hi, generator=g, dtype=F64)
-    want = R.indexer_topk(q, w, kc, table, seq, cu, K, cdt=F64)
-    inside = torch.zeros(kc.shape[0] * bs, dtype=torch.bool)
-    for b, L in enumerate(lens):
-        for p in range(L):
-            inside[int(table[b, p // bs]) * bs + p % bs] = True
-    k2 = kc.clone().view(-1, Di)
-    k2[~inside] = poison
-    assert torch.equal(R.indexer_topk(q, w, k2.view_as(kc), table, seq, cu, K, cdt=F64), want)
+# ---- references read only what the contract lets them read: tests/ops/test_sparse_mla.py, test_indexer_topk.py
 
 
 # ---- Weight -----------------------------------------------------------------------------------------

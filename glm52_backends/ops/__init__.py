@@ -1,7 +1,9 @@
 """THE op contract: what every backend computes.
 
 One file per op holds its docstring (shapes, dtypes, layout, scale) and its reference in plain
-torch: the definition, the fallback and the test oracle at once. `cpu_ref` binds these references;
+torch: the definition, the fallback and the test oracle at once; and what the registry enforces of
+the op: its output check (`check_output`), the format of the cache it reads (`cache_format`) and
+its weight arguments (`WEIGHT_ARGS`), collected below. `cpu_ref` binds these references;
 every other backend provides some ops as methods of the same name and signature (the registry
 checks each one against `signature(op)` and refuses a backend whose op differs) and declares what it
 executes in `Capabilities`. Every op is also a PyTorch custom op, `torch.ops.glm52.<op>` (the
@@ -26,6 +28,7 @@ I expert width (2048), V vocabulary, k draft tokens.
 from __future__ import annotations
 
 import inspect
+import sys
 from typing import Any, Callable
 
 from .indexer_topk import indexer_topk
@@ -54,9 +57,29 @@ REFERENCES: dict[str, Callable[..., Any]] = {
 REFERENCE_ONLY = ("cdt",)
 
 
+def _contract(op: str):
+    """The module ops/<op>.py (the package's attribute of that name is the reference function)."""
+    return sys.modules[REFERENCES[op].__module__]
+
+
+# What each ops/<op>.py declares besides its reference, collected for the registry:
+#   check_output(args, kwargs, out) -> what is wrong, or None: the output check of every native call
+#   cache_format(args, kwargs) -> the format of the cache handed in (the cache-reading ops)
+#   WEIGHT_ARGS ((position, name), ...): the arguments that may be a quantized `Weight`
+#   NEG_INF_OUTPUTS {position: name}: float outputs that may hold -inf (debug finiteness check)
+OUTPUT_CHECKS: dict[str, Callable[[tuple, dict, Any], str | None]] = {
+    op: _contract(op).check_output for op in REFERENCES}
+CACHE_FORMAT_OF: dict[str, Callable[[tuple, dict], str]] = {
+    op: _contract(op).cache_format for op in REFERENCES if hasattr(_contract(op), "cache_format")}
+WEIGHT_ARGS: dict[str, tuple[tuple[int, str], ...]] = {
+    op: _contract(op).WEIGHT_ARGS for op in REFERENCES if hasattr(_contract(op), "WEIGHT_ARGS")}
+NEG_INF_OUTPUTS: dict[str, dict[int, str]] = {
+    op: _contract(op).NEG_INF_OUTPUTS for op in REFERENCES if hasattr(_contract(op), "NEG_INF_OUTPUTS")}
+
+
 def doc(op: str) -> str:
     """The contract text of `op` (its module's docstring)."""
-    return inspect.getmodule(REFERENCES[op]).__doc__.strip()
+    return _contract(op).__doc__.strip()
 
 
 def signature(op: str) -> inspect.Signature:
@@ -104,5 +127,5 @@ def check_signature(op: str, fn: Callable[..., Any]) -> str | None:
     return None
 
 
-__all__ = ["OP_NAMES", "HOT_OPS", "SUPPORTING_OPS", "REFERENCES", "OpUnsupported", "Backend", "Capabilities",
-           "doc", "signature", "check_signature", *REFERENCES]
+__all__ = ["OP_NAMES", "HOT_OPS", "SUPPORTING_OPS", "REFERENCES", "OUTPUT_CHECKS", "CACHE_FORMAT_OF", "WEIGHT_ARGS",
+           "NEG_INF_OUTPUTS", "OpUnsupported", "Backend", "Capabilities", "doc", "signature", "check_signature", *REFERENCES]

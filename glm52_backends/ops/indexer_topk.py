@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from ..cache_formats import index_format_of
+from ._checks import arg, tensor
 from ._paged import gather_index, request_spans
 
 
@@ -52,3 +54,15 @@ def _select(idx, q, w, k, a, e, first, topk, cdt):
     n_valid = (pos + 1).clamp(max=topk)                                      # min(topk, pos+1)
     keep = torch.arange(n, device=q.device)[None, :] < n_valid[:, None]
     idx[a:e, :n] = torch.where(keep, top, -1).to(torch.int32)
+
+
+def check_output(args, kwargs, out):
+    """The output check (registry): idx [T, topk] int32 on q's device."""
+    q, topk = arg(args, kwargs, 0, "q"), arg(args, kwargs, 6, "topk")
+    return tensor("idx", out, (q.shape[0], topk), (torch.int32,), q.device)
+
+
+def cache_format(args, kwargs) -> str:
+    """The format of the index cache handed in (cache_formats.py: the code view's dtype names it). A
+    backend that does not list it in `Capabilities.cache_formats` gets the reference (registry)."""
+    return index_format_of(arg(args, kwargs, 2, "k_cache"))

@@ -15,6 +15,8 @@ import torch
 from glm52_backends.quant import matmul_reference
 from glm52_backends.weights import Weight
 
+from ._checks import arg, shape_of, tensor
+
 
 def linear(x, weight, *, cdt=torch.float32):
     if isinstance(weight, Weight):
@@ -26,3 +28,14 @@ def linear(x, weight, *, cdt=torch.float32):
     if x.dtype == weight.dtype and x.dtype not in (torch.float16, torch.bfloat16) and cdt == torch.float32:
         return x @ weight.T
     return (x.to(cdt) @ weight.to(cdt).T).to(x.dtype)
+
+
+def check_output(args, kwargs, out):
+    """The output check (registry): [..., out] in x's dtype, on x's device."""
+    x, w = arg(args, kwargs, 0, "x"), arg(args, kwargs, 1, "weight")
+    return tensor("the output", out, (*x.shape[:-1], shape_of(w)[-2]), (x.dtype,), x.device)
+
+
+# the `Weight` arguments: a format the backend does not list in `Capabilities.weight_formats` runs on
+# the reference (registry)
+WEIGHT_ARGS = ((1, "weight"),)

@@ -12,8 +12,21 @@ import torch.nn.functional as F
 
 from .linear import linear
 
+from ._checks import arg, shape_of, tensor
+
 
 def mlp(x, w13, w2, *, cdt=torch.float32):
     I = w2.shape[-1]
     h = linear(x, w13, cdt=cdt).to(cdt)
     return linear((F.silu(h[..., :I]) * h[..., I:]).to(x.dtype), w2, cdt=cdt)
+
+
+def check_output(args, kwargs, out):
+    """The output check (registry): [..., hidden] in x's dtype, on x's device."""
+    x, w2 = arg(args, kwargs, 0, "x"), arg(args, kwargs, 2, "w2")
+    return tensor("the output", out, (*x.shape[:-1], shape_of(w2)[-2]), (x.dtype,), x.device)
+
+
+# the `Weight` arguments: a format the backend does not list in `Capabilities.weight_formats` runs on
+# the reference (registry)
+WEIGHT_ARGS = ((1, "w13"), (2, "w2"))

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from glm52_backends.quant import matmul_reference
 from glm52_backends.weights import Weight, select
 
+from ._checks import same_as_input
+
 
 def moe_experts(x, w13, w2, topk_ids, topk_weights, *, cdt=torch.float32):
     quant = isinstance(w13, Weight) and w13.quantized
@@ -43,3 +45,11 @@ def moe_experts(x, w13, w2, topk_ids, topk_weights, *, cdt=torch.float32):
             out = h @ w2[e].to(cdt).T
         y.index_add_(0, tok, out * topk_weights[tok, slot, None].to(acc))
     return y.to(x.dtype)
+
+
+# the output check (registry): x's shape, dtype and device
+check_output = same_as_input
+
+# the `Weight` arguments: a format the backend does not list in `Capabilities.weight_formats` runs on
+# the reference (registry)
+WEIGHT_ARGS = ((1, "w13"), (2, "w2"))

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import arg, pair, tensor
+
 
 def moe_route(router_logits, correction_bias, top_k, n_group=1, topk_group=1, norm_topk_prob=True,
               routed_scaling_factor=1.0, *, cdt=torch.float32):
@@ -26,3 +28,12 @@ def moe_route(router_logits, correction_bias, top_k, n_group=1, topk_group=1, no
     if norm_topk_prob:
         wts = wts / (wts.sum(-1, keepdim=True) + 1e-20)
     return ids, (wts * routed_scaling_factor).float()
+
+
+def check_output(args, kwargs, out):
+    """The output check (registry): (topk_ids [T, top_k] int64 or int32, topk_weights [T, top_k] float32)."""
+    logits, k = arg(args, kwargs, 0, "router_logits"), arg(args, kwargs, 2, "top_k")
+    want = (logits.shape[0], k)
+    return (pair(out, "topk_ids, topk_weights")
+            or tensor("topk_ids", out[0], want, (torch.int64, torch.int32), logits.device)
+            or tensor("topk_weights", out[1], want, (torch.float32,), logits.device))

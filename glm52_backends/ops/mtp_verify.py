@@ -20,6 +20,8 @@ import torch.nn.functional as F
 
 from glm52_backends.sampling import probs_from_logits, sample_from
 
+from ._checks import arg, pair, tensor
+
 
 def mtp_verify(draft, target_logits, draft_probs=None, temperature=0.0, top_p=1.0, uniforms=None,
                *, cdt=torch.float32):
@@ -61,3 +63,11 @@ def mtp_verify(draft, target_logits, draft_probs=None, temperature=0.0, top_p=1.
         tokens[b, n] = sample_from(r[None], uniforms[b, k:k + 1])[0]
         accepted[b] = n
     return accepted, tokens
+
+
+def check_output(args, kwargs, out):
+    """The output check (registry): (accepted [B] int32, tokens [B, k+1] int64)."""
+    draft = arg(args, kwargs, 0, "draft")
+    B, k = draft.shape
+    return (pair(out, "accepted, tokens") or tensor("accepted", out[0], (B,), (torch.int32,), draft.device)
+            or tensor("tokens", out[1], (B, k + 1), (torch.int64,), draft.device))

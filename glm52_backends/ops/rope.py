@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import same_as_input
+
 
 def rope_angles(positions, Dr: int, theta: float, device) -> torch.Tensor:
     """float32 [T, Dr/2]: position x inverse frequency, the angles of interleaved RoPE (every backend's)."""
@@ -25,3 +27,7 @@ def rope(x, positions, theta, *, cdt=torch.float32):
     xe, xo = x[..., 0::2].to(cdt), x[..., 1::2].to(cdt)
     y = torch.stack([xe * cos - xo * sin, xo * cos + xe * sin], dim=-1)          # [..., Dr/2, 2]
     return y.flatten(-2).to(x.dtype)
+
+
+# the output check (registry): x's shape, dtype and device
+check_output = same_as_input

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from ..cache_formats import latent_format_of
+from ._checks import arg, pair, tensor
 from ._paged import gather_latent, masked_softmax, request_spans
 
 CHUNK = 64  # query tokens per gather: bounds the [chunk, topk, Dl] working set
@@ -55,3 +57,25 @@ def sparse_mla(q, c_cache, kpe_cache, idx, block_table, seq_lens, cu_seqlens_q, 
             lse[a:e] = m.float()
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out
+
+
+def check_output(args, kwargs, out):
+    """The output check (registry): out [T, H, Dl] in q's dtype, and lse [T, H] float32 when asked."""
+    q, c = arg(args, kwargs, 0, "q"), arg(args, kwargs, 1, "c_cache")
+    want = (q.shape[0], q.shape[1], c.shape[-1])
+    if not kwargs.get("return_lse", False):
+        if isinstance(out, (tuple, list)):
+            return "returned a tuple, expected `out` alone (return_lse=False)"
+        return tensor("out", out, want, (q.dtype,), q.device)
+    return (pair(out, "out, lse") or tensor("out", out[0], want, (q.dtype,), q.device)
+            or tensor("lse", out[1], want[:2], (torch.float32,), q.device))
+
+
+def cache_format(args, kwargs) -> str:
+    """The format of the latent cache handed in (cache_formats.py: the code view's dtype names it). A
+    backend that does not list it in `Capabilities.cache_formats` gets the reference (registry)."""
+    return latent_format_of(arg(args, kwargs, 1, "c_cache"))
+
+
+# outputs that may hold -inf (the finiteness check in debug mode): lse, for a row with nothing to attend
+NEG_INF_OUTPUTS = {1: "lse"}

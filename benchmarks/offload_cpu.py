@@ -15,26 +15,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 
 import torch
+
+from glm52_backends.benchmarks.machine import cpu_name
 
 BS, TOPK = 4, 8
 CASES = [((64, 80), 16), ((200, 240), 32)]       # (prompt lengths, offload_blocks)
 NEW = 12
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def run(model, prompts, slots):

@@ -33,16 +33,9 @@ import torch
 from glm52_backends import GLM52, default_checkpoint
 from glm52_backends.engine.scheduler import Engine, SamplingParams
 
+from glm52_backends.benchmarks.machine import cpu_name
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+
 
 
 def workload(model, n: int, rate: float, seed: int, out_range: tuple[int, int]):

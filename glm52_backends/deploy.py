@@ -224,7 +224,7 @@ class DeploymentConfig:
         floats = {"fp32": torch.float32, "bf16": torch.bfloat16}
         for key, yaml_value in (("kv_cache_dtype", self.kv_cache_dtype), ("index_cache_dtype", self.index_cache_dtype)):
             overrides.setdefault(key, "auto" if floats.get(yaml_value) == dtype else yaml_value)
-        from .engine.distributed import launched_world
+        from .parallel import launched_world
         world = launched_world()       # WORLD_SIZE checked: garbage there is refused naming it
         if world > 1:
             # under torchrun: the YAML's layout over the launched ranks (one process: the whole model)

@@ -29,6 +29,7 @@ dp > 1 is never captured) keeps the replicated form: all tokens on every rank, o
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 from .config import ConfigError, ModelConfig
@@ -185,3 +186,32 @@ class RankLayout:
             return None if s is None else t
         dim, a, b = s
         return t.narrow(dim, a, b - a)
+
+
+# ---- the launch: torchrun's environment ------------------------------------------------------------
+def env_int(name: str, low: int, high: int | None = None, default: int | None = None) -> int:
+    """An integer from torchrun's environment in [low, high], refused naming the variable."""
+    text = os.environ.get(name)
+    if text is None or not text.strip():
+        if default is not None:
+            return default
+        raise LayoutError(f"{name} is not set in the environment (torchrun sets it)")
+    try:
+        v = int(text.strip())
+    except ValueError:
+        raise LayoutError(f"{name}={text!r} in the environment is not an integer (torchrun sets it; "
+                          f"check the launcher)") from None
+    if v < low or (high is not None and v > high):
+        rng = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise LayoutError(f"{name}={v} in the environment is outside {rng}")
+    return v
+
+
+def launched_world() -> int:
+    """WORLD_SIZE of the launch this process belongs to (1 outside torchrun or an initialised group)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    if os.environ.get("WORLD_SIZE", "").strip():
+        return env_int("WORLD_SIZE", 1)
+    return 1

@@ -18,7 +18,7 @@ import torch
 
 from ..config import ModelConfig
 from ..ops.comm import TorchDistributed
-from ..parallel import LayoutError, ParallelPlan, RankLayout
+from ..parallel import LayoutError, ParallelPlan, RankLayout, env_int, launched_world
 
 DEFAULT_COLLECTIVE = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo"}
 TIMEOUT_ENV = "GLM52_COLLECTIVE_TIMEOUT_S"
@@ -42,24 +42,6 @@ def collective_timeout() -> datetime.timedelta:
     return datetime.timedelta(seconds=v)
 
 
-def env_int(name: str, low: int, high: int | None = None, default: int | None = None) -> int:
-    """An integer from torchrun's environment in [low, high], refused naming the variable."""
-    text = os.environ.get(name)
-    if text is None or not text.strip():
-        if default is not None:
-            return default
-        raise LayoutError(f"{name} is not set in the environment (torchrun sets it)")
-    try:
-        v = int(text.strip())
-    except ValueError:
-        raise LayoutError(f"{name}={text!r} in the environment is not an integer (torchrun sets it; "
-                          f"check the launcher)") from None
-    if v < low or (high is not None and v > high):
-        rng = f"[{low}, {high}]" if high is not None else f">= {low}"
-        raise LayoutError(f"{name}={v} in the environment is outside {rng}")
-    return v
-
-
 def launch_env() -> tuple[int, int]:
     """(RANK, WORLD_SIZE) of a torchrun launch, MASTER_PORT and LOCAL_RANK checked too: each refused
     naming the variable, before torch.distributed reads them (it fails with C++ backtraces)."""
@@ -69,16 +51,6 @@ def launch_env() -> tuple[int, int]:
     if os.environ.get("LOCAL_RANK", "").strip():
         env_int("LOCAL_RANK", 0, world - 1)
     return rank, world
-
-
-def launched_world() -> int:
-    """WORLD_SIZE of the launch this process belongs to (1 outside torchrun or an initialised group)."""
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    if os.environ.get("WORLD_SIZE", "").strip():
-        return env_int("WORLD_SIZE", 1)
-    return 1
 
 
 def check_world(plan: ParallelPlan) -> None:

@@ -124,6 +124,14 @@ def test_mtp_absent_like_hf_save_pretrained(tmp_path):
         load_checkpoint(path, include_mtp=True, progress=False)
 
 
+def test_mtp_asked_of_a_config_without_it(tmp_path):
+    """include_mtp=True on a model whose config has no MTP layer is refused for that reason (not for the
+    missing tensors it then implies)."""
+    path = make_tiny_checkpoint(tmp_path / "plain", layers=2)
+    with _raises(CheckpointError, "include_mtp=True but the config has num_nextn_predict_layers=0"):
+        load_checkpoint(path, include_mtp=True, progress=False)
+
+
 def test_partial_mtp_layer_is_an_error(tmp_path):
     path = make_tiny_checkpoint(tmp_path / "mtp", mtp=True, layers=2)
     _rewrite(path, lambda t: t.pop("model.layers.2.hnorm.weight"))

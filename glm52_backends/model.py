@@ -150,8 +150,8 @@ class Glm52Network:
         # ep > 1: the expert-parallel group (every rank: ep = tp x dp); tokens are dispatched to the ranks
         # owning their experts and combined back (ops/comm.py moe_dispatch / moe_combine)
         self.ep_comm = ep_comm if layout is not None and layout.plan.ep > 1 else None
-        self.moe_stats = {"rows": 0, "pairs": 0, "tokens": 0}   # rows moe_experts got here, their (row, expert)
-        # pairs; tokens the layers saw
+        self._moe_counts = {"rows": 0, "tokens": 0}    # rows moe_experts got here; tokens the layers saw
+        self._moe_pairs = None                           # their (row, expert) pairs: a device count, read lazily
         self.dp_counts: list[int] | None = None      # this step's token count per dp group (engine/turns.py)
         tp = layout.plan.tp if layout is not None else 1
         self.heads = cfg.num_attention_heads // tp                                        # local heads
@@ -166,6 +166,13 @@ class Glm52Network:
         self.mtp = self.layers.pop() if include_mtp else None
         if sd:
             raise RuntimeError(f"internal: tensors left unused after building the model: {sorted(sd)[:5]}")
+
+    @property
+    def moe_stats(self) -> dict[str, int]:
+        """Expert dispatch so far: rows moe_experts got on this rank, their (row, expert) pairs, and the tokens
+        the MoE layers saw before dispatch (the pair count is read back here, not per layer)."""
+        pairs = 0 if self._moe_pairs is None else int(self._moe_pairs)
+        return {"rows": self._moe_counts["rows"], "pairs": pairs, "tokens": self._moe_counts["tokens"]}
 
     def prepare_weights(self, prepare) -> int:
         """Replace every `Weight` of the network by `prepare(name, weight)` (the backend's load-time
@@ -373,9 +380,10 @@ class Glm52Network:
         per = self.cfg.n_routed_experts // self.ep_comm.world_size
         most = -(-(T if self.dp_comm is None else max(self.dp_counts)) // tp)       # the largest slice of any rank
         xr, idr, wr, handle = self.ep_comm.moe_dispatch(x[a:b], ids[a:b], w[a:b], per, max_rows=most)
-        self.moe_stats["rows"] += xr.shape[0]
-        self.moe_stats["pairs"] += int((idr >= 0).sum())                                 # (row, expert) computed here
-        self.moe_stats["tokens"] += T if self.dp_comm is None else sum(self.dp_counts)   # what the layer saw before
+        self._moe_counts["rows"] += xr.shape[0]
+        pairs = (idr >= 0).sum()                         # (row, expert) computed here; no host read per layer
+        self._moe_pairs = pairs if self._moe_pairs is None else self._moe_pairs + pairs
+        self._moe_counts["tokens"] += T if self.dp_comm is None else sum(self.dp_counts)   # what the layer saw before
         yr = self.ops.moe_experts(xr, L.e_w13, L.e_w2, idr, wr) if xr.shape[0] else xr.new_zeros(xr.shape)
         y = x.new_zeros(x.shape)
         y[a:b] = self.ep_comm.moe_combine(yr, handle)

@@ -164,10 +164,5 @@ def main() -> int:
 
 if __name__ == "__main__":
     os.environ.setdefault("GLM52_ASCEND_EMULATE", "1")
-    rc = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # the results are out and the process group destroyed: leave without the interpreter's teardown, where
-    # torch's functional-collective threads sometimes abort the process ("terminate called without an
-    # active exception", exit -6) after a graph-mode run
-    os._exit(rc)
+    from rank_exit import leave
+    leave(main())

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 
 import pytest
 import torch
+from conftest import spawn_ranks
 
 from glm52_backends import GLM52
 from glm52_backends.cache import PagedCache
@@ -55,21 +55,10 @@ def run_ranks(tmp_path, ckpt, tp, d, extra=(), timeout=240):
     init = tmp_path / f"rdzv-{tp}-{d}-{time.monotonic_ns()}"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", GLM52_DEBUG="0")
     outs = [tmp_path / f"out-{tp}-{d}-{r}.json" for r in range(tp)]
-    procs = [subprocess.Popen([sys.executable, WORKER, str(init), str(r), str(tp), ckpt, str(tp), str(d), str(outs[r]),
-                               *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for r in range(tp)]
-    res = []
-    for p in procs:
-        try:
-            _, e = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise AssertionError(f"a rank hung for {timeout} s")
-        assert p.returncode == 0, e[-3000:]
-    for o in outs:
-        res.append(json.loads(o.read_text()))
-    return res
+    for rc, _, e in spawn_ranks(lambda r: [sys.executable, WORKER, str(init), str(r), str(tp), ckpt, str(tp), str(d),
+                                           str(outs[r]), *extra], tp, env=env, timeout=timeout):
+        assert rc == 0, e[-3000:]
+    return [json.loads(o.read_text()) for o in outs]
 
 
 @pytest.mark.parametrize("tp,d,extra,bound", [(2, 2, (), 0.6), (4, 4, ("--ep", "4", "--kv-cache-dtype", "fp8"), 0.35)],

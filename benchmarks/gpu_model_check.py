@@ -30,7 +30,6 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
     from glm52_backends import GLM52
-    from glm52_backends.engine.speculative import generate_speculative
     from glm52_backends.devtools.make_tiny import make_tiny_checkpoint
 
     res: dict = {"torch": torch.__version__, "checks": {}}
@@ -78,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         if dt == torch.float32:
             check("float32 logits vs float64 reference", rel <= 3.05e-5, f"rel err {rel:.2e} (tolerance 3.05e-5)")
             check("float32 greedy tokens equal cpu_ref", run.tokens == ref_run.tokens, f"{same}/{total} agree")
-            spec = generate_speculative(m, prompts, max_new_tokens=n_new, k=3, stop_at_eos=False)
+            spec = m.generate(prompts, max_new_tokens=n_new, speculative=3, stop_at_eos=False)
             check("float32 MTP speculative (k=3) equals plain greedy", spec.tokens == ref_run.tokens,
                   f"mean acceptance length {spec.stats.get('mean_acceptance_length', float('nan')):.2f}")
             res["speculative_stats"] = {k: v for k, v in spec.stats.items() if isinstance(v, (int, float, str))}

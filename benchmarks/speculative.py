@@ -42,7 +42,7 @@ import torch
 
 from glm52_backends import GLM52
 from glm52_backends.config import FLOAT_DTYPES
-from glm52_backends.engine.speculative import generate_speculative
+from glm52_backends.engine.generation import generate
 from glm52_backends.tiny import tiny_config
 
 # Model sizes: "tiny" is the embedded checkpoint's config; "small" makes the per-token math larger
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"plain greedy: prefill {prefill_s * 1e3:.1f} ms, decode {plain_tps:.1f} tok/s")
 
     def timed(label: str, **kw):
-        res, spec_s = _best(lambda: generate_speculative(model, prompts, max_new_tokens=N, stop_at_eos=False, **kw),
+        res, spec_s = _best(lambda: generate(model, prompts, max_new_tokens=N, stop_at_eos=False, **kw),
                             clock, args.repeats)
         if res.tokens != want:
             raise SystemExit(f"{label}: speculative output differs from plain greedy")
@@ -250,7 +250,7 @@ def _adaptive_rows(args, timed, plain_tps: float, B: int, header: list[str], dev
     for k in args.k:
         for t in [None] + args.thresholds:
             label = f"k={k} " + ("fixed" if t is None else f"adaptive p>{t:g}")
-            st, tps = timed(label, k=k, adaptive=t is not None, draft_threshold=t)
+            st, tps = timed(label, speculative=k, adaptive=t is not None, draft_threshold=t)
             rows.append((k, t, st, tps))
             print(f"{label}: {st['mean_drafted_tokens']:.2f} drafts/round, acceptance length "
                   f"{st['mean_acceptance_length']:.2f}, acceptance rate {st['draft_acceptance_rate']:.1%}, "
@@ -277,7 +277,7 @@ def _rate_rows(args, timed, plain_tps: float, B: int, header: list[str], dev_typ
     for k in args.k:
         for rate in [None] + args.rates:
             filt = None if rate is None else SyntheticDraft(reference, rate, V, seed=k)
-            st, tps = timed(f"k={k} r={rate}", k=k, draft_filter=filt)
+            st, tps = timed(f"k={k} r={rate}", speculative=k, draft_filter=filt)
             expected = float("nan") if rate is None else (k + 1 if rate == 1 else (1 - rate ** (k + 1)) / (1 - rate))
             rows[rate, k] = (st["mean_acceptance_length"], expected, tps)
             print(f"k={k} {'mtp drafts' if rate is None else f'synthetic r={rate:.2f}'}: acceptance length "

@@ -384,17 +384,29 @@ def decode_index(fmt: str, values: torch.Tensor, scales: torch.Tensor) -> torch.
 
 # ---- readers: what the ops receive -> the format, the packed bytes -----------------------------------
 
+# kind -> {code dtype: quantized format}, from FORMATS (each quantized format of a kind has its own code dtype)
+_BY_CODE_DTYPE = {kind: {FORMATS[f].code_dtype: f for f in _kind_formats(kind)[1:]} for kind in (LATENT, INDEX)}
+
+
+def _format_by_dtype(codes: torch.Tensor, kind: str, what: str) -> str:
+    """The format of a `kind` cache from the dtype of the tensor `what` the ops receive: a float dtype
+    (float8_e4m3fn excepted: codes) is dense, a code dtype names its quantized format; else an error."""
+    if codes.is_floating_point() and codes.dtype != torch.float8_e4m3fn:
+        return "dense"
+    fmt = _BY_CODE_DTYPE[kind].get(codes.dtype)
+    if fmt is None:
+        known = " or ".join(f"{str(d).removeprefix('torch.')} ({f} codes)" for d, f in _BY_CODE_DTYPE[kind].items())
+        raise ValueError(f"{what} has dtype {codes.dtype}: {'an' if kind == INDEX else 'a'} {kind} cache is "
+                         f"float (dense), {known}")
+    return fmt
+
+
 def latent_format_of(c_cache: torch.Tensor, kpe_cache: torch.Tensor | None = None) -> str:
     """The format of a latent cache as the ops receive it: a float `c_cache` is dense; float8_e4m3fn
     codes are fp8_ds_mla and int8 codes c8_sfa, which must be views into packed rows (row stride =
     the row's bytes) with `kpe_cache` the bf16 view of the same rows' rope bytes."""
-    if c_cache.is_floating_point() and c_cache.dtype != torch.float8_e4m3fn:
-        return "dense"
-    fmt = {torch.float8_e4m3fn: "fp8_ds_mla", torch.int8: "c8_sfa"}.get(c_cache.dtype)
-    if fmt is None:
-        raise ValueError(f"c_cache has dtype {c_cache.dtype}: a latent cache is float (dense), float8_e4m3fn "
-                         f"(fp8_ds_mla codes) or int8 (c8_sfa codes)")
-    if kpe_cache is not None:
+    fmt = _format_by_dtype(c_cache, LATENT, "c_cache")
+    if fmt != "dense" and kpe_cache is not None:
         C, Dr = c_cache.shape[-1], kpe_cache.shape[-1]
         lay = latent_row_layout(fmt, C, Dr)
         rb = sum(w for _, w in lay.values())
@@ -413,13 +425,7 @@ def latent_format_of(c_cache: torch.Tensor, kpe_cache: torch.Tensor | None = Non
 
 def index_format_of(k_cache: torch.Tensor) -> str:
     """The format of an index-key cache as `indexer_topk` receives it (float: dense)."""
-    if k_cache.is_floating_point() and k_cache.dtype != torch.float8_e4m3fn:
-        return "dense"
-    fmt = {torch.float8_e4m3fn: "fp8", torch.int8: "c8_li"}.get(k_cache.dtype)
-    if fmt is None:
-        raise ValueError(f"k_cache has dtype {k_cache.dtype}: an index cache is float (dense), float8_e4m3fn "
-                         f"(fp8 codes) or int8 (c8_li codes)")
-    return fmt
+    return _format_by_dtype(k_cache, INDEX, "k_cache")
 
 
 def _behind(view: torch.Tensor, size: tuple[int, ...], stride: tuple[int, ...], extra: int, what: str) -> torch.Tensor:

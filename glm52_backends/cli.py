@@ -15,9 +15,8 @@ import os
 import sys
 import time
 
-from .engine.arguments import dtype_name as _dtype_name
-from .engine.arguments import int_at_least as _int_at_least
-from .engine.arguments import parse_dtype as _parse_dtype
+from . import engine_config
+from .engine_config import int_at_least as _int_at_least
 
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -193,28 +192,17 @@ def cmd_generate(args) -> int:
         raise ValueError("--adaptive needs --speculative K > 0 (it adapts how many of the K drafts a round proposes)")
     if args.draft_threshold is not None and not args.adaptive:
         raise ValueError("--draft-threshold is used only with --adaptive (and --speculative K)")
+    settings = {**engine_config.from_args(args), "progress": not args.quiet}
     if not args.deployment:   # under torchrun the layout must cover the launched ranks (else each runs it all)
         from .engine.distributed import check_world
-        from .parallel import ParallelPlan
-        check_world(ParallelPlan(tp=args.tp, dp=args.dp, ep=args.ep, dcp=args.dcp))
+        check_world(engine_config.EngineConfig.from_settings("glm52 generate", **settings).parallel)
     path = args.checkpoint or default_checkpoint()
     t0 = time.perf_counter()
-    par = dict(tp=args.tp, dp=args.dp, ep=args.ep) if args.tp * args.dp > 1 else {}
-    if args.dcp > 1:
-        par["dcp"] = args.dcp
-    if args.quantization is not None:
-        par["quantization"] = args.quantization
-    if args.kv_cache_dtype is not None:
-        par["kv_cache_dtype"] = args.kv_cache_dtype
-    if args.graph is not None:
-        par["graph"] = args.graph
     if args.deployment:
-        model = GLM52.from_deployment(args.deployment, model=args.checkpoint or None, progress=not args.quiet,
-                                      **({"backend": args.backend} if args.backend != "auto" else {}),
-                                      **({"dtype": _parse_dtype(args.dtype)} if args.dtype else {}), **par)
+        model = GLM52.from_deployment(args.deployment, model=args.checkpoint or None, **settings)
         path = model.path or path
     else:
-        model = GLM52(path, backend=args.backend, dtype=_parse_dtype(args.dtype), progress=not args.quiet, **par)
+        model = GLM52(path, **settings)
     load_s = time.perf_counter() - t0
     if args.prompt is not None:
         prompts = [args.prompt] * args.batch
@@ -343,8 +331,6 @@ def main(argv: list[str] | None = None) -> int:
     g = sub.add_parser("generate", help="generate from a checkpoint (default: the embedded tiny one)")
     g.add_argument("checkpoint", nargs="?", help="HF-format GLM-5.x folder (default: the embedded tiny model trained on Python source, "
                    "glm52_backends/default_model)")
-    g.add_argument("--backend", default="auto", help="auto | cpu_ref | cuda | ascend | torch | <plugin> (default auto)")
-    g.add_argument("--dtype", type=_dtype_name, help="float32 | bfloat16 | float16 (default: the backend's)")
     g.add_argument("--prompt", help="text prompt (needs tokenizer.json in the checkpoint)")
     g.add_argument("--ids", type=_token_ids, help="comma-separated prompt token ids")
     g.add_argument("--batch", type=_int_at_least(1), default=4, help="number of requests (default 4)")
@@ -365,31 +351,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --adaptive: the probability in [0, 1] below which drafting stops (default 0.5; "
                         "0 = never stop early, 1 = one draft per round)")
     g.add_argument("--prefill-chunk", type=_int_at_least(1), help="chunked prefill size in tokens")
-    gm = g.add_mutually_exclusive_group()
-    gm.add_argument("--graph", dest="graph", action="store_const", const=True, default=None,
-                    help="decode steps as captured graphs everywhere (CUDA/NPU graphs; on a CPU the step traced and "
-                         "compiled by inductor: tens of seconds to minutes per batch bucket, then faster steps)")
-    gm.add_argument("--eager", dest="graph", action="store_const", const=False,
-                    help="never capture (default: 'auto', graphs on CUDA and NPU devices, eager on the CPU)")
     g.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS")
     g.add_argument("--json", action="store_true", help="print a JSON object instead of tables")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
-    g.add_argument("--tp", type=_int_at_least(1), default=1,
-                   help="tensor-parallel ranks (under torchrun: --nproc-per-node = tp x dp)")
-    g.add_argument("--dp", type=_int_at_least(1), default=1, help="data-parallel groups of tp ranks")
-    g.add_argument("--ep", type=_int_at_least(1), default=1,
-                   help="expert-parallel ranks: 1 (experts TP-split) or tp x dp")
-    g.add_argument("--dcp", type=_int_at_least(1), default=1,
-                   help="decode context parallelism: each request's cache split over dcp ranks of the tp group "
-                        "(dcp divides tp)")
     g.add_argument("--deployment", metavar="YAML", help="a deployment config (configs/*.yaml or a bundled name): "
                    "backend, device, dtype and, under torchrun, the parallel layout")
-    g.add_argument("--quantization", choices=("fp8", "w8a8", "w4a8", "none"),
-                   help="weights: default = as stored (BF16, block-FP8, msModelSlim W8A8/W4A8); fp8 | w8a8 | w4a8 "
-                        "quantize a BF16 checkpoint at load; none dequantizes a quantized one")
-    g.add_argument("--kv-cache-dtype", default=None, metavar="DTYPE",
-                   help="auto (the model dtype) | fp8 (FlashMLA's 656-byte latent rows + FP8 index keys) | "
-                        "int8 (Ascend C8) | a format name; the index cache follows")
+    engine_config.add_arguments(g)            # the engine's settings (engine_config.py): --backend, --tp, ...
     g.set_defaults(fn=cmd_generate)
 
     m = sub.add_parser("make-tiny", help="write a small random checkpoint in the real GLM-5.2 format")

@@ -50,6 +50,12 @@ FLOAT_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "f32": torch.fl
                 "float64": torch.float64, "fp64": torch.float64, "f64": torch.float64}
 
 
+def setting(default: Any, help: str, **meta: Any) -> Any:
+    """A dataclass field that is one engine setting (engine_config.py): its default and help text, and
+    for the command line `minimum=`, `choices=`, `metavar=`, `parse=` ("dtype" | "graph"), `cli=False`."""
+    return field(default=default, metadata={"help": help, **meta})
+
+
 def is_int(v: Any) -> bool:
     """An integer (Python's or numpy's) that is not a bool (JSON/YAML `true` must not pass as 1)."""
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)

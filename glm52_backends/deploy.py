@@ -24,7 +24,7 @@ Schema (types; defaults for optional keys):
     memory_utilization: number = 0.9   fraction of device memory the engine may use
     runtime_reserve_gb: number = 2.0   non-tensor memory: runtime context, collective buffers
     collective: str             nccl hccl cncl bkcl rccl mccl sccl gloo
-    parallel: {tp: int, ep: int = 1, dp: int = 1, dcp: int = 1}
+    parallel: {tp: int = 1, ep: int = 1, dp: int = 1, dcp: int = 1}   (parallel.ParallelPlan's fields)
     model: str                  "tiny" | "glm-5.2" (the real architecture, planning only) | checkpoint folder
     mtp_draft_tokens: int = 0   max_context: int    max_batch: int   (requests per DP replica)
     max_batched_tokens: int = 8192   tokens per forward step (prefill chunk)
@@ -42,6 +42,7 @@ planner reads it as GiB (2**30 bytes).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -52,6 +53,8 @@ from typing import Any
 import yaml
 
 from .config import GLM52_CONFIG, ConfigError, ModelConfig
+from .engine_config import EngineConfig, yaml_schema
+from .parallel import ParallelPlan
 
 WEIGHT_DTYPES = ("fp32", "bf16", "fp8", "w8a8", "w4a8")
 CACHE_DTYPES = ("fp32", "bf16", "fp8", "int8")
@@ -116,7 +119,7 @@ _TOP: dict[str, tuple[str, Any]] = {
     "offload_gb": ("number", 0.0),
 }
 _DTYPES = {"weights": ("str", _REQUIRED), "kv_cache": ("str", _REQUIRED), "index_cache": ("str", None)}
-_PARALLEL = {"tp": ("int", _REQUIRED), "ep": ("int", 1), "dp": ("int", 1), "dcp": ("int", 1)}
+_PARALLEL = yaml_schema(ParallelPlan)     # the engine's own fields (engine_config.py): tp, dp, ep, dcp
 _CAPS = {"weight_dtypes": ("strlist", _REQUIRED), "kv_cache_dtypes": ("strlist", _REQUIRED),
          "hbm_tbs": ("number|null", None), "bf16_tflops": ("number|null", None),
          "fp8_tflops": ("number|null", None)}
@@ -163,8 +166,14 @@ class DeploymentConfig:
 
     # ---- derived -----------------------------------------------------------------------------
     @property
-    def world_size(self) -> int:
+    def devices(self) -> int:
+        """Devices the deployment holds: devices_per_node x nodes (= the plan's world size, checked on load)."""
         return self.devices_per_node * self.nodes
+
+    @property
+    def plan(self) -> ParallelPlan:
+        """The parallel layout (`parallel:`), whose `world_size` is the processes it runs as."""
+        return ParallelPlan(tp=self.tp, dp=self.dp, ep=self.ep, dcp=self.dcp)
 
     @property
     def expert_shards(self) -> int:
@@ -194,13 +203,19 @@ class DeploymentConfig:
         return from_dict(raw, source=self.source, name=self.name)
 
     # ---- building ----------------------------------------------------------------------------
-    def model_arguments(self, **overrides: Any) -> tuple[Any, dict[str, Any]]:
-        """(model, keyword arguments) for `GLM52(model, **kwargs)` on this deployment's backend and
-        device (`GLM52.from_deployment` calls this). Overrides: model, backend, device, dtype, and any
-        other `GLM52` keyword. Under torchrun (WORLD_SIZE > 1) the YAML's `parallel` layout and
-        `collective` apply; in one process the whole model runs there (the layout is for planning)."""
+    def engine_config(self, **overrides: Any) -> tuple[Any, EngineConfig]:
+        """(model, the `EngineConfig`) for `GLM52(model, config)` on this deployment's backend and device
+        (`GLM52.from_deployment` calls this). Overrides: model (a checkpoint), and any setting by its
+        flat name (`EngineConfig.settings()`). Under torchrun (WORLD_SIZE > 1) the YAML's `parallel`
+        layout and `collective` apply; in one process the whole model runs there (the layout is for
+        planning)."""
+        from .engine_config import LEAVES
         from .registry import get_backend
 
+        unknown = sorted(set(overrides) - set(LEAVES) - {"model"})
+        if unknown:
+            raise ValueError(f"{os.path.basename(self.source)}: unknown override{'s' if len(unknown) > 1 else ''} "
+                             f"{', '.join(map(repr, unknown))}; known: model, {', '.join(sorted(LEAVES))}")
         src = overrides.pop("model", None) or self.model
         device = overrides.pop("device", None) or self.device_type
         backend = overrides.pop("backend", None) or self.backend
@@ -228,8 +243,8 @@ class DeploymentConfig:
         world = launched_world()       # WORLD_SIZE checked: garbage there is refused naming it
         if world > 1:
             # under torchrun: the YAML's layout over the launched ranks (one process: the whole model)
-            for k in ("tp", "dp", "ep", "dcp"):
-                overrides.setdefault(k, getattr(self, k))
+            for k, v in dataclasses.asdict(self.plan).items():
+                overrides.setdefault(k, v)
             overrides.setdefault("collective", self.collective)
             n = overrides["tp"] * overrides["dp"]
             if n != world:   # a one-device layout would run the whole model on every rank and exit 0
@@ -237,8 +252,8 @@ class DeploymentConfig:
                                       f"tp x dp = {overrides['tp']} x {overrides['dp']} = {n} device(s), but "
                                       f"{world} processes were launched (WORLD_SIZE={world}); launch {n}, or "
                                       f"set parallel.tp / parallel.dp to match")
-        return model_arg, dict(backend=backend, device=device, dtype=dtype, **overrides)
-
+        return model_arg, EngineConfig.from_settings(os.path.basename(self.source), backend=backend, device=device,
+                                                     dtype=dtype, **overrides)
 
     def apply_env(self) -> dict[str, str]:
         """Set the YAML's `env` variables (communication libraries read them when the process group is

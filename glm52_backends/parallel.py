@@ -32,7 +32,7 @@ import math
 import os
 from dataclasses import dataclass
 
-from .config import ConfigError, ModelConfig
+from .config import ConfigError, ModelConfig, setting
 from .weights import placement
 
 
@@ -42,10 +42,11 @@ class LayoutError(ConfigError):
 
 @dataclass(frozen=True)
 class ParallelPlan:
-    tp: int = 1
-    dp: int = 1
-    ep: int = 1
-    dcp: int = 1
+    tp: int = setting(1, "tensor-parallel ranks (torchrun --nproc-per-node tp x dp)", minimum=1)
+    dp: int = setting(1, "data-parallel groups of tp ranks", minimum=1)
+    ep: int = setting(1, "expert-parallel ranks: 1 (experts TP-split) or tp x dp", minimum=1)
+    dcp: int = setting(1, "decode context parallelism: ranks of the tp group that split every request's "
+                          "cache (divides tp)", minimum=1)
 
     def __post_init__(self):
         for k in ("tp", "dp", "ep", "dcp"):

@@ -259,7 +259,7 @@ class Plan:
         d = self.deployment
         return {
             "deployment": d.name, "vendor": d.vendor, "chip": d.chip, "model": self.model_name,
-            "devices": d.world_size, "memory_per_device_gib": d.memory_per_device_gb,
+            "devices": d.devices, "memory_per_device_gib": d.memory_per_device_gb,
             "layout": {"tp": d.tp, "ep": d.ep, "dp": d.dp, "dcp": d.dcp, "expert_shards": d.expert_shards},
             "dtypes": {"weights": d.weights_dtype, "kv_cache": d.kv_cache_dtype, "index_cache": d.index_cache_dtype},
             "mtp_draft_tokens": d.mtp_draft_tokens, "max_context": d.max_context, "max_batch": d.max_batch,
@@ -283,7 +283,7 @@ class Plan:
         ep = f"EP{d.ep}" if d.ep > 1 else f"experts TP-split over {d.tp}"
         lines = [
             f"{self.model_name} on {d.vendor} {d.chip}  ({d.name})",
-            f"  devices   {d.world_size} x {d.memory_per_device_gb:g} GiB ({d.nodes} node(s) x {d.devices_per_node}); "
+            f"  devices   {d.devices} x {d.memory_per_device_gb:g} GiB ({d.nodes} node(s) x {d.devices_per_node}); "
             f"usable {d.memory_per_device_gb * d.memory_utilization:.1f} GiB each "
             f"(memory_utilization {d.memory_utilization:g})",
             f"  layout    TP{d.tp} x DP{d.dp}, {ep}, DCP{d.dcp}; collective {d.collective}; "
@@ -480,7 +480,7 @@ def all_plans_table(plans: list[Plan] | None = None) -> str:
         d = p.deployment
         layout = f"TP{d.tp} DP{d.dp} EP{d.ep}" + (f" DCP{d.dcp}" if d.dcp > 1 else "")
         lines.append(
-            f"{d.name:<20}{f'{d.world_size}x{d.memory_per_device_gb:g}G':>12}  {layout:<20}{d.weights_dtype:<8}"
+            f"{d.name:<20}{f'{d.devices}x{d.memory_per_device_gb:g}G':>12}  {layout:<20}{d.weights_dtype:<8}"
             f"{d.kv_cache_dtype:<6}{p.need_bytes / GiB:>9.1f}{p.usable_bytes / GiB:>8.1f}  "
             f"{'yes' if p.fits else 'NO':<5}{f'{d.max_context:,} x {d.max_batch}':>18}"
             f"{f'{p.max_context_at_batch:,}':>16}{f'{p.max_context_one_request:,}':>12}"

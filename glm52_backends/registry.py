@@ -20,6 +20,9 @@ This module is the boundary between the model and a backend, checked in both dir
     fallback, is also checked for NaN/inf, which finds the first op that produced one.
 The layer in these messages comes from `BoundBackend.at_layer(l)`, which the network sets per
 layer; without it the messages say "layer unknown".
+
+`BoundBackend`'s ops are typed: each is a class attribute `OpSlot(<the contract's reference>)`, so a
+static tool follows `bound.sparse_mla(...)` to `ops/sparse_mla.py` and checks its arguments there.
 """
 
 from __future__ import annotations
@@ -29,8 +32,9 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any, Callable
+from typing import Any, Callable, Generic, ParamSpec, TypeVar, overload
 
+from . import ops
 from .ops import (CACHE_FORMAT_OF, NEG_INF_OUTPUTS, OP_NAMES, OUTPUT_CHECKS, REFERENCES, WEIGHT_ARGS, Capabilities,
                   OpUnsupported, check_signature, signature)
 from .ops._checks import arg
@@ -235,6 +239,55 @@ class _LibraryScope:
         self.bound.library_calls = self.prev
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class OpSlot(Generic[P, R]):
+    """One op of `BoundBackend`, declared on the class from the contract's reference function:
+    `sparse_mla = OpSlot(ops.sparse_mla)`. For static tools (pyright, mypy, an IDE) `bound.sparse_mla`
+    then has the reference's parameters and return type, and go-to-definition lands in ops/<op>.py.
+
+    At run time, `bound.<op>` is the dispatcher `BoundBackend._make(op)` builds (native or reference,
+    with the contract's checks). `BoundBackend.__init__` binds every op once and the slot caches the
+    dispatcher in the instance's `__dict__`, so a call costs one plain attribute lookup. The slot
+    defines only `__get__` (a non-data descriptor): assigning `bound.<op> = f` shadows it on that
+    instance (tests and workers wrap ops this way) and `del bound.<op>` goes back to the dispatcher.
+    On the class, `BoundBackend.<op>` is the slot itself (`.reference`, `.name`).
+
+    The static type is the reference's, which includes its reference-only keyword `cdt`
+    (`ops.REFERENCE_ONLY`, the reference's compute dtype): not part of the contract, never passed by
+    the model, and not accepted by a backend's native op; pass only the contract's arguments.
+    """
+
+    __slots__ = ("reference", "name")
+
+    def __init__(self, reference: Callable[P, R]) -> None:
+        self.reference = reference
+        self.name: str = getattr(reference, "__name__", "")
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        if name != self.name:
+            raise TypeError(f"{owner.__name__}.{name} = OpSlot({self.name or self.reference!r}): an op's slot "
+                            f"must carry that op's reference (ops.{name})")
+
+    @overload
+    def __get__(self, obj: None, owner: type | None = None) -> OpSlot[P, R]: ...
+
+    @overload
+    def __get__(self, obj: BoundBackend, owner: type | None = None) -> Callable[P, R]: ...
+
+    def __get__(self, obj: BoundBackend | None, owner: type | None = None) -> Callable[P, R] | OpSlot[P, R]:
+        if obj is None:
+            return self
+        fn = obj._make(self.name)
+        obj.__dict__[self.name] = fn    # cached: later lookups find the instance attribute, not the slot
+        return fn
+
+    def __repr__(self) -> str:
+        return f"OpSlot({self.name})"
+
+
 class BoundBackend:
     """A backend with every op of the contract: native where it has one, reference otherwise.
 
@@ -243,7 +296,21 @@ class BoundBackend:
     calls per op, which is what reports mean by "ran natively". Every native output is checked
     against the contract (`BackendOutputError` naming backend, op and layer); `debug` (default:
     the GLM52_DEBUG environment variable) also checks every output for NaN/inf.
+
+    Each op is an `OpSlot` typed as the contract's reference (its parameters, its docs in ops/<op>.py).
     """
+
+    # ---- the ops of the contract (ops.OP_NAMES), one slot each; tests/test_contract.py checks the set ----
+    indexer_topk = OpSlot(ops.indexer_topk)
+    sparse_mla = OpSlot(ops.sparse_mla)
+    moe_experts = OpSlot(ops.moe_experts)
+    mtp_verify = OpSlot(ops.mtp_verify)
+    moe_route = OpSlot(ops.moe_route)
+    rms_norm = OpSlot(ops.rms_norm)
+    layer_norm = OpSlot(ops.layer_norm)
+    rope = OpSlot(ops.rope)
+    linear = OpSlot(ops.linear)
+    mlp = OpSlot(ops.mlp)
 
     def __init__(self, backend: Any, reference: Any | None = None, *, debug: bool | None = None):
         check_backend(backend)
@@ -261,8 +328,8 @@ class BoundBackend:
         # set by graph capture and tracing (`through_library`), so a graph records one node per op
         self.library_calls = False
         self._library: tuple[str, int] | None = None          # (overload, instance), made on first use
-        for op in OP_NAMES:
-            setattr(self, op, self._make(op))
+        for op in OP_NAMES:     # bind every op now (its slot caches the dispatcher on this instance)
+            getattr(self, op)
         if not self.native_ops and not isinstance(backend, _Reference):
             msg = (f"backend {self.name!r} implements none of the contract's ops: everything runs on the "
                    f"reference (conformance fails such a backend: nothing of it would be tested)")

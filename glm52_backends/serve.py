@@ -44,7 +44,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
 
 from .config import is_int
 from .engine.scheduler import Engine, ParamError, RequestOutput, SamplingParams
@@ -543,31 +542,17 @@ def build_app(loop: EngineLoop, model_name: str, chat_template: str | None = Non
 
 # ---- the command ------------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
-    from .engine.arguments import dtype_name as _dtype_name
-    from .engine.arguments import int_at_least as _int_at_least
+    from . import engine_config
+    from .engine_config import int_at_least as _int_at_least
     ap = argparse.ArgumentParser(prog="glm52 serve", description="OpenAI-compatible server (completions, chat "
                                  "completions, models, health, metrics) over the continuous-batching engine.")
     ap.add_argument("checkpoint", nargs="?", help="HF-format GLM-5.x folder (default: the embedded tiny model)")
     ap.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     ap.add_argument("--port", type=_int_at_least(0), default=8000, help="port (default 8000; 0 = any free port)")
-    ap.add_argument("--backend", default="auto", help="auto | cpu_ref | cuda | ascend | torch | <plugin>")
     ap.add_argument("--deployment", metavar="YAML", help="a deployment config (configs/*.yaml or a bundled name)")
-    ap.add_argument("--dtype", type=_dtype_name, help="float32 | bfloat16 | float16 (default: the backend's)")
-    ap.add_argument("--quantization", choices=("fp8", "w8a8", "w4a8", "none"), help="as for glm52 generate")
-    ap.add_argument("--kv-cache-dtype", metavar="DTYPE", help="auto | fp8 | int8 | a format name")
     ap.add_argument("--speculative", type=_int_at_least(0), default=0, metavar="K",
                     help="MTP draft tokens per verify round (0 = off; needs the MTP layer); a request may ask "
                          "for fewer with the body field \"speculative\"")
-    ap.add_argument("--graph", choices=("auto", "on", "off", "trace", "compile"),
-                    help="decode steps as captured graphs: auto (CUDA/NPU graphs on those devices, eager on the "
-                         "CPU), on (everywhere; the CPU compiles), off, trace | compile (the CPU's captures); "
-                         "default: the model's (auto)")
-    ap.add_argument("--tp", type=_int_at_least(1), default=1,
-                    help="tensor-parallel ranks (under torchrun: --nproc-per-node = tp x dp)")
-    ap.add_argument("--dp", type=_int_at_least(1), default=1,
-                    help="data-parallel replicas; each serves on --port + its index (needs --ep 1)")
-    ap.add_argument("--ep", type=_int_at_least(1), default=1,
-                    help="expert-parallel ranks: 1 (experts TP-split) or tp (within the tp group)")
     ap.add_argument("--cache-tokens", type=_int_at_least(1), default=1 << 15,
                     help="paged cache size in tokens, all requests together (default 32768)")
     ap.add_argument("--max-num-batched-tokens", type=_int_at_least(1), default=512,
@@ -578,6 +563,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=_int_at_least(1), help="torch intra-op threads (default: torch's)")
     ap.add_argument("--seed", type=int, default=0, help="seed of unseeded requests' generators")
     ap.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
+    # the engine's settings (engine_config.py): --backend, --dtype, --tp, --dp, --ep, --graph, cache formats, ...;
+    # dp groups serve as replicas on --port + their index (with --ep 1). Not served: decode context
+    # parallelism and host offload (the scheduler's cache is one process's, on the device)
+    engine_config.add_arguments(ap, skip=("dcp", "offload"))
     return ap
 
 
@@ -590,14 +579,17 @@ def _terminated(signum, frame):
 
 
 def serve_main(argv: list[str]) -> int:
+    from .engine_config import EngineConfig, from_args
     args = _parser().parse_args(argv)
-    if args.dp > 1 and args.ep > 1:
-        raise ValueError(f"--dp {args.dp} with --ep {args.ep}: expert parallelism across dp groups is not served "
+    settings = {**from_args(args), "progress": False}
+    plan = EngineConfig.from_settings("glm52 serve", **settings).parallel
+    if plan.dp > 1 and plan.ep > 1:
+        raise ValueError(f"--dp {plan.dp} with --ep {plan.ep}: expert parallelism across dp groups is not served "
                          f"(every group would join every other group's MoE steps while idle); use --ep 1 for dp "
-                         f"replicas, or --dp 1 with --ep {args.tp} (within the tp group)")
-    if args.port and args.port + args.dp - 1 > 65535:
-        raise ValueError(f"--port {args.port} with --dp {args.dp}: the dp groups serve on ports {args.port}.."
-                         f"{args.port + args.dp - 1}, past 65535")
+                         f"replicas, or --dp 1 with --ep {plan.tp} (within the tp group)")
+    if args.port and args.port + plan.dp - 1 > 65535:
+        raise ValueError(f"--port {args.port} with --dp {plan.dp}: the dp groups serve on ports {args.port}.."
+                         f"{args.port + plan.dp - 1}, past 65535")
     import importlib.util
     missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
     if missing:
@@ -606,7 +598,6 @@ def serve_main(argv: list[str]) -> int:
     import torch
     import uvicorn
 
-    from .engine.arguments import parse_dtype as _parse_dtype
     from .loader import default_checkpoint
     from .engine import GLM52
     if args.threads:
@@ -614,25 +605,12 @@ def serve_main(argv: list[str]) -> int:
     path = args.checkpoint or default_checkpoint()
     if not args.deployment:   # under torchrun the layout must cover the launched ranks (else each runs it all)
         from .engine.distributed import check_world
-        from .parallel import ParallelPlan
-        check_world(ParallelPlan(tp=args.tp, dp=args.dp, ep=args.ep))
-    kw: dict[str, Any] = {"progress": False}
-    if args.tp * args.dp > 1:
-        kw.update(tp=args.tp, dp=args.dp, ep=args.ep)
-    if args.graph is not None:
-        kw["graph"] = {"on": True, "off": False}.get(args.graph, args.graph)
-    if args.quantization is not None:
-        kw["quantization"] = args.quantization
-    if args.kv_cache_dtype is not None:
-        kw["kv_cache_dtype"] = args.kv_cache_dtype
-    if args.dtype:
-        kw["dtype"] = _parse_dtype(args.dtype)
+        check_world(plan)
     if args.deployment:
-        model = GLM52.from_deployment(args.deployment, model=args.checkpoint or None,
-                                      **({"backend": args.backend} if args.backend != "auto" else {}), **kw)
+        model = GLM52.from_deployment(args.deployment, model=args.checkpoint or None, **settings)
         path = model.path or path
     else:
-        model = GLM52(path, backend=args.backend, **kw)
+        model = GLM52(path, **settings)
     engine = Engine(model, cache_tokens=args.cache_tokens, max_num_batched_tokens=args.max_num_batched_tokens,
                     max_num_seqs=args.max_num_seqs, speculative=args.speculative,
                     prefix_caching=not args.no_prefix_caching, seed=args.seed)

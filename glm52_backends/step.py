@@ -178,19 +178,8 @@ class Step:
 
     @property
     def positions(self) -> torch.Tensor:
+        """Each token's position [T] (RoPE); the ops' tensors are read from `meta`."""
         return self.meta.positions
-
-    @property
-    def cu_seqlens_q(self) -> torch.Tensor:
-        return self.meta.cu_seqlens_q
-
-    @property
-    def seq_lens(self) -> torch.Tensor:
-        return self.meta.seq_lens
-
-    @property
-    def block_table(self) -> torch.Tensor:
-        return self.meta.block_table
 
 
 def plan_step(cache, chunks: dict[Hashable, Sequence[int]], *, vocab_size: int, max_positions: int,

@@ -93,3 +93,23 @@ def spawn_ranks(argv_of, world: int, *, env: dict | None = None, timeout: float 
             raise AssertionError(f"a rank hung for {timeout} s") from None
         results.append((p.returncode, o, e))
     return results
+
+
+class Rounds:
+    """The verify rounds of a `generate(..., speculative=k)` run, per request id: `accepted[i]` /
+    `drafted[i]` the drafts accepted / proposed at each of request i's rounds (Request.accepted /
+    .drafted of the engine's finished requests)."""
+
+    def __init__(self, engine):
+        reqs = {r.rid: r for r in engine.finished_log}
+        self.engine = engine
+        self.accepted = {i: r.accepted for i, r in reqs.items() if r.accepted}
+        self.drafted = {i: r.drafted for i, r in reqs.items() if r.drafted}
+
+
+def speculative(model, prompts, *, k: int, **kw):
+    """`generate(model, prompts, speculative=k, **kw)` (engine/generation.py, with `draft_filter` etc.):
+    (result, Rounds)."""
+    from glm52_backends.engine.generation import generate
+    res, eng = generate(model, prompts, speculative=k, return_engine=True, **kw)
+    return res, Rounds(eng)

@@ -841,7 +841,7 @@ def check_speculative_greedy_matches_plain():
     import tempfile
     import torch
     from glm52_backends import GLM52
-    from glm52_backends.engine.speculative import generate_speculative
+    from glm52_backends.engine.generation import generate
     from glm52_backends.devtools.make_tiny import make_tiny_checkpoint
     with tempfile.TemporaryDirectory() as d:
         path = make_tiny_checkpoint(d, layers=2, seed=5, index_topk=8, mtp=True)
@@ -860,10 +860,10 @@ def check_speculative_greedy_matches_plain():
         right = seqs[i][pos]
         return right if coins[i][pos] < 0.6 else (right + 1) % m.cfg.vocab_size
 
-    res, dec = generate_speculative(m, prompts, max_new_tokens=n_new, k=3, stop_at_eos=False,
-                                    draft_filter=drafts, return_decoder=True)
+    res, eng = generate(m, prompts, max_new_tokens=n_new, speculative=3, stop_at_eos=False,
+                        draft_filter=drafts, return_engine=True)
     assert res.tokens == plain, (res.tokens, plain)
-    steps = [a for v in dec.accepted.values() for a in v]
+    steps = [a for q in eng.finished_log for a in q.accepted]
     assert 0 in steps and max(steps) >= 2, steps                 # rejections and multi-token accepts
     assert res.stats["ops"]["mtp_verify"] == "native" and res.stats["ops"]["sparse_mla"] == "native"
 

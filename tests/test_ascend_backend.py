@@ -1246,7 +1246,7 @@ def test_graph_capture_stand_in_records_the_npu_ops_and_replays_them(emulate, tm
         int(a[5][0])
         return orig(*a, **k)
     m.ops.backend.sparse_mla = reads_host
-    m.decode_graphs = None
+    m.generate_engine = None
     with pytest.raises(GraphUnavailable, match="reads tensor values on the host"):
         m.generate(prompts, max_new_tokens=3, graph="trace")
 

@@ -88,6 +88,41 @@ def test_cache_filled_to_exactly_its_capacity(tiny_model):
     assert torch.allclose(got, m([a])[0][-1:], atol=1e-5, rtol=1e-5)
 
 
+def test_a_cache_of_another_dtype_on_the_same_device_is_refused(tiny_model):
+    """Same layers and widths, same device, another dtype: refused naming both (a float32 model must
+    not write into bfloat16 rows, nor read them back as its own)."""
+    m = tiny_model
+    other = GLM52(m.cfg, backend="cpu_ref", dtype=torch.bfloat16, progress=False, block_size=4)
+    with pytest.raises(ValueError, match=r"cache: torch.bfloat16 on cpu, the model computes in torch.float32"):
+        m.extend(other.new_cache(8), {"a": [1, 2, 3]})
+    assert m.extend(m.new_cache(8), {"a": [1, 2, 3]})["a"].shape[0] == 3       # its own cache is taken
+
+
+def test_numpy_prompts_are_rows_or_one_prompt(tiny_model):
+    """A 2-D numpy array is a batch of prompts (its rows), a 1-D one a single prompt: the same tokens as
+    the lists."""
+    np = pytest.importorskip("numpy")
+    m = tiny_model
+    rows = [[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]]
+    want = m.generate(rows, max_new_tokens=3, stop_at_eos=False).tokens
+    assert m.generate(np.array(rows), max_new_tokens=3, stop_at_eos=False).tokens == want
+    assert m.generate(np.array(rows[1]), max_new_tokens=3, stop_at_eos=False).tokens == want[1:]
+
+
+def test_finite_logits_names_each_bad_row():
+    """One NaN anywhere is refused (not only an all-NaN tensor), naming its rows and the count."""
+    from glm52_backends.engine.arguments import finite_logits
+    ops = get_backend("cpu_ref")
+    lg = torch.zeros(4, 6)
+    assert finite_logits(lg, ops) is lg
+    lg[1, 2], lg[3, 0] = float("nan"), float("inf")
+    with pytest.raises(FloatingPointError, match=r"backend 'cpu_ref': logits hold 2 NaN/inf value\(s\) "
+                                                 r"\(rows \[1, 3\]\)"):
+        finite_logits(lg, ops)
+    with pytest.raises(FloatingPointError, match=r"MTP logits hold 1 NaN/inf value\(s\) \(rows \[0\]\)"):
+        finite_logits(torch.tensor([0.0, float("nan")]), ops, "MTP logits")
+
+
 def test_paged_cache_reserve_truncate_at_the_edges():
     cfg, _ = tiny_config(layers=1)
     c = PagedCache(cfg, num_blocks=2, block_size=4)
@@ -319,7 +354,7 @@ def test_ep_not_dividing_the_devices_is_refused_with_the_reason(base, changes, w
 def test_ep_dividing_the_devices_but_not_equal_is_accepted_and_planned():
     """24 devices with EP8: three expert replicas; the planner splits the experts 8 ways."""
     d = load_deployment("ascend-910b").replace(nodes=3, **{"parallel.dp": 3, "parallel.ep": 8})
-    assert d.world_size == 24 and d.expert_shards == 8
+    assert d.devices == 24 and d.expert_shards == 8
     rows = {r.component: r.bytes for r in plan(d).rows}
     ep4 = {r.component: r.bytes for r in plan(d.replace(**{"parallel.ep": 4})).rows}
     assert rows["routed experts"] == pytest.approx(ep4["routed experts"] * 4 / 8, rel=1e-12)  # whole experts

@@ -247,3 +247,46 @@ def test_non_interleaved_rope_is_refused(tmp_path, key):
     open(os.path.join(path, "config.json"), "w").write(json.dumps(cfg))
     with pytest.raises(ConfigError, match=f"'{key}' is False: only interleaved"):
         ModelConfig.from_file(path)
+
+
+# ---- the typed ops surface of a bound backend -----------------------------------------------------------------
+def test_bound_backend_declares_one_typed_slot_per_op_of_the_contract():
+    import typing
+
+    from glm52_backends.registry import BoundBackend, OpSlot
+    slots = {name: v for klass in BoundBackend.__mro__ for name, v in vars(klass).items() if isinstance(v, OpSlot)}
+    assert set(slots) == set(R.OP_NAMES), "no op missing, none extra"
+    for op in R.OP_NAMES:
+        slot = vars(BoundBackend)[op]                    # on the class itself (what a static tool reads)
+        assert isinstance(slot, OpSlot) and getattr(BoundBackend, op) is slot, op
+        assert slot.reference is R.REFERENCES[op] and slot.name == op, op
+    # a non-data descriptor: an instance attribute (a test's spy) shadows it
+    assert not hasattr(OpSlot, "__set__") and not hasattr(OpSlot, "__delete__")
+    # the static type: the slot is built from Callable[P, R] and an instance's op is that Callable[P, R]
+    P, Ret = OpSlot.__parameters__
+    op_type = typing.Callable[P, Ret]
+    assert typing.get_type_hints(OpSlot.__init__)["reference"] == op_type
+    assert op_type in typing.get_args(typing.get_type_hints(OpSlot.__get__)["return"])
+    if sys.version_info >= (3, 11):                      # the overloads: instance -> the op, class -> the slot
+        hints = [typing.get_type_hints(f) for f in typing.get_overloads(OpSlot.__get__)]
+        assert {(h["obj"], h["return"]) for h in hints} == {(BoundBackend, op_type),
+                                                             (type(None), OpSlot[P, Ret])}
+
+
+def test_bound_backend_op_dispatches_through_its_slot():
+    bound = get_backend("cpu_ref", compute_dtype=F64)
+    g = torch.Generator().manual_seed(7)
+    x, w = torch.randn(5, 48, generator=g, dtype=F64), torch.randn(48, generator=g, dtype=F64)
+    assert "rms_norm" in vars(bound)                     # bound once, cached on the instance
+    fn = bound.rms_norm
+    assert fn is bound.rms_norm and fn.__name__ == "rms_norm"
+    torch.testing.assert_close(fn(x, w, 1e-6), R.rms_norm(x, w, 1e-6, cdt=F64), rtol=0, atol=0)
+    assert bound.calls["rms_norm"] == {"native": 1, "fallback": 0}
+    # an instance attribute shadows the slot (workers and tests wrap ops so); deleting it restores dispatch
+    seen = []
+    bound.rms_norm = lambda *a, **k: seen.append(a) or fn(*a, **k)
+    bound.rms_norm(x, w, 1e-6)
+    assert len(seen) == 1 and bound.calls["rms_norm"]["native"] == 2
+    del bound.rms_norm
+    torch.testing.assert_close(bound.rms_norm(x, w, 1e-6), R.rms_norm(x, w, 1e-6, cdt=F64), rtol=0, atol=0)
+    assert bound.calls["rms_norm"]["native"] == 3 and len(seen) == 1

@@ -308,5 +308,5 @@ def test_deployment_dcp_reaches_the_model(monkeypatch):
     from glm52_backends.deploy import load_deployment
     d = load_deployment("cpu-tiny").replace(**{"parallel.tp": 2, "parallel.dcp": 2, "devices_per_node": 2})
     monkeypatch.setenv("WORLD_SIZE", "2")
-    _, kw = d.model_arguments()
+    kw = d.engine_config()[1].settings()
     assert kw["tp"] == 2 and kw["dcp"] == 2

@@ -31,7 +31,8 @@ def test_every_product_of_the_issue_has_a_config():
 def test_bundled_config_loads(name):
     d = load_deployment(name)
     assert d.name == name
-    assert d.tp * d.dp == d.world_size == d.devices_per_node * d.nodes
+    assert d.plan.world_size == d.devices == d.devices_per_node * d.nodes
+    assert (d.plan.tp, d.plan.dp, d.plan.ep, d.plan.dcp) == (d.tp, d.dp, d.ep, d.dcp)
     mcfg = d.model_config()
     assert mcfg.num_attention_heads % d.tp == 0 and mcfg.n_routed_experts % d.ep == 0
     assert d.weights_dtype in d.weight_dtypes and d.kv_cache_dtype in d.kv_cache_dtypes
@@ -132,7 +133,7 @@ def test_replace_revalidates_and_unknown_names_list_the_bundled():
     with pytest.raises(DeploymentError) as e:
         d.replace(**{"parallel.tp": 5})
     assert e.value.key == "parallel"  # 5 x 2 != 16 devices
-    assert d.replace(nodes=2, **{"parallel.dp": 4, "parallel.ep": 32}).world_size == 32
+    assert d.replace(nodes=2, **{"parallel.dp": 4, "parallel.ep": 32}).devices == 32
     with pytest.raises(ConfigError, match="bundled configs: .*ascend-910c"):
         load_deployment("ascend-9999")
 
@@ -205,7 +206,7 @@ def test_ascend_yamls_pick_block_size_128_and_the_engine_defaults_to_the_backend
     for name in ("ascend-910b", "ascend-910c", "ascend-950"):
         d = load_deployment(name)
         assert d.cache_block_size == 128
-        _, kw = d.model_arguments(model=str(tmp_path))
+        kw = d.engine_config(model=str(tmp_path))[1].settings()
         assert kw["block_size"] == 128
     assert load_deployment("nvidia-h200").cache_block_size is None
     with pytest.raises(DeploymentError, match="cache_block_size"):

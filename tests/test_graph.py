@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from glm52_backends import GLM52, default_checkpoint
-from glm52_backends.engine.decoding import PlainDecoder
+from glm52_backends.engine.scheduler import Engine, SamplingParams
 from glm52_backends.engine.graph import GraphUnavailable, StaticDecode, buckets
 from glm52_backends.engine.host_reads import HostReadInCapture, HostReads
 from glm52_backends.devtools.make_tiny import make_tiny_checkpoint
@@ -32,18 +32,22 @@ def _prompts(n=5, seed=0):
     return [torch.randint(0, 250, (int(L),), generator=g).tolist() for L in torch.randint(2, 30, (n,), generator=g)]
 
 
-def _drive(model, graph, schedule, prompts, cache_tokens=1024, prefill_chunk=None):
-    """Prefill, then decode steps over the request subsets in `schedule`; every step's tokens."""
-    dec = PlainDecoder(model, cache_tokens=cache_tokens, graph=graph, batch=len(prompts))
-    out = [dec.prefill(prompts, prefill_chunk)]
-    for reqs in schedule:
-        res = dec.step(reqs)
-        out.append([res[r][1][0] for r in reqs])
-    return out, dec
+def _drive(model, graph, budgets, prompts, cache_tokens=1024, prefill_chunk=None, **kw):
+    """Greedy decoding through the engine, request i emitting budgets[i] tokens: (each request's
+    tokens, the engine). Requests finishing at different times shrink the decode batch."""
+    eng = Engine(model, cache_tokens=cache_tokens, graph=graph, max_num_seqs=len(prompts), prefix_caching=False,
+                 prefill_chunk=prefill_chunk, max_num_batched_tokens=4096, lockstep=False, **kw)
+    for i, (p, n) in enumerate(zip(prompts, budgets)):
+        eng.add_request(p, SamplingParams(max_tokens=n, ignore_eos=True), request_id=i)
+    out: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
+    while eng.has_unfinished():
+        for o in eng.step():
+            out[o.request_id] += o.token_ids
+    return out, eng
 
 
-# batches that cross buckets (5 -> 8, then 4, 3 -> 4, 1, 2) and requests that finish at different times
-SCHEDULE = [[0, 1, 2, 3, 4]] * 6 + [[0, 2, 3, 4]] * 5 + [[0, 3, 4]] * 4 + [[3]] * 9 + [[3, 4]] * 3
+# decode batches that cross buckets (5 -> 8, then 4, 3 -> 4, 2, 1): requests finishing at different times
+BUDGETS = [16, 7, 12, 28, 19]
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(block_size=4), dict(quantization="fp8"),
@@ -52,19 +56,19 @@ SCHEDULE = [[0, 1, 2, 3, 4]] * 6 + [[0, 2, 3, 4]] * 5 + [[0, 3, 4]] * 4 + [[3]] 
 def test_graph_decode_equals_eager(ckpt, kw):
     m = GLM52(ckpt, backend="torch", progress=False, **kw)
     prompts = _prompts()
-    eager, _ = _drive(m, False, SCHEDULE, prompts)
-    graph, dec = _drive(m, "trace", SCHEDULE, prompts)
+    eager, _ = _drive(m, False, BUDGETS, prompts)
+    graph, eng = _drive(m, "trace", BUDGETS, prompts)
     assert graph == eager
-    st = dec.stats()
+    st = eng.graphs["decode"].stats()
     assert st["graph"] == "trace" and st["graph_buckets"] == [1, 2, 4, 8] and not st["eager_buckets"]
 
 
 def test_graph_decode_after_chunked_prefill_equals_eager(ckpt):
     m = GLM52(ckpt, backend="torch", progress=False, block_size=4)
     prompts = _prompts(4, seed=8)
-    schedule = [[0, 1, 2, 3]] * 4 + [[1, 2]] * 4
-    assert (_drive(m, "trace", schedule, prompts, prefill_chunk=5)[0]
-            == _drive(m, False, schedule, prompts, prefill_chunk=5)[0])
+    budgets = [5, 9, 9, 5]
+    assert (_drive(m, "trace", budgets, prompts, prefill_chunk=5)[0]
+            == _drive(m, False, budgets, prompts, prefill_chunk=5)[0])
 
 
 def test_generate_with_graphs_equals_eager_and_reuses_them(ckpt):
@@ -77,9 +81,9 @@ def test_generate_with_graphs_equals_eager_and_reuses_them(ckpt):
     ref_later = m.generate(later, max_new_tokens=12, stop_at_eos=False, graph=False)
     assert ref.stats["graph"] == "off (graph=False)" and ref.stats["graphs_captured"] == 0
     a = m.generate(prompts, max_new_tokens=12, stop_at_eos=False)
-    kept = m.decode_graphs
+    kept = m.generate_engine
     b = m.generate(later, max_new_tokens=12, stop_at_eos=False)              # fits: the same graphs, reused
-    assert m.decode_graphs is kept
+    assert m.generate_engine is kept and kept.graphs["decode"].graphs
     assert a.tokens == ref.tokens and b.tokens == ref_later.tokens
     assert a.stats["graph"] == "trace" and a.stats["graphs_captured"] >= 1
 
@@ -133,15 +137,18 @@ def test_padded_rows_are_inert(ckpt):
 
 
 def test_host_reads_per_decode_step(ckpt):
-    """Steady-state decode: one host read per step (the tokens, with the finiteness flags), eager and graph."""
+    """Steady-state decode through the engine: one host read per step (the tokens, with the finiteness
+    flags), eager and graph."""
     for graph in (False, "trace"):
         m = GLM52(ckpt, backend="torch", progress=False)
-        dec = PlainDecoder(m, cache_tokens=512, graph=graph, batch=3)
-        dec.prefill(_prompts(3, seed=4))
-        dec.step([0, 1, 2])                                       # capture (graph) / warm-up
+        eng = Engine(m, cache_tokens=512, graph=graph, max_num_seqs=3, prefix_caching=False, lockstep=False)
+        for p in _prompts(3, seed=4):
+            eng.add_request(p, SamplingParams(max_tokens=8, ignore_eos=True))
+        eng.step()                                                # the prefill
+        eng.step()                                                # capture (graph) / warm-up
         with HostReads() as reads:
-            dec.step([0, 1, 2])
-            dec.step([0, 1, 2])
+            eng.step()
+            eng.step()
         assert reads.count == 2, (graph, reads.where)             # <= 2 is the bar; it is 1 per step
         assert reads.where == ["Tensor.tolist"] * 2
 
@@ -165,32 +172,40 @@ def test_a_backend_that_reads_the_host_is_not_captured(ckpt):
                                                "graph: .*reads tensor values on the host \\(Tensor.tolist\\)"):
         m.generate(_prompts(2), max_new_tokens=3, graph="trace")
     prompts = _prompts(2, seed=5)
-    eager, _ = _drive(m, False, [[0, 1]] * 3, prompts)
-    dec = PlainDecoder(m, cache_tokens=1024, graph=False, batch=2)
-    dec.static = StaticDecode(m, dec.cache, 2, "trace", strict=False)
-    out = [dec.prefill(prompts)]
-    for _ in range(3):
-        res = dec.step([0, 1])
-        out.append([res[0][1][0], res[1][1][0]])
-    assert out == eager
-    assert sorted(dec.static.eager) == [2] and not dec.static.graphs
-    assert "reads tensor values on the host (Tensor.tolist)" in dec.static.eager[2]
+    eager, _ = _drive(m, False, [4, 4], prompts)
+    # the same decode steps with a trace graph allowed to refuse its capture (graph='auto' keeps it eager)
+    eng = Engine(m, cache_tokens=1024, graph=False, max_num_seqs=2, prefix_caching=False, lockstep=False)
+    static = eng.graphs["decode"] = StaticDecode(m, eng.cache, 2, "trace", strict=False)
+    for i, p in enumerate(prompts):
+        eng.add_request(p, SamplingParams(max_tokens=4, ignore_eos=True), request_id=i)
+    got: dict[int, list[int]] = {0: [], 1: []}
+    while eng.has_unfinished():
+        for o in eng.step():
+            got[o.request_id] += o.token_ids
+    assert got == eager
+    assert sorted(static.eager) == [2] and not static.graphs
+    assert "reads tensor values on the host (Tensor.tolist)" in static.eager[2]
 
 
 def test_nan_in_a_graph_step_names_the_step_and_rolls_back(ckpt):
     m = GLM52(ckpt, backend="torch", progress=False)
-    dec = PlainDecoder(m, cache_tokens=512, graph="trace", batch=2)
-    dec.prefill(_prompts(2, seed=6))
-    dec.step([0, 1])
-    before = cache_state(dec.cache)
+    eng = Engine(m, cache_tokens=512, graph="trace", max_num_seqs=2, prefix_caching=False, lockstep=False,
+                 on_nonfinite="raise")
+    for p in _prompts(2, seed=6):
+        eng.add_request(p, SamplingParams(max_tokens=8, ignore_eos=True))
+    eng.step()                                                     # the prefill
+    eng.step()                                                     # decode step 1 (captured)
+    assert eng.stats["graph_steps"] == 1
+    before = cache_state(eng.cache)
     m.net.final_norm.mul_(float("nan"))                            # the captured graph reads the live weight
     try:
-        with pytest.raises(FloatingPointError, match=r"backend 'torch': logits of decode step 2 hold NaN/inf "
-                                                     r"values \(rows \[0, 1\]\)"):
-            dec.step([0, 1])
+        with pytest.raises(FloatingPointError, match=r"backend 'torch': logits of decode step 2 hold \d+ NaN/inf "
+                                                     r"value\(s\) \(rows \[0, 1\]\)"):
+            eng.step()
     finally:
         m.net.final_norm.fill_(1.0)
-    assert same_cache_state(cache_state(dec.cache), before)
+    assert eng.stats["graph_steps"] == 2                           # it was the graph's step that failed
+    assert same_cache_state(cache_state(eng.cache), before)
 
 
 def test_graph_argument_is_checked(ckpt):

@@ -41,7 +41,7 @@ from safetensors.torch import load_file
 
 from glm52_backends import GLM52
 from glm52_backends.backends.cpu_ref import CpuRefBackend
-from glm52_backends.engine.speculative import SpeculativeDecoder
+from glm52_backends.engine.scheduler import Engine, SamplingParams
 from glm52_backends.ops import REFERENCES
 from glm52_backends.devtools.make_tiny import make_tiny_checkpoint
 
@@ -397,9 +397,12 @@ def test_greedy_drafts_are_the_reference_mtp_argmax_chain(ckpt, ref):
     model = GLM52(ckpt, backend=rec, dtype=torch.float64, progress=False)
     k, V = 3, model.cfg.vocab_size
     prompts = [_seq(V, n, 10 + n) for n in (4, 9, 13)]
-    dec = SpeculativeDecoder(model, k, cache_tokens=600)
-    first = dec.prefill(prompts)
-    dec.step([0, 1, 2])
+    eng = Engine(model, speculative=k, cache_tokens=600)
+    reqs = [eng.requests[eng.add_request(p, SamplingParams(max_tokens=20, ignore_eos=True), request_id=b)]
+            for b, p in enumerate(prompts)]
+    eng.step()                                                     # the prefill: each request's first token
+    first = [q.ids[len(q.prompt)] for q in reqs]
+    eng.step()                                                     # one round: k drafts each, one verify
     draft = rec.seen[-1][0]
     share = model.cfg.index_share_for_mtp_iteration
     for b, (prompt, t0) in enumerate(zip(prompts, first)):
@@ -446,9 +449,13 @@ def test_sampled_drafts_follow_the_reference_mtp_distribution(tmp_path_factory, 
     rec = _Recorder(torch.float32)
     model = GLM52(path, backend=rec, dtype=torch.float32, progress=False)
     N, k, prompt = 600, 2, [1, 3, 0, 2, 2, 1]
-    dec = SpeculativeDecoder(model, k, temperature=temperature, top_p=top_p, seed=3, cache_tokens=N * 64)
-    first = dec.prefill([prompt] * N)
-    dec.step(list(range(N)))
+    eng = Engine(model, speculative=k, cache_tokens=N * 64, max_num_seqs=N, max_num_batched_tokens=N * (k + 7),
+                 seed=3, prefix_caching=False)
+    params = SamplingParams(max_tokens=20, temperature=temperature, top_p=top_p, ignore_eos=True)
+    reqs = [eng.requests[eng.add_request(prompt, params, request_id=b)] for b in range(N)]
+    eng.step()
+    first = [q.ids[len(q.prompt)] for q in reqs]
+    eng.step()
     draft, q = rec.seen[-1]
     h_ref = ref.hidden(prompt)
     share = model.cfg.index_share_for_mtp_iteration

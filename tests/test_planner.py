@@ -46,7 +46,7 @@ def test_bf16_needs_four_a2_nodes():
 
 def test_fp8_on_8xh200_fits_1m_context_for_one_request():
     d = load_deployment("nvidia-h200")
-    assert (d.world_size, d.weights_dtype, d.max_context, d.max_batch) == (8, "fp8", 1048576, 1)
+    assert (d.devices, d.weights_dtype, d.max_context, d.max_batch) == (8, "fp8", 1048576, 1)
     p = plan(d)
     assert p.fits and p.max_context_at_batch == 1048576
     # it needs the latent cache striped over the TP group (DCP8): replicated per rank, 1M does not
@@ -83,7 +83,7 @@ def test_bf16_on_one_8xh100_node_does_not_fit():
     d = load_deployment("nvidia-h100").replace(nodes=1, **{"dtypes.weights": "bf16", "parallel.dp": 1,
                                                             "parallel.ep": 8})
     p = plan(d)
-    assert d.world_size == 8 and not p.fits and p.max_context_at_batch == 0
+    assert d.devices == 8 and not p.fits and p.max_context_at_batch == 0
     weights = sum(r.bytes for r in p.rows[:6])
     assert weights > d.memory_per_device_gb * GiB  # the weights alone exceed the card
 

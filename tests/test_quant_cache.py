@@ -520,16 +520,16 @@ def test_cache_dtype_arguments_are_checked(ckpt):
 
 
 def test_deployment_yaml_cache_dtypes_reach_the_model(tmp_path):
-    _, kw = load_deployment("nvidia-h200").model_arguments(model=str(tmp_path))
+    kw = load_deployment("nvidia-h200").engine_config(model=str(tmp_path))[1].settings()
     assert (kw["kv_cache_dtype"], kw["index_cache_dtype"]) == ("fp8", "fp8")
-    _, kw = load_deployment("ascend-910c").model_arguments(model=str(tmp_path))     # kv_cache bf16, computes bf16
+    kw = load_deployment("ascend-910c").engine_config(model=str(tmp_path))[1].settings()     # kv_cache bf16, computes bf16
     assert (kw["kv_cache_dtype"], kw["index_cache_dtype"]) == ("auto", "auto")
-    _, kw = load_deployment("ascend-910c").model_arguments(model=str(tmp_path), dtype=torch.float32)
+    kw = load_deployment("ascend-910c").engine_config(model=str(tmp_path), dtype=torch.float32)[1].settings()
     assert (kw["kv_cache_dtype"], kw["index_cache_dtype"]) == ("bf16", "bf16")    # GLM52 refuses that pair
     d = load_deployment("ascend-910c").replace(**{"dtypes.kv_cache": "int8", "dtypes.index_cache": "int8"})
-    _, kw = d.model_arguments(model=str(tmp_path))
+    kw = d.engine_config(model=str(tmp_path))[1].settings()
     assert (kw["kv_cache_dtype"], kw["index_cache_dtype"]) == ("int8", "int8")
-    _, kw = load_deployment("ascend-910c").model_arguments(model=str(tmp_path), kv_cache_dtype="fp8")
+    kw = load_deployment("ascend-910c").engine_config(model=str(tmp_path), kv_cache_dtype="fp8")[1].settings()
     assert kw["kv_cache_dtype"] == "fp8"            # an explicit argument wins over the YAML
     # and GLM52 turns them into formats
     cfg = tiny_config(layers=2)[0]

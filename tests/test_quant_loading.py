@@ -162,6 +162,11 @@ def test_ascend_loader_refuses_by_name(ckpts, tmp_path):
     _edit_desc(p, lambda d: d.__setitem__(EXPERT_UP, "W8A16"))
     with pytest.raises(CheckpointError, match=f"tensor '{EXPERT_UP}': unknown quantization type 'W8A16'"):
         load_checkpoint(p, progress=False)
+    p = _copy(ckpts["w8a8"], tmp_path / "unknown_part")        # a part's own type is checked too, not only its weight's
+    part = EXPERT_UP.removesuffix("weight") + "weight_scale"
+    _edit_desc(p, lambda d: d.__setitem__(part, "W8A16"))
+    with pytest.raises(CheckpointError, match=f"tensor '{part}': unknown quantization type 'W8A16'"):
+        load_checkpoint(p, progress=False)
     p = _copy(ckpts["w8a8"], tmp_path / "missing")
     _edit(p, lambda t: t.pop(Q_A.removesuffix("weight") + "deq_scale"))
     with pytest.raises(CheckpointError, match=f"missing tensor '{Q_A.removesuffix('weight')}deq_scale' "

@@ -86,12 +86,14 @@ def test_every_process_group_gets_the_collective_timeout(bf16, tmp_path, monkeyp
     assert comms.timeout == datetime.timedelta(seconds=7.5)          # for a backend's own groups
 
 
-@pytest.mark.parametrize("value", ["soon", "-1", "0", "nan", "inf"])
+@pytest.mark.parametrize("value", ["soon", "-1", "0", "nan", "inf", "31536000.5"])
 def test_a_bad_collective_timeout_is_refused_by_name(value, monkeypatch):
     from glm52_backends.engine.distributed import collective_timeout
     monkeypatch.setenv("GLM52_COLLECTIVE_TIMEOUT_S", value)
     with pytest.raises(LayoutError, match=f"GLM52_COLLECTIVE_TIMEOUT_S='{value}': must be a positive number"):
         collective_timeout()
+    monkeypatch.setenv("GLM52_COLLECTIVE_TIMEOUT_S", "31536000")             # a year: the most it takes
+    assert collective_timeout() == datetime.timedelta(days=365)
     monkeypatch.delenv("GLM52_COLLECTIVE_TIMEOUT_S")
     assert collective_timeout() == datetime.timedelta(seconds=300)
 
@@ -274,10 +276,10 @@ def test_a_one_process_layout_under_a_multi_process_launch_is_refused(bf16, caps
         err = capsys.readouterr().err
         assert "one of WORLD_SIZE=2 launched processes, but the parallel plan (tp=1, dp=1, ep=1) needs 1" in err
         with pytest.raises(DeploymentError, match=r"'parallel': tp x dp = 1 x 1 = 1 device\(s\), but 2 processes"):
-            load_deployment("cpu-tiny").model_arguments(model=bf16)
+            load_deployment("cpu-tiny").engine_config(model=bf16)
         with env_vars({"WORLD_SIZE": "two"}):
             with pytest.raises(LayoutError, match="WORLD_SIZE='two' in the environment is not an integer"):
-                load_deployment("cpu-tiny").model_arguments(model=bf16)
+                load_deployment("cpu-tiny").engine_config(model=bf16)
 
 
 # ==== 4. data loss and half-written files ===========================================================
@@ -470,15 +472,16 @@ def test_train_tiny_refuses_an_occupied_out_before_training(tmp_path, monkeypatc
 
 
 def test_a_request_with_one_token_left_drafts_none(bf16):
-    from glm52_backends.engine.speculative import generate_speculative
+    """A request with b new tokens left drafts at most b - 1: with one left its step is a plain decode
+    (no verify round at all), with two it drafts one."""
+    from conftest import speculative
     m = GLM52(bf16, backend="cpu_ref", progress=False)
     plain = m.generate([[1, 2, 3], [4, 5]], max_new_tokens=3, stop_at_eos=False).tokens
-    res, dec = generate_speculative(m, [[1, 2, 3], [4, 5]], max_new_tokens=2, k=3, stop_at_eos=False,
-                                    return_decoder=True)
-    assert dec.drafted == {0: [0], 1: [0]} and res.tokens == [p[:2] for p in plain]
-    res, dec = generate_speculative(m, [[1, 2, 3], [4, 5]], max_new_tokens=3, k=3, stop_at_eos=False,
-                                    return_decoder=True)
-    assert all(v[0] == 1 for v in dec.drafted.values()) and res.tokens == plain
+    res, rounds = speculative(m, [[1, 2, 3], [4, 5]], max_new_tokens=2, k=3, stop_at_eos=False)
+    assert rounds.drafted == {} and res.tokens == [p[:2] for p in plain]
+    assert rounds.engine.stats["drafted_tokens"] == 0 and rounds.engine.stats["decode_steps"] == 1
+    res, rounds = speculative(m, [[1, 2, 3], [4, 5]], max_new_tokens=3, k=3, stop_at_eos=False)
+    assert rounds.drafted == {0: [1], 1: [1]} and res.tokens == plain
 
 
 def test_yaml_merge_keys_are_accepted_and_duplicates_still_refused(tmp_path):
@@ -531,6 +534,21 @@ def test_a_huge_expert_count_is_refused_before_building_the_inventory(bf16, tmp_
                                               r"expert tensors"):
         load_checkpoint(ck, progress=False)
     assert time.monotonic() - t0 < 10
+
+
+def test_a_checkpoint_with_exactly_its_expert_tensors_is_refused_for_what_it_lacks(bf16, tmp_path):
+    """The expert-count guard is a bound, not a verdict: a checkpoint holding as many tensors as its
+    experts need (here: those and nothing else) gets the ordinary missing-tensor report."""
+    ck = _copy(bf16, tmp_path / "ck")
+    n = json.load(open(os.path.join(ck, "config.json")))["num_hidden_layers"]     # the MTP layer's experts go too
+
+    def experts_only(t):
+        for k in [k for k in t if ".mlp.experts." not in k or int(k.split(".")[2]) >= n]:
+            t.pop(k)
+    _edit_tensors(ck, "model.safetensors", experts_only)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(ck, progress=False)
+    assert "missing tensor 'model.embed_tokens.weight'" in str(e.value) and "n_routed_experts" not in str(e.value)
 
 
 def test_a_config_json_that_is_a_fifo_is_refused_not_waited_on(tmp_path):
@@ -635,4 +653,6 @@ def test_every_known_survivor_still_applies():
     assert len(got) == len(mutate.KNOWN) >= 8
     for k, m in got:
         assert m.source != open(os.path.join(mutate.REPO, k.module), encoding="utf-8").read()
-        assert all(t.split("::")[0] in ("tests/test_reliability.py", "tests/test_distributed.py") for t in k.tests)
+        for t in k.tests:                  # each killing test exists under its name
+            path, _, name = t.partition("::")
+            assert f"def {name}(" in open(os.path.join(mutate.REPO, path), encoding="utf-8").read(), t

@@ -19,9 +19,10 @@ from glm52_backends import GLM52
 from glm52_backends.ops._paged import gather_paged
 from glm52_backends.registry import get_backend
 from glm52_backends.sampling import probs_from_logits
-from glm52_backends.engine.speculative import DEFAULT_DRAFT_THRESHOLD, SpeculativeDecoder, generate_speculative
+from glm52_backends.engine.scheduler import Engine, SamplingParams
+from glm52_backends.engine.speculative import DEFAULT_DRAFT_THRESHOLD
 from glm52_backends.devtools.make_tiny import make_tiny_checkpoint
-from conftest import env_vars
+from conftest import env_vars, speculative
 
 # every backend that runs on this machine: the Ascend backend through its CPU emulator of the
 # torch_npu ops. (The CUDA backend under Triton's interpreter is too slow for these generations;
@@ -104,8 +105,8 @@ def test_greedy_speculative_equals_plain(ckpt, backend, k):
     prompts = _prompts(V)                                         # 5, 13, 22 tokens (index_topk 8)
     plain = _plain(model, backend, prompts)
     drafts = MixedDrafts([p + o for p, o in zip(prompts, plain)], [0.9, 0.5, None], V, seed=k)
-    res, dec = generate_speculative(model, prompts, max_new_tokens=NEW_TOKENS, k=k, stop_at_eos=False,
-                                    draft_filter=drafts, return_decoder=True)
+    res, dec = speculative(model, prompts, max_new_tokens=NEW_TOKENS, k=k, stop_at_eos=False,
+                                    draft_filter=drafts)
     assert res.tokens == plain
     acc = dec.accepted
     assert max(acc[0]) == k and min(acc[1]) == 0                  # bonus tokens and full rejections
@@ -128,7 +129,7 @@ def test_greedy_speculative_mtp_drafts_chunked_prefill_and_eos(ckpt, backend):
     try:
         want = model.generate(prompts, max_new_tokens=20, prefill_chunk=4).tokens
         drafts = MixedDrafts([p + o for p, o in zip(prompts, plain)], [0.8, None], model.cfg.vocab_size)
-        got = generate_speculative(model, prompts, max_new_tokens=20, k=3, prefill_chunk=4, draft_filter=drafts)
+        got, _ = speculative(model, prompts, max_new_tokens=20, k=3, prefill_chunk=4, draft_filter=drafts)
         mtp_only = model.generate(prompts, max_new_tokens=20, speculative=2, prefill_chunk=4)
     finally:
         model.cfg.eos_token_id = old
@@ -178,29 +179,32 @@ def test_caches_after_rejection_equal_plain_decoding(ckpt, backend):
     ref_seq = [p + o for p, o in zip(prompts, plain)]
     k = 3
     drafts = MixedDrafts(ref_seq, [0.6, 0.3], cfg.vocab_size, seed=5)
-    dec = SpeculativeDecoder(model, k, cache_tokens=400, draft_filter=drafts)
-    assert cfg.num_hidden_layers in dec.cache.c and cfg.num_hidden_layers in dec.cache.index_k
-    dec.prefill(prompts)
+    eng = Engine(model, speculative=k, cache_tokens=400, draft_filter=drafts, prefix_caching=False)
+    assert cfg.num_hidden_layers in eng.cache.c and cfg.num_hidden_layers in eng.cache.index_k
+    reqs = [eng.requests[eng.add_request(p, SamplingParams(max_tokens=40, ignore_eos=True), request_id=i)]
+            for i, p in enumerate(prompts)]
+    eng.step()                                                               # the prefill: first tokens
     rejected_rounds = 0
     for _ in range(5):
-        n = {i: len(dec.seq[i]) - 1 for i in (0, 1)}
-        res = dec.step([0, 1])
-        for i, (a, new) in res.items():
-            assert dec.cache.lens[i] == n[i] + a + 1 and dec.cache.lens[("mtp", i)] == n[i]
-            assert dec.cache.lens[i] == len(dec.seq[i]) - 1
+        n = {q.rid: q.computed for q in reqs}
+        eng.step()
+        for q in reqs:
+            i, a = q.rid, q.accepted[-1]
+            assert eng.cache.lens[i] == n[i] + a + 1 and eng.cache.lens[("mtp", i)] == n[i]
+            assert eng.cache.lens[i] == len(q.ids) - 1 == q.computed
             rejected_rounds += a < k
-        dec.catch_up([0, 1])
-        for i in (0, 1):
-            L = dec.cache.lens[i]
-            assert dec.seq[i] == ref_seq[i][:L + 1]
-            assert dec.cache.lens[("mtp", i)] == L
-            assert len(dec.cache.blocks[i]) == dec.cache.blocks_needed(L)          # rejected blocks freed
-            ref, pending = _plain_caches(model, dec.seq[i], len(prompts[i]), L)
-            _assert_same_entries(dec.cache, ref, i, 0, L, f"request {i} target")
+        eng.catch_up(reqs)
+        for q in reqs:
+            i, L = q.rid, eng.cache.lens[q.rid]
+            assert q.ids == ref_seq[i][:L + 1]
+            assert eng.cache.lens[("mtp", i)] == L
+            assert len(eng.cache.blocks[i]) == eng.cache.blocks_needed(L)          # rejected blocks freed
+            ref, pending = _plain_caches(model, q.ids, len(prompts[i]), L)
+            _assert_same_entries(eng.cache, ref, i, 0, L, f"request {i} target")
             # the MTP entries: the draft-step entries are gone, the verified ones rebuilt
-            mtp_got, mtp_ref = _mtp_view(dec.cache, cfg), _mtp_view(ref, cfg)
+            mtp_got, mtp_ref = _mtp_view(eng.cache, cfg), _mtp_view(ref, cfg)
             _assert_same_entries(mtp_got, mtp_ref, ("mtp", i), ("mtp", 0), L, f"request {i} MTP")
-            assert torch.allclose(dec.pending[i][1], pending, atol=1e-4, rtol=1e-4)
+            assert torch.allclose(q.pending[1], pending, atol=1e-4, rtol=1e-4)
     assert rejected_rounds >= 3
 
 
@@ -213,13 +217,16 @@ def test_index_share_for_mtp_iteration(ckpt, share):
     old = cfg.index_share_for_mtp_iteration
     cfg.index_share_for_mtp_iteration = share
     try:
-        dec = SpeculativeDecoder(model, k, cache_tokens=200)
-        dec.prefill([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3]])
-        dec.catch_up([0])
+        eng = Engine(model, speculative=k, cache_tokens=200)
+        q = eng.requests[eng.add_request([3, 1, 4, 1, 5, 9, 2, 6, 5, 3], SamplingParams(max_tokens=20,
+                                                                                       ignore_eos=True))]
+        eng.step()                                                           # the prefill
+        eng.catch_up([q])
         calls = model.ops.calls["indexer_topk"]
         before = calls["native"] + calls["fallback"]
-        dec.step([0])
+        eng.step()                                                           # k drafts, one verify step
         after = calls["native"] + calls["fallback"]
+        assert q.drafted == [k]
     finally:
         cfg.index_share_for_mtp_iteration = old
     # the verify step calls it once per full target layer; draft steps 2..k once each unless shared
@@ -277,8 +284,8 @@ def test_sampling_preserves_target_distribution(small_vocab, k, temperature, top
     prompt = [1, 3, 0, 2, 2, 1]                                              # longer than index_topk
     # n + k - 1 new tokens: a request drafts at most (tokens left - 1), so the second round can still
     # draft all k and both verify outcomes occur; the joint is judged on the first n tokens
-    res, dec = generate_speculative(model, [prompt] * N, max_new_tokens=n + k - 1, k=k, temperature=temperature,
-                                    top_p=top_p, seed=11, stop_at_eos=False, return_decoder=True)
+    res, dec = speculative(model, [prompt] * N, max_new_tokens=n + k - 1, k=k, temperature=temperature,
+                                    top_p=top_p, seed=11, stop_at_eos=False)
     joint = _target_joint(model, prompt, n, temperature, top_p)
     counts: dict[tuple, int] = {}
     for t in res.tokens:
@@ -569,9 +576,9 @@ def test_adaptive_greedy_equals_plain_for_every_threshold(ckpt, backend):
 
     def run(threshold, adaptive=True):
         with DraftRule(model, k, threshold, max_new_tokens=NEW_TOKENS) as rule:
-            res, dec = generate_speculative(model, prompts, max_new_tokens=NEW_TOKENS, k=k, stop_at_eos=False,
+            res, dec = speculative(model, prompts, max_new_tokens=NEW_TOKENS, k=k, stop_at_eos=False,
                                             draft_filter=drafts, adaptive=adaptive,
-                                            draft_threshold=threshold, return_decoder=True)
+                                            draft_threshold=threshold)
         assert res.tokens == plain, threshold
         assert rule.rounds == dec.drafted                      # what the model saw = what the decoder reports
         _stats_agree(res, dec)
@@ -626,9 +633,8 @@ def test_adaptive_greedy_up_to_the_context_end(short_model):
         if t == "mid":
             t = _between(probs, 0.5)
         with DraftRule(model, k, t, max_new_tokens=100) as rule:
-            res, dec = generate_speculative(model, prompts, max_new_tokens=100, k=k, stop_at_eos=False,
-                                            draft_filter=drafts, adaptive=True, draft_threshold=t,
-                                            return_decoder=True)
+            res, dec = speculative(model, prompts, max_new_tokens=100, k=k, stop_at_eos=False,
+                                            draft_filter=drafts, adaptive=True, draft_threshold=t)
         probs += rule.probs
         assert res.tokens == plain.tokens and res.finish_reasons == ["context"] * 3, t
         assert rule.rounds == dec.drafted
@@ -648,9 +654,9 @@ def test_adaptive_sampling_preserves_target_distribution(small_vocab, temperatur
     prompt = [1, 3, 0, 2, 2, 1]
     new = n + k - 1                 # so that a round can draft all k (one with b tokens left drafts <= b - 1)
     with DraftRule(model, k, threshold, temperature=temperature, top_p=top_p, max_new_tokens=new) as rule:
-        res, dec = generate_speculative(model, [prompt] * N, max_new_tokens=new, k=k, temperature=temperature,
+        res, dec = speculative(model, [prompt] * N, max_new_tokens=new, k=k, temperature=temperature,
                                         top_p=top_p, seed=12, stop_at_eos=False, adaptive=True,
-                                        draft_threshold=threshold, return_decoder=True)
+                                        draft_threshold=threshold)
     assert rule.rounds == dec.drafted
     drafted = [d for v in dec.drafted.values() for d in v]
     assert {1, 2, 3} <= set(drafted), sorted(set(drafted))
@@ -693,7 +699,7 @@ def test_adaptive_default_threshold_and_decoder_check(ckpt):
     assert fixed.stats["adaptive"] is False and fixed.stats["draft_threshold"] is None
     assert out.tokens == fixed.tokens
     with pytest.raises(ValueError, match=re.escape("draft_threshold must be a probability in [0, 1]")):
-        SpeculativeDecoder(model, 2, cache_tokens=64, draft_threshold=2)
+        Engine(model, speculative=2, cache_tokens=64, draft_threshold=2)
 
 
 def test_cli_generate_adaptive(ckpt, capsys):

@@ -6,7 +6,8 @@ Layers, bottom to top (a module may import its own layer or lower ones):
   0  config (also the dtype names), sampling, configs (the bundled YAMLs), quant (the formats' arithmetic),
      files (atomic writes)
   1  weights, cache, cache_formats (paged-cache row formats), step, ops (the contract)
-  2  registry, loader (a package: one file per concern), parallel
+  2  registry, loader (a package: one file per concern), parallel, engine_config (the one engine
+     configuration GLM52, the CLI, serve and the deployment YAML build)
   3  model (the network), tiny (the tiny model's config and random weights)
   4  engine (GLM52, generation), deploy, planner
   5  cli, serve (`glm52 serve`: the HTTP server over the engine), devtools (`glm52 make-tiny`'s checkpoint
@@ -23,7 +24,7 @@ import sys
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "glm52_backends")
 LAYER = {"quant": 0, "config": 0, "files": 0, "sampling": 0, "configs": 0, "weights": 1, "cache": 1, "cache_formats": 1, "step": 1, "ops": 1, "registry": 2, "loader": 2,
-         "parallel": 2,
+         "parallel": 2, "engine_config": 2,
          "model": 3, "tiny": 3, "engine": 4, "deploy": 4, "planner": 4, "cli": 5, "serve": 5, "devtools": 5}
 OUTSIDE = ("glm52_backends.backends", "glm52_backends.conformance", "glm52_backends.benchmarks")
 # What stays out of the runtime -> the core modules that may import it: the declared seams.

@@ -1,5 +1,5 @@
-"""The engine: the `GLM52` facade (loading, tokenizer, caches), the generation loop shared by
-plain and speculative decoding, and the MTP speculative decoder. The network itself is
+"""The engine: the `GLM52` facade (loading, tokenizer, caches), the continuous-batching engine
+(scheduler.py: the one loop, plain and MTP-speculative) and `generate`, its batch client. The network itself is
 `glm52_backends.model`; a step's metadata is `glm52_backends.step`."""
 
 from .generation import GenerationResult

@@ -4,12 +4,11 @@ caches and user-supplied weights, each checked once here with a message naming t
 Token ids must be Python ints (or numpy / torch integers): a float, bool or string is refused,
 never converted (`int(2.7)` would silently be token 2). Every float argument must be finite.
 Prompts longer than the context are refused up front; generation past the context stops there
-with the finish reason "context" (engine/decoding.py).
+with the finish reason "context" (engine/generation.py).
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import numbers
 from collections.abc import Hashable, Mapping, Sequence
@@ -18,32 +17,11 @@ from typing import Any
 import torch
 
 from ..config import FLOAT_DTYPES, is_int
+from ..engine_config import dtype_name
 from ..sampling import check_sampling
 
 
 _is_int = is_int
-
-
-# ---- command-line argument types (argparse `type=`), shared by the CLI and `glm52 serve` --------------
-def int_at_least(low: int):
-    """An argparse type: an integer >= `low`."""
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if v < low:
-            raise argparse.ArgumentTypeError(f"{v} must be >= {low}")
-        return v
-    parse.__name__ = "integer"
-    return parse
-
-
-def dtype_name(text: str) -> str:
-    """An argparse type: a float dtype name of config.FLOAT_DTYPES."""
-    if text not in FLOAT_DTYPES:
-        raise argparse.ArgumentTypeError(f"unknown dtype {text!r}; choose from {', '.join(FLOAT_DTYPES)}")
-    return text
 
 
 def parse_dtype(name: str | None):
@@ -279,9 +257,3 @@ def nonfinite(ops, what: str, rows: list, count: int | None = None) -> None:
     n = f"{count} NaN/inf value(s)" if count is not None else "NaN/inf values"
     raise FloatingPointError(f"backend {ops.name!r}: {what} hold {n} (rows {rows[:8]}"
                              f"{'...' if len(rows) > 8 else ''}){hint}")
-
-
-def finite_float(name: str, v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
-        raise ValueError(f"{name} must be a finite number, got {v!r}")
-    return float(v)

@@ -37,8 +37,9 @@ def collective_timeout() -> datetime.timedelta:
     except ValueError:
         v = math.nan
     if not math.isfinite(v) or v <= 0 or v > 86400 * 365:
-        raise LayoutError(f"{TIMEOUT_ENV}={text!r}: must be a positive number of seconds (default "
-                          f"{DEFAULT_TIMEOUT_S:g}): how long a rank waits for a stopped one before failing")
+        raise LayoutError(f"{TIMEOUT_ENV}={text!r}: must be a positive number of seconds, at most a year "
+                          f"(31536000; default {DEFAULT_TIMEOUT_S:g}): how long a rank waits for a stopped one "
+                          f"before failing")
     return datetime.timedelta(seconds=v)
 
 
@@ -164,7 +165,7 @@ def forward_dp(model, prompts: list[list[int]]) -> list[torch.Tensor]:
 def generate_dp(model, prompts: list[list[int]], run, **kwargs):
     """`GLM52.generate` with dp > 1: `run(model, own_prompts, **kwargs)` on this dp group's share,
     then the tokens of every request gathered on every rank."""
-    from .decoding import GenerationResult
+    from .generation import GenerationResult
     mine_idx = own_requests(len(prompts), model.layout)
     res = run(model, [prompts[i] for i in mine_idx], **kwargs) if mine_idx else None
     if model.turns is not None:

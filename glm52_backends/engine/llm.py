@@ -21,7 +21,7 @@ from .. import cache_formats
 from ..cache import PagedCache
 from ..config import ModelConfig
 from ..model import Glm52Network
-from ..parallel import ParallelPlan
+from ..engine_config import EngineConfig
 from ..registry import BoundBackend, get_backend
 from ..weights import float32_tensor
 from . import arguments
@@ -60,21 +60,30 @@ def _cache_formats(kv_cache_dtype: Any, index_cache_dtype: Any, dtype: torch.dty
 class GLM52:
     """GLM-5.x inference on a pluggable backend.
 
-    `GLM52(path_or_config, backend="auto" | name | backend object, device=None, dtype=None,
-    quantization=None)`. `quantization`: None runs the checkpoint's stored format (BF16, block-FP8,
+    `GLM52(path_or_config, config=None, *, state_dict=None, **settings)`: the engine's settings are one
+    `EngineConfig` (engine_config.py; `self.config`), given whole and/or as keywords by their flat names
+    (`backend="auto" | name | backend object`, `device`, `dtype`, `quantization`, `graph`, `tp`, `dp`,
+    `ep`, `dcp`, `block_size`, `kv_cache_dtype`, `index_cache_dtype`, `offload`, ...; a keyword changes
+    the given config). `quantization`: None runs the checkpoint's stored format (BF16, block-FP8,
     msModelSlim W8A8 / W4A8: quantized linears stay quantized on the device); "fp8" / "w8a8" / "w4a8"
     quantize a BF16 checkpoint's linears at load (online; w8a8 online is dynamic only); "none"
     dequantizes a quantized checkpoint at load (loader.py has the table).
     `model(input_ids)` is a stateless full forward; `generate` runs batched paged decoding.
     """
 
-    def __init__(self, model: str | os.PathLike | ModelConfig, *, backend: Any = "auto", device=None,
-                 dtype: torch.dtype | None = None, block_size: int | None = None, progress: bool = True,
-                 include_mtp: bool | None = None, seed: int = 0, state_dict: dict | None = None,
-                 tp: int = 1, dp: int = 1, ep: int = 1, dcp: int = 1, collective: str | None = None,
-                 quantization: str | None = None, kv_cache_dtype: str | torch.dtype = "auto",
-                 index_cache_dtype: str | torch.dtype | None = None, graph: Any = "auto",
-                 offload: int | None = None):
+    def __init__(self, model: str | os.PathLike | ModelConfig, config: EngineConfig | None = None, *,
+                 state_dict: dict | None = None, **settings: Any):
+        if config is not None and not isinstance(config, EngineConfig):
+            raise ValueError(f"GLM52: config must be an EngineConfig (engine_config.py), got {type(config).__name__}")
+        # every setting: the config's, changed by the keyword arguments (flat names: EngineConfig.settings())
+        self.config = (config or EngineConfig()).replace("GLM52", **settings)
+        c = self.config
+        backend, device, dtype, block_size = c.backend, c.device, c.dtype, c.cache.block_size
+        progress, include_mtp, seed, collective, quantization = (c.progress, c.include_mtp, c.seed, c.collective,
+                                                                 c.quantization)
+        graph, offload = c.graph, c.cache.offload
+        dcp = c.parallel.dcp
+        kv_cache_dtype, index_cache_dtype = c.cache.kv_cache_dtype, c.cache.index_cache_dtype
         _check_init(model, backend, device, dtype, block_size)
         self.graph = arguments.graph_choice("GLM52: graph", graph)
         # host offload of cold latent blocks (cache.HostOffload): the device-resident latent blocks per layer of
@@ -88,7 +97,8 @@ class GLM52:
                 raise ValueError(f"GLM52: graph={self.graph!r} with offload={offload}: each step's fetch is planned on "
                                  f"the host from the top-k, which a captured graph cannot replay (graph=False)")
             self.graph = False      # "auto": decode steps run eagerly
-        self.decode_graphs = None     # engine/graph.StaticDecode: captured decode steps, reused by later runs
+        # `generate`'s engine (engine/scheduler.py) when it captured graphs: its cache and graphs serve later calls
+        self.generate_engine = None
         arguments.quantization(quantization)
         self.ops: BoundBackend = get_backend(backend)
         caps = self.ops.capabilities
@@ -103,7 +113,7 @@ class GLM52:
         self.path = None
         self.tokenizer = None
         # many devices: this rank's layout, device and collectives (parallel.py, engine/distributed.py)
-        self.plan = ParallelPlan(tp=tp, dp=dp, ep=ep, dcp=dcp)
+        self.plan = c.parallel
         if self.plan.dcp > 1:     # decode context parallelism: each rank of a dcp group holds 1/dcp of every block
             if self.block_size % self.plan.dcp:
                 raise ValueError(f"GLM52: block_size {self.block_size} must be a multiple of dcp = {self.plan.dcp} "
@@ -162,20 +172,14 @@ class GLM52:
     @classmethod
     def from_deployment(cls, deployment: Any, **overrides) -> "GLM52":
         """Build model, backend and device from a deployment YAML (`configs/*.yaml`, a bundled name,
-        or a `DeploymentConfig`). Overrides: model, backend, device, dtype and any `GLM52` keyword.
-        Runs on one process: the parallel layout is for planning."""
-        import inspect
-
+        or a `DeploymentConfig`): its `EngineConfig` (`DeploymentConfig.engine_config`). Overrides:
+        model (a checkpoint) and any setting by its flat name (`EngineConfig.settings()`). In one
+        process the whole model runs there; under torchrun the YAML's parallel layout applies."""
         from ..deploy import load_deployment
-        known = set(inspect.signature(cls.__init__).parameters) - {"self"}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise ValueError(f"from_deployment: unknown override{'s' if len(unknown) > 1 else ''} "
-                             f"{', '.join(map(repr, unknown))}; known: {', '.join(sorted(known))}")
         d = load_deployment(deployment)
+        model, config = d.engine_config(**overrides)
         d.apply_env()                     # before the process group: HCCL / NCCL read it at setup
-        model, kwargs = d.model_arguments(**overrides)
-        return cls(model, **kwargs)
+        return cls(model, config)
 
     # ---- the network's parts, for callers that drive steps themselves ---------------------------
     @property

@@ -65,7 +65,7 @@ import torch
 
 from ..cache import CacheExhausted, PagedCache
 from ..sampling import check_sampling, probs_from_logits, sample_from
-from .arguments import finite_logits, graph_choice, positive_int, token_ids
+from .arguments import check_draft_threshold, finite_logits, graph_choice, nonfinite, positive_int, token_ids
 from .graph import StaticDecode, capture_mode
 from .lockstep import CacheDiverged, Lockstep, cache_digest, step_keys
 
@@ -167,6 +167,8 @@ class Request:
     stale_tokens: list[int] = field(default_factory=list)
     stale_hidden: list[torch.Tensor] = field(default_factory=list)
     finish: str | None = None
+    accepted: list[int] = field(default_factory=list)    # drafts accepted at each verify round
+    drafted: list[int] = field(default_factory=list)     # drafts proposed at each verify round
 
     @property
     def n_out(self) -> int:
@@ -180,6 +182,7 @@ class _Row:
     tokens: list[int]
     drafts: list[int] = field(default_factory=list)
     dprobs: list[torch.Tensor] = field(default_factory=list)
+    cap: int = 0                            # drafts scheduled (adaptive drafting may propose fewer)
 
     @property
     def samples(self) -> bool:
@@ -190,6 +193,14 @@ class _Row:
 def _block_hash(parent: bytes, tokens: Sequence[int]) -> bytes:
     """Content hash of a full block: the parent block's hash and this block's token ids."""
     return hashlib.blake2b(parent + b"".join(int(t).to_bytes(4, "little") for t in tokens), digest_size=16).digest()
+
+
+def _confidence(logits: torch.Tensor, q: list[torch.Tensor | None], tokens: list[int]) -> list[float]:
+    """The MTP layer's probability of each drafted token (adaptive drafting): the distribution it was
+    drawn from where sampling, the softmax of the MTP logits at temperature 1 where greedy."""
+    dist = torch.stack([p if p is not None else torch.softmax(lg.float(), -1) for p, lg in zip(q, logits)])
+    idx = torch.tensor(tokens, dtype=torch.long, device=dist.device)[:, None]
+    return dist.gather(1, idx)[:, 0].tolist()
 
 
 class Engine:
@@ -215,8 +226,15 @@ class Engine:
     def __init__(self, model, *, cache_tokens: int = 1 << 15, max_num_batched_tokens: int = 512,
                  max_num_seqs: int = 64, speculative: int = 0, prefix_caching: bool = True,
                  static_batching: bool = False, seed: int = 0, block_size: int | None = None,
-                 graph: Any = None):
+                 graph: Any = None, prefill_chunk: int | None = None, draft_threshold: float | None = None,
+                 draft_filter: Any = None, lockstep: bool = True, dp_turns: bool = False,
+                 on_nonfinite: str = "finish"):
         positive_int("Engine: cache_tokens", cache_tokens)
+        positive_int("Engine: prefill_chunk", prefill_chunk, allow_none=True)
+        if on_nonfinite not in ("finish", "raise"):
+            raise ValueError(f"Engine: on_nonfinite must be 'finish' or 'raise', got {on_nonfinite!r}")
+        if draft_filter is not None and not callable(draft_filter):
+            raise ValueError(f"Engine: draft_filter must be callable, got {type(draft_filter).__name__}")
         positive_int("Engine: max_num_batched_tokens", max_num_batched_tokens)
         positive_int("Engine: max_num_seqs", max_num_seqs)
         positive_int("Engine: speculative", speculative, allow_zero=True)
@@ -226,19 +244,20 @@ class Engine:
             raise ValueError(f"Engine: max_num_batched_tokens ({max_num_batched_tokens}) must exceed speculative + 1 "
                              f"= {speculative + 1} tokens (one verify chunk)")
         plan = getattr(model, "plan", None)
-        if getattr(model, "turns", None) is not None:
+        if getattr(model, "turns", None) is not None and not dp_turns:
             raise ValueError(f"Engine: expert parallelism across dp groups (tp={plan.tp}, dp={plan.dp}, ep={plan.ep}) "
                              f"is not served: every dp group joins every MoE step, so an idle group's engine would "
                              f"have to keep running the others' steps empty while it admits requests; serve with "
                              f"ep = 1 (dp replicas) or ep within one tp group (dp = 1)")
         self.model, self.cfg = model, model.cfg
         comms = getattr(model, "comms", None)
-        if comms is not None and plan is not None and plan.tp > 1:
+        if lockstep and comms is not None and plan is not None and plan.tp > 1:
             timeout = getattr(comms, "timeout", None)
             self.lockstep: Lockstep | None = Lockstep(comms.tp, timeout.total_seconds() if timeout else None)
         else:
             self.lockstep = None
         graph = getattr(model, "graph", "auto") if graph is None else graph_choice("Engine: graph", graph)
+        self.graph_request = graph
         self.graph_mode, self.graph_why = capture_mode(model, graph)
         bs = block_size or model.block_size
         # graphs: one more block, the null block the padding rows of a bucket write to
@@ -257,6 +276,15 @@ class Engine:
                                                   kind="mtp")
         self._h: torch.Tensor | None = None          # the last target step's hidden states ("logits" reads rows)
         self.max_tokens_step, self.max_seqs, self.k = max_num_batched_tokens, max_num_seqs, speculative
+        # a prefill chunk's most tokens per request and step (None: the step's token budget alone)
+        self.prefill_chunk = prefill_chunk
+        # adaptive drafting (engine/speculative.py): a request stops drafting in a round once the MTP
+        # layer's probability of its last draft is <= the threshold; None: up to k drafts every round
+        self.draft_threshold = check_draft_threshold(draft_threshold, allow_none=True)
+        self.draft_filter = draft_filter     # engine/speculative.py's DraftFilter, keyed by request id
+        # "finish": a request whose logits are not finite finishes with an error (a server's requests are
+        # independent); "raise": the step is rolled back and FloatingPointError names it (`generate`)
+        self.on_nonfinite = on_nonfinite
         self.prefix_caching, self.static = prefix_caching, static_batching
         self.tokenizer = model.tokenizer
         self._seeds = random.Random(seed)
@@ -266,8 +294,24 @@ class Engine:
         self.running: list[Request] = []
         self.stats = {"steps": 0, "prompt_tokens": 0, "generation_tokens": 0, "prefix_query_tokens": 0,
                       "prefix_hit_tokens": 0, "preemptions": 0, "verify_rounds": 0, "drafted_tokens": 0,
-                      "accepted_tokens": 0, "finished": 0, "aborted": 0, "errors": 0, "graph_steps": 0}
+                      "accepted_tokens": 0, "finished": 0, "aborted": 0, "errors": 0, "graph_steps": 0,
+                      "decode_steps": 0}
         self.last_step_tokens = 0
+        self.finished_log: list[Request] | None = None    # a list: every finished request is kept there
+
+    def reset(self, *, seed: int = 0, **settings: Any) -> None:
+        """Ready for a new run on the same cache and graphs (`generate` reuses a captured engine): every
+        request dropped, counters at zero, `settings` (max_num_batched_tokens, prefill_chunk,
+        draft_threshold, draft_filter) as given."""
+        for rid in list(self.requests):
+            self.abort(rid)
+        names = {"max_num_batched_tokens": "max_tokens_step", "prefill_chunk": "prefill_chunk",
+                 "draft_threshold": "draft_threshold", "draft_filter": "draft_filter"}
+        for k, v in settings.items():
+            setattr(self, names[k], v)
+        self._seeds, self._ids = random.Random(seed), itertools.count()
+        self.stats = dict.fromkeys(self.stats, 0)
+        self.finished_log = None
 
     # ---- requests in and out -----------------------------------------------------------------------
     def check_request(self, prompt_ids: Sequence[int], params: SamplingParams) -> list[int]:
@@ -377,6 +421,8 @@ class Engine:
             req = self.running[i]
             d = self._drafts(req)
             n = min(len(req.ids) - req.computed + d, budget)
+            if self.prefill_chunk is not None and not d:     # a prefill (or recompute) chunk
+                n = min(n, self.prefill_chunk)
             d = min(d, n - 1)
             need = self._blocks_for(req, n, d)
             if need > spare and d:                 # short of blocks: no drafts this round first
@@ -396,7 +442,7 @@ class Engine:
             if req not in self.running:            # it was the newest: preempted itself
                 break
             if n:
-                rows.append(_Row(req, req.ids[req.computed:req.computed + n - d], drafts=[0] * d))
+                rows.append(_Row(req, req.ids[req.computed:req.computed + n - d], drafts=[0] * d, cap=d))
             spare -= need
             budget -= n
             i += 1
@@ -406,7 +452,7 @@ class Engine:
             req = self.waiting[0]
             hit = self._prefix_hit(req)
             start = len(hit) * self.bs
-            n = min(len(req.ids) - start, budget)
+            n = min(len(req.ids) - start, budget, self.prefill_chunk or budget)
             # unheld published blocks it takes out of the free count, then the blocks of its chunk
             need = sum(self.cache.holders(b) == 0 for b in hit) + self.cache.blocks_needed(start + n) - len(hit)
             if need > spare:
@@ -467,13 +513,16 @@ class Engine:
             self.last_step_tokens = 0
             return outs
         self.stats["steps"] += 1
+        decoding = all(r.req.computed == len(r.req.ids) - 1 and len(r.tokens) == 1 for r in rows)
+        self.stats["decode_steps"] += decoding
         m = self.model
         spec = [r for r in rows if r.drafts]
+        mark = self.cache.mark([r.req.rid for r in rows]) if self.on_nonfinite == "raise" else None
         if spec:
             self._draft(spec)
         self.last_step_tokens = sum(len(r.tokens) + len(r.drafts) for r in rows)
         try:
-            start, h, lg = self._target(rows)
+            start, h, lg, first = self._target(rows)
         except CacheExhausted:
             # the scheduler's count was off: the target step rolled back; so do the draft steps, and
             # the newest request waits to be recomputed
@@ -481,17 +530,17 @@ class Engine:
                 self._cache_op("truncate", ("mtp", r.req.rid), r.req.computed)
             self._preempt(self.running[-1])
             return outs
-        bad = (~torch.isfinite(lg).all(-1)).tolist() if lg is not None else []
-        j = 0
-        picks: dict[Hashable, tuple[int, list[int]]] = {}   # request -> (row of its first logits, its logits count)
+        picks: dict[Hashable, tuple[int, int]] = {}   # request -> (its first logits row, its logits count)
         for r in rows:
             if r.drafts or r.samples:
-                cnt = len(r.drafts) + 1
-                picks[r.req.rid] = (j, cnt)
-                j += cnt
-        failed = {r.req.rid for r in rows if r.req.rid in picks
-                  and any(bad[picks[r.req.rid][0]:sum(picks[r.req.rid])])}
-        new = self._pick(rows, lg, picks, failed)
+                picks[r.req.rid] = (first[r.req.rid], len(r.drafts) + 1)
+        new, failed = self._pick(rows, lg, picks)
+        if failed and self.on_nonfinite == "raise":
+            self.cache.rollback(mark)                         # the step never happened
+            for r in spec:
+                self.cache.truncate(("mtp", r.req.rid), r.req.computed)
+            what = f"logits of decode step {self.stats['decode_steps']}" if decoding else "logits"
+            nonfinite(m.ops, what, sorted(failed, key=list(picks).index), int((~torch.isfinite(lg)).sum()))
         for r in rows:
             req = r.req
             s = start[req.rid]
@@ -502,6 +551,8 @@ class Engine:
             toks = new.get(req.rid, [])
             if r.drafts:
                 a = len(toks) - 1                       # drafts accepted
+                req.accepted.append(a)
+                req.drafted.append(len(r.drafts))
                 self.stats["verify_rounds"] += 1
                 self.stats["drafted_tokens"] += len(r.drafts)
                 self.stats["accepted_tokens"] += a
@@ -524,30 +575,38 @@ class Engine:
                 outs.append(out)
         return outs
 
-    def _target(self, rows: list[_Row]) -> tuple[dict[Hashable, int], torch.Tensor | None, torch.Tensor | None]:
+    def _target(self, rows: list[_Row]) -> tuple[dict[Hashable, int], torch.Tensor | None, torch.Tensor | None,
+                                                 dict[Hashable, int]]:
         """The target step over every row: (each request's first row in the step, the final-normed
         hidden states [T, Hd] (None from the decode graph), the f32 logits of the rows that pick tokens:
-        the last row of a sampling chunk, every row of a verify chunk, in row order (None: none picks))."""
-        chunks = {r.req.rid: r.tokens + r.drafts for r in rows}
+        the last row of a sampling chunk, every row of a verify chunk (None: none picks), and each
+        picking request's first row in those logits)."""
         kind = self._graph_kind(rows)
         if kind is not None:
-            reqs = list(chunks)
-            out = self._call(("graph", kind, reqs, [t for c in chunks.values() for t in c]))
+            reqs = [r.req.rid for r in rows]
+            q = self.graphs[kind].q
+            # a verify row with fewer drafts than k (adaptive) is padded with copies of its last draft: the
+            # rows past its own are never read, and the rollback drops their cache entries with the rejected
+            toks = [t for r in rows for t in (r.tokens + r.drafts + r.drafts[-1:] * (q - 1 - len(r.drafts)))]
+            out = self._call(("graph", kind, reqs, toks))
             if out is not None:                   # None: the bucket stays eager (its capture was refused)
                 self.stats["graph_steps"] += 1
-                q = self.graphs[kind].q
                 start = {rid: b * q for b, rid in enumerate(reqs)}
-                return (start, None, out) if kind == "decode" else (start, *out)
+                return (start, None, out, start) if kind == "decode" else (start, *out, start)
+        chunks = {r.req.rid: r.tokens + r.drafts for r in rows}
         st, h = self._call(("run", chunks))
         start = dict(zip(st.reqs, st.meta.cu_host))
         want: list[int] = []
+        first: dict[Hashable, int] = {}
         for r in rows:
             s = start[r.req.rid]
             if r.drafts:
+                first[r.req.rid] = len(want)
                 want.extend(range(s + len(r.tokens) - 1, s + len(r.tokens) + len(r.drafts)))
             elif r.samples:
+                first[r.req.rid] = len(want)
                 want.append(s + len(r.tokens) - 1)
-        return start, h, self._call(("logits", want)) if want else None
+        return start, h, self._call(("logits", want)) if want else None, first
 
     def _graph_kind(self, rows: list[_Row]) -> str | None:
         """Which captured step serves these rows: "decode" (every row one token that samples, from a
@@ -557,7 +616,7 @@ class Engine:
             return None
         if all(len(r.tokens) == 1 and not r.drafts and r.samples and not r.req.k for r in rows):
             return "decode"
-        if "verify" in self.graphs and all(len(r.tokens) == 1 and len(r.drafts) == self.k for r in rows):
+        if "verify" in self.graphs and all(len(r.tokens) == 1 and r.cap == self.k and r.drafts for r in rows):
             return "verify"
         return None
 
@@ -644,19 +703,21 @@ class Engine:
             except Exception as e:  # noqa: BLE001 - the leader met the same failure and recovers from it
                 log.warning("tp rank %d: step %r failed as on rank 0 (%s: %s)", ls.rank, call[0], type(e).__name__, e)
 
-    def _pick(self, rows: list[_Row], lg: torch.Tensor | None, picks: dict, failed: set) -> dict[Hashable, list[int]]:
-        """The tokens each sampling or verifying request emits this step: one for a plain chunk, the
-        accepted drafts and one more for a verify chunk. One host read for the plain rows."""
-        out: dict[Hashable, list[int]] = {}
-        plain = [r for r in rows if r.samples and not r.drafts and r.req.rid not in failed]
+    def _pick(self, rows: list[_Row], lg: torch.Tensor | None, picks: dict
+              ) -> tuple[dict[Hashable, list[int]], set[Hashable]]:
+        """The tokens each sampling or verifying request emits this step (one for a plain chunk, the
+        accepted drafts and one more for a verify chunk), and the requests whose logits hold NaN/inf
+        (their tokens are void). Everything is picked on the device and comes back in one host read."""
+        if lg is None:
+            return {}, set()
+        parts: list[torch.Tensor] = [(~torch.isfinite(lg).all(-1)).long()]       # which logits rows are bad
+        plain = [r for r in rows if r.samples and not r.drafts]
         if plain:
             idx = torch.tensor([picks[r.req.rid][0] for r in plain], dtype=torch.long, device=lg.device)
-            toks, _ = self._sample(lg[idx], [r.req for r in plain])
-            for r, t in zip(plain, toks.tolist()):
-                out[r.req.rid] = [int(t)]
+            parts.append(self._sample(lg[idx], [r.req for r in plain])[0].long())
         groups: dict[tuple, list[_Row]] = {}
         for r in rows:
-            if r.drafts and r.req.rid not in failed:
+            if r.drafts:
                 p = r.req.params
                 groups.setdefault((len(r.drafts), p.temperature, p.top_p), []).append(r)
         for (k, temp, top_p), grp in groups.items():
@@ -667,12 +728,26 @@ class Engine:
                 dprobs = torch.stack([torch.stack(r.dprobs) for r in grp]).to(tgt.device)              # [G, k, V]
                 uni = torch.cat([torch.rand(1, k + 1, generator=r.req.gen) for r in grp]).to(tgt.device)
             acc, toks = self.model.ops.mtp_verify(draft, tgt, dprobs, temperature=temp, top_p=top_p, uniforms=uni)
-            for r, a, t in zip(grp, acc.tolist(), toks.tolist()):
+            parts.append(torch.cat([acc.long()[:, None], toks.long()], 1).flatten())
+        flat = torch.cat([t.to(lg.device) for t in parts]).tolist()                 # the step's one host read
+        bad, at = flat[:lg.shape[0]], lg.shape[0]
+        failed = {rid for rid, (a, n) in picks.items() if any(bad[a:a + n])}
+        out: dict[Hashable, list[int]] = {}
+        for r in plain:
+            out[r.req.rid], at = [int(flat[at])], at + 1
+        for (k, _, _), grp in groups.items():
+            for r in grp:
+                a, t = flat[at], flat[at + 1:at + k + 2]
+                at += k + 2
+                if r.req.rid in failed:
+                    continue
                 if not 0 <= a <= k or any(x < 0 for x in t[:a + 1]):
                     raise RuntimeError(f"backend {self.model.backend_name!r}: mtp_verify returned accepted={a} and "
                                        f"tokens {t} for k={k}; expected 0..k accepted and a+1 valid tokens")
                 out[r.req.rid] = [int(x) for x in t[:a + 1]]
-        return out
+        for rid in failed:
+            out.pop(rid, None)
+        return out, failed
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         """logits [N, V] -> tokens [N] (argmax where greedy, else drawn with each request's generator)
@@ -692,34 +767,45 @@ class Engine:
         return toks, probs
 
     # ---- speculative drafting ----------------------------------------------------------------------------
+    def catch_up(self, reqs: Sequence[Request]) -> None:
+        """Bring the MTP cache of `reqs` level with their target cache (one MTP step over the positions
+        verified since their last round) and refresh their pending draft logits (`Request.pending`)."""
+        todo = [q for q in reqs if q.stale_tokens]
+        if not todo:
+            return
+        chunks = {("mtp", q.rid): q.stale_tokens for q in todo}
+        hid = torch.cat([x for q in todo for x in q.stale_hidden])
+        _, z, logits, idx = self._call(("mtp", chunks), (hid, None))
+        ends = torch.tensor([len(c) for c in chunks.values()]).cumsum(0) - 1
+        for q, e in zip(todo, ends.tolist()):
+            q.pending = (z[e], logits[e], idx[e])
+            q.stale_tokens, q.stale_hidden = [], []
+
     def _draft(self, rows: list[_Row]) -> None:
         """Catch the MTP cache of these requests up to their verified length, then draft: d_1 from the
         pending MTP logits, each further draft from one more MTP step (batched over the rows still drafting)."""
         m = self.model
-        todo = [r.req for r in rows if r.req.stale_tokens]
-        if todo:
-            chunks = {("mtp", q.rid): q.stale_tokens for q in todo}
-            hid = torch.cat([x for q in todo for x in q.stale_hidden])
-            _, z, logits, idx = self._call(("mtp", chunks), (hid, None))
-            ends = torch.tensor([len(c) for c in chunks.values()]).cumsum(0) - 1
-            for q, e in zip(todo, ends.tolist()):
-                q.pending = (z[e], logits[e], idx[e])
-                q.stale_tokens, q.stale_hidden = [], []
+        self.catch_up([r.req for r in rows])
         live = list(rows)
         hid = torch.stack([r.req.pending[0] for r in live])
         logits = torch.stack([r.req.pending[1] for r in live])
         share = torch.stack([r.req.pending[2] for r in live]) if self.cfg.index_share_for_mtp_iteration else None
         want = {id(r): len(r.drafts) for r in live}
+        thr, filt = self.draft_threshold, self.draft_filter
         for r in live:
             r.drafts = []
         while True:
             d, q = self._sample(logits, [r.req for r in live])
             d = d.tolist()
+            if filt is not None:      # the filter's token instead of the MTP layer's (engine/speculative.py)
+                d = [int(filt(r.req.rid, r.req.computed + 1 + len(r.drafts), t)) for r, t in zip(live, d)]
+            conf = _confidence(logits, q, d) if thr is not None else None
             for b, r in enumerate(live):
                 r.drafts.append(int(d[b]))
                 if q[b] is not None:
-                    r.dprobs.append(q[b])
-            keep = [b for b, r in enumerate(live) if len(r.drafts) < want[id(r)]]
+                    r.dprobs.append(q[b] if filt is None else
+                                    torch.nn.functional.one_hot(torch.tensor(d[b]), q[b].shape[-1]).to(q[b]))
+            keep = [b for b, r in enumerate(live) if len(r.drafts) < want[id(r)] and (conf is None or conf[b] > thr)]
             if not keep:
                 return
             if len(keep) < len(live):
@@ -784,6 +870,8 @@ class Engine:
             self.running.remove(req)
         self.requests.pop(req.rid, None)
         self._free(req)
+        if self.finished_log is not None:
+            self.finished_log.append(req)
         self.stats["finished"] += 1
         self.stats["errors"] += reason == "error"
         if text is None:

@@ -53,7 +53,8 @@ REFERENCES: dict[str, Callable[..., Any]] = {
     "mtp_verify": mtp_verify, "moe_route": moe_route, "rms_norm": rms_norm, "layer_norm": layer_norm,
     "rope": rope, "linear": linear, "mlp": mlp,
 }
-# keyword-only parameters of a reference that belong to the reference, not to the contract
+# keyword-only parameters of a reference that belong to the reference, not to the contract (a bound
+# backend's ops are typed as these references, `registry.OpSlot`, so static tools show `cdt` too: never pass it)
 REFERENCE_ONLY = ("cdt",)
 
 

@@ -308,41 +308,42 @@ class EngineLoop:
 
 
 # ---- the app ----------------------------------------------------------------------------------------
+# The exposed metrics, one per line: name, type, the engine's metric it shows (Engine.metrics(); "@rate":
+# the loop's generation rate over its window), help text ({window}: that window in seconds).
+METRICS = """
+requests_running              gauge    running                 Requests in the running batch.
+requests_waiting              gauge    waiting                 Requests waiting to be scheduled (new or preempted).
+generation_tokens_per_second  gauge    @rate                   Tokens generated per second over the last {window} s.
+prompt_tokens_total           counter  prompt_tokens           Prompt tokens of admitted requests.
+generation_tokens_total       counter  generation_tokens       Tokens generated.
+cache_blocks_total            gauge    cache_blocks_total      Blocks of the paged cache.
+cache_blocks_used             gauge    cache_blocks_used       Blocks some request holds.
+cache_blocks_cached           gauge    cache_blocks_cached     Published prefix blocks no request holds (evictable).
+cache_usage_ratio             gauge    cache_usage             Used blocks / all blocks.
+prefix_cache_queries_total    counter  prefix_query_tokens     Prompt tokens looked up in the prefix cache.
+prefix_cache_hits_total       counter  prefix_hit_tokens       Prompt tokens served from the prefix cache.
+prefix_cache_evictions_total  counter  prefix_evictions        Published blocks evicted for new ones.
+preemptions_total             counter  preemptions             Requests preempted (to be recomputed).
+steps_total                   counter  steps                   Engine steps run.
+graph_steps_total             counter  graph_steps             Target steps replayed from captured graphs (decode, verify).
+requests_finished_total       counter  finished                Requests finished (any reason).
+requests_aborted_total        counter  aborted                 Requests aborted (client gone).
+spec_verify_rounds_total      counter  verify_rounds           Speculative verify rounds.
+spec_draft_tokens_total       counter  drafted_tokens          MTP draft tokens proposed.
+spec_accepted_tokens_total    counter  accepted_tokens         MTP draft tokens accepted.
+spec_mean_acceptance_length   gauge    mean_acceptance_length  Tokens per verify round, the bonus counted (NaN: none ran).
+"""
+
+
 def metrics_text(loop: EngineLoop, model_name: str) -> str:
-    """Prometheus text exposition (version 0.0.4) of the engine's gauges and counters."""
-    m = loop.engine.metrics()
-    rows = [
-        ("requests_running", "gauge", "Requests in the running batch.", m["running"]),
-        ("requests_waiting", "gauge", "Requests waiting to be scheduled (new or preempted).", m["waiting"]),
-        ("generation_tokens_per_second", "gauge", f"Tokens generated per second over the last {loop.window:g} s.",
-         loop.tokens_per_s()),
-        ("prompt_tokens_total", "counter", "Prompt tokens of admitted requests.", m["prompt_tokens"]),
-        ("generation_tokens_total", "counter", "Tokens generated.", m["generation_tokens"]),
-        ("cache_blocks_total", "gauge", "Blocks of the paged cache.", m["cache_blocks_total"]),
-        ("cache_blocks_used", "gauge", "Blocks some request holds.", m["cache_blocks_used"]),
-        ("cache_blocks_cached", "gauge", "Published prefix blocks no request holds (evictable).",
-         m["cache_blocks_cached"]),
-        ("cache_usage_ratio", "gauge", "Used blocks / all blocks.", m["cache_usage"]),
-        ("prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache.",
-         m["prefix_query_tokens"]),
-        ("prefix_cache_hits_total", "counter", "Prompt tokens served from the prefix cache.", m["prefix_hit_tokens"]),
-        ("prefix_cache_evictions_total", "counter", "Published blocks evicted for new ones.", m["prefix_evictions"]),
-        ("preemptions_total", "counter", "Requests preempted (to be recomputed).", m["preemptions"]),
-        ("steps_total", "counter", "Engine steps run.", m["steps"]),
-        ("graph_steps_total", "counter", "Target steps replayed from captured graphs (decode, verify).",
-         m["graph_steps"]),
-        ("requests_finished_total", "counter", "Requests finished (any reason).", m["finished"]),
-        ("requests_aborted_total", "counter", "Requests aborted (client gone).", m["aborted"]),
-        ("spec_verify_rounds_total", "counter", "Speculative verify rounds.", m["verify_rounds"]),
-        ("spec_draft_tokens_total", "counter", "MTP draft tokens proposed.", m["drafted_tokens"]),
-        ("spec_accepted_tokens_total", "counter", "MTP draft tokens accepted.", m["accepted_tokens"]),
-        ("spec_mean_acceptance_length", "gauge", "Tokens per verify round, the bonus counted (NaN: none ran).",
-         m["mean_acceptance_length"]),
-    ]
+    """Prometheus text exposition (version 0.0.4) of the engine's gauges and counters (`METRICS`)."""
+    m = {**loop.engine.metrics(), "@rate": loop.tokens_per_s()}
     lab = f'{{model_name="{model_name}"}}'
     out = []
-    for name, kind, help_, v in rows:
-        out += [f"# HELP glm52_{name} {help_}", f"# TYPE glm52_{name} {kind}", f"glm52_{name}{lab} {_num(v)}"]
+    for line in METRICS.strip().splitlines():
+        name, kind, key, help_ = line.split(None, 3)
+        out += [f"# HELP glm52_{name} {help_.format(window=f'{loop.window:g}')}", f"# TYPE glm52_{name} {kind}",
+                f"glm52_{name}{lab} {_num(m[key])}"]
     return "\n".join(out) + "\n"
 
 

@@ -85,6 +85,7 @@ class PagedCache:
         self.dtype = dtype                       # the model's dtype: what a dense cache holds
         self.device = torch.device(device)
         self.latent_format, self.index_format = latent_format, index_format
+        self.num_layers = cfg.num_hidden_layers        # the target layers it was built for (MTP's: one more)
         layers = list(range(cfg.num_hidden_layers)) + ([cfg.num_hidden_layers] if mtp else [])
         index_layers = cfg.full_layers + ([cfg.num_hidden_layers] if mtp else [])
         self._latent_dims = (cfg.kv_lora_rank, cfg.qk_rope_head_dim)

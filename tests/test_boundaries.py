@@ -109,6 +109,77 @@ def test_numpy_prompts_are_rows_or_one_prompt(tiny_model):
     assert m.generate(np.array(rows[1]), max_new_tokens=3, stop_at_eos=False).tokens == want[1:]
 
 
+def test_generate_with_a_prompt_that_fills_the_context(tiny_model):
+    """A prompt of exactly the context emits nothing ("context") beside a request that runs to its
+    budget; the prefill is the step that gave the other its first token, the rest are decode steps.
+    No prompts at all are refused."""
+    m = tiny_model
+    C = m.cfg.max_position_embeddings
+    full = [i % 60 + 1 for i in range(C)]
+    res = m.generate([full, [3, 1, 4]], max_new_tokens=4, stop_at_eos=False)
+    assert res.tokens[0] == [] and len(res.tokens[1]) == 4 and res.finish_reasons == ["context", "length"]
+    assert res.stats["decode_steps"] == 3 and res.stats["new_tokens"] == 4 and res.stats["prefill_s"] > 0
+    assert res.tokens[1] == m.generate([[3, 1, 4]], max_new_tokens=4, stop_at_eos=False).tokens[0]
+    with pytest.raises(ValueError, match="prompts: no prompts given"):
+        m.generate([], max_new_tokens=4)
+
+
+def test_a_cache_of_a_model_with_other_layers_is_refused(tiny_model):
+    """Same widths, dtype and device, another depth: refused (the layers it lacks would be read as empty)."""
+    m = tiny_model
+    cfg3, _ = tiny_config(layers=3, vocab_size=64, index_topk=4, index_n_heads=32)    # the fixture's, deeper
+    deeper = GLM52(cfg3, backend="cpu_ref", dtype=torch.float32, progress=False, block_size=4)
+    with pytest.raises(ValueError, match="cache: it was not built for this model"):
+        m.extend(deeper.new_cache(8), {"a": [1, 2, 3]})
+    with pytest.raises(ValueError, match="cache: it was not built for this model"):
+        deeper.extend(m.new_cache(8), {"a": [1, 2, 3]})
+
+
+def test_state_dict_problems_name_the_first_five_of_each_kind(tiny_model):
+    """Up to five missing and five unexpected tensors are named; "first ones" only when there are more."""
+    from glm52_backends.tiny import random_state_dict
+    cfg = tiny_model.cfg
+    sd = random_state_dict(cfg, seed=0, dtype=torch.float32, include_mtp=False)
+    extra = {f"model.extra.{i}.weight": torch.zeros(1) for i in range(6)}
+    with pytest.raises(ValueError) as e:
+        GLM52(cfg, backend="cpu_ref", progress=False, state_dict={**sd, **dict(list(extra.items())[:5])})
+    msg = str(e.value)
+    assert "(5 problem(s)):" in msg and all(f"unexpected tensor '{k}'" in msg for k in list(extra)[:5])
+    with pytest.raises(ValueError) as e:
+        GLM52(cfg, backend="cpu_ref", progress=False, state_dict={**sd, **extra})
+    assert "(5 problem(s), first ones):" in str(e.value) and "model.extra.5.weight" not in str(e.value)
+    gone = dict(list(sd.items())[5:])                                # five missing, named each
+    with pytest.raises(ValueError) as e:
+        GLM52(cfg, backend="cpu_ref", progress=False, state_dict=gone)
+    assert "(5 problem(s)):" in str(e.value) and all(f"missing tensor '{k}'" in str(e.value) for k in list(sd)[:5])
+
+
+def test_generate_stats_add_up(tiny_model):
+    """One prefill step (or one per chunk), then decode steps; rates from the same clocks; nothing
+    preempted in a cache sized for the run. Plain runs count decode steps, speculative ones verify steps."""
+    m = tiny_model
+    prompts = [[3, 1, 4, 1, 5], [9, 2]]
+    st = m.generate(prompts, max_new_tokens=6, stop_at_eos=False).stats
+    assert (st["prefill_steps"], st["decode_steps"], st["preemptions"], st["new_tokens"]) == (1, 5, 0, 12)
+    assert st["tokens_per_s"] == pytest.approx(12 / (st["prefill_s"] + st["decode_s"]), rel=1e-9)
+    assert st["decode_tokens_per_s"] == pytest.approx((12 - 2) / st["decode_s"], rel=1e-9)
+    chunked = m.generate(prompts, max_new_tokens=6, stop_at_eos=False, prefill_chunk=2).stats
+    assert (chunked["prefill_steps"], chunked["decode_steps"]) == (3, 5)          # 5 tokens in chunks of 2
+    assert "verify_steps" not in st
+    mtp = GLM52(tiny_config(layers=2, vocab_size=64, index_topk=4, index_n_heads=32, mtp=True)[0],
+                backend="cpu_ref", dtype=torch.float32, progress=False, block_size=4)
+    spec = mtp.generate(prompts, max_new_tokens=6, speculative=2, stop_at_eos=False).stats
+    assert spec["prefill_steps"] == 1 and spec["verify_steps"] >= 1 and "decode_steps" not in spec
+
+
+def test_unseeded_sampling_is_seed_zero(tiny_model):
+    m = tiny_model
+    kw = dict(max_new_tokens=6, temperature=1.0, stop_at_eos=False)
+    a = m.generate([[3, 1, 4], [1, 5, 9]], **kw)
+    assert a.tokens == m.generate([[3, 1, 4], [1, 5, 9]], seed=0, **kw).tokens
+    assert a.tokens != m.generate([[3, 1, 4], [1, 5, 9]], seed=1, **kw).tokens
+
+
 def test_finite_logits_names_each_bad_row():
     """One NaN anywhere is refused (not only an all-NaN tensor), naming its rows and the count."""
     from glm52_backends.engine.arguments import finite_logits

@@ -68,6 +68,7 @@ def test_generate_and_serve_take_the_same_engine_flags(capsys):
     (["--graph"], {"graph": True}), (["--eager"], {"graph": False}), (["--graph", "trace"], {"graph": "trace"}),
     (["--dtype", "bf16", "--tp", "2", "--block-size", "32"], {"dtype": torch.bfloat16, "tp": 2, "block_size": 32}),
     (["--kv-cache-dtype", "fp8", "--quantization", "w8a8"], {"kv_cache_dtype": "fp8", "quantization": "w8a8"}),
+    (["--block-size", "1", "--offload", "1", "--dcp", "1"], {"block_size": 1, "offload": 1, "dcp": 1}),   # the least
 ])
 def test_flags_become_settings(argv, want):
     ap = argparse.ArgumentParser()
@@ -75,7 +76,8 @@ def test_flags_become_settings(argv, want):
     assert from_args(ap.parse_args(argv)) == want
 
 
-@pytest.mark.parametrize("argv", [["--tp", "0"], ["--block-size", "x"], ["--dtype", "int8"],
+@pytest.mark.parametrize("argv", [["--tp", "0"], ["--block-size", "x"], ["--block-size", "0"], ["--offload", "0"],
+                                  ["--dtype", "int8"],
                                   ["--quantization", "int4"], ["--graph", "sometimes"]])
 def test_bad_flags_are_refused_by_the_parser(argv, capsys):
     ap = argparse.ArgumentParser()

@@ -88,6 +88,24 @@ def test_generate_with_graphs_equals_eager_and_reuses_them(ckpt):
     assert a.stats["graph"] == "trace" and a.stats["graphs_captured"] >= 1
 
 
+def test_a_kept_engine_serves_the_calls_it_fits(ckpt):
+    """`generate` reuses the model's captured engine for a call of at most its batch and cache, with the
+    same draft count and graph request; anything else gets a new engine."""
+    from glm52_backends.engine.generation import fits
+    m = GLM52(ckpt, backend="torch", progress=False, block_size=4)
+    eng = Engine(m, cache_tokens=64, graph="trace", max_num_seqs=3, lockstep=False)
+    cap = eng.cache_capacity
+    assert cap == 64 and eng.cache.num_blocks == 17                       # 16 blocks + the null block
+    assert fits(eng, k=0, graph="trace", batch=3, cache_tokens=cap)       # exactly its batch and its cache
+    assert not fits(eng, k=0, graph="trace", batch=4, cache_tokens=cap)
+    assert not fits(eng, k=0, graph="trace", batch=3, cache_tokens=cap + 1)
+    assert not fits(eng, k=1, graph="trace", batch=3, cache_tokens=8)
+    assert not fits(eng, k=0, graph="compile", batch=3, cache_tokens=8)
+    assert not fits(None, k=0, graph="trace", batch=1, cache_tokens=8)
+    eager = Engine(m, cache_tokens=64, graph=False, max_num_seqs=3, lockstep=False)
+    assert eager.cache_capacity == 64 and not fits(eager, k=0, graph=False, batch=1, cache_tokens=8)
+
+
 def _twins(ckpt, n: int, seed: int, batch: int):
     """A model, two caches holding the same prefilled prompts, and a static decoder over the first."""
     m = GLM52(ckpt, backend="torch", progress=False, block_size=4)
@@ -208,6 +226,25 @@ def test_nan_in_a_graph_step_names_the_step_and_rolls_back(ckpt):
     assert same_cache_state(cache_state(eng.cache), before)
 
 
+def test_a_failed_generate_leaves_the_kept_engine_empty(ckpt):
+    """NaN logits in a captured run: `generate` raises naming them, every request of the kept engine is
+    dropped with its blocks, and the next call (the same engine) computes what it computed before."""
+    m = GLM52(ckpt, backend="torch", progress=False, graph="trace")
+    prompts = _prompts(3, seed=12)
+    want = m.generate(prompts, max_new_tokens=5, stop_at_eos=False).tokens
+    eng = m.generate_engine
+    free, norm = eng.cache.free_blocks, m.net.final_norm.clone()
+    m.net.final_norm.mul_(float("nan"))
+    try:
+        with pytest.raises(FloatingPointError, match="backend 'torch': logits hold"):
+            m.generate(prompts, max_new_tokens=5, stop_at_eos=False)
+    finally:
+        m.net.final_norm.copy_(norm)
+    assert m.generate_engine is eng and not eng.requests and not eng.running and not eng.waiting
+    assert not eng.cache.lens and eng.cache.free_blocks == free
+    assert m.generate(prompts, max_new_tokens=5, stop_at_eos=False).tokens == want
+
+
 def test_graph_argument_is_checked(ckpt):
     with pytest.raises(ValueError, match="GLM52: graph must be 'auto', True, False, 'trace' or 'compile', got 'yes'"):
         GLM52(ckpt, backend="torch", progress=False, graph="yes")
@@ -254,6 +291,11 @@ def test_speculative_graphs_equal_eager(kw):
     st = out.stats
     assert st["graph"] == "trace" and st["graph_buckets"] and not st["eager_buckets"]
     assert bool(st["mtp_graph_buckets"]) == (kw["speculative"] > 1) and not st["mtp_eager_buckets"]
+    g = m.generate_engine.graphs               # capture time and count: the verify graphs' and the draft graphs'
+    parts = [g[n].stats() for n in ("verify", "mtp") if n in g]
+    assert st["graph_capture_s"] > 0
+    assert st["graph_capture_s"] == pytest.approx(sum(p["graph_capture_s"] for p in parts))
+    assert st["graphs_captured"] == sum(p["graphs_captured"] for p in parts)
     if kw.get("adaptive"):                  # some requests drafted fewer than k: padded in the verify graph
         # (a request's round with one token left drafts none: the mean may dip under 1)
         assert 0 < st["mean_drafted_tokens"] < kw["speculative"]

@@ -123,7 +123,7 @@ def cache_fits(model, cache) -> None:
     c0 = cache.c.get(0)
     want = (cfg.kv_lora_rank, cfg.qk_rope_head_dim)
     got = (c0.shape[-1], cache.k_pe[0].shape[-1]) if c0 is not None else None
-    if got != want or len([l for l in cache.c if l < cfg.num_hidden_layers]) != cfg.num_hidden_layers:
+    if got != want or cache.num_layers != cfg.num_hidden_layers:
         raise ValueError("cache: it was not built for this model (layers or latent widths differ); "
                          "use model.new_cache(...)")
     dev = torch.device(model.device)

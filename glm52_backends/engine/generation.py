@@ -36,12 +36,18 @@ class GenerationResult:
     finish_reasons: list[str] = field(default_factory=list)
 
 
+def fits(kept: Engine | None, *, k: int, graph: Any, batch: int, cache_tokens: int) -> bool:
+    """Whether a kept engine (its cache and captured graphs) serves a `generate` call of `batch` requests
+    needing `cache_tokens` cache tokens, with k drafts and the same graph request."""
+    return (kept is not None and kept.graph_mode is not None and kept.k == k and kept.graph_request == graph
+            and kept.max_seqs >= batch and kept.cache_capacity >= cache_tokens)
+
+
 def _engine(model, *, k: int, cache_tokens: int, batch: int, step_tokens: int, graph: Any, seed: int,
             **kw) -> Engine:
     """An engine for one `generate` call: the model's kept one when it fits (graphs), else a new one."""
     kept = getattr(model, "generate_engine", None)
-    if kept is not None and kept.graph_mode and kept.k == k and kept.graph_request == graph \
-            and kept.max_seqs >= batch and (kept.cache.num_blocks - 1) * kept.bs >= cache_tokens:
+    if fits(kept, k=k, graph=graph, batch=batch, cache_tokens=cache_tokens):
         kept.reset(seed=seed, max_num_batched_tokens=step_tokens, **kw)
         return kept
     eng = Engine(model, cache_tokens=cache_tokens, max_num_batched_tokens=step_tokens, max_num_seqs=batch,
@@ -78,9 +84,9 @@ def generate(model, prompts, *, max_new_tokens: int = 32, temperature: float = 0
     # room for each request's prompt, the tokens it may still emit and k drafts in flight (never past
     # the context), a spare block per cache id; the MTP entries (speculative) as many again
     per = [min(len(p) + n + k, C) + bs for p, n in zip(prompts, budget)]
-    need = cache_tokens or max(1, sum(per) * (2 if k else 1))
+    need = cache_tokens or sum(per) * (2 if k else 1)
     step_tokens = max(sum(map(len, prompts)) + B * (k + 1), k + 2)
-    eng = _engine(model, k=k, cache_tokens=need, batch=max(B, 1), step_tokens=step_tokens, graph=graph,
+    eng = _engine(model, k=k, cache_tokens=need, batch=B, step_tokens=step_tokens, graph=graph,
                   seed=0 if seed is None else seed, prefill_chunk=prefill_chunk, draft_threshold=threshold,
                   draft_filter=draft_filter)
     eng.finished_log = []
@@ -91,18 +97,17 @@ def generate(model, prompts, *, max_new_tokens: int = 32, temperature: float = 0
             if budget[i] > 0:
                 eng.add_request(p, SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                                   ignore_eos=not stop_at_eos), request_id=i)
-        t0 = time.perf_counter()
-        first_done, t1, steps0 = sum(n == 0 for n in budget), None, eng.stats["steps"]
-        steps_at_prefill = steps0
+        # the prefill ends when every request that may emit has its first token; the decode steps follow
+        first_pending = {i for i in range(B) if budget[i] > 0}
+        t0, t1, steps_at_prefill = time.perf_counter(), None, 0
         while eng.has_unfinished():
             for o in eng.step():
                 i = o.request_id
-                if o.token_ids and not out[i]:
-                    first_done += 1
+                first_pending.discard(i)
                 out[i] += o.token_ids
                 if o.finished and o.finish_reason == "stop":
                     reason[i] = "eos"
-            if t1 is None and first_done == B:
+            if t1 is None and not first_pending:
                 t1, steps_at_prefill = time.perf_counter(), eng.stats["steps"]
         t2 = time.perf_counter()
     except BaseException:
@@ -115,7 +120,8 @@ def generate(model, prompts, *, max_new_tokens: int = 32, temperature: float = 0
     stats: dict[str, Any] = {
         "backend": model.backend_name, "requests": B, "prompt_tokens": sum(map(len, prompts)),
         "new_tokens": n_new, "prefill_s": t1 - t0, "decode_s": t2 - t1,
-        ("verify_steps" if k else "decode_steps"): steps,
+        "prefill_steps": steps_at_prefill, ("verify_steps" if k else "decode_steps"): steps,
+        "preemptions": eng.stats["preemptions"],
         "tokens_per_s": n_new / (t2 - t0) if t2 > t0 else float("nan"),
         "decode_tokens_per_s": (n_new - B) / (t2 - t1) if t2 > t1 and n_new > B else float("nan"),
     }
@@ -144,7 +150,7 @@ def graph_stats(eng: Engine) -> dict[str, Any]:
     return {"graph": v["graph"], "graphs_captured": v["graphs_captured"] + d.get("graphs_captured", 0),
             "graph_buckets": v["graph_buckets"], "eager_buckets": v["eager_buckets"],
             "mtp_graph_buckets": d.get("graph_buckets", []), "mtp_eager_buckets": d.get("eager_buckets", []),
-            "graph_capture_s": round(v["graph_capture_s"] + d.get("graph_capture_s", 0.0), 3)}
+            "graph_capture_s": v["graph_capture_s"] + d.get("graph_capture_s", 0.0)}
 
 
-__all__ = ["generate", "GenerationResult", "FINISH_REASONS", "graph_stats"]
+__all__ = ["generate", "GenerationResult", "FINISH_REASONS", "graph_stats", "fits"]

@@ -299,6 +299,11 @@ class Engine:
         self.last_step_tokens = 0
         self.finished_log: list[Request] | None = None    # a list: every finished request is kept there
 
+    @property
+    def cache_capacity(self) -> int:
+        """Tokens the cache holds for requests (all its blocks but the graphs' null block)."""
+        return (self.cache.num_blocks - (1 if self.graph_mode else 0)) * self.bs
+
     def reset(self, *, seed: int = 0, **settings: Any) -> None:
         """Ready for a new run on the same cache and graphs (`generate` reuses a captured engine): every
         request dropped, counters at zero, `settings` (max_num_batched_tokens, prefill_chunk,

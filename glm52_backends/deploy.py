@@ -178,7 +178,7 @@ class DeploymentConfig:
     @property
     def expert_shards(self) -> int:
         """Ranks the routed experts are split over: EP when enabled, else TP-sharded experts (vLLM)."""
-        return self.ep if self.ep > 1 else self.tp
+        return self.plan.expert_shards
 
     @property
     def torch_dtype(self):

@@ -107,6 +107,8 @@ def test_numpy_prompts_are_rows_or_one_prompt(tiny_model):
     want = m.generate(rows, max_new_tokens=3, stop_at_eos=False).tokens
     assert m.generate(np.array(rows), max_new_tokens=3, stop_at_eos=False).tokens == want
     assert m.generate(np.array(rows[1]), max_new_tokens=3, stop_at_eos=False).tokens == want[1:]
+    # token ids as 0-d integer tensors (e.g. from iterating a tensor) are the same ids
+    assert m.generate([[torch.tensor(t) for t in r] for r in rows], max_new_tokens=3, stop_at_eos=False).tokens == want
 
 
 def test_generate_with_a_prompt_that_fills_the_context(tiny_model):

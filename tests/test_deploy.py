@@ -108,7 +108,30 @@ BROKEN = [
     ("model that is not a checkpoint", "cpu-tiny", _set("model", "no/such/folder"), "model"),
     ("zero devices", "cpu-tiny", _set("devices_per_node", 0), "devices_per_node"),
     ("utilization above 1", "cpu-tiny", _set("memory_utilization", 1.5), "memory_utilization"),
+    ("blocks of no tokens", "cpu-tiny", _set("cache_block_size", 0), "cache_block_size"),
+    ("utilization of zero", "cpu-tiny", _set("memory_utilization", 0), "memory_utilization"),
+    ("negative runtime reserve", "cpu-tiny", _set("runtime_reserve_gb", -1), "runtime_reserve_gb"),
+    ("negative offload", "cpu-tiny", _set("offload_gb", -2), "offload_gb"),
+    ("no memory", "cpu-tiny", _set("memory_per_device_gb", 0), "memory_per_device_gb"),
+    ("negative draft tokens", "cpu-tiny", _set("mtp_draft_tokens", -1), "mtp_draft_tokens"),
+    ("zero nodes", "cpu-tiny", _set("nodes", 0), "nodes"),
+    ("a capability of zero", "nvidia-h200", _set("capabilities.hbm_tbs", 0), "capabilities.hbm_tbs"),
+    ("unknown collective", "nvidia-h200", _set("collective", "mpi"), "collective"),
+    ("unknown capability dtype", "nvidia-h200", _set("capabilities.kv_cache_dtypes", ["bf16", "fp4"]),
+     "capabilities.kv_cache_dtypes"),
+    ("an env name that is not one", "ascend-910c", _set("env", {"1BAD": "x"}), "env"),
+    ("an empty env value", "ascend-910c", _set("env", {"HCCL_BUFFSIZE": ""}), "env.HCCL_BUFFSIZE"),
+    ("dcp of zero", "cpu-tiny", _set("parallel.dcp", 0), "parallel.dcp"),
 ]
+
+
+def test_values_at_the_edges_of_their_ranges_load():
+    """The least (or most) each range admits loads: no reserve, no offload, no drafts, all the memory,
+    one-token blocks."""
+    d = load_deployment("cpu-tiny").replace(runtime_reserve_gb=0, offload_gb=0, mtp_draft_tokens=0,
+                                            memory_utilization=1, cache_block_size=1)
+    assert (d.runtime_reserve_gb, d.offload_gb, d.mtp_draft_tokens, d.memory_utilization, d.cache_block_size) == \
+        (0, 0, 0, 1, 1)
 
 
 @pytest.mark.parametrize("base,edit,key", [b[1:] for b in BROKEN], ids=[b[0] for b in BROKEN])

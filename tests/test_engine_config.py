@@ -61,6 +61,11 @@ def test_generate_and_serve_take_the_same_engine_flags(capsys):
         if name not in ("dcp", "offload"):          # serve: one process's cache on the device
             assert flag(name) in srv, name
     assert "--dcp" not in srv and "--offload" not in srv
+    # API-only settings: no flag of theirs (`--seed` of both commands is the sampling seed, not the weights')
+    api_only = {n for n, leaf in LEAVES.items() if not leaf.meta.get("cli", True)}
+    assert api_only == {"include_mtp", "collective", "seed", "progress"}
+    for name in api_only - {"seed"}:
+        assert flag(name) not in gen and flag(name) not in srv, name
 
 
 @pytest.mark.parametrize("argv, want", [
@@ -115,3 +120,31 @@ def test_a_deployment_builds_an_engine_config():
     with pytest.raises(ValueError, match="unknown override 'blocks'"):
         d.engine_config(blocks=32)
     assert d.plan == ParallelPlan(tp=d.tp, dp=d.dp, ep=d.ep, dcp=d.dcp) and d.devices == d.plan.world_size
+
+
+def test_a_deployment_loads_the_mtp_layer_only_to_draft_with_it():
+    """`mtp_draft_tokens` > 0 asks for the MTP layer (when the checkpoint has one); 0 skips it."""
+    d = load_deployment("cpu-tiny")
+    assert d.mtp_draft_tokens > 0 and d.engine_config()[1].include_mtp is None
+    assert GLM52.from_deployment(d, progress=False).has_mtp
+    plain = d.replace(mtp_draft_tokens=0)
+    assert plain.engine_config()[1].include_mtp is False
+    assert not GLM52.from_deployment(plain, progress=False).has_mtp
+
+
+def test_expert_shards_are_the_plans():
+    """EP when enabled, else the tp ranks (experts TP-split): one definition, the plan's."""
+    for tp, dp, ep, want in ((1, 2, 2, 2), (2, 1, 1, 2), (2, 2, 4, 4), (1, 1, 1, 1)):
+        plan = ParallelPlan(tp=tp, dp=dp, ep=ep)
+        d = load_deployment("cpu-tiny").replace(devices_per_node=tp * dp, **{"parallel.tp": tp, "parallel.dp": dp,
+                                                                             "parallel.ep": ep})
+        assert plan.expert_shards == d.expert_shards == want, (tp, dp, ep)
+
+
+def test_offload_with_decode_context_parallelism_is_refused_naming_offload_gb():
+    from glm52_backends.deploy import DeploymentError
+    d = load_deployment("cpu-tiny").replace(devices_per_node=2, **{"parallel.tp": 2})
+    assert d.replace(offload_gb=4).offload_gb == 4 and d.replace(**{"parallel.dcp": 2}).dcp == 2
+    with pytest.raises(DeploymentError) as e:
+        d.replace(offload_gb=4, **{"parallel.dcp": 2})
+    assert e.value.key == "offload_gb" and "decode context parallelism" in str(e.value)

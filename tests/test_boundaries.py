@@ -126,6 +126,33 @@ def test_generate_with_a_prompt_that_fills_the_context(tiny_model):
         m.generate([], max_new_tokens=4)
 
 
+def test_cpu_with_an_index_is_the_cpu(tiny_model):
+    """`device="cpu:0"` is the CPU: the model takes the caches it makes (tensors there say "cpu")."""
+    m = tiny_model
+    m0 = GLM52(m.cfg, backend="cpu_ref", dtype=torch.float32, progress=False, block_size=4, device="cpu:0")
+    assert m0.device == torch.device("cpu")
+    assert m0.generate([[3, 1, 4]], max_new_tokens=3).tokens == m.generate([[3, 1, 4]], max_new_tokens=3).tokens
+
+
+def test_a_flat_list_mixing_ids_and_lists_names_the_position(tiny_model):
+    with pytest.raises(ValueError, match=r"prompt 0: token id at position 1 is list \[2, 3\]"):
+        tiny_model.generate([1, [2, 3]], max_new_tokens=2)
+
+
+def test_a_weight_with_one_nan_scale_is_refused(tiny_model):
+    """A user's quantized `Weight` whose scales hold one NaN among finite values is refused, naming it."""
+    from glm52_backends.tiny import random_state_dict
+    from glm52_backends.weights import quantize_weight
+    cfg = tiny_model.cfg
+    sd = random_state_dict(cfg, seed=0, dtype=torch.float32, include_mtp=False)
+    name = "model.layers.0.self_attn.q_a_proj.weight"
+    w = quantize_weight(sd[name], "w8a8_dynamic")
+    GLM52(cfg, backend="cpu_ref", progress=False, state_dict={**sd, name: w})        # finite: taken
+    w.scales[1] = float("nan")
+    with pytest.raises(ValueError, match=rf"Weight '{name}': its scales hold NaN/inf value\(s\)"):
+        GLM52(cfg, backend="cpu_ref", progress=False, state_dict={**sd, name: w})
+
+
 def test_a_cache_of_a_model_with_other_layers_is_refused(tiny_model):
     """Same widths, dtype and device, another depth: refused (the layers it lacks would be read as empty)."""
     m = tiny_model

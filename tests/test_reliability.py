@@ -449,6 +449,19 @@ def test_the_temporary_file_is_written_beside_its_target(tmp_path, monkeypatch):
     assert (tmp_path / "sub" / "plan.md").read_text() == "x" and (tmp_path / "bare.md").read_text() == "y"
 
 
+def test_a_written_file_gets_the_mode_open_would_give(tmp_path):
+    """mkstemp makes 0600; the file ends as a plain `open()` would make it: 0666 less the umask."""
+    from glm52_backends import files
+    old = os.umask(0o022)
+    try:
+        files.write_text(tmp_path / "a.md", "x")
+        os.umask(0o077)
+        files.write_text(tmp_path / "b.md", "y")
+    finally:
+        os.umask(old)
+    assert (os.stat(tmp_path / "a.md").st_mode & 0o777, os.stat(tmp_path / "b.md").st_mode & 0o777) == (0o644, 0o600)
+
+
 def test_an_ascend_folder_without_its_description_says_so(w8a8, tmp_path):
     ck = _copy(w8a8, tmp_path / "ck")
     os.remove(os.path.join(ck, "quant_model_description.json"))

@@ -223,6 +223,21 @@ KNOWN: tuple[Known, ...] = (
     Known("expert-shards", "glm52_backends/parallel.py", "        return self.ep if self.ep > 1 else self.tp",
           "        return self.ep if self.ep > 2 else self.tp", ("tests/test_engine_config.py::test_expert_shards_are_the_plans",),
           "ep = 2 counted as TP-split experts"),
+    # the fourth audit (seed 30)
+    Known("flat-list-first-id", "glm52_backends/engine/arguments.py",
+          "(isinstance(prompts, Sequence) and prompts and _is_int(prompts[0]))",
+          "(isinstance(prompts, Sequence) and prompts and _is_int(prompts[-1]))",
+          ("tests/test_boundaries.py::test_a_flat_list_mixing_ids_and_lists_names_the_position",),
+          "a flat list mixing ids and lists gets a message about the wrong element"),
+    Known("weight-part-one-nan", "glm52_backends/engine/arguments.py",
+          "if v.is_floating_point() and not bool(torch.isfinite(v.float()).all()):",
+          "if v.is_floating_point() and not bool(torch.isfinite(v.float()).any()):",
+          ("tests/test_boundaries.py::test_a_weight_with_one_nan_scale_is_refused",),
+          "a user's quantized Weight with one NaN scale among finite ones is taken"),
+    Known("written-file-mode", "glm52_backends/files.py", "        os.chmod(tmp, 0o666 & ~umask())",
+          "        os.chmod(tmp, 0o667 & ~umask())",
+          (f"{_R}::test_a_written_file_gets_the_mode_open_would_give",),
+          "files written executable by others"),
 )
 
 

@@ -104,6 +104,8 @@ class GLM52:
         caps = self.ops.capabilities
         self.device = torch.device(device if device is not None
                                    else getattr(self.ops.backend, "device", None) or "cpu")
+        if self.device.type == "cpu":     # one CPU device: "cpu:0" is where tensors say "cpu"
+            self.device = torch.device("cpu")
         self.dtype = dtype or caps.get("default_dtype") or torch.float32
         # cache formats (cache_formats.py): "auto" = the model dtype; "fp8" -> fp8_ds_mla latent + fp8
         # index keys, "int8" -> Ascend c8_sfa + c8_li; the index cache follows the latent's unless named

@@ -50,7 +50,7 @@ class CacheConfig:
 class EngineConfig:
     """Model execution: backend, device, dtypes and quantization, graphs, parallel layout, cache."""
 
-    backend: Any = setting("auto", "auto | cpu_ref | cuda | ascend | torch | <plugin> (or a backend object)")
+    backend: Any = setting("auto", "auto | cpu_ref | cuda | ascend | torch | <plugin>")   # GLM52 also takes an object
     device: Any = setting(None, "torch device (default: the backend's)")
     dtype: Any = setting(None, "float32 | bfloat16 | float16 (default: the backend's)", parse="dtype")
     quantization: str | None = setting(None, "weights: fp8 | w8a8 | w4a8 (quantized at load or as stored) | "

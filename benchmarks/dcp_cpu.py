@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from glm52_backends.benchmarks.machine import cpu_name
+from glm52_backends.benchmarks.machine import cpu_name, publish
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TESTS = os.path.join(os.path.dirname(HERE), "tests")
@@ -100,10 +100,7 @@ def main() -> int:
             "top-k equal | cache per rank / one process | wall s (rank / one process) |\n"
             "|---|---|---|---|---|---|---|\n")
     table = head + "".join("| " + " | ".join(str(c) for c in r) + " |\n" for r in rows)
-    print(table)
-    if args.out:
-        from glm52_backends.files import write_text
-        write_text(args.out, table)
+    publish(table, args.out)
     return 0
 
 

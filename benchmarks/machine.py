@@ -1,4 +1,4 @@
-"""The machine a benchmark ran on, for the results tables: the CPU's model name."""
+"""For the results tables: the CPU's model name, and printing / writing a finished table."""
 
 from __future__ import annotations
 
@@ -15,3 +15,11 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def publish(table: str, out: str | None) -> None:
+    """Print a results table and, given a path, write it there (atomically)."""
+    print(table)
+    if out:
+        from glm52_backends.files import write_text
+        write_text(out, table)

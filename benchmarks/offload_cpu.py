@@ -20,7 +20,7 @@ import tempfile
 
 import torch
 
-from glm52_backends.benchmarks.machine import cpu_name
+from glm52_backends.benchmarks.machine import cpu_name, publish
 
 BS, TOPK = 4, 8
 CASES = [((64, 80), 16), ((200, 240), 32)]       # (prompt lengths, offload_blocks)
@@ -102,10 +102,7 @@ def main() -> int:
                        f"{r['fetched_bytes'] / d:.2f} | {r['runs']} |\n")
         print(out[-2], flush=True)
     table = "".join(out)
-    print(table)
-    if args.out:
-        from glm52_backends.files import write_text
-        write_text(args.out, table)
+    publish(table, args.out)
     return 0
 
 

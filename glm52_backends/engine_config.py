@@ -229,7 +229,7 @@ def from_args(args: argparse.Namespace) -> dict[str, Any]:
 def yaml_schema(cls: type) -> dict[str, tuple[str, Any]]:
     """A settings dataclass's fields as a deployment-YAML section schema: key -> (type name, default)
     (deploy.py's type names: int, str, number, ...). Derived, so the YAML accepts what the engine does."""
-    kinds = {"int": "int", "int | None": "int|null", "str": "str", "float": "number", "bool": "bool"}
+    kinds = {"int": "int", "int | None": "int|null", "str": "str", "float": "number"}   # the types deploy checks
     out = {}
     for f in fields(cls):
         if f.type not in kinds:

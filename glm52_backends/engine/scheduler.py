@@ -198,7 +198,10 @@ def _block_hash(parent: bytes, tokens: Sequence[int]) -> bytes:
 def _confidence(logits: torch.Tensor, q: list[torch.Tensor | None], tokens: list[int]) -> list[float]:
     """The MTP layer's probability of each drafted token (adaptive drafting): the distribution it was
     drawn from where sampling, the softmax of the MTP logits at temperature 1 where greedy."""
-    dist = torch.stack([p if p is not None else torch.softmax(lg.float(), -1) for p, lg in zip(q, logits)])
+    dist = torch.softmax(logits.float(), -1)
+    sampled = [b for b, p in enumerate(q) if p is not None]
+    if sampled:
+        dist[sampled] = torch.stack([q[b] for b in sampled]).to(dist)
     idx = torch.tensor(tokens, dtype=torch.long, device=dist.device)[:, None]
     return dist.gather(1, idx)[:, 0].tolist()
 
@@ -739,7 +742,9 @@ class Engine:
         failed = {rid for rid, (a, n) in picks.items() if any(bad[a:a + n])}
         out: dict[Hashable, list[int]] = {}
         for r in plain:
-            out[r.req.rid], at = [int(flat[at])], at + 1
+            if r.req.rid not in failed:
+                out[r.req.rid] = [int(flat[at])]
+            at += 1
         for (k, _, _), grp in groups.items():
             for r in grp:
                 a, t = flat[at], flat[at + 1:at + k + 2]
@@ -750,8 +755,6 @@ class Engine:
                     raise RuntimeError(f"backend {self.model.backend_name!r}: mtp_verify returned accepted={a} and "
                                        f"tokens {t} for k={k}; expected 0..k accepted and a+1 valid tokens")
                 out[r.req.rid] = [int(x) for x in t[:a + 1]]
-        for rid in failed:
-            out.pop(rid, None)
         return out, failed
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> tuple[torch.Tensor, list[torch.Tensor | None]]:

@@ -387,5 +387,20 @@ def main(argv: list[str] | None = None) -> int:
     return guarded(f"glm52 {args.cmd}", args.fn, args)
 
 
+def entry() -> None:
+    """The `glm52` command: `main`, then the process ends. After a run over several ranks (torchrun) the
+    process group is destroyed and the process leaves without the interpreter's teardown, where torch's
+    collective threads sometimes abort a run that has finished (exit -6, "terminate called without an
+    active exception", seen after graph-mode steps): a finished rank exits with its own status."""
+    rc = main()
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc or 0)
+    sys.exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

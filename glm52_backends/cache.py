@@ -51,6 +51,7 @@ import torch
 
 from . import cache_formats as cf
 from .config import ModelConfig
+from .ops.dcp import to_local
 
 
 class CacheExhausted(RuntimeError):
@@ -438,8 +439,10 @@ def _put(view: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
 # One query token needing more than S blocks raises `OffloadTooSmall`.
 #
 # `log` records per step and group the blocks selected, fetched, and the dense fetch (every block of
-# the step's requests), for the tables (benchmarks/offload_cpu.py). Not combined with decode context
-# parallelism or captured graph steps (both refused with the reason).
+# the step's requests), for the tables (benchmarks/offload_cpu.py). Under decode context parallelism each
+# rank offloads its own rows (1/dcp of every block: the staging area and the host rows are in the local
+# block size) and plans from the selected positions it holds; the ranks' plans differ, their ops do not
+# communicate. Captured graph steps are refused with the reason.
 class OffloadTooSmall(RuntimeError):
     """A query token selects more blocks than the offload staging area holds."""
 
@@ -451,9 +454,6 @@ class HostOffload:
         if isinstance(slots, bool) or not isinstance(slots, int) or slots <= 0:
             raise ValueError(f"cache: offload_blocks must be a positive integer (device-resident latent blocks "
                              f"per layer), got {slots!r}")
-        if cache.dcp_size > 1:
-            raise ValueError(f"cache: offload_blocks with decode context parallelism (dcp = {cache.dcp_size}) is not "
-                             f"supported; use one or the other")
         self.cache, self.slots, self.null = cache, slots, slots      # slot `slots` is the null block
         n = cfg.num_hidden_layers
         self.group_of = {l: (cfg.index_source(l) if l < n else n) for l in layers}   # leader layer of each
@@ -504,10 +504,14 @@ class HostOffload:
         """The group's top-k `idx` [T, topk] (positions, -1 none) is known: split its query tokens into
         runs whose selected blocks fit the staging area (one run when the step fits) and log them."""
         g = self.group_of[layer]
-        meta, bs = st.meta, self.cache.block_size
-        bt = meta.block_table.index_select(0, meta.token_request.long()).long()       # [T, maxb]
-        keep = idx >= 0
-        blk = torch.where(keep, bt.gather(1, (idx.long().clamp(min=0) // bs)), -1)
+        meta, d = st.meta, st.dcp
+        if d is None:           # positions, through each token's block table
+            rows, bt, bs = idx.long(), meta.block_table.index_select(0, meta.token_request.long()).long(), \
+                self.cache.block_size
+        else:                   # DCP: this rank's local rows of the selection (ops/dcp.py), its local block size
+            rows, bt, bs = to_local(idx, d.size, d.rank).long(), d.block_table.long(), self.cache.local_block_size
+        keep = rows >= 0
+        blk = torch.where(keep, bt.gather(1, rows.clamp(min=0) // bs), -1)
         per_token = [sorted(set(row) - {-1}) for row in blk.tolist()]                   # the plan's host read
         runs: list[tuple[int, int, list[int]]] = []
         a, cur = 0, set()

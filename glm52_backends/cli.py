@@ -37,6 +37,14 @@ def _float_in(low: float, high: float, *, low_open: bool = False):
     return parse
 
 
+def _text_file(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise argparse.ArgumentTypeError(f"{path}: {e.strerror if isinstance(e, OSError) else e}") from None
+
+
 def _token_ids(text: str) -> list[int]:
     ids = []
     for part in text.split(","):
@@ -204,7 +212,9 @@ def cmd_generate(args) -> int:
     else:
         model = GLM52(path, **settings)
     load_s = time.perf_counter() - t0
-    if args.prompt is not None:
+    if args.prompt_file is not None:
+        prompts = [args.prompt_file] * args.batch
+    elif args.prompt is not None:
         prompts = [args.prompt] * args.batch
     elif args.ids:
         prompts = [list(args.ids)] * args.batch
@@ -214,8 +224,10 @@ def cmd_generate(args) -> int:
         g = torch.Generator().manual_seed(args.seed)
         prompts = [torch.randint(0, model.cfg.vocab_size, (int(n),), generator=g).tolist()
                    for n in (torch.arange(args.batch) * 7 % 23 + args.prompt_len)]
+    deployment = getattr(model, "deployment", None)       # its step budget chunks long prompts
+    chunk = args.prefill_chunk or (deployment.max_batched_tokens if deployment is not None else None)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-              prefill_chunk=args.prefill_chunk, stop_at_eos=not args.ignore_eos)
+              prefill_chunk=chunk, stop_at_eos=not args.ignore_eos)
     plain = model.generate(prompts, **kw) if args.speculative else None  # baseline for the speed-up
     res = model.generate(prompts, speculative=args.speculative, adaptive=args.adaptive,
                          draft_threshold=args.draft_threshold, **kw)
@@ -331,7 +343,10 @@ def main(argv: list[str] | None = None) -> int:
     g = sub.add_parser("generate", help="generate from a checkpoint (default: the embedded tiny one)")
     g.add_argument("checkpoint", nargs="?", help="HF-format GLM-5.x folder (default: the embedded tiny model trained on Python source, "
                    "glm52_backends/default_model)")
-    g.add_argument("--prompt", help="text prompt (needs tokenizer.json in the checkpoint)")
+    one = g.add_mutually_exclusive_group()
+    one.add_argument("--prompt", help="text prompt (needs tokenizer.json in the checkpoint)")
+    one.add_argument("--prompt-file", metavar="PATH", type=_text_file,
+                     help="text prompt read from a UTF-8 file (a long context; needs tokenizer.json)")
     g.add_argument("--ids", type=_token_ids, help="comma-separated prompt token ids")
     g.add_argument("--batch", type=_int_at_least(1), default=4, help="number of requests (default 4)")
     g.add_argument("--prompt-len", type=_int_at_least(1), default=9, help="random prompt base length (default 9)")
@@ -350,7 +365,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--draft-threshold", type=_float_in(0.0, 1.0), metavar="P",
                    help="with --adaptive: the probability in [0, 1] below which drafting stops (default 0.5; "
                         "0 = never stop early, 1 = one draft per round)")
-    g.add_argument("--prefill-chunk", type=_int_at_least(1), help="chunked prefill size in tokens")
+    g.add_argument("--prefill-chunk", type=_int_at_least(1),
+                   help="chunked prefill size in tokens (default: the deployment's max_batched_tokens with "
+                        "--deployment, else whole prompts)")
     g.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS")
     g.add_argument("--json", action="store_true", help="print a JSON object instead of tables")
     g.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -34,7 +34,10 @@ Schema (types; defaults for optional keys):
     env: {NAME: str|number} = {}        environment set at setup unless already exported (HCCL_BUFFSIZE, ...)
     offload_gb: number = 0      host memory per device for cold latent-cache blocks (0: no offload;
                                 the planner models GLM52(offload=...): index keys and a staging area on
-                                the device, the latent rows of the whole context on the host)
+                                the device, the latent rows of the whole context on the host; with
+                                parallel.dcp > 1 each device offloads only its own 1/dcp of every
+                                request's latent rows and stages 1/dcp of each selected block, so its
+                                host share holds context x batch x latent bytes / dcp)
 
 Units: `memory_per_device_gb` is the capacity the vendor quotes; HBM capacities are binary, so the
 planner reads it as GiB (2**30 bytes).
@@ -157,7 +160,7 @@ class DeploymentConfig:
     kv_cache_dtypes: tuple[str, ...]
     description: str = ""
     hbm_tbs: float | None = None
-    offload_gb: float = 0.0                    # host memory per device for offloaded latent blocks
+    offload_gb: float = 0.0                    # host memory per device for offloaded latent blocks (its 1/dcp)
     bf16_tflops: float | None = None
     fp8_tflops: float | None = None
     env: tuple[tuple[str, str], ...] = ()      # environment the runtime reads at setup (e.g. HCCL_BUFFSIZE)
@@ -252,6 +255,10 @@ class DeploymentConfig:
                                       f"tp x dp = {overrides['tp']} x {overrides['dp']} = {n} device(s), but "
                                       f"{world} processes were launched (WORLD_SIZE={world}); launch {n}, or "
                                       f"set parallel.tp / parallel.dp to match")
+        if self.offload_gb > 0:     # host offload: the planner's staging area (the worst decode step's blocks)
+            from .loader.layout import load_config
+            topk = (model_arg if isinstance(model_arg, ModelConfig) else load_config(model_arg)).index_topk
+            overrides.setdefault("offload", self.max_batch * (1 + self.mtp_draft_tokens) * topk)
         return model_arg, EngineConfig.from_settings(os.path.basename(self.source), backend=backend, device=device,
                                                      dtype=dtype, **overrides)
 
@@ -459,9 +466,6 @@ def from_dict(raw: dict, *, source: str = "<dict>", name: str | None = None,
         raise bad("runtime_reserve_gb", f"must be >= 0, got {top['runtime_reserve_gb']}")
     if top["offload_gb"] < 0:
         raise bad("offload_gb", f"must be >= 0, got {top['offload_gb']}")
-    if top["offload_gb"] > 0 and par["dcp"] > 1:
-        raise bad("offload_gb", "host offload together with decode context parallelism (parallel.dcp > 1) is not "
-                                "implemented (GLM52 refuses offload= with dcp > 1)")
     for k, v in caps.items():
         if isinstance(v, (int, float)) and not isinstance(v, bool) and v <= 0:
             raise bad(f"capabilities.{k}", f"must be > 0 or null, got {v}")

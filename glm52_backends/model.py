@@ -121,6 +121,12 @@ def build_layers(cfg: ModelConfig, sd: dict[str, "torch.Tensor | Weight"], inclu
     return layers
 
 
+# Prefill context parallelism's query side (Glm52Network._split_tokens): a DCP step of fewer tokens runs the
+# query projections on every rank of the group (decode: one more collective per layer would cost more than
+# the rows it saves); a longer one splits them over the group.
+PREFILL_CP_MIN_TOKENS = 64
+
+
 class Glm52Network:
     """The network over one process's weights. `run(cache, chunks)` appends tokens to requests and
     returns their final-normed hidden states; `run_mtp` is the MTP layer; `logits` the lm_head.
@@ -144,6 +150,7 @@ class Glm52Network:
         # holds 1/dcp of every request's cache rows (ops/dcp.py); None: every rank holds every row
         self.dcp = layout.plan.dcp if layout is not None else 1
         self.dcp_comm = dcp_comm if self.dcp > 1 else None
+        self.prefill_cp_min_tokens = PREFILL_CP_MIN_TOKENS     # _split_tokens: shorter steps skip the query split
         if self.dcp > 1 and (dcp_comm is None or dcp_comm.world_size != self.dcp):
             raise RuntimeError(f"internal: dcp = {self.dcp} needs the collectives of a dcp group of that size")
         self.dp_comm = dp_comm if layout is not None and layout.dispatch else None        # EP stage 2
@@ -208,21 +215,32 @@ class Glm52Network:
 
     # ---- the cache seam: which rows this rank writes and reads --------------------------------------
     @staticmethod
-    def _write_latent(l: int, st: Step, cache: PagedCache, c: torch.Tensor, k_pe: torch.Tensor) -> None:
+    def _mine(st: Step, cache: PagedCache, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """The step tokens whose cache rows this rank writes: (their slots, their inputs, their positions).
+        Every token on one device; under DCP only the rows this rank stores (`st.dcp.rows`, maybe none): the
+        key-side projections (latent, k_pe, index keys) run on those rows alone, 1/dcp of the step's tokens,
+        with nothing to exchange (prefill context parallelism's key side). Slots None: no row here."""
         if st.dcp is None:
             if getattr(cache, "dcp_size", 1) > 1:
                 raise RuntimeError("a step over a decode-context-parallel cache needs this rank's view of it "
                                    "(step.DcpStep, made by plan_step); a captured graph's step carries none")
-            cache.write_latent(l, st.slots, c, k_pe)
-        elif st.dcp.rows.numel():               # DCP: only the rows this rank stores (maybe none this step)
-            cache.write_latent(l, st.dcp.slots, c[st.dcp.rows], k_pe[st.dcp.rows])
+            return st.slots, x, st.positions
+        if not st.dcp.rows.numel():
+            return None, x[:0], st.positions[:0]
+        return st.dcp.slots, x[st.dcp.rows], st.positions[st.dcp.rows]
 
-    @staticmethod
-    def _write_index(l: int, st: Step, cache: PagedCache, k: torch.Tensor) -> None:
+    def _split_tokens(self, st: Step) -> list[int] | None:
+        """Prefill context parallelism's query side: under DCP, a step of at least `prefill_cp_min_tokens`
+        tokens is cut into dcp consecutive slices (one per rank of the group, sizes returned); each rank
+        runs the token-wise query projections on its slice and one all-gather gives every rank every row.
+        None: every rank computes every token (one device, or a short step such as decode, where one
+        more collective per layer costs more than the rows it saves)."""
         if st.dcp is None:
-            cache.write_index(l, st.slots, k)
-        elif st.dcp.rows.numel():
-            cache.write_index(l, st.dcp.slots, k[st.dcp.rows])
+            return None
+        T, D = st.meta.num_tokens, st.dcp.size
+        if T < max(self.prefill_cp_min_tokens, D):
+            return None
+        return [T * (r + 1) // D - T * r // D for r in range(D)]
 
     def _score_dtype(self, q: torch.Tensor) -> torch.dtype:
         """The precision the backend's indexer scores in (the reference's cdt): float64 for a float64
@@ -248,10 +266,20 @@ class Glm52Network:
         each partial weighted by exp(lse_r - lse) and summed over the group, each rank keeping its heads."""
         d, comm = st.dcp, self.dcp_comm
         qg = comm.all_gather(q, dim=1)                                           # [T, D*H, C+dr]
+        local = dcp_ops.to_local(idx, d.size, d.rank)
         try:
-            o, lse = self.ops.sparse_mla(qg, cache.c[l], cache.k_pe[l], dcp_ops.to_local(idx, d.size, d.rank),
-                                         d.block_table, d.seq_lens, d.cu_seqlens_q, self.cfg.softmax_scale,
-                                         return_lse=True)
+            if getattr(cache, "offload", None) is None:
+                o, lse = self.ops.sparse_mla(qg, cache.c[l], cache.k_pe[l], local, d.block_table, d.seq_lens,
+                                             d.cu_seqlens_q, self.cfg.softmax_scale, return_lse=True)
+            else:       # host offload: this rank's rows of the group's plan, staged run by run (one token a row)
+                parts = []
+                for a, e, blocks in cache.offload.runs(l):
+                    lut = cache.offload.stage_blocks(l, blocks)
+                    parts.append(self.ops.sparse_mla(qg[a:e], cache.c[l], cache.k_pe[l], local[a:e],
+                                                     lut[d.block_table[a:e].long()].int(), d.seq_lens[a:e],
+                                                     d.cu_seqlens_q[:e - a + 1], self.cfg.softmax_scale,
+                                                     return_lse=True))
+                o, lse = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         except BackendOutputError as e:     # e.g. a backend that returns `out` alone
             raise BackendOutputError(f"decode context parallelism merges sparse_mla's partial outputs by their "
                                      f"log-sum-exp, which backend {self.ops.name!r} must return when asked "
@@ -298,43 +326,75 @@ class Glm52Network:
         cfg, ops, meta = self.cfg, self.ops, st.meta
         T = x.shape[0]
         H, dn, dr, C = self.heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
-        qr = ops.rms_norm(ops.linear(x, L.wq_a), L.q_norm, cfg.latent_norm_eps)          # [T, q_lora]
+        indexed = L.indexer is not None and not share
+        qr, iq, w = self._queries(L, x, st, indexed)
         q = ops.linear(qr, L.wq_b).view(T, H, dn + dr)
         q_pe = ops.rope(q[..., dn:], st.positions, cfg.rope_theta)                         # [T, H, dr]
-        kva = ops.linear(x, L.wkv_a)                                                       # [T, C+dr]
-        self._write_latent(l, st, cache, ops.rms_norm(kva[:, :C], L.kv_norm, cfg.latent_norm_eps),
-                           ops.rope(kva[:, C:], st.positions, cfg.rope_theta))   # in the cache's format
+        slots, xk, pk = self._mine(st, cache, x)
+        if slots is not None:
+            kva = ops.linear(xk, L.wkv_a)                                                  # [n, C+dr]
+            cache.write_latent(l, slots, ops.rms_norm(kva[:, :C], L.kv_norm, cfg.latent_norm_eps),
+                               ops.rope(kva[:, C:], pk, cfg.rope_theta))               # in the cache's format
 
-        if L.indexer is not None and not share:
-            idx = self._indexer(l, L.indexer, x, qr, st, cache)
+        if indexed:
+            idx = self._indexer(l, L.indexer, x, iq, w, st, cache)
         elif prev_idx is None:
             raise RuntimeError(f"layer {l} is 'shared' but no earlier full layer produced top-k indices")
         else:
             idx = prev_idx                                                                   # IndexShare
 
         q_lat = torch.matmul(q[..., :dn].transpose(0, 1), L.w_uk).transpose(0, 1)           # absorb W_UK [T, H, C]
-        if getattr(cache, "offload", None) is not None:     # host offload: the group's fetch plan, staged reads
-            if (L.indexer is not None and not share) or l == cfg.num_hidden_layers:     # the group's top-k is new
-                cache.offload.plan(l, idx, st)
+        offload = getattr(cache, "offload", None)
+        if offload is not None and (indexed or l == cfg.num_hidden_layers):    # the group's top-k is new
+            offload.plan(l, idx, st)                                           # host offload: the fetch plan
+        if st.dcp is not None:
+            o_lat = self._sparse_mla_dcp(torch.cat([q_lat, q_pe], -1), l, idx, st, cache)
+        elif offload is not None:
             o_lat = self._sparse_mla_offloaded(torch.cat([q_lat, q_pe], -1), l, idx, st, cache)
-        elif st.dcp is None:
+        else:
             o_lat = ops.sparse_mla(torch.cat([q_lat, q_pe], -1), cache.c[l], cache.k_pe[l], idx, meta.block_table,
                                    meta.seq_lens, meta.cu_seqlens_q, cfg.softmax_scale)       # [T, H, C]
-        else:
-            o_lat = self._sparse_mla_dcp(torch.cat([q_lat, q_pe], -1), l, idx, st, cache)
         o = torch.matmul(o_lat.transpose(0, 1), L.w_uv.transpose(1, 2))                    # absorb W_UV [H, T, dv]
         o = o.transpose(0, 1).reshape(T, H * cfg.v_head_dim)
         return self.comm.all_reduce(ops.linear(o, L.wo)), idx                              # row-parallel seam
 
-    def _indexer(self, l: int, ix: Indexer, x, qr, st: Step, cache: PagedCache) -> torch.Tensor:
+    def _queries(self, L: Layer, x: torch.Tensor, st: Step, indexed: bool):
+        """The token-wise query side: qr [T, q_lora] (normed q_a) and, for a layer running its indexer,
+        the indexer's roped queries iq [T, Hi, Di] and head weights w [T, Hi] (f32, scaled); else None, None.
+        Split over the dcp group for a long step (`_split_tokens`): each rank projects its slice of the
+        tokens and one all-gather of [qr | iq | w] gives every rank every row, the numbers unchanged."""
+        cfg, ops = self.cfg, self.ops
+        Hi, Di, dr = cfg.index_n_heads, cfg.index_head_dim, cfg.qk_rope_head_dim
+        counts = self._split_tokens(st)
+        pos = st.positions
+        if counts is not None:
+            r = st.dcp.rank
+            a = sum(counts[:r])
+            x, pos = x[a:a + counts[r]], pos[a:a + counts[r]]
+        n = x.shape[0]
+        qr = ops.rms_norm(ops.linear(x, L.wq_a), L.q_norm, cfg.latent_norm_eps)             # [n, q_lora]
+        if not indexed:
+            return (qr if counts is None else self.dcp_comm.all_gather_rows(qr, counts)), None, None
+        ix = L.indexer
+        iq = ops.linear(qr, ix.wq_b).view(n, Hi, Di)                   # RoPE on the FIRST dr dims
+        iq = torch.cat([ops.rope(iq[..., :dr], pos, cfg.rope_theta), iq[..., dr:]], -1)
+        wr = ops.linear(x, ix.w_proj)                                                     # [n, Hi]
+        if counts is not None:
+            Q = qr.shape[1]
+            both = self.dcp_comm.all_gather_rows(torch.cat([qr, iq.reshape(n, Hi * Di), wr.to(qr.dtype)], 1), counts)
+            qr, iq, wr = both[:, :Q], both[:, Q:Q + Hi * Di].reshape(-1, Hi, Di), both[:, Q + Hi * Di:].to(wr.dtype)
+        return qr, iq, wr.float() * (Hi ** -0.5 * Di ** -0.5)                              # w [T, Hi] f32
+
+    def _indexer(self, l: int, ix: Indexer, x: torch.Tensor, iq: torch.Tensor, w: torch.Tensor, st: Step,
+                 cache: PagedCache) -> torch.Tensor:
+        """The index keys of the rows this rank stores, written; then the top-k of every query token."""
         cfg, ops, meta = self.cfg, self.ops, st.meta
-        T, Hi, Di, dr = x.shape[0], cfg.index_n_heads, cfg.index_head_dim, cfg.qk_rope_head_dim
-        iq = ops.linear(qr, ix.wq_b).view(T, Hi, Di)                   # RoPE on the FIRST dr dims
-        iq = torch.cat([ops.rope(iq[..., :dr], st.positions, cfg.rope_theta), iq[..., dr:]], -1)
-        ik = ops.layer_norm(ops.linear(x, ix.wk), ix.k_norm_w, ix.k_norm_b, cfg.indexer_norm_eps)
-        ik = torch.cat([ops.rope(ik[:, :dr], st.positions, cfg.rope_theta), ik[:, dr:]], -1)
-        self._write_index(l, st, cache, ik)                            # in the cache's index format
-        w = ops.linear(x, ix.w_proj).float() * (Hi ** -0.5 * Di ** -0.5)                 # [T, Hi] f32
+        dr = cfg.qk_rope_head_dim
+        slots, xk, pk = self._mine(st, cache, x)
+        if slots is not None:
+            ik = ops.layer_norm(ops.linear(xk, ix.wk), ix.k_norm_w, ix.k_norm_b, cfg.indexer_norm_eps)
+            ik = torch.cat([ops.rope(ik[:, :dr], pk, cfg.rope_theta), ik[:, dr:]], -1)
+            cache.write_index(l, slots, ik)                            # in the cache's index format
         if st.dcp is None:
             idx = ops.indexer_topk(iq, w, cache.index_k[l], meta.block_table, meta.seq_lens, meta.cu_seqlens_q,
                                    cfg.index_topk)

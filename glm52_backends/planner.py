@@ -45,6 +45,11 @@ cache is replicated on every TP rank (MLA has one KV head) unless decode context
 `max_context` tokens are held per DP replica.
 Activations: see `activation_bytes_per_token`; the context workspace is vLLM's sparse-MLA/indexer
 prefill gather buffer, 5 x max_context latent rows in BF16.
+Host offload (`offload_gb` > 0, GLM52(offload=...)): the latent rows live in host memory, `offload_gb`
+per device; with DCP each rank offloads its own 1/dcp of every request's rows and stages 1/dcp of each
+selected block, so a device's host share holds context x batch x latent bytes / dcp and its staging
+area (1 + draft tokens) x index_topk blocks / dcp per request. A plan fits when both the device and
+the host share hold it.
 """
 
 from __future__ import annotations
@@ -245,6 +250,8 @@ class Plan:
     max_context_one_request: int = 0             # largest context at batch 1, with the YAML's DCP
     max_context_one_request_without_dcp: int = 0  # the same with the latent cache replicated (DCP1)
     max_context_one_request_without_offload: int = 0  # the same without host offload (offload_gb: 0)
+    host_bytes_per_device: float = 0.0   # host offload: max_batch x max_context latent rows / dcp (0: no offload)
+    host_capacity_bytes: float = 0.0     # offload_gb per device, in bytes
     assumptions: list[str] = field(default_factory=list)
 
     @property
@@ -274,6 +281,7 @@ class Plan:
             "max_context_one_request_without_dcp": self.max_context_one_request_without_dcp,
             "max_context_one_request_without_offload": self.max_context_one_request_without_offload,
             "max_batch_at_context": self.max_batch_at_context,
+            "host_bytes_per_device": self.host_bytes_per_device, "host_capacity_bytes": self.host_capacity_bytes,
             "assumptions": list(self.assumptions),
         }
 
@@ -301,8 +309,10 @@ class Plan:
         for r in self.rows:
             lines.append(f"  {r.component:<30}{g(r.bytes)}   {r.how}")
         verdict = "FITS" if self.fits else "DOES NOT FIT"
+        host = (f"; host {self.host_bytes_per_device / GiB:.2f} of {self.host_capacity_bytes / GiB:.2f} GiB "
+                f"per device" if self.host_capacity_bytes else "")
         lines += [
-            f"  {'total':<30}{g(self.need_bytes)}   of {self.usable_bytes / GiB:.2f} usable -> {verdict} "
+            f"  {'total':<30}{g(self.need_bytes)}   of {self.usable_bytes / GiB:.2f} usable{host} -> {verdict} "
             f"({self.spare_bytes / GiB:+.2f} GiB)",
             "",
             f"  cache per token (whole model): latent {self.latent_bytes_per_token:,} B + index "
@@ -379,7 +389,8 @@ def plan(deploy_cfg: DeploymentConfig | str, model_cfg: ModelConfig | None = Non
 
     # host offload (GLM52(offload=...)): the latent rows of the whole context on the host, a staging area on
     # the device sized for the worst decode step, every selected position in its own block:
-    # (1 + draft tokens) x index_topk blocks per request
+    # (1 + draft tokens) x index_topk blocks per request. With DCP each rank offloads its own 1/dcp of every
+    # request's rows (to its own host share, offload_gb per device) and stages 1/dcp of each selected block.
     block = d.cache_block_size or OFFLOAD_BLOCK
     host = d.offload_gb * GiB
 
@@ -394,7 +405,7 @@ def plan(deploy_cfg: DeploymentConfig | str, model_cfg: ModelConfig | None = Non
         return weights + reserve + sum(parts(c, b, dcp, offload).values())
 
     def fits(c: int, b: int, dcp: int = d.dcp, offload: bool = host > 0) -> bool:
-        return need(c, b, dcp, offload) <= usable and (not offload or c * b * lat <= host)
+        return need(c, b, dcp, offload) <= usable and (not offload or c * b * lat / dcp <= host)
 
     p = parts(d.max_context, d.max_batch)
     rows += [
@@ -403,7 +414,10 @@ def plan(deploy_cfg: DeploymentConfig | str, model_cfg: ModelConfig | None = Non
                 f"{d.kv_cache_dtype}) / DCP{d.dcp}" + (
                     f"; offload: {latent_tokens(d.max_context, True):,} tokens staged per request "
                     f"((1 + {k}) x top-{cfg.index_topk} blocks of {block}), the context's "
-                    f"{d.max_context * d.max_batch * lat / GiB:.1f} GiB on the host (offload_gb {d.offload_gb:g})"
+                    f"{d.max_context * d.max_batch * lat / GiB:.1f} GiB on the host"
+                    + (f", {d.max_context * d.max_batch * lat / d.dcp / GiB:.1f} GiB (1/DCP{d.dcp}) per device"
+                       if d.dcp > 1 else " per device")
+                    + f" (offload_gb {d.offload_gb:g} per device)"
                     if host > 0 else "")),
         PlanRow("index-key cache", p["index"],
                 f"{idx:,} B/token ({n_full} full layers x {index_bytes_per_token_layer(cfg, d.index_cache_dtype)} B "
@@ -437,13 +451,20 @@ def plan(deploy_cfg: DeploymentConfig | str, model_cfg: ModelConfig | None = Non
         "context workspace: vLLM's 5 x max_model_len latent-row prefill buffer",
         f"runtime reserve {d.runtime_reserve_gb:g} GiB per device (estimate, from the YAML)",
     ]
+    if host > 0:
+        assumptions.append(
+            f"host offload: each device's host share (offload_gb {d.offload_gb:g}) holds its 1/dcp of the "
+            f"max_batch x max_context latent rows; the device stages 1/dcp of (1 + draft tokens) x index_topk "
+            f"blocks of {block} per request")
     return Plan(deployment=d, model_name=_model_name(d), rows=rows, usable_bytes=usable, need_bytes=total,
-                fits=total <= usable, total_params=n_mtp if mtp else without,
+                fits=fits(d.max_context, d.max_batch), total_params=n_mtp if mtp else without,
                 params_without_mtp=without, full_layers=len(cfg.full_layers), num_layers=cfg.num_hidden_layers,
                 latent_bytes_per_token=lat, index_bytes_per_token=idx, kv_bytes_per_token_device=kv_dev,
                 max_context_at_batch=max_ctx, max_batch_at_context=max_b, max_context_one_request=ctx1,
                 max_context_one_request_without_dcp=ctx1_no_dcp,
-                max_context_one_request_without_offload=ctx1_no_offload, assumptions=assumptions)
+                max_context_one_request_without_offload=ctx1_no_offload,
+                host_bytes_per_device=d.max_context * d.max_batch * lat / d.dcp if host > 0 else 0.0,
+                host_capacity_bytes=host, assumptions=assumptions)
 
 
 def _model_name(d: DeploymentConfig) -> str:

@@ -556,8 +556,9 @@ def _parser() -> argparse.ArgumentParser:
                          "for fewer with the body field \"speculative\"")
     ap.add_argument("--cache-tokens", type=_int_at_least(1), default=1 << 15,
                     help="paged cache size in tokens, all requests together (default 32768)")
-    ap.add_argument("--max-num-batched-tokens", type=_int_at_least(1), default=512,
-                    help="token budget of one step: decode tokens and prefill chunks together (default 512)")
+    ap.add_argument("--max-num-batched-tokens", type=_int_at_least(1),
+                    help="token budget of one step: decode tokens and prefill chunks together (default: the "
+                         "deployment's max_batched_tokens with --deployment, else 512)")
     ap.add_argument("--max-num-seqs", type=_int_at_least(1), default=64, help="requests running at once (default 64)")
     ap.add_argument("--no-prefix-caching", action="store_true", help="do not share prompt blocks by content hash")
     ap.add_argument("--served-model-name", help="the model id clients name (default: the checkpoint folder's name)")
@@ -612,7 +613,8 @@ def serve_main(argv: list[str]) -> int:
         path = model.path or path
     else:
         model = GLM52(path, **settings)
-    engine = Engine(model, cache_tokens=args.cache_tokens, max_num_batched_tokens=args.max_num_batched_tokens,
+    budget = args.max_num_batched_tokens or (model.deployment.max_batched_tokens if args.deployment else 512)
+    engine = Engine(model, cache_tokens=args.cache_tokens, max_num_batched_tokens=budget,
                     max_num_seqs=args.max_num_seqs, speculative=args.speculative,
                     prefix_caching=not args.no_prefix_caching, seed=args.seed)
     layout = model.layout

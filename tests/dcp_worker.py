@@ -46,8 +46,20 @@ def run(m, cache_tokens: int = 4096) -> dict:
             return out
         m.ops.indexer_topk = spy_op
     P = prompts(m.cfg.vocab_size)
+    # rows through layer 0's token-wise projections in the one-shot forward: the query side (q_a) and
+    # the key side (kv_a, the indexer's wk); under DCP each rank's share (prefill context parallelism)
+    L0, rows = net.layers[0], {"wq_a": 0, "wkv_a": 0, "wk": 0}
+    watch = {id(L0.wq_a): "wq_a", id(L0.wkv_a): "wkv_a", id(L0.indexer.wk): "wk"}
+    orig_linear = m.ops.linear
+
+    def spy_linear(x, w, *a, **k):
+        if id(w) in watch:
+            rows[watch[id(w)]] += x.shape[0]
+        return orig_linear(x, w, *a, **k)
+    m.ops.linear = spy_linear
     t0 = time.perf_counter()
     logits = [x.double().tolist() for x in m(P)]
+    m.ops.linear = orig_linear
     forward_topk = hashlib.sha1("".join(digests).encode()).hexdigest()
     greedy = m.generate(P, max_new_tokens=10, stop_at_eos=False).tokens
     chunked = m.generate(P, max_new_tokens=6, stop_at_eos=False, prefill_chunk=7).tokens
@@ -55,9 +67,18 @@ def run(m, cache_tokens: int = 4096) -> dict:
     wall = time.perf_counter() - t0
     sampled = m.generate(P, max_new_tokens=6, stop_at_eos=False, temperature=0.8, seed=5).tokens
     held = m.new_cache(cache_tokens, mtp=True)
-    return {"logits": logits, "greedy": greedy, "chunked": chunked, "spec": spec, "sampled": sampled,
+    topk, n_topk = hashlib.sha1("".join(digests).encode()).hexdigest(), len(digests)
+    off = None
+    if m.offload is not None:       # host offload: one prefill and one decode step; what this rank fetched
+        c = m.new_cache(cache_tokens)
+        m.extend(c, dict(enumerate(P)))
+        m.extend(c, {i: [1] for i in range(len(P))})
+        last = [r for r in c.offload.log if r["step"] == c.offload.step]
+        off = {"stage_bytes": c.offload.device_bytes, "decode_fetched": sum(r["fetched_bytes"] for r in last),
+               "decode_dense": sum(r["dense_blocks"] * r["layers"] for r in last) * c.offload.block_bytes}
+    return {"logits": logits, "proj_rows": rows, "offload": off, "tokens": sum(map(len, P)), "greedy": greedy, "chunked": chunked, "spec": spec, "sampled": sampled,
             "forward_topk": forward_topk,
-            "topk": hashlib.sha1("".join(digests).encode()).hexdigest(), "n_topk": len(digests),
+            "topk": topk, "n_topk": n_topk,
             "cache_bytes": held.nbytes, "cache_blocks": held.num_blocks, "wall_s": wall}
 
 
@@ -65,6 +86,8 @@ def main() -> int:
     init, rank, world, ckpt, tp, dcp, out = sys.argv[1:8]
     ep = int(sys.argv[sys.argv.index("--ep") + 1]) if "--ep" in sys.argv else 1
     kv = sys.argv[sys.argv.index("--kv-cache-dtype") + 1] if "--kv-cache-dtype" in sys.argv else "auto"
+    offload = int(sys.argv[sys.argv.index("--offload") + 1]) if "--offload" in sys.argv else None
+    cp_min = int(sys.argv[sys.argv.index("--cp-min") + 1]) if "--cp-min" in sys.argv else None
     torch.set_num_threads(1)
     import datetime
 
@@ -73,7 +96,9 @@ def main() -> int:
                             timeout=datetime.timedelta(seconds=120))
     from glm52_backends import GLM52
     m = GLM52(ckpt, backend="cpu_ref", dtype=torch.float32, progress=False, tp=int(tp), ep=ep, dcp=int(dcp),
-              kv_cache_dtype=kv)
+              kv_cache_dtype=kv, offload=offload)
+    if cp_min is not None:
+        m.net.prefill_cp_min_tokens = cp_min
     res = run(m)
     res.update(rank=int(rank), dcp_rank=m.layout.dcp_rank)
     with open(out, "w") as f:

@@ -67,3 +67,30 @@ def test_generate_errors_are_one_line(tmp_path, capsys):
 def test_no_command_prints_help(capsys):
     assert main([]) == 2  # no command is bad input (exit 1 means a check failed)
     assert "generate" in capsys.readouterr().out
+
+
+def test_prompt_file_is_the_prompt_and_a_deployment_chunks_by_its_step_budget(tmp_path, capsys, monkeypatch):
+    """`--prompt-file` generates what `--prompt` does with the file's text; a missing file is named. With
+    `--deployment` and no `--prefill-chunk` the prompt is chunked by the YAML's max_batched_tokens."""
+    f = tmp_path / "prompt.txt"
+    f.write_text("def add(a, b):\n    return", encoding="utf-8")
+    base = ["generate", "--backend", "torch", "--batch", "1", "--max-new-tokens", "4", "--quiet", "--json"]
+    assert main(base + ["--prompt", f.read_text(encoding="utf-8")]) == 0
+    want = json.loads(capsys.readouterr().out)["tokens"]
+    assert main(base + ["--prompt-file", str(f)]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == want
+    with pytest.raises(SystemExit) as e:
+        main(base + ["--prompt-file", str(tmp_path / "absent.txt")])
+    assert e.value.code == 2 and "absent.txt" in capsys.readouterr().err
+    from glm52_backends import GLM52
+    seen = []
+    real = GLM52.generate
+
+    def spy(self, *a, prefill_chunk=None, **k):
+        seen.append(prefill_chunk)
+        return real(self, *a, prefill_chunk=prefill_chunk, **k)
+    monkeypatch.setattr(GLM52, "generate", spy)
+    assert main(base + ["--prompt-file", str(f), "--deployment", "cpu-tiny"]) == 0
+    from glm52_backends.deploy import load_deployment
+    assert seen == [load_deployment("cpu-tiny").max_batched_tokens]
+    assert json.loads(capsys.readouterr().out)["tokens"] == want

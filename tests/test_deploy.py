@@ -20,11 +20,30 @@ BUNDLED = bundled_configs()
 VENDORS_IN_ISSUE = ("nvidia-h100", "nvidia-h200", "nvidia-h20", "ascend-910b", "ascend-910c", "ascend-950",
                     "cambricon-mlu590", "kunlunxin-p800", "hygon-k100", "metax-c500", "mthreads-s4000",
                     "biren-br100", "cpu-tiny")
+# further layouts of a product above, each from a published recipe (spec/ascend-and-chips.md §5)
+RECIPE_LAYOUTS = ("ascend-910c-1m",)
 HARDWARE_KEYS = ("memory_per_device_gb", "devices_per_node", "hbm_tbs", "bf16_tflops", "fp8_tflops")
 
 
 def test_every_product_of_the_issue_has_a_config():
-    assert sorted(BUNDLED) == sorted(VENDORS_IN_ISSUE)
+    assert sorted(BUNDLED) == sorted(VENDORS_IN_ISSUE + RECIPE_LAYOUTS)
+
+
+def test_ascend_910c_1m_is_the_tutorials_1m_layout(tmp_path):
+    """vllm-ascend's GLM5.2 tutorial, "1M context: single A3 node DP1 TP16 (enable_dsa_cp, ...)": GLM-5.2-w4a8c8
+    on one A3 node, the cache striped over the TP16 group; the same chip facts as ascend-910c."""
+    d, base = load_deployment("ascend-910c-1m"), load_deployment("ascend-910c")
+    assert (d.nodes, d.devices_per_node, d.tp, d.dp, d.ep, d.dcp) == (1, 16, 16, 1, 16, 16)
+    assert (d.weights_dtype, d.kv_cache_dtype, d.index_cache_dtype) == ("w4a8", "int8", "int8")
+    assert (d.max_context, d.max_batch, d.cache_block_size, d.mtp_draft_tokens) == (1048576, 1, 128, 3)
+    for k in ("vendor", "chip", "device_type", "backend", "memory_per_device_gb", "memory_utilization",
+              "runtime_reserve_gb", "collective", "weight_dtypes", "kv_cache_dtypes", "hbm_tbs", "bf16_tflops",
+              "fp8_tflops", "env", "max_batched_tokens"):
+        assert getattr(d, k) == getattr(base, k), k
+    assert d.offload_gb == 0
+    # the C8 caches reach the model as int8 (GLM52 turns them into c8_sfa / c8_li), blocks of 128
+    kw = d.engine_config(model=str(tmp_path))[1].settings()
+    assert (kw["kv_cache_dtype"], kw["index_cache_dtype"], kw["block_size"]) == ("int8", "int8", 128)
 
 
 @pytest.mark.parametrize("name", sorted(BUNDLED))
@@ -112,6 +131,7 @@ BROKEN = [
     ("utilization of zero", "cpu-tiny", _set("memory_utilization", 0), "memory_utilization"),
     ("negative runtime reserve", "cpu-tiny", _set("runtime_reserve_gb", -1), "runtime_reserve_gb"),
     ("negative offload", "cpu-tiny", _set("offload_gb", -2), "offload_gb"),
+    ("negative offload with dcp", "nvidia-h200", _set("offload_gb", -1), "offload_gb"),
     ("no memory", "cpu-tiny", _set("memory_per_device_gb", 0), "memory_per_device_gb"),
     ("negative draft tokens", "cpu-tiny", _set("mtp_draft_tokens", -1), "mtp_draft_tokens"),
     ("zero nodes", "cpu-tiny", _set("nodes", 0), "nodes"),
@@ -132,6 +152,16 @@ def test_values_at_the_edges_of_their_ranges_load():
                                             memory_utilization=1, cache_block_size=1)
     assert (d.runtime_reserve_gb, d.offload_gb, d.mtp_draft_tokens, d.memory_utilization, d.cache_block_size) == \
         (0, 0, 0, 1, 1)
+
+
+def test_offload_with_decode_context_parallelism_loads():
+    """Host offload and DCP together: each dcp rank offloads its own 1/dcp of the latent rows (the planner
+    counts offload_gb per device against that share, tests/test_planner.py)."""
+    d = load_deployment("cpu-tiny").replace(devices_per_node=2, **{"parallel.tp": 2})
+    both = d.replace(offload_gb=4, **{"parallel.dcp": 2})
+    assert (both.offload_gb, both.dcp) == (4, 2)
+    h200 = load_deployment("nvidia-h200").replace(offload_gb=10)
+    assert (h200.offload_gb, h200.dcp) == (10, 8)
 
 
 @pytest.mark.parametrize("base,edit,key", [b[1:] for b in BROKEN], ids=[b[0] for b in BROKEN])
@@ -226,7 +256,7 @@ def test_vendor_yaml_runs_on_the_generic_backend(name, tiny_ckpt):
 
 
 def test_ascend_yamls_pick_block_size_128_and_the_engine_defaults_to_the_backends(tmp_path, monkeypatch):
-    for name in ("ascend-910b", "ascend-910c", "ascend-950"):
+    for name in ("ascend-910b", "ascend-910c", "ascend-910c-1m", "ascend-950"):
         d = load_deployment(name)
         assert d.cache_block_size == 128
         kw = d.engine_config(model=str(tmp_path))[1].settings()

@@ -142,6 +142,20 @@ def test_refusals_name_the_culprit(models, ckpt):
         off.new_cache(64, offload_blocks=0)
     with pytest.raises(ValueError, match="graph=True with offload=4"):
         GLM52(ckpt, backend="cpu_ref", progress=False, offload=4, graph=True)
-    with pytest.raises(ValueError, match="offload_blocks with decode context parallelism"):
-        from glm52_backends.cache import PagedCache
-        PagedCache(off.cfg, 8, 4, dcp_size=2, offload_blocks=4)
+    from glm52_backends.cache import PagedCache
+    split = PagedCache(off.cfg, 8, 4, dcp_size=2, offload_blocks=4)       # offload under DCP: local rows staged
+    assert split.c[0].shape[:2] == (4 + 1, 2) and torch.isnan(split.c[0][split.offload.null]).all()
+
+
+def test_a_deployments_offload_gb_stages_the_planners_blocks(ckpt, models):
+    """`offload_gb` in a YAML reaches the engine: the staging area the planner counts (max_batch x (1 + MTP
+    draft tokens) x top-k blocks per layer), and the model so built generates what one without offload does."""
+    from glm52_backends.deploy import load_deployment
+    d = load_deployment("cpu-tiny").replace(offload_gb=1, model=ckpt, cache_block_size=BS)
+    src, config = d.engine_config(backend="cpu_ref", dtype=torch.float32, progress=False)
+    assert config.cache.offload == d.max_batch * (1 + d.mtp_draft_tokens) * 8 > 0
+    assert load_deployment("cpu-tiny").engine_config()[1].cache.offload is None
+    off = GLM52(src, config)
+    P = prompts()
+    assert off.generate(P, max_new_tokens=6, stop_at_eos=False).tokens == \
+        models[0].generate(P, max_new_tokens=6, stop_at_eos=False).tokens

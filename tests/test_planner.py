@@ -59,7 +59,7 @@ def test_one_request_context_with_and_without_dcp_and_offload():
     """The largest one-request context, per YAML: with its DCP and with the latent cache replicated, from
     the same arithmetic as the plan; host offload keeps a staging area on the device (sized for the
     worst decode step: every selected position in its own block) and the whole context's latent rows on
-    the host, so the context is bounded by both; offload with DCP is refused by name."""
+    the host, so the context is bounded by both."""
     from glm52_backends.deploy import DeploymentError
     d = load_deployment("nvidia-h200")
     p = plan(d)
@@ -73,10 +73,42 @@ def test_one_request_context_with_and_without_dcp_and_offload():
     assert host.max_context_one_request_without_offload == base.max_context_one_request
     tight = plan(small.replace(offload_gb=1000 * lat / GiB))                             # the host holds 1000 tokens
     assert tight.max_context_one_request == 1000
-    with pytest.raises(DeploymentError, match="offload_gb.*decode context parallelism"):
-        load_deployment("nvidia-h200").replace(offload_gb=10)
     with pytest.raises(DeploymentError, match="offload_gb.*>= 0"):
         small.replace(offload_gb=-1)
+
+
+def test_offload_with_dcp_holds_one_dcp_share_of_the_rows_on_each_devices_host():
+    """Host offload with decode context parallelism plans: each dcp rank offloads its own 1/dcp of every
+    request's latent rows, so a device's host share (offload_gb, per device) holds context x latent / dcp.
+    One byte more than that fits, one byte less does not; the DCP1 column needs the whole context there."""
+    small = load_deployment("ascend-910c").replace(**{"dtypes.kv_cache": "bf16", "cache_block_size": 1,
+                                                      "parallel.dcp": 4})
+    assert small.tp == 8 and small.dcp == 4 and small.max_batch == 1
+    base = plan(small)                                   # no offload: the device bounds the context
+    c = base.max_context_one_request // 2                # the device holds it with room to spare
+    lat = base.latent_bytes_per_token                    # the plan's own bytes per token (79 x 1152 B, bf16)
+    assert lat == 79 * 1152 and lat % 4 == 0
+    share = c * lat // 4                                 # bytes of latent rows on one device's host share
+    above = plan(small.replace(max_context=c, offload_gb=(share + 1) / GiB))
+    below = plan(small.replace(max_context=c, offload_gb=(share - 1) / GiB))
+    for p in (above, below):
+        assert p.need_bytes <= p.usable_bytes            # the device holds it either way: the host decides
+        assert p.host_bytes_per_device == share and p.to_dict()["host_bytes_per_device"] == share
+    assert above.fits and above.max_context_at_batch == above.max_context_one_request == c
+    assert not below.fits and below.max_context_at_batch == below.max_context_one_request == c - 1
+    # without DCP (the same host share, the latent rows of the whole context on it): a quarter of c
+    assert above.max_context_one_request_without_dcp == (share + 1) // lat == c // 4
+    # the staging area on the device is 1/dcp of (1 + draft tokens) x top-k one-token blocks
+    cfg = small.model_config()
+    staged = (1 + small.mtp_draft_tokens) * cfg.index_topk
+    assert {r.component: r.bytes for r in above.rows}["latent cache"] == staged * lat / 4
+    # the table says how much of the context sits on each device's host
+    row = next(r.how for r in above.rows if r.component == "latent cache")
+    assert f"the context's {c * lat / GiB:.1f} GiB on the host, {share / GiB:.1f} GiB (1/DCP4) per device" in row
+    assert "DOES NOT FIT" in below.table() and "FITS" in above.table().replace("DOES NOT FIT", "")
+    # the bundled DCP8 config takes host offload too (GLM52(offload=..., dcp=8))
+    h200 = plan(load_deployment("nvidia-h200").replace(offload_gb=20))
+    assert h200.fits and h200.host_bytes_per_device == 1048576 * h200.latent_bytes_per_token / 8 <= 20 * GiB
 
 
 def test_bf16_on_one_8xh100_node_does_not_fit():

@@ -82,7 +82,6 @@ class GLM52:
         progress, include_mtp, seed, collective, quantization = (c.progress, c.include_mtp, c.seed, c.collective,
                                                                  c.quantization)
         graph, offload = c.graph, c.cache.offload
-        dcp = c.parallel.dcp
         kv_cache_dtype, index_cache_dtype = c.cache.kv_cache_dtype, c.cache.index_cache_dtype
         _check_init(model, backend, device, dtype, block_size)
         self.graph = arguments.graph_choice("GLM52: graph", graph)
@@ -91,8 +90,6 @@ class GLM52:
         arguments.positive_int("GLM52: offload", offload, allow_none=True)
         self.offload = offload
         if offload is not None:
-            if dcp > 1:
-                raise ValueError(f"GLM52: offload={offload} with dcp = {dcp} is not supported; use one or the other")
             if self.graph is True or self.graph in ("trace", "compile"):
                 raise ValueError(f"GLM52: graph={self.graph!r} with offload={offload}: each step's fetch is planned on "
                                  f"the host from the top-k, which a captured graph cannot replay (graph=False)")
@@ -181,7 +178,9 @@ class GLM52:
         d = load_deployment(deployment)
         model, config = d.engine_config(**overrides)
         d.apply_env()                     # before the process group: HCCL / NCCL read it at setup
-        return cls(model, config)
+        m = cls(model, config)
+        m.deployment = d                  # its step budget (max_batched_tokens) is the CLI's default chunk
+        return m
 
     # ---- the network's parts, for callers that drive steps themselves ---------------------------
     @property

@@ -139,7 +139,9 @@ class Glm52Network:
     back, `_moe_dispatched`) or every expert's width / tp. With decode context parallelism (`dcp_comm`,
     dcp consecutive ranks of the tp group) each rank's cache holds 1/dcp of every request's rows: the
     indexer's local top-k are merged over the group (`_topk_dcp`), attention runs on the rank's rows for
-    the group's heads and merges by log-sum-exp (`_sparse_mla_dcp`); ops/dcp.py has the layout.
+    the group's heads and merges by log-sum-exp (`_sparse_mla_dcp`); ops/dcp.py has the layout. Prefill
+    context parallelism: the key-side projections run on the rows this rank stores (`_mine`), the query
+    side on a 1/dcp slice of a long step, all-gathered (`_queries`, `_split_tokens`).
     """
 
     def __init__(self, cfg: ModelConfig, sd: dict[str, torch.Tensor], ops: BoundBackend, device: torch.device,
@@ -223,8 +225,10 @@ class Glm52Network:
         if st.dcp is None:
             if getattr(cache, "dcp_size", 1) > 1:
                 raise RuntimeError("a step over a decode-context-parallel cache needs this rank's view of it "
-                                   "(step.DcpStep, made by plan_step); a captured graph's step carries none")
+                                   "(step.DcpStep, made by plan_step or, for a captured step, by StaticDecode)")
             return st.slots, x, st.positions
+        if st.dcp.rows is None:                 # a captured step: every row, the others' to the null block
+            return st.dcp.slots, x, st.positions
         if not st.dcp.rows.numel():
             return None, x[:0], st.positions[:0]
         return st.dcp.slots, x[st.dcp.rows], st.positions[st.dcp.rows]

@@ -140,14 +140,26 @@ class DcpStep:
     """One dcp rank's view of a step (ops/dcp.py). For the paged ops, one row per query token:
     block_table [T, max_blocks] int32 (its request's row), seq_lens [T] int32 (this rank's rows at
     positions <= the token's), cu_seqlens_q [T+1] int32 (0, 1, ..., T). For the cache writes: rows
-    [n] int64, the step tokens this rank stores, and slots [n] int64, their local slots."""
+    [n] int64, the step tokens this rank stores, and slots [n] int64, their local slots. A captured
+    step (`static`) has rows None: every token is written, those another rank stores (and padding)
+    to the null block, so its shapes do not depend on which rank stores what."""
     size: int
     rank: int
     block_table: torch.Tensor
     seq_lens: torch.Tensor
     cu_seqlens_q: torch.Tensor
-    rows: torch.Tensor
+    rows: torch.Tensor | None
     slots: torch.Tensor
+
+    @classmethod
+    def static(cls, cache, meta: StepMeta, slots: torch.Tensor) -> "DcpStep":
+        """The view of a captured step, from device tensors only: `slots` [T] are the local slots the
+        host filled (the null block's for a token another rank stores)."""
+        from .ops.dcp import visible_rows
+        T = meta.positions.shape[0]
+        return cls(cache.dcp_size, cache.dcp_rank, meta.block_table.index_select(0, meta.token_request.long()),
+                   visible_rows(meta.positions, cache.dcp_size, cache.dcp_rank),
+                   torch.arange(T + 1, dtype=torch.int32, device=meta.positions.device), None, slots)
 
     @classmethod
     def build(cls, cache, meta: StepMeta, reqs: Sequence[Hashable], starts: Sequence[int]) -> "DcpStep":

@@ -1,6 +1,7 @@
 """One rank of a decode-context-parallel test run (tests/test_dcp.py starts W of these).
 
     python tests/dcp_worker.py INIT_FILE RANK WORLD CKPT TP DCP OUT_JSON [--ep N] [--kv-cache-dtype D]
+        [--offload S] [--cp-min N] [--graph MODE] [--backend B]
 
 Initialises gloo from a file:// rendezvous, builds GLM52(CKPT, backend="cpu_ref", tp=TP, ep, dcp=DCP)
 and writes one JSON object to OUT_JSON (`run`): the logits of a ragged batch of prompts several
@@ -60,8 +61,14 @@ def run(m, cache_tokens: int = 4096) -> dict:
     t0 = time.perf_counter()
     logits = [x.double().tolist() for x in m(P)]
     m.ops.linear = orig_linear
+    if m.graph not in (False, "auto"):      # captured decode steps: the spies (host reads) see prefill only
+        if net.dcp > 1:
+            net._topk_dcp = orig
+        else:
+            m.ops.indexer_topk = orig_op
     forward_topk = hashlib.sha1("".join(digests).encode()).hexdigest()
-    greedy = m.generate(P, max_new_tokens=10, stop_at_eos=False).tokens
+    g = m.generate(P, max_new_tokens=10, stop_at_eos=False)
+    greedy, graphs = g.tokens, g.stats.get("graphs_captured", 0)
     chunked = m.generate(P, max_new_tokens=6, stop_at_eos=False, prefill_chunk=7).tokens
     spec = m.generate(P, max_new_tokens=10, stop_at_eos=False, speculative=3, prefill_chunk=16).tokens
     wall = time.perf_counter() - t0
@@ -76,7 +83,7 @@ def run(m, cache_tokens: int = 4096) -> dict:
         last = [r for r in c.offload.log if r["step"] == c.offload.step]
         off = {"stage_bytes": c.offload.device_bytes, "decode_fetched": sum(r["fetched_bytes"] for r in last),
                "decode_dense": sum(r["dense_blocks"] * r["layers"] for r in last) * c.offload.block_bytes}
-    return {"logits": logits, "proj_rows": rows, "offload": off, "tokens": sum(map(len, P)), "greedy": greedy, "chunked": chunked, "spec": spec, "sampled": sampled,
+    return {"logits": logits, "proj_rows": rows, "graphs": graphs, "offload": off, "tokens": sum(map(len, P)), "greedy": greedy, "chunked": chunked, "spec": spec, "sampled": sampled,
             "forward_topk": forward_topk,
             "topk": topk, "n_topk": n_topk,
             "cache_bytes": held.nbytes, "cache_blocks": held.num_blocks, "wall_s": wall}
@@ -88,6 +95,8 @@ def main() -> int:
     kv = sys.argv[sys.argv.index("--kv-cache-dtype") + 1] if "--kv-cache-dtype" in sys.argv else "auto"
     offload = int(sys.argv[sys.argv.index("--offload") + 1]) if "--offload" in sys.argv else None
     cp_min = int(sys.argv[sys.argv.index("--cp-min") + 1]) if "--cp-min" in sys.argv else None
+    graph = sys.argv[sys.argv.index("--graph") + 1] if "--graph" in sys.argv else "auto"
+    backend = sys.argv[sys.argv.index("--backend") + 1] if "--backend" in sys.argv else "cpu_ref"
     torch.set_num_threads(1)
     import datetime
 
@@ -95,8 +104,8 @@ def main() -> int:
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=int(rank), world_size=int(world),
                             timeout=datetime.timedelta(seconds=120))
     from glm52_backends import GLM52
-    m = GLM52(ckpt, backend="cpu_ref", dtype=torch.float32, progress=False, tp=int(tp), ep=ep, dcp=int(dcp),
-              kv_cache_dtype=kv, offload=offload)
+    m = GLM52(ckpt, backend=backend, dtype=torch.float32, progress=False, tp=int(tp), ep=ep, dcp=int(dcp),
+              kv_cache_dtype=kv, offload=offload, graph=graph)
     if cp_min is not None:
         m.net.prefill_cp_min_tokens = cp_min
     res = run(m)

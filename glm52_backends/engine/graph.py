@@ -27,7 +27,10 @@ aten ops costs what eager costs (benchmarks/results/engine-cpu.md) and compiling
 short run gains; `graph=True` captures everywhere ("compile" on the CPU), `graph=False` never.
 Over several processes (tp, and ep within the tp group) the step's collectives are captured too:
 while tracing they are torch's functional collectives (ops/comm.py), which the graph records and
-replays. Speculative decoding (engine/speculative.py) captures its verify step (kind "verify": k+1
+replays. Under decode context parallelism (dcp > 1) a step writes every token's cache row, those
+another rank stores to the null block (the host fills each rank's local slots), so its shapes do not
+depend on which rank stores which position; the dcp group's collectives are captured as the tp ones.
+Speculative decoding (engine/speculative.py) captures its verify step (kind "verify": k+1
 tokens per request) and its MTP draft step (kind "mtp"). Not captured: prefill and chunked-prefill
 steps and the MTP catch-up step (their shapes vary), and runs whose dp groups share their experts
 (ep = tp x dp: they agree on every step on the host); dp replicas (ep = 1) capture as one group does.
@@ -43,7 +46,7 @@ from collections.abc import Hashable, Sequence
 import torch
 
 from ..cache import PagedCache
-from ..step import DeviceOnlyLengths, Step, StepMeta
+from ..step import DcpStep, DeviceOnlyLengths, Step, StepMeta
 from .host_reads import HostReads
 
 log = logging.getLogger("glm52_backends")
@@ -69,12 +72,6 @@ def capture_mode(model, graph) -> tuple[str | None, str]:
     if graph is False:
         return None, "off (graph=False)"
     strict = graph != "auto"
-    dcp = getattr(getattr(model, "plan", None), "dcp", 1)
-    if dcp > 1:          # decode context parallelism: each rank's rows of a step are planned on the host
-        why = f"eager: decode context parallelism (dcp={dcp}) plans each rank's rows of a step on the host"
-        if strict:
-            raise GraphUnavailable(f"graph={graph!r}: {why}")
-        return None, why
     if getattr(model, "turns", None) is not None:       # dp > 1 with expert dispatch across the groups
         why = (f"eager: {model.plan.dp} dp groups agree on every step on the host (engine/turns.py), which a "
                f"graph cannot replay")
@@ -112,6 +109,9 @@ class StaticDecode:
         self.model, self.cache, self.mode, self.strict, self.q, self.kind = model, cache, mode, strict, q, kind
         cfg, dev = model.cfg, model.device
         self.bs = cache.block_size
+        # decode context parallelism: this rank stores position p (p % D == rank) at a local slot of block size
+        # bs / D; the slots buffer holds local slots, the null block's for positions another rank stores
+        self.D, self.rank, self.lbs = cache.dcp_size, cache.dcp_rank, cache.local_block_size
         self.width = -(-min(cfg.max_position_embeddings, cache.num_blocks * self.bs) // self.bs)
         self.null = cache.null_block()
         self.buckets = buckets(max_batch)
@@ -119,7 +119,7 @@ class StaticDecode:
         i32, i64 = torch.int32, torch.long
         self.ids = torch.zeros(N * q, dtype=i64, device=dev)
         self.positions = torch.full((N * q,), -1, dtype=i64, device=dev)
-        self.slots = torch.full((N * q,), self.null * self.bs, dtype=i64, device=dev)
+        self.slots = torch.full((N * q,), self.null * self.lbs, dtype=i64, device=dev)
         self.seq_lens = torch.zeros(N, dtype=i32, device=dev)
         self.block_table = torch.full((N, self.width), self.null, dtype=i32, device=dev)
         self.cu = torch.arange(N + 1, dtype=i32, device=dev) * q       # q query tokens per row: fixed
@@ -147,11 +147,12 @@ class StaticDecode:
         net, q = self.model.net, self.q
         meta = StepMeta(self.cu[:n + 1], seq_lens[:n], block_table[:n], positions[:n * q], self.token_request[:n * q],
                         tuple(range(0, (n + 1) * q, q)), DeviceOnlyLengths(n), self.bs)
-        st = Step([None] * n, ids[:n * q], slots[:n * q], meta)
-        comm = net.comm
-        functional = getattr(comm, "functional", None)
-        if functional is not None:          # tp seams as functional collectives: recorded, replayed
-            comm.functional = True
+        dcp = DcpStep.static(self.cache, meta, slots[:n * q]) if self.D > 1 else None
+        st = Step([None] * n, ids[:n * q], slots[:n * q], meta, dcp)
+        comms = [c for c in (net.comm, net.dcp_comm) if getattr(c, "functional", None) is not None]
+        was = [c.functional for c in comms]
+        for c in comms:                     # tp and dcp seams as functional collectives: recorded, replayed
+            c.functional = True
         try:
             with self.model.ops.through_library():           # one torch.ops.glm52 node per op
                 if self.kind == "mtp":
@@ -160,8 +161,8 @@ class StaticDecode:
                 h = net.forward(st, self.cache)
                 return net.logits(h) if self.kind == "decode" else (h, net.logits(h))
         finally:
-            if functional is not None:
-                comm.functional = functional
+            for c, w in zip(comms, was):
+                c.functional = w
 
     def _capture(self, n: int):
         what = f"decode step (bucket {n})"
@@ -222,10 +223,12 @@ class StaticDecode:
         cache, bs, q = self.cache, self.bs, self.q
         n = len(reqs)
         pos = [cache.lens[r] - q + j for r in reqs for j in range(q)]          # the new tokens' positions
-        slots = [cache.blocks[r][p // bs] * bs + p % bs for r, p in zip((r for r in reqs for _ in range(q)), pos)]
+        D, rank, lbs = self.D, self.rank, self.lbs
+        slots = [cache.blocks[r][p // bs] * lbs + (p % bs) // D if p % D == rank else self.null * lbs
+                 for r, p in zip((r for r in reqs for _ in range(q)), pos)]
         pad = (N - n) * q
         host = torch.tensor([list(tokens) + [0] * pad, pos + [j - q for j in range(q)] * (N - n),
-                             slots + [self.null * bs] * pad], dtype=torch.long)
+                             slots + [self.null * lbs] * pad], dtype=torch.long)
         self.ids[:N * q].copy_(host[0], non_blocking=True)
         self.positions[:N * q].copy_(host[1], non_blocking=True)
         self.slots[:N * q].copy_(host[2], non_blocking=True)

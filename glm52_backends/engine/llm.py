@@ -117,9 +117,6 @@ class GLM52:
             if self.block_size % self.plan.dcp:
                 raise ValueError(f"GLM52: block_size {self.block_size} must be a multiple of dcp = {self.plan.dcp} "
                                  f"(each rank of the dcp group holds block_size / dcp rows of every cache block)")
-            if self.graph is True or self.graph in ("trace", "compile"):
-                raise ValueError(f"GLM52: graph={self.graph!r} with dcp = {self.plan.dcp}: decode steps under decode "
-                                 f"context parallelism run eagerly (graph='auto' or False)")
         self.layout, self.comms, self.load_stats = None, None, {}
         if self.plan.world_size > 1:
             from ..loader import load_config

@@ -183,12 +183,12 @@ def _converter(leaf: Leaf) -> Callable[[str], Any] | None:
     return None
 
 
-def add_arguments(parser: argparse.ArgumentParser | Any, *, skip: tuple[str, ...] = ()) -> None:
-    """Add a flag per command-line setting (those not marked cli=False, nor in `skip`). Each defaults
+def add_arguments(parser: argparse.ArgumentParser | Any) -> None:
+    """Add a flag per command-line setting (those not marked cli=False). Each defaults
     to None (= not given: the engine's default, or a deployment's value, applies)."""
     for name, leaf in LEAVES.items():
         m = leaf.meta
-        if not m.get("cli", True) or name in skip:
+        if not m.get("cli", True):
             continue
         kw: dict[str, Any] = {"default": None, "dest": name}
         default = leaf.field.default

@@ -566,9 +566,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0, help="seed of unseeded requests' generators")
     ap.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
     # the engine's settings (engine_config.py): --backend, --dtype, --tp, --dp, --ep, --graph, cache formats, ...;
-    # dp groups serve as replicas on --port + their index (with --ep 1). Not served: decode context
-    # parallelism and host offload (the scheduler's cache is one process's, on the device)
-    engine_config.add_arguments(ap, skip=("dcp", "offload"))
+    # dp groups serve as replicas on --port + their index (with --ep 1); --dcp splits every request's cache
+    # over the tp group's ranks, --offload keeps cold latent blocks in host memory
+    engine_config.add_arguments(ap)
     return ap
 
 
@@ -647,8 +647,13 @@ def serve_main(argv: list[str]) -> int:
     try:
         app = build_app(loop, name, load_chat_template(model.path))
         server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, access_log=False))
-        print(f"glm52 serve{where}: {name} on backend {model.backend_name}, cache {engine.cache.num_blocks} blocks "
-              f"of {engine.bs} tokens, speculative {args.speculative}, graphs {engine.graph_mode or engine.graph_why}; "
+        p, cache = model.plan, engine.cache
+        layout = f"tp{p.tp} dp{p.dp} ep{p.ep} dcp{p.dcp}, " if p.world_size > 1 else ""
+        where_kv = (f" ({cache.local_block_size} rows of each here)" if p.dcp > 1 else "") + (
+            f", {cache.offload.slots} latent blocks per layer staged from host memory" if cache.offload else "")
+        print(f"glm52 serve{where}: {name} on backend {model.backend_name}, {layout}cache {cache.num_blocks} blocks "
+              f"of {engine.bs} tokens{where_kv}, speculative {args.speculative}, "
+              f"graphs {engine.graph_mode or engine.graph_why}; "
               f"listening on http://{args.host}:{port}", file=sys.stderr, flush=True)
         server.run(sockets=[sock])
     except _Terminated:

@@ -328,12 +328,12 @@ def test_dp2_tp2_each_group_serves_its_share():
 
 
 def test_tp2_server_replays_captured_decode_graphs():
-    """`--graph trace` over tp2 ep2: the decode steps of both ranks replay their captured graphs (rank 0
-    sends each step's requests and tokens; the tp seams are functional collectives recorded in the
-    graphs); the tokens are eager one-process generate's."""
+    """`--graph trace` over tp2 ep2 dcp2: the decode steps of both ranks replay their captured graphs (rank 0
+    sends each step's requests and tokens; the tp and dcp seams are functional collectives recorded in the
+    graphs; each rank holds half of every request's cache); the tokens are eager one-process generate's."""
     want = GLM52(default_checkpoint(), backend="torch", progress=False).generate(PROMPTS[:4], max_new_tokens=12).tokens
-    with running_ranks(2, "--tp", "2", "--ep", "2", "--backend", "torch", "--graph", "trace", "--max-num-seqs", "2"
-                       ) as (urls, procs, logs):
+    with running_ranks(2, "--tp", "2", "--ep", "2", "--dcp", "2", "--backend", "torch", "--graph", "trace",
+                       "--max-num-seqs", "2") as (urls, procs, logs):
         client = openai.OpenAI(base_url=urls[0] + "/v1", api_key="unused", timeout=60, max_retries=0)
         with cf.ThreadPoolExecutor(4) as ex:
             got = list(ex.map(lambda p: greedy(client, "glm52-tiny", p)[1], PROMPTS[:4]))
@@ -341,6 +341,7 @@ def test_tp2_server_replays_captured_decode_graphs():
         codes = _stop(procs, logs)
     assert got == want
     assert m["graph_steps_total"] > 0 and "graphs trace" in "".join(logs[0])
+    assert "tp2 dp1 ep2 dcp2, cache" in "".join(logs[0]) and "(8 rows of each here)" in "".join(logs[0])
     assert codes == [0, 0], "".join(logs[1])[-2000:]
 
 
@@ -348,3 +349,16 @@ def test_serve_refuses_expert_parallelism_across_dp_groups():
     from glm52_backends.serve import serve_main
     with pytest.raises(ValueError, match="--dp 2 with --ep 4: expert parallelism across dp groups is not served"):
         serve_main(["--tp", "2", "--dp", "2", "--ep", "4"])
+
+
+def test_offload_server_gives_the_plain_greedy_tokens():
+    """`--offload 8`: the latent rows live in host memory and each step stages what its top-k selects into
+    8 device blocks per layer (twelve concurrent requests select more than that together, so steps run
+    in several staged runs); the greedy tokens are one process's without offload."""
+    want = GLM52(default_checkpoint(), backend="torch", progress=False).generate(PROMPTS, max_new_tokens=12).tokens
+    with running_ranks(1, "--backend", "torch", "--offload", "8") as (urls, procs, logs):
+        client = openai.OpenAI(base_url=urls[0] + "/v1", api_key="unused", timeout=60, max_retries=0)
+        with cf.ThreadPoolExecutor(len(PROMPTS)) as ex:
+            got = list(ex.map(lambda p: greedy(client, "glm52-tiny", p)[1], PROMPTS))
+    assert got == want
+    assert "8 latent blocks per layer staged from host memory" in "".join(logs[0])

@@ -85,6 +85,9 @@ def main() -> int:
         m = GLM52(ckpt, backend=backend, dtype=torch.float32, progress=False, kv_cache_dtype=kv)
         run(m)                                              # warm-up: first calls pay one-time costs
         refs[kv, backend] = run(m)
+    m = GLM52(ckpt, backend="torch", dtype=torch.float32, progress=False, graph="trace")
+    run(m)
+    traced = run(m)                 # one process capturing its decode steps too: the wall of the graph row's peer
     rows = []
     for tp, dcp, ep, kv, extra, what in LAYOUTS:
         backend = option(extra, "--backend", "cpu_ref")
@@ -107,7 +110,9 @@ def main() -> int:
         notes = []
         if "--graph" in extra:
             notes.append(f"graphs captured per rank: {min(o['graphs'] for o in outs)}-{max(o['graphs'] for o in outs)}"
-                         f" (one process: {ref['graphs']})")
+                         f" (one process: {ref['graphs']}); one torch-backend process with graph trace: "
+                         f"{traced['wall_s']:.2f} s, {traced['graphs']} graph, tokens equal: "
+                         f"{all(traced[k] == ref[k] for k in ('greedy', 'chunked', 'spec'))}")
         if "--offload" in extra:
             off = [o["offload"] for o in outs]
             notes.append("one decode step, fetched / dense per rank: " + ", ".join(
@@ -134,8 +139,10 @@ def main() -> int:
             f"every query token on every rank. \"query split off\" runs with `--cp-min 100000` (the key side "
             f"still split: the layout before the query split). \"torch backend, graph trace\" captures the "
             f"decode steps (greedy, MTP verify and draft) as traced graphs and is compared with one torch-backend "
-            f"process (its top-k column covers the forward only: the worker's spy does not see a captured "
-            f"step's selection). \"offload 8\" keeps each rank's latent rows in host memory with 8 staged blocks "
+            f"process without graphs (its top-k column covers the forward only: the worker's spy does not see a "
+            f"captured step's selection); its wall includes the tracing, which each of the run's `generate` "
+            f"calls repeats for its decode (and MTP) buckets and which costs seconds on CPU: one torch-backend "
+            f"process with graph trace is in the notes. \"offload 8\" keeps each rank's latent rows in host memory with 8 staged blocks "
             f"per layer (its own fetch plan per rank; notes: one batch decode step's fetched vs dense bytes per "
             f"rank) and is compared with one process without offload. Cache = `new_cache(4096, mtp=True)` bytes "
             f"per rank / one process's (for offload: the whole cache, host rows included). Wall = the run after "

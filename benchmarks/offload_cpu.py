@@ -9,14 +9,21 @@ memory here: what is measured is the fetch plan (cache.HostOffload), in bytes, a
 are the same. Per step and IndexShare group: the dense fetch (every block of the step's requests, every
 layer of the group), the blocks the group's top-k selects, and what was fetched (selected minus
 resident; once for the group). Greedy `generate` with MTP speculative decoding (k = 2) is compared too.
+A last section runs the first case under decode context parallelism (tp2 dcp2: two gloo processes of
+benchmarks/offload_dcp_worker.py, one thread each, file:// rendezvous): each rank offloads its own rows
+(1/2 of every block) with its own fetch plan; per step and group each rank's bytes against the dense fetch,
+and its logits and tokens against the one-process run without offload.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import tempfile
+import time
 
 import torch
 
@@ -25,8 +32,9 @@ from glm52_backends.benchmarks.machine import cpu_name, publish
 BS, TOPK = 4, 8
 CASES = [((64, 80), 16), ((200, 240), 32)]       # (prompt lengths, offload_blocks)
 NEW = 12
-
-
+HERE = os.path.dirname(os.path.abspath(__file__))
+DCP_WORKER = os.path.join(HERE, "offload_dcp_worker.py")
+DCP_CASE = 0                                     # the CASES entry the DCP section runs
 
 
 def run(model, prompts, slots):
@@ -44,6 +52,106 @@ def run(model, prompts, slots):
         steps.append(out)
         last = {i: int(lg[-1].argmax()) for i, lg in out.items()}
     return steps, toks, cache
+
+
+def dcp_ranks(tmp, ckpt, prompts, slots, world=2, timeout=900):
+    """offload_dcp_worker.py on `world` gloo ranks (tp = dcp = world): each rank's JSON."""
+    init = os.path.join(tmp, f"rdzv-{time.monotonic_ns()}")
+    pj = os.path.join(tmp, "dcp-prompts.json")
+    with open(pj, "w") as f:
+        json.dump(prompts, f)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    outs = [os.path.join(tmp, f"offload-dcp-{r}.json") for r in range(world)]
+    procs = [subprocess.Popen([sys.executable, DCP_WORKER, init, str(r), str(world), ckpt, pj, str(slots), outs[r]],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for r in range(world)]
+    errs = []
+    for p in procs:
+        try:
+            _, e = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise RuntimeError(f"a rank ran past {timeout} s") from None
+        if p.returncode:
+            errs.append(e[-2000:])
+    if errs:
+        raise RuntimeError("\n".join(errs))
+    res = []
+    for o in outs:
+        with open(o) as f:
+            res.append(json.load(f))
+    return res
+
+
+def dcp_section(tmp, ckpt, prompts, slots, s0, t0, spec0, one, kb) -> str:
+    """Host offload under DCP (tp2 dcp2) on the prompts of one case, against one process (s0 / t0 / spec0:
+    its logits, greedy and MTP tokens without offload; `one`: its HostOffload with offload, for the bytes)."""
+    outs = sorted(dcp_ranks(tmp, ckpt, prompts, slots), key=lambda o: o["dcp_rank"])
+    worst, exact = 0.0, True
+    for o in outs:
+        assert len(o["steps"]) == len(s0)
+        for got, want in zip(o["steps"], s0):
+            for r, lg in want.items():
+                g = torch.tensor(got[str(r)], dtype=torch.float64)
+                w = lg.double()
+                worst = max(worst, float((g - w).abs().max() / w.abs().max()))
+                exact = exact and torch.equal(g.float(), lg)
+    tokens = all({int(i): t for i, t in o["tokens"].items()} == t0 for o in outs)
+    spec = all(o["spec"] == spec0 for o in outs)
+    ranks_agree = all(o["steps"] == outs[0]["steps"] for o in outs)
+    logs = [o["log"] for o in outs]
+    keys = lambda log: [(r["step"], r["group"]) for r in log]  # noqa: E731
+    if any(keys(log) != keys(one.log) for log in logs):
+        raise RuntimeError("the ranks' offload logs do not line up with one process's (steps, groups)")
+    dec = lambda log: [r for r in log if r["tokens"] == len(prompts)]  # noqa: E731
+    lines = [f"\n## Under decode context parallelism: tp2 dcp2 (2 gloo ranks), prompts of "
+             f"{' and '.join(str(len(p)) for p in prompts)} tokens, offload_blocks = {slots}\n\n"
+             f"The same prompts and steps as the first case, on two gloo processes (benchmarks/offload_dcp_worker.py, "
+             f"one thread each, `GLM52(..., tp=2, dcp=2)`, file:// rendezvous). Each rank stores the positions "
+             f"p % 2 == its rank: every {BS}-token block holds {BS // 2} rows on each rank, so a rank's block, "
+             f"staging slot and fetch are half of one process's ({outs[0]['block_bytes']} vs {one.block_bytes} "
+             f"bytes per block and layer). Each rank plans its fetch from the selected positions it holds "
+             f"(the merged top-k is the same on both ranks; the blocks each rank needs differ). Dense = every "
+             f"block of the step's requests, every layer of the group, in the rank's block bytes.\n\n"]
+    for o in outs:
+        d = dec(o["log"])
+        bb = o["block_bytes"]
+        dense = sum(r["dense_blocks"] * r["layers"] for r in d) * bb
+        fetched = sum(r["fetched_bytes"] for r in d)
+        sel = sum(r["selected_blocks"] * r["layers"] for r in d) * bb
+        lines.append(f"- rank {o['rank']} (dcp rank {o['dcp_rank']}): device cache {kb(o['device_nbytes'])} kB "
+                     f"({kb(o['nbytes'] - o['device_nbytes'])} kB of latent rows in host memory); decode steps, "
+                     f"all groups: fetched {kb(fetched)} kB, selected {kb(sel)} kB, dense {kb(dense)} kB: "
+                     f"fetched / dense = {fetched / dense:.2f}\n")
+    d1 = dec(one.log)
+    f1 = sum(r["fetched_bytes"] for r in d1)
+    lines.append(f"- one process (the first case with offload): decode steps fetched {kb(f1)} kB, dense "
+                 f"{kb(sum(r['dense_blocks'] * r['layers'] for r in d1) * one.block_bytes)} kB; the two ranks "
+                 f"together fetched {kb(sum(sum(r['fetched_bytes'] for r in dec(o['log'])) for o in outs))} kB\n"
+                 f"- against one process without offload: every step's logits max |diff| / max |logit| = "
+                 f"{worst:.1e} (bitwise equal: {exact}; DCP merges the attention of the two ranks' rows by "
+                 f"log-sum-exp, so the float32 sums round differently); greedy tokens equal: {tokens}; MTP "
+                 f"speculative (k = 2, offload {max(slots, 2 * TOPK)}) tokens equal: {spec}; the two ranks' logits "
+                 f"bitwise equal: {ranks_agree}\n\n"
+                 "| step | kind | tokens | group (layers) | dense kB per rank | selected kB (rank 0 / 1) | "
+                 "fetched kB (rank 0 / 1) | fetched / dense (rank 0 / 1) | runs (rank 0 / 1) | one process: "
+                 "fetched / dense |\n"
+                 "|---|---|---|---|---|---|---|---|---|---|\n")
+    for i, r1 in enumerate(one.log):
+        rs = [log[i] for log in logs]
+        bb = outs[0]["block_bytes"]
+        dense = rs[0]["dense_blocks"] * rs[0]["layers"] * bb
+        d1 = r1["dense_blocks"] * r1["layers"] * one.block_bytes
+        lines.append(f"| {r1['step']} | {'decode' if r1['tokens'] == len(prompts) else 'prefill'} | {r1['tokens']} | "
+                     f"{r1['group']} ({r1['layers']}) | {kb(dense)} | "
+                     + " / ".join(kb(r["selected_blocks"] * r["layers"] * o["block_bytes"]) for r, o in zip(rs, outs))
+                     + " | " + " / ".join(kb(r["fetched_bytes"]) for r in rs)
+                     + " | " + " / ".join(f"{r['fetched_bytes'] / (r['dense_blocks'] * r['layers'] * o['block_bytes']):.2f}"
+                                          for r, o in zip(rs, outs))
+                     + " | " + " / ".join(str(r["runs"]) for r in rs)
+                     + f" | {r1['fetched_bytes'] / d1:.2f} |\n")
+    return "".join(lines)
 
 
 def main() -> int:
@@ -70,7 +178,9 @@ def main() -> int:
            f"selected = the blocks the group's top-k selects; fetched = selected minus the blocks already "
            f"resident, once per group (the shared layer fetches nothing). Without offload nothing moves and "
            f"the device holds every block. A prefill step whose selection exceeds the staging area runs in "
-           f"runs of query tokens (`runs` > 1) and may fetch a block again per layer.\n"]
+           f"runs of query tokens (`runs` > 1) and may fetch a block again per layer. The last section runs the "
+           f"first case under decode context parallelism (tp2 dcp2, two gloo processes).\n"]
+    seen = []
     for lens, slots in CASES:
         prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in lens]
         s0, t0, c0 = run(plain, prompts, None)
@@ -101,6 +211,10 @@ def main() -> int:
                        f"({r['layers']}) | {kb(d)} | {kb(s)} | {kb(r['fetched_bytes'])} | "
                        f"{r['fetched_bytes'] / d:.2f} | {r['runs']} |\n")
         print(out[-2], flush=True)
+        if len(seen) == DCP_CASE:
+            seen.append((prompts, slots, s0, t0, spec0, c1.offload))
+    out.append(dcp_section(tmp, ckpt, *seen[DCP_CASE], kb))
+    print(out[-1], flush=True)
     table = "".join(out)
     publish(table, args.out)
     return 0

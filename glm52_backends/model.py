@@ -125,6 +125,9 @@ def build_layers(cfg: ModelConfig, sd: dict[str, "torch.Tensor | Weight"], inclu
 # query projections on every rank of the group (decode: one more collective per layer would cost more than
 # the rows it saves); a longer one splits them over the group.
 PREFILL_CP_MIN_TOKENS = 64
+# Query tokens per DCP merge (Glm52Network._dcp_chunks): bounds the top-k candidates, gathered queries and
+# partial outputs a long prefill step holds at once.
+DCP_MERGE_TOKENS = 256
 
 
 class Glm52Network:
@@ -153,6 +156,7 @@ class Glm52Network:
         self.dcp = layout.plan.dcp if layout is not None else 1
         self.dcp_comm = dcp_comm if self.dcp > 1 else None
         self.prefill_cp_min_tokens = PREFILL_CP_MIN_TOKENS     # _split_tokens: shorter steps skip the query split
+        self.dcp_merge_tokens = DCP_MERGE_TOKENS               # _dcp_chunks: query tokens per DCP merge
         if self.dcp > 1 and (dcp_comm is None or dcp_comm.world_size != self.dcp):
             raise RuntimeError(f"internal: dcp = {self.dcp} needs the collectives of a dcp group of that size")
         self.dp_comm = dp_comm if layout is not None and layout.dispatch else None        # EP stage 2
@@ -252,47 +256,69 @@ class Glm52Network:
         f64 = q.dtype == torch.float64 or getattr(self.ops.backend, "compute_dtype", None) == torch.float64
         return torch.float64 if f64 else torch.float32
 
+    def _dcp_chunks(self, T: int) -> list[tuple[int, int]]:
+        """The query-token ranges the DCP merges run over, `dcp_merge_tokens` at a time: the candidates
+        ([n, 2, dcp x topk] float64), the gathered queries and the partial outputs of every head of the group
+        scale with the tokens of one merge, not with the step's (a 8192-token prefill chunk at dcp16 and
+        top-2048 would otherwise gather 4 GiB of candidates per full layer). The same ranges on every rank."""
+        n = max(1, self.dcp_merge_tokens)
+        return [(a, min(a + n, T)) for a in range(0, T, n)] or [(0, 0)]
+
     def _topk_dcp(self, iq: torch.Tensor, w: torch.Tensor, k_cache: torch.Tensor, st: Step, topk: int) -> torch.Tensor:
         """The global top-k [T, topk] (positions) under DCP: this rank's `indexer_topk` over its rows,
         the candidates' scores, one all-gather of (score, position) over the dcp group, the merge
-        (ops/dcp.py merge_topk): one process's selection, in its order, on every rank."""
-        d = st.dcp
-        local = self.ops.indexer_topk(iq, w, k_cache, d.block_table, d.seq_lens, d.cu_seqlens_q, topk)
-        score = dcp_ops.candidate_scores(iq, w, k_cache, d.block_table, local, self._score_dtype(iq))
-        pos = dcp_ops.to_global(local, d.size, d.rank)
-        both = torch.stack([score.double(), pos.double()], 1)                   # [T, 2, topk]: positions exact
-        both = self.dcp_comm.all_gather(both, dim=2)                            # [T, 2, D * topk]
-        return dcp_ops.merge_topk(both[:, 0], both[:, 1].long(), st.positions, topk)
+        (ops/dcp.py merge_topk): one process's selection, in its order, on every rank. Per `_dcp_chunks`
+        range of query tokens (each token is its own row of the paged ops under DCP, so a range is a call)."""
+        d, out = st.dcp, []
+        for a, e in self._dcp_chunks(iq.shape[0]):
+            bt, cu = d.block_table[a:e], d.cu_seqlens_q[:e - a + 1]
+            local = self.ops.indexer_topk(iq[a:e], w[a:e], k_cache, bt, d.seq_lens[a:e], cu, topk)
+            score = dcp_ops.candidate_scores(iq[a:e], w[a:e], k_cache, bt, local, self._score_dtype(iq))
+            pos = dcp_ops.to_global(local, d.size, d.rank)
+            both = torch.stack([score.double(), pos.double()], 1)               # [n, 2, topk]: positions exact
+            both = self.dcp_comm.all_gather(both, dim=2)                        # [n, 2, D * topk]
+            out.append(dcp_ops.merge_topk(both[:, 0], both[:, 1].long(), st.positions[a:e], topk))
+        return out[0] if len(out) == 1 else torch.cat(out)
 
     def _sparse_mla_dcp(self, q: torch.Tensor, l: int, idx: torch.Tensor, st: Step, cache: PagedCache) -> torch.Tensor:
-        """MLA under DCP (the reduce-scatter form): the dcp group's queries gathered (every head of the
-        group), this rank's `sparse_mla` over the selected positions it holds (with their log-sum-exp),
-        each partial weighted by exp(lse_r - lse) and summed over the group, each rank keeping its heads."""
+        """MLA under DCP (the reduce-scatter form), per `_dcp_chunks` range of query tokens: the dcp group's
+        queries gathered (every head of the group), this rank's `sparse_mla` over the selected positions it
+        holds (with their log-sum-exp), each partial weighted by exp(lse_r - lse) and summed over the group,
+        each rank keeping its heads."""
         d, comm = st.dcp, self.dcp_comm
-        qg = comm.all_gather(q, dim=1)                                           # [T, D*H, C+dr]
         local = dcp_ops.to_local(idx, d.size, d.rank)
-        try:
-            if getattr(cache, "offload", None) is None:
-                o, lse = self.ops.sparse_mla(qg, cache.c[l], cache.k_pe[l], local, d.block_table, d.seq_lens,
-                                             d.cu_seqlens_q, self.cfg.softmax_scale, return_lse=True)
-            else:       # host offload: this rank's rows of the group's plan, staged run by run (one token a row)
-                parts = []
-                for a, e, blocks in cache.offload.runs(l):
-                    lut = cache.offload.stage_blocks(l, blocks)
-                    parts.append(self.ops.sparse_mla(qg[a:e], cache.c[l], cache.k_pe[l], local[a:e],
-                                                     lut[d.block_table[a:e].long()].int(), d.seq_lens[a:e],
-                                                     d.cu_seqlens_q[:e - a + 1], self.cfg.softmax_scale,
-                                                     return_lse=True))
-                o, lse = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-        except BackendOutputError as e:     # e.g. a backend that returns `out` alone
-            raise BackendOutputError(f"decode context parallelism merges sparse_mla's partial outputs by their "
-                                     f"log-sum-exp, which backend {self.ops.name!r} must return when asked "
-                                     f"(return_lse=True): {e}") from None
-        acc = torch.promote_types(o.dtype, torch.float32)
-        lse_all = comm.all_gather(lse.to(acc)[None], dim=0)                      # [D, T, D*H]
-        f, _ = dcp_ops.lse_weights(lse.to(acc), lse_all)
-        mine = comm.reduce_scatter(o.to(acc) * f[..., None], dim=1)              # [T, H, C]: this rank's heads
-        return mine.to(q.dtype)
+        out = []
+        for a, e in self._dcp_chunks(q.shape[0]):
+            qg = comm.all_gather(q[a:e], dim=1)                                  # [n, D*H, C+dr]
+            try:
+                o, lse = self._partials_dcp(qg, l, local, st, cache, a, e)
+            except BackendOutputError as err:     # e.g. a backend that returns `out` alone
+                raise BackendOutputError(f"decode context parallelism merges sparse_mla's partial outputs by their "
+                                         f"log-sum-exp, which backend {self.ops.name!r} must return when asked "
+                                         f"(return_lse=True): {err}") from None
+            acc = torch.promote_types(o.dtype, torch.float32)
+            lse_all = comm.all_gather(lse.to(acc)[None], dim=0)                  # [D, n, D*H]
+            f, _ = dcp_ops.lse_weights(lse.to(acc), lse_all)
+            out.append(comm.reduce_scatter(o.to(acc) * f[..., None], dim=1).to(q.dtype))   # [n, H, C]: my heads
+        return out[0] if len(out) == 1 else torch.cat(out)
+
+    def _partials_dcp(self, qg: torch.Tensor, l: int, local: torch.Tensor, st: Step, cache: PagedCache,
+                      a: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's (out, lse) for query tokens a..e-1 (qg their gathered queries) over the rows it holds;
+        with host offload, the group's fetch runs that overlap a..e staged in turn (one token a row)."""
+        d, scale = st.dcp, self.cfg.softmax_scale
+        if getattr(cache, "offload", None) is None:
+            return self.ops.sparse_mla(qg, cache.c[l], cache.k_pe[l], local[a:e], d.block_table[a:e], d.seq_lens[a:e],
+                                       d.cu_seqlens_q[:e - a + 1], scale, return_lse=True)
+        parts = []
+        for ra, re_, blocks in cache.offload.runs(l):
+            lo, hi = max(a, ra), min(e, re_)
+            if lo < hi:
+                lut = cache.offload.stage_blocks(l, blocks)
+                parts.append(self.ops.sparse_mla(qg[lo - a:hi - a], cache.c[l], cache.k_pe[l], local[lo:hi],
+                                                 lut[d.block_table[lo:hi].long()].int(), d.seq_lens[lo:hi],
+                                                 d.cu_seqlens_q[:hi - lo + 1], scale, return_lse=True))
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     def _sparse_mla_offloaded(self, q: torch.Tensor, l: int, idx: torch.Tensor, st: Step,
                               cache: PagedCache) -> torch.Tensor:

@@ -222,6 +222,31 @@ def activation_bytes_per_token(cfg: ModelConfig, d: DeploymentConfig) -> float:
     return 2.0 * (hidden + attn + max(dense, moe))
 
 
+def dcp_step_bytes(cfg: ModelConfig, d: DeploymentConfig, tokens: int, context: int, dcp: int) -> float:
+    """Decode context parallelism's step buffers on one device (0 at dcp 1; estimate for the merge):
+
+    block table  tokens x ceil(context / block) x 4 B: one int32 row per query token (step.DcpStep)
+    one merge    n = min(tokens, DCP_MERGE_TOKENS) query tokens at a time (model._dcp_chunks):
+                 top-k candidates n x dcp x topk x 64 B (score and position in float64, all-gathered,
+                 and the merge's stable sorts and gathers); attention n x (H / tp) x dcp x ((C + Dr) x 2 +
+                 C x 8) B (the group's queries in BF16; the partial out and its weighted copy in F32)
+    """
+    if dcp <= 1:
+        return 0.0
+    from .model import DCP_MERGE_TOKENS
+    n = min(tokens, DCP_MERGE_TOKENS)
+    C, Dr = cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    group_heads = cfg.num_attention_heads // d.tp * dcp
+    table = dcp_block_table_bytes(tokens, context, d.cache_block_size or 64)
+    return table + n * dcp * cfg.index_topk * 64 + n * group_heads * ((C + Dr) * 2 + C * 8)
+
+
+def dcp_block_table_bytes(tokens: int, context: int, block: int) -> int:
+    """The per-token block table of a DCP step (step.DcpStep): int32 rows as wide as the longest request's
+    blocks, at most ceil(context / block)."""
+    return tokens * math.ceil(context / block) * 4
+
+
 # ---- the plan -------------------------------------------------------------------------------------
 @dataclass
 class PlanRow:
@@ -399,7 +424,8 @@ def plan(deploy_cfg: DeploymentConfig | str, model_cfg: ModelConfig | None = Non
 
     def parts(c: int, b: int, dcp: int = d.dcp, offload: bool = host > 0) -> dict[str, float]:
         return {"latent": latent_tokens(c, offload) * b * lat / dcp, "index": c * b * idx / dcp,
-                "act": step_tokens(c, b) * act_tok + logits_bytes(b), "ws": c * ws_per_ctx}
+                "act": step_tokens(c, b) * act_tok + logits_bytes(b) + dcp_step_bytes(cfg, d, step_tokens(c, b), c, dcp),
+                "ws": c * ws_per_ctx}
 
     def need(c: int, b: int, dcp: int = d.dcp, offload: bool = host > 0) -> float:
         return weights + reserve + sum(parts(c, b, dcp, offload).values())
@@ -423,7 +449,10 @@ def plan(deploy_cfg: DeploymentConfig | str, model_cfg: ModelConfig | None = Non
                 f"{idx:,} B/token ({n_full} full layers x {index_bytes_per_token_layer(cfg, d.index_cache_dtype)} B "
                 f"{d.index_cache_dtype}) / DCP{d.dcp}"),
         PlanRow("activations", p["act"],
-                f"{step_tokens(d.max_context, d.max_batch):,} step tokens x {act_tok / 1024:.1f} KiB + logits"),
+                f"{step_tokens(d.max_context, d.max_batch):,} step tokens x {act_tok / 1024:.1f} KiB + logits"
+                + (f" + DCP step buffers "
+                   f"{dcp_step_bytes(cfg, d, step_tokens(d.max_context, d.max_batch), d.max_context, d.dcp) / GiB:.2f}"
+                   f" GiB (per-token block table, one merge)" if d.dcp > 1 else "")),
         PlanRow("context workspace", p["ws"], f"{WORKSPACE_ROWS_PER_CONTEXT_TOKEN} x context latent rows, bf16 (vLLM)"),
         PlanRow("runtime reserve", reserve, "runtime context + collective buffers (runtime_reserve_gb)"),
     ]

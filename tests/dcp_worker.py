@@ -1,7 +1,7 @@
 """One rank of a decode-context-parallel test run (tests/test_dcp.py starts W of these).
 
     python tests/dcp_worker.py INIT_FILE RANK WORLD CKPT TP DCP OUT_JSON [--ep N] [--kv-cache-dtype D]
-        [--offload S] [--cp-min N] [--graph MODE] [--backend B]
+        [--offload S] [--cp-min N] [--graph MODE] [--backend B] [--merge-tokens N]
 
 Initialises gloo from a file:// rendezvous, builds GLM52(CKPT, backend="cpu_ref", tp=TP, ep, dcp=DCP)
 and writes one JSON object to OUT_JSON (`run`): the logits of a ragged batch of prompts several
@@ -97,6 +97,7 @@ def main() -> int:
     cp_min = int(sys.argv[sys.argv.index("--cp-min") + 1]) if "--cp-min" in sys.argv else None
     graph = sys.argv[sys.argv.index("--graph") + 1] if "--graph" in sys.argv else "auto"
     backend = sys.argv[sys.argv.index("--backend") + 1] if "--backend" in sys.argv else "cpu_ref"
+    merge = int(sys.argv[sys.argv.index("--merge-tokens") + 1]) if "--merge-tokens" in sys.argv else None
     torch.set_num_threads(1)
     import datetime
 
@@ -108,6 +109,8 @@ def main() -> int:
               kv_cache_dtype=kv, offload=offload, graph=graph)
     if cp_min is not None:
         m.net.prefill_cp_min_tokens = cp_min
+    if merge is not None:
+        m.net.dcp_merge_tokens = merge
     res = run(m)
     res.update(rank=int(rank), dcp_rank=m.layout.dcp_rank)
     with open(out, "w") as f:

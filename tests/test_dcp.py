@@ -64,8 +64,8 @@ def run_ranks(tmp_path, ckpt, tp, d, extra=(), timeout=240):
 
 @pytest.mark.parametrize("tp,d,extra,bound", [
     (2, 2, ("--cp-min", "1", "--graph", "trace", "--backend", "torch"), 0.6),
-    (4, 4, ("--ep", "4", "--kv-cache-dtype", "fp8"), 0.35),
-    (2, 2, ("--offload", "8"), None)], ids=["tp2-dcp2-graph-split-every-step", "tp4-dcp4-ep4-fp8-cache", "tp2-dcp2-offload"])
+    (4, 4, ("--ep", "4", "--kv-cache-dtype", "fp8", "--merge-tokens", "7"), 0.35),
+    (2, 2, ("--offload", "8", "--merge-tokens", "5"), None)], ids=["tp2-dcp2-graph-split-every-step", "tp4-dcp4-ep4-fp8-cache", "tp2-dcp2-offload"])
 def test_dcp_equals_one_process(tmp_path, ckpt, one_process, tp, d, extra, bound):
     """Every rank: logits within 1e-4 (relative) of one process's, the same greedy, chunked-prefill and
     MTP speculative tokens, the same top-k at every full layer of every step, and 1/dcp of its cache bytes;
@@ -73,7 +73,8 @@ def test_dcp_equals_one_process(tmp_path, ckpt, one_process, tp, d, extra, bound
     keeps the cache as FlashMLA's fp8 rows (index keys fp8), one process likewise. Prefill context parallelism:
     the key-side projections run on the rows each rank stores (together the step's tokens, once), the query
     side on a 1/dcp slice when the step is long (every step in the first case, the 128-token forward in the
-    second). The first (the torch backend: the references read host lengths, so they stay eager; one process
+    second). The merges run over query-token ranges (`dcp_merge_tokens`): 7 and 5 tokens at a time in the
+    second and third cases, so every prefill step merges in several ranges. The first (the torch backend: the references read host lengths, so they stay eager; one process
     likewise) also decodes (greedy, MTP verify and draft steps) through captured graphs: each
     rank's step writes every token's row, those another rank stores to the null block. The third keeps each rank's latent rows in host memory (offload, 8 staged blocks, the top-k: the batch's
     prefill runs in several fetch runs) and still equals one process without offload."""

@@ -193,3 +193,21 @@ def test_plan_all_markdown_has_every_config(tmp_path, capsys):
     for name in bundled_configs():
         assert f"| {name} |" in text and f"### {name}" in text
     assert len(capsys.readouterr().out.splitlines()) == len(bundled_configs()) + 2
+
+
+def test_dcp_step_buffers_count_the_per_token_block_table_a_step_holds():
+    """The planner's DCP block-table bytes are those of a real step's `DcpStep` at the longest request's
+    width; the DCP step buffers appear in the activations only with dcp > 1."""
+    from glm52_backends.cache import PagedCache
+    from glm52_backends.planner import dcp_block_table_bytes, dcp_step_bytes
+    from glm52_backends.step import plan_step
+    from glm52_backends.tiny import tiny_config
+    cfg = tiny_config(layers=2, index_topk=8)[0]
+    bs, T = 8, 45
+    cache = PagedCache(cfg, 16, bs, dcp_size=2, dcp_rank=1)
+    st = plan_step(cache, {0: list(range(T))}, vocab_size=cfg.vocab_size, max_positions=4096, device="cpu")
+    held = st.dcp.block_table.numel() * st.dcp.block_table.element_size()
+    assert held == dcp_block_table_bytes(T, T, bs) == T * 6 * 4
+    d = load_deployment("ascend-910c-1m")
+    assert dcp_step_bytes(cfg, d, 8192, 1 << 20, 1) == 0 < dcp_step_bytes(cfg, d, 8192, 1 << 20, d.dcp)
+    assert "DCP step buffers" in plan(d).table()

@@ -12,11 +12,13 @@ head dims, Hi/Di indexer heads/dim, E experts, I expert width, Hd hidden, V voca
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from . import cache_formats as cf
 from .cache import PagedCache
 from .config import ModelConfig
 from .ops import dcp as dcp_ops
@@ -128,6 +130,8 @@ PREFILL_CP_MIN_TOKENS = 64
 # Query tokens per DCP merge (Glm52Network._dcp_chunks): bounds the top-k candidates, gathered queries and
 # partial outputs a long prefill step holds at once.
 DCP_MERGE_TOKENS = 256
+# ... and per gather (Glm52Network._sparse_mla_dcp_gather): topk rows per query token travel, so fewer.
+DCP_GATHER_TOKENS = 64
 
 
 class Glm52Network:
@@ -157,6 +161,9 @@ class Glm52Network:
         self.dcp_comm = dcp_comm if self.dcp > 1 else None
         self.prefill_cp_min_tokens = PREFILL_CP_MIN_TOKENS     # _split_tokens: shorter steps skip the query split
         self.dcp_merge_tokens = DCP_MERGE_TOKENS               # _dcp_chunks: query tokens per DCP merge
+        # how attention merges over the dcp group: "lse" (partials merged by their log-sum-exp) when the backend's
+        # sparse_mla returns it natively, else "gather" (the selected rows brought to every rank)
+        self.dcp_attention = "lse" if ops.capabilities.sparse_mla_lse else "gather"
         if self.dcp > 1 and (dcp_comm is None or dcp_comm.world_size != self.dcp):
             raise RuntimeError(f"internal: dcp = {self.dcp} needs the collectives of a dcp group of that size")
         self.dp_comm = dp_comm if layout is not None and layout.dispatch else None        # EP stage 2
@@ -256,12 +263,12 @@ class Glm52Network:
         f64 = q.dtype == torch.float64 or getattr(self.ops.backend, "compute_dtype", None) == torch.float64
         return torch.float64 if f64 else torch.float32
 
-    def _dcp_chunks(self, T: int) -> list[tuple[int, int]]:
+    def _dcp_chunks(self, T: int, size: int | None = None) -> list[tuple[int, int]]:
         """The query-token ranges the DCP merges run over, `dcp_merge_tokens` at a time: the candidates
         ([n, 2, dcp x topk] float64), the gathered queries and the partial outputs of every head of the group
         scale with the tokens of one merge, not with the step's (a 8192-token prefill chunk at dcp16 and
         top-2048 would otherwise gather 4 GiB of candidates per full layer). The same ranges on every rank."""
-        n = max(1, self.dcp_merge_tokens)
+        n = max(1, self.dcp_merge_tokens if size is None else size)
         return [(a, min(a + n, T)) for a in range(0, T, n)] or [(0, 0)]
 
     def _topk_dcp(self, iq: torch.Tensor, w: torch.Tensor, k_cache: torch.Tensor, st: Step, topk: int) -> torch.Tensor:
@@ -300,6 +307,53 @@ class Glm52Network:
             lse_all = comm.all_gather(lse.to(acc)[None], dim=0)                  # [D, n, D*H]
             f, _ = dcp_ops.lse_weights(lse.to(acc), lse_all)
             out.append(comm.reduce_scatter(o.to(acc) * f[..., None], dim=1).to(q.dtype))   # [n, H, C]: my heads
+        return out[0] if len(out) == 1 else torch.cat(out)
+
+    def _sparse_mla_dcp_gather(self, q: torch.Tensor, l: int, idx: torch.Tensor, st: Step,
+                               cache: PagedCache) -> torch.Tensor:
+        """MLA under DCP without a log-sum-exp (a backend whose sparse_mla returns none natively): each
+        query token's selected rows are brought to every rank of the group, and the op runs on them for
+        this rank's heads, unchanged. Per `_dcp_chunks` range (at most DCP_GATHER_TOKENS tokens): each rank
+        reads the selected rows it stores in the cache's own row format (dense or packed bytes) and zeroes
+        the others; one all-reduce of the bytes (exact: every byte has one nonzero contributor) gives every
+        rank the token's rows in its top-k order. They form a paged cache of one-token requests (token t's
+        rows are its blocks; positions 0..topk-1, the -1 entries kept), so the op attends exactly what one
+        process attends. Moves topk rows per query token per layer where the lse form moves the group's
+        queries and partial outputs; used only when the lse form would run the reference."""
+        d, comm, cfg = st.dcp, self.dcp_comm, self.cfg
+        if getattr(cache, "offload", None) is not None:
+            raise RuntimeError("host offload under decode context parallelism needs sparse_mla's log-sum-exp; "
+                               f"backend {self.ops.name!r} returns none natively")
+        T, K = idx.shape
+        lbs, W = cache.local_block_size, d.block_table.shape[1]
+        bsv = math.gcd(K, cache.block_size)                    # the gathered rows' block size: divides topk
+        packed = cache.latent_format != "dense"
+        # the rows as [NB, lbs, width] tensors: dense (c, k_pe), or the packed format's parts (uint8)
+        stores = (list(cf.part_views(cache.latent_format, cache._latent_dims, cache._latent_store[l][0], lbs).values())
+                  if packed else list(cache._latent_store[l]))
+        widths = [t.shape[-1] * t.element_size() for t in stores]
+        out = []
+        for a, e in self._dcp_chunks(T, min(self.dcp_merge_tokens, DCP_GATHER_TOKENS)):
+            n = e - a
+            loc = dcp_ops.to_local(idx[a:e], d.size, d.rank).long()                     # [n, K]
+            j = loc.clamp(min=0)
+            blocks = d.block_table[a:e].long().gather(1, torch.div(j, lbs, rounding_mode="floor").clamp(max=W - 1))
+            mine = (loc >= 0)[..., None]
+            rows = torch.cat([torch.where(mine, t[blocks, j % lbs], torch.zeros((), dtype=t.dtype, device=t.device))
+                              .contiguous().view(torch.uint8) for t in stores], -1)      # [n, K, bytes]
+            rows = comm.all_reduce(rows.view(torch.int8)).view(torch.uint8)              # each byte from its owner
+            parts = torch.split(rows.reshape(n * K // bsv, bsv, sum(widths)), widths, -1)   # [pages, bsv, w]
+            if packed:                  # the format's storage layout (each part's bsv rows in turn), its op views
+                flat = torch.cat([p.reshape(p.shape[0], -1) for p in parts], 1)
+                c_v, kpe_v = cf.op_views(cache.latent_format, cache._latent_dims, flat, bsv)
+            else:                       # dense: c and k_pe in the model dtype
+                c_v, kpe_v = (p.contiguous().view(t.dtype) for p, t in zip(parts, stores))
+            dev = idx.device
+            pos = torch.arange(K, device=dev, dtype=torch.int32)
+            sel = torch.where(idx[a:e] >= 0, pos, -1).to(torch.int32)
+            bt = torch.arange(n * K // bsv, device=dev, dtype=torch.int32).view(n, K // bsv)
+            out.append(self.ops.sparse_mla(q[a:e], c_v, kpe_v, sel, bt, torch.full((n,), K, dtype=torch.int32, device=dev),
+                                           torch.arange(n + 1, dtype=torch.int32, device=dev), cfg.softmax_scale))
         return out[0] if len(out) == 1 else torch.cat(out)
 
     def _partials_dcp(self, qg: torch.Tensor, l: int, local: torch.Tensor, st: Step, cache: PagedCache,
@@ -378,7 +432,8 @@ class Glm52Network:
         if offload is not None and (indexed or l == cfg.num_hidden_layers):    # the group's top-k is new
             offload.plan(l, idx, st)                                           # host offload: the fetch plan
         if st.dcp is not None:
-            o_lat = self._sparse_mla_dcp(torch.cat([q_lat, q_pe], -1), l, idx, st, cache)
+            attend = self._sparse_mla_dcp if self.dcp_attention == "lse" else self._sparse_mla_dcp_gather
+            o_lat = attend(torch.cat([q_lat, q_pe], -1), l, idx, st, cache)
         elif offload is not None:
             o_lat = self._sparse_mla_offloaded(torch.cat([q_lat, q_pe], -1), l, idx, st, cache)
         else:

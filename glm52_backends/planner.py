@@ -229,16 +229,24 @@ def dcp_step_bytes(cfg: ModelConfig, d: DeploymentConfig, tokens: int, context: 
     one merge    n = min(tokens, DCP_MERGE_TOKENS) query tokens at a time (model._dcp_chunks):
                  top-k candidates n x dcp x topk x 64 B (score and position in float64, all-gathered,
                  and the merge's stable sorts and gathers); attention n x (H / tp) x dcp x ((C + Dr) x 2 +
-                 C x 8) B (the group's queries in BF16; the partial out and its weighted copy in F32)
+                 C x 8) B (the group's queries in BF16; the partial out and its weighted copy in F32), or
+                 for a backend without a native log-sum-exp (the gather form) min(tokens, DCP_GATHER_TOKENS)
+                 x topk x 2 latent rows
     """
     if dcp <= 1:
         return 0.0
-    from .model import DCP_MERGE_TOKENS
+    from .model import DCP_GATHER_TOKENS, DCP_MERGE_TOKENS
+    from .registry import declared_sparse_mla_lse
     n = min(tokens, DCP_MERGE_TOKENS)
     C, Dr = cfg.kv_lora_rank, cfg.qk_rope_head_dim
     group_heads = cfg.num_attention_heads // d.tp * dcp
     table = dcp_block_table_bytes(tokens, context, d.cache_block_size or 64)
-    return table + n * dcp * cfg.index_topk * 64 + n * group_heads * ((C + Dr) * 2 + C * 8)
+    if declared_sparse_mla_lse(d.backend):
+        attention = n * group_heads * ((C + Dr) * 2 + C * 8)
+    else:   # the gather form: each query token's topk rows, read here and summed over the group (two copies)
+        attention = min(tokens, DCP_GATHER_TOKENS) * cfg.index_topk * 2 * latent_bytes_per_token_layer(
+            cfg, d.kv_cache_dtype)
+    return table + n * dcp * cfg.index_topk * 64 + attention
 
 
 def dcp_block_table_bytes(tokens: int, context: int, block: int) -> int:

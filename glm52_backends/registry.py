@@ -131,14 +131,26 @@ def declared_preparation(name: str) -> Callable[..., dict] | None:
     weight's own tensors: its factory's `prepared_parts(fmt, shape, activation dtype) -> {part: (shape,
     dtype)}`, read without creating the backend (no device needed: `glm52 plan` on any machine). None
     when the backend declares nothing, or is "auto" or unknown."""
+    fn = _declared(name, "prepared_parts")
+    return fn if callable(fn) else None
+
+
+def declared_sparse_mla_lse(name: str) -> bool:
+    """Whether backend `name`'s sparse_mla returns the log-sum-exp natively (`Capabilities.sparse_mla_lse`),
+    as its factory declares it (`factory.sparse_mla_lse`), read without creating the backend; True when
+    it declares nothing."""
+    return _declared(name, "sparse_mla_lse") is not False
+
+
+def _declared(name: str, attr: str) -> Any:
+    """An attribute backend `name`'s factory declares (None: none, or the backend is unknown / unloadable)."""
     facs = _factories()
     if name not in facs:
         return None
     try:
-        fn = getattr(facs[name][1](), "prepared_parts", None)
+        return getattr(facs[name][1](), attr, None)
     except Exception:  # noqa: BLE001 - an unloadable plugin declares nothing; get_backend reports why
         return None
-    return fn if callable(fn) else None
 
 
 def _instantiate(name: str, **kwargs) -> Any:

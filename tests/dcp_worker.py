@@ -2,6 +2,7 @@
 
     python tests/dcp_worker.py INIT_FILE RANK WORLD CKPT TP DCP OUT_JSON [--ep N] [--kv-cache-dtype D]
         [--offload S] [--cp-min N] [--graph MODE] [--backend B] [--merge-tokens N]
+        [--dcp-attention lse|gather]
 
 Initialises gloo from a file:// rendezvous, builds GLM52(CKPT, backend="cpu_ref", tp=TP, ep, dcp=DCP)
 and writes one JSON object to OUT_JSON (`run`): the logits of a ragged batch of prompts several
@@ -98,6 +99,7 @@ def main() -> int:
     graph = sys.argv[sys.argv.index("--graph") + 1] if "--graph" in sys.argv else "auto"
     backend = sys.argv[sys.argv.index("--backend") + 1] if "--backend" in sys.argv else "cpu_ref"
     merge = int(sys.argv[sys.argv.index("--merge-tokens") + 1]) if "--merge-tokens" in sys.argv else None
+    attention = sys.argv[sys.argv.index("--dcp-attention") + 1] if "--dcp-attention" in sys.argv else None
     torch.set_num_threads(1)
     import datetime
 
@@ -111,6 +113,8 @@ def main() -> int:
         m.net.prefill_cp_min_tokens = cp_min
     if merge is not None:
         m.net.dcp_merge_tokens = merge
+    if attention is not None:
+        m.net.dcp_attention = attention
     res = run(m)
     res.update(rank=int(rank), dcp_rank=m.layout.dcp_rank)
     with open(out, "w") as f:

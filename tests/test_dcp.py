@@ -63,9 +63,10 @@ def run_ranks(tmp_path, ckpt, tp, d, extra=(), timeout=240):
 
 
 @pytest.mark.parametrize("tp,d,extra,bound", [
-    (2, 2, ("--cp-min", "1", "--graph", "trace", "--backend", "torch"), 0.6),
+    (2, 2, ("--cp-min", "1", "--graph", "trace", "--backend", "torch", "--dcp-attention", "gather"), 0.6),
     (4, 4, ("--ep", "4", "--kv-cache-dtype", "fp8", "--merge-tokens", "7"), 0.35),
-    (2, 2, ("--offload", "8", "--merge-tokens", "5"), None)], ids=["tp2-dcp2-graph-split-every-step", "tp4-dcp4-ep4-fp8-cache", "tp2-dcp2-offload"])
+    (2, 2, ("--offload", "8", "--merge-tokens", "5"), None)],
+    ids=["tp2-dcp2-graph-gather-split-every-step", "tp4-dcp4-ep4-fp8-cache", "tp2-dcp2-offload"])
 def test_dcp_equals_one_process(tmp_path, ckpt, one_process, tp, d, extra, bound):
     """Every rank: logits within 1e-4 (relative) of one process's, the same greedy, chunked-prefill and
     MTP speculative tokens, the same top-k at every full layer of every step, and 1/dcp of its cache bytes;
@@ -77,7 +78,9 @@ def test_dcp_equals_one_process(tmp_path, ckpt, one_process, tp, d, extra, bound
     second and third cases, so every prefill step merges in several ranges. The first (the torch backend: the references read host lengths, so they stay eager; one process
     likewise) also decodes (greedy, MTP verify and draft steps) through captured graphs: each
     rank's step writes every token's row, those another rank stores to the null block. The third keeps each rank's latent rows in host memory (offload, 8 staged blocks, the top-k: the batch's
-    prefill runs in several fetch runs) and still equals one process without offload."""
+    prefill runs in several fetch runs) and still equals one process without offload. The first merges
+    attention in the gather form (the selected rows brought to every rank: a backend whose sparse_mla
+    returns no log-sum-exp; its packed formats are checked bitwise below), the others by log-sum-exp."""
     kv = extra[extra.index("--kv-cache-dtype") + 1] if "--kv-cache-dtype" in extra else "auto"
     backend = extra[extra.index("--backend") + 1] if "--backend" in extra else "cpu_ref"
     ref = one_process(kv, backend)
@@ -275,6 +278,86 @@ def _backend(kind: str):
     return be
 
 
+class _ThreadGroup:
+    """D ranks as threads of one process: `rank(r)`'s all_reduce sums what every rank passes (each thread
+    blocks until all have), as the dcp group's collective would."""
+
+    def __init__(self, D: int):
+        import threading
+        self.world_size, self.barrier, self.slots = D, threading.Barrier(D, timeout=60), [None] * D
+
+    def rank(self, r: int):
+        group = self
+
+        class Rank:
+            rank, world_size = r, group.world_size
+
+            @staticmethod
+            def all_reduce(x):
+                group.slots[r] = x.clone()
+                group.barrier.wait()
+                total = torch.stack(group.slots).sum(0).to(x.dtype)
+                group.barrier.wait()
+                return total
+        return Rank()
+
+
+@pytest.mark.parametrize("lat", ["dense", "fp8_ds_mla", "c8_sfa"])
+def test_gather_form_attends_exactly_what_one_process_attends(lat):
+    """The gather form of DCP attention (for a backend without a native log-sum-exp): each rank's
+    selected rows, zero elsewhere, summed bytewise over the group, attended by the op as one-token
+    requests: bitwise the reference over the whole cache, in the dense, fp8 (FlashMLA rows) and int8 (C8)
+    formats, two ranks as threads, merged 5 query tokens at a time; a token with nothing selected gives 0."""
+    import types
+
+    from glm52_backends.model import Glm52Network
+    from glm52_backends.registry import get_backend
+    from glm52_backends.step import DcpStep
+    cfg, D, bs, topk = _cfg(), 2, 16, 8
+    g = torch.Generator().manual_seed(5)
+    reqs = {"a": 37, "b": 12, "c": 21}
+    caches = [PagedCache(cfg, 12, bs, latent_format=lat, dtype=torch.bfloat16, dcp_size=D, dcp_rank=r) for r in range(D)]
+    whole = PagedCache(cfg, 12, bs, latent_format=lat, dtype=torch.bfloat16)
+    C, Dr, l = cfg.kv_lora_rank, cfg.qk_rope_head_dim, 1
+    for name, L in reqs.items():
+        c, kpe = torch.randn(L, C, generator=g), torch.randn(L, Dr, generator=g)
+        for cache in (whole, *caches):
+            cache.reserve({name: L})
+            offs, slots = cache.local_slots(name, 0, L)
+            cache.write_latent(l, torch.tensor(slots), c[offs], kpe[offs])
+    order = ["a"] * 3 + ["b"] + ["c"] * 4                   # query tokens: the last positions of each request
+    pos = torch.tensor([34, 35, 36, 11, 17, 18, 19, 20])
+    T = len(order)
+    idx = torch.full((T, topk), -1, dtype=torch.int32)
+    for t in range(T):
+        n = min(topk, int(pos[t]) + 1) - (t == 2)              # token 2 leaves one slot empty
+        idx[t, :n] = torch.randperm(int(pos[t]) + 1, generator=g)[:n].to(torch.int32)
+    idx[3] = -1                                                # token 3 selects nothing
+    q = torch.randn(T, cfg.num_attention_heads, C + Dr, generator=g).to(torch.bfloat16)
+    ops = get_backend("cpu_ref")
+    want = ops.sparse_mla(q, whole.c[l], whole.k_pe[l], idx, whole.block_table(order), (pos + 1).to(torch.int32),
+                          torch.arange(T + 1, dtype=torch.int32), cfg.softmax_scale)
+    group, got = _ThreadGroup(D), [None] * D
+
+    def rank(r):
+        cache = caches[r]
+        me = types.SimpleNamespace(dcp_comm=group.rank(r), ops=ops, cfg=cfg, dcp_merge_tokens=5)
+        me._dcp_chunks = lambda n, size=None: Glm52Network._dcp_chunks(me, n, size)
+        st = types.SimpleNamespace(dcp=DcpStep(D, r, cache.block_table(order), dcp.visible_rows(pos, D, r),
+                                               torch.arange(T + 1, dtype=torch.int32), None, torch.zeros(T)))
+        got[r] = Glm52Network._sparse_mla_dcp_gather(me, q, l, idx, st, cache)
+
+    import threading
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(D)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for r in range(D):
+        assert got[r] is not None and torch.equal(got[r], want), (lat, r, (got[r].float() - want.float()).abs().max())
+    assert not want[3].any()
+
+
 def test_conformance_judges_the_dcp_merge():
     """The conformance case (sparse_mla dcp-merge) passes the reference and the torch backend, and fails a
     backend whose lse is off or missing."""
@@ -298,6 +381,18 @@ def test_bad_dcp_layouts_are_refused_by_name(ckpt):
     with pytest.raises(LayoutError, match="dcp = 2 must divide tp = 1"):
         GLM52(ckpt, backend="cpu_ref", dcp=2, progress=False)
     ParallelPlan(tp=4, dcp=2).validate(_cfg())
+
+
+def test_a_backend_without_native_lse_attends_in_the_gather_form(ckpt, monkeypatch):
+    """Ascend's sparse_mla gives no log-sum-exp natively: its DCP attention takes the gather form, and host
+    offload with DCP (which merges staged partials by lse) is refused on it, naming both."""
+    monkeypatch.setenv("GLM52_ASCEND_EMULATE", "1")
+    from glm52_backends.registry import declared_sparse_mla_lse, get_backend
+    assert get_backend("ascend").capabilities.sparse_mla_lse is False is declared_sparse_mla_lse("ascend")
+    assert get_backend("cpu_ref").capabilities.sparse_mla_lse is True is declared_sparse_mla_lse("cpu_ref")
+    with pytest.raises(ValueError, match="offload=8 with dcp = 2 needs sparse_mla's log-sum-exp, which backend "
+                                         "'ascend \\(emulated\\)'"):
+        GLM52(ckpt, backend="ascend", tp=2, dcp=2, offload=8, progress=False)
 
 
 def test_a_backend_without_lse_is_named(ckpt):

@@ -105,5 +105,6 @@ def _prepared_parts(fmt, shape, dtype):
 
 
 create.prepared_parts = _prepared_parts
+create.sparse_mla_lse = False      # Capabilities.sparse_mla_lse, declared for the planner (no backend created)
 
 __all__ = ["create", "emulation_requested", "ENV_EMULATE", "EMULATED_NAME", "MIN_CANN"]

@@ -67,6 +67,7 @@ class AscendBackend:
             devices=(device.type,), weight_formats=WEIGHT_FORMATS, cache_formats=("dense",),
             max_topk=self.line_limits.max_topk if self.line_limits else 0, block_sizes=BLOCK_SIZES,
             default_block_size=DEFAULT_BLOCK_SIZE,
+            sparse_mla_lse=False,     # npu_sparse_flash_attention gives no softmax statistics with PA_BSND
             extra={"half_op_dtypes": self.half_op_dtypes, "emulated": self.emulated, "cann": self.installed.describe(),
                    "limits": f"Atlas A2/A3 columns of the torch_npu op docs ({self.installed.describe()})"})
 

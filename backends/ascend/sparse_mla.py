@@ -20,7 +20,9 @@ lse: `return_lse=False` (the default, and all the model asks for) returns `out` 
 no lse. `return_lse=True` is DECLINED with OpUnsupported, so the registry's reference computes out
 and lse: the op returns softmax_max/softmax_sum only with return_softmax_lse=True, which the docs
 allow in training and never with PA_BSND, and computing lse here would need the [T, topk, 576]
-gather of the selected rows that this path exists to avoid.
+gather of the selected rows that this path exists to avoid. The backend declares it
+(`Capabilities.sparse_mla_lse = False`), so decode context parallelism never asks: it brings the selected
+rows to every rank and calls this op without lse (model._sparse_mla_dcp_gather).
 
 Declined as well (-> reference): a CANN older than 8.5.0 (no such op), latent != 512 or rope != 64,
 heads outside 1, 2, 4, ..., 128, float32 on the device, cache dtypes other than q's, block sizes

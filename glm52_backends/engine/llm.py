@@ -117,6 +117,10 @@ class GLM52:
             if self.block_size % self.plan.dcp:
                 raise ValueError(f"GLM52: block_size {self.block_size} must be a multiple of dcp = {self.plan.dcp} "
                                  f"(each rank of the dcp group holds block_size / dcp rows of every cache block)")
+            if offload is not None and not caps.sparse_mla_lse:
+                raise ValueError(f"GLM52: offload={offload} with dcp = {self.plan.dcp} needs sparse_mla's log-sum-exp, "
+                                 f"which backend {self.ops.name!r} does not return natively (its DCP attention "
+                                 f"gathers the selected rows from the cache instead); use one or the other")
         self.layout, self.comms, self.load_stats = None, None, {}
         if self.plan.world_size > 1:
             from ..loader import load_config

@@ -66,6 +66,10 @@ class Capabilities:
     block_sizes     paged-cache block sizes it supports (None: any)
     default_block_size  the paged-cache block size the engine takes when the user names none
                     (None: the engine's own default)
+    sparse_mla_lse  whether its sparse_mla returns the log-sum-exp natively (return_lse=True). False:
+                    under decode context parallelism the model brings each query's selected rows to
+                    every rank of the group and runs the op without it (model._sparse_mla_dcp_gather),
+                    instead of the reference computing out and lse
     extra           anything backend-specific (e.g. the CUDA backend's MoE GEMM choice)
     """
     dtypes: tuple[torch.dtype, ...] = (torch.float32,)
@@ -76,6 +80,7 @@ class Capabilities:
     max_topk: int | None = None
     block_sizes: tuple[int, ...] | None = None
     default_block_size: int | None = None
+    sparse_mla_lse: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

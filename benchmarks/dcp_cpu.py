@@ -22,16 +22,13 @@ without offload).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 
 import torch
 
-from glm52_backends.benchmarks.machine import cpu_name, publish
+from glm52_backends.benchmarks.machine import cpu_name, publish, run_ranks
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TESTS = os.path.join(os.path.dirname(HERE), "tests")
@@ -42,7 +39,9 @@ LAYOUTS = [(2, 1, 1, "auto", (), ""), (2, 2, 1, "auto", (), ""), (4, 1, 4, "auto
            (2, 2, 1, "fp8", (), ""), (4, 4, 4, "fp8", (), ""),
            (2, 2, 1, "auto", ("--cp-min", "100000"), "query split off"),
            (2, 2, 1, "auto", ("--graph", "trace", "--backend", "torch"), "torch backend, graph trace"),
-           (2, 2, 1, "auto", ("--offload", "8"), "offload 8")]
+           (2, 2, 1, "auto", ("--offload", "8"), "offload 8"),
+           (2, 2, 1, "auto", ("--dcp-attention", "gather"), "gather form"),
+           (4, 4, 4, "auto", ("--dcp-attention", "gather"), "gather form")]
 
 
 def option(extra, name, default):
@@ -50,21 +49,7 @@ def option(extra, name, default):
 
 
 def ranks(tmp, ckpt, tp, dcp, ep, kv, extra=()):
-    init = os.path.join(tmp, f"rdzv-{time.monotonic_ns()}")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    outs = [os.path.join(tmp, f"out-{tp}-{dcp}-{r}.json") for r in range(tp)]
-    procs = [subprocess.Popen([sys.executable, WORKER, init, str(r), str(tp), ckpt, str(tp), str(dcp), outs[r],
-                               "--ep", str(ep), "--kv-cache-dtype", kv, *extra], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env) for r in range(tp)]
-    for p in procs:
-        _, e = p.communicate(timeout=900)
-        if p.returncode:
-            raise RuntimeError(e[-2000:])
-    res = []
-    for o in outs:
-        with open(o) as f:
-            res.append(json.load(f))
-    return res
+    return run_ranks(tmp, WORKER, lambda r, out: [ckpt, tp, dcp, out, "--ep", ep, "--kv-cache-dtype", kv, *extra], tp)
 
 
 def main() -> int:
@@ -144,7 +129,9 @@ def main() -> int:
             f"calls repeats for its decode (and MTP) buckets and which costs seconds on CPU: one torch-backend "
             f"process with graph trace is in the notes. \"offload 8\" keeps each rank's latent rows in host memory with 8 staged blocks "
             f"per layer (its own fetch plan per rank; notes: one batch decode step's fetched vs dense bytes per "
-            f"rank) and is compared with one process without offload. Cache = `new_cache(4096, mtp=True)` bytes "
+            f"rank) and is compared with one process without offload. \"gather form\" attends as a backend without "
+            f"a native log-sum-exp does (Ascend): each query's selected rows brought to every rank by one bytewise "
+            f"all-reduce, the op run on them for the rank's heads, instead of merging partials by lse. Cache = `new_cache(4096, mtp=True)` bytes "
             f"per rank / one process's (for offload: the whole cache, host rows included). Wall = the run after "
             f"loading, slowest rank / one process (one thread per process on a 2-core machine shared with other "
             f"jobs: upper bounds; the extra collectives of DCP, several per layer, cost more over gloo than the "

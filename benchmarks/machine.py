@@ -1,8 +1,14 @@
-"""For the results tables: the CPU's model name, and printing / writing a finished table."""
+"""For the results tables: the CPU's model name, printing / writing a finished table, and gloo rank runs
+(`run_ranks` starts them, `leave` ends a worker)."""
 
 from __future__ import annotations
 
+import json
+import os
 import platform
+import subprocess
+import sys
+import time
 
 
 def cpu_name() -> str:
@@ -23,3 +29,45 @@ def publish(table: str, out: str | None) -> None:
     if out:
         from glm52_backends.files import write_text
         write_text(out, table)
+
+
+def run_ranks(tmp: str, worker: str, args_of_rank, world: int, timeout: float = 900) -> list[dict]:
+    """`world` processes of `worker` (one thread each, file:// rendezvous under `tmp`), rank r given
+    `[init, r, world, *args_of_rank(r, out_r)]`; each writes one JSON object to its out_r. Returns them in
+    rank order; a rank that fails or runs past `timeout` raises with the ranks' stderr tails."""
+    init = os.path.join(tmp, f"rdzv-{time.monotonic_ns()}")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    outs = [os.path.join(tmp, f"rank-{time.monotonic_ns()}-{r}.json") for r in range(world)]
+    procs = [subprocess.Popen([sys.executable, worker, init, str(r), str(world), *map(str, args_of_rank(r, outs[r]))],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for r in range(world)]
+    errs = []
+    for p in procs:
+        try:
+            _, e = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise RuntimeError(f"a rank of {os.path.basename(worker)} ran past {timeout} s") from None
+        if p.returncode:
+            errs.append(e[-2000:])
+    if errs:
+        raise RuntimeError("\n".join(errs))
+    res = []
+    for o in outs:
+        with open(o) as f:
+            res.append(json.load(f))
+    return res
+
+
+def leave(main) -> None:
+    """A worker's exit: its docstring for -h (or too few arguments), else `main()`'s status, skipping the
+    interpreter's teardown, where torch's collective threads sometimes abort a finished run."""
+    doc = sys.modules["__main__"].__doc__ or ""
+    if "-h" in sys.argv or "--help" in sys.argv or len(sys.argv) < 8:
+        print(doc)
+        sys.exit(0 if len(sys.argv) > 1 else 2)
+    rc = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)

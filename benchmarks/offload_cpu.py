@@ -20,14 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 
 import torch
 
-from glm52_backends.benchmarks.machine import cpu_name, publish
+from glm52_backends.benchmarks.machine import cpu_name, publish, run_ranks
 
 BS, TOPK = 4, 8
 CASES = [((64, 80), 16), ((200, 240), 32)]       # (prompt lengths, offload_blocks)
@@ -56,32 +54,10 @@ def run(model, prompts, slots):
 
 def dcp_ranks(tmp, ckpt, prompts, slots, world=2, timeout=900):
     """offload_dcp_worker.py on `world` gloo ranks (tp = dcp = world): each rank's JSON."""
-    init = os.path.join(tmp, f"rdzv-{time.monotonic_ns()}")
     pj = os.path.join(tmp, "dcp-prompts.json")
     with open(pj, "w") as f:
         json.dump(prompts, f)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    outs = [os.path.join(tmp, f"offload-dcp-{r}.json") for r in range(world)]
-    procs = [subprocess.Popen([sys.executable, DCP_WORKER, init, str(r), str(world), ckpt, pj, str(slots), outs[r]],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for r in range(world)]
-    errs = []
-    for p in procs:
-        try:
-            _, e = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise RuntimeError(f"a rank ran past {timeout} s") from None
-        if p.returncode:
-            errs.append(e[-2000:])
-    if errs:
-        raise RuntimeError("\n".join(errs))
-    res = []
-    for o in outs:
-        with open(o) as f:
-            res.append(json.load(f))
-    return res
+    return run_ranks(tmp, DCP_WORKER, lambda r, out: [ckpt, pj, slots, out], world, timeout)
 
 
 def dcp_section(tmp, ckpt, prompts, slots, s0, t0, spec0, one, kb) -> str:

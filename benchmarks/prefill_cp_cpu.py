@@ -19,17 +19,14 @@ last token's logits against one process's.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 
 import torch
 
-from glm52_backends.benchmarks.machine import cpu_name, publish
+from glm52_backends.benchmarks.machine import cpu_name, publish, run_ranks
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "prefill_cp_worker.py")
@@ -45,29 +42,7 @@ LAYOUTS = [("one process", 1, 1, 1, ()),
 
 
 def launch(tmp, ckpt, world, tp, dcp, extra, timeout=1200):
-    init = os.path.join(tmp, f"rdzv-{time.monotonic_ns()}")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    outs = [os.path.join(tmp, f"out-{tp}-{dcp}-{time.monotonic_ns()}-{r}.json") for r in range(world)]
-    procs = [subprocess.Popen([sys.executable, WORKER, init, str(r), str(world), ckpt, str(tp), str(dcp), outs[r],
-                               *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for r in range(world)]
-    errs = []
-    for p in procs:
-        try:
-            _, e = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise RuntimeError(f"a rank ran past {timeout} s") from None
-        if p.returncode:
-            errs.append(e[-2000:])
-    if errs:
-        raise RuntimeError("\n".join(errs))
-    res = []
-    for o in outs:
-        with open(o) as f:
-            res.append(json.load(f))
-    return res
+    return run_ranks(tmp, WORKER, lambda r, out: [ckpt, tp, dcp, out, *extra], world, timeout)
 
 
 def table(backend, rows) -> str:

@@ -16,7 +16,6 @@ and sparse_mla and inside the collectives, the rows, the cache bytes, the last t
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 
@@ -123,10 +122,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    if "-h" in sys.argv or "--help" in sys.argv or len(sys.argv) < 8:
-        print(__doc__)
-        sys.exit(0 if len(sys.argv) > 1 else 2)
-    rc = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(rc)        # skip the interpreter's teardown (tests/rank_exit.py: torch's collective threads)
+    from glm52_backends.benchmarks.machine import leave
+    leave(main)

@@ -50,15 +50,8 @@ def run(m, cache_tokens: int = 4096) -> dict:
     P = prompts(m.cfg.vocab_size)
     # rows through layer 0's token-wise projections in the one-shot forward: the query side (q_a) and
     # the key side (kv_a, the indexer's wk); under DCP each rank's share (prefill context parallelism)
-    L0, rows = net.layers[0], {"wq_a": 0, "wkv_a": 0, "wk": 0}
-    watch = {id(L0.wq_a): "wq_a", id(L0.wkv_a): "wkv_a", id(L0.indexer.wk): "wk"}
-    orig_linear = m.ops.linear
-
-    def spy_linear(x, w, *a, **k):
-        if id(w) in watch:
-            rows[watch[id(w)]] += x.shape[0]
-        return orig_linear(x, w, *a, **k)
-    m.ops.linear = spy_linear
+    from glm52_backends.benchmarks.prefill_cp_worker import count_rows
+    rows, orig_linear = count_rows(m)
     t0 = time.perf_counter()
     logits = [x.double().tolist() for x in m(P)]
     m.ops.linear = orig_linear

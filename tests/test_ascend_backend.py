@@ -116,7 +116,7 @@ def test_backend_matches_the_contract_and_declares_typed_capabilities(asc):
     caps = asc.capabilities
     assert isinstance(caps, Capabilities)
     assert caps.weight_formats == ("dense", "w8a8_dynamic", "w8a8_static")
-    assert caps.cache_formats == ("dense",) and caps.devices == ("cpu",)
+    assert caps.cache_formats == ("dense", "c8_sfa") and caps.sparse_mla_lse is False and caps.devices == ("cpu",)
     assert caps.max_topk == 8192 and 16 in caps.block_sizes and 1024 in caps.block_sizes
     assert 8 not in caps.block_sizes and 24 not in caps.block_sizes and 1040 not in caps.block_sizes
     # 128, the block size of vllm-ascend's SFA path and of Huawei's GLM-5.2 recipe, is the default
@@ -277,6 +277,44 @@ def test_sparse_mla_against_reference(asc, asc_strict, dtype, H):
     empty = (idx < 0).all(-1)
     assert bool(empty.any()) and bool((out[empty] == 0).all())
     assert torch.equal(be.sparse_mla(q, c, kpe, idx, table, lens, cu, scale), out)        # deterministic
+
+
+def test_sparse_mla_on_a_c8_cache_runs_the_quantized_op(asc_strict, monkeypatch):
+    """A c8_sfa latent cache (Ascend's C8: int8 k_nope | bf16 k_rope | f32 per-128 scales per row) goes to
+    npu_kv_quant_sparse_flash_attention natively, the packed rows handed over in place as the op's int8
+    key = value rows: the reference's attention over the same dequantized rows (bf16 tolerance), unselected
+    rows poisoned (0xFF bytes: NaN scales), empty rows 0. A float16 query declines to the reference."""
+    import glm52_backends.cache_formats as cf
+    g, bs, topk, H = gen(8), 16, 12, 8
+    (c, kpe), table, lens, cu, _ = batch(REQS, bs, g, (512, 64), torch.float32)
+    idx = sparse_indices(REQS, topk, g)
+    NB = c.shape[0]
+    store = cf.allocate("c8_sfa", (512, 64), NB, bs)
+    rows = cf.part_views("c8_sfa", (512, 64), store, bs)["row"]
+    rows.copy_(cf.encode_latent("c8_sfa", c.reshape(-1, 512).nan_to_num(), kpe.reshape(-1, 64).nan_to_num())["row"]
+               .view(NB, bs, -1))
+    flag = torch.zeros(NB, bs, 1)
+    poison_unselected((flag,), table, REQS, idx, bs)
+    rows[flag[..., 0].isnan()] = 0xFF                              # rows the op must not read
+    c8, kpe8 = cf.op_views("c8_sfa", (512, 64), store, bs)
+    T = int(cu[-1])
+    q = torch.randn(T, H, 576, generator=g).to(torch.bfloat16)
+    scale = 192 ** -0.5
+    calls = []
+    real = asc_strict.npu.npu_kv_quant_sparse_flash_attention
+    monkeypatch.setattr(asc_strict.npu, "npu_kv_quant_sparse_flash_attention",
+                        lambda *a, **k: calls.append(k["key"]) or real(*a, **k))
+    out = asc_strict.sparse_mla(q, c8, kpe8, idx, table, lens, cu, scale)
+    want = ref.sparse_mla(q, c8, kpe8, idx, table, lens, cu, scale, cdt=F64)
+    assert len(calls) == 1 and calls[0].dtype == torch.int8 and calls[0].shape == (NB, bs, 1, 656)
+    assert calls[0].data_ptr() == store.data_ptr()                 # the cache itself, no copy
+    assert out.dtype == torch.bfloat16 and bool(torch.isfinite(out).all())
+    assert rel_err(out, want) <= 1.6e-2
+    empty = (idx < 0).all(-1)
+    assert bool(empty.any()) and bool((out[empty] == 0).all())
+    from glm52_backends.ops.protocol import OpUnsupported
+    with pytest.raises(OpUnsupported, match="bfloat16 query"):
+        asc_strict.sparse_mla(q.half(), c8, kpe8, idx, table, lens, cu, scale)
 
 
 def test_sparse_indices_valid_first():

@@ -81,6 +81,66 @@ def _prefix_sums(op: str, name: str, t: torch.Tensor, total: int) -> list[tuple[
     return list(zip(starts, ends))
 
 
+def _valid_first(op: str, sparse_indices: torch.Tensor) -> None:
+    # "每行有效值均在前半部分，无效值均在后半部分": once a row turns invalid (< 0) it stays invalid
+    invalid = (sparse_indices < 0).int()
+    _check(bool((invalid.cummax(-1).values == invalid).all()), op,
+           "sparse_indices rows must hold their valid entries first and the invalid (-1) ones after")
+
+
+def _sfa_math(op, query, query_rope, key, key_rope, value, sparse_indices, scale_value, block_table,
+              actual_seq_lengths_query, actual_seq_lengths_kv, sbs, layout_query, layout_kv, sparse_mode,
+              return_softmax_lse):
+    """The sparse flash attention both ops compute, on checked arguments (key / key_rope / value in any
+    float dtype: the C8 op hands them over dequantized): (out in query's dtype, softmax_max, softmax_sum)."""
+    N1 = query.shape[-2]
+    batches = _queries(op, query, layout_query, actual_seq_lengths_query)
+    B = len(batches)
+    gathers = [_keys(op, t, layout_kv, actual_seq_lengths_kv, block_table, B, "actual_seq_lengths_kv")
+               for t in (key, key_rope, value)]
+    kvs = [lambda fs=fs: torch.cat([f() for f in fs], -1) for fs in zip(*gathers)]   # [Lkv, 1, 512+64+512]
+    if layout_query == "BSND":
+        rope_q = [query_rope[b, :q.shape[0]] for (b, _), q in batches]
+        idx_rows = [sparse_indices[b, :q.shape[0], 0] for (b, _), q in batches]
+    else:
+        rope_q = [query_rope[where] for where, _ in batches]
+        idx_rows = [sparse_indices[where, 0] for where, _ in batches]
+
+    out = torch.zeros(query.shape, dtype=query.dtype)           # rows no batch claims stay 0
+    lse_shape = (1, query.shape[0], N1) if layout_query == "TND" else (query.shape[0], 1, query.shape[1], N1)
+    smax = torch.full(lse_shape, float("-inf")) if return_softmax_lse else torch.empty(0)
+    ssum = torch.zeros(lse_shape) if return_softmax_lse else torch.empty(0)
+    # 功能说明: softmax(Q K~^T * scale) V~, K~/V~ gathered by sparse_indices: index b selects tokens
+    # b*sparse_block_size .. +sparse_block_size-1; mode 3 also keeps only j <= (Lkv - Lq) + i.
+    for (where, q), qr, sel, get_kv in zip(batches, rope_q, idx_rows, kvs):
+        kv = get_kv()[:, 0].float()                                   # [Lkv, 512 + 64 + 512]
+        Lq, Lkv = q.shape[0], kv.shape[0]
+        if Lq == 0:
+            continue
+        pos = (sel.long()[..., None] * sbs + torch.arange(sbs)).flatten(1)    # [Lq, S * sbs]
+        ok = (sel[..., None] >= 0).expand(-1, -1, sbs).flatten(1) & (pos < Lkv)
+        if sparse_mode == 3:
+            ok &= pos <= (Lkv - Lq) + torch.arange(Lq)[:, None]
+        g = kv[pos.clamp(0, max(Lkv - 1, 0))] if Lkv else torch.zeros(*pos.shape, kv.shape[-1])
+        g = torch.where(ok[..., None], g, 0.0)       # entries it skips (-1, masked) are never read
+        k_cat, v = g[..., :576], g[..., 576:]                         # [Lq, S*sbs, 576], [.., 512]
+        q_cat = torch.cat([q, qr], -1).float()                        # [Lq, N1, 576]
+        s = torch.einsum("qnd,qsd->qns", q_cat, k_cat) * scale_value
+        s = s.masked_fill(~ok[:, None, :], float("-inf"))
+        m = s.amax(-1)                                                # [Lq, N1]
+        e = torch.exp(s - m[..., None]).nan_to_num(0.0)               # rows without keys -> 0
+        den = e.sum(-1)
+        o = torch.einsum("qns,qsd->qnd", e, v) / den.clamp(min=1e-30)[..., None]
+        out[where] = o.to(query.dtype)
+        if return_softmax_lse:
+            if layout_query == "TND":
+                smax[0, where], ssum[0, where] = m, den
+            else:
+                b, rows = where
+                smax[b, 0, rows], ssum[b, 0, rows] = m, den
+    return out, smax, ssum
+
+
 def _queries(op: str, query: torch.Tensor, layout: str, act: torch.Tensor | None):
     """Per batch: (index of its rows in a [B,S,...] or [T,...] output, its query [Lq, N, D])."""
     if layout == "TND":
@@ -377,56 +437,72 @@ class NpuEmulator(_kernels(Mc2Emulation)):
                "pre_tokens and next_tokens support only their default 2^63-1")
         _check(not (return_softmax_lse and layout_kv == "PA_BSND"), op,
                "return_softmax_lse is supported only in training and not with layout_kv PA_BSND")
-        # "每行有效值均在前半部分，无效值均在后半部分": once a row turns invalid (< 0) it stays invalid
-        invalid = (sparse_indices < 0).int()
-        _check(bool((invalid.cummax(-1).values == invalid).all()), op,
-               "sparse_indices rows must hold their valid entries first and the invalid (-1) ones after")
+        _valid_first(op, sparse_indices)
+        return _sfa_math(op, query, query_rope, key, key_rope, value, sparse_indices, scale_value, block_table,
+                         actual_seq_lengths_query, actual_seq_lengths_kv, sbs, layout_query, layout_kv, sparse_mode,
+                         return_softmax_lse)
 
-        batches = _queries(op, query, layout_query, actual_seq_lengths_query)
-        B = len(batches)
-        gathers = [_keys(op, t, layout_kv, actual_seq_lengths_kv, block_table, B, "actual_seq_lengths_kv")
-                   for t in (key, key_rope, value)]
-        kvs = [lambda fs=fs: torch.cat([f() for f in fs], -1) for fs in zip(*gathers)]   # [Lkv, 1, 512+64+512]
-        if layout_query == "BSND":
-            rope_q = [query_rope[b, :q.shape[0]] for (b, _), q in batches]
-            idx_rows = [sparse_indices[b, :q.shape[0], 0] for (b, _), q in batches]
-        else:
-            rope_q = [query_rope[where] for where, _ in batches]
-            idx_rows = [sparse_indices[where, 0] for where, _ in batches]
-
-        out = torch.zeros(query.shape, dtype=query.dtype)           # rows no batch claims stay 0
-        lse_shape = (1, query.shape[0], N1) if layout_query == "TND" else (query.shape[0], 1, query.shape[1], N1)
-        smax = torch.full(lse_shape, float("-inf")) if return_softmax_lse else torch.empty(0)
-        ssum = torch.zeros(lse_shape) if return_softmax_lse else torch.empty(0)
-        # 功能说明: softmax(Q K~^T * scale) V~, K~/V~ gathered by sparse_indices: index b selects tokens
-        # b*sparse_block_size .. +sparse_block_size-1; mode 3 also keeps only j <= (Lkv - Lq) + i.
-        for (where, q), qr, sel, get_kv in zip(batches, rope_q, idx_rows, kvs):
-            kv = get_kv()[:, 0].float()                                   # [Lkv, 512 + 64 + 512]
-            Lq, Lkv = q.shape[0], kv.shape[0]
-            if Lq == 0:
-                continue
-            pos = (sel.long()[..., None] * sbs + torch.arange(sbs)).flatten(1)    # [Lq, S * sbs]
-            ok = (sel[..., None] >= 0).expand(-1, -1, sbs).flatten(1) & (pos < Lkv)
-            if sparse_mode == 3:
-                ok &= pos <= (Lkv - Lq) + torch.arange(Lq)[:, None]
-            g = kv[pos.clamp(0, max(Lkv - 1, 0))] if Lkv else torch.zeros(*pos.shape, kv.shape[-1])
-            g = torch.where(ok[..., None], g, 0.0)       # entries it skips (-1, masked) are never read
-            k_cat, v = g[..., :576], g[..., 576:]                         # [Lq, S*sbs, 576], [.., 512]
-            q_cat = torch.cat([q, qr], -1).float()                        # [Lq, N1, 576]
-            s = torch.einsum("qnd,qsd->qns", q_cat, k_cat) * scale_value
-            s = s.masked_fill(~ok[:, None, :], float("-inf"))
-            m = s.amax(-1)                                                # [Lq, N1]
-            e = torch.exp(s - m[..., None]).nan_to_num(0.0)               # rows without keys -> 0
-            den = e.sum(-1)
-            o = torch.einsum("qns,qsd->qnd", e, v) / den.clamp(min=1e-30)[..., None]
-            out[where] = o.to(query.dtype)
-            if return_softmax_lse:
-                if layout_query == "TND":
-                    smax[0, where], ssum[0, where] = m, den
-                else:
-                    b, rows = where
-                    smax[b, 0, rows], ssum[b, 0, rows] = m, den
-        return out, smax, ssum
+    def npu_kv_quant_sparse_flash_attention(emu, query, key, value, sparse_indices, scale_value, sparse_block_size,
+                                            key_quant_mode, value_quant_mode, *, key_dequant_scale=None,
+                                            value_dequant_scale=None, block_table=None, actual_seq_lengths_query=None,
+                                            actual_seq_lengths_kv=None, layout_query="BSND", layout_kv="BSND",
+                                            sparse_mode=3, attention_mode=0, quant_scale_repo_mode=0, tile_size=0,
+                                            rope_head_dim=0):
+        """The C8 sparse attention (torch_npu-npu_kv_quant_sparse_flash_attention.md, the 7.3.0 line on):
+        npu_sparse_flash_attention over a key cache whose rows are the int8 k_nope, the query-dtype k_rope
+        and the float32 per-tile scales concatenated along D (quant_scale_repo_mode=1, "combine"), each
+        128-wide tile of k_nope dequantized by its scale (key/value_quant_mode=2, per_tile); MLA-absorb
+        (attention_mode=2): query is q_nope || q_rope, key and value the same rows."""
+        op = "npu_kv_quant_sparse_flash_attention"
+        emu._since_73(op)
+        for name, t in (("query", query), ("key", key), ("value", value), ("sparse_indices", sparse_indices)):
+            _check(t is not None and t.numel() > 0, op, f"{name} must be a non-empty tensor")
+        _contiguous(op, query=query, key=key, value=value, sparse_indices=sparse_indices)
+        _check(query.dtype == torch.bfloat16, op, f"query must be bfloat16, got {query.dtype}")
+        _check(key.dtype == torch.int8 and value.dtype == torch.int8, op,
+               f"key and value must be int8, got {key.dtype} and {value.dtype}")
+        _check(key_quant_mode == 2 and value_quant_mode == 2, op,
+               f"key_quant_mode and value_quant_mode support only 2 (per_tile), got {key_quant_mode}, {value_quant_mode}")
+        _check(key_dequant_scale is None and value_dequant_scale is None, op,
+               "key_dequant_scale / value_dequant_scale are reserved (not supported)")
+        _check(attention_mode == 2, op, f"attention_mode supports only 2 (MLA-absorb), got {attention_mode}")
+        _check(quant_scale_repo_mode == 1, op,
+               f"quant_scale_repo_mode supports only 1 (combine: scales stored with the data), got {quant_scale_repo_mode}")
+        _check(layout_query in ("BSND", "TND"), op, f"layout_query must be BSND or TND, got {layout_query!r}")
+        _check(layout_kv == "PA_BSND", op, f"layout_kv supports only PA_BSND, got {layout_kv!r}")
+        _check(sparse_mode in (0, 3), op, f"sparse_mode must be 0 or 3, got {sparse_mode}")
+        _check(sparse_indices.dtype == torch.int32, op, f"sparse_indices must be int32, got {sparse_indices.dtype}")
+        _check(rope_head_dim == 64 and tile_size == 128, op,
+               f"rope_head_dim must be 64 and tile_size 128 (the GLM / DeepSeek C8 rows), got {rope_head_dim}, {tile_size}")
+        qdims = 4 if layout_query == "BSND" else 3
+        _check(query.dim() == qdims and key.dim() == 4, op,
+               f"query must be {qdims}-D for {layout_query} and key 4-D [block_num, block_size, KV_N, D], got "
+               f"{tuple(query.shape)} and {tuple(key.shape)}")
+        N1, Dq = query.shape[-2:]
+        _check(N1 in SFA_HEADS, op, f"query N1 must be one of {SFA_HEADS}, got {N1}")
+        nope = Dq - rope_head_dim
+        _check(nope == 512, op, f"query D must be 512 + rope_head_dim {rope_head_dim}, got {Dq}")
+        width = nope + 2 * rope_head_dim + 4 * (nope // tile_size)     # int8 | bf16 rope | f32 per-tile scales
+        _check(key.shape[-2] == 1 and key.shape[-1] == width, op,
+               f"key must be [block_num, block_size, 1, {width}] (int8 {nope} | bf16 rope {rope_head_dim} | f32 "
+               f"{nope // tile_size} scales), got {tuple(key.shape)}")
+        _check(tuple(value.shape) == tuple(key.shape), op, "value must be the key rows (MLA-absorb: the same cache)")
+        bs = key.shape[1]
+        _check(bs % 16 == 0 and 0 < bs <= 1024, op, f"block_size must be a multiple of 16 up to 1024, got {bs}")
+        sbs = sparse_block_size
+        _check(sbs == 1, op, f"sparse_block_size supports only 1 here, got {sbs}")
+        _check(tuple(sparse_indices.shape[:-1]) == (*query.shape[:-2], 1), op,
+               f"sparse_indices must be {(*query.shape[:-2], 1, 'sparse_size')}, got {tuple(sparse_indices.shape)}")
+        _valid_first(op, sparse_indices)
+        raw = key.view(torch.uint8)
+        codes = key[..., :nope].float()
+        rope = raw[..., nope:nope + 2 * rope_head_dim].contiguous().view(torch.bfloat16)
+        scales = raw[..., nope + 2 * rope_head_dim:].contiguous().view(torch.float32)
+        k_nope = codes * scales.repeat_interleave(tile_size, dim=-1)
+        out, _, _ = _sfa_math(op, query[..., :nope], query[..., nope:], k_nope, rope.float(), k_nope, sparse_indices,
+                              scale_value, block_table, actual_seq_lengths_query, actual_seq_lengths_kv, sbs,
+                              layout_query, layout_kv, sparse_mode, False)
+        return out
 
     # ---- hot op 3: routing and grouped GEMM ---------------------------------------------------
     def npu_moe_gating_top_k(emu, x, k, *, bias=None, input_ids=None, tid2eid=None, k_group=1, group_count=1,

@@ -127,11 +127,33 @@ def build_layers(cfg: ModelConfig, sd: dict[str, "torch.Tensor | Weight"], inclu
 # query projections on every rank of the group (decode: one more collective per layer would cost more than
 # the rows it saves); a longer one splits them over the group.
 PREFILL_CP_MIN_TOKENS = 64
-# Query tokens per DCP merge (Glm52Network._dcp_chunks): bounds the top-k candidates, gathered queries and
-# partial outputs a long prefill step holds at once.
-DCP_MERGE_TOKENS = 256
-# ... and per gather (Glm52Network._sparse_mla_dcp_gather): topk rows per query token travel, so fewer.
-DCP_GATHER_TOKENS = 64
+# Bytes one DCP merge may hold (Glm52Network._dcp_chunks): a long prefill step's merges run over as many query
+# tokens at a time as fit (the top-k candidates, then the gathered queries and partial outputs, or the gathered
+# rows), so a 8192-token chunk at dcp16 and top-2048 does not hold 4 GiB of candidates per full layer, and a
+# small model's steps merge at once.
+DCP_MERGE_BYTES = 256 << 20
+
+
+def dcp_topk_bytes_per_token(dcp: int, topk: int) -> int:
+    """One query token's top-k merge: dcp x topk candidates (score and position in float64, all-gathered),
+    with the merge's stable sorts and gathers."""
+    return dcp * topk * 64
+
+
+def dcp_attention_bytes_per_token(group_heads: int, C: int, Dr: int) -> int:
+    """One query token's lse-form attention merge: the group's queries (BF16), the partial out and its
+    weighted copy (F32), every head of the dcp group."""
+    return group_heads * ((C + Dr) * 2 + C * 8)
+
+
+def dcp_gather_bytes_per_token(topk: int, row_bytes: int) -> int:
+    """One query token's gather-form attention: its topk rows read here and summed over the group."""
+    return topk * 2 * row_bytes
+
+
+def dcp_merge_tokens(bytes_per_token: int) -> int:
+    """Query tokens per DCP merge within DCP_MERGE_BYTES."""
+    return max(1, DCP_MERGE_BYTES // max(1, bytes_per_token))
 
 
 class Glm52Network:
@@ -160,7 +182,7 @@ class Glm52Network:
         self.dcp = layout.plan.dcp if layout is not None else 1
         self.dcp_comm = dcp_comm if self.dcp > 1 else None
         self.prefill_cp_min_tokens = PREFILL_CP_MIN_TOKENS     # _split_tokens: shorter steps skip the query split
-        self.dcp_merge_tokens = DCP_MERGE_TOKENS               # _dcp_chunks: query tokens per DCP merge
+        self.dcp_merge_tokens: int | None = None    # _dcp_chunks: query tokens per DCP merge (None: DCP_MERGE_BYTES)
         # how attention merges over the dcp group: "lse" (partials merged by their log-sum-exp) when the backend's
         # sparse_mla returns it natively, else "gather" (the selected rows brought to every rank)
         self.dcp_attention = "lse" if ops.capabilities.sparse_mla_lse else "gather"
@@ -263,12 +285,11 @@ class Glm52Network:
         f64 = q.dtype == torch.float64 or getattr(self.ops.backend, "compute_dtype", None) == torch.float64
         return torch.float64 if f64 else torch.float32
 
-    def _dcp_chunks(self, T: int, size: int | None = None) -> list[tuple[int, int]]:
-        """The query-token ranges the DCP merges run over, `dcp_merge_tokens` at a time: the candidates
-        ([n, 2, dcp x topk] float64), the gathered queries and the partial outputs of every head of the group
-        scale with the tokens of one merge, not with the step's (a 8192-token prefill chunk at dcp16 and
-        top-2048 would otherwise gather 4 GiB of candidates per full layer). The same ranges on every rank."""
-        n = max(1, self.dcp_merge_tokens if size is None else size)
+    def _dcp_chunks(self, T: int, bytes_per_token: int) -> list[tuple[int, int]]:
+        """The query-token ranges a DCP merge runs over: as many tokens at a time as DCP_MERGE_BYTES holds at
+        `bytes_per_token` (or `dcp_merge_tokens` when set). The same ranges on every rank (T, the shapes and
+        the cache format are)."""
+        n = self.dcp_merge_tokens or dcp_merge_tokens(bytes_per_token)
         return [(a, min(a + n, T)) for a in range(0, T, n)] or [(0, 0)]
 
     def _topk_dcp(self, iq: torch.Tensor, w: torch.Tensor, k_cache: torch.Tensor, st: Step, topk: int) -> torch.Tensor:
@@ -277,7 +298,7 @@ class Glm52Network:
         (ops/dcp.py merge_topk): one process's selection, in its order, on every rank. Per `_dcp_chunks`
         range of query tokens (each token is its own row of the paged ops under DCP, so a range is a call)."""
         d, out = st.dcp, []
-        for a, e in self._dcp_chunks(iq.shape[0]):
+        for a, e in self._dcp_chunks(iq.shape[0], dcp_topk_bytes_per_token(d.size, topk)):
             bt, cu = d.block_table[a:e], d.cu_seqlens_q[:e - a + 1]
             local = self.ops.indexer_topk(iq[a:e], w[a:e], k_cache, bt, d.seq_lens[a:e], cu, topk)
             score = dcp_ops.candidate_scores(iq[a:e], w[a:e], k_cache, bt, local, self._score_dtype(iq))
@@ -295,7 +316,8 @@ class Glm52Network:
         d, comm = st.dcp, self.dcp_comm
         local = dcp_ops.to_local(idx, d.size, d.rank)
         out = []
-        for a, e in self._dcp_chunks(q.shape[0]):
+        C, Dr = self.cfg.kv_lora_rank, self.cfg.qk_rope_head_dim
+        for a, e in self._dcp_chunks(q.shape[0], dcp_attention_bytes_per_token(self.heads * d.size, C, Dr)):
             qg = comm.all_gather(q[a:e], dim=1)                                  # [n, D*H, C+dr]
             try:
                 o, lse = self._partials_dcp(qg, l, local, st, cache, a, e)
@@ -313,7 +335,7 @@ class Glm52Network:
                                cache: PagedCache) -> torch.Tensor:
         """MLA under DCP without a log-sum-exp (a backend whose sparse_mla returns none natively): each
         query token's selected rows are brought to every rank of the group, and the op runs on them for
-        this rank's heads, unchanged. Per `_dcp_chunks` range (at most DCP_GATHER_TOKENS tokens): each rank
+        this rank's heads, unchanged. Per `_dcp_chunks` range: each rank
         reads the selected rows it stores in the cache's own row format (dense or packed bytes) and zeroes
         the others; one all-reduce of the bytes (exact: every byte has one nonzero contributor) gives every
         rank the token's rows in its top-k order. They form a paged cache of one-token requests (token t's
@@ -333,7 +355,7 @@ class Glm52Network:
                   if packed else list(cache._latent_store[l]))
         widths = [t.shape[-1] * t.element_size() for t in stores]
         out = []
-        for a, e in self._dcp_chunks(T, min(self.dcp_merge_tokens, DCP_GATHER_TOKENS)):
+        for a, e in self._dcp_chunks(T, dcp_gather_bytes_per_token(K, sum(widths))):
             n = e - a
             loc = dcp_ops.to_local(idx[a:e], d.size, d.rank).long()                     # [n, K]
             j = loc.clamp(min=0)

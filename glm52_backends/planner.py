@@ -223,30 +223,28 @@ def activation_bytes_per_token(cfg: ModelConfig, d: DeploymentConfig) -> float:
 
 
 def dcp_step_bytes(cfg: ModelConfig, d: DeploymentConfig, tokens: int, context: int, dcp: int) -> float:
-    """Decode context parallelism's step buffers on one device (0 at dcp 1; estimate for the merge):
+    """Decode context parallelism's step buffers on one device (0 at dcp 1):
 
     block table  tokens x ceil(context / block) x 4 B: one int32 row per query token (step.DcpStep)
-    one merge    n = min(tokens, DCP_MERGE_TOKENS) query tokens at a time (model._dcp_chunks):
-                 top-k candidates n x dcp x topk x 64 B (score and position in float64, all-gathered,
-                 and the merge's stable sorts and gathers); attention n x (H / tp) x dcp x ((C + Dr) x 2 +
-                 C x 8) B (the group's queries in BF16; the partial out and its weighted copy in F32), or
-                 for a backend without a native log-sum-exp (the gather form) min(tokens, DCP_GATHER_TOKENS)
-                 x topk x 2 latent rows
+    one merge    the larger of the top-k merge and the attention merge, each over the query tokens
+                 model.DCP_MERGE_BYTES holds at its bytes per token (model._dcp_chunks, the same
+                 functions): candidates dcp x topk x 64 B; attention, the lse form: the group's heads x
+                 ((C + Dr) x 2 + C x 8) B, or for a backend without a native log-sum-exp (the gather
+                 form) topk x 2 latent rows
     """
     if dcp <= 1:
         return 0.0
-    from .model import DCP_GATHER_TOKENS, DCP_MERGE_TOKENS
+    from .model import (dcp_attention_bytes_per_token, dcp_gather_bytes_per_token, dcp_merge_tokens,
+                        dcp_topk_bytes_per_token)
     from .registry import declared_sparse_mla_lse
-    n = min(tokens, DCP_MERGE_TOKENS)
     C, Dr = cfg.kv_lora_rank, cfg.qk_rope_head_dim
-    group_heads = cfg.num_attention_heads // d.tp * dcp
-    table = dcp_block_table_bytes(tokens, context, d.cache_block_size or 64)
     if declared_sparse_mla_lse(d.backend):
-        attention = n * group_heads * ((C + Dr) * 2 + C * 8)
-    else:   # the gather form: each query token's topk rows, read here and summed over the group (two copies)
-        attention = min(tokens, DCP_GATHER_TOKENS) * cfg.index_topk * 2 * latent_bytes_per_token_layer(
-            cfg, d.kv_cache_dtype)
-    return table + n * dcp * cfg.index_topk * 64 + attention
+        attention = dcp_attention_bytes_per_token(cfg.num_attention_heads // d.tp * dcp, C, Dr)
+    else:
+        attention = dcp_gather_bytes_per_token(cfg.index_topk, latent_bytes_per_token_layer(cfg, d.kv_cache_dtype))
+    merge = max(min(tokens, dcp_merge_tokens(per)) * per
+                for per in (dcp_topk_bytes_per_token(dcp, cfg.index_topk), attention))
+    return dcp_block_table_bytes(tokens, context, d.cache_block_size or 64) + merge
 
 
 def dcp_block_table_bytes(tokens: int, context: int, block: int) -> int:

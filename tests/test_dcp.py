@@ -342,7 +342,7 @@ def test_gather_form_attends_exactly_what_one_process_attends(lat):
     def rank(r):
         cache = caches[r]
         me = types.SimpleNamespace(dcp_comm=group.rank(r), ops=ops, cfg=cfg, dcp_merge_tokens=5)
-        me._dcp_chunks = lambda n, size=None: Glm52Network._dcp_chunks(me, n, size)
+        me._dcp_chunks = lambda n, per_token: Glm52Network._dcp_chunks(me, n, per_token)
         st = types.SimpleNamespace(dcp=DcpStep(D, r, cache.block_table(order), dcp.visible_rows(pos, D, r),
                                                torch.arange(T + 1, dtype=torch.int32), None, torch.zeros(T)))
         got[r] = Glm52Network._sparse_mla_dcp_gather(me, q, l, idx, st, cache)

@@ -210,4 +210,7 @@ def test_dcp_step_buffers_count_the_per_token_block_table_a_step_holds():
     assert held == dcp_block_table_bytes(T, T, bs) == T * 6 * 4
     d = load_deployment("ascend-910c-1m")
     assert dcp_step_bytes(cfg, d, 8192, 1 << 20, 1) == 0 < dcp_step_bytes(cfg, d, 8192, 1 << 20, d.dcp)
+    from glm52_backends.model import DCP_MERGE_BYTES, dcp_merge_tokens, dcp_topk_bytes_per_token
+    per = dcp_topk_bytes_per_token(16, 2048)                 # GLM-5.2 at dcp16: 2 MiB of candidates per token
+    assert dcp_merge_tokens(per) == DCP_MERGE_BYTES // per == 128 and dcp_merge_tokens(10 ** 12) == 1
     assert "DCP step buffers" in plan(d).table()

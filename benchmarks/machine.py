@@ -38,19 +38,9 @@ def run_ranks(tmp: str, worker: str, args_of_rank, world: int, timeout: float = 
     init = os.path.join(tmp, f"rdzv-{time.monotonic_ns()}")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     outs = [os.path.join(tmp, f"rank-{time.monotonic_ns()}-{r}.json") for r in range(world)]
-    procs = [subprocess.Popen([sys.executable, worker, init, str(r), str(world), *map(str, args_of_rank(r, outs[r]))],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for r in range(world)]
-    errs = []
-    for p in procs:
-        try:
-            _, e = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise RuntimeError(f"a rank of {os.path.basename(worker)} ran past {timeout} s") from None
-        if p.returncode:
-            errs.append(e[-2000:])
+    argv = [[sys.executable, worker, init, str(r), str(world), *map(str, args_of_rank(r, outs[r]))]
+            for r in range(world)]
+    errs = [e[-2000:] for rc, _, e in spawn(lambda r: argv[r], world, env=env, timeout=timeout) if rc]
     if errs:
         raise RuntimeError("\n".join(errs))
     res = []
@@ -58,6 +48,24 @@ def run_ranks(tmp: str, worker: str, args_of_rank, world: int, timeout: float = 
         with open(o) as f:
             res.append(json.load(f))
     return res
+
+
+def spawn(argv_of, world: int, *, env: dict | None = None, timeout: float = 240) -> list[tuple[int, str, str]]:
+    """Start `world` processes, `argv_of(rank)` each (the ranks of a gloo run), and collect (return code,
+    stdout, stderr) in rank order. A rank still running after `timeout` s kills them all and raises
+    TimeoutError: a hang fails instead of stalling."""
+    procs = [subprocess.Popen(argv_of(r), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for r in range(world)]
+    results = []
+    for p in procs:
+        try:
+            o, e = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise TimeoutError(f"a rank ran past {timeout} s") from None
+        results.append((p.returncode, o, e))
+    return results
 
 
 def leave(main) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 from contextlib import contextmanager
 
 import pytest
@@ -80,19 +79,12 @@ def same_cache_state(a, b) -> bool:
 def spawn_ranks(argv_of, world: int, *, env: dict | None = None, timeout: float = 240) -> list[tuple[int, str, str]]:
     """Start `world` processes, `argv_of(rank)` each (the ranks of a gloo run), and collect (return code,
     stdout, stderr) in rank order. A rank still running after `timeout` s kills them all: a hang fails the
-    test instead of stalling the suite."""
-    procs = [subprocess.Popen(argv_of(r), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for r in range(world)]
-    results = []
-    for p in procs:
-        try:
-            o, e = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise AssertionError(f"a rank hung for {timeout} s") from None
-        results.append((p.returncode, o, e))
-    return results
+    test instead of stalling the suite (benchmarks/machine.py `spawn`)."""
+    from glm52_backends.benchmarks.machine import spawn
+    try:
+        return spawn(argv_of, world, env=env, timeout=timeout)
+    except TimeoutError:
+        raise AssertionError(f"a rank hung for {timeout} s") from None
 
 
 class Rounds:

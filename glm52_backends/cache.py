@@ -351,11 +351,17 @@ class PagedCache:
         """Of positions start..end-1 of `req`, those this rank stores (p % dcp_size == dcp_rank): (their
         offsets from `start`, their slots in this rank's [NB * local_block_size] rows). Without DCP:
         every position, at `slots`."""
-        D, r, bs, lbs = self.dcp_size, self.dcp_rank, self.block_size, self.local_block_size
-        blocks = self.blocks[req]
+        D, r = self.dcp_size, self.dcp_rank
         first = start + (r - start) % D
         mine = range(first, end, D)
-        return [p - start for p in mine], [blocks[p // bs] * lbs + (p % bs) // D for p in mine]
+        return [p - start for p in mine], [self.slot_here(req, p) for p in mine]
+
+    def slot_here(self, req: Hashable, p: int) -> int | None:
+        """Position p of `req`: its slot in this rank's rows, None when another dcp rank stores it."""
+        D = self.dcp_size
+        if p % D != self.dcp_rank:
+            return None
+        return self.blocks[req][p // self.block_size] * self.local_block_size + (p % self.block_size) // D
 
     @staticmethod
     def write(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> None:
@@ -365,6 +371,24 @@ class PagedCache:
             raise TypeError(f"PagedCache.write: a {cache.dtype} cache tensor is a quantized cache's view; "
                             f"write it with cache.write_latent / cache.write_index")
         _put(cache, slots, values.to(cache.dtype))
+
+    def latent_parts(self, layer: int) -> list[torch.Tensor]:
+        """A layer's latent rows as they are stored, one [num_blocks, local_block_size, width] tensor per part:
+        dense (c, k_pe) in the model dtype, a packed format's parts as uint8 (cache_formats.part_views). With
+        host offload, the host rows."""
+        store = self._latent_store[layer]
+        if self.latent_format == "dense":
+            return list(store)
+        return list(cf.part_views(self.latent_format, self._latent_dims, store[0], self.local_block_size).values())
+
+    def latent_views(self, parts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ops' (c_cache, kpe_cache) over rows laid out as `latent_parts` gives them, [pages, bs, width]
+        each (e.g. rows gathered elsewhere): the same format, any block size."""
+        if self.latent_format == "dense":
+            c, k_pe = parts
+            return c, k_pe
+        flat = torch.cat([p.reshape(p.shape[0], -1) for p in parts], 1)   # the storage: each part's rows in turn
+        return cf.op_views(self.latent_format, self._latent_dims, flat, parts[0].shape[1])
 
     def write_latent(self, layer: int, slots: torch.Tensor, c: torch.Tensor, k_pe: torch.Tensor) -> None:
         """Layer `layer`'s latent rows at `slots`: c [N, kv_lora_rank], k_pe [N, rope dim], in the

@@ -224,8 +224,7 @@ def cmd_generate(args) -> int:
         g = torch.Generator().manual_seed(args.seed)
         prompts = [torch.randint(0, model.cfg.vocab_size, (int(n),), generator=g).tolist()
                    for n in (torch.arange(args.batch) * 7 % 23 + args.prompt_len)]
-    deployment = getattr(model, "deployment", None)       # its step budget chunks long prompts
-    chunk = args.prefill_chunk or (deployment.max_batched_tokens if deployment is not None else None)
+    chunk = args.prefill_chunk or (model.deployment.max_batched_tokens if model.deployment is not None else None)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
               prefill_chunk=chunk, stop_at_eos=not args.ignore_eos)
     plain = model.generate(prompts, **kw) if args.speculative else None  # baseline for the speed-up

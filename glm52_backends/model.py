@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import torch
 
-from . import cache_formats as cf
 from .cache import PagedCache
 from .config import ModelConfig
 from .ops import dcp as dcp_ops
@@ -349,11 +348,10 @@ class Glm52Network:
         T, K = idx.shape
         lbs, W = cache.local_block_size, d.block_table.shape[1]
         bsv = math.gcd(K, cache.block_size)                    # the gathered rows' block size: divides topk
-        packed = cache.latent_format != "dense"
-        # the rows as [NB, lbs, width] tensors: dense (c, k_pe), or the packed format's parts (uint8)
-        stores = (list(cf.part_views(cache.latent_format, cache._latent_dims, cache._latent_store[l][0], lbs).values())
-                  if packed else list(cache._latent_store[l]))
+        stores = cache.latent_parts(l)                         # [NB, lbs, width] each, as stored
         widths = [t.shape[-1] * t.element_size() for t in stores]
+        dev = idx.device
+        pos = torch.arange(K, device=dev, dtype=torch.int32)
         out = []
         for a, e in self._dcp_chunks(T, dcp_gather_bytes_per_token(K, sum(widths))):
             n = e - a
@@ -365,13 +363,7 @@ class Glm52Network:
                               .contiguous().view(torch.uint8) for t in stores], -1)      # [n, K, bytes]
             rows = comm.all_reduce(rows.view(torch.int8)).view(torch.uint8)              # each byte from its owner
             parts = torch.split(rows.reshape(n * K // bsv, bsv, sum(widths)), widths, -1)   # [pages, bsv, w]
-            if packed:                  # the format's storage layout (each part's bsv rows in turn), its op views
-                flat = torch.cat([p.reshape(p.shape[0], -1) for p in parts], 1)
-                c_v, kpe_v = cf.op_views(cache.latent_format, cache._latent_dims, flat, bsv)
-            else:                       # dense: c and k_pe in the model dtype
-                c_v, kpe_v = (p.contiguous().view(t.dtype) for p, t in zip(parts, stores))
-            dev = idx.device
-            pos = torch.arange(K, device=dev, dtype=torch.int32)
+            c_v, kpe_v = cache.latent_views([p.contiguous().view(t.dtype) for p, t in zip(parts, stores)])
             sel = torch.where(idx[a:e] >= 0, pos, -1).to(torch.int32)
             bt = torch.arange(n * K // bsv, device=dev, dtype=torch.int32).view(n, K // bsv)
             out.append(self.ops.sparse_mla(q[a:e], c_v, kpe_v, sel, bt, torch.full((n,), K, dtype=torch.int32, device=dev),
@@ -436,14 +428,15 @@ class Glm52Network:
         qr, iq, w = self._queries(L, x, st, indexed)
         q = ops.linear(qr, L.wq_b).view(T, H, dn + dr)
         q_pe = ops.rope(q[..., dn:], st.positions, cfg.rope_theta)                         # [T, H, dr]
-        slots, xk, pk = self._mine(st, cache, x)
+        mine = self._mine(st, cache, x)                   # the rows this rank writes: (slots, inputs, positions)
+        slots, xk, pk = mine
         if slots is not None:
             kva = ops.linear(xk, L.wkv_a)                                                  # [n, C+dr]
             cache.write_latent(l, slots, ops.rms_norm(kva[:, :C], L.kv_norm, cfg.latent_norm_eps),
                                ops.rope(kva[:, C:], pk, cfg.rope_theta))               # in the cache's format
 
         if indexed:
-            idx = self._indexer(l, L.indexer, x, iq, w, st, cache)
+            idx = self._indexer(l, L.indexer, mine, iq, w, st, cache)
         elif prev_idx is None:
             raise RuntimeError(f"layer {l} is 'shared' but no earlier full layer produced top-k indices")
         else:
@@ -492,12 +485,13 @@ class Glm52Network:
             qr, iq, wr = both[:, :Q], both[:, Q:Q + Hi * Di].reshape(-1, Hi, Di), both[:, Q + Hi * Di:].to(wr.dtype)
         return qr, iq, wr.float() * (Hi ** -0.5 * Di ** -0.5)                              # w [T, Hi] f32
 
-    def _indexer(self, l: int, ix: Indexer, x: torch.Tensor, iq: torch.Tensor, w: torch.Tensor, st: Step,
+    def _indexer(self, l: int, ix: Indexer, mine: tuple, iq: torch.Tensor, w: torch.Tensor, st: Step,
                  cache: PagedCache) -> torch.Tensor:
-        """The index keys of the rows this rank stores, written; then the top-k of every query token."""
+        """The index keys of the rows this rank stores (`mine`: `_mine`'s slots, inputs and positions),
+        written; then the top-k of every query token."""
         cfg, ops, meta = self.cfg, self.ops, st.meta
         dr = cfg.qk_rope_head_dim
-        slots, xk, pk = self._mine(st, cache, x)
+        slots, xk, pk = mine
         if slots is not None:
             ik = ops.layer_norm(ops.linear(xk, ix.wk), ix.k_norm_w, ix.k_norm_b, cfg.indexer_norm_eps)
             ik = torch.cat([ops.rope(ik[:, :dr], pk, cfg.rope_theta), ik[:, dr:]], -1)

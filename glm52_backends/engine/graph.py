@@ -111,7 +111,7 @@ class StaticDecode:
         self.bs = cache.block_size
         # decode context parallelism: this rank stores position p (p % D == rank) at a local slot of block size
         # bs / D; the slots buffer holds local slots, the null block's for positions another rank stores
-        self.D, self.rank, self.lbs = cache.dcp_size, cache.dcp_rank, cache.local_block_size
+        self.D, self.lbs = cache.dcp_size, cache.local_block_size
         self.width = -(-min(cfg.max_position_embeddings, cache.num_blocks * self.bs) // self.bs)
         self.null = cache.null_block()
         self.buckets = buckets(max_batch)
@@ -220,15 +220,15 @@ class StaticDecode:
     # ---- one step ----------------------------------------------------------------------------------
     def _fill(self, reqs: Sequence[Hashable], tokens: Sequence[int], N: int) -> None:
         """Buffers of rows 0..N-1: requests' rows (q tokens each, just reserved), then inert padding."""
-        cache, bs, q = self.cache, self.bs, self.q
+        cache, q = self.cache, self.q
         n = len(reqs)
         pos = [cache.lens[r] - q + j for r in reqs for j in range(q)]          # the new tokens' positions
-        D, rank, lbs = self.D, self.rank, self.lbs
-        slots = [cache.blocks[r][p // bs] * lbs + (p % bs) // D if p % D == rank else self.null * lbs
-                 for r, p in zip((r for r in reqs for _ in range(q)), pos)]
+        null = self.null * self.lbs                          # rows another dcp rank stores, and padding, go here
+        slots = [cache.slot_here(r, p) for r, p in zip((r for r in reqs for _ in range(q)), pos)]
+        slots = [null if s is None else s for s in slots]
         pad = (N - n) * q
         host = torch.tensor([list(tokens) + [0] * pad, pos + [j - q for j in range(q)] * (N - n),
-                             slots + [self.null * lbs] * pad], dtype=torch.long)
+                             slots + [null] * pad], dtype=torch.long)
         self.ids[:N * q].copy_(host[0], non_blocking=True)
         self.positions[:N * q].copy_(host[1], non_blocking=True)
         self.slots[:N * q].copy_(host[2], non_blocking=True)

@@ -96,6 +96,7 @@ class GLM52:
             self.graph = False      # "auto": decode steps run eagerly
         # `generate`'s engine (engine/scheduler.py) when it captured graphs: its cache and graphs serve later calls
         self.generate_engine = None
+        self.deployment = None            # the DeploymentConfig of `from_deployment` (its step budget: the CLI's chunk)
         arguments.quantization(quantization)
         self.ops: BoundBackend = get_backend(backend)
         caps = self.ops.capabilities
@@ -180,7 +181,7 @@ class GLM52:
         model, config = d.engine_config(**overrides)
         d.apply_env()                     # before the process group: HCCL / NCCL read it at setup
         m = cls(model, config)
-        m.deployment = d                  # its step budget (max_batched_tokens) is the CLI's default chunk
+        m.deployment = d
         return m
 
     # ---- the network's parts, for callers that drive steps themselves ---------------------------

@@ -116,7 +116,7 @@ def test_backend_matches_the_contract_and_declares_typed_capabilities(asc):
     caps = asc.capabilities
     assert isinstance(caps, Capabilities)
     assert caps.weight_formats == ("dense", "w8a8_dynamic", "w8a8_static")
-    assert caps.cache_formats == ("dense", "c8_sfa") and caps.sparse_mla_lse is False and caps.devices == ("cpu",)
+    assert caps.cache_formats == ("dense", "c8_sfa", "c8_li") and caps.sparse_mla_lse is False and caps.devices == ("cpu",)
     assert caps.max_topk == 8192 and 16 in caps.block_sizes and 1024 in caps.block_sizes
     assert 8 not in caps.block_sizes and 24 not in caps.block_sizes and 1040 not in caps.block_sizes
     # 128, the block size of vllm-ascend's SFA path and of Huawei's GLM-5.2 recipe, is the default
@@ -315,6 +315,115 @@ def test_sparse_mla_on_a_c8_cache_runs_the_quantized_op(asc_strict, monkeypatch)
     from glm52_backends.ops.protocol import OpUnsupported
     with pytest.raises(OpUnsupported, match="bfloat16 query"):
         asc_strict.sparse_mla(q.half(), c8, kpe8, idx, table, lens, cu, scale)
+
+
+def c8_li_case(g, bs, Hi, dtype):
+    """A c8_li index-key cache over REQS (PagedCache's packed layout: per block the codes, then the
+    float16 scales) whose unowned rows hold codes 127 and scale 65504 (read, they win every
+    selection); -> (codes view, packed storage, table, lens, cu, q, w, the keys as stored, dequantized)."""
+    import glm52_backends.cache_formats as cf
+    (k,), table, lens, cu, _ = batch(REQS, bs, g, (128,), torch.float32)
+    NB = k.shape[0]
+    store = cf.allocate("c8_li", (128,), NB, bs)
+    parts = cf.part_views("c8_li", (128,), store, bs)
+    enc = cf.encode_index("c8_li", k.reshape(-1, 128).nan_to_num())
+    parts["values"].copy_(enc["values"].view(NB, bs, -1))
+    parts["scales"].copy_(enc["scales"].view(NB, bs, -1))
+    unowned = k[..., 0].isnan()
+    parts["values"][unowned] = 127
+    parts["scales"][unowned] = torch.tensor([65504.0], dtype=torch.float16).view(torch.uint8)
+    kc, = cf.op_views("c8_li", (128,), store, bs)
+    T = int(cu[-1])
+    q = torch.randn(T, Hi, 128, generator=g).to(dtype)
+    w = torch.randn(T, Hi, generator=g) * Hi ** -0.5 * 128 ** -0.5
+    keys = cf.decode_index("c8_li", parts["values"], parts["scales"]).double()
+    return kc, store, table, lens, cu, q, w, keys
+
+
+def traced_line(cann):
+    npu = TracingNpu(NpuEmulator(allow_float32=False, cann=cann))
+    return AscendBackend(npu, name="traced", device=torch.device("cpu"), priority=0, default_dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_indexer_topk_on_a_c8_li_cache_runs_the_quantized_op(dtype):
+    """A c8_li index cache (Ascend's LI C8: int8 codes of the Hadamard-rotated keys + a float16 scale per
+    token) goes to npu_quant_lightning_indexer natively: the query rotated and quantized per token and head
+    by npu_dynamic_quant, the cache's codes and scales handed over in place (strided views of the one
+    storage). Its selections are valid top-k of the reference's scores (the plain query against the
+    dequantized keys) within the bfloat16 row of the tolerance table; the -1 tail is exact; unowned rows
+    (codes 127, scale 65504) are never chosen. GLM-5.2's 32 index heads."""
+    import glm52_backends.cache_formats as cf
+    from glm52_backends.backends.ascend.common import is_marked_valid_first
+    be = traced_line("9.1.0")
+    g, bs, topk, Hi = gen(21), 16, 12, 32
+    kc, store, table, lens, cu, q, w, keys = c8_li_case(g, bs, Hi, dtype)
+    idx = be.indexer_topk(q, w, kc, table, lens, cu, topk)
+    names = [c.name for c in be.npu.calls]
+    assert names == ["npu_dynamic_quant", "npu_quant_lightning_indexer"]
+    kw = be.npu.calls[1].kwargs
+    assert kw["key"].dtype == torch.int8 and kw["key"].shape == (kc.shape[0], bs, 1, 128)
+    assert kw["key"].data_ptr() == store.data_ptr()                                      # in place, no copy
+    assert kw["key_dequant_scale"].dtype == torch.float16 and kw["key_dequant_scale"].shape == (kc.shape[0], bs, 1)
+    assert kw["key_dequant_scale"].data_ptr() == store.data_ptr() + bs * 128
+    assert kw["query"].dtype == torch.int8 and kw["query"].shape == (q.shape[0], Hi, 128)
+    assert kw["weights"].dtype == kw["query_dequant_scale"].dtype == torch.float16
+    assert idx.dtype == torch.int32 and idx.shape == (q.shape[0], topk) and is_marked_valid_first(idx)
+    want = ref.indexer_topk(q, w, kc, table, lens, cu, topk, cdt=F64)
+    t = 0
+    for b, (Lq, L) in enumerate(REQS):
+        pos = torch.arange(L)
+        k = keys[table[b, pos // bs].long(), pos % bs]                                     # [L, 128]
+        s_all = torch.einsum("th,ths->ts", w[t:t + Lq].double(),
+                             torch.relu(torch.einsum("thd,sd->ths", q[t:t + Lq].double(), k)))
+        for i in range(Lq):
+            p, row = L - Lq + i, idx[t + i]
+            n = min(topk, p + 1)
+            assert bool((row[n:] == -1).all()) and bool((row[:n] >= 0).all()) and bool((row[:n] <= p).all())
+            assert len(set(row[:n].tolist())) == n and int((want[t + i] >= 0).sum()) == n
+            s = s_all[i, :p + 1]
+            kth = s.sort(descending=True).values[n - 1]
+            assert float(s[row[:n].long()].min()) >= float(kth) - 1.56e-2 * float(s.abs().max())
+        t += Lq
+    with pytest.raises(OpUnsupported, match="bfloat16/float16"):
+        be.indexer_topk(q.float(), w, kc, table, lens, cu, topk)
+
+
+@pytest.mark.parametrize("cann", ["8.5.0", "9.0.0"])
+def test_c8_li_indexer_declines_where_the_op_takes_only_contiguous_keys(cann):
+    """The 7.3.0 and 26.0.0 pages of npu_quant_lightning_indexer take a contiguous key only (and exactly 64
+    heads); the c8_li cache is strided (each block's scales follow its codes): declined with the reason,
+    not copied, and the model's reference then reads it."""
+    be = traced_line(cann)
+    kc, _, table, lens, cu, q, w, _ = c8_li_case(gen(3), 16, 64, torch.bfloat16)
+    with pytest.raises(OpUnsupported, match="contiguous key"):
+        be.indexer_topk(q, w, kc, table, lens, cu, 8)
+    assert be.npu.calls == []
+    bound = BoundBackend(be)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        got = bound.indexer_topk(q, w, kc, table, lens, cu, 8)
+    assert bound.ran_natively()["indexer_topk"] != "native"
+    assert torch.equal(got, ref.indexer_topk(q, w, kc, table, lens, cu, 8))
+
+
+def test_c8_li_indexer_makes_no_host_sync_and_bounded_glue(monkeypatch):
+    """The C8 path (rotation, npu_dynamic_quant, the quant indexer, the mask) reads nothing back outside
+    the torch_npu calls, on the first call and after (it can be captured in a decode graph), and
+    allocates what README "Memory outside the fused ops" says: the query's rotation and scales, the
+    float16 weights, the mask; nothing proportional to the cache."""
+    be = traced_line("9.1.0")
+    kc, store, table, lens, cu, q, w, _ = c8_li_case(gen(5), 16, 32, torch.bfloat16)
+    be.indexer_topk(q, w, kc, table, lens, cu, 8)                  # the Hadamard matrix, built once per device
+    with BackendOps(be.npu, monkeypatch) as mode:
+        a = be.indexer_topk(q, w, kc, table, lens, cu, 8)
+    glue = new_bytes(mode, (kc, store, table, lens, cu, q, w))
+    with BackendOps(be.npu, monkeypatch) as mode2:
+        b = be.indexer_topk(q, w, kc, table, lens, cu, 8)
+    assert mode.syncs == mode2.syncs == [] and torch.equal(a, b)
+    T, Hi, e, topk, B = q.shape[0], q.shape[1], q.element_size(), 8, table.shape[0]
+    bound = 2 * T * Hi + T * Hi * (128 * (8 + e) + 6) + 5 * T * topk + 8 * topk + 64 * T + 24 * B + 8 + 16
+    assert glue <= bound, (glue, bound)
 
 
 def test_sparse_indices_valid_first():
@@ -1303,6 +1412,31 @@ def test_tiny_model_bfloat16_documented_dtypes_all_native(tmp_path):
     assert got.tokens == cpu.generate(prompts, max_new_tokens=6, stop_at_eos=False).tokens
     for a, b in zip(logits, cpu(prompts)):
         assert float((a - b).abs().max()) <= 1.6e-2 * float(b.abs().max())
+    assert set(npu.ops.ran_natively().values()) <= {"native", "unused"}      # no fallback at all
+
+
+def test_tiny_model_with_c8_caches_runs_every_hot_op_natively_and_captures(tmp_path):
+    """int8 caches (c8_sfa latent + c8_li index keys, the 1M layout's) in bfloat16 through the emulator
+    restricted to the documented dtypes: the model's own PagedCache views go to
+    npu_quant_lightning_indexer and npu_kv_quant_sparse_flash_attention, every hot op native; logits
+    within the bfloat16 row (1.6e-2) of cpu_ref's on the same cache formats (the C8 indexer quantizes its
+    query: tokens may part at near-ties, so logits are the check); a captured decode ("trace"), plain
+    and MTP speculative, gives eager's tokens."""
+    GLM52 = _glm52()
+    path = make_tiny_checkpoint(tmp_path / "c8", layers=2, seed=4, index_topk=8, kv_lora_rank=512,
+                                qk_rope_head_dim=64, index_head_dim=128, mtp=True)
+    cpu = GLM52(path, backend="cpu_ref", dtype=torch.bfloat16, progress=False, kv_cache_dtype="int8")
+    npu = GLM52(path, backend=create(emulate=True, allow_float32=False), dtype=torch.bfloat16, progress=False,
+                kv_cache_dtype="int8", block_size=128)
+    assert (npu.kv_cache_format, npu.index_cache_format) == (cpu.kv_cache_format, cpu.index_cache_format) \
+        == ("c8_sfa", "c8_li")
+    prompts = _prompts(cpu.cfg.vocab_size)
+    for a, b in zip(npu(prompts), cpu(prompts)):
+        assert float((a - b).abs().max()) <= 1.6e-2 * float(b.abs().max())
+    for kw in (dict(), dict(speculative=2)):
+        eager = npu.generate(prompts, max_new_tokens=6, stop_at_eos=False, graph=False, **kw)
+        graph = npu.generate(prompts, max_new_tokens=6, stop_at_eos=False, graph="trace", **kw)
+        assert graph.tokens == eager.tokens and graph.stats["graph_buckets"] == [4], kw
     assert set(npu.ops.ran_natively().values()) <= {"native", "unused"}      # no fallback at all
 
 

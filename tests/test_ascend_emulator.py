@@ -201,6 +201,167 @@ def test_lightning_indexer_limits_follow_the_emulated_line(case, cann):
             e.npu_lightning_indexer(**_li_args(**over))
 
 
+# ---- npu_quant_lightning_indexer (C8: int8 query and keys, per-token-head float16 scales) -------------
+
+def qli_scores(q, k, w, sq, sk):
+    """float64 sum_g w[g] relu(sq[g] sk[s] (q[g] . k[s])) -> [Lq, Lk] (the doc's 计算公式); q [Lq, N, D]
+    int8, k [Lk, D] int8, w and sq [Lq, N], sk [Lk]."""
+    dots = torch.einsum("qhd,sd->qhs", q.double(), k.double())
+    return torch.einsum("qh,qhs->qs", w.double(), torch.relu(sq.double()[..., None] * sk.double()[None, None] * dots))
+
+
+def int8s(g, *shape):
+    return torch.randint(-128, 128, shape, generator=g, dtype=torch.int8)
+
+
+@pytest.mark.parametrize("bs", [16, 48])
+def test_quant_lightning_indexer_tnd_paged_matches_the_formula(bs):
+    """TND int8 query over a shuffled PA_BSND int8 cache whose key and key_dequant_scale are strided views
+    of one packed tensor per block (codes then scales, as a c8_li cache), mixed requests, sparse_mode=3:
+    the top-k of the doc's formula in float64. Unowned rows hold the largest codes and scales: read, they
+    would win every selection."""
+    g = gen(bs)
+    reqs = [(1, 1), (3, 40), (5, 5), (2, 70), (0, 9)]
+    N1, D, count = 32, 128, 24
+    keys = [int8s(g, L, D) for _, L in reqs]
+    kscales = [uniform(g, 0, 0.1, L, dtype=torch.float16) for _, L in reqs]
+    need = [-(-L // bs) for _, L in reqs]
+    nblk = sum(need) + 2
+    packed = torch.full((nblk, bs * (D + 2)), 0x7B, dtype=torch.uint8)          # poison: codes 123, f16 scale 57200
+    codes = packed[:, :bs * D].view(nblk, bs, 1, D).view(torch.int8)
+    scales = packed[:, bs * D:].view(nblk, bs, 2).view(torch.float16)           # [nblk, bs, 1]
+    perm, used = torch.randperm(nblk, generator=g), 0
+    table = torch.zeros(len(reqs), max(need), dtype=torch.int32)
+    for b, (_, L) in enumerate(reqs):
+        blocks = perm[used:used + need[b]]
+        used += need[b]
+        table[b, :need[b]] = blocks.int()
+        pos = torch.arange(L)
+        codes[blocks[pos // bs], pos % bs, 0] = keys[b]
+        scales[blocks[pos // bs], pos % bs, 0] = kscales[b]
+    assert not codes.is_contiguous() and not scales.is_contiguous()
+    T = sum(q for q, _ in reqs)
+    query, w = int8s(g, T, N1, D), uniform(g, -1, 1, T, N1, dtype=torch.float16)
+    sq = uniform(g, 0, 0.1, T, N1, dtype=torch.float16)
+    cu = torch.tensor(np.cumsum([q for q, _ in reqs]), dtype=torch.int32)
+    act_k = torch.tensor([L for _, L in reqs], dtype=torch.int32)
+    idx = emu.npu_quant_lightning_indexer(query, codes, w, sq, scales, 0, 0, actual_seq_lengths_query=cu,
+                                          actual_seq_lengths_key=act_k, block_table=table, layout_query="TND",
+                                          layout_key="PA_BSND", sparse_count=count, sparse_mode=3)
+    assert isinstance(idx, torch.Tensor) and idx.shape == (T, 1, count) and idx.dtype == torch.int32
+    t = 0
+    for (Lq, Lk), k, sk in zip(reqs, keys, kscales):
+        score = qli_scores(query[t:t + Lq], k, w[t:t + Lq], sq[t:t + Lq], sk)
+        for i in range(Lq):
+            pos = Lk - Lq + i
+            s = score[i].masked_fill(torch.arange(Lk) > pos, float("-inf"))
+            check_topk(idx[t + i, 0], s, min(count, pos + 1), tol=1e-6 * float(s[torch.isfinite(s)].abs().max()))
+        t += Lq
+
+
+def test_quant_lightning_indexer_doc_example_bsnd():
+    """The doc's example at a smaller size: BSND int8 query [b, s1, 64, 128] over an identity-table
+    PA_BSND cache, sparse_mode=0 (no mask), every key scored."""
+    g = gen(4)
+    b, s1, s2, n1, d, block_size, count = 3, 4, 256, 64, 128, 128, 100
+    nb = s2 // block_size
+    key = int8s(g, b * nb, block_size, 1, d)
+    sk = uniform(g, 0, 10, b * nb, block_size, 1, dtype=torch.float16)
+    query = int8s(g, b, s1, n1, d)
+    sq = uniform(g, 0, 10, b, s1, n1, dtype=torch.float16)
+    w = uniform(g, 0, 0.01, b, s1, n1, dtype=torch.float16)
+    table = torch.arange(b * nb, dtype=torch.int32).reshape(b, -1)
+    idx = emu.npu_quant_lightning_indexer(query, key, w, sq, sk, query_quant_mode=0, key_quant_mode=0,
+                                          actual_seq_lengths_query=torch.full((b,), s1, dtype=torch.int32),
+                                          actual_seq_lengths_key=torch.full((b,), s2, dtype=torch.int32),
+                                          block_table=table, layout_query="BSND", layout_key="PA_BSND",
+                                          sparse_count=count, sparse_mode=0)
+    assert idx.shape == (b, s1, 1, count)
+    for i in range(b):
+        ks = key[i * nb:(i + 1) * nb].reshape(s2, d)
+        score = qli_scores(query[i], ks, w[i], sq[i], sk[i * nb:(i + 1) * nb].reshape(s2))
+        for j in range(s1):
+            check_topk(idx[i, j, 0], score[j], count, tol=1e-6 * float(score[j].abs().max()))
+
+
+def _qli_args(**over):
+    g = gen(10)
+    a = dict(query=int8s(g, 3, 4, 128), key=int8s(g, 2, 16, 1, 128), weights=uniform(g, -1, 1, 3, 4, dtype=torch.float16),
+             query_dequant_scale=uniform(g, 0, 1, 3, 4, dtype=torch.float16),
+             key_dequant_scale=uniform(g, 0, 1, 2, 16, 1, dtype=torch.float16), query_quant_mode=0, key_quant_mode=0,
+             actual_seq_lengths_query=torch.tensor([3], dtype=torch.int32),
+             actual_seq_lengths_key=torch.tensor([20], dtype=torch.int32),
+             block_table=torch.tensor([[1, 0]], dtype=torch.int32), layout_query="TND", layout_key="PA_BSND",
+             sparse_count=8, sparse_mode=3)
+    a.update(over)
+    return a
+
+
+QLI_REJECTED = {
+    "bf16 query": dict(query=torch.zeros(3, 4, 128, dtype=torch.bfloat16)),
+    "bf16 key": dict(key=torch.zeros(2, 16, 1, 128, dtype=torch.bfloat16)),
+    "bf16 weights (A2/A3: float16)": dict(weights=torch.zeros(3, 4, dtype=torch.bfloat16)),
+    "float32 query scale": dict(query_dequant_scale=torch.zeros(3, 4)),
+    "float32 key scale": dict(key_dequant_scale=torch.zeros(2, 16, 1)),
+    "key scale shape": dict(key_dequant_scale=torch.zeros(2, 16, dtype=torch.float16)),
+    "weights shape": dict(weights=torch.zeros(3, 5, dtype=torch.float16)),
+    "negative key scale": dict(key_dequant_scale=-torch.ones(2, 16, 1, dtype=torch.float16)),
+    "negative query scale": dict(query_dequant_scale=-torch.ones(3, 4, dtype=torch.float16)),
+    "w * scale past float16": dict(weights=torch.full((3, 4), 60000.0, dtype=torch.float16),
+                                   query_dequant_scale=torch.full((3, 4), 2.0, dtype=torch.float16)),
+    "quant mode 1": dict(query_quant_mode=1),
+    "65 heads": dict(query=torch.zeros(3, 65, 128, dtype=torch.int8), weights=torch.zeros(3, 65, dtype=torch.float16),
+                     query_dequant_scale=torch.zeros(3, 65, dtype=torch.float16)),
+    "head dim 64": dict(query=torch.zeros(3, 4, 64, dtype=torch.int8), key=torch.zeros(2, 16, 1, 64, dtype=torch.int8)),
+    "block 24": dict(key=torch.zeros(2, 24, 1, 128, dtype=torch.int8),
+                     key_dequant_scale=torch.zeros(2, 24, 1, dtype=torch.float16)),
+    "sparse_count 3072": dict(sparse_count=3072),
+    "sparse_mode 1": dict(sparse_mode=1),
+    "narrow block table": dict(actual_seq_lengths_key=torch.tensor([40], dtype=torch.int32)),
+    "non-contiguous query": dict(query=torch.zeros(4, 3, 128, dtype=torch.int8).transpose(0, 1)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(QLI_REJECTED))
+def test_quant_lightning_indexer_rejects(case):
+    with pytest.raises(NpuOpError, match="npu_quant_lightning_indexer"):
+        emu.npu_quant_lightning_indexer(**_qli_args(**QLI_REJECTED[case]))
+
+
+def test_quant_lightning_indexer_float8_codes_are_not_emulated():
+    with pytest.raises(NpuOpError, match="not emulated"):
+        emu.npu_quant_lightning_indexer(**_qli_args(query_dtype=torch.int8))
+
+
+def _strided_key():
+    packed = torch.zeros(2, 16 * 130, dtype=torch.uint8)
+    return dict(key=packed[:, :16 * 128].view(2, 16, 1, 128).view(torch.int8),
+                key_dequant_scale=packed[:, 16 * 128:].view(2, 16, 2).view(torch.float16))
+
+
+QLI_BY_LINE = {   # case -> (over, accepted on 7.3.0 / 26.0.0 (the pages without the 950 column), from 26.1.0)
+    "64 heads": (dict(query=torch.zeros(3, 64, 128, dtype=torch.int8), weights=torch.zeros(3, 64, dtype=torch.float16),
+                      query_dequant_scale=torch.zeros(3, 64, dtype=torch.float16)), True, True),
+    "4 heads": ({}, False, True),
+    "strided key and key scale (a c8_li cache)": (dict(query=torch.zeros(3, 64, 128, dtype=torch.int8),
+                                                      weights=torch.zeros(3, 64, dtype=torch.float16),
+                                                      query_dequant_scale=torch.zeros(3, 64, dtype=torch.float16),
+                                                      **_strided_key()), False, True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(QLI_BY_LINE))
+@pytest.mark.parametrize("cann", ["8.5.0", "9.0.0", "9.1.0"])
+def test_quant_lightning_indexer_limits_follow_the_emulated_line(case, cann):
+    over, early, later = QLI_BY_LINE[case]
+    e = NpuEmulator(allow_float32=False, cann=cann)
+    if (later if cann == "9.1.0" else early):
+        assert e.npu_quant_lightning_indexer(**_qli_args(**over)).shape == (3, 1, 8)
+    else:
+        with pytest.raises(NpuOpError, match="npu_quant_lightning_indexer: "):
+            e.npu_quant_lightning_indexer(**_qli_args(**over))
+
+
 def test_fused_attention_ops_absent_before_cann_8_5():
     e = NpuEmulator(cann="8.3.RC1")
     assert e.line is None
@@ -210,6 +371,8 @@ def test_fused_attention_ops_absent_before_cann_8_5():
     with pytest.raises(NpuOpError, match="npu_sparse_flash_attention: not in torch_npu before"):
         e.npu_sparse_flash_attention(torch.zeros(1, 1, 1, 512), torch.zeros(1, 4, 1, 512), torch.zeros(1, 4, 1, 512),
                                      torch.zeros(1, 1, 1, 1, dtype=torch.int32), 0.1, attention_mode=2)
+    with pytest.raises(NpuOpError, match="npu_quant_lightning_indexer: not in torch_npu before"):
+        e.npu_quant_lightning_indexer(**_qli_args())
 
 
 # ---- npu_sparse_flash_attention -----------------------------------------------------------------

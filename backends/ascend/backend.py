@@ -64,7 +64,7 @@ class AscendBackend:
         self.nz = os.environ.get("GLM52_ASCEND_NZ", "1").strip().lower() not in ("0", "false", "no", "off")
         self.capabilities = Capabilities(
             dtypes=(torch.bfloat16, torch.float16, torch.float32), default_dtype=default_dtype,
-            devices=(device.type,), weight_formats=WEIGHT_FORMATS, cache_formats=("dense", "c8_sfa"),
+            devices=(device.type,), weight_formats=WEIGHT_FORMATS, cache_formats=("dense", "c8_sfa", "c8_li"),
             max_topk=self.line_limits.max_topk if self.line_limits else 0, block_sizes=BLOCK_SIZES,
             default_block_size=DEFAULT_BLOCK_SIZE,
             sparse_mla_lse=False,     # npu_sparse_flash_attention gives no softmax statistics with PA_BSND

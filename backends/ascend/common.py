@@ -59,15 +59,20 @@ class LineLimits:
     li_heads: frozenset           # allowed N1 of npu_lightning_indexer
     li_sparse_counts: frozenset   # allowed sparse_count
     max_topk: int
+    qli_heads: frozenset          # allowed N1 of npu_quant_lightning_indexer (sparse_count 1..2048 on every line)
+    qli_strided_key: bool         # whether it reads a non-contiguous key / key_dequant_scale (a packed c8_li cache)
 
 
 def line_limits(inst: Installed) -> LineLimits | None:
     """The limits of `inst`'s line; None before the 7.3.0 line (the fused attention ops are absent)."""
     if inst.line is None:
         return None
+    heads = frozenset(range(1, LI_MAX_HEADS + 1))
     if inst.line.name == "7.3.0":
-        return LineLimits(frozenset({64}), LI_SPARSE_COUNTS_73, 2048)
-    return LineLimits(frozenset(range(1, LI_MAX_HEADS + 1)), LI_SPARSE_COUNTS, LI_MAX_TOPK)
+        return LineLimits(frozenset({64}), LI_SPARSE_COUNTS_73, 2048, frozenset({64}), False)
+    if inst.line.name == "26.0.0":
+        return LineLimits(heads, LI_SPARSE_COUNTS, LI_MAX_TOPK, frozenset({64}), False)
+    return LineLimits(heads, LI_SPARSE_COUNTS, LI_MAX_TOPK, heads, True)
 
 
 def version_decline(backend, op: str) -> LineLimits:

@@ -202,6 +202,31 @@ def _right_down_causal(Lq: int, Lk: int) -> torch.Tensor:
     return torch.arange(Lk)[None, :] <= (Lk - Lq) + torch.arange(Lq)[:, None]
 
 
+def _li_topk(batches, score, out_shape, sparse_count: int, sparse_mode: int, value_dtype):
+    """The top-k step both lightning indexers share: per batch `score(where, q, b)` [Lq, Lk], the
+    sparse_mode=3 mask, the best `sparse_count` keys (-1 where there are fewer). -> (indices int32
+    `out_shape`, the values in `value_dtype`, or an empty tensor when None)."""
+    indices = torch.full(out_shape, -1, dtype=torch.int32)     # -1 where the device leaves no index
+    values = torch.full(out_shape, float("-inf"), dtype=value_dtype) if value_dtype is not None else \
+        torch.empty(0)
+    for b, (where, q) in enumerate(batches):
+        s = score(where, q, b)
+        Lq, Lk = s.shape
+        if Lq == 0 or Lk == 0:
+            continue
+        if sparse_mode == 3:
+            s = s.masked_fill(~_right_down_causal(Lq, Lk), float("-inf"))
+        n = min(sparse_count, Lk)
+        # best first; the device's tie order is unspecified, here exact ties go to the earlier key
+        top_v, top_i = s.sort(dim=-1, descending=True, stable=True)
+        top_v, top_i = top_v[:, :n], top_i[:, :n]
+        valid = top_v > float("-inf")
+        indices[where][..., 0, :n] = torch.where(valid, top_i, -1).to(torch.int32)
+        if value_dtype is not None:
+            values[where][..., 0, :n] = top_v.to(value_dtype)
+    return indices, values
+
+
 def _gmm_layouts(op: str, x, weight) -> list[bool]:
     """npu_grouped_matmul's layout checks (约束说明): x not transposed, weights all contiguous or all
     transposed views, last dims below the InnerLimit 65536. -> which weights are transposed."""
@@ -350,30 +375,91 @@ class NpuEmulator(_kernels(Mc2Emulation)):
         batches = _queries(op, query, layout_query, actual_seq_lengths_query)
         keys = _keys(op, key, layout_key, actual_seq_lengths_key, block_table, len(batches), "actual_seq_lengths_key")
 
-        # 返回值说明 + meta: [B,S1,N2,sparse_count] or [T1,N2,sparse_count] int32; values [0] unless asked
-        out_shape = (*query.shape[:-2], 1, sparse_count)
-        indices = torch.full(out_shape, -1, dtype=torch.int32)     # -1 where the device leaves no index
-        values = torch.full(out_shape, float("-inf"), dtype=query.dtype) if return_value else \
-            torch.empty(0, dtype=query.dtype)
         # 功能说明: Indices = Top-k over S_k of  sum_g W_g * ReLU(Q_g . K)
-        for (where, q), get_k in zip(batches, keys):
-            k = get_k()[:, 0].float()                                               # [Lk, D]
-            Lq, Lk = q.shape[0], k.shape[0]
-            if Lq == 0 or Lk == 0:
-                continue
-            score = torch.einsum("qh,qhs->qs", weights[where].float(),
-                                 torch.relu(torch.einsum("qhd,sd->qhs", q.float(), k)))   # [Lq, Lk]
-            if sparse_mode == 3:
-                score = score.masked_fill(~_right_down_causal(Lq, Lk), float("-inf"))
-            n = min(sparse_count, Lk)
-            # best first; the device's tie order is unspecified, here exact ties go to the earlier key
-            top_v, top_i = score.sort(dim=-1, descending=True, stable=True)
-            top_v, top_i = top_v[:, :n], top_i[:, :n]
-            valid = top_v > float("-inf")
-            indices[where][..., 0, :n] = torch.where(valid, top_i, -1).to(torch.int32)
-            if return_value:
-                values[where][..., 0, :n] = top_v.to(query.dtype)
-        return indices, values
+        def score(where, q, b):
+            k = keys[b]()[:, 0].float()                                             # [Lk, D]
+            return torch.einsum("qh,qhs->qs", weights[where].float(),
+                                torch.relu(torch.einsum("qhd,sd->qhs", q.float(), k)))   # [Lq, Lk]
+        indices, values = _li_topk(batches, score, (*query.shape[:-2], 1, sparse_count), sparse_count, sparse_mode,
+                                   query.dtype if return_value else None)
+        # 返回值说明 + meta: [B,S1,N2,sparse_count] or [T1,N2,sparse_count] int32; values [0] unless asked
+        return indices, values if return_value else torch.empty(0, dtype=query.dtype)
+
+    # ---- hot op 1, C8: npu_quant_lightning_indexer --------------------------------------------
+    def npu_quant_lightning_indexer(emu, query, key, weights, query_dequant_scale, key_dequant_scale,
+                                    query_quant_mode=0, key_quant_mode=0, *, actual_seq_lengths_query=None,
+                                    actual_seq_lengths_key=None, block_table=None, layout_query="BSND",
+                                    layout_key="BSND", sparse_count=2048, sparse_mode=3, pre_tokens=INT64_MAX,
+                                    next_tokens=INT64_MAX, query_dtype=None, key_dtype=None):
+        op = "npu_quant_lightning_indexer"
+        line = emu._since_73(op)
+        # 参数说明 / 约束说明 (torch_npu-npu_quant_lightning_indexer.md: docs/context on the 7.3.0 line,
+        # docs/zh/custom_APIs later; the Atlas A2/A3 rows)
+        tensors = (("query", query), ("key", key), ("weights", weights), ("query_dequant_scale", query_dequant_scale),
+                   ("key_dequant_scale", key_dequant_scale))
+        for name, t in tensors:
+            _check(t is not None and t.numel() > 0, op, f"{name} must be a non-empty tensor")
+        early = line in ("7.3.0", "26.0.0")     # the pages without the Atlas 350 column
+        if early:             # every input 不支持非连续
+            _contiguous(op, **dict(tensors))
+        else:                 # 26.1.0 on: key and key_dequant_scale 支持非连续 (e.g. views of a packed cache)
+            _contiguous(op, query=query, weights=weights, query_dequant_scale=query_dequant_scale)
+        _check(query_quant_mode == 0 and key_quant_mode == 0, op,
+               f"query_quant_mode and key_quant_mode support only 0 (per-token-head), got {query_quant_mode} and "
+               f"{key_quant_mode}")
+        if query_dtype is not None or key_dtype is not None:
+            raise _not_emulated(op, "query_dtype / key_dtype (float8 / hifloat8 codes: Atlas 350 only)")
+        _check(query.dtype == torch.int8 and key.dtype == torch.int8, op,
+               f"query and key must be int8 on Atlas A2/A3, got {query.dtype} and {key.dtype}")
+        for name, t in tensors[2:]:    # 约束说明 (Atlas A2/A3): weights, both scales float16, float16, float16
+            _check(t.dtype == torch.float16, op, f"{name} must be float16 on Atlas A2/A3, got {t.dtype}")
+        _check(layout_query in ("BSND", "TND"), op, f"layout_query must be BSND or TND, got {layout_query!r}")
+        _check(layout_key in ("PA_BSND", "BSND", "TND"), op,
+               f"layout_key must be PA_BSND, BSND or TND, got {layout_key!r}")
+        _check(layout_key == "PA_BSND" or layout_key == layout_query, op,
+               f"without PageAttention layout_key must equal layout_query ({layout_key} != {layout_query})")
+        _check(query.dim() == (4 if layout_query == "BSND" else 3), op,
+               f"query must be {'[B,S1,N1,D]' if layout_query == 'BSND' else '[T1,N1,D]'}, got {tuple(query.shape)}")
+        key_dims = {"PA_BSND": 4, "BSND": 4, "TND": 3}[layout_key]
+        _check(key.dim() == key_dims, op, f"key must be {key_dims}-D for {layout_key}, got {tuple(key.shape)}")
+        N1, D = query.shape[-2], query.shape[-1]
+        if early:             # 参数说明 query: "N1仅支持64"
+            _check(N1 == 64, op, f"query N1 must be 64 on the {line} line, got {N1} (the 26.1.0 line, CANN 9.1.0, "
+                                 f"takes 1..64)")
+        _check(1 <= N1 <= 64, op, f"query N1 must be in [1, 64], got {N1}")
+        _check(D == 128 and key.shape[-1] == 128, op, f"query and key D must be 128, got {D} and {key.shape[-1]}")
+        _check(key.shape[-2] == 1, op, f"key N2 must be 1, got {key.shape[-2]}")
+        if layout_key == "PA_BSND":
+            bs = key.shape[1]
+            _check(bs % 16 == 0 and 0 < bs <= 1024, op, f"block_size must be a multiple of 16 up to 1024, got {bs}")
+        for name, t in (("weights", weights), ("query_dequant_scale", query_dequant_scale)):
+            _check(tuple(t.shape) == tuple(query.shape[:-1]), op,
+                   f"{name} must be {tuple(query.shape[:-1])} ([B,S1,N1] or [T,N1]), got {tuple(t.shape)}")
+        _check(tuple(key_dequant_scale.shape) == tuple(key.shape[:-1]), op,
+               f"key_dequant_scale must be {tuple(key.shape[:-1])} (key without D), got {tuple(key_dequant_scale.shape)}")
+        _check(1 <= sparse_count <= 2048, op, f"sparse_count must be in [1, 2048], got {sparse_count}")
+        _check(sparse_mode in (0, 3), op, f"sparse_mode must be 0 or 3, got {sparse_mode}")
+        _check(pre_tokens == INT64_MAX and next_tokens == INT64_MAX, op,
+               "pre_tokens and next_tokens support only their default 2^63-1")
+        # 约束说明: both dequant scales >= 0; W * Scale_Q within float16's range
+        _check(bool((query_dequant_scale >= 0).all()) and bool((key_dequant_scale >= 0).all()), op,
+               "query_dequant_scale and key_dequant_scale must be >= 0")
+        _check(bool(((weights.float() * query_dequant_scale.float()).abs() <= 65504).all()), op,
+               "weights * query_dequant_scale must lie in float16's range")
+
+        batches = _queries(op, query, layout_query, actual_seq_lengths_query)
+        keys = _keys(op, key, layout_key, actual_seq_lengths_key, block_table, len(batches), "actual_seq_lengths_key")
+        kscales = _keys(op, key_dequant_scale, layout_key, actual_seq_lengths_key, block_table, len(batches),
+                        "actual_seq_lengths_key")
+
+        # 计算公式: out = Top-k over S_k of  sum_g W_g * ReLU((Scale_Q,g * Scale_K) * (Q_g^INT8 . K^INT8))
+        def score(where, q, b):
+            k, sk = keys[b]()[:, 0].float(), kscales[b]()[:, 0].float()          # [Lk, D], [Lk]
+            dots = torch.einsum("qhd,sd->qhs", q.float(), k)                     # int8 products: exact in f32
+            scaled = query_dequant_scale[where].float()[..., None] * sk[None, None, :] * dots
+            return torch.einsum("qh,qhs->qs", weights[where].float(), torch.relu(scaled))
+        # 返回值说明 + meta: one tensor, [B,S1,N2,k] or [T,N2,k] int32
+        return _li_topk(batches, score, (*query.shape[:-2], 1, sparse_count), sparse_count, sparse_mode, None)[0]
 
     # ---- hot op 2: npu_sparse_flash_attention -------------------------------------------------
     def npu_sparse_flash_attention(emu, query, key, value, sparse_indices, scale_value, *, block_table=None,

@@ -12,7 +12,13 @@ torch_npu/` later; Atlas A2/A3 columns):
   26.1.0  9.1.0   as 26.0.0 (adds the 950 column)
   (`sinks` of npu_sparse_flash_attention is in no released line's schema, only on master.)
 
-GLM-5.2 has 32 index heads, so its indexer runs natively from CANN 9.0.0 on.
+  npu_quant_lightning_indexer (int8 query and keys, float16 weights and scales on A2/A3; sparse_count
+  1..2048 on every line): on the 7.3.0 and 26.0.0 pages (docs/context; the torch_npu 2.10.0 wheel's
+  docstring) N1 = 64 and every input contiguous; the page with the Atlas 350 column (26.1.0 on) takes
+  N1 1..64 and a non-contiguous key / key_dequant_scale, which the packed c8_li cache needs.
+
+GLM-5.2 has 32 index heads, so its indexer runs natively from CANN 9.0.0 on, and on a C8 index cache
+from CANN 9.1.0 on.
 
 The installed version is read from `torch.version.cann` (torch_npu sets it, e.g. "8.5.0" or
 "8.3.RC1"); where that is missing it can be declared with GLM52_ASCEND_CANN=9.1.0. The emulator

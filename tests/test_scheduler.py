@@ -290,6 +290,19 @@ def test_engine_refuses_what_its_cache_or_budget_cannot_hold(model, long_prompt)
         Engine(model, speculative=4, max_num_batched_tokens=4)
 
 
+@pytest.mark.parametrize("graph", [False, "trace"])
+def test_a_prompt_that_fills_the_cache_exactly_is_served(model, long_prompt, graph):
+    """An eager engine's cache has no null block: a prompt whose prompt + 1 tokens fill every block is
+    served, one token more is refused (it used to lose a block to a null block only graphs keep)."""
+    e = Engine(model, cache_tokens=64, graph=graph, max_num_seqs=1)
+    assert e.cache_capacity == 64
+    fits = long_prompt[:63]
+    out = e.generate([fits], SamplingParams(max_tokens=1, ignore_eos=True))
+    assert len(out[0]["token_ids"]) == 1
+    with pytest.raises(ParamError, match="need 5 cache blocks of 16 tokens, the engine's cache has 4"):
+        e.add_request(long_prompt[:64], SamplingParams(max_tokens=1))
+
+
 # ---- captured graphs --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kw", [dict(), dict(speculative=3, max_num_batched_tokens=16)], ids=["decode", "mtp-k3"])
 def test_graph_steps_equal_eager(model, prompts, reference, kw):

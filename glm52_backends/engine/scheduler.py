@@ -339,7 +339,7 @@ class Engine:
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
         params.check(self.cfg.vocab_size, self.tokenizer is not None, self.k)
         k = self.k if params.speculative is None else params.speculative
-        usable = self.cache.num_blocks - 1
+        usable = self.cache_capacity // self.bs             # every block but a graph's null block
         need = self.cache.blocks_needed(len(prompt) + 1 + k) * (2 if k else 1)
         if need > usable:
             raise ParamError("prompt", f"prompt: {len(prompt)} tokens need {need} cache blocks of {self.bs} tokens, "

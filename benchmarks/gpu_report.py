@@ -2,11 +2,13 @@
 
     python benchmarks/gpu_report.py RESULTS_DIR [--title TEXT]
 
-Reads bench.json, conformance-*.json, summary.txt, tests.log and model.log where present and
-prints: the machine (device, torch, triton, date, the ceilings measured in the run, the FP8 peak
-where measured), every bench row (bf16 ops and the block-FP8 linear_fp8 / moe_fp8 rows) with its
-ratio to the floor and whether the issue's target is met, the end-to-end IndexShare
-rows, the conformance totals and failures per dtype, and the GPU test and model-check outcome.
+Reads bench.json, conformance-*.json, graph.json, e2e.json, summary.txt, tests.log and model.log
+where present and prints: the machine (device, torch, triton, date, the ceilings measured in the
+run, the FP8 peak where measured), every bench row (bf16 ops and the block-FP8 linear_fp8 / moe_fp8
+rows) with its ratio to the floor and whether the issue's target is met, the end-to-end IndexShare
+rows, the conformance totals and failures per dtype, graph-mode decode against eager per depth and
+bucket (the issue's "graph >= 5x eager at B=1" and host time flat in layers), the end-to-end
+conformance totals and failed rows, and the GPU test and model-check outcome.
 """
 
 from __future__ import annotations
@@ -90,6 +92,47 @@ def conformance_lines(reports: list[dict], dtype: str) -> list[str]:
     return out
 
 
+def graph_lines(gr: dict) -> list[str]:
+    """benchmarks/graph_decode.py's rows: ms per decode step eager and as graphs, and the target
+    (at batch 1 the graph at least 5x faster; its time per step flat in the layer count)."""
+    out = [f"Graph-mode decode ({gr.get('device')}, torch {gr.get('torch')}; benchmarks/graph_decode.py):", "",
+           "| layers | batch | eager ms/step | graph ms/step | eager / graph | target (B=1: >= 5x) | capture s | tokens |",
+           "|---:|---:|---:|---:|---:|---|---:|---|"]
+    for r in gr.get("rows", []):
+        tgt = ("yes" if r["ratio"] >= 5 else "no") if r["batch"] == 1 else "-"
+        cap = r.get("capture_s")
+        out.append(f"| {r['layers']} | {r['batch']} | {r['eager_ms']:.3f} | {r['graph_ms']:.3f} | {r['ratio']:.2f} | "
+                   f"{tgt} | {'-' if cap is None else f'{cap:.1f}'} | {'equal' if r['tokens_equal'] else 'DIFFER'} |")
+    by_batch: dict = {}
+    for r in gr.get("rows", []):
+        by_batch.setdefault(r["batch"], []).append(r)
+    for b, rows in sorted(by_batch.items()):
+        if len(rows) > 1:
+            lo, hi = min(rows, key=lambda r: r["layers"]), max(rows, key=lambda r: r["layers"])
+            out.append(f"- batch {b}: graph step {lo['graph_ms']:.3f} ms at {lo['layers']} layers, "
+                       f"{hi['graph_ms']:.3f} ms at {hi['layers']} ({hi['graph_ms'] / lo['graph_ms']:.2f}x for "
+                       f"{hi['layers'] / lo['layers']:.1f}x the layers)")
+    return out
+
+
+def e2e_lines(reports: list[dict]) -> list[str]:
+    """End-to-end conformance: totals per report and each failed row (the whole table is e2e.md)."""
+    out = []
+    for rep in reports:
+        res = rep.get("results", [])
+        skipped = [r for r in res if r.get("skipped")]
+        ran = [r for r in res if not r.get("skipped")]
+        n_ok = sum(1 for r in ran if r.get("passed"))
+        out.append(f"- e2e {rep.get('backend')} ({rep.get('scale')}) on {rep.get('device')}: {n_ok} passed, "
+                   f"{len(ran) - n_ok} failed of {len(ran)} rows, {len(skipped)} skipped; "
+                   f"{rep.get('seconds', 0):.0f} s (table: e2e.md)")
+        for r in ran:
+            if not r.get("passed"):
+                out.append(f"  - FAIL {r.get('weights')}/{r.get('cache')}/{r.get('mode')}/{r.get('dtype')}: "
+                           f"{r.get('detail')}")
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("results")
@@ -108,6 +151,12 @@ def main(argv=None) -> int:
         c = _load(os.path.join(d, f"conformance-{name}.json"))
         if c:
             lines += [""] + conformance_lines(c, name)
+    gr = _load(os.path.join(d, "graph.json"))
+    if gr:
+        lines += [""] + graph_lines(gr)
+    e2e = _load(os.path.join(d, "e2e.json"))
+    if e2e:
+        lines += ["", "End-to-end conformance (glm52 conformance --e2e):", ""] + e2e_lines(e2e)
     tl = os.path.join(d, "tests.log")
     if os.path.exists(tl):
         tail = [x for x in open(tl).read().splitlines() if re.search(r"\d+ (passed|failed)", x)]

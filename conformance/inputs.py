@@ -120,7 +120,45 @@ def page(g: torch.Generator, seqs: list[torch.Tensor], block_size: int, spare_bl
 
 # ---- hand-off to backend and reference ------------------------------------------------------------
 
-ROLES = ("act", "weight", "qweight", "f32", "int", "const")
+ROLES = ("act", "weight", "qweight", "qcache", "f32", "int", "const")
+
+
+@dataclass(frozen=True)
+class PackedCache:
+    """A paged cache in a quantized format (glm52_backends/cache_formats.py): its owning uint8 storage
+    `[NB, BS * bytes_per_token]` and which of the format's op views an argument is (`part`: latent 0 =
+    c_cache's codes, 1 = kpe_cache's rope; index 0 = k_cache's codes). The arguments of one cache share
+    one storage, and so do their copies on a backend's device."""
+    fmt: str
+    dims: tuple[int, ...]
+    storage: torch.Tensor
+    block_size: int
+    part: int = 0
+
+    def view(self, storage: torch.Tensor) -> torch.Tensor:
+        from glm52_backends.cache_formats import op_views
+        return op_views(self.fmt, self.dims, storage, self.block_size)[self.part]
+
+
+def packed(fmt: str, parts: list[torch.Tensor], block_size: int) -> list[PackedCache]:
+    """Paged float caches from `page` (latent: [c, k_pe]; index: [k]) written in format `fmt` as
+    PagedCache writes it (`encode_latent` / `encode_index` of the float32 rows). Every row `page`
+    poisoned with NaN (unowned blocks, slots past a request's length) is all 0xFF bytes here: NaN
+    scales (and NaN e4m3 codes, NaN bf16 rope), so a reader that lets such a row reach its output
+    gives NaN. -> one PackedCache per part, sharing the storage."""
+    from glm52_backends import cache_formats as cf
+    NB, BS = parts[0].shape[:2]
+    dims = tuple(t.shape[-1] for t in parts)
+    flat = [t.reshape(NB * BS, -1).nan_to_num() for t in parts]
+    enc = cf.encode_latent(fmt, *flat) if len(parts) == 2 else cf.encode_index(fmt, *flat)
+    storage = cf.allocate(fmt, dims, NB, BS)
+    views = cf.part_views(fmt, dims, storage, BS)
+    poisoned = parts[0][..., 0].isnan()                                           # [NB, BS]
+    for name, v in views.items():
+        v.copy_(enc[name].view(NB, BS, -1))
+        v[poisoned] = 0xFF
+    n_views = len(cf.op_views(fmt, dims, storage, BS))
+    return [PackedCache(fmt, dims, storage, block_size, i) for i in range(n_views)]
 
 
 @dataclass
@@ -135,6 +173,9 @@ class Arg:
           "qweight" a quantized `Weight` (glm52_backends/quant.py), built once from the case's seed:
                    the backend gets a copy of its codes and scales on its device, the reference
                    the same object (it computes the format's arithmetic in float64 whatever the dtype)
+          "qcache" a `PackedCache` argument: the backend gets its view of a copy of the storage on its
+                   device (one copy per storage), the reference the view of the original (it reads
+                   the codes dequantized to float32, whatever the dtype)
           "int"    integer tensor, moved as is;  "const": a Python value
     view: applied after the move (hands the backend a non-contiguous view, for instance).
     """
@@ -155,13 +196,17 @@ class CaseInputs:
     kwargs: dict[str, Any] = field(default_factory=dict)  # constant keyword arguments (e.g. return_lse)
 
     def for_backend(self, dtype: torch.dtype, device: torch.device) -> list[Any]:
-        out = []
+        out, storages = [], {}
         for a in self.args.values():
             if a.role == "const":
                 out.append(a.value)
                 continue
             if a.role == "qweight":
                 out.append(_weight_copy(a.value, device))
+                continue
+            if a.role == "qcache":     # the views of one cache share one copy of its storage
+                st = storages.setdefault(id(a.value.storage), a.value.storage.to(device, copy=True))
+                out.append(a.value.view(st))
                 continue
             to = {"act": dtype, "weight": dtype, "f32": torch.float32, "int": a.value.dtype}[a.role]
             v = a.value.to(device=device, dtype=to, copy=True)  # a copy: a backend may not harm the case
@@ -177,6 +222,9 @@ class CaseInputs:
         for a in self.args.values():
             if a.role in ("const", "qweight"):
                 out.append(a.value)
+                continue
+            if a.role == "qcache":
+                out.append(a.value.view(a.value.storage))
                 continue
             if a.role == "act" and quantized:
                 out.append(a.view(a.value.to(dtype)) if a.view else a.value.to(dtype))

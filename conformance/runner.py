@@ -22,7 +22,7 @@ from . import judges
 from .cases import CASES, Case, indexer_scores, selection_scores
 from .cases.sparse_mla import judge_dcp
 from .report import CaseResult, Report, crash_detail
-from .tolerances import format_tolerance, tolerance
+from .tolerances import cache_format_tolerance, format_tolerance, tolerance
 
 REFERENCE = CpuRefBackend(torch.float64)
 
@@ -61,11 +61,14 @@ def tolerance_dtype(inputs, dtype: torch.dtype) -> torch.dtype:
 
 
 def case_tolerance(inputs, dtype: torch.dtype) -> float:
-    """The case's bound: its dtype row, or for quantized weights the looser of that and the format's row."""
+    """The case's bound: its dtype row, or for quantized weights or caches the looser of that and the
+    format's row."""
     tol = tolerance(tolerance_dtype(inputs, dtype)).tol
     for a in inputs.args.values():
         if a.role == "qweight":
             tol = max(tol, format_tolerance(a.value.format).tol)
+        if a.role == "qcache":
+            tol = max(tol, cache_format_tolerance(a.value.fmt))
     return tol
 
 

@@ -84,6 +84,27 @@ FORMAT_TOLERANCES: dict[str, Tolerance] = {
 }
 
 
+# Quantized cache formats (glm52_backends/cache_formats.py). The reference reads the SAME codes and
+# scales dequantized to float32, exactly as a reader that dequantizes must, so a format whose native
+# readers only dequantize (fp8_ds_mla, c8_sfa latent rows; fp8 index keys here) needs no row of its
+# own: its cases are judged by their dtype row. A store-8-compute-8 indexer also rounds the QUERY to
+# the key's code format, which the reference does not: that is what this row budgets.
+CACHE_FORMAT_TOLERANCES: dict[str, Tolerance] = {
+    "c8_li": Tolerance(torch.int8, 7, 4 * _UBF16,  # 1.56e-2
+                       "the query rounded to int8 per token and head by an int8 x int8 indexer (Ascend's "
+                       "npu_quant_lightning_indexer after npu_dynamic_quant, as vllm-ascend's LI C8): half a step "
+                       "of the head's amax/127 per element, about a bfloat16 rounding of the largest element "
+                       "(2^-9 relative) twice over, with a float16 scale; four such roundings along the op, as "
+                       "the bfloat16 row (GLM-5.2 widths, 32 heads x 128: ~4e-3 of max|score| measured)"),
+}
+
+
+def cache_format_tolerance(fmt: str) -> float:
+    """A quantized cache format's own bound (0 where its readers only dequantize: the dtype row then)."""
+    t = CACHE_FORMAT_TOLERANCES.get(fmt)
+    return t.tol if t is not None else 0.0
+
+
 def format_tolerance(fmt: str) -> Tolerance:
     if fmt not in FORMAT_TOLERANCES:
         raise KeyError(f"no tolerance row for weight format {fmt!r}; rows: {', '.join(FORMAT_TOLERANCES)}")
@@ -114,4 +135,6 @@ def table_rows() -> list[dict]:
     return [{"dtype": t.name, "mantissa_bits": t.mantissa_bits, "tol": t.tol, "reason": t.reason}
             for t in TOLERANCES.values()] + \
            [{"dtype": f"format {fmt}", "mantissa_bits": t.mantissa_bits, "tol": t.tol, "reason": t.reason}
-            for fmt, t in FORMAT_TOLERANCES.items()]
+            for fmt, t in FORMAT_TOLERANCES.items()] + \
+           [{"dtype": f"cache {fmt}", "mantissa_bits": t.mantissa_bits, "tol": t.tol, "reason": t.reason}
+            for fmt, t in CACHE_FORMAT_TOLERANCES.items()]

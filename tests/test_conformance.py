@@ -155,12 +155,67 @@ def test_planted_wrong_backend_is_caught(name, ops, op, reason):
     assert not rep.passed, f"{name}: conformance did not notice\n{rep}"
     assert {r.op for r in rep.failures} == {op}
     # the planted ops take dense tensors; the quantized-weight cases (their own planted tests:
-    # tests/test_quant.py) are left out here
-    dense = [r for r in rep.results if r.case.split("-")[0] not in QUANT_FORMATS]
+    # tests/test_quant.py) and quantized-cache cases (test_planted_wrong_cache_reader_is_caught) are
+    # left out here
+    dense = [r for r in rep.results if r.case.split("-")[0] not in QUANT_FORMATS + ("cache",)]
     assert dense and all(r.path == "native" for r in dense)
     for r in rep.failures:                              # caught for the planted reason, not by accident
         if r in dense:
             assert reason in r.detail, r.line()
+
+
+def indexer_skips_the_rotation(q, w, k_cache, *args):
+    """Reads a c8_li cache as codes x scales, without rotating the keys back (the Hadamard rotation is
+    the format's: a reader must undo it, or rotate the query)."""
+    from glm52_backends import cache_formats as cf
+    if cf.index_format_of(k_cache) != "c8_li":
+        return R.indexer_topk(q, w, k_cache, *args)
+    _, values, scales = cf.index_parts(k_cache)
+    rotated = values.view(torch.int8).float() * scales.contiguous().view(torch.float16).float()
+    return R.indexer_topk(q, w, rotated, *args)
+
+
+def mla_ignores_the_scales(q, c_cache, kpe_cache, *args, **kw):
+    """Attends a quantized latent cache's codes as values (scales dropped), the rope as stored."""
+    from glm52_backends import cache_formats as cf
+    if cf.latent_format_of(c_cache) == "dense":
+        return R.sparse_mla(q, c_cache, kpe_cache, *args, **kw)
+    return R.sparse_mla(q, c_cache.float(), kpe_cache.float(), *args, **kw)
+
+
+def mla_reads_poisoned_rows(q, c_cache, kpe_cache, idx, block_table, seq_lens, *args, **kw):
+    """A c8_sfa / fp8_ds_mla reader that dequantizes whole blocks, including the rows no request owns,
+    into its output (a masked add instead of a select): the 0xFF poison reaches it."""
+    from glm52_backends import cache_formats as cf
+    out = R.sparse_mla(q, c_cache, kpe_cache, idx, block_table, seq_lens, *args, **kw)
+    if cf.latent_format_of(c_cache) == "dense":
+        return out
+    NB, BS, _ = c_cache.shape
+    c, _ = cf.read_latent(c_cache, kpe_cache, torch.arange(NB).repeat_interleave(BS), torch.arange(BS).repeat(NB))
+    leak = 0.0 * c.sum()                                  # NaN if any row of the cache is poisoned
+    return tuple(o + leak for o in out) if isinstance(out, tuple) else out + leak
+
+
+CACHE_PLANTED = [   # (name, replaced ops, op, the case that must fail, the reason it must give)
+    ("indexer-skips-rotation", {"indexer_topk": indexer_skips_the_rotation}, "indexer_topk", "cache-c8_li",
+     "a winner is missing"),
+    ("mla-ignores-scales", {"sparse_mla": mla_ignores_the_scales}, "sparse_mla", "cache-", "out: relative error"),
+    ("mla-reads-poison", {"sparse_mla": mla_reads_poisoned_rows}, "sparse_mla", "cache-", "non-finite"),
+]
+
+
+@pytest.mark.parametrize("name,ops,op,case,reason", CACHE_PLANTED, ids=[p[0] for p in CACHE_PLANTED])
+def test_planted_wrong_cache_reader_is_caught(name, ops, op, case, reason):
+    """The quantized-cache cases catch readers that get the format wrong, and only those cases fail."""
+    register_backend(name, lambda: Planted(name, **ops))
+    try:
+        rep = run(name, quick=True, ops=[op], model=False)
+    finally:
+        unregister_backend(name)
+    failed = {r.case for r in rep.failures}
+    assert failed and all(c.startswith(case) for c in failed), sorted(failed)
+    assert all(reason in r.detail for r in rep.failures), [r.line() for r in rep.failures]
+    assert all(r.path == "native" for r in rep.results if r.case.startswith("cache-"))
 
 
 def test_wrong_indexer_rope_is_caught_at_model_level():

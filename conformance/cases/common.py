@@ -20,10 +20,10 @@ import torch
 
 from glm52_backends.config import GLM52_CONFIG as _G
 
-from ..inputs import Arg, Batch, CaseInputs, generator, page, rand, randn, randperm
+from ..inputs import Arg, Batch, CaseInputs, generator, packed, page, rand, randn, randperm
 
 __all__ = ["Arg", "Batch", "Case", "CaseInputs", "HEAD_DIMS", "HEAD_DIMS_BATCH", "JUDGES", "QUANT_FFN_FORMATS",
-           "QUANT_LINEAR_FORMATS", "SIZES", "page", "quantized", "quantized_w13", "rand", "randn", "randperm",
+           "QUANT_LINEAR_FORMATS", "SIZES", "packed", "page", "quantized", "quantized_w13", "rand", "randn", "randperm",
            "seeded"]
 
 

@@ -6,17 +6,21 @@ from __future__ import annotations
 
 import torch
 
-from .common import HEAD_DIMS, HEAD_DIMS_BATCH, SIZES, Arg, Batch, Case, CaseInputs, page, rand, randn, randperm, seeded
+from glm52_backends.cache_formats import read_index
+
+from .common import (HEAD_DIMS, HEAD_DIMS_BATCH, SIZES, Arg, Batch, Case, CaseInputs, packed, page, rand, randn,
+                     randperm, seeded)
 
 
 def _indexer_inputs(g, batch: Batch, Hi: int, Di: int, topk: int, bs: int, *, keys=None, q=None, w=None,
-                    ) -> CaseInputs:
+                    cache_format: str = "dense") -> CaseInputs:
     keys = keys if keys is not None else [randn(g, L, Di) for L in batch.seq_lens]
     q = q if q is not None else randn(g, batch.T, Hi, Di)
     w = w if w is not None else randn(g, batch.T, Hi) * (Hi ** -0.5 * Di ** -0.5)
     cache, table = page(g, keys, bs)
+    k_cache = Arg(cache, "act") if cache_format == "dense" else Arg(packed(cache_format, [cache], bs)[0], "qcache")
     return CaseInputs(
-        {"q": Arg(q, "act"), "w": Arg(w, "f32"), "k_cache": Arg(cache, "act"), "block_table": Arg(table, "int"),
+        {"q": Arg(q, "act"), "w": Arg(w, "f32"), "k_cache": k_cache, "block_table": Arg(table, "int"),
          "seq_lens": Arg(batch.seq_lens_t, "int"), "cu_seqlens_q": Arg(batch.cu_seqlens_q, "int"),
          "topk": Arg(topk, "const")},
         meta={"batch": batch})
@@ -24,14 +28,15 @@ def _indexer_inputs(g, batch: Batch, Hi: int, Di: int, topk: int, bs: int, *, ke
 
 def indexer_scores(args: list, batch: Batch) -> torch.Tensor:
     """Reference scores [T, L_max] in float64, -inf where not causal: an explicit per-token loop over
-    heads (a second formulation next to cpu_ref's einsum)."""
-    q, w, k_cache, table = args[0].double(), args[1].double(), args[2].double(), args[3]
+    heads (a second formulation next to cpu_ref's einsum). A quantized cache is read dequantized
+    (cache_formats.read_index: the keys the stored codes and scales give)."""
+    q, w, k_cache, table = args[0].double(), args[1].double(), args[2], args[3]
     bs = k_cache.shape[1]
     Lmax = max(batch.seq_lens)
     out = torch.full((batch.T, Lmax), float("-inf"), dtype=torch.float64)
     for t, b, pos in batch.tokens():
         p = torch.arange(pos + 1)
-        k = k_cache[table[b].long()[p // bs], p % bs]                              # [pos+1, Di]
+        k = read_index(k_cache, table[b].long()[p // bs], p % bs).double()         # [pos+1, Di]
         out[t, :pos + 1] = sum(w[t, h] * torch.relu(k @ q[t, h]) for h in range(q.shape[1]))
     return out
 
@@ -102,6 +107,16 @@ def _idx_head_dims(scale: str) -> CaseInputs:
     return _indexer_inputs(g, Batch(HEAD_DIMS_BATCH), s["Hi"], s["Di"], s["K"], s["BS"])
 
 
+def _idx_cache_format(fmt: str):
+    """The head-dims case with its keys stored in a quantized index format (as PagedCache writes it;
+    poisoned rows all 0xFF: NaN scales), judged on the keys the codes give."""
+    def build(scale: str) -> CaseInputs:
+        s = HEAD_DIMS
+        g = seeded("indexer_topk", f"cache-{fmt}", scale)
+        return _indexer_inputs(g, Batch(HEAD_DIMS_BATCH), s["Hi"], s["Di"], s["K"], s["BS"], cache_format=fmt)
+    return build
+
+
 CASES: list[Case] = [
     Case("indexer_topk", "decode", _idx_real("decode"), "topk", "decode, contexts >=4x, =, < top-k and 1"),
     Case("indexer_topk", "prefill", _idx_real("prefill"), "topk", "causal prefill chunk across the top-k boundary"),
@@ -110,4 +125,8 @@ CASES: list[Case] = [
     Case("indexer_topk", "concentrated", _idx_concentrated, "topk", "real-like concentrated scores"),
     Case("indexer_topk", "odd", _idx_odd, "topk", "3 heads x 24, top-10, block size 5"),
     Case("indexer_topk", "head-dims", _idx_head_dims, "topk", "32 heads x 128 at any scale, top-16, short"),
+    Case("indexer_topk", "cache-fp8", _idx_cache_format("fp8"), "topk",
+         "32 heads x 128, keys in the fp8 index cache (e4m3 + f32 scale per 128)"),
+    Case("indexer_topk", "cache-c8_li", _idx_cache_format("c8_li"), "topk",
+         "32 heads x 128, keys in Ascend's C8 index cache (int8 of the Hadamard-rotated key + f16 scale)"),
 ]

@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 
 from ..judges import Verdict, close_lse
-from .common import HEAD_DIMS, HEAD_DIMS_BATCH, SIZES, Arg, Batch, Case, CaseInputs, page, randn, randperm, seeded
+from .common import (HEAD_DIMS, HEAD_DIMS_BATCH, SIZES, Arg, Batch, Case, CaseInputs, packed, page, randn, randperm,
+                     seeded)
 
 
 def _random_topk(g, batch: Batch, topk: int, *, scatter_pad: bool = False, empty_rows: int = 0) -> torch.Tensor:
@@ -24,16 +25,22 @@ def _random_topk(g, batch: Batch, topk: int, *, scatter_pad: bool = False, empty
     return idx
 
 
-def _mla_inputs(g, batch: Batch, s: dict, topk: int, bs: int, *, lse: bool = False, **kw) -> CaseInputs:
+def _mla_inputs(g, batch: Batch, s: dict, topk: int, bs: int, *, lse: bool = False, cache_format: str = "dense",
+                **kw) -> CaseInputs:
     """The latent cache as the two paged tensors of the contract, c [NB, BS, Dl] and k_pe [NB, BS, Dr],
-    NaN-poisoned in the same slots; `lse`: ask for the log-sum-exp too."""
+    NaN-poisoned in the same slots (or, in a quantized `cache_format`, the two op views of one packed
+    storage, poisoned rows all 0xFF); `lse`: ask for the log-sum-exp too."""
     H, Dl, D = s["H"], s["Dl"], s["Dl"] + s["Dr"]
     kv = [randn(g, L, D) for L in batch.seq_lens]
     cache, table = page(g, kv, bs)
     scale = (s.get("dn", 3 * s["Dr"]) + s["Dr"]) ** -0.5                           # (dn + dr)^-0.5
+    c, kpe = cache[..., :Dl].contiguous(), cache[..., Dl:].contiguous()
+    if cache_format == "dense":
+        c_arg, kpe_arg = Arg(c, "act"), Arg(kpe, "act")
+    else:
+        c_arg, kpe_arg = (Arg(p, "qcache") for p in packed(cache_format, [c, kpe], bs))
     return CaseInputs(
-        {"q": Arg(randn(g, batch.T, H, D), "act"), "c_cache": Arg(cache[..., :Dl].contiguous(), "act"),
-         "kpe_cache": Arg(cache[..., Dl:].contiguous(), "act"),
+        {"q": Arg(randn(g, batch.T, H, D), "act"), "c_cache": c_arg, "kpe_cache": kpe_arg,
          "idx": Arg(_random_topk(g, batch, topk, **kw), "int"), "block_table": Arg(table, "int"),
          "seq_lens": Arg(batch.seq_lens_t, "int"), "cu_seqlens_q": Arg(batch.cu_seqlens_q, "int"),
          "scale": Arg(scale, "const")},
@@ -145,6 +152,9 @@ def _mla_head_dims(kind: str):
         g = seeded("sparse_mla", f"head-dims-{kind}", scale)
         if kind == "padding":   # -1 scattered through the rows, one row with no valid index
             return _mla_inputs(g, Batch(HEAD_DIMS_BATCH), s, s["K"], s["BS"], scatter_pad=True, empty_rows=1)
+        if kind.startswith("cache-"):   # the latent rows in a quantized format, -1 scattered, a row empty
+            return _mla_inputs(g, Batch(HEAD_DIMS_BATCH), s, s["K"], s["BS"], scatter_pad=True, empty_rows=1,
+                               cache_format=kind.removeprefix("cache-"))
         return _mla_inputs(g, Batch(HEAD_DIMS_BATCH), s, s["K"], s["BS"])
     return build
 
@@ -161,4 +171,8 @@ CASES: list[Case] = [
     Case("sparse_mla", "head-dims", _mla_head_dims("plain"), "mla", "latent 512+64 at any scale, 8 heads, top-16"),
     Case("sparse_mla", "head-dims-padding", _mla_head_dims("padding"), "mla",
          "latent 512+64, -1 scattered, a row with no valid index"),
+    Case("sparse_mla", "cache-fp8_ds_mla", _mla_head_dims("cache-fp8_ds_mla"), "mla",
+         "latent 512+64 in FlashMLA's fp8 rows (e4m3 | f32 scales | bf16 rope), -1 scattered, a row empty"),
+    Case("sparse_mla", "cache-c8_sfa", _mla_head_dims("cache-c8_sfa"), "mla",
+         "latent 512+64 in Ascend's C8 rows (int8 | bf16 rope | f32 scales), -1 scattered, a row empty"),
 ]

@@ -202,6 +202,30 @@ def _right_down_causal(Lq: int, Lk: int) -> torch.Tensor:
     return torch.arange(Lk)[None, :] <= (Lk - Lq) + torch.arange(Lq)[:, None]
 
 
+def _li_layouts(op: str, layout_query: str, layout_key: str) -> None:
+    """Both lightning indexers' layout arguments (参数说明 layout_query / layout_key)."""
+    _check(layout_query in ("BSND", "TND"), op, f"layout_query must be BSND or TND, got {layout_query!r}")
+    _check(layout_key in ("PA_BSND", "BSND", "TND"), op, f"layout_key must be PA_BSND, BSND or TND, got {layout_key!r}")
+    _check(layout_key == "PA_BSND" or layout_key == layout_query, op,
+           f"without PageAttention layout_key must equal layout_query ({layout_key} != {layout_query})")
+
+
+def _li_shapes(op: str, query, key, layout_query: str, layout_key: str) -> int:
+    """Both lightning indexers' query / key shapes: the layouts' ranks, D = 128, N2 = 1, PA_BSND block
+    sizes a multiple of 16 up to 1024. -> N1 (the line-dependent head limits are the caller's)."""
+    _check(query.dim() == (4 if layout_query == "BSND" else 3), op,
+           f"query must be {'[B,S1,N1,D]' if layout_query == 'BSND' else '[T1,N1,D]'}, got {tuple(query.shape)}")
+    key_dims = {"PA_BSND": 4, "BSND": 4, "TND": 3}[layout_key]
+    _check(key.dim() == key_dims, op, f"key must be {key_dims}-D for {layout_key}, got {tuple(key.shape)}")
+    N1, D = query.shape[-2], query.shape[-1]
+    _check(D == 128 and key.shape[-1] == 128, op, f"query and key D must be 128, got {D} and {key.shape[-1]}")
+    _check(key.shape[-2] == 1, op, f"key N2 must be 1, got {key.shape[-2]}")
+    if layout_key == "PA_BSND":
+        bs = key.shape[1]
+        _check(bs % 16 == 0 and 0 < bs <= 1024, op, f"block_size must be a multiple of 16 up to 1024, got {bs}")
+    return N1
+
+
 def _li_topk(batches, score, out_shape, sparse_count: int, sparse_mode: int, value_dtype):
     """The top-k step both lightning indexers share: per batch `score(where, q, b)` [Lq, Lk], the
     sparse_mode=3 mask, the best `sparse_count` keys (-1 where there are fewer). -> (indices int32
@@ -332,11 +356,7 @@ class NpuEmulator(_kernels(Mc2Emulation)):
         for name, t in (("query", query), ("key", key), ("weights", weights)):
             _check(t is not None and t.numel() > 0, op, f"{name} must be a non-empty tensor")
         _contiguous(op, query=query, key=key, weights=weights)
-        _check(layout_query in ("BSND", "TND"), op, f"layout_query must be BSND or TND, got {layout_query!r}")
-        _check(layout_key in ("PA_BSND", "BSND", "TND"), op,
-               f"layout_key must be PA_BSND, BSND or TND, got {layout_key!r}")
-        _check(layout_key == "PA_BSND" or layout_key == layout_query, op,
-               f"without PageAttention layout_key must equal layout_query ({layout_key} != {layout_query})")
+        _li_layouts(op, layout_query, layout_key)
         _check(query.dtype in emu.half_op_dtypes, op, f"query must be bfloat16 or float16, got {query.dtype}")
         _check(key.dtype == query.dtype, op, f"key dtype {key.dtype} must equal query dtype {query.dtype}")
         if line == "7.3.0":   # 参数说明 weights: bfloat16/float16; 约束说明: query, key, weights of one dtype
@@ -346,20 +366,11 @@ class NpuEmulator(_kernels(Mc2Emulation)):
         _check(weights.dtype in FLOATS, op, f"weights must be bfloat16, float16 or float32, got {weights.dtype}")
         _check(weights.dtype in (torch.float32, query.dtype), op,
                f"weights that are not float32 must have the query dtype ({weights.dtype} != {query.dtype})")
-        _check(query.dim() == (4 if layout_query == "BSND" else 3), op,
-               f"query must be {'[B,S1,N1,D]' if layout_query == 'BSND' else '[T1,N1,D]'}, got {tuple(query.shape)}")
-        key_dims = {"PA_BSND": 4, "BSND": 4, "TND": 3}[layout_key]
-        _check(key.dim() == key_dims, op, f"key must be {key_dims}-D for {layout_key}, got {tuple(key.shape)}")
-        N1, D = query.shape[-2], query.shape[-1]
+        N1 = _li_shapes(op, query, key, layout_query, layout_key)
         if line == "7.3.0":   # 参数说明 query: "N1仅支持64"
             _check(N1 == 64, op, f"query N1 must be 64 on the 7.3.0 line (CANN 8.5.0), got {N1} (the 26.0.0 line, "
                                  f"CANN 9.0.0, takes N1 <= 64)")
         _check(N1 <= 64, op, f"query N1 must be <= 64, got {N1}")
-        _check(D == 128 and key.shape[-1] == 128, op, f"query and key D must be 128, got {D} and {key.shape[-1]}")
-        _check(key.shape[-2] == 1, op, f"key N2 must be 1, got {key.shape[-2]}")
-        if layout_key == "PA_BSND":
-            bs = key.shape[1]
-            _check(bs % 16 == 0 and 0 < bs <= 1024, op, f"block_size must be a multiple of 16 up to 1024, got {bs}")
         _check(tuple(weights.shape) == tuple(query.shape[:-1]), op,
                f"weights must be {tuple(query.shape[:-1])} ([B,S1,N1] or [T,N1]), got {tuple(weights.shape)}")
         large = LI_SPARSE_COUNTS_LARGE if line != "7.3.0" else ()
@@ -413,25 +424,12 @@ class NpuEmulator(_kernels(Mc2Emulation)):
                f"query and key must be int8 on Atlas A2/A3, got {query.dtype} and {key.dtype}")
         for name, t in tensors[2:]:    # 约束说明 (Atlas A2/A3): weights, both scales float16, float16, float16
             _check(t.dtype == torch.float16, op, f"{name} must be float16 on Atlas A2/A3, got {t.dtype}")
-        _check(layout_query in ("BSND", "TND"), op, f"layout_query must be BSND or TND, got {layout_query!r}")
-        _check(layout_key in ("PA_BSND", "BSND", "TND"), op,
-               f"layout_key must be PA_BSND, BSND or TND, got {layout_key!r}")
-        _check(layout_key == "PA_BSND" or layout_key == layout_query, op,
-               f"without PageAttention layout_key must equal layout_query ({layout_key} != {layout_query})")
-        _check(query.dim() == (4 if layout_query == "BSND" else 3), op,
-               f"query must be {'[B,S1,N1,D]' if layout_query == 'BSND' else '[T1,N1,D]'}, got {tuple(query.shape)}")
-        key_dims = {"PA_BSND": 4, "BSND": 4, "TND": 3}[layout_key]
-        _check(key.dim() == key_dims, op, f"key must be {key_dims}-D for {layout_key}, got {tuple(key.shape)}")
-        N1, D = query.shape[-2], query.shape[-1]
+        _li_layouts(op, layout_query, layout_key)
+        N1 = _li_shapes(op, query, key, layout_query, layout_key)
         if early:             # 参数说明 query: "N1仅支持64"
             _check(N1 == 64, op, f"query N1 must be 64 on the {line} line, got {N1} (the 26.1.0 line, CANN 9.1.0, "
                                  f"takes 1..64)")
         _check(1 <= N1 <= 64, op, f"query N1 must be in [1, 64], got {N1}")
-        _check(D == 128 and key.shape[-1] == 128, op, f"query and key D must be 128, got {D} and {key.shape[-1]}")
-        _check(key.shape[-2] == 1, op, f"key N2 must be 1, got {key.shape[-2]}")
-        if layout_key == "PA_BSND":
-            bs = key.shape[1]
-            _check(bs % 16 == 0 and 0 < bs <= 1024, op, f"block_size must be a multiple of 16 up to 1024, got {bs}")
         for name, t in (("weights", weights), ("query_dequant_scale", query_dequant_scale)):
             _check(tuple(t.shape) == tuple(query.shape[:-1]), op,
                    f"{name} must be {tuple(query.shape[:-1])} ([B,S1,N1] or [T,N1]), got {tuple(t.shape)}")

@@ -329,3 +329,58 @@ def test_one_process_engine_leads_and_has_no_followers(model):
     e.close()                                                      # no-ops in one process
     with pytest.raises(RuntimeError, match="only the ranks of a tp group other than its first follow"):
         e.follow()
+
+
+# ---- log-probabilities ------------------------------------------------------------------------------------
+def _teacher_logprobs(model, prompt, out):
+    """float64 log_softmax of the model's own logits over prompt + the generated tokens, at each new token."""
+    import torch
+    lp = torch.log_softmax(model([prompt + out])[0].double(), -1)
+    return lp[len(prompt) - 1:len(prompt) - 1 + len(out)]
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(speculative=3), dict(graph="trace"),
+                                dict(speculative=2, graph="trace")], ids=["plain", "mtp3", "graph", "mtp2-graph"])
+def test_logprobs_are_the_models_log_softmax_at_each_token(model, prompts, kw):
+    """Each new token's log-probability and its 4 alternatives are log_softmax of the raw logits at its
+    position (teacher-forced over the generated sequence), however the token was produced: plain
+    decoding, MTP verify rounds (several tokens per round), captured graphs; greedy, so the token is
+    the best alternative. Every token of the output has one, also where a round overshoots the budget."""
+    e = Engine(model, **kw)
+    params = [SamplingParams(max_tokens=n, logprobs=4, ignore_eos=True) for n in (9, 13, 7)]
+    outs = e.generate(prompts[:3], params)
+    for p, o in zip(prompts, outs):
+        lps = o["logprobs"]
+        assert [x.token for x in lps] == o["token_ids"] and len(lps) == len(o["token_ids"]) > 0
+        want = _teacher_logprobs(model, p, o["token_ids"])
+        for i, x in enumerate(lps):
+            assert abs(x.logprob - float(want[i, x.token])) < 1e-4
+            assert len(x.top) == 4 and x.top[0][0] == x.token and x.top[0][1] == x.logprob
+            assert [v for _, v in x.top] == sorted((v for _, v in x.top), reverse=True)
+            assert len({t for t, _ in x.top}) == 4
+            for t, v in x.top:
+                assert abs(v - float(want[i, t])) < 1e-4
+            assert abs(x.top[-1][1] - float(want[i].topk(4).values[-1])) < 1e-4     # the best 4, not any 4
+
+
+def test_sampled_tokens_get_the_raw_log_probability_and_asking_is_optional(model, prompts):
+    """At temperature 0.9 and top-p 0.8 the log-probability is the raw distribution's (before temperature and
+    top-p), at the token actually drawn; logprobs=0 gives the token's own only; not asking gives None; the
+    tokens are the same whether or not log-probabilities are asked for."""
+    e = Engine(model, speculative=2)
+    base = dict(max_tokens=8, temperature=0.9, top_p=0.8, seed=11, ignore_eos=True)
+    with_lp, zero, without = e.generate([prompts[0]] * 3, [SamplingParams(**base, logprobs=2),
+                                                           SamplingParams(**base, logprobs=0), SamplingParams(**base)])
+    assert with_lp["token_ids"] == zero["token_ids"] == without["token_ids"]
+    assert "logprobs" not in without
+    want = _teacher_logprobs(model, prompts[0], with_lp["token_ids"])
+    for i, (x, z) in enumerate(zip(with_lp["logprobs"], zero["logprobs"])):
+        assert abs(x.logprob - float(want[i, x.token])) < 1e-4 and z.top == () and z.logprob == x.logprob
+        assert len(x.top) == 2 and abs(x.top[0][1] - float(want[i].max())) < 1e-4
+
+
+@pytest.mark.parametrize("bad", [21, -1, True, 2.0, "3"])
+def test_logprobs_out_of_range_is_refused_naming_the_field(model, prompts, bad):
+    with pytest.raises(ParamError, match="logprobs must be an integer in \\[0, 20\\]") as info:
+        Engine(model).add_request(prompts[0], SamplingParams(logprobs=bad))
+    assert info.value.param == "logprobs"

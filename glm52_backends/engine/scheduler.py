@@ -80,7 +80,10 @@ class SamplingParams:
     first); `stop`: strings that end the output (not included in its text; needs a tokenizer);
     `stop_token_ids`: ids that end it (included, like EOS); `ignore_eos`: do not stop at the model's
     EOS; `seed`: the request's own generator (None: drawn from the engine's seed);
-    `speculative`: MTP drafts per round (None = the engine's k, 0 = plain decoding)."""
+    `speculative`: MTP drafts per round (None = the engine's k, 0 = plain decoding); `logprobs`: return
+    each new token's log-probability and the `logprobs` most likely alternatives' (None: none; 0: the
+    token's own only). Log-probabilities are the model's: log_softmax of the raw logits at that position,
+    before temperature and top-p (what vLLM returns by default); under MTP those of the target model."""
     max_tokens: int = 16
     temperature: float = 0.0
     top_p: float = 1.0
@@ -89,6 +92,7 @@ class SamplingParams:
     stop_token_ids: Sequence[int] = ()
     ignore_eos: bool = False
     speculative: int | None = None
+    logprobs: int | None = None
 
     def check(self, vocab_size: int, has_tokenizer: bool, max_k: int) -> None:
         """Each field; a bad one raises `ParamError` naming it."""
@@ -108,6 +112,22 @@ class SamplingParams:
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= max_k):
             raise ParamError("speculative", f"speculative must be an integer in [0, {max_k}] (the engine's MTP "
                                             f"drafts per round), got {k!r}")
+        n = self.logprobs
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_LOGPROBS):
+            raise ParamError("logprobs", f"logprobs must be an integer in [0, {MAX_LOGPROBS}] (alternatives per token) "
+                                         f"or null, got {n!r}")
+
+
+MAX_LOGPROBS = 20          # alternatives per token at most (vLLM's default max_logprobs; OpenAI's top_logprobs)
+
+
+@dataclass(frozen=True)
+class Logprob:
+    """One emitted token's log-probability and the most likely alternatives at its position, best first:
+    `top` = ((token id, log-probability), ...), as many as the request asked for."""
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 class ParamError(ValueError):
@@ -140,6 +160,7 @@ class RequestOutput:
     prompt_tokens: int = 0
     output_tokens: int = 0
     error: str | None = None
+    logprobs: list[Logprob] | None = None    # one per token of token_ids, when the request asked for them
 
 
 @dataclass
@@ -193,6 +214,14 @@ class _Row:
 def _block_hash(parent: bytes, tokens: Sequence[int]) -> bytes:
     """Content hash of a full block: the parent block's hash and this block's token ids."""
     return hashlib.blake2b(parent + b"".join(int(t).to_bytes(4, "little") for t in tokens), digest_size=16).digest()
+
+
+def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """log_softmax of logits [N, V] (float32) at `tokens` [N], and the n best values and ids per row:
+    [chosen [N], values [N, n], ids [N, n]] on the device."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    top = lp.topk(n, dim=-1) if n else (lp[:, :0], lp[:, :0].long())
+    return [lp.gather(1, tokens[:, None])[:, 0], top[0], top[1]]
 
 
 def _confidence(logits: torch.Tensor, q: list[torch.Tensor | None], tokens: list[int]) -> list[float]:
@@ -542,7 +571,7 @@ class Engine:
         for r in rows:
             if r.drafts or r.samples:
                 picks[r.req.rid] = (first[r.req.rid], len(r.drafts) + 1)
-        new, failed = self._pick(rows, lg, picks)
+        new, failed, lps = self._pick(rows, lg, picks)
         if failed and self.on_nonfinite == "raise":
             self.cache.rollback(mark)                         # the step never happened
             for r in spec:
@@ -575,7 +604,7 @@ class Engine:
                 if req.k:
                     req.stale_tokens.extend(req.ids[req.computed - fed + 1:req.computed + 1])
                 continue
-            out = self._emit(req, toks)
+            out = self._emit(req, toks, lps.get(req.rid))
             if req.k:
                 req.stale_tokens.extend(req.ids[req.computed - fed + 1:req.computed + 1])
             self._publish(req)
@@ -712,17 +741,28 @@ class Engine:
                 log.warning("tp rank %d: step %r failed as on rank 0 (%s: %s)", ls.rank, call[0], type(e).__name__, e)
 
     def _pick(self, rows: list[_Row], lg: torch.Tensor | None, picks: dict
-              ) -> tuple[dict[Hashable, list[int]], set[Hashable]]:
+              ) -> tuple[dict[Hashable, list[int]], set[Hashable], dict[Hashable, list[Logprob]]]:
         """The tokens each sampling or verifying request emits this step (one for a plain chunk, the
-        accepted drafts and one more for a verify chunk), and the requests whose logits hold NaN/inf
-        (their tokens are void). Everything is picked on the device and comes back in one host read."""
+        accepted drafts and one more for a verify chunk), the requests whose logits hold NaN/inf
+        (their tokens are void), and for the requests that asked (`SamplingParams.logprobs`) each token's
+        log-probability and alternatives. Everything is picked on the device and comes back in one host
+        read."""
         if lg is None:
-            return {}, set()
+            return {}, set(), {}
         parts: list[torch.Tensor] = [(~torch.isfinite(lg).all(-1)).long()]       # which logits rows are bad
+        lp_parts: list[torch.Tensor] = []                                          # log-probabilities, after them
+        lp_plan: list[tuple[list[_Row], int, int]] = []                            # (rows, positions each, alternatives)
         plain = [r for r in rows if r.samples and not r.drafts]
         if plain:
             idx = torch.tensor([picks[r.req.rid][0] for r in plain], dtype=torch.long, device=lg.device)
-            parts.append(self._sample(lg[idx], [r.req for r in plain])[0].long())
+            toks = self._sample(lg[idx], [r.req for r in plain])[0].long()
+            parts.append(toks)
+            asked = [j for j, r in enumerate(plain) if r.req.params.logprobs is not None]
+            if asked:
+                sel = torch.tensor(asked, dtype=torch.long, device=lg.device)
+                n = max(plain[j].req.params.logprobs for j in asked)
+                lp_parts += _logprobs(lg[idx[sel]], toks[sel], n)
+                lp_plan.append(([plain[j] for j in asked], 1, n))
         groups: dict[tuple, list[_Row]] = {}
         for r in rows:
             if r.drafts:
@@ -737,7 +777,15 @@ class Engine:
                 uni = torch.cat([torch.rand(1, k + 1, generator=r.req.gen) for r in grp]).to(tgt.device)
             acc, toks = self.model.ops.mtp_verify(draft, tgt, dprobs, temperature=temp, top_p=top_p, uniforms=uni)
             parts.append(torch.cat([acc.long()[:, None], toks.long()], 1).flatten())
-        flat = torch.cat([t.to(lg.device) for t in parts]).tolist()                 # the step's one host read
+            asked = [j for j, r in enumerate(grp) if r.req.params.logprobs is not None]
+            if asked:
+                sel = torch.tensor(asked, dtype=torch.long, device=tgt.device)
+                n = max(grp[j].req.params.logprobs for j in asked)
+                lp_parts += _logprobs(tgt[sel].flatten(0, 1), toks[sel].long().clamp(min=0).flatten(), n)
+                lp_plan.append(([grp[j] for j in asked], k + 1, n))
+        # the step's one host read (in float64 when log-probabilities ride along: token ids stay exact)
+        wide = torch.float64 if lp_parts else torch.long
+        flat = torch.cat([t.to(lg.device, wide).flatten() for t in parts + lp_parts]).tolist()
         bad, at = flat[:lg.shape[0]], lg.shape[0]
         failed = {rid for rid, (a, n) in picks.items() if any(bad[a:a + n])}
         out: dict[Hashable, list[int]] = {}
@@ -747,7 +795,7 @@ class Engine:
             at += 1
         for (k, _, _), grp in groups.items():
             for r in grp:
-                a, t = flat[at], flat[at + 1:at + k + 2]
+                a, t = int(flat[at]), [int(x) for x in flat[at + 1:at + k + 2]]
                 at += k + 2
                 if r.req.rid in failed:
                     continue
@@ -755,7 +803,20 @@ class Engine:
                     raise RuntimeError(f"backend {self.model.backend_name!r}: mtp_verify returned accepted={a} and "
                                        f"tokens {t} for k={k}; expected 0..k accepted and a+1 valid tokens")
                 out[r.req.rid] = [int(x) for x in t[:a + 1]]
-        return out, failed
+        lps: dict[Hashable, list[Logprob]] = {}
+        for grp, m, n in lp_plan:                   # per block: chosen [G*m], alternatives' values, their ids
+            G = len(grp) * m
+            chosen, vals, ids = flat[at:at + G], flat[at + G:at + G + G * n], flat[at + G + G * n:at + G + 2 * G * n]
+            at += G + 2 * G * n
+            for j, r in enumerate(grp):
+                if r.req.rid not in out:
+                    continue
+                want = r.req.params.logprobs
+                lps[r.req.rid] = [Logprob(tok, chosen[j * m + i],
+                                          tuple((int(ids[(j * m + i) * n + c]), vals[(j * m + i) * n + c])
+                                                for c in range(want)))
+                                  for i, tok in enumerate(out[r.req.rid])]
+        return out, failed, lps
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         """logits [N, V] -> tokens [N] (argmax where greedy, else drawn with each request's generator)
@@ -830,8 +891,9 @@ class Engine:
                 _, hid, logits, _ = self._call(("mtp", dict(zip(keys, ([t] for t in d)))), (hid, share))
 
     # ---- emitting and finishing --------------------------------------------------------------------------
-    def _emit(self, req: Request, toks: list[int]) -> RequestOutput | None:
-        """Append new tokens up to the budget, the first stop id, or a stop string."""
+    def _emit(self, req: Request, toks: list[int], lps: list[Logprob] | None = None) -> RequestOutput | None:
+        """Append new tokens up to the budget, the first stop id, or a stop string (with their
+        log-probabilities, when asked for)."""
         took: list[int] = []
         for t in toks:
             req.ids.append(t)
@@ -844,9 +906,11 @@ class Engine:
                 break
         self.stats["generation_tokens"] += len(took)
         text = self._detokenize(req)
+        took_lps = lps[:len(took)] if lps is not None else None
         if req.finish is not None:
-            return self._finish(req, req.finish, new_tokens=took, text=text)
-        return RequestOutput(req.rid, took, text, prompt_tokens=len(req.prompt), output_tokens=req.n_out)
+            return self._finish(req, req.finish, new_tokens=took, text=text, logprobs=took_lps)
+        return RequestOutput(req.rid, took, text, prompt_tokens=len(req.prompt), output_tokens=req.n_out,
+                             logprobs=took_lps)
 
     def _detokenize(self, req: Request) -> str:
         """New text safe to return: not a possible start of a stop string, not a partial character."""
@@ -871,7 +935,8 @@ class Engine:
         return new
 
     def _finish(self, req: Request, reason: str | None = None, error: str | None = None, *,
-                new_tokens: list[int] | None = None, text: str | None = None) -> RequestOutput:
+                new_tokens: list[int] | None = None, text: str | None = None,
+                logprobs: list[Logprob] | None = None) -> RequestOutput:
         reason = reason or req.finish or "length"
         req.finish = reason
         if req in self.running:
@@ -884,20 +949,29 @@ class Engine:
         self.stats["errors"] += reason == "error"
         if text is None:
             text = req.text[req.sent:] if self.tokenizer is not None else ""
-        return RequestOutput(req.rid, new_tokens or [], text, True, reason, len(req.prompt), req.n_out, error)
+        if logprobs is None and req.params.logprobs is not None:
+            logprobs = []
+        return RequestOutput(req.rid, new_tokens or [], text, True, reason, len(req.prompt), req.n_out, error,
+                             logprobs)
 
     # ---- whole runs --------------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams] | None = None
                  ) -> list[dict[str, Any]]:
-        """Run `prompts` to the end: per prompt {"token_ids", "text", "finish_reason"}."""
+        """Run `prompts` to the end: per prompt {"token_ids", "text", "finish_reason"}, and "logprobs"
+        (a `Logprob` per token) for the requests that asked for them."""
         ps = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         ids = [self.add_request(p, q) for p, q in zip(prompts, ps)]
         res = {i: {"token_ids": [], "text": "", "finish_reason": None} for i in ids}
+        for i, q in zip(ids, ps):
+            if q is not None and q.logprobs is not None:
+                res[i]["logprobs"] = []
         while any(res[i]["finish_reason"] is None for i in ids):
             for o in self.step():
                 if o.request_id in res:
                     res[o.request_id]["token_ids"] += o.token_ids
                     res[o.request_id]["text"] += o.text
+                    if o.logprobs is not None and "logprobs" in res[o.request_id]:
+                        res[o.request_id]["logprobs"] += o.logprobs
                     if o.finished:
                         res[o.request_id]["finish_reason"] = o.finish_reason
         return [res[i] for i in ids]

@@ -17,6 +17,9 @@ handling through Starlette's `StreamingResponse`); both are actively maintained 
 uvicorn is the reference ASGI server. aiohttp would also do; FastAPI adds nothing heavy here (the
 request bodies are checked by hand below, so that every refusal names its field the OpenAI way).
 
+Log-probabilities (`logprobs`; chat: `logprobs` + `top_logprobs`) come from the engine with each step's
+tokens (SamplingParams.logprobs) and are formatted the OpenAI way (`completion_logprobs`, `chat_logprobs`).
+
 Refusals are HTTP 400 with `{"error": {"message", "type": "invalid_request_error", "param", "code"}}`
 (404 for an unknown model). Chat prompts use the checkpoint's chat template (`chat_template.jinja`,
 or `chat_template` in `tokenizer_config.json`), else `DEFAULT_CHAT_TEMPLATE`.
@@ -46,7 +49,7 @@ import uuid
 from collections.abc import Callable
 
 from .config import is_int
-from .engine.scheduler import Engine, ParamError, RequestOutput, SamplingParams
+from .engine.scheduler import MAX_LOGPROBS, Engine, ParamError, RequestOutput, SamplingParams
 
 log = logging.getLogger("glm52_backends.serve")
 
@@ -110,14 +113,35 @@ def _stop(body: dict) -> list[str]:
     return v
 
 
-def sampling_params(body: dict, default_max_tokens: int | None) -> tuple[SamplingParams, int | None]:
+def _logprobs(body: dict, chat: bool) -> int | None:
+    """How many alternatives per token the request wants log-probabilities for (None: none).
+    Completions: `logprobs` an integer 0..20. Chat: `logprobs` true, with `top_logprobs` 0..20."""
+    def count(name: str) -> int:
+        v = body[name]
+        if not _is_int(v) or not 0 <= v <= MAX_LOGPROBS:
+            raise BadRequest(f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {v!r}", name)
+        return v
+    if not chat:
+        _only(body, "top_logprobs", (None,), "a chat completions field; completions take logprobs=N")
+        return None if body.get("logprobs") is None else count("logprobs")
+    on = body.get("logprobs")
+    if on is not None and not isinstance(on, bool):
+        raise BadRequest(f"logprobs must be true or false, got {on!r}", "logprobs")
+    if body.get("top_logprobs") is not None:
+        if not on:
+            raise BadRequest("top_logprobs needs logprobs: true", "top_logprobs")
+        return count("top_logprobs")
+    return 0 if on else None
+
+
+def sampling_params(body: dict, default_max_tokens: int | None, chat: bool = False
+                    ) -> tuple[SamplingParams, int | None]:
     """SamplingParams from an OpenAI request body (max_tokens None: to the end of the context)."""
     if body.get("n", 1) != 1:
         raise BadRequest(f"n={body.get('n')!r} is not supported (one choice per prompt)", "n")
     _only(body, "best_of", (None, 1), "one choice per prompt")
     _only(body, "echo", (None, False), "the prompt is not returned")
-    _only(body, "logprobs", (None, False), "log-probabilities are not returned")
-    _only(body, "top_logprobs", (None, 0), "log-probabilities are not returned")
+    logprobs = _logprobs(body, chat)
     _only(body, "suffix", (None, ""), "no insertion")
     for pen in ("presence_penalty", "frequency_penalty"):
         _only(body, pen, (None, 0, 0.0), "no penalties")
@@ -141,8 +165,35 @@ def sampling_params(body: dict, default_max_tokens: int | None) -> tuple[Samplin
                          "speculative")
     params = SamplingParams(max_tokens=1, temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
                             top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True), seed=seed,
-                            stop=_stop(body), stop_token_ids=ids, ignore_eos=ignore_eos, speculative=spec)
+                            stop=_stop(body), stop_token_ids=ids, ignore_eos=ignore_eos, speculative=spec,
+                            logprobs=logprobs)
     return params, max_tokens if max_tokens is not None else default_max_tokens
+
+
+def completion_logprobs(lps: list, text_of, offset: int) -> tuple[dict, int]:
+    """The completions API's `logprobs` object for these tokens (`Logprob`s): token strings, their
+    log-probabilities, per token a {string: log-probability} of the best alternatives and the token
+    itself (as vLLM gives it), and each token's offset in the completion text from `offset`.
+    -> (object, the offset after them)."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for x in lps:
+        t = text_of(x.token)
+        out["tokens"].append(t)
+        out["token_logprobs"].append(x.logprob)
+        top = {text_of(i): v for i, v in x.top}
+        top.setdefault(t, x.logprob)
+        out["top_logprobs"].append(top)
+        out["text_offset"].append(offset)
+        offset += len(t)
+    return out, offset
+
+
+def chat_logprobs(lps: list, text_of, bytes_of) -> dict:
+    """The chat API's `logprobs` object: per token its string, log-probability, UTF-8 bytes and the
+    best alternatives (as many as top_logprobs asked)."""
+    def entry(i: int, v: float) -> dict:
+        return {"token": text_of(i), "logprob": v, "bytes": list(bytes_of(i))}
+    return {"content": [{**entry(x.token, x.logprob), "top_logprobs": [entry(i, v) for i, v in x.top]} for x in lps]}
 
 
 def _stream_flags(body: dict) -> tuple[bool, bool]:
@@ -467,6 +518,12 @@ def build_app(loop: EngineLoop, model_name: str, chat_template: str | None = Non
     def sse(obj: dict) -> str:
         return f"data: {json.dumps(obj)}\n\n"
 
+    def text_of(i: int) -> str:
+        return tok.decode([i]) if tok is not None else f"token_id:{i}"
+
+    def bytes_of(i: int) -> bytes:
+        return tok.token_bytes(i) if tok is not None else text_of(i).encode()
+
     async def respond(request: Request, body: dict, prompts: list[list[int]], params: list[SamplingParams],
                       chat: bool):
         stream, include_usage = _stream_flags(body)
@@ -486,6 +543,10 @@ def build_app(loop: EngineLoop, model_name: str, chat_template: str | None = Non
             for i, o in outs.items():
                 text = "".join(x.text for x in o)
                 c = {"index": i, "finish_reason": o[-1].finish_reason, "logprobs": None}
+                if params[i].logprobs is not None:
+                    lps = [x for part in o for x in part.logprobs or ()]
+                    c["logprobs"] = chat_logprobs(lps, text_of, bytes_of) if chat else \
+                        completion_logprobs(lps, text_of, 0)[0]
                 c.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
                 if want_ids:
                     c["token_ids"] = [t for x in o for t in x.token_ids]
@@ -497,6 +558,7 @@ def build_app(loop: EngineLoop, model_name: str, chat_template: str | None = Non
             obj_chunk = obj + ".chunk" if chat else obj
             head = {"id": rid, "object": obj_chunk, "created": int(time.time()), "model": model_name}
             last: dict[int, RequestOutput] = {}
+            offsets = [0] * len(prompts)                # completions' text_offset, per choice
             if chat:
                 for i in range(len(prompts)):
                     yield sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
@@ -506,9 +568,14 @@ def build_app(loop: EngineLoop, model_name: str, chat_template: str | None = Non
                 if o.finish_reason == "error":
                     yield sse(error_of(o).body())
                     break
-                if not o.text and not o.finished:
+                if not o.text and not o.finished and not o.logprobs:
                     continue
                 c = {"index": i, "finish_reason": o.finish_reason if o.finished else None, "logprobs": None}
+                if o.logprobs is not None:
+                    if chat:
+                        c["logprobs"] = chat_logprobs(o.logprobs, text_of, bytes_of)
+                    else:
+                        c["logprobs"], offsets[i] = completion_logprobs(o.logprobs, text_of, offsets[i])
                 c.update({"delta": {"content": o.text} if o.text else {}} if chat else {"text": o.text})
                 if want_ids:
                     c["token_ids"] = o.token_ids
@@ -531,7 +598,7 @@ def build_app(loop: EngineLoop, model_name: str, chat_template: str | None = Non
     async def chat_completions(request: Request):
         body = await body_of(request)
         msgs = _messages(body)
-        params, max_tokens = sampling_params(body, None)
+        params, max_tokens = sampling_params(body, None, chat=True)
         text = render_chat(msgs, chat_template)
         prompt = encode(text, "messages", special=chat_template is None)
         if chat_template is None:

@@ -216,6 +216,79 @@ def test_bad_request_gets_400_and_server_stays_healthy(server, client, model_id)
     assert greedy(client, model_id, PROMPTS[1], n=4)[2] in ("stop", "length")
 
 
+def _model_logprobs(prompt_ids, out_ids):
+    """float64 log_softmax of the default model's logits at each generated token (teacher-forced)."""
+    import torch
+    m = GLM52(default_checkpoint(), backend="torch", progress=False)
+    lp = torch.log_softmax(m([prompt_ids + out_ids])[0].double(), -1)
+    return lp[len(prompt_ids) - 1:len(prompt_ids) - 1 + len(out_ids)]
+
+
+def test_completion_logprobs_streamed_and_not(client, model_id):
+    """logprobs=3: per token its string, the model's log-probability (log_softmax of the raw logits,
+    checked against a teacher-forced forward), the 3 best alternatives plus the token itself, and its
+    offset in the text; the stream's chunks carry the same, offsets continuing across chunks."""
+    r = client.completions.create(model=model_id, prompt=PROMPTS[0], max_tokens=10, temperature=0, logprobs=3,
+                                  extra_body={"return_token_ids": True, "ignore_eos": True})
+    c = r.choices[0]
+    ids, lp = c.model_extra["token_ids"], c.logprobs
+    assert len(ids) == len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 10
+    assert "".join(lp.tokens) == c.text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(10)]
+    tok = GLM52(default_checkpoint(), backend="cpu_ref", progress=False).tokenizer
+    want = _model_logprobs(tok.encode(PROMPTS[0]), ids)
+    for i, (t, v, top) in enumerate(zip(ids, lp.token_logprobs, lp.top_logprobs)):
+        assert abs(v - float(want[i, t])) < 1e-4
+        assert 3 <= len(top) <= 4 and top[lp.tokens[i]] == v and max(top.values()) == v     # greedy: the best
+    chunks = [ch for ch in client.completions.create(model=model_id, prompt=PROMPTS[0], max_tokens=10, temperature=0,
+                                                     logprobs=3, stream=True, extra_body={"ignore_eos": True})]
+    got = [x for ch in chunks if ch.choices and ch.choices[0].logprobs for x in ch.choices[0].logprobs.tokens]
+    vals = [x for ch in chunks if ch.choices and ch.choices[0].logprobs for x in ch.choices[0].logprobs.token_logprobs]
+    offs = [x for ch in chunks if ch.choices and ch.choices[0].logprobs for x in ch.choices[0].logprobs.text_offset]
+    assert got == lp.tokens and offs == lp.text_offset
+    assert max(abs(a - b) for a, b in zip(vals, lp.token_logprobs)) < 1e-5                 # float32: batched otherwise
+
+
+def test_chat_logprobs_with_top_logprobs(client, model_id):
+    """logprobs: true with top_logprobs: 2 gives per token its string, log-probability, UTF-8 bytes (they
+    join to the content) and 2 alternatives; streamed the same; without top_logprobs none."""
+    msgs = [{"role": "user", "content": "A class for a cache"}]
+    r = client.chat.completions.create(model=model_id, messages=msgs, max_tokens=12, temperature=0, logprobs=True,
+                                       top_logprobs=2)
+    c = r.choices[0]
+    content = c.logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    text = bytes(b for e in content for b in e.bytes).decode("utf-8", errors="replace")
+    assert text.startswith(c.message.content)                 # a stop string is cut from the content, not the tokens
+    for e in content:
+        assert len(e.top_logprobs) == 2 and e.top_logprobs[0].logprob == e.logprob and e.top_logprobs[0].token == e.token
+        assert e.top_logprobs[1].logprob <= e.logprob
+    stream = client.chat.completions.create(model=model_id, messages=msgs, max_tokens=12, temperature=0, stream=True,
+                                            logprobs=True, top_logprobs=2)
+    streamed = [e for ch in stream if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+    assert [e.token for e in streamed] == [e.token for e in content]                   # float32: batched otherwise
+    assert max(abs(a.logprob - b.logprob) for a, b in zip(streamed, content)) < 1e-5
+    bare = client.chat.completions.create(model=model_id, messages=msgs, max_tokens=4, temperature=0, logprobs=True)
+    assert all(e.top_logprobs == [] for e in bare.choices[0].logprobs.content)
+    none = client.chat.completions.create(model=model_id, messages=msgs, max_tokens=4, temperature=0)
+    assert none.choices[0].logprobs is None
+
+
+def test_bad_logprobs_get_400_naming_the_field(server):
+    url, _ = server
+    for path, body, field in (("/v1/completions", {"prompt": "x", "logprobs": 21}, "logprobs"),
+                              ("/v1/completions", {"prompt": "x", "logprobs": True}, "logprobs"),
+                              ("/v1/completions", {"prompt": "x", "top_logprobs": 2}, "top_logprobs"),
+                              ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                                        "top_logprobs": 2}, "top_logprobs"),
+                              ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                                        "logprobs": 3}, "logprobs"),
+                              ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                                        "logprobs": True, "top_logprobs": 21}, "top_logprobs")):
+        r = httpx.post(url + path, json=body, timeout=10)
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, (body, r.text)
+
+
 def test_forty_sampled_requests_from_eight_threads(client, model_id):
     def one(i):
         r = client.completions.create(model=model_id, prompt=PROMPTS[i % len(PROMPTS)], max_tokens=8,

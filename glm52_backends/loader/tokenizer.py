@@ -29,6 +29,38 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self.tokenizer.token_to_id(token)
 
+    def token_bytes(self, i: int) -> bytes:
+        """The bytes token `i` stands for: through the byte-level alphabet where the tokenizer is
+        byte-level BPE (a token may hold part of a UTF-8 character), else its decoded text as UTF-8."""
+        if self._byte_level is None:
+            import json
+            dec = json.loads(self.tokenizer.to_str()).get("decoder") or {}
+            kinds = [d.get("type") for d in dec.get("decoders", [dec])]
+            self._byte_level = "ByteLevel" in kinds
+        piece = self.tokenizer.id_to_token(int(i))
+        if self._byte_level and piece is not None and all(c in _BYTE_OF for c in piece):
+            return bytes(_BYTE_OF[c] for c in piece)
+        return self.decode([int(i)]).encode("utf-8")
+
+    _byte_level: bool | None = None
+
+
+def _byte_alphabet() -> dict[str, int]:
+    """Byte-level BPE's alphabet: the printable Latin-1 bytes stand for themselves, the other byte
+    values (controls, space, 0x7F-0xA0, 0xAD) for the characters from U+0100 on, in byte order."""
+    printable = set(range(0x21, 0x7F)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
+    out, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            out[chr(b)] = b
+        else:
+            out[chr(0x100 + extra)] = b
+            extra += 1
+    return out
+
+
+_BYTE_OF = _byte_alphabet()      # character of a byte-level token -> the byte it stands for
+
 
 # A checkpoint's embedding may be padded past its tokenizer (to a multiple of 64 .. 128 x tp: Megatron,
 # HF); a tokenizer covering less than this share of `vocab_size` is another model's.

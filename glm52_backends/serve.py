@@ -143,8 +143,6 @@ def sampling_params(body: dict, default_max_tokens: int | None, chat: bool = Fal
     _only(body, "echo", (None, False), "the prompt is not returned")
     logprobs = _logprobs(body, chat)
     _only(body, "suffix", (None, ""), "no insertion")
-    for pen in ("presence_penalty", "frequency_penalty"):
-        _only(body, pen, (None, 0, 0.0), "no penalties")
     if body.get("logit_bias"):
         raise BadRequest("logit_bias is not supported", "logit_bias")
     seed = body.get("seed")
@@ -166,7 +164,9 @@ def sampling_params(body: dict, default_max_tokens: int | None, chat: bool = Fal
     params = SamplingParams(max_tokens=1, temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
                             top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True), seed=seed,
                             stop=_stop(body), stop_token_ids=ids, ignore_eos=ignore_eos, speculative=spec,
-                            logprobs=logprobs)
+                            logprobs=logprobs, presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
+                            frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+                            repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, 1e4, lo_open=True))
     return params, max_tokens if max_tokens is not None else default_max_tokens
 
 

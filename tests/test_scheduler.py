@@ -384,3 +384,51 @@ def test_logprobs_out_of_range_is_refused_naming_the_field(model, prompts, bad):
     with pytest.raises(ParamError, match="logprobs must be an integer in \\[0, 20\\]") as info:
         Engine(model).add_request(prompts[0], SamplingParams(logprobs=bad))
     assert info.value.param == "logprobs"
+
+
+# ---- penalties ---------------------------------------------------------------------------------------------
+def _penalized_greedy(model, prompt, n, presence=0.0, frequency=0.0, repetition=1.0):
+    """Greedy decoding with the penalties written out (float64, a full forward per token)."""
+    import torch
+    ids = list(prompt)
+    V = model.cfg.vocab_size
+    for _ in range(n):
+        x = model([ids])[0][-1].double()
+        out = torch.tensor(ids[len(prompt):], dtype=torch.long)
+        counts = torch.bincount(out, minlength=V).double()
+        seen = torch.zeros(V, dtype=torch.bool)
+        seen[torch.tensor(ids)] = True
+        x = torch.where(seen, torch.where(x > 0, x / repetition, x * repetition), x)
+        x = x - frequency * counts - presence * (counts > 0).double()
+        ids.append(int(x.argmax()))
+    return ids[len(prompt):]
+
+
+PENALTIES = [dict(frequency_penalty=1.5), dict(presence_penalty=2.0, frequency_penalty=-0.5),
+             dict(repetition_penalty=1.8)]
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(speculative=3), dict(speculative=2, graph="trace")],
+                         ids=["plain", "mtp3", "mtp2-graph"])
+def test_penalized_greedy_tokens_are_the_written_out_rule(model, prompts, kw):
+    """Presence, frequency and repetition penalties: the engine's greedy tokens are the rule's, computed
+    here with a full forward per token; under MTP the verified positions are penalized as if the drafts
+    before them were accepted, so speculation gives the same tokens. The default model repeats itself
+    unpenalized, so each penalty changes the output."""
+    e = Engine(model, **kw)
+    plain = e.generate(prompts[:3], SamplingParams(max_tokens=12, ignore_eos=True))
+    for pen in PENALTIES:
+        outs = e.generate(prompts[:3], SamplingParams(max_tokens=12, ignore_eos=True, **pen))
+        keys = {"presence_penalty": "presence", "frequency_penalty": "frequency", "repetition_penalty": "repetition"}
+        want = [_penalized_greedy(model, p, 12, **{keys[k]: v for k, v in pen.items()}) for p in prompts[:3]]
+        assert [o["token_ids"] for o in outs] == want, pen
+        assert [o["token_ids"] for o in outs] != [o["token_ids"] for o in plain], pen
+
+
+@pytest.mark.parametrize("field,bad", [("presence_penalty", 2.5), ("frequency_penalty", -3), ("presence_penalty", True),
+                                       ("repetition_penalty", 0), ("repetition_penalty", -1.0),
+                                       ("frequency_penalty", "1")])
+def test_penalties_out_of_range_are_refused_naming_the_field(model, prompts, field, bad):
+    with pytest.raises(ParamError, match=field) as info:
+        Engine(model).add_request(prompts[0], SamplingParams(**{field: bad}))
+    assert info.value.param == field

@@ -289,6 +289,22 @@ def test_bad_logprobs_get_400_naming_the_field(server):
         assert r.status_code == 400 and r.json()["error"]["param"] == field, (body, r.text)
 
 
+def test_penalties_reach_the_engine(client, model_id):
+    """frequency_penalty over HTTP gives the engine's penalized greedy tokens (tests/test_scheduler.py checks
+    those against the written-out rule), different from the unpenalized ones; out of range is a 400."""
+    from glm52_backends.engine.scheduler import Engine, SamplingParams
+    plain = greedy(client, model_id, PROMPTS[2], n=12, extra={"ignore_eos": True})[1]
+    pen = greedy(client, model_id, PROMPTS[2], n=12, extra={"ignore_eos": True, "repetition_penalty": 1.5},
+                 frequency_penalty=1.0)[1]
+    m = GLM52(default_checkpoint(), backend="torch", progress=False)
+    want = Engine(m).generate([m.tokenizer.encode(PROMPTS[2])], SamplingParams(
+        max_tokens=12, ignore_eos=True, frequency_penalty=1.0, repetition_penalty=1.5))[0]["token_ids"]
+    assert pen == want and pen != plain
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=model_id, prompt="x", max_tokens=2, presence_penalty=2.5)
+    assert info.value.body["param"] == "presence_penalty"
+
+
 def test_forty_sampled_requests_from_eight_threads(client, model_id):
     def one(i):
         r = client.completions.create(model=model_id, prompt=PROMPTS[i % len(PROMPTS)], max_tokens=8,

@@ -83,7 +83,13 @@ class SamplingParams:
     `speculative`: MTP drafts per round (None = the engine's k, 0 = plain decoding); `logprobs`: return
     each new token's log-probability and the `logprobs` most likely alternatives' (None: none; 0: the
     token's own only). Log-probabilities are the model's: log_softmax of the raw logits at that position,
-    before temperature and top-p (what vLLM returns by default); under MTP those of the target model."""
+    before penalties, temperature and top-p (what vLLM returns by default); under MTP the target model's.
+    Penalties (vLLM's order, before temperature / top-p / greedy): `repetition_penalty` r divides a
+    positive logit by r and multiplies a negative one by r for every token in the prompt or the output
+    (1 = off); then `frequency_penalty` times the token's count in the output and `presence_penalty` if
+    it occurs there at all are subtracted (OpenAI's; 0 = off, in [-2, 2]). Under MTP the target logits
+    of each verified position are penalized as if the drafts before it were accepted (only then does
+    that position count), so the tokens are plain decoding's."""
     max_tokens: int = 16
     temperature: float = 0.0
     top_p: float = 1.0
@@ -93,6 +99,13 @@ class SamplingParams:
     ignore_eos: bool = False
     speculative: int | None = None
     logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
     def check(self, vocab_size: int, has_tokenizer: bool, max_k: int) -> None:
         """Each field; a bad one raises `ParamError` naming it."""
@@ -112,6 +125,13 @@ class SamplingParams:
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= max_k):
             raise ParamError("speculative", f"speculative must be an integer in [0, {max_k}] (the engine's MTP "
                                             f"drafts per round), got {k!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not -2 <= v <= 2:
+                raise ParamError(name, f"{name} must be a number in [-2, 2], got {v!r}")
+        r = self.repetition_penalty
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1e4:
+            raise ParamError("repetition_penalty", f"repetition_penalty must be a number > 0 (1 = off), got {r!r}")
         n = self.logprobs
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_LOGPROBS):
             raise ParamError("logprobs", f"logprobs must be an integer in [0, {MAX_LOGPROBS}] (alternatives per token) "
@@ -190,6 +210,8 @@ class Request:
     finish: str | None = None
     accepted: list[int] = field(default_factory=list)    # drafts accepted at each verify round
     drafted: list[int] = field(default_factory=list)     # drafts proposed at each verify round
+    # penalties: [output counts [V] f32, in prompt or output [V] bool, ids counted] on the logits' device
+    penalty: list | None = None
 
     @property
     def n_out(self) -> int:
@@ -755,7 +777,11 @@ class Engine:
         plain = [r for r in rows if r.samples and not r.drafts]
         if plain:
             idx = torch.tensor([picks[r.req.rid][0] for r in plain], dtype=torch.long, device=lg.device)
-            toks = self._sample(lg[idx], [r.req for r in plain])[0].long()
+            rows_lg = lg[idx]
+            if any(r.req.params.penalized for r in plain):
+                rows_lg = torch.stack([self._penalize(x, r.req) if r.req.params.penalized else x
+                                       for x, r in zip(rows_lg, plain)])
+            toks = self._sample(rows_lg, [r.req for r in plain])[0].long()
             parts.append(toks)
             asked = [j for j, r in enumerate(plain) if r.req.params.logprobs is not None]
             if asked:
@@ -775,13 +801,17 @@ class Engine:
             if temp > 0:
                 dprobs = torch.stack([torch.stack(r.dprobs) for r in grp]).to(tgt.device)              # [G, k, V]
                 uni = torch.cat([torch.rand(1, k + 1, generator=r.req.gen) for r in grp]).to(tgt.device)
+            raw = tgt
+            if any(r.req.params.penalized for r in grp):
+                tgt = torch.stack([self._penalize(x, r.req, r.drafts) if r.req.params.penalized else x
+                                   for x, r in zip(tgt, grp)])
             acc, toks = self.model.ops.mtp_verify(draft, tgt, dprobs, temperature=temp, top_p=top_p, uniforms=uni)
             parts.append(torch.cat([acc.long()[:, None], toks.long()], 1).flatten())
             asked = [j for j, r in enumerate(grp) if r.req.params.logprobs is not None]
             if asked:
                 sel = torch.tensor(asked, dtype=torch.long, device=tgt.device)
                 n = max(grp[j].req.params.logprobs for j in asked)
-                lp_parts += _logprobs(tgt[sel].flatten(0, 1), toks[sel].long().clamp(min=0).flatten(), n)
+                lp_parts += _logprobs(raw[sel].flatten(0, 1), toks[sel].long().clamp(min=0).flatten(), n)
                 lp_plan.append(([grp[j] for j in asked], k + 1, n))
         # the step's one host read (in float64 when log-probabilities ride along: token ids stay exact)
         wide = torch.float64 if lp_parts else torch.long
@@ -817,6 +847,33 @@ class Engine:
                                                 for c in range(want)))
                                   for i, tok in enumerate(out[r.req.rid])]
         return out, failed, lps
+
+    def _penalize(self, logits: torch.Tensor, req: Request, drafts: Sequence[int] = ()) -> torch.Tensor:
+        """`req`'s penalties on its logits: [V], or [len(drafts) + 1, V] for a verify chunk, where row j
+        counts drafts d_1..d_j as emitted (SamplingParams). The counts live on the device and take the
+        tokens emitted since the last call (a preempted request keeps its ids, so its counts stay right)."""
+        p, V, dev = req.params, logits.shape[-1], logits.device
+        st = req.penalty
+        if st is None:
+            st = req.penalty = [torch.zeros(V, device=dev), torch.zeros(V, dtype=torch.bool, device=dev), len(req.prompt)]
+            st[1][torch.tensor(req.prompt, dtype=torch.long, device=dev)] = True
+        if len(req.ids) > st[2]:
+            new = torch.tensor(req.ids[st[2]:], dtype=torch.long, device=dev)
+            st[0].index_add_(0, new, torch.ones(new.shape[0], device=dev))
+            st[1][new] = True
+            st[2] = len(req.ids)
+        counts, seen = st[0], st[1]
+        if drafts:      # position j of the chunk follows drafts d_1..d_j
+            d = torch.tensor(list(drafts), dtype=torch.long, device=dev)
+            grow = torch.zeros(len(drafts) + 1, V, device=dev)
+            grow[torch.arange(1, len(drafts) + 1, device=dev), d] = 1.0
+            counts = counts + grow.cumsum(0)
+            seen = seen | (counts > 0)
+        x = logits.float()
+        if p.repetition_penalty != 1:
+            r = float(p.repetition_penalty)
+            x = torch.where(seen, torch.where(x > 0, x / r, x * r), x)
+        return x - float(p.frequency_penalty) * counts - float(p.presence_penalty) * (counts > 0).float()
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         """logits [N, V] -> tokens [N] (argmax where greedy, else drawn with each request's generator)

@@ -37,6 +37,7 @@ join every other group's MoE steps while idle (engine/turns.py), which this engi
 import argparse
 import asyncio
 import collections
+import dataclasses
 import json
 import logging
 import math
@@ -113,6 +114,19 @@ def _stop(body: dict) -> list[str]:
     return v
 
 
+MAX_N = 128       # choices per prompt at most (OpenAI's limit for n)
+
+
+def _choices(body: dict) -> int:
+    """`n`: choices per prompt, each its own request (a seed given: seed + j for choice j)."""
+    n = body.get("n")
+    if n is None:
+        return 1
+    if not _is_int(n) or not 1 <= n <= MAX_N:
+        raise BadRequest(f"n must be an integer in [1, {MAX_N}], got {n!r}", "n")
+    return n
+
+
 def _logprobs(body: dict, chat: bool) -> int | None:
     """How many alternatives per token the request wants log-probabilities for (None: none).
     Completions: `logprobs` an integer 0..20. Chat: `logprobs` true, with `top_logprobs` 0..20."""
@@ -137,9 +151,8 @@ def _logprobs(body: dict, chat: bool) -> int | None:
 def sampling_params(body: dict, default_max_tokens: int | None, chat: bool = False
                     ) -> tuple[SamplingParams, int | None]:
     """SamplingParams from an OpenAI request body (max_tokens None: to the end of the context)."""
-    if body.get("n", 1) != 1:
-        raise BadRequest(f"n={body.get('n')!r} is not supported (one choice per prompt)", "n")
-    _only(body, "best_of", (None, 1), "one choice per prompt")
+    _choices(body)
+    _only(body, "best_of", (None, 1, body.get("n")), "best_of > n (ranking choices by log-probability)")
     _only(body, "echo", (None, False), "the prompt is not returned")
     logprobs = _logprobs(body, chat)
     _only(body, "suffix", (None, ""), "no insertion")
@@ -507,8 +520,9 @@ def build_app(loop: EngineLoop, model_name: str, chat_template: str | None = Non
             for sub in live:                    # the client went away (or the handler failed): free them
                 loop.abort(sub)
 
-    def usage(outs: dict[int, list[RequestOutput]]) -> dict:
-        pt = sum(o[-1].prompt_tokens for o in outs.values())
+    def usage(outs: dict[int, list[RequestOutput]], n: int) -> dict:
+        """Prompt tokens once per prompt (its n choices share it), completion tokens of every choice."""
+        pt = sum(o[-1].prompt_tokens for i, o in outs.items() if i % n == 0)
         ct = sum(o[-1].output_tokens for o in outs.values())
         return {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}
 
@@ -527,6 +541,11 @@ def build_app(loop: EngineLoop, model_name: str, chat_template: str | None = Non
     async def respond(request: Request, body: dict, prompts: list[list[int]], params: list[SamplingParams],
                       chat: bool):
         stream, include_usage = _stream_flags(body)
+        n = _choices(body)
+        if n > 1:       # choice j of prompt i is request i * n + j (the OpenAI order of `index`)
+            prompts = [p for p in prompts for _ in range(n)]
+            params = [dataclasses.replace(q, seed=None if q.seed is None else q.seed + j) for q in params
+                      for j in range(n)]
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         obj = "chat.completion" if chat else "text_completion"
         want_ids = body.get("return_token_ids") is True
@@ -552,7 +571,7 @@ def build_app(loop: EngineLoop, model_name: str, chat_template: str | None = Non
                     c["token_ids"] = [t for x in o for t in x.token_ids]
                 choices.append(c)
             return {"id": rid, "object": obj, "created": int(time.time()), "model": model_name,
-                    "choices": choices, "usage": usage(outs)}
+                    "choices": choices, "usage": usage(outs, n)}
 
         async def events():
             obj_chunk = obj + ".chunk" if chat else obj
@@ -581,7 +600,7 @@ def build_app(loop: EngineLoop, model_name: str, chat_template: str | None = Non
                     c["token_ids"] = o.token_ids
                 yield sse({**head, "choices": [c]})
             if include_usage and len(last) == len(prompts):
-                yield sse({**head, "choices": [], "usage": usage({i: [o] for i, o in last.items()})})
+                yield sse({**head, "choices": [], "usage": usage({i: [o] for i, o in last.items()}, n)})
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream",

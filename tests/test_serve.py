@@ -305,6 +305,38 @@ def test_penalties_reach_the_engine(client, model_id):
     assert info.value.body["param"] == "presence_penalty"
 
 
+def test_n_choices_per_prompt(client, model_id):
+    """n=3 sampled with a seed: three choices per prompt in OpenAI's index order (prompt i's choice j at
+    i * n + j), each its own request (seed + j: the same call gives the same choices, and they differ),
+    the prompt's tokens counted once in the usage; chat too, streamed as well."""
+    prompts = [PROMPTS[0], PROMPTS[3]]
+    kw = dict(model=model_id, prompt=prompts, max_tokens=8, temperature=1.0, seed=7, n=3,
+              extra_body={"return_token_ids": True, "ignore_eos": True})
+    a, b = client.completions.create(**kw), client.completions.create(**kw)
+    assert [c.index for c in a.choices] == list(range(6))
+    ids = [c.model_extra["token_ids"] for c in a.choices]
+    assert ids == [c.model_extra["token_ids"] for c in b.choices]                 # seeded: reproducible
+    assert len({tuple(x) for x in ids[:3]}) > 1 and len({tuple(x) for x in ids[3:]}) > 1
+    one = client.completions.create(model=model_id, prompt=prompts[0], max_tokens=8, temperature=1.0, seed=8,
+                                    extra_body={"return_token_ids": True, "ignore_eos": True})
+    assert one.choices[0].model_extra["token_ids"] == ids[1]                       # choice 1 is seed + 1
+    tok = GLM52(default_checkpoint(), backend="cpu_ref", progress=False).tokenizer
+    assert a.usage.prompt_tokens == sum(len(tok.encode(p)) for p in prompts)
+    assert a.usage.completion_tokens == 48
+    msgs = [{"role": "user", "content": "A class for a cache"}]
+    r = client.chat.completions.create(model=model_id, messages=msgs, max_tokens=6, temperature=1.0, seed=3, n=2)
+    assert [c.index for c in r.choices] == [0, 1]
+    streamed = {}
+    for ch in client.chat.completions.create(model=model_id, messages=msgs, max_tokens=6, temperature=1.0, seed=3,
+                                             n=2, stream=True):
+        for c in ch.choices:
+            streamed[c.index] = streamed.get(c.index, "") + (c.delta.content or "")
+    assert streamed == {c.index: c.message.content for c in r.choices}
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=model_id, prompt="x", max_tokens=2, n=0)
+    assert info.value.body["param"] == "n"
+
+
 def test_forty_sampled_requests_from_eight_threads(client, model_id):
     def one(i):
         r = client.completions.create(model=model_id, prompt=PROMPTS[i % len(PROMPTS)], max_tokens=8,

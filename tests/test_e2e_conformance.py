@@ -281,10 +281,13 @@ def test_mtp_from_the_wrong_hidden_is_caught_by_acceptance():
 
 # ---- c. a quantized cache read with one row's scales ------------------------------------------------------
 def test_one_scale_cache_read_is_caught_on_quantized_cache_rows():
-    """The op catalogue has no quantized-cache sparse_mla case, so the op level cannot see it."""
+    """Caught twice: by the op catalogue's quantized-cache sparse_mla cases (and only those), and end to
+    end on the int8 and fp8 cache rows."""
     planted = OneScale()
     rep = run(planted, quick=True)
-    assert rep.passed, "\n".join(r.line() for r in rep.failures)
+    assert rep.failures and {(r.op, r.case) for r in rep.failures} <= {("sparse_mla", "cache-fp8_ds_mla"),
+                                                                        ("sparse_mla", "cache-c8_sfa")}, \
+        "\n".join(r.line() for r in rep.failures)
     res = _e2e(planted, [Row(), Row(cache="int8"), Row(cache="fp8")])
     assert res["none/auto/greedy/float32"].passed, res["none/auto/greedy/float32"].line()
     for name in ("none/int8/greedy/float32", "none/fp8/greedy/float32"):

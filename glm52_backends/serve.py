@@ -50,7 +50,7 @@ import uuid
 from collections.abc import Callable
 
 from .config import is_int
-from .engine.scheduler import MAX_LOGPROBS, Engine, ParamError, RequestOutput, SamplingParams
+from .engine.scheduler import MAX_LOGPROBS, Engine, Logprob, ParamError, RequestOutput, SamplingParams
 
 log = logging.getLogger("glm52_backends.serve")
 
@@ -148,13 +148,26 @@ def _logprobs(body: dict, chat: bool) -> int | None:
     return 0 if on else None
 
 
+def _echo(body: dict, chat: bool) -> bool:
+    """Completions' `echo`: the prompt returned before the completion (with `logprobs`, the prompt
+    tokens' log-probabilities too, the first one null)."""
+    v = body.get("echo")
+    if v is None:
+        return False
+    if chat:
+        _only(body, "echo", (False,), "a completions field")
+    if not isinstance(v, bool):
+        raise BadRequest(f"echo must be true or false, got {v!r}", "echo")
+    return v
+
+
 def sampling_params(body: dict, default_max_tokens: int | None, chat: bool = False
                     ) -> tuple[SamplingParams, int | None]:
     """SamplingParams from an OpenAI request body (max_tokens None: to the end of the context)."""
     _choices(body)
     _only(body, "best_of", (None, 1, body.get("n")), "best_of > n (ranking choices by log-probability)")
-    _only(body, "echo", (None, False), "the prompt is not returned")
     logprobs = _logprobs(body, chat)
+    prompt_logprobs = logprobs if _echo(body, chat) else None
     _only(body, "suffix", (None, ""), "no insertion")
     if body.get("logit_bias"):
         raise BadRequest("logit_bias is not supported", "logit_bias")
@@ -177,7 +190,7 @@ def sampling_params(body: dict, default_max_tokens: int | None, chat: bool = Fal
     params = SamplingParams(max_tokens=1, temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
                             top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True), seed=seed,
                             stop=_stop(body), stop_token_ids=ids, ignore_eos=ignore_eos, speculative=spec,
-                            logprobs=logprobs, presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
+                            logprobs=logprobs, prompt_logprobs=prompt_logprobs, presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
                             frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
                             repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, 1e4, lo_open=True))
     return params, max_tokens if max_tokens is not None else default_max_tokens
@@ -193,9 +206,12 @@ def completion_logprobs(lps: list, text_of, offset: int) -> tuple[dict, int]:
         t = text_of(x.token)
         out["tokens"].append(t)
         out["token_logprobs"].append(x.logprob)
-        top = {text_of(i): v for i, v in x.top}
-        top.setdefault(t, x.logprob)
-        out["top_logprobs"].append(top)
+        if x.logprob is None:           # an echoed prompt's first token: nothing before it to predict it
+            out["top_logprobs"].append(None)
+        else:
+            top = {text_of(i): v for i, v in x.top}
+            top.setdefault(t, x.logprob)
+            out["top_logprobs"].append(top)
         out["text_offset"].append(offset)
         offset += len(t)
     return out, offset
@@ -538,9 +554,17 @@ def build_app(loop: EngineLoop, model_name: str, chat_template: str | None = Non
     def bytes_of(i: int) -> bytes:
         return tok.token_bytes(i) if tok is not None else text_of(i).encode()
 
+    def echoed(prompt: list[int], o: RequestOutput) -> tuple[str, list]:
+        """An echoed prompt: its text (the tokenizer's decoding; none without one) and its tokens'
+        log-probabilities from the engine (`Logprob(first token, None)` first)."""
+        text = tok.decode(prompt) if tok is not None else ""
+        lps = o.prompt_logprobs or [None] * len(prompt)
+        return text, [x if x is not None else Logprob(prompt[j], None) for j, x in enumerate(lps)]
+
     async def respond(request: Request, body: dict, prompts: list[list[int]], params: list[SamplingParams],
                       chat: bool):
         stream, include_usage = _stream_flags(body)
+        echo = _echo(body, chat)
         n = _choices(body)
         if n > 1:       # choice j of prompt i is request i * n + j (the OpenAI order of `index`)
             prompts = [p for p in prompts for _ in range(n)]
@@ -562,8 +586,13 @@ def build_app(loop: EngineLoop, model_name: str, chat_template: str | None = Non
             for i, o in outs.items():
                 text = "".join(x.text for x in o)
                 c = {"index": i, "finish_reason": o[-1].finish_reason, "logprobs": None}
+                lps = [x for part in o for x in part.logprobs or ()]
+                if params[i].prompt_logprobs is not None:       # echo
+                    ptext, plps = echoed(prompts[i], next((x for x in o if x.prompt_logprobs), o[0]))
+                    text, lps = ptext + text, plps + lps
+                elif echo:
+                    text = (tok.decode(prompts[i]) if tok is not None else "") + text
                 if params[i].logprobs is not None:
-                    lps = [x for part in o for x in part.logprobs or ()]
                     c["logprobs"] = chat_logprobs(lps, text_of, bytes_of) if chat else \
                         completion_logprobs(lps, text_of, 0)[0]
                 c.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
@@ -583,10 +612,17 @@ def build_app(loop: EngineLoop, model_name: str, chat_template: str | None = Non
                     yield sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                     "finish_reason": None, "logprobs": None}]})
             async for i, o in run(request, rid, prompts, params):
+                first = i not in last
                 last[i] = o
                 if o.finish_reason == "error":
                     yield sse(error_of(o).body())
                     break
+                if echo and first:            # the prompt, before the completion's first chunk
+                    ptext, plps = echoed(prompts[i], o)
+                    c = {"index": i, "text": ptext, "finish_reason": None, "logprobs": None}
+                    if params[i].logprobs is not None:
+                        c["logprobs"], offsets[i] = completion_logprobs(plps, text_of, offsets[i])
+                    yield sse({**head, "choices": [c]})
                 if not o.text and not o.finished and not o.logprobs:
                     continue
                 c = {"index": i, "finish_reason": o.finish_reason if o.finished else None, "logprobs": None}

@@ -432,3 +432,27 @@ def test_penalties_out_of_range_are_refused_naming_the_field(model, prompts, fie
     with pytest.raises(ParamError, match=field) as info:
         Engine(model).add_request(prompts[0], SamplingParams(**{field: bad}))
     assert info.value.param == field
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(prefill_chunk=5), dict(speculative=2, max_num_batched_tokens=16)],
+                         ids=["whole", "chunks-of-5", "mtp2-budget16"])
+def test_prompt_logprobs_are_the_models_at_each_prompt_token(model, long_prompt, prompts, kw):
+    """prompt_logprobs=2: None for the first prompt token, then each prompt token's log-probability given
+    the ones before it and the 2 best alternatives (teacher-forced check), in the request's first output,
+    whether the prompt runs whole or in chunks; a second request with the same prompt computes it again
+    (no prefix-cache hit) and gets the same values."""
+    import torch
+    e = Engine(model, **kw)
+    p = long_prompt[:70]
+    lp = torch.log_softmax(model([p])[0].double(), -1)
+    first, second, other = e.generate([p, p, prompts[1]], [SamplingParams(max_tokens=2, prompt_logprobs=2)] * 2 +
+                                      [SamplingParams(max_tokens=2)])
+    assert "prompt_logprobs" not in other
+    for out in (first, second):
+        got = out["prompt_logprobs"]
+        assert len(got) == len(p) and got[0] is None
+        for i in range(1, len(p)):
+            x = got[i]
+            assert x.token == p[i] and abs(x.logprob - float(lp[i - 1, p[i]])) < 1e-4
+            assert len(x.top) == 2 and abs(x.top[0][1] - float(lp[i - 1].max())) < 1e-4
+    assert e.stats["prefix_hit_tokens"] == 0

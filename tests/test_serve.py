@@ -249,6 +249,34 @@ def test_completion_logprobs_streamed_and_not(client, model_id):
     assert max(abs(a - b) for a, b in zip(vals, lp.token_logprobs)) < 1e-5                 # float32: batched otherwise
 
 
+def test_echo_with_logprobs_scores_the_prompt(client, model_id):
+    """What lm-evaluation-harness sends for log-likelihoods (echo, logprobs=1, max_tokens=1): the prompt's
+    text before the completion's, and the prompt tokens' log-probabilities (the first null) before the
+    generated token's, each the model's given the tokens before it; streamed the same."""
+    tok = GLM52(default_checkpoint(), backend="cpu_ref", progress=False).tokenizer
+    prompt = PROMPTS[1] + " the value of"
+    ids = tok.encode(prompt)
+    r = client.completions.create(model=model_id, prompt=prompt, max_tokens=1, temperature=0, echo=True, logprobs=1,
+                                  extra_body={"return_token_ids": True, "ignore_eos": True})
+    c = r.choices[0]
+    out = c.model_extra["token_ids"]
+    assert c.text.startswith(tok.decode(ids)) and len(c.text) > len(tok.decode(ids))
+    lp = c.logprobs
+    assert len(lp.tokens) == len(ids) + 1 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    want = _model_logprobs(ids[:1], ids[1:] + out)
+    for i, v in enumerate(lp.token_logprobs[1:]):
+        assert abs(v - float(want[i, (ids[1:] + out)[i]])) < 1e-4
+    assert "".join(lp.tokens) == c.text and lp.text_offset[-1] == len(tok.decode(ids))
+    chunks = [ch.choices[0] for ch in client.completions.create(model=model_id, prompt=prompt, max_tokens=1,
+                                                                 temperature=0, echo=True, logprobs=1, stream=True,
+                                                                 extra_body={"ignore_eos": True}) if ch.choices]
+    assert "".join(ch.text for ch in chunks) == c.text
+    streamed = [v for ch in chunks if ch.logprobs for v in ch.logprobs.token_logprobs]
+    assert streamed[0] is None and max(abs(a - b) for a, b in zip(streamed[1:], lp.token_logprobs[1:])) < 1e-5
+    plain = client.completions.create(model=model_id, prompt=prompt, max_tokens=3, temperature=0, echo=True)
+    assert plain.choices[0].text.startswith(tok.decode(ids)) and plain.choices[0].logprobs is None
+
+
 def test_chat_logprobs_with_top_logprobs(client, model_id):
     """logprobs: true with top_logprobs: 2 gives per token its string, log-probability, UTF-8 bytes (they
     join to the content) and 2 alternatives; streamed the same; without top_logprobs none."""
@@ -284,7 +312,10 @@ def test_bad_logprobs_get_400_naming_the_field(server):
                               ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
                                                         "logprobs": 3}, "logprobs"),
                               ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
-                                                        "logprobs": True, "top_logprobs": 21}, "top_logprobs")):
+                                                        "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+                              ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                                        "echo": True}, "echo"),
+                              ("/v1/completions", {"prompt": "x", "echo": 1}, "echo")):
         r = httpx.post(url + path, json=body, timeout=10)
         assert r.status_code == 400 and r.json()["error"]["param"] == field, (body, r.text)
 

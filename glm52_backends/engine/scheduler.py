@@ -89,7 +89,9 @@ class SamplingParams:
     (1 = off); then `frequency_penalty` times the token's count in the output and `presence_penalty` if
     it occurs there at all are subtracted (OpenAI's; 0 = off, in [-2, 2]). Under MTP the target logits
     of each verified position are penalized as if the drafts before it were accepted (only then does
-    that position count), so the tokens are plain decoding's."""
+    that position count), so the tokens are plain decoding's. `prompt_logprobs`: the same for each
+    prompt token after the first (None for the first), with that many alternatives; such a request
+    computes its whole prompt (no prefix-cache hits: a hit computes no logits)."""
     max_tokens: int = 16
     temperature: float = 0.0
     top_p: float = 1.0
@@ -99,6 +101,7 @@ class SamplingParams:
     ignore_eos: bool = False
     speculative: int | None = None
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
@@ -132,10 +135,11 @@ class SamplingParams:
         r = self.repetition_penalty
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1e4:
             raise ParamError("repetition_penalty", f"repetition_penalty must be a number > 0 (1 = off), got {r!r}")
-        n = self.logprobs
-        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_LOGPROBS):
-            raise ParamError("logprobs", f"logprobs must be an integer in [0, {MAX_LOGPROBS}] (alternatives per token) "
-                                         f"or null, got {n!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            n = getattr(self, name)
+            if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_LOGPROBS):
+                raise ParamError(name, f"{name} must be an integer in [0, {MAX_LOGPROBS}] (alternatives per token) "
+                                       f"or null, got {n!r}")
 
 
 MAX_LOGPROBS = 20          # alternatives per token at most (vLLM's default max_logprobs; OpenAI's top_logprobs)
@@ -181,6 +185,7 @@ class RequestOutput:
     output_tokens: int = 0
     error: str | None = None
     logprobs: list[Logprob] | None = None    # one per token of token_ids, when the request asked for them
+    prompt_logprobs: list[Logprob | None] | None = None   # per prompt token (None first), in its first output
 
 
 @dataclass
@@ -212,6 +217,7 @@ class Request:
     drafted: list[int] = field(default_factory=list)     # drafts proposed at each verify round
     # penalties: [output counts [V] f32, in prompt or output [V] bool, ids counted] on the logits' device
     penalty: list | None = None
+    prompt_lps: list | None = None          # prompt_logprobs as they are computed (sent with the first output)
 
     @property
     def n_out(self) -> int:
@@ -544,7 +550,7 @@ class Engine:
 
     def _prefix_hit(self, req: Request) -> list[int]:
         """Published blocks matching the start of `req.ids`, leaving at least its last token to compute."""
-        if not self.prefix_caching or req.k:
+        if not self.prefix_caching or req.k or req.params.prompt_logprobs is not None:
             return []
         keys = self._hashes(req)[:(len(req.ids) - 1) // self.bs]
         return self.cache.lookup(keys)
@@ -640,6 +646,7 @@ class Engine:
         hidden states [T, Hd] (None from the decode graph), the f32 logits of the rows that pick tokens:
         the last row of a sampling chunk, every row of a verify chunk (None: none picks), and each
         picking request's first row in those logits)."""
+        self._prompt_rows = []        # (request, its logits rows, the prompt positions they predict)
         kind = self._graph_kind(rows)
         if kind is not None:
             reqs = [r.req.rid for r in rows]
@@ -665,6 +672,15 @@ class Engine:
             elif r.samples:
                 first[r.req.rid] = len(want)
                 want.append(s + len(r.tokens) - 1)
+        for r in rows:
+            req = r.req
+            asked = req.params.prompt_logprobs is not None and req.prompt_lps != "sent"
+            n = min(len(r.tokens), len(req.prompt) - 1 - req.computed) if asked else 0
+            if n > 0:                 # chunk row i predicts prompt token computed + i + 1
+                s = start[req.rid]
+                self._prompt_rows.append((req, list(range(len(want), len(want) + n)),
+                                          list(range(req.computed + 1, req.computed + 1 + n))))
+                want.extend(range(s, s + n))
         return start, h, self._call(("logits", want)) if want else None, first
 
     def _graph_kind(self, rows: list[_Row]) -> str | None:
@@ -813,6 +829,13 @@ class Engine:
                 n = max(grp[j].req.params.logprobs for j in asked)
                 lp_parts += _logprobs(raw[sel].flatten(0, 1), toks[sel].long().clamp(min=0).flatten(), n)
                 lp_plan.append(([grp[j] for j in asked], k + 1, n))
+        prompt_plan = []
+        for req, lrows, positions in self._prompt_rows:
+            n = req.params.prompt_logprobs
+            sel = torch.tensor(lrows, dtype=torch.long, device=lg.device)
+            nxt = torch.tensor([req.prompt[p] for p in positions], dtype=torch.long, device=lg.device)
+            lp_parts += _logprobs(lg[sel], nxt, n)
+            prompt_plan.append((req, positions, n))
         # the step's one host read (in float64 when log-probabilities ride along: token ids stay exact)
         wide = torch.float64 if lp_parts else torch.long
         flat = torch.cat([t.to(lg.device, wide).flatten() for t in parts + lp_parts]).tolist()
@@ -846,6 +869,15 @@ class Engine:
                                           tuple((int(ids[(j * m + i) * n + c]), vals[(j * m + i) * n + c])
                                                 for c in range(want)))
                                   for i, tok in enumerate(out[r.req.rid])]
+        for req, positions, n in prompt_plan:       # chosen [m], values [m*n], ids [m*n]
+            m = len(positions)
+            chosen, vals, ids = flat[at:at + m], flat[at + m:at + m + m * n], flat[at + m + m * n:at + m + 2 * m * n]
+            at += m + 2 * m * n
+            if req.prompt_lps is None:
+                req.prompt_lps = [None] * len(req.prompt)
+            for i, p in enumerate(positions):
+                req.prompt_lps[p] = Logprob(req.prompt[p], chosen[i],
+                                            tuple((int(ids[i * n + c]), vals[i * n + c]) for c in range(n)))
         return out, failed, lps
 
     def _penalize(self, logits: torch.Tensor, req: Request, drafts: Sequence[int] = ()) -> torch.Tensor:
@@ -967,7 +999,16 @@ class Engine:
         if req.finish is not None:
             return self._finish(req, req.finish, new_tokens=took, text=text, logprobs=took_lps)
         return RequestOutput(req.rid, took, text, prompt_tokens=len(req.prompt), output_tokens=req.n_out,
-                             logprobs=took_lps)
+                             logprobs=took_lps, prompt_logprobs=self._prompt_logprobs(req))
+
+    @staticmethod
+    def _prompt_logprobs(req: Request) -> list[Logprob | None] | None:
+        """The request's prompt log-probabilities the first time it has an output (then None)."""
+        if req.params.prompt_logprobs is None or req.prompt_lps == "sent":
+            return None
+        out = req.prompt_lps if req.prompt_lps is not None else [None] * len(req.prompt)
+        req.prompt_lps = "sent"
+        return out
 
     def _detokenize(self, req: Request) -> str:
         """New text safe to return: not a possible start of a stop string, not a partial character."""
@@ -1009,7 +1050,7 @@ class Engine:
         if logprobs is None and req.params.logprobs is not None:
             logprobs = []
         return RequestOutput(req.rid, new_tokens or [], text, True, reason, len(req.prompt), req.n_out, error,
-                             logprobs)
+                             logprobs, None if error else self._prompt_logprobs(req))
 
     # ---- whole runs --------------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams] | None = None
@@ -1022,6 +1063,8 @@ class Engine:
         for i, q in zip(ids, ps):
             if q is not None and q.logprobs is not None:
                 res[i]["logprobs"] = []
+            if q is not None and q.prompt_logprobs is not None:
+                res[i]["prompt_logprobs"] = None
         while any(res[i]["finish_reason"] is None for i in ids):
             for o in self.step():
                 if o.request_id in res:
@@ -1029,6 +1072,8 @@ class Engine:
                     res[o.request_id]["text"] += o.text
                     if o.logprobs is not None and "logprobs" in res[o.request_id]:
                         res[o.request_id]["logprobs"] += o.logprobs
+                    if o.prompt_logprobs is not None:
+                        res[o.request_id]["prompt_logprobs"] = o.prompt_logprobs
                     if o.finished:
                         res[o.request_id]["finish_reason"] = o.finish_reason
         return [res[i] for i in ids]

@@ -317,12 +317,12 @@ def test_sparse_mla_on_a_c8_cache_runs_the_quantized_op(asc_strict, monkeypatch)
         asc_strict.sparse_mla(q.half(), c8, kpe8, idx, table, lens, cu, scale)
 
 
-def c8_li_case(g, bs, Hi, dtype):
-    """A c8_li index-key cache over REQS (PagedCache's packed layout: per block the codes, then the
-    float16 scales) whose unowned rows hold codes 127 and scale 65504 (read, they win every
+def c8_li_case(g, bs, Hi, dtype, reqs=None):
+    """A c8_li index-key cache over `reqs` (default REQS; PagedCache's packed layout: per block the codes,
+    then the float16 scales) whose unowned rows hold codes 127 and scale 65504 (read, they win every
     selection); -> (codes view, packed storage, table, lens, cu, q, w, the keys as stored, dequantized)."""
     import glm52_backends.cache_formats as cf
-    (k,), table, lens, cu, _ = batch(REQS, bs, g, (128,), torch.float32)
+    (k,), table, lens, cu, _ = batch(reqs or REQS, bs, g, (128,), torch.float32)
     NB = k.shape[0]
     store = cf.allocate("c8_li", (128,), NB, bs)
     parts = cf.part_views("c8_li", (128,), store, bs)
@@ -405,6 +405,28 @@ def test_c8_li_indexer_declines_where_the_op_takes_only_contiguous_keys(cann):
         got = bound.indexer_topk(q, w, kc, table, lens, cu, 8)
     assert bound.ran_natively()["indexer_topk"] != "native"
     assert torch.equal(got, ref.indexer_topk(q, w, kc, table, lens, cu, 8))
+
+
+def test_c8_li_indexer_edges():
+    """sparse_count 1 and 2048 run natively (one decode token, the -1 tail from its position), 2049 and a
+    block size the op does not take (24) decline with the reason, an empty step gives [0, topk]."""
+    from glm52_backends.backends.ascend.common import is_marked_valid_first
+    be = traced_line("9.1.0")
+    kc, _, table, lens, cu, q, w, _ = c8_li_case(gen(6), 16, 8, torch.bfloat16, reqs=[(1, 40)])
+    want = ref.indexer_topk(q, w, kc, table, lens, cu, 2048, cdt=F64)
+    for topk in (1, 2048):
+        idx = be.indexer_topk(q, w, kc, table, lens, cu, topk)
+        assert idx.shape == (1, topk) and int((idx >= 0).sum()) == min(topk, 40) and is_marked_valid_first(idx)
+    assert set(idx[0, :40].tolist()) == set(want[0, :40].tolist()) == set(range(40))     # all 40 positions
+    assert [c.name for c in be.npu.calls].count("npu_quant_lightning_indexer") == 2
+    for bad in (0, 2049):
+        with pytest.raises(OpUnsupported, match=f"sparse_count must be in \\[1, 2048\\], got {bad}"):
+            be.indexer_topk(q, w, kc, table, lens, cu, bad)
+    kc24, _, table24, lens24, cu24, q24, w24, _ = c8_li_case(gen(6), 24, 8, torch.bfloat16, reqs=[(1, 40)])
+    with pytest.raises(OpUnsupported, match="multiple of 16"):
+        be.indexer_topk(q24, w24, kc24, table24, lens24, cu24, 8)
+    empty = be.indexer_topk(q[:0], w[:0], kc, table[:0], lens[:0], cu[:1], 8)
+    assert empty.shape == (0, 8) and empty.dtype == torch.int32 and is_marked_valid_first(empty)
 
 
 def test_c8_li_indexer_makes_no_host_sync_and_bounded_glue(monkeypatch):

@@ -456,3 +456,33 @@ def test_prompt_logprobs_are_the_models_at_each_prompt_token(model, long_prompt,
             assert x.token == p[i] and abs(x.logprob - float(lp[i - 1, p[i]])) < 1e-4
             assert len(x.top) == 2 and abs(x.top[0][1] - float(lp[i - 1].max())) < 1e-4
     assert e.stats["prefix_hit_tokens"] == 0
+
+
+def test_a_verify_chunks_penalties_count_the_drafts_before_each_position(model, prompts):
+    """Engine._penalize on a verify chunk [k + 1, V]: row j is penalized with the output's counts plus drafts
+    d_1..d_j (each counted once), the repetition penalty on the prompt, the output and those drafts; a
+    second call sees the tokens emitted since the first."""
+    import torch
+    from glm52_backends.engine.scheduler import Request
+    V = model.cfg.vocab_size
+    g = torch.Generator().manual_seed(3)
+    params = SamplingParams(presence_penalty=0.7, frequency_penalty=1.3, repetition_penalty=1.6)
+    prompt = prompts[0]
+    req = Request("r", prompt, params, 0.0, 16, 3, g, frozenset(), ids=prompt + [5, 9, 5])
+    drafts = [9, 9, 11]
+    logits = torch.randn(4, V, generator=g) * 3
+    e = Engine(model)
+
+    def rule(x, out, before):
+        seen = torch.zeros(V, dtype=torch.bool)
+        seen[torch.tensor(prompt + out + before)] = True
+        counts = torch.bincount(torch.tensor(out + before, dtype=torch.long), minlength=V).double()
+        x = torch.where(seen, torch.where(x > 0, x / 1.6, x * 1.6), x)
+        return x - 1.3 * counts - 0.7 * (counts > 0).double()
+
+    got = e._penalize(logits, req, drafts)
+    for j in range(4):
+        assert torch.allclose(got[j].double(), rule(logits[j].double(), [5, 9, 5], drafts[:j]), atol=1e-5), j
+    req.ids += [11, 2]                                              # emitted since: counted on the next call
+    got = e._penalize(logits[0], req)
+    assert torch.allclose(got.double(), rule(logits[0].double(), [5, 9, 5, 11, 2], []), atol=1e-5)

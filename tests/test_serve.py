@@ -514,3 +514,46 @@ def test_offload_server_gives_the_plain_greedy_tokens():
             got = list(ex.map(lambda p: greedy(client, "glm52-tiny", p)[1], PROMPTS))
     assert got == want
     assert "8 latent blocks per layer staged from host memory" in "".join(logs[0])
+
+
+# ---- the request fields, without a server ---------------------------------------------------------------
+def test_sampling_fields_boundaries():
+    """sampling_params on request bodies: every new field's accepted extremes and first refusals, and the
+    defaults when a field is absent (penalties off, no log-probabilities, one choice)."""
+    from glm52_backends.serve import BadRequest, _choices, sampling_params
+
+    def params(chat=False, **body):
+        return sampling_params(body, 16, chat=chat)[0]
+
+    def refused(field, chat=False, **body):
+        with pytest.raises(BadRequest) as info:
+            sampling_params(body, 16, chat=chat)
+        assert info.value.param == field, body
+
+    p = params()
+    assert (p.logprobs, p.prompt_logprobs, p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == \
+        (None, None, 0.0, 0.0, 1.0) and _choices({}) == 1
+    assert _choices({"n": 1}) == 1 and _choices({"n": 128}) == 128
+    for n in (0, 129, 2.0, True):
+        refused("n", n=n)
+    assert params(logprobs=0).logprobs == 0 and params(logprobs=20).logprobs == 20
+    for v in (-1, 21, True, 1.5):
+        refused("logprobs", logprobs=v)
+    assert params(chat=True, logprobs=True).logprobs == 0 and params(chat=True, logprobs=False).logprobs is None
+    assert params(chat=True, logprobs=True, top_logprobs=0).logprobs == 0
+    assert params(chat=True, logprobs=True, top_logprobs=20).logprobs == 20
+    refused("top_logprobs", chat=True, logprobs=True, top_logprobs=21)
+    refused("top_logprobs", chat=True, top_logprobs=1)
+    refused("top_logprobs", top_logprobs=1)
+    assert params(echo=True, logprobs=2).prompt_logprobs == 2 and params(echo=True).prompt_logprobs is None
+    assert params(echo=False, logprobs=2).prompt_logprobs is None
+    refused("echo", chat=True, echo=True)
+    for name in ("presence_penalty", "frequency_penalty"):
+        assert getattr(params(**{name: -2}), name) == -2.0 and getattr(params(**{name: 2}), name) == 2.0
+        refused(name, **{name: 2.01})
+        refused(name, **{name: -2.01})
+    assert params(repetition_penalty=1e-3).repetition_penalty == 1e-3
+    assert params(repetition_penalty=1e4).repetition_penalty == 1e4
+    refused("repetition_penalty", repetition_penalty=0)
+    assert params(best_of=3, n=3).max_tokens == 1
+    refused("best_of", best_of=3, n=2)

@@ -555,5 +555,17 @@ def test_sampling_fields_boundaries():
     assert params(repetition_penalty=1e-3).repetition_penalty == 1e-3
     assert params(repetition_penalty=1e4).repetition_penalty == 1e4
     refused("repetition_penalty", repetition_penalty=0)
-    assert params(best_of=3, n=3).max_tokens == 1
+    assert params(best_of=3, n=3).max_tokens == 1 and params(best_of=1).max_tokens == 1
     refused("best_of", best_of=3, n=2)
+    assert params(logprobs=2).prompt_logprobs is None                         # no echo: no prompt scores
+    refused("repetition_penalty", repetition_penalty=1.01e4)
+    # the older fields: defaults (OpenAI's temperature 1, top_p 1) and refusals
+    assert (p.temperature, p.top_p, p.seed, p.speculative) == (1.0, 1.0, None, None)
+    assert sampling_params({"max_completion_tokens": 5, "max_tokens": 9}, 16)[1] == 5
+    assert sampling_params({"max_completion_tokens": None, "max_tokens": 9}, 16)[1] == 9
+    assert sampling_params({}, 16)[1] == 16 and sampling_params({}, None)[1] is None
+    assert params(seed=4).seed == 4 and params(speculative=2).speculative == 2
+    refused("seed", seed="4")
+    refused("speculative", speculative=1.5)
+    refused("stop_token_ids", stop_token_ids=[1, "2"])
+    refused("stop_token_ids", stop_token_ids=5)

@@ -6,10 +6,11 @@
 #   benchmarks/gpu_check.sh OUTDIR [STAGE ...]      stages: env install tests bench conformance graph e2e model
 #
 # Each stage runs under its own time limit, clamped to what is left of the run's budget
-# (GPU_CHECK_BUDGET seconds, default 470 on a GPU: a device command may run 600 s, and a second run
-# must fit in the session's device time; 3600 for the interpreter's rehearsal), and writes its files to OUTDIR as it goes, so a stage that hangs or
-# dies costs only itself; a stage the budget cannot fit any more is skipped and says so. The default
-# order puts first what the GPU issue needs most (the bench rows and full conformance). OUTDIR holds:
+# (GPU_CHECK_BUDGET seconds, default 470 on a GPU: under 8 minutes, so that a second run fits in
+# a short GPU window; 3600 for the interpreter's rehearsal), and writes its files to OUTDIR as it
+# goes, so a stage that hangs or dies costs only itself; a stage the budget cannot fit any more is
+# skipped and says so. The default order puts first what the GPU issue needs most (the bench rows
+# and full conformance). OUTDIR holds:
 #   summary.txt              one line per stage (exit status, seconds) + machine facts + install log tail
 #   tests.log                pytest of tests/test_cuda_gpu.py (the interpreter's checks on the GPU + graph replay)
 #   bench.log, bench.json    glm52 bench --backend cuda (bf16 ops + block-FP8 linear_fp8 / moe_fp8 rows)

@@ -140,7 +140,7 @@ class PackedCache:
         return op_views(self.fmt, self.dims, storage, self.block_size)[self.part]
 
 
-def packed(fmt: str, parts: list[torch.Tensor], block_size: int) -> list[PackedCache]:
+def packed(fmt: str, parts: list[torch.Tensor]) -> list[PackedCache]:
     """Paged float caches from `page` (latent: [c, k_pe]; index: [k]) written in format `fmt` as
     PagedCache writes it (`encode_latent` / `encode_index` of the float32 rows). Every row `page`
     poisoned with NaN (unowned blocks, slots past a request's length) is all 0xFF bytes here: NaN
@@ -157,8 +157,7 @@ def packed(fmt: str, parts: list[torch.Tensor], block_size: int) -> list[PackedC
     for name, v in views.items():
         v.copy_(enc[name].view(NB, BS, -1))
         v[poisoned] = 0xFF
-    n_views = len(cf.op_views(fmt, dims, storage, BS))
-    return [PackedCache(fmt, dims, storage, block_size, i) for i in range(n_views)]
+    return [PackedCache(fmt, dims, storage, BS, i) for i in range(len(parts))]     # an op view per part
 
 
 @dataclass
@@ -205,8 +204,10 @@ class CaseInputs:
                 out.append(_weight_copy(a.value, device))
                 continue
             if a.role == "qcache":     # the views of one cache share one copy of its storage
-                st = storages.setdefault(id(a.value.storage), a.value.storage.to(device, copy=True))
-                out.append(a.value.view(st))
+                key = id(a.value.storage)
+                if key not in storages:
+                    storages[key] = a.value.storage.to(device, copy=True)
+                out.append(a.value.view(storages[key]))
                 continue
             to = {"act": dtype, "weight": dtype, "f32": torch.float32, "int": a.value.dtype}[a.role]
             v = a.value.to(device=device, dtype=to, copy=True)  # a copy: a backend may not harm the case

@@ -190,7 +190,8 @@ def sampling_params(body: dict, default_max_tokens: int | None, chat: bool = Fal
     params = SamplingParams(max_tokens=1, temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
                             top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True), seed=seed,
                             stop=_stop(body), stop_token_ids=ids, ignore_eos=ignore_eos, speculative=spec,
-                            logprobs=logprobs, prompt_logprobs=prompt_logprobs, presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
+                            logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                            presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
                             frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
                             repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, 1e4, lo_open=True))
     return params, max_tokens if max_tokens is not None else default_max_tokens
@@ -587,11 +588,9 @@ def build_app(loop: EngineLoop, model_name: str, chat_template: str | None = Non
                 text = "".join(x.text for x in o)
                 c = {"index": i, "finish_reason": o[-1].finish_reason, "logprobs": None}
                 lps = [x for part in o for x in part.logprobs or ()]
-                if params[i].prompt_logprobs is not None:       # echo
+                if echo:
                     ptext, plps = echoed(prompts[i], next((x for x in o if x.prompt_logprobs), o[0]))
                     text, lps = ptext + text, plps + lps
-                elif echo:
-                    text = (tok.decode(prompts[i]) if tok is not None else "") + text
                 if params[i].logprobs is not None:
                     c["logprobs"] = chat_logprobs(lps, text_of, bytes_of) if chat else \
                         completion_logprobs(lps, text_of, 0)[0]

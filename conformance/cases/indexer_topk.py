@@ -18,7 +18,7 @@ def _indexer_inputs(g, batch: Batch, Hi: int, Di: int, topk: int, bs: int, *, ke
     q = q if q is not None else randn(g, batch.T, Hi, Di)
     w = w if w is not None else randn(g, batch.T, Hi) * (Hi ** -0.5 * Di ** -0.5)
     cache, table = page(g, keys, bs)
-    k_cache = Arg(cache, "act") if cache_format == "dense" else Arg(packed(cache_format, [cache], bs)[0], "qcache")
+    k_cache = Arg(cache, "act") if cache_format == "dense" else Arg(packed(cache_format, [cache])[0], "qcache")
     return CaseInputs(
         {"q": Arg(q, "act"), "w": Arg(w, "f32"), "k_cache": k_cache, "block_table": Arg(table, "int"),
          "seq_lens": Arg(batch.seq_lens_t, "int"), "cu_seqlens_q": Arg(batch.cu_seqlens_q, "int"),

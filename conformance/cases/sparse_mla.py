@@ -38,7 +38,7 @@ def _mla_inputs(g, batch: Batch, s: dict, topk: int, bs: int, *, lse: bool = Fal
     if cache_format == "dense":
         c_arg, kpe_arg = Arg(c, "act"), Arg(kpe, "act")
     else:
-        c_arg, kpe_arg = (Arg(p, "qcache") for p in packed(cache_format, [c, kpe], bs))
+        c_arg, kpe_arg = (Arg(p, "qcache") for p in packed(cache_format, [c, kpe]))
     return CaseInputs(
         {"q": Arg(randn(g, batch.T, H, D), "act"), "c_cache": c_arg, "kpe_cache": kpe_arg,
          "idx": Arg(_random_topk(g, batch, topk, **kw), "int"), "block_table": Arg(table, "int"),

@@ -189,6 +189,15 @@ class RequestOutput:
 
 
 @dataclass
+class _Penalty:
+    """A penalized request's token statistics on the device: its output's counts [V] (float32), which
+    tokens occur in its prompt or output [V] (bool), and how many of its ids are counted."""
+    counts: torch.Tensor
+    seen: torch.Tensor
+    counted: int
+
+
+@dataclass
 class Request:
     rid: Hashable
     prompt: list[int]
@@ -215,9 +224,9 @@ class Request:
     finish: str | None = None
     accepted: list[int] = field(default_factory=list)    # drafts accepted at each verify round
     drafted: list[int] = field(default_factory=list)     # drafts proposed at each verify round
-    # penalties: [output counts [V] f32, in prompt or output [V] bool, ids counted] on the logits' device
-    penalty: list | None = None
+    penalty: _Penalty | None = None         # its penalties' state on the logits' device (built on first use)
     prompt_lps: list | None = None          # prompt_logprobs as they are computed (sent with the first output)
+    prompt_lps_sent: bool = False
 
     @property
     def n_out(self) -> int:
@@ -587,7 +596,7 @@ class Engine:
             self._draft(spec)
         self.last_step_tokens = sum(len(r.tokens) + len(r.drafts) for r in rows)
         try:
-            start, h, lg, first = self._target(rows)
+            start, h, lg, first, prompt_rows = self._target(rows)
         except CacheExhausted:
             # the scheduler's count was off: the target step rolled back; so do the draft steps, and
             # the newest request waits to be recomputed
@@ -599,7 +608,7 @@ class Engine:
         for r in rows:
             if r.drafts or r.samples:
                 picks[r.req.rid] = (first[r.req.rid], len(r.drafts) + 1)
-        new, failed, lps = self._pick(rows, lg, picks)
+        new, failed, lps = self._pick(rows, lg, picks, prompt_rows)
         if failed and self.on_nonfinite == "raise":
             self.cache.rollback(mark)                         # the step never happened
             for r in spec:
@@ -645,8 +654,8 @@ class Engine:
         """The target step over every row: (each request's first row in the step, the final-normed
         hidden states [T, Hd] (None from the decode graph), the f32 logits of the rows that pick tokens:
         the last row of a sampling chunk, every row of a verify chunk (None: none picks), and each
-        picking request's first row in those logits)."""
-        self._prompt_rows = []        # (request, its logits rows, the prompt positions they predict)
+        picking request's first row in those logits, and the rows asked for prompt log-probabilities:
+        (request, their rows in those logits, the prompt positions they predict))."""
         kind = self._graph_kind(rows)
         if kind is not None:
             reqs = [r.req.rid for r in rows]
@@ -658,7 +667,7 @@ class Engine:
             if out is not None:                   # None: the bucket stays eager (its capture was refused)
                 self.stats["graph_steps"] += 1
                 start = {rid: b * q for b, rid in enumerate(reqs)}
-                return (start, None, out, start) if kind == "decode" else (start, *out, start)
+                return (start, None, out, start, []) if kind == "decode" else (start, *out, start, [])
         chunks = {r.req.rid: r.tokens + r.drafts for r in rows}
         st, h = self._call(("run", chunks))
         start = dict(zip(st.reqs, st.meta.cu_host))
@@ -672,16 +681,17 @@ class Engine:
             elif r.samples:
                 first[r.req.rid] = len(want)
                 want.append(s + len(r.tokens) - 1)
+        prompt_rows = []              # (request, its logits rows, the prompt positions they predict)
         for r in rows:
             req = r.req
-            asked = req.params.prompt_logprobs is not None and req.prompt_lps != "sent"
+            asked = req.params.prompt_logprobs is not None and not req.prompt_lps_sent
             n = min(len(r.tokens), len(req.prompt) - 1 - req.computed) if asked else 0
             if n > 0:                 # chunk row i predicts prompt token computed + i + 1
                 s = start[req.rid]
-                self._prompt_rows.append((req, list(range(len(want), len(want) + n)),
-                                          list(range(req.computed + 1, req.computed + 1 + n))))
+                prompt_rows.append((req, list(range(len(want), len(want) + n)),
+                                    list(range(req.computed + 1, req.computed + 1 + n))))
                 want.extend(range(s, s + n))
-        return start, h, self._call(("logits", want)) if want else None, first
+        return start, h, self._call(("logits", want)) if want else None, first, prompt_rows
 
     def _graph_kind(self, rows: list[_Row]) -> str | None:
         """Which captured step serves these rows: "decode" (every row one token that samples, from a
@@ -778,13 +788,13 @@ class Engine:
             except Exception as e:  # noqa: BLE001 - the leader met the same failure and recovers from it
                 log.warning("tp rank %d: step %r failed as on rank 0 (%s: %s)", ls.rank, call[0], type(e).__name__, e)
 
-    def _pick(self, rows: list[_Row], lg: torch.Tensor | None, picks: dict
+    def _pick(self, rows: list[_Row], lg: torch.Tensor | None, picks: dict, prompt_rows: list = ()
               ) -> tuple[dict[Hashable, list[int]], set[Hashable], dict[Hashable, list[Logprob]]]:
         """The tokens each sampling or verifying request emits this step (one for a plain chunk, the
         accepted drafts and one more for a verify chunk), the requests whose logits hold NaN/inf
         (their tokens are void), and for the requests that asked (`SamplingParams.logprobs`) each token's
-        log-probability and alternatives. Everything is picked on the device and comes back in one host
-        read."""
+        log-probability and alternatives (and, for `prompt_rows`, the prompt tokens' into
+        `Request.prompt_lps`). Everything is picked on the device and comes back in one host read."""
         if lg is None:
             return {}, set(), {}
         parts: list[torch.Tensor] = [(~torch.isfinite(lg).all(-1)).long()]       # which logits rows are bad
@@ -830,7 +840,7 @@ class Engine:
                 lp_parts += _logprobs(raw[sel].flatten(0, 1), toks[sel].long().clamp(min=0).flatten(), n)
                 lp_plan.append(([grp[j] for j in asked], k + 1, n))
         prompt_plan = []
-        for req, lrows, positions in self._prompt_rows:
+        for req, lrows, positions in prompt_rows:
             n = req.params.prompt_logprobs
             sel = torch.tensor(lrows, dtype=torch.long, device=lg.device)
             nxt = torch.tensor([req.prompt[p] for p in positions], dtype=torch.long, device=lg.device)
@@ -856,28 +866,27 @@ class Engine:
                     raise RuntimeError(f"backend {self.model.backend_name!r}: mtp_verify returned accepted={a} and "
                                        f"tokens {t} for k={k}; expected 0..k accepted and a+1 valid tokens")
                 out[r.req.rid] = [int(x) for x in t[:a + 1]]
+        def take(rows: int, n: int):
+            """The next `_logprobs` block of the read: per row its chosen value and its n alternatives."""
+            nonlocal at
+            chosen, vals, ids = flat[at:at + rows], flat[at + rows:at + rows * (1 + n)], \
+                flat[at + rows * (1 + n):at + rows * (1 + 2 * n)]
+            at += rows * (1 + 2 * n)
+            return [(chosen[i], tuple((int(ids[i * n + c]), vals[i * n + c]) for c in range(n))) for i in range(rows)]
+
         lps: dict[Hashable, list[Logprob]] = {}
-        for grp, m, n in lp_plan:                   # per block: chosen [G*m], alternatives' values, their ids
-            G = len(grp) * m
-            chosen, vals, ids = flat[at:at + G], flat[at + G:at + G + G * n], flat[at + G + G * n:at + G + 2 * G * n]
-            at += G + 2 * G * n
+        for grp, m, n in lp_plan:                   # m positions per request of the group
+            block = take(len(grp) * m, n)
             for j, r in enumerate(grp):
-                if r.req.rid not in out:
-                    continue
-                want = r.req.params.logprobs
-                lps[r.req.rid] = [Logprob(tok, chosen[j * m + i],
-                                          tuple((int(ids[(j * m + i) * n + c]), vals[(j * m + i) * n + c])
-                                                for c in range(want)))
-                                  for i, tok in enumerate(out[r.req.rid])]
-        for req, positions, n in prompt_plan:       # chosen [m], values [m*n], ids [m*n]
-            m = len(positions)
-            chosen, vals, ids = flat[at:at + m], flat[at + m:at + m + m * n], flat[at + m + m * n:at + m + 2 * m * n]
-            at += m + 2 * m * n
+                if r.req.rid in out:
+                    want = r.req.params.logprobs
+                    lps[r.req.rid] = [Logprob(tok, block[j * m + i][0], block[j * m + i][1][:want])
+                                      for i, tok in enumerate(out[r.req.rid])]
+        for req, positions, n in prompt_plan:
             if req.prompt_lps is None:
                 req.prompt_lps = [None] * len(req.prompt)
-            for i, p in enumerate(positions):
-                req.prompt_lps[p] = Logprob(req.prompt[p], chosen[i],
-                                            tuple((int(ids[i * n + c]), vals[i * n + c]) for c in range(n)))
+            for p, (v, top) in zip(positions, take(len(positions), n)):
+                req.prompt_lps[p] = Logprob(req.prompt[p], v, top)
         return out, failed, lps
 
     def _penalize(self, logits: torch.Tensor, req: Request, drafts: Sequence[int] = ()) -> torch.Tensor:
@@ -887,14 +896,15 @@ class Engine:
         p, V, dev = req.params, logits.shape[-1], logits.device
         st = req.penalty
         if st is None:
-            st = req.penalty = [torch.zeros(V, device=dev), torch.zeros(V, dtype=torch.bool, device=dev), len(req.prompt)]
-            st[1][torch.tensor(req.prompt, dtype=torch.long, device=dev)] = True
-        if len(req.ids) > st[2]:
-            new = torch.tensor(req.ids[st[2]:], dtype=torch.long, device=dev)
-            st[0].index_add_(0, new, torch.ones(new.shape[0], device=dev))
-            st[1][new] = True
-            st[2] = len(req.ids)
-        counts, seen = st[0], st[1]
+            st = req.penalty = _Penalty(torch.zeros(V, device=dev), torch.zeros(V, dtype=torch.bool, device=dev),
+                                        len(req.prompt))
+            st.seen[torch.tensor(req.prompt, dtype=torch.long, device=dev)] = True
+        if len(req.ids) > st.counted:
+            new = torch.tensor(req.ids[st.counted:], dtype=torch.long, device=dev)
+            st.counts.index_add_(0, new, torch.ones(new.shape[0], device=dev))
+            st.seen[new] = True
+            st.counted = len(req.ids)
+        counts, seen = st.counts, st.seen
         if drafts:      # position j of the chunk follows drafts d_1..d_j
             d = torch.tensor(list(drafts), dtype=torch.long, device=dev)
             grow = torch.zeros(len(drafts) + 1, V, device=dev)
@@ -1004,11 +1014,10 @@ class Engine:
     @staticmethod
     def _prompt_logprobs(req: Request) -> list[Logprob | None] | None:
         """The request's prompt log-probabilities the first time it has an output (then None)."""
-        if req.params.prompt_logprobs is None or req.prompt_lps == "sent":
+        if req.params.prompt_logprobs is None or req.prompt_lps_sent:
             return None
-        out = req.prompt_lps if req.prompt_lps is not None else [None] * len(req.prompt)
-        req.prompt_lps = "sent"
-        return out
+        req.prompt_lps_sent = True
+        return req.prompt_lps if req.prompt_lps is not None else [None] * len(req.prompt)
 
     def _detokenize(self, req: Request) -> str:
         """New text safe to return: not a possible start of a stop string, not a partial character."""

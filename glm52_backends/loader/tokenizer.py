@@ -15,6 +15,7 @@ class Tokenizer:
 
     def __init__(self, tok: Any) -> None:
         self.tokenizer = tok
+        self._byte_level: bool | None = None     # whether it is byte-level BPE (token_bytes; read once)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
@@ -41,8 +42,6 @@ class Tokenizer:
         if self._byte_level and piece is not None and all(c in _BYTE_OF for c in piece):
             return bytes(_BYTE_OF[c] for c in piece)
         return self.decode([int(i)]).encode("utf-8")
-
-    _byte_level: bool | None = None
 
 
 def _byte_alphabet() -> dict[str, int]:
